@@ -1,0 +1,236 @@
+"""One OPT decoder definition for every variant, every backend and every pipeline stage.
+
+Parameter names are Hugging Face's with the leading ``model.`` removed
+(``decoder.layers.3.fc1.weight``), so a checkpoint maps onto the module without a table.
+A module may hold only a span of layers: the first stage owns the embeddings, the last one
+the final norm and the LM head; ``OPTModel(config, layers=range(a, b))`` builds just that.
+
+What this module does not know: where weights come from (``checkpoint``), how requests are
+batched (``scheduler``), or which rows are skipped (sparse execution passes a selection
+down to the ops, it does not copy this file).
+
+Shapes: B batch rows, T tokens per row, C hidden size, H heads, D head dim, F ffn dim,
+S cache slots, L cached positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .opt_config import POSITION_OFFSET, OPTConfig
+
+
+class KVCache:
+    """Preallocated keys and values for a span of layers.
+
+    ``k[i]``/``v[i]`` hold layer ``layer_ids[i]`` as [S, H, L, D]: one slot per sequence in
+    flight, positions along L. A sequence owns its slot from admission to completion; its
+    position p lives at index p, so nothing is ever moved or compacted.
+    """
+
+    def __init__(self, config: OPTConfig, layer_ids: list[int], slots: int, max_len: int,
+                 *, dtype: torch.dtype, device: torch.device | str) -> None:
+        if max_len > config.max_position_embeddings:
+            raise ValueError(
+                f"cache length {max_len} exceeds the model's {config.max_position_embeddings} "
+                "positions"
+            )
+        shape = (len(layer_ids), slots, config.num_attention_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.index = {layer: i for i, layer in enumerate(layer_ids)}
+        self.slots = slots
+        self.max_len = max_len
+
+    def layer(self, layer_id: int) -> tuple[Tensor, Tensor]:
+        i = self.index[layer_id]
+        return self.k[i], self.v[i]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Batch:
+    """Where the rows of one forward pass sit: positions [B, T] (0-based, as the sequence
+    sees them) and, with a cache, the slot [B] of each row. Without a cache the rows must
+    be whole windows starting at position 0 (training, scoring)."""
+
+    positions: Tensor
+    slots: Tensor | None = None
+    cache: KVCache | None = None
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: OPTConfig) -> None:
+        super().__init__()
+        c, bias = config.hidden_size, config.enable_bias
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(c, c, bias=bias)
+        self.k_proj = nn.Linear(c, c, bias=bias)
+        self.v_proj = nn.Linear(c, c, bias=bias)
+        self.out_proj = nn.Linear(c, c, bias=bias)
+
+    def _split(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, layer_id: int, batch: Batch) -> Tensor:
+        q = self._split(self.q_proj(x) * self.scaling)
+        k = self._split(self.k_proj(x))
+        v = self._split(self.v_proj(x))
+        if batch.cache is None:
+            # Whole windows from position 0: plain causal attention, the training path.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        else:
+            out = cached_attention(q, k, v, layer_id, batch)
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, layer_id: int, batch: Batch) -> Tensor:
+    """Write this step's keys/values into the cache, then attend over every cached position
+    up to each query's own. q, k, v: [B, H, T, D] (q already scaled). Returns [B, H, T, D]."""
+    assert batch.cache is not None and batch.slots is not None
+    cache_k, cache_v = batch.cache.layer(layer_id)  # [S, H, L, D]
+    pos = batch.positions  # [B, T]
+    rows = batch.slots[:, None].expand_as(pos)
+    # Advanced indices split by a slice put their dims first: the target is [B, T, H, D].
+    cache_k[rows, :, pos] = k.transpose(1, 2).to(cache_k.dtype)
+    cache_v[rows, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
+    length = int(pos.max()) + 1
+    keys = cache_k[batch.slots, :, :length]  # [B, H, L, D]
+    values = cache_v[batch.slots, :, :length]
+    # Key j is visible to a query at position p iff j <= p: causal within the step and
+    # blind to whatever a slot's previous owner left beyond this sequence's length.
+    visible = torch.arange(length, device=pos.device)[None, None, :] <= pos[:, :, None]
+    return F.scaled_dot_product_attention(
+        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=1.0
+    )
+
+
+class OPTDecoderLayer(nn.Module):
+    """Attention and MLP blocks, each with a residual; the norm goes before the block
+    (pre-LN) or after the residual add (post-LN, opt-350m). Submodule names are HF's."""
+
+    def __init__(self, config: OPTConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.pre_ln = config.do_layer_norm_before
+        affine = config.layer_norm_elementwise_affine
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+
+    def attention_block(self, h: Tensor, batch: Batch) -> Tensor:
+        x = self.self_attn_layer_norm(h) if self.pre_ln else h
+        h = h + self.self_attn(x, self.layer_id, batch)
+        return h if self.pre_ln else self.self_attn_layer_norm(h)
+
+    def mlp_block(self, h: Tensor) -> Tensor:
+        x = self.final_layer_norm(h) if self.pre_ln else h
+        h = h + self.fc2(F.relu(self.fc1(x)))
+        return h if self.pre_ln else self.final_layer_norm(h)
+
+    def forward(self, h: Tensor, batch: Batch) -> Tensor:
+        return self.mlp_block(self.attention_block(h, batch))
+
+
+class OPTModel(nn.Module):
+    """The decoder (or a span of it) plus, on the last stage, the LM head."""
+
+    def __init__(self, config: OPTConfig, layers: range | None = None) -> None:
+        super().__init__()
+        n = config.num_hidden_layers
+        layers = range(n) if layers is None else layers
+        if layers.step != 1 or not 0 <= layers.start < layers.stop <= n:
+            raise ValueError(f"layer span {layers} is not a contiguous part of range(0, {n})")
+        self.config = config
+        self.layer_ids = list(layers)
+        self.is_first = layers.start == 0
+        self.is_last = layers.stop == n
+        c, e = config.hidden_size, config.word_embed_proj_dim
+
+        decoder = nn.Module()
+        if self.is_first:
+            decoder.embed_tokens = nn.Embedding(config.vocab_size, e)
+            decoder.embed_positions = nn.Embedding(
+                config.max_position_embeddings + POSITION_OFFSET, c
+            )
+            if config.has_projections:
+                decoder.project_in = nn.Linear(e, c, bias=False)
+        decoder.layers = nn.ModuleDict({str(i): OPTDecoderLayer(config, i) for i in layers})
+        if self.is_last:
+            if config.has_final_layer_norm:
+                decoder.final_layer_norm = nn.LayerNorm(
+                    c, elementwise_affine=config.layer_norm_elementwise_affine
+                )
+            if config.has_projections:
+                decoder.project_out = nn.Linear(c, e, bias=False)
+        self.decoder = decoder
+        if self.is_last:
+            self.lm_head = nn.Linear(e, config.vocab_size, bias=False)
+            if config.tie_word_embeddings and self.is_first:
+                self.lm_head.weight = decoder.embed_tokens.weight
+
+    # --- the three stages of a forward pass ------------------------------------------------
+
+    def embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """[B, T] token ids -> [B, T, C] residual stream."""
+        d = self.decoder
+        x = d.embed_tokens(input_ids)
+        if self.config.has_projections:
+            x = d.project_in(x)
+        return x + d.embed_positions(positions + POSITION_OFFSET)
+
+    def layers(self) -> list[OPTDecoderLayer]:
+        return list(self.decoder.layers.values())
+
+    def run_layers(self, h: Tensor, batch: Batch) -> Tensor:
+        for layer in self.decoder.layers.values():
+            h = layer(h, batch)
+        return h
+
+    def logits(self, h: Tensor) -> Tensor:
+        """[..., C] residual stream -> [..., vocab] logits."""
+        d = self.decoder
+        if self.config.has_final_layer_norm:
+            h = d.final_layer_norm(h)
+        if self.config.has_projections:
+            h = d.project_out(h)
+        return self.lm_head(h)
+
+    def forward(self, x: Tensor, batch: Batch) -> Tensor:
+        """Token ids [B, T] on the first stage, else hidden [B, T, C]. Returns logits
+        [B, T, vocab] on the last stage, else hidden [B, T, C]."""
+        h = self.embed(x, batch.positions) if self.is_first else x
+        h = self.run_layers(h, batch)
+        return self.logits(h) if self.is_last else h
+
+    # --- construction helpers --------------------------------------------------------------
+
+    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """OPT's initialisation (normal(0, 0.02), zero biases, unit norms), for training and
+        for random-weight benchmarks."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                with torch.no_grad():
+                    module.weight.normal_(0.0, std, generator=generator)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+
+def full_positions(batch_size: int, length: int, device: torch.device | str) -> Tensor:
+    """Positions 0..length-1 for every row: whole windows, no cache."""
+    return torch.arange(length, device=device).expand(batch_size, length)
