@@ -90,6 +90,10 @@ class Tokenizer:
     def stream(self, *, skip_special: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special=skip_special)
 
+    def detokenizer(self) -> StreamDecoder:
+        """A fresh streaming decoder (the factory the scheduler calls per request)."""
+        return StreamDecoder(self)
+
     def _check_ids(self, ids: list[int]) -> None:
         for i in ids:
             if not isinstance(i, int) or not 0 <= i < self.vocab_size:
