@@ -1,0 +1,112 @@
+"""The in-process engine: the scheduler's state machine driving one ``Stage`` that holds
+every layer. ``generate``, ``eval`` and the tests use it; the pipeline runs the same
+scheduler and the same ``Stage`` code, split over processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from dejavu.scheduler.core import Event, Scheduler, SchedulerConfig
+
+from .model import OPTModel
+from .sampling import SamplingParams
+from .stage import Stage, allocate_cache
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: OPTModel, tokenizer=None, *, max_batch: int = 8,
+                 max_len: int | None = None, prefill_chunk: int = 512) -> None:
+        if not (model.is_first and model.is_last):
+            raise ValueError("the in-process engine needs every layer of the model")
+        config = model.config
+        self.model = model
+        self.tokenizer = tokenizer
+        max_len = max_len or config.max_position_embeddings
+        self.stage = Stage(model, allocate_cache(model, max_batch, max_len))
+        eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
+        factory = tokenizer.detokenizer if tokenizer is not None else None
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_slots=max_batch, max_len=max_len,
+                            vocab_size=config.vocab_size, eos_id=eos,
+                            prefill_chunk=prefill_chunk),
+            detokenizer_factory=factory,
+        )
+        self._ids = itertools.count()
+
+    def add(self, prompt: Sequence[int], params: SamplingParams,
+            request_id: str | None = None) -> str:
+        request_id = request_id or f"req-{next(self._ids)}"
+        self.scheduler.add(request_id, list(prompt), params)
+        return request_id
+
+    def step(self) -> list[Event]:
+        """Run one step if any request can make progress; return its events."""
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        try:
+            result = self.stage.run(step)
+        except Exception as exc:
+            # The step as a whole failed (out of memory, say): fail its requests, keep going.
+            return self.scheduler.fail_step(step.step_id, f"{type(exc).__name__}: {exc}")
+        return self.scheduler.update(result)
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[Event]:
+        """One request, its events as they come."""
+        rid = self.add(prompt, params)
+        while True:
+            for event in self.step():
+                if event.request_id == rid:
+                    yield event
+                    if event.finished:
+                        self.scheduler.forget(rid)
+                        return
+
+    def run(self, prompts: Sequence[Sequence[int]],
+            params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        """Many requests, batched continuously; completions in the order of `prompts`."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        done: dict[str, Completion] = {}
+        order = []
+        for prompt, p in zip(prompts, params, strict=True):
+            rid = self.add(prompt, p)
+            order.append(rid)
+            done[rid] = Completion(rid, list(prompt))
+        while self.scheduler.has_work():
+            for event in self.step():
+                _fold(done[event.request_id], event)
+        for rid in order:
+            self.scheduler.forget(rid)
+        return [done[rid] for rid in order]
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
+        return self.run([prompt], params)[0]
+
+
+def _fold(completion: Completion, event: Event) -> None:
+    if event.token is not None:
+        completion.tokens.append(event.token)
+        if event.logprob is not None:
+            completion.logprobs.append(event.logprob)
+    if event.prompt_logprobs:
+        completion.prompt_logprobs.extend(event.prompt_logprobs)
+    completion.text += event.text
+    if event.finished:
+        completion.finish_reason = event.finish_reason
+        completion.error = event.error

@@ -1,0 +1,109 @@
+"""Sampling parameters and the sampler that turns one row of logits into a token.
+
+Randomness is per request: each request owns a CPU ``torch.Generator`` seeded from its
+``seed`` (the scheduler fills in a seed when the user gave none), and every draw happens on
+the CPU in float32. So a request samples the same tokens whether the last layer runs
+in-process or in the last worker of a pipeline, on any device, whatever else is batched
+with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of range; the message names the field, the value and the
+    accepted range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    # Return the log-probability of each sampled token and the `logprobs` most likely ones.
+    logprobs: int | None = None
+    # Return, for every prompt token after the first, its log-probability given the prefix
+    # (and the top `logprobs` alternatives): what lm-evaluation-harness needs.
+    prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, 0, None)
+        _check_float("temperature", self.temperature, 0.0, 100.0)
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_int("top_k", self.top_k, 0, None)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, 20)
+        if not isinstance(self.stop, tuple) or not all(
+            isinstance(s, str) and s for s in self.stop
+        ):
+            raise SamplingError(f"stop={self.stop!r}: expected a tuple of non-empty strings")
+        if len(self.stop) > 16:
+            raise SamplingError(f"stop has {len(self.stop)} strings: at most 16 are accepted")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_int(name: str, value: object, low: int, high: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SamplingError(f"{name}={value!r}: expected an integer")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise SamplingError(f"{name}={value}: out of range, expected {bound}")
+
+
+def _check_float(name: str, value: object, low: float, high: float, *,
+                 low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingError(f"{name}={value!r}: expected a number")
+    if not math.isfinite(value):
+        raise SamplingError(f"{name}={value}: expected a finite number")
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise SamplingError(f"{name}={value}: out of range, expected {bracket}{low}, {high}]")
+
+
+def new_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    return generator
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from one row of logits [V]."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits.detach().float().cpu() / params.temperature
+    if params.top_k:
+        k = min(params.top_k, logits.numel())
+        kth = torch.topk(logits, k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs[before >= params.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_logprobs(logprobs: Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token, logprob) pairs of one row of log-probabilities [V]."""
+    if k <= 0:
+        return []
+    values, ids = torch.topk(logprobs, k)
+    return [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]

@@ -1,0 +1,109 @@
+"""Run one ``Step`` through a span of layers: the unit of work of the in-process engine
+and of every pipeline worker.
+
+A first stage turns the step's token ids into the residual stream, every stage runs its
+layers against its own KV cache, and the last stage turns hidden states into tokens
+(sampling with each request's own generator) and, when asked, prompt log-probabilities.
+This module knows tensors and the model; it knows nothing of sockets or request queues.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .model import Batch, KVCache, OPTModel
+from .sampling import new_generator, sample, top_logprobs
+from .step import Row, Step, StepResult, TokenResult
+
+
+class Stage:
+    def __init__(self, model: OPTModel, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = next(model.parameters()).device
+        self.generators: dict[str, torch.Generator] = {}
+
+    def batch(self, step: Step) -> tuple[Tensor, Batch]:
+        """Token ids [B, T] (padded with 0) and where each row sits. Padding positions are
+        clamped into the cache; they hold garbage that a later real token overwrites
+        before any query can see it (queries see only positions <= their own)."""
+        width = step.width
+        ids = torch.zeros((len(step.rows), width), dtype=torch.long)
+        positions = torch.empty((len(step.rows), width), dtype=torch.long)
+        for b, row in enumerate(step.rows):
+            ids[b, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
+            positions[b] = torch.arange(row.start, row.start + width).clamp_(
+                max=self.cache.max_len - 1
+            )
+        slots = torch.tensor([row.slot for row in step.rows], dtype=torch.long)
+        return ids.to(self.device), Batch(positions.to(self.device), slots.to(self.device),
+                                          self.cache)
+
+    @torch.inference_mode()
+    def forward(self, step: Step, hidden: Tensor | None = None) -> Tensor:
+        """Token ids in (first stage) or the previous stage's hidden [B, T, C]; returns this
+        span's output hidden [B, T, C]."""
+        self.release(step.release)
+        ids, batch = self.batch(step)
+        if self.model.is_first:
+            hidden = self.model.embed(ids, batch.positions)
+        elif hidden is None:
+            raise ValueError("a stage without the embeddings needs the previous hidden state")
+        return self.model.run_layers(hidden.to(self.device), batch)
+
+    @torch.inference_mode()
+    def finish(self, step: Step, hidden: Tensor) -> StepResult:
+        """Last stage only: tokens (and log-probabilities) from the final hidden states."""
+        results, errors = [], {}
+        for b, row in enumerate(step.rows):
+            try:
+                results.append(self._finish_row(row, hidden[b, : len(row.tokens)]))
+            except Exception as exc:  # one request's failure must not take the step down
+                errors[row.request_id] = f"{type(exc).__name__}: {exc}"
+        return StepResult(step.step_id, results, errors)
+
+    def run(self, step: Step) -> StepResult:
+        """A stage holding every layer: the whole step in one call."""
+        return self.finish(step, self.forward(step))
+
+    def release(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+
+    def _finish_row(self, row: Row, hidden: Tensor) -> TokenResult:
+        params = row.params
+        result = TokenResult(row.request_id)
+        if row.score:
+            # Position t predicts token t+1: score tokens[1:] and the chunk's successor.
+            targets = row.tokens[1:] + ([row.score_next] if row.score_next is not None else [])
+            logprobs = torch.log_softmax(self.model.logits(hidden).float(), dim=-1)
+            index = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
+            picked = logprobs[torch.arange(len(targets), device=logprobs.device), index]
+            result.prompt_logprobs = picked.tolist()
+            if params.logprobs:
+                result.prompt_top = [top_logprobs(logprobs[t], params.logprobs)
+                                     for t in range(len(targets))]
+            last = logprobs[-1]
+        else:
+            last = None
+        if not row.sample:
+            return result
+        logits = self.model.logits(hidden[-1]).float()
+        generator = self.generators.get(row.request_id)
+        if generator is None:
+            generator = self.generators[row.request_id] = new_generator(params.seed or 0)
+        token = sample(logits, params, generator)
+        result.token = token
+        if params.logprobs is not None:
+            if last is None:
+                last = torch.log_softmax(logits, dim=-1)
+            result.logprob = float(last[token])
+            result.top = top_logprobs(last, params.logprobs)
+        return result
+
+
+def allocate_cache(model: OPTModel, slots: int, max_len: int) -> KVCache:
+    param = next(model.parameters())
+    return KVCache(model.config, model.layer_ids, slots, max_len, dtype=param.dtype,
+                   device=param.device)
