@@ -1,0 +1,241 @@
+"""Typed, validated run settings: defaults < dejavu.toml < command-line options.
+
+Each section of dejavu.toml is a dataclass below; each field carries its own check (type,
+range or choices) and a one-line description, used both in error messages and by
+``dejavu-run config show``. Validation happens once, at load time: unknown sections or keys,
+wrong types, NaN/inf and out-of-range values are ``SettingsError``s naming the key, the
+value and what is accepted; invalid TOML is reported as path:line:col.
+
+To add a setting: add a field with ``setting(...)`` to a section (or a new section class
+to ``Settings``) and a commented line to dejavu.toml. Nothing else needs to change.
+
+What this module does not know: what the settings do. Commands read them.
+"""
+
+import math
+import re
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# The repository root (for the shipped default model and the default config file).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_NAME = "dejavu.toml"
+DEFAULT_MODEL = "models/dejavu-opt-31m"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; one line naming the key, the value and the fix."""
+
+
+def setting(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
+            choices: tuple[Any, ...] | None = None, low_open: bool = False) -> Any:
+    """A dataclass field with its check and description (``low_open``: low is excluded)."""
+    return field(default=default, metadata={"doc": doc, "low": low, "high": high,
+                                            "choices": choices, "low_open": low_open})
+
+
+@dataclass
+class ModelSettings:
+    path: str = setting(DEFAULT_MODEL, "checkpoint directory or Hugging Face id")
+    dtype: str = setting("float32", "weight and activation dtype",
+                         choices=("float32", "float16", "bfloat16"))
+    device: str = setting("cpu", "where the in-process engine runs", choices=("cpu", "cuda"))
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = setting(64, "tokens generated per request at most", low=0, high=2048)
+    temperature: float = setting(0.0, "0 is greedy; higher is more random", low=0.0, high=100.0)
+    top_p: float = setting(1.0, "nucleus sampling mass, 1 keeps everything", low=0.0, high=1.0,
+                           low_open=True)
+    top_k: int = setting(0, "sample among the k most likely tokens, 0 = no cut", low=0)
+    seed: int | None = setting(None, "random seed (absent = a fresh seed per request)", low=0,
+                               high=2**63 - 1)
+
+
+@dataclass
+class SparsitySettings:
+    enabled: bool = setting(False, "run MLP/attention through the contextual-sparsity predictors")
+
+
+@dataclass
+class PipelineSettings:
+    workers: int = setting(1, "worker processes (one per GPU), each owning a span of layers",
+                           low=1, high=64)
+
+
+@dataclass
+class ServeSettings:
+    host: str = setting("127.0.0.1", "address the HTTP server binds")
+    port: int = setting(8000, "TCP port of the HTTP server", low=1, high=65535)
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    sparsity: SparsitySettings = field(default_factory=SparsitySettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    # "section.key" -> "default" | "<path to dejavu.toml>" | "command line"
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # Directory that a relative path from the config file is relative to.
+    config_dir: Path | None = field(default=None, compare=False, repr=False)
+
+    def sections(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("sources", "config_dir")}
+
+    def model_path(self) -> str:
+        """[model] path, with a relative path resolved against the file it came from (the
+        repository root for the default); a value that is no such directory is passed on
+        unchanged (a Hugging Face id, or a path the loader will report as missing)."""
+        value = self.model.path
+        source = self.sources.get("model.path", "default")
+        base = REPO_ROOT if source == "default" else (
+            self.config_dir if source != "command line" else None)
+        if base is not None and not Path(value).is_absolute() and (base / value).is_dir():
+            return str(base / value)
+        return value
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _expected(f: Any) -> str:
+    meta, kind = f.metadata, _base_type(f)
+    if meta["choices"]:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        what += f" in {'(' if meta['low_open'] else '['}{low}, {high}]"
+    elif low is not None:
+        what += f" >= {low}"
+    return what
+
+
+def _base_type(f: Any) -> type:
+    # Annotations are real types here (no `from __future__ import annotations`).
+    if isinstance(f.type, types.UnionType):  # `int | None`: optional, absent = None
+        return next(a for a in typing.get_args(f.type) if a is not type(None))
+    return f.type
+
+
+def check_value(section: str, f: Any, value: Any, where: str) -> Any:
+    """Return the value converted to the field's type, or raise naming key, value and fix."""
+    kind = _base_type(f)
+    key = f"[{section}] {f.name} = {value!r}"
+    fix = f"expected {_expected(f)} ({f.metadata['doc']})"
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[kind]
+    if not ok:
+        raise SettingsError(f"{where}: {key} has the wrong type; {fix}")
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise SettingsError(f"{where}: {key} is not a finite number; {fix}")
+    meta = f.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise SettingsError(f"{where}: {key} is not allowed; {fix}")
+    if meta["low"] is not None and meta["low_open"] and value == meta["low"]:
+        raise SettingsError(f"{where}: {key} is out of range; {fix}")
+    if (meta["low"] is not None and value < meta["low"]) or (
+            meta["high"] is not None and value > meta["high"]):
+        raise SettingsError(f"{where}: {key} is out of range; {fix}")
+    return value
+
+
+def _apply(settings: Settings, raw: dict[str, Any], where: str) -> None:
+    sections = settings.sections()
+    for name, table in raw.items():
+        if name not in sections:
+            raise SettingsError(f"{where}: unknown section [{name}]; known sections: "
+                                f"{', '.join(sections)}")
+        if not isinstance(table, dict):
+            raise SettingsError(f"{where}: {name} = {table!r} should be a section [{name}]")
+        section = sections[name]
+        known = {f.name: f for f in fields(section)}
+        for key, value in table.items():
+            if key not in known:
+                raise SettingsError(f"{where}: unknown key [{name}] {key}; known keys: "
+                                    f"{', '.join(known)}")
+            setattr(section, key, check_value(name, known[key], value, where))
+            settings.sources[f"{name}.{key}"] = where
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: cannot read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        # Python 3.11's error has no line/column attributes, only "(at line L, column C)".
+        found = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        if found:
+            line, col = found.groups()
+        else:  # "(at end of document)"
+            line, col = str(text.count("\n") + 1), str(len(text.rsplit("\n", 1)[-1]) + 1)
+        reason = re.sub(r"\s*\(at [^)]*\)$", "", msg)
+        raise SettingsError(f"{path}:{line}:{col}: invalid TOML: {reason}") from None
+
+
+def load_settings(path: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> Settings:
+    """Defaults, then the config file (``path``; or ./dejavu.toml when it exists), then
+    ``overrides`` ({"section.key": value}; a None value means "not given")."""
+    settings = Settings()
+    for section_name, section in settings.sections().items():
+        for f in fields(section):
+            settings.sources[f"{section_name}.{f.name}"] = "default"
+            if f.default is MISSING:  # pragma: no cover - every setting has a default
+                raise SettingsError(f"[{section_name}] {f.name} has no default")
+    if path is None and Path(CONFIG_NAME).is_file():
+        path = Path(CONFIG_NAME)
+    if path is not None:
+        path = Path(path)
+        _apply(settings, read_toml(path), str(path))
+        settings.config_dir = path.resolve().parent
+    sections = settings.sections()
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        name, _, key = dotted.partition(".")
+        known = {f.name: f for f in fields(sections[name])}
+        setattr(sections[name], key, check_value(name, known[key], value, "command line"))
+        settings.sources[dotted] = "command line"
+    return settings
+
+
+def render(settings: Settings) -> str:
+    """The effective settings as TOML, each line commented with where its value came from."""
+    lines: list[str] = []
+    for name, section in settings.sections().items():
+        lines.append(f"[{name}]")
+        for f in fields(section):
+            value = getattr(section, f.name)
+            source = settings.sources.get(f"{name}.{f.name}", "default")
+            # TOML has no null: an unset optional key is shown commented out.
+            text = f"# {f.name} (unset)" if value is None else f"{f.name} = {_toml_value(value)}"
+            lines.append(f"{text:<44} # from {source}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
