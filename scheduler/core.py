@@ -72,6 +72,7 @@ class Request:
     text: str = ""  # detokenised output, including text held back for stop matching
     emitted: int = 0  # characters of `text` already sent to the client
     finish_reason: str | None = None
+    forgotten: bool = False  # the caller is done with it: drop the record once it is free
 
     @property
     def tokens(self) -> list[int]:
@@ -304,12 +305,16 @@ class Scheduler:
             self.free_slots.append(req.slot)
             req.slot = None
             self.to_release.append(req.request_id)
+        if req.forgotten and req.slot is None:
+            self.requests.pop(req.request_id, None)
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's record (the caller has read its events)."""
         req = self.requests.get(request_id)
-        if req is not None and req.phase is Phase.FINISHED and req.slot is None:
-            del self.requests[request_id]
+        if req is not None and req.phase is Phase.FINISHED:
+            req.forgotten = True
+            if req.slot is None:
+                del self.requests[request_id]
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

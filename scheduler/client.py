@@ -1,0 +1,158 @@
+"""What a front end (HTTP server, chat, generate) talks to: ``EngineClient``.
+
+Two implementations share the protocol: ``LocalClient`` here, which runs the in-process
+``Engine`` on a background thread, and the pipeline client, which speaks to a running
+``launch`` over ZeroMQ. Front ends are written once against the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dejavu.runtime.engine import Engine
+from dejavu.runtime.sampling import SamplingParams
+
+from .core import Event
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (or a worker of it) is gone: no request can be served until restart."""
+
+
+@dataclass
+class Health:
+    ok: bool
+    detail: str = ""
+    workers: list[dict] = field(default_factory=list)
+
+
+class EngineClient(Protocol):
+    """An engine as a front end sees it. `generate` validates before anything is queued
+    (raising `RequestError`), then yields the request's events until one is finished;
+    cancelling the iterator (or calling `abort`) aborts the request."""
+
+    max_len: int
+    vocab_size: int
+
+    def generate(self, prompt: list[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[Event]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def health(self) -> Health: ...
+
+    def stats(self) -> dict: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalClient:
+    """The in-process engine behind the `EngineClient` protocol. One thread owns the engine
+    (torch work never blocks the event loop); requests and aborts reach it through a queue,
+    events come back through the loop's thread-safe callback."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.max_len = engine.scheduler.config.max_len
+        self.vocab_size = engine.scheduler.config.vocab_size
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = {"requests": 0, "tokens": 0, "failures": 0, "started": time.time()}
+        self._dead: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[Event]:
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        self.engine.scheduler.validate(prompt, params)  # raises RequestError, nothing queued
+        events: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), events)
+        self._commands.put(("add", request_id, prompt, params))
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnect): stop computing
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def health(self) -> Health:
+        alive = self._thread.is_alive() and self._dead is None
+        return Health(alive, self._dead or "", [{"worker": 0, "alive": alive}])
+
+    def stats(self) -> dict:
+        return dict(self._stats, running=len(self._streams))
+
+    async def close(self) -> None:
+        self._commands.put(("stop",))
+        await asyncio.to_thread(self._thread.join, 10)
+
+    # --- the engine thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        scheduler = self.engine.scheduler
+        try:
+            while True:
+                block = not scheduler.has_work()
+                while True:
+                    try:
+                        command = self._commands.get(block=block)
+                    except queue.Empty:
+                        break
+                    block = False
+                    if command[0] == "stop":
+                        return
+                    self._apply(command)
+                for event in self.engine.step():
+                    self._deliver(event)
+                    if event.finished:
+                        scheduler.forget(event.request_id)
+        except Exception as exc:  # the engine itself broke: fail everyone, loudly
+            self._dead = f"engine thread died: {type(exc).__name__}: {exc}"
+            for rid in list(self._streams):
+                self._deliver_raw(rid, EngineDeadError(self._dead))
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, rid, prompt, params = command
+            try:
+                self.engine.add(prompt, params, request_id=rid)
+                self._stats["requests"] += 1
+            except Exception as exc:
+                self._deliver_raw(rid, exc)
+        elif command[0] == "abort":
+            event = self.engine.scheduler.abort(command[1])
+            if event is not None:
+                self._deliver(event)
+                self.engine.scheduler.forget(command[1])
+
+    def _deliver(self, event: Event) -> None:
+        if event.token is not None:
+            self._stats["tokens"] += 1
+        if event.finish_reason == "error":
+            self._stats["failures"] += 1
+        self._deliver_raw(event.request_id, event)
+
+    def _deliver_raw(self, request_id: str, item: object) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, events = target
+            loop.call_soon_threadsafe(events.put_nowait, item)
