@@ -6,3 +6,77 @@ app = typer.Typer(no_args_is_help=True)
 @app.command()
 def version() -> None:
     print("0.1.0")
+
+
+# --- foundation: generate, convert, config show -------------------------------------------
+# Library imports stay inside the commands so `dejavu-run --help` does not import torch.
+
+def _user_error(exc: Exception) -> typer.Exit:
+    """A user-fixable error as one line on stderr and exit status 2, no traceback."""
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(None, "--prompt", help="prompt text (BOS is added)"),
+    prompt_ids: str = typer.Option(None, "--prompt-ids", help="prompt token ids: 2,133,44"),
+    model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens"),
+    temperature: float = typer.Option(None, "--temperature", help="0 = greedy"),
+    top_p: float = typer.Option(None, "--top-p"),
+    top_k: int = typer.Option(None, "--top-k", help="0 = no cut"),
+    seed: int = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    device: str = typer.Option(None, "--device", help="cpu | cuda"),
+    dtype: str = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
+    config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+) -> None:
+    """Generate a continuation of one prompt (streams text; --json prints one object)."""
+    from dejavu.runtime.settings import load_settings
+    from dejavu.tools.generate import USER_ERRORS, GenerateRequest, run_generate
+
+    try:
+        settings = load_settings(config, {
+            "model.path": model, "model.device": device, "model.dtype": dtype,
+            "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
+            "generation.top_p": top_p, "generation.top_k": top_k, "generation.seed": seed,
+        })
+        run_generate(settings, GenerateRequest(prompt, prompt_ids, tuple(stop or ())),
+                     as_json=as_json)
+    except USER_ERRORS as exc:
+        raise _user_error(exc) from None
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="directory with pytorch_model.bin (or its shards)"),
+    dst: str = typer.Argument(..., help="new directory for the safetensors checkpoint"),
+) -> None:
+    """Convert a PyTorch .bin checkpoint to safetensors (weights-only loading)."""
+    from dejavu.runtime.checkpoint import CheckpointError
+    from dejavu.tools.convert import convert as run_convert
+
+    try:
+        out = run_convert(src, dst)
+    except CheckpointError as exc:
+        raise _user_error(exc) from None
+    typer.echo(f"wrote {out}")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Inspect settings (dejavu.toml).")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+) -> None:
+    """Print the effective settings and where each value came from."""
+    from dejavu.runtime.settings import SettingsError, load_settings, render
+
+    try:
+        typer.echo(render(load_settings(config)), nl=False)
+    except SettingsError as exc:
+        raise _user_error(exc) from None

@@ -1,0 +1,158 @@
+"""`dejavu-run generate`: one prompt through the in-process engine, streamed or as JSON.
+
+Everything a user can get wrong is checked before the weights are read: the prompt (text
+or ids) is non-empty and inside the vocabulary, prompt + max_new_tokens fits the model's
+positions, sampling parameters are in range and finite. Each failure is one line naming the
+option. The generation loop itself is the engine's (runtime/engine.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from dejavu.runtime.checkpoint import CheckpointError, load_model, resolve_model_dir
+from dejavu.runtime.opt_config import ConfigError, OPTConfig
+from dejavu.runtime.sampling import SamplingError, SamplingParams
+from dejavu.runtime.settings import Settings, SettingsError
+from dejavu.runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+
+class GenerateError(ValueError):
+    """A bad option for `generate`; one line naming the option."""
+
+
+# Errors a user can cause and fix; the CLI prints them as one line, without a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CheckpointError, ConfigError, TokenizerError, SettingsError, SamplingError, GenerateError,
+)
+try:  # the scheduler's admission errors, when it is importable
+    from dejavu.scheduler.core import RequestError
+
+    USER_ERRORS += (RequestError,)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str | None
+    prompt_ids: str | None
+    stop: tuple[str, ...] = ()
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    """'2,133,44' -> [2, 133, 44]; anything else is an error naming --prompt-ids."""
+    parts = [p.strip() for p in text.split(",")]
+    if parts == [""]:
+        raise GenerateError("--prompt-ids: empty prompt; give at least one token id")
+    ids = []
+    for part in parts:
+        try:
+            ids.append(int(part))
+        except ValueError:
+            raise GenerateError(f"--prompt-ids: {part!r} is not an integer token id "
+                                "(expected comma-separated ids such as 2,133,44)") from None
+    return ids
+
+
+def check_prompt(ids: list[int], config: OPTConfig, max_new_tokens: int) -> None:
+    if not ids:
+        raise GenerateError("prompt: empty prompt; give at least one token")
+    bad = next((i for i in ids if not 0 <= i < config.vocab_size), None)
+    if bad is not None:
+        raise GenerateError(f"prompt: token id {bad} is outside the vocabulary "
+                            f"[0, {config.vocab_size})")
+    limit = config.max_position_embeddings
+    if len(ids) + max_new_tokens > limit:
+        raise GenerateError(
+            f"--max-new-tokens: prompt tokens ({len(ids)}) + max_new_tokens "
+            f"({max_new_tokens}) = {len(ids) + max_new_tokens} exceeds the model's {limit} "
+            "positions; shorten the prompt or lower --max-new-tokens"
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GenerateError("--device cuda: CUDA is not available on this machine; use cpu")
+    return torch.device(name)
+
+
+def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
+    """A one-line bar on a terminal; nothing when stderr is a pipe or a file."""
+    if not stream.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        stream.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] "
+                     f"{done}/{total}")
+        if done == total:
+            stream.write("\n")
+        stream.flush()
+
+    return show
+
+
+def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> dict:
+    """Validate, load, generate. Returns the JSON-shaped result (also printed)."""
+    g = settings.generation
+    if (request.prompt is None) == (request.prompt_ids is None):
+        raise GenerateError("give exactly one of --prompt TEXT or --prompt-ids 2,133,...")
+    params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                            top_p=g.top_p, top_k=g.top_k, seed=g.seed, stop=request.stop)
+    device = _device(settings.model.device)
+    model_dir = resolve_model_dir(settings.model_path())
+    try:
+        config = OPTConfig.from_file(Path(model_dir) / "config.json")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+    tokenizer: Tokenizer | None = None
+    has_tokenizer = any((model_dir / n).is_file()
+                        for n in ("tokenizer.json", "vocab.json"))
+    if request.prompt is not None or request.stop or has_tokenizer:
+        tokenizer = load_tokenizer(model_dir)
+    if request.prompt is not None:
+        if not request.prompt:
+            raise GenerateError("--prompt: empty prompt; give some text")
+        assert tokenizer is not None
+        ids = tokenizer.encode(request.prompt)
+    else:
+        assert request.prompt_ids is not None
+        ids = parse_prompt_ids(request.prompt_ids)
+    check_prompt(ids, config, params.max_new_tokens)
+
+    from dejavu.runtime.engine import Engine  # the engine pulls in the scheduler
+
+    model = load_model(model_dir, dtype=settings.model.dtype, device=device,
+                       progress=_progress_bar(err))
+    engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + params.max_new_tokens)
+    tokens: list[int] = []
+    text = ""
+    with torch.inference_mode():
+        for event in engine.stream(ids, params):
+            if event.error:
+                raise GenerateError(f"generation failed: {event.error}")
+            if event.token is not None:
+                tokens.append(event.token)
+            if event.text:
+                text += event.text
+                if not as_json:
+                    out.write(event.text)
+                    out.flush()
+    result = {"prompt_tokens": ids, "tokens": tokens, "text": text}
+    if as_json:
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        out.write("\n")
+    out.flush()
+    return result
