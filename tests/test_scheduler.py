@@ -1,0 +1,168 @@
+"""The scheduler state machine, stepped with synthetic results: no model, no tensors."""
+
+from __future__ import annotations
+
+import pytest
+
+from dejavu.runtime.sampling import SamplingParams
+from dejavu.runtime.step import StepResult, TokenResult
+from dejavu.scheduler.core import RequestError, Scheduler, SchedulerConfig
+
+
+def make(max_slots=2, **kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_slots=max_slots, max_len=128, vocab_size=100, eos_id=2,
+                                     prefill_chunk=4, **kw))
+
+
+def answer(sched: Scheduler, step, token_for) -> list:
+    results = [TokenResult(r.request_id, token_for(r) if r.sample else None) for r in step.rows]
+    return sched.update(StepResult(step.step_id, results))
+
+
+class CharDetok:
+    """Token t decodes to chr(ord('a') + t % 26): enough to exercise stop strings."""
+
+    def push(self, token_id: int) -> str:
+        return chr(ord("a") + token_id % 26)
+
+
+def test_prefill_is_chunked_then_decode_rows_feed_the_last_token():
+    s = make()
+    s.add("a", list(range(3, 13)), SamplingParams(max_new_tokens=3, ignore_eos=True))
+    starts = []
+    while s.has_work():
+        step = s.schedule()
+        row = step.rows[0]
+        starts.append((row.start, len(row.tokens), row.sample))
+        answer(s, step, lambda r: 50 + r.start)
+    # 10 prompt tokens in chunks of 4, 4, 2 (only the last samples), then 2 decode steps.
+    assert starts == [(0, 4, False), (4, 4, False), (8, 2, True), (10, 1, True), (11, 1, True)]
+    assert s.requests["a"].output == [58, 60, 61]
+
+
+def test_slots_are_reused_only_after_release_and_waiting_requests_queue():
+    s = make(max_slots=1)
+    s.add("a", [5, 6], SamplingParams(max_new_tokens=1))
+    s.add("b", [7, 8], SamplingParams(max_new_tokens=1))
+    step = s.schedule()
+    assert [r.request_id for r in step.rows] == ["a"]
+    assert s.schedule() is None  # b waits for a's slot
+    events = answer(s, step, lambda r: 9)
+    assert events[0].finished and events[0].finish_reason == "length"
+    step = s.schedule()
+    assert [r.request_id for r in step.rows] == ["b"]
+    assert step.rows[0].slot == 0 and step.release == ["a"]
+
+
+def test_eos_stops_unless_ignored():
+    s = make()
+    s.add("a", [5], SamplingParams(max_new_tokens=10))
+    s.add("b", [5], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    finished = {}
+    while s.has_work():
+        step = s.schedule()
+        for e in answer(s, step, lambda r: 2):
+            if e.finished:
+                finished[e.request_id] = (e.finish_reason, len(s.requests[e.request_id].output))
+    assert finished == {"a": ("stop", 1), "b": ("length", 3)}
+
+
+def test_stop_string_truncates_and_is_never_streamed():
+    s = Scheduler(SchedulerConfig(max_slots=1, max_len=64, vocab_size=100, eos_id=None),
+                  detokenizer_factory=CharDetok)
+    s.add("a", [1], SamplingParams(max_new_tokens=20, stop=("cde",)))
+    streamed, tokens = "", iter([0, 1, 2, 3, 4, 5, 6])  # "abcdefg"
+    while s.has_work():
+        step = s.schedule()
+        for e in answer(s, step, lambda r: next(tokens)):
+            streamed += e.text
+            last = e
+    assert streamed == "ab" and last.finish_reason == "stop"
+
+
+def test_abort_in_flight_frees_the_slot_only_when_the_step_returns():
+    s = make(max_slots=1)
+    s.add("a", [5, 6], SamplingParams(max_new_tokens=5))
+    step = s.schedule()
+    event = s.abort("a")
+    assert event.finished and event.finish_reason == "abort"
+    s.add("b", [5], SamplingParams(max_new_tokens=1))
+    assert s.schedule() is None  # a's step still writes slot 0
+    assert answer(s, step, lambda r: 9) == []
+    assert s.schedule().rows[0].request_id == "b"
+
+
+def test_failed_step_fails_its_requests_and_others_go_on():
+    s = make(max_slots=2)
+    s.add("a", [5], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    first = s.schedule()
+    s.add("b", [6], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    second = s.schedule()
+    events = s.fail_step(first.step_id, "worker 1 died")
+    assert [(e.request_id, e.finish_reason, e.error) for e in events] == [
+        ("a", "error", "worker 1 died")]
+    answer(s, second, lambda r: 7)
+    step = s.schedule()
+    assert [r.request_id for r in step.rows] == ["b"]
+
+
+def test_row_error_fails_only_that_request():
+    s = make(max_slots=2)
+    s.add("a", [5], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    s.add("b", [6], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    step = s.schedule()
+    assert len(step.rows) == 2
+    events = s.update(StepResult(step.step_id, [TokenResult("b", 7)], errors={"a": "boom"}))
+    by_id = {e.request_id: e for e in events}
+    assert by_id["a"].finish_reason == "error" and "boom" in by_id["a"].error
+    assert by_id["b"].token == 7 and not by_id["b"].finished
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], SamplingParams(), "empty"),
+        ([5, 100], SamplingParams(), "outside the vocabulary"),
+        ([5, -1], SamplingParams(), "outside the vocabulary"),
+        ([5] * 120, SamplingParams(max_new_tokens=9), "exceeds the model.s 128 positions"),
+        ([5], SamplingParams(stop=("x",)), "stop strings need a tokenizer"),
+    ],
+)
+def test_bad_requests_are_refused_before_anything_is_queued(prompt, params, message):
+    s = make()
+    with pytest.raises(RequestError, match=message):
+        s.add("a", prompt, params)
+    assert not s.has_work() and s.schedule() is None
+
+
+def test_queue_bound_and_duplicate_ids():
+    s = make(max_slots=1, max_waiting=2)
+    s.add("a", [5], SamplingParams())
+    with pytest.raises(RequestError, match="already in use"):
+        s.add("a", [5], SamplingParams())
+    s.add("b", [5], SamplingParams())
+    with pytest.raises(RequestError, match="queue full"):
+        s.add("c", [5], SamplingParams())
+
+
+def test_several_steps_in_flight_never_share_a_request():
+    s = make(max_slots=4)
+    for i in range(4):
+        s.add(f"r{i}", [5, 6, 7], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    in_flight = []
+    seen = set()
+    while (step := s.schedule()) is not None:
+        ids = {r.request_id for r in step.rows}
+        assert not ids & seen
+        seen |= ids
+        in_flight.append(step)
+    assert seen == {"r0", "r1", "r2", "r3"}
+    for step in in_flight:
+        answer(s, step, lambda r: 9)
+    assert {len(r.output) for r in s.requests.values()} == {1}
+
+
+def test_unseeded_requests_get_a_fixed_seed():
+    s = make()
+    s.add("a", [5], SamplingParams(temperature=1.0))
+    assert s.requests["a"].params.seed is not None
