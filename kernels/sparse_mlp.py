@@ -1,0 +1,214 @@
+"""Sparse OPT MLP for decode: only the selected neurons' rows are read.
+
+    out[b, :] = residual[b, :] + bias2 + sum_{n in selected} relu(x[b] . W1[n] + b1[n]) * W2t[n]
+
+W1 is fc1.weight [F, C]; W2t is fc2.weight transposed [F, C], so that a neuron's fc2
+column is a contiguous row. Two layouts use the same kernel through strides:
+  - split: W1 [F, C], W2t [F, C], b1 [F] in three tensors (row stride C, bias stride 1);
+  - record: one row per neuron [fc1 row | fc2 column | fc1 bias | pad] (design.md), so
+    that a neuron is one contiguous read; W1, W2t, b1 are strided views of it.
+
+Rows may sit in two tables: a resident one (GPU memory, e.g. a hot-row cache) and a host
+one (pinned host memory seen through ``host_memory.device_view``). ``locs[k]`` says where
+the k-th selected neuron lives: ``locs >= 0`` is a row of the resident table, ``locs < 0``
+is row ``-locs - 1`` of the host table. With one table, ``locs`` is just the neuron ids.
+
+The kernel sums partial products of neuron blocks into an fp32 accumulator with atomic
+adds (order-dependent rounding at the last fp32 bit; fine for inference, not bitwise
+reproducible). What this module does not know: which neurons are selected (predictors) or
+where rows are placed (``runtime.weight_store``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_BATCH = 16
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tests), where bf16 dots must be upcast."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class NeuronRows(NamedTuple):
+    """One table of neuron rows: fc1 rows [N, C], fc2 columns as rows [N, C], fc1 bias [N]
+    (views; w1 and w2t share a row stride, their last dim is contiguous)."""
+
+    w1: Tensor
+    w2t: Tensor
+    b1: Tensor
+
+
+@triton.jit
+def _sparse_mlp_kernel(
+    x_ptr,  # [B, C] input rows (after the layer norm), model dtype
+    locs_ptr,  # [K] int32/int64: >= 0 row of the resident table, < 0 row (-loc-1) of the host table
+    w1_dev_ptr,  # resident table: fc1 rows, row stride stride_w
+    w2_dev_ptr,  # resident table: fc2 columns stored as rows, row stride stride_w
+    b1_dev_ptr,  # resident table: fc1 bias, stride stride_b1
+    w1_host_ptr,  # host table (mapped pinned memory), same strides as the resident one
+    w2_host_ptr,
+    b1_host_ptr,
+    acc_ptr,  # [B, C] fp32 accumulator, updated with atomic adds
+    B,  # batch rows (<= BLOCK_B)
+    C,  # hidden size
+    K,  # number of selected neurons
+    stride_xb,  # row stride of x (elements)
+    stride_w,  # row stride of a table (elements; C for split, the record length for records)
+    stride_b1,  # stride of the fc1 bias (1 for split, the record length for records)
+    stride_accb,  # row stride of the accumulator
+    HAS_HOST: tl.constexpr,  # whether negative locs may occur (two tables)
+    BLOCK_B: tl.constexpr,  # batch rows padded to the dot's minimum (16)
+    BLOCK_N: tl.constexpr,  # neurons per program
+    BLOCK_C: tl.constexpr,  # hidden columns per step
+    DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < K
+    loc = tl.load(locs_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+    if HAS_HOST:
+        on_host = loc < 0
+        row = tl.where(on_host, -loc - 1, loc)
+        w1_rows = tl.where(on_host, w1_host_ptr + row * stride_w, w1_dev_ptr + row * stride_w)
+        w2_rows = tl.where(on_host, w2_host_ptr + row * stride_w, w2_dev_ptr + row * stride_w)
+        b1_rows = tl.where(on_host, b1_host_ptr + row * stride_b1, b1_dev_ptr + row * stride_b1)
+    else:
+        w1_rows = w1_dev_ptr + loc * stride_w
+        w2_rows = w2_dev_ptr + loc * stride_w
+        b1_rows = b1_dev_ptr + loc * stride_b1
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+
+    # Phase 1: pre-activations of this block's neurons for every batch row.
+    pre = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_c[None, :],
+                     mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+        w = tl.load(w1_rows[:, None] + offs_c[None, :],
+                    mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        if DOT_FP32:
+            xt = xt.to(tl.float32)
+            w = w.to(tl.float32)
+        pre = tl.dot(xt, tl.trans(w), pre)
+    bias = tl.load(b1_rows, mask=n_mask, other=0.0).to(tl.float32)
+    # Masked (padding) neurons have zero weights and bias, so their activation is 0.
+    # The activation is rounded to the model dtype, as the dense fp16/bf16 model does
+    # before fc2.
+    act = tl.maximum(pre + bias[None, :], 0.0).to(x_ptr.dtype.element_ty)
+
+    # Phase 2: this block's share of fc2, added into the shared accumulator.
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        w = tl.load(w2_rows[:, None] + offs_c[None, :],
+                    mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        if DOT_FP32:
+            part = tl.dot(act.to(tl.float32), w.to(tl.float32))
+        else:
+            part = tl.dot(act, w)
+        tl.atomic_add(acc_ptr + offs_b[:, None] * stride_accb + offs_c[None, :], part,
+                      mask=b_mask[:, None] & c_mask[None, :])
+
+
+def _check_table(name: str, t: NeuronRows, c: int, dtype: torch.dtype) -> None:
+    for part in ("w1", "w2t"):
+        w = getattr(t, part)
+        if w.dim() != 2 or w.shape[1] != c or w.stride(1) != 1:
+            raise ValueError(f"{name}.{part}: expected [N, {c}] with contiguous rows, got "
+                             f"shape {tuple(w.shape)} strides {w.stride()}")
+        if w.dtype != dtype:
+            raise ValueError(f"{name}.{part}: dtype {w.dtype} differs from x's {dtype}")
+    if t.w1.stride(0) != t.w2t.stride(0) or t.w1.shape[0] != t.w2t.shape[0]:
+        raise ValueError(f"{name}: w1 and w2t must have the same rows and row stride")
+    if t.b1.dim() != 1 or t.b1.shape[0] != t.w1.shape[0] or t.b1.dtype != dtype:
+        raise ValueError(f"{name}.b1: expected [{t.w1.shape[0]}] of {dtype}, got "
+                         f"{tuple(t.b1.shape)} of {t.b1.dtype}")
+
+
+def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | None = None,
+               bias2: Tensor | None = None, residual: Tensor | None = None,
+               block_n: int = 16, block_c: int = 256, num_warps: int = 4,
+               num_stages: int = 3) -> Tensor:
+    """``residual + bias2 + sum_n relu(x W1[n] + b1[n]) W2t[n]`` over the selected neurons.
+
+    x: [B, C] fp16/bf16, 1 <= B <= 16. rows: the resident table; host: the optional host
+    table (same strides; mapped pinned memory on a GPU). locs: [K] int32/int64 on x's
+    device (see the module docstring; not range-checked on the GPU, which would
+    synchronise). Returns [B, C] in x's dtype. K = 0 returns residual + bias2.
+    """
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH or x.stride(1) != 1:
+        raise ValueError(f"x: expected [B, C] with 1 <= B <= {MAX_BATCH} and contiguous rows, "
+                         f"got {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} not supported, use float16 or bfloat16")
+    b, c = x.shape
+    _check_table("rows", rows, c, x.dtype)
+    if host is not None:
+        _check_table("host", host, c, x.dtype)
+        if host.w1.stride(0) != rows.w1.stride(0) or host.b1.stride(0) != rows.b1.stride(0):
+            raise ValueError("host and resident tables must share strides (same layout)")
+    if locs.dim() != 1 or locs.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"locs: expected a 1-D int32/int64 tensor, got {locs.dtype} "
+                         f"{tuple(locs.shape)}")
+    if locs.device != x.device or rows.w1.device != x.device:
+        raise ValueError("x, locs and the resident table must be on the same device")
+    if locs.device.type == "cpu" and locs.numel():  # cheap here; on a GPU it would sync
+        lo = -host.w1.shape[0] if host is not None else 0
+        if int(locs.min()) < lo or int(locs.max()) >= rows.w1.shape[0]:
+            raise ValueError(f"locs out of range [{lo}, {rows.w1.shape[0]})")
+
+    acc = torch.zeros((b, c), dtype=torch.float32, device=x.device)
+    if residual is not None:
+        acc += residual
+    if bias2 is not None:
+        acc += bias2
+    k = locs.numel()
+    if k:
+        h = host if host is not None else rows
+        grid = (triton.cdiv(k, block_n),)
+        _sparse_mlp_kernel[grid](
+            x, locs, rows.w1, rows.w2t, rows.b1, h.w1, h.w2t, h.b1, acc,
+            b, c, k, x.stride(0), rows.w1.stride(0), rows.b1.stride(0), acc.stride(0),
+            HAS_HOST=host is not None, BLOCK_B=16, BLOCK_N=block_n, BLOCK_C=block_c,
+            DOT_FP32=interpreting(),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return acc.to(x.dtype)
+
+
+def sparse_mlp_reference(x: Tensor, w1: Tensor, b1: Tensor, w2t: Tensor, neurons: Tensor,
+                         bias2: Tensor | None = None,
+                         residual: Tensor | None = None) -> Tensor:
+    """Plain PyTorch twin in float32: neuron ids index W1 [F, C], b1 [F], W2t [F, C]."""
+    xf = x.float()
+    ids = neurons.long()
+    act = torch.relu(xf @ w1[ids].float().T + b1[ids].float())
+    act = act.to(x.dtype).float()  # the dense model feeds fc2 activations in its dtype
+    out = act @ w2t[ids].float()
+    if bias2 is not None:
+        out = out + bias2.float()
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(x.dtype)
+
+
+def dense_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2t: Tensor, bias2: Tensor | None = None,
+              residual: Tensor | None = None) -> Tensor:
+    """The dense baseline through the vendor library (cuBLAS on a GPU): every row read."""
+    out = torch.relu(torch.nn.functional.linear(x, w1, b1)) @ w2t
+    if bias2 is not None:
+        out = out + bias2
+    if residual is not None:
+        out = out + residual
+    return out

@@ -1,0 +1,350 @@
+"""Where a worker's layer weights live: pinned host records, GPU hot-row caches, a budget.
+
+Layout (design.md, "Where the weights live"): per layer, one record per MLP neuron
+    [fc1 row (C) | fc2 column (C) | fc1 bias (1) | pad]            -> [F, neuron_len]
+and one record per attention head
+    [q rows (D*C) | k rows | v rows | out_proj columns as D rows of C | bq | bk | bv | pad]
+                                                                    -> [H, head_len]
+so that any neuron or head is one contiguous read. Records are padded to 16 elements so
+every row (and every part of it) stays 16-byte aligned for vector loads.
+
+Placement: given measured firing frequencies (fraction of tokens on which each neuron or
+head is selected) and a GPU budget, keep the rows that save the most host traffic per GPU
+byte. A row of frequency f and size s saves f*s host bytes per token for s bytes of GPU
+memory, so the best static cache is simply the highest-frequency rows over all layers
+(the same order for any batch, since 1-(1-f)^B grows with f). A layer whose every row is
+kept is dense-resident. No dynamic (recent-token) part is planned yet.
+
+Cold rows are read either in place (mapped pinned memory, zero-copy) or staged (gathered
+on the CPU into a pinned buffer, copied on a copy stream); ``measure_cold_paths`` times
+both on the machine and ``ResidentLayer`` uses whichever the caller picks.
+
+What this module does not know: which rows a token selects (predictors) and how layers are
+split between workers (the layer planner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..kernels.sparse_attention import HeadRows
+from ..kernels.sparse_mlp import NeuronRows
+from .opt_config import OPTConfig
+
+ALIGN = 16  # elements; 32 bytes in fp16, so rows and their parts stay 16-byte aligned
+GIB = 1 << 30
+
+
+class PlacementError(ValueError):
+    """A budget or statistics that cannot produce a placement; the message says which."""
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# --- record layout ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    hidden: int  # C
+    ffn: int  # F
+    heads: int  # H
+
+    @classmethod
+    def of(cls, config: OPTConfig) -> RecordLayout:
+        return cls(config.hidden_size, config.ffn_dim, config.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def neuron_len(self) -> int:
+        return _round_up(2 * self.hidden + 1, ALIGN)
+
+    @property
+    def head_len(self) -> int:
+        return _round_up(4 * self.head_dim * self.hidden + 3 * self.head_dim, ALIGN)
+
+    def layer_bytes(self, element_size: int) -> int:
+        return (self.ffn * self.neuron_len + self.heads * self.head_len) * element_size
+
+
+def pack_neurons(fc1_w: Tensor, fc1_b: Tensor | None, fc2_w: Tensor, out: Tensor) -> Tensor:
+    """Write neuron records into ``out`` [F, neuron_len] from HF weights fc1 [F, C], fc2 [C, F]."""
+    f, c = fc1_w.shape
+    out[:, :c] = fc1_w
+    out[:, c:2 * c] = fc2_w.T
+    out[:, 2 * c] = fc1_b if fc1_b is not None else 0
+    out[:, 2 * c + 1:] = 0
+    return out
+
+
+def neuron_rows(records: Tensor, hidden: int) -> NeuronRows:
+    """Kernel views of neuron records (any number of rows, any device)."""
+    c = hidden
+    return NeuronRows(records[:, :c], records[:, c:2 * c], records[:, 2 * c])
+
+
+def unpack_neurons(records: Tensor, hidden: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(fc1 [F, C], fc1 bias [F], fc2 [C, F]) back from records: the layout's inverse."""
+    rows = neuron_rows(records, hidden)
+    return rows.w1.clone(), rows.b1.clone(), rows.w2t.T.contiguous()
+
+
+def pack_heads(q: tuple[Tensor, Tensor | None], k: tuple[Tensor, Tensor | None],
+               v: tuple[Tensor, Tensor | None], out_proj_w: Tensor, out: Tensor) -> Tensor:
+    """Write head records into ``out`` [H, head_len]: q, k, v = (weight [C, C], bias [C])."""
+    h = out.shape[0]
+    c = out_proj_w.shape[0]
+    d = c // h
+    blk = d * c
+    for i, (w, _) in enumerate((q, k, v)):
+        out[:, i * blk:(i + 1) * blk] = w.reshape(h, blk)
+    out[:, 3 * blk:4 * blk] = out_proj_w.T.reshape(h, blk)
+    for i, (_, b) in enumerate((q, k, v)):
+        out[:, 4 * blk + i * d:4 * blk + (i + 1) * d] = b.reshape(h, d) if b is not None else 0
+    out[:, 4 * blk + 3 * d:] = 0
+    return out
+
+
+def head_rows(records: Tensor, hidden: int, head_dim: int) -> HeadRows:
+    """Kernel views of head records [N, head_len]: wqkv [3, N, D, C], bqkv [3, N, D],
+    wo [N, D, C]."""
+    n, c, d = records.shape[0], hidden, head_dim
+    blk = d * c
+    wqkv = records[:, :3 * blk].unflatten(1, (3, d, c)).transpose(0, 1)
+    bqkv = records[:, 4 * blk:4 * blk + 3 * d].unflatten(1, (3, d)).transpose(0, 1)
+    wo = records[:, 3 * blk:4 * blk].unflatten(1, (d, c))
+    assert wqkv.shape == (3, n, d, c)
+    return HeadRows(wqkv, bqkv, wo)
+
+
+def unpack_heads(records: Tensor, hidden: int, head_dim: int) -> dict[str, Tensor]:
+    """HF-layout q/k/v/out_proj weights and q/k/v biases back from head records."""
+    rows = head_rows(records, hidden, head_dim)
+    c = hidden
+    out = {}
+    for i, name in enumerate(("q", "k", "v")):
+        out[f"{name}_w"] = rows.wqkv[i].reshape(-1, c).clone()
+        out[f"{name}_b"] = rows.bqkv[i].reshape(-1).clone()
+    out["o_w"] = rows.wo.reshape(-1, c).T.contiguous()
+    return out
+
+
+# --- host store -------------------------------------------------------------------------------
+
+
+@dataclass
+class HostLayer:
+    """One layer in host memory: records plus the small per-layer tensors (norms, the
+    biases that are not per-row), which always go to the GPU."""
+
+    layer_id: int
+    neurons: Tensor  # [F, neuron_len]
+    heads: Tensor  # [H, head_len]
+    small: dict[str, Tensor] = field(default_factory=dict)
+
+
+def host_layer_from_module(layer: torch.nn.Module, layout: RecordLayout, *, dtype: torch.dtype,
+                           pin: bool) -> HostLayer:
+    """Pack one runtime/model.py OPTDecoderLayer into (optionally pinned) host records."""
+    def new(rows: int, length: int) -> Tensor:
+        return torch.empty((rows, length), dtype=dtype, pin_memory=pin)
+
+    a = layer.self_attn
+    with torch.no_grad():
+        neurons = pack_neurons(layer.fc1.weight, layer.fc1.bias, layer.fc2.weight,
+                               new(layout.ffn, layout.neuron_len))
+        heads = pack_heads((a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
+                           (a.v_proj.weight, a.v_proj.bias), a.out_proj.weight,
+                           new(layout.heads, layout.head_len))
+        small = {}
+        for name, t in (("out_proj_b", a.out_proj.bias), ("fc2_b", layer.fc2.bias),
+                        ("ln1_w", layer.self_attn_layer_norm.weight),
+                        ("ln1_b", layer.self_attn_layer_norm.bias),
+                        ("ln2_w", layer.final_layer_norm.weight),
+                        ("ln2_b", layer.final_layer_norm.bias)):
+            if t is not None:
+                small[name] = t.detach().to(dtype).clone()
+    return HostLayer(layer.layer_id, neurons, heads, small)
+
+
+# --- placement --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerFrequencies:
+    """Measured fraction of tokens on which each neuron / head is selected (values in [0, 1])."""
+
+    neurons: Tensor  # [F]
+    heads: Tensor  # [H]
+
+
+@dataclass
+class LayerPlacement:
+    layer_id: int
+    hot_neurons: Tensor  # int64 ids kept on the GPU, most frequent first
+    hot_heads: Tensor
+    dense_resident: bool
+
+
+@dataclass
+class Placement:
+    layout: RecordLayout
+    element_size: int
+    layers: list[LayerPlacement]
+    freqs: list[LayerFrequencies]
+    reserved_bytes: int  # KV cache, activations, embeddings... (outside the row caches)
+    budget_bytes: int
+
+    def cache_bytes(self) -> int:
+        lay, e = self.layout, self.element_size
+        return sum((p.hot_neurons.numel() * lay.neuron_len + p.hot_heads.numel() * lay.head_len)
+                   * e for p in self.layers)
+
+    def gpu_bytes(self) -> int:
+        return self.cache_bytes() + self.reserved_bytes
+
+    def bytes_per_step(self, batch: int = 1) -> dict[str, float]:
+        """Expected bytes read per decode step for a batch of ``batch`` tokens whose
+        selections are independent draws with the measured frequencies (a row is read once
+        per step if any token selects it: probability 1 - (1 - f)^B)."""
+        lay, e = self.layout, self.element_size
+        host = resident = 0.0
+        for p, fr in zip(self.layers, self.freqs, strict=True):
+            for freq, hot, size in ((fr.neurons, p.hot_neurons, lay.neuron_len),
+                                    (fr.heads, p.hot_heads, lay.head_len)):
+                union = 1.0 - (1.0 - freq.double()) ** batch
+                hot_mass = float(union[hot].sum()) if hot.numel() else 0.0
+                resident += hot_mass * size * e
+                host += (float(union.sum()) - hot_mass) * size * e
+        return {"host_bytes": host, "resident_bytes": resident}
+
+    def report(self, batch: int = 1) -> dict[str, float | int]:
+        moved = self.bytes_per_step(batch)
+        return {
+            "budget_bytes": self.budget_bytes,
+            "gpu_bytes": self.gpu_bytes(),
+            "row_cache_bytes": self.cache_bytes(),
+            "reserved_bytes": self.reserved_bytes,
+            "dense_resident_layers": sum(p.dense_resident for p in self.layers),
+            "layers": len(self.layers),
+            "batch": batch,
+            "host_bytes_per_step": moved["host_bytes"],
+            "resident_bytes_per_step": moved["resident_bytes"],
+        }
+
+
+def plan_placement(layout: RecordLayout, freqs: list[LayerFrequencies], layer_ids: list[int], *,
+                   budget_bytes: int, reserved_bytes: int, element_size: int) -> Placement:
+    """Greedy static cache: the most frequently selected rows over all layers, by frequency
+    (host bytes saved per GPU byte), until the budget left after ``reserved_bytes`` is
+    spent. Ties go to the earlier layer and lower id (deterministic)."""
+    if len(freqs) != len(layer_ids):
+        raise PlacementError(f"{len(freqs)} frequency sets for {len(layer_ids)} layers")
+    if reserved_bytes > budget_bytes:
+        raise PlacementError(
+            f"gpu_memory_gib: the budget ({budget_bytes / GIB:.2f} GiB) is smaller than what "
+            f"must stay on the GPU anyway ({reserved_bytes / GIB:.2f} GiB: KV cache, "
+            "embeddings, activations); raise gpu_memory_gib or lower the cache length")
+    for i, fr in enumerate(freqs):
+        if fr.neurons.shape != (layout.ffn,) or fr.heads.shape != (layout.heads,):
+            raise PlacementError(f"layer {layer_ids[i]}: frequencies of shapes "
+                                 f"{tuple(fr.neurons.shape)}, {tuple(fr.heads.shape)}; expected "
+                                 f"({layout.ffn},), ({layout.heads},)")
+        for t in (fr.neurons, fr.heads):
+            if t.numel() and not (float(t.min()) >= 0.0 and float(t.max()) <= 1.0):
+                raise PlacementError(f"layer {layer_ids[i]}: frequencies must lie in [0, 1]")
+    # One candidate list: (frequency, layer index, kind, id, bytes).
+    freq_all, layer_all, kind_all, id_all = [], [], [], []
+    for i, fr in enumerate(freqs):
+        for kind, t in ((0, fr.neurons), (1, fr.heads)):
+            freq_all.append(t.double().cpu())
+            layer_all.append(torch.full((t.numel(),), i, dtype=torch.int64))
+            kind_all.append(torch.full((t.numel(),), kind, dtype=torch.int64))
+            id_all.append(torch.arange(t.numel()))
+    freq = torch.cat(freq_all)
+    lay_i, kind, ids = torch.cat(layer_all), torch.cat(kind_all), torch.cat(id_all)
+    size = torch.where(kind == 0, layout.neuron_len, layout.head_len) * element_size
+    # Stable sort by descending frequency keeps (layer, kind, id) order among ties.
+    order = torch.sort(-freq, stable=True).indices
+    spent = torch.cumsum(size[order], 0)
+    keep = order[spent <= budget_bytes - reserved_bytes]
+    layers = []
+    for i, layer_id in enumerate(layer_ids):
+        mine = keep[lay_i[keep] == i]
+        hot_n = ids[mine[kind[mine] == 0]]
+        hot_h = ids[mine[kind[mine] == 1]]
+        dense = hot_n.numel() == layout.ffn and hot_h.numel() == layout.heads
+        layers.append(LayerPlacement(layer_id, hot_n, hot_h, dense))
+    return Placement(layout, element_size, layers, freqs, reserved_bytes, budget_bytes)
+
+
+# --- GPU side ---------------------------------------------------------------------------------
+
+
+class ResidentLayer:
+    """One layer as the kernels see it: a GPU cache of hot records, the host records
+    (mapped for in-place reads on a GPU), and location maps id -> kernel loc
+    (>= 0: cache row, < 0: host row -loc-1)."""
+
+    def __init__(self, host: HostLayer, placement: LayerPlacement, layout: RecordLayout,
+                 device: torch.device | str) -> None:
+        self.layout = layout
+        self.layer_id = host.layer_id
+        self.host = host
+        self.small = {k: v.to(device) for k, v in host.small.items()}
+        self.cache_neurons = host.neurons[placement.hot_neurons].to(device)
+        self.cache_heads = host.heads[placement.hot_heads].to(device)
+        self.neuron_loc = _loc_map(layout.ffn, placement.hot_neurons).to(device)
+        self.head_loc = _loc_map(layout.heads, placement.hot_heads).to(device)
+        on_gpu = torch.device(device).type == "cuda"
+        if on_gpu and host.neurons.is_pinned():
+            from ..kernels.host_memory import device_view
+            host_neurons, host_heads = device_view(host.neurons), device_view(host.heads)
+        elif on_gpu:
+            raise PlacementError("host records must be pinned to be read from a GPU")
+        else:  # CPU (tests, interpreter): the "host table" is the same memory
+            host_neurons, host_heads = host.neurons, host.heads
+        c, d = layout.hidden, layout.head_dim
+        self.neuron_tables = (neuron_rows(self.cache_neurons, c), neuron_rows(host_neurons, c))
+        self.head_tables = (head_rows(self.cache_heads, c, d), head_rows(host_heads, c, d))
+
+    def neuron_locs(self, neurons: Tensor) -> Tensor:
+        return self.neuron_loc[neurons.long()]
+
+    def head_locs(self, heads: Tensor) -> Tensor:
+        return self.head_loc[heads.long()]
+
+
+def _loc_map(n: int, hot: Tensor) -> Tensor:
+    loc = -(torch.arange(n, dtype=torch.int32) + 1)
+    loc[hot] = torch.arange(hot.numel(), dtype=torch.int32)
+    return loc
+
+
+class StagedRows:
+    """The staged cold path: gather cold neuron records on the CPU into a pinned buffer,
+    copy them to a GPU buffer on a copy stream; the kernel then reads them as its second
+    table. Measured against in-place reads by ``measure_cold_paths``."""
+
+    def __init__(self, capacity: int, record_len: int, dtype: torch.dtype, device: str) -> None:
+        self.pinned = torch.empty((capacity, record_len), dtype=dtype, pin_memory=True)
+        self.gpu = torch.empty((capacity, record_len), dtype=dtype, device=device)
+        self.stream = torch.cuda.Stream(device=device)
+
+    def stage(self, host_records: Tensor, cold_ids: Tensor) -> torch.cuda.Event:
+        """Copy records ``cold_ids`` (CPU int64) into gpu[:n]; returns the copy's event."""
+        n = cold_ids.numel()
+        torch.index_select(host_records, 0, cold_ids, out=self.pinned[:n])
+        with torch.cuda.stream(self.stream):
+            self.gpu[:n].copy_(self.pinned[:n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done

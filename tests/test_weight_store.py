@@ -1,0 +1,159 @@
+"""Weight store: record layout round trips, placement policy, bytes-moved estimate."""
+
+import pytest
+import torch
+
+from dejavu.runtime.model import OPTDecoderLayer
+from dejavu.runtime.opt_config import OPTConfig
+from dejavu.runtime.weight_store import (
+    LayerFrequencies,
+    PlacementError,
+    RecordLayout,
+    ResidentLayer,
+    head_rows,
+    host_layer_from_module,
+    neuron_rows,
+    pack_heads,
+    pack_neurons,
+    plan_placement,
+    unpack_heads,
+    unpack_neurons,
+)
+
+CFG = OPTConfig(hidden_size=40, num_attention_heads=5, ffn_dim=71, num_hidden_layers=2,
+                vocab_size=64, max_position_embeddings=32, word_embed_proj_dim=40)
+
+
+def layer(seed=0):
+    torch.manual_seed(seed)
+    m = OPTDecoderLayer(CFG, 0)
+    for p in m.parameters():
+        torch.nn.init.normal_(p)
+    return m
+
+
+def test_records_are_aligned_and_round_trip():
+    lay = RecordLayout.of(CFG)
+    assert lay.neuron_len % 16 == 0 and lay.neuron_len >= 2 * 40 + 1
+    assert lay.head_len % 16 == 0 and lay.head_len >= 4 * 8 * 40 + 3 * 8
+    m = layer()
+    host = host_layer_from_module(m, lay, dtype=torch.float32, pin=False)
+    fc1, b1, fc2 = unpack_neurons(host.neurons, 40)
+    assert torch.equal(fc1, m.fc1.weight) and torch.equal(b1, m.fc1.bias)
+    assert torch.equal(fc2, m.fc2.weight)
+    # Neuron n is one contiguous record: fc1 row n, then fc2 column n, then bias n.
+    n = 17
+    rec = host.neurons[n]
+    assert torch.equal(rec[:40], m.fc1.weight[n])
+    assert torch.equal(rec[40:80], m.fc2.weight[:, n])
+    assert rec[80] == m.fc1.bias[n]
+    a = m.self_attn
+    back = unpack_heads(host.heads, 40, 8)
+    for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj)):
+        assert torch.equal(back[f"{name}_w"], lin.weight)
+        assert torch.equal(back[f"{name}_b"], lin.bias)
+    assert torch.equal(back["o_w"], a.out_proj.weight)
+    # Head 3's record holds its q rows first and its out_proj columns (as rows) later.
+    assert torch.equal(host.heads[3, :8 * 40], a.q_proj.weight[24:32].reshape(-1))
+    assert torch.equal(head_rows(host.heads, 40, 8).wo[3], a.out_proj.weight[:, 24:32].T)
+    assert host.small["fc2_b"].shape == (40,)
+
+
+def test_kernel_views_of_records_match_hf_weights():
+    m = layer(1)
+    lay = RecordLayout.of(CFG)
+    rec = pack_neurons(m.fc1.weight, m.fc1.bias, m.fc2.weight,
+                       torch.empty(71, lay.neuron_len))
+    rows = neuron_rows(rec, 40)
+    assert torch.equal(rows.w1, m.fc1.weight) and torch.equal(rows.w2t, m.fc2.weight.T)
+    assert rows.w1.stride(0) == rows.w2t.stride(0) == lay.neuron_len
+    a = m.self_attn
+    hrec = pack_heads((a.q_proj.weight, None), (a.k_proj.weight, None),
+                      (a.v_proj.weight, None), a.out_proj.weight, torch.empty(5, lay.head_len))
+    hr = head_rows(hrec, 40, 8)
+    assert torch.equal(hr.wqkv[1].reshape(40, 40), a.k_proj.weight)
+    assert torch.count_nonzero(hr.bqkv) == 0  # no biases -> zeros
+
+
+def freqs(seed, f=71, h=5):
+    g = torch.Generator().manual_seed(seed)
+    return LayerFrequencies(torch.rand(f, generator=g) ** 3, torch.rand(h, generator=g))
+
+
+def test_policy_respects_budget_and_keeps_the_most_frequent_rows():
+    lay = RecordLayout.of(CFG)
+    fr = [freqs(0), freqs(1)]
+    e = 2
+    full = 2 * lay.layer_bytes(e)
+    for frac in (0.0, 0.1, 0.37, 0.8):
+        budget = 1000 + int(frac * full)
+        p = plan_placement(lay, fr, [4, 5], budget_bytes=budget, reserved_bytes=1000,
+                           element_size=e)
+        assert p.gpu_bytes() <= budget
+        # Nothing left out is more frequent than anything kept (neuron rows, all layers).
+        all_kept = torch.cat([f.neurons[lp.hot_neurons] for lp, f in zip(p.layers, fr,
+                                                                           strict=True)])
+        all_cold = torch.cat([f.neurons[torch.tensor([i for i in range(71) if i not in
+                                                      set(lp.hot_neurons.tolist())],
+                                                     dtype=torch.long)]
+                              for lp, f in zip(p.layers, fr, strict=True)])
+        if all_kept.numel() and all_cold.numel():
+            assert float(all_kept.min()) >= float(all_cold.max())
+        # The leftover budget could not fit one more row of the next kind.
+        left = budget - p.gpu_bytes()
+        if p.cache_bytes() < full:
+            assert left < lay.head_len * e
+    p = plan_placement(lay, fr, [4, 5], budget_bytes=full + 1000, reserved_bytes=1000,
+                       element_size=e)
+    assert all(lp.dense_resident for lp in p.layers)
+    assert p.bytes_per_step(1)["host_bytes"] == 0
+
+
+def test_bytes_moved_estimate_matches_a_direct_count():
+    lay = RecordLayout.of(CFG)
+    # Frequencies of 0 or 1 make the expectation exact: count the rows by hand.
+    nf = torch.zeros(71)
+    nf[:30] = 1.0
+    hf = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    fr = [LayerFrequencies(nf, hf)]
+    budget = 10 * lay.neuron_len * 2 + 1 * lay.head_len * 2
+    p = plan_placement(lay, fr, [0], budget_bytes=budget, reserved_bytes=0, element_size=2)
+    hot_n, hot_h = p.layers[0].hot_neurons.numel(), p.layers[0].hot_heads.numel()
+    cold = (30 - hot_n) * lay.neuron_len * 2 + (3 - hot_h) * lay.head_len * 2
+    hot = hot_n * lay.neuron_len * 2 + hot_h * lay.head_len * 2
+    moved = p.bytes_per_step(1)
+    assert moved["host_bytes"] == cold and moved["resident_bytes"] == hot
+    # Batch 4 with independent draws: a row of frequency f is read with 1 - (1 - f)^4.
+    fr2 = [LayerFrequencies(torch.full((71,), 0.5), torch.zeros(5))]
+    p2 = plan_placement(lay, fr2, [0], budget_bytes=0, reserved_bytes=0, element_size=2)
+    assert p2.bytes_per_step(4)["host_bytes"] == pytest.approx(
+        71 * (1 - 0.5**4) * lay.neuron_len * 2)
+    report = p2.report(4)
+    assert report["gpu_bytes"] == 0 and report["dense_resident_layers"] == 0
+
+
+def test_policy_refuses_impossible_budgets_and_bad_stats():
+    lay = RecordLayout.of(CFG)
+    with pytest.raises(PlacementError, match="gpu_memory_gib"):
+        plan_placement(lay, [freqs(0)], [0], budget_bytes=10, reserved_bytes=11, element_size=2)
+    with pytest.raises(PlacementError, match="shapes"):
+        plan_placement(lay, [LayerFrequencies(torch.zeros(3), torch.zeros(5))], [0],
+                       budget_bytes=10, reserved_bytes=0, element_size=2)
+    with pytest.raises(PlacementError, match=r"\[0, 1\]"):
+        plan_placement(lay, [LayerFrequencies(torch.full((71,), 2.0), torch.zeros(5))], [0],
+                       budget_bytes=10, reserved_bytes=0, element_size=2)
+
+
+def test_resident_layer_location_maps():
+    lay = RecordLayout.of(CFG)
+    host = host_layer_from_module(layer(2), lay, dtype=torch.float32, pin=False)
+    p = plan_placement(lay, [freqs(3)], [0], budget_bytes=6 * lay.neuron_len * 4,
+                       reserved_bytes=0, element_size=4)
+    r = ResidentLayer(host, p.layers[0], lay, "cpu")
+    hot = p.layers[0].hot_neurons
+    locs = r.neuron_locs(torch.arange(71))
+    for n in range(71):
+        loc = int(locs[n])
+        row = r.cache_neurons[loc] if loc >= 0 else host.neurons[-loc - 1]
+        assert torch.equal(row, host.neurons[n])
+    assert (locs >= 0).sum() == hot.numel()
