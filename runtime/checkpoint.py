@@ -282,11 +282,6 @@ def inspect_checkpoint(model_dir: str | Path) -> CheckpointLayout:
     stored: dict[str, TensorEntry] = {}  # canonical name -> entry
     for file in files:
         for key, entry in read_header(file).items():
-            if weight_map is not None and weight_map.get(key, file.name) != file.name:
-                raise CheckpointError(
-                    f"{file}: tensor {key!r} is here, but {INDEX_NAME} says it is in "
-                    f"{weight_map[key]}"
-                )
             # transformers saves OPTForCausalLM as model.decoder.*; fairseq-era exports
             # and our own module use decoder.*. Both name the same parameter.
             name = key.removeprefix("model.")
@@ -295,6 +290,11 @@ def inspect_checkpoint(model_dir: str | Path) -> CheckpointLayout:
                 raise CheckpointError(
                     f"duplicate tensor {name!r}: stored as {other.key!r} in {other.file.name} "
                     f"and as {key!r} in {file.name}"
+                )
+            if weight_map is not None and weight_map.get(key, file.name) != file.name:
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} is here, but {INDEX_NAME} says it is in "
+                    f"{weight_map[key]}"
                 )
             stored[name] = entry
     if weight_map is not None:
