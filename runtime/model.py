@@ -16,12 +16,17 @@ S cache slots, L cached positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .opt_config import POSITION_OFFSET, OPTConfig
+from .sparse import sparse_attention, sparse_mlp
+
+if TYPE_CHECKING:
+    from .sparse import SparseContext
 
 
 class KVCache:
@@ -33,7 +38,8 @@ class KVCache:
     """
 
     def __init__(self, config: OPTConfig, layer_ids: list[int], slots: int, max_len: int,
-                 *, dtype: torch.dtype, device: torch.device | str) -> None:
+                 *, dtype: torch.dtype, device: torch.device | str,
+                 keep_inputs: bool = False) -> None:
         if max_len > config.max_position_embeddings:
             raise ValueError(
                 f"cache length {max_len} exceeds the model's {config.max_position_embeddings} "
@@ -45,13 +51,37 @@ class KVCache:
         self.index = {layer: i for i, layer in enumerate(layer_ids)}
         self.slots = slots
         self.max_len = max_len
+        # Sparse attention (runtime/sparse.py) skips heads; with keep_inputs it stores each
+        # position's attention input [n, S, L, C] and which heads' K/V are written [n, S, H, L]
+        # so that a head selected later gets its missing K/V recomputed exactly.
+        self.inputs: Tensor | None = None
+        self.kv_valid: Tensor | None = None
+        if keep_inputs:
+            self.inputs = torch.zeros(shape[:2] + shape[3:4] + (config.hidden_size,),
+                                      dtype=dtype, device=device)
+            self.kv_valid = torch.zeros(shape[:4], dtype=torch.bool, device=device)
 
     def layer(self, layer_id: int) -> tuple[Tensor, Tensor]:
         i = self.index[layer_id]
         return self.k[i], self.v[i]
 
+    def layer_inputs(self, layer_id: int) -> tuple[Tensor, Tensor]:
+        """Stored attention inputs [S, L, C] and K/V-valid bits [S, H, L] (keep_inputs)."""
+        assert self.inputs is not None and self.kv_valid is not None
+        i = self.index[layer_id]
+        return self.inputs[i], self.kv_valid[i]
+
+    def store_inputs(self, layer_id: int, batch: Batch, x: Tensor) -> None:
+        """A step that writes K/V for every head: keep its inputs, mark all heads valid."""
+        xs, valid = self.layer_inputs(layer_id)
+        assert batch.slots is not None
+        rows = batch.slots[:, None].expand_as(batch.positions)
+        xs[rows, batch.positions] = x.to(xs.dtype)
+        valid[rows, :, batch.positions] = True
+
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        extra = 0 if self.inputs is None else self.inputs.numel() * self.inputs.element_size()
+        return 2 * self.k.numel() * self.k.element_size() + extra
 
 
 @dataclass
@@ -63,6 +93,8 @@ class Batch:
     positions: Tensor
     slots: Tensor | None = None
     cache: KVCache | None = None
+    # Set for a sparse forward pass: predictor wiring, selections, statistics.
+    sparse: SparseContext | None = None
 
 
 class OPTAttention(nn.Module):
@@ -81,7 +113,11 @@ class OPTAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, layer_id: int, batch: Batch) -> Tensor:
+    def forward(self, x: Tensor, layer_id: int, batch: Batch,
+                heads: Tensor | None = None) -> Tensor:
+        if heads is not None:  # [B, T, H] bool: only these heads (runtime/sparse.py)
+            assert batch.sparse is not None
+            return sparse_attention(self, x, layer_id, batch, heads, batch.sparse.gather(batch))
         q = self._split(self.q_proj(x) * self.scaling)
         k = self._split(self.k_proj(x))
         v = self._split(self.v_proj(x))
@@ -89,6 +125,8 @@ class OPTAttention(nn.Module):
             # Whole windows from position 0: plain causal attention, the training path.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
         else:
+            if batch.cache.inputs is not None:  # keep what sparse steps may recompute from
+                batch.cache.store_inputs(layer_id, batch, x)
             out = cached_attention(q, k, v, layer_id, batch)
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -130,18 +168,27 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
 
-    def attention_block(self, h: Tensor, batch: Batch) -> Tensor:
+    def attention_block(self, h: Tensor, batch: Batch, heads: Tensor | None = None) -> Tensor:
         x = self.self_attn_layer_norm(h) if self.pre_ln else h
-        h = h + self.self_attn(x, self.layer_id, batch)
+        h = h + self.self_attn(x, self.layer_id, batch, heads)
         return h if self.pre_ln else self.self_attn_layer_norm(h)
 
-    def mlp_block(self, h: Tensor) -> Tensor:
+    def mlp_block(self, h: Tensor, neurons: Tensor | None = None,
+                  gather: bool = False) -> Tensor:
         x = self.final_layer_norm(h) if self.pre_ln else h
-        h = h + self.fc2(F.relu(self.fc1(x)))
+        if neurons is None:
+            h = h + self.fc2(F.relu(self.fc1(x)))
+        else:  # [B, T, F] bool: only these neurons (runtime/sparse.py)
+            h = h + sparse_mlp(self, x, neurons, gather)
         return h if self.pre_ln else self.final_layer_norm(h)
 
     def forward(self, h: Tensor, batch: Batch) -> Tensor:
-        return self.mlp_block(self.attention_block(h, batch))
+        if batch.sparse is None:
+            return self.mlp_block(self.attention_block(h, batch))
+        sel = batch.sparse.select(self, h, batch)
+        h = self.attention_block(h, batch, sel.heads)
+        batch.sparse.lookahead(self.layer_id, h)  # next layer's predictor input (wiring)
+        return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch))
 
 
 class OPTModel(nn.Module):

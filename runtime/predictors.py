@@ -1,0 +1,243 @@
+"""DejaVu predictors: per layer, low-rank classifiers that score MLP neurons and heads.
+
+For layer l, ``mlp(x)`` scores its F neurons (d -> r -> F) and ``heads(x)`` its H heads
+(d -> r -> H), from the residual-stream tensor that ``sparse.predictor_source(l)`` names
+(the residual entering layer l-1's MLP block). Each layer also carries its operating point:
+how many neurons and heads to keep per token (top-k), chosen when the predictors were
+trained for a target recall on held-out tokens.
+
+The file format is one safetensors file with string metadata: the format tag, the model's
+fingerprint (a hash of its config and, per layer, of a fixed sample of its weights, rounded
+to float16 so that the same checkpoint loaded in float32 or float16 matches), sizes, the
+wiring, ranks, operating points and the training report. Loading checks the fingerprint
+against the model it is meant for and refuses predictors made for another model.
+
+What this module does not know: how labels are collected (tools/train_predictors.py) or how
+a selection is executed (runtime/sparse.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .opt_config import OPTConfig
+
+FORMAT = "dejavu-predictors/1"
+FILE_NAME = "predictors.safetensors"
+# The wiring is fixed (sparse.predictor_source); the tag is stored so that a file made for
+# another wiring is refused instead of silently mispredicting.
+WIRING = "layer l <- residual entering layer l-1's MLP block; layer 0 <- its own input"
+_SAMPLE = 512  # weights hashed per matrix
+
+
+class PredictorError(ValueError):
+    """A predictor file that cannot be used with this model (mismatch, corrupt, missing)."""
+
+
+class LowRankClassifier(nn.Module):
+    """x [..., C] -> logits [..., n] through rank r: LayerNorm (no affine: the residual's
+    scale grows with depth, the predictor should not care), C -> r, r -> n."""
+
+    def __init__(self, hidden: int, rank: int, out: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(F.layer_norm(x, (self.hidden,))))
+
+
+@dataclass
+class OperatingPoint:
+    """Per layer: how many neurons/heads a token keeps (top-k) and what held-out tokens
+    measured at that point."""
+
+    mlp_k: int
+    head_k: int
+    mlp_recall: float = float("nan")
+    mlp_precision: float = float("nan")
+    head_recall: float = float("nan")
+
+
+@dataclass
+class Fingerprint:
+    config_hash: str
+    layer_hashes: dict[int, str]
+
+    @property
+    def model_hash(self) -> str:
+        h = hashlib.sha256(self.config_hash.encode())
+        for i in sorted(self.layer_hashes):
+            h.update(f"{i}:{self.layer_hashes[i]}".encode())
+        return h.hexdigest()
+
+
+def _config_hash(config: OPTConfig) -> str:
+    fields = asdict(config)
+    fields.pop("torch_dtype")  # the storage dtype does not change the model
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> Fingerprint:
+    """Config hash and, for every layer the model (span) holds, a hash of a fixed sample of
+    its weights rounded to float16."""
+    config: OPTConfig = model.config  # type: ignore[assignment]
+    hashes: dict[int, str] = {}
+    for layer in model.layers():  # type: ignore[operator]
+        h = hashlib.sha256()
+        for name, p in sorted(layer.named_parameters()):
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()))
+            sample = flat[idx.long().to(flat.device)].to("cpu", torch.float16)
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+        hashes[layer.layer_id] = h.hexdigest()
+    return Fingerprint(_config_hash(config), hashes)
+
+
+@dataclass
+class PredictorSet:
+    """Predictors for some layers of one model, with their operating points."""
+
+    config: OPTConfig
+    fingerprint: Fingerprint
+    mlp_rank: int
+    head_rank: int
+    mlp: dict[int, LowRankClassifier] = field(default_factory=dict)
+    heads: dict[int, LowRankClassifier] = field(default_factory=dict)
+    points: dict[int, OperatingPoint] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, model: nn.Module, mlp_rank: int, head_rank: int) -> PredictorSet:
+        """Untrained predictors for every layer the model holds (operating points dense)."""
+        c: OPTConfig = model.config  # type: ignore[assignment]
+        out = cls(c, fingerprint(model), mlp_rank, head_rank)
+        for layer in model.layers():  # type: ignore[operator]
+            i = layer.layer_id
+            out.mlp[i] = LowRankClassifier(c.hidden_size, mlp_rank, c.ffn_dim)
+            out.heads[i] = LowRankClassifier(c.hidden_size, head_rank, c.num_attention_heads)
+            out.points[i] = OperatingPoint(c.ffn_dim, c.num_attention_heads)
+        return out
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return sorted(self.mlp)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PredictorSet:
+        for m in list(self.mlp.values()) + list(self.heads.values()):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    # --- file format -----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (a directory gets predictors.safetensors inside)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / FILE_NAME
+        tensors: dict[str, Tensor] = {}
+        for kind, table in (("mlp", self.mlp), ("heads", self.heads)):
+            for i, m in table.items():
+                for name, t in m.state_dict().items():
+                    tensors[f"layers.{i}.{kind}.{name}"] = t.detach().to("cpu").contiguous()
+        c = self.config
+        meta = {
+            "format": FORMAT,
+            "model_hash": self.fingerprint.model_hash,
+            "config_hash": self.fingerprint.config_hash,
+            "layer_hashes": json.dumps(
+                {str(k): v for k, v in self.fingerprint.layer_hashes.items()}),
+            "num_layers": str(c.num_hidden_layers),
+            "hidden_size": str(c.hidden_size),
+            "ffn_dim": str(c.ffn_dim),
+            "num_heads": str(c.num_attention_heads),
+            "wiring": WIRING,
+            "mlp_rank": str(self.mlp_rank),
+            "head_rank": str(self.head_rank),
+            "operating_points": json.dumps({str(k): asdict(v) for k, v in self.points.items()}),
+            "report": json.dumps(self.report),
+        }
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, *,
+             device: torch.device | str = "cpu") -> PredictorSet:
+        """Load predictors for ``model`` (a whole model or a span); refuse a file made for
+        another model, naming what differs."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILE_NAME
+        if not path.is_file():
+            raise PredictorError(f"{path}: no such predictor file "
+                                 "(train one with `dejavu-run train-predictors`)")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as exc:
+            raise PredictorError(f"{path}: not a readable safetensors file: {exc}") from None
+        if meta.get("format") != FORMAT:
+            raise PredictorError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("wiring") != WIRING:
+            raise PredictorError(f"{path}: trained for wiring {meta.get('wiring')!r}; this "
+                                 f"runtime uses {WIRING!r}")
+        c: OPTConfig = model.config  # type: ignore[assignment]
+        mine = fingerprint(model)
+        sizes = {"num_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+                 "ffn_dim": c.ffn_dim, "num_heads": c.num_attention_heads}
+        for key, value in sizes.items():
+            if meta.get(key) != str(value):
+                raise PredictorError(
+                    f"{path}: predictors were made for a model with {key}={meta.get(key)}, "
+                    f"this model has {key}={value}; train predictors for this model"
+                )
+        if meta.get("config_hash") != mine.config_hash:
+            raise PredictorError(f"{path}: predictors were made for another model (config "
+                                 "hash differs); train predictors for this model")
+        theirs = {int(k): v for k, v in json.loads(meta["layer_hashes"]).items()}
+        for i, h in mine.layer_hashes.items():
+            if theirs.get(i) != h:
+                raise PredictorError(
+                    f"{path}: predictors were made for another model (model hash "
+                    f"{meta.get('model_hash', '?')[:12]}): layer {i}'s weights differ from "
+                    "this model's; train predictors for this model"
+                )
+        out = cls(c, Fingerprint(mine.config_hash, theirs), int(meta["mlp_rank"]),
+                  int(meta["head_rank"]))
+        points = json.loads(meta["operating_points"])
+        out.report = json.loads(meta.get("report", "{}"))
+        for i in mine.layer_hashes:
+            out.mlp[i] = LowRankClassifier(c.hidden_size, out.mlp_rank, c.ffn_dim)
+            out.heads[i] = LowRankClassifier(c.hidden_size, out.head_rank,
+                                             c.num_attention_heads)
+            for kind, m in (("mlp", out.mlp[i]), ("heads", out.heads[i])):
+                prefix = f"layers.{i}.{kind}."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                try:
+                    m.load_state_dict(state)
+                except RuntimeError as exc:
+                    raise PredictorError(f"{path}: layer {i} {kind} predictor: {exc}") from None
+            if str(i) not in points:
+                raise PredictorError(f"{path}: no operating point for layer {i}")
+            out.points[i] = OperatingPoint(**points[str(i)])
+        return out.to(device)
+
+
+def find_predictors(model_dir: str | Path) -> Path | None:
+    """The predictors shipped next to a checkpoint (``<model>/predictors/``), if any."""
+    path = Path(model_dir) / "predictors" / FILE_NAME
+    return path if path.is_file() else None

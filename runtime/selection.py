@@ -1,0 +1,134 @@
+"""Selectors: turn a layer's predictor input into its per-token head and neuron masks.
+
+A selector is a callable ``(layer_id, source [B, T, C]) -> sparse.Selection`` (masks
+[B, T, H] and [B, T, F]). Three kinds:
+
+- ``PredictorSelector``: the trained predictors, top-k per token at each layer's operating
+  point or at a density given in the settings; layers listed as dense stay dense;
+- ``RandomSelector``: k uniformly random neurons/heads per token, the baseline that shows
+  what the predictors are worth at the same density;
+- ``FixedSelector``: masks given per layer (oracle selections in tests and analyses).
+
+What this module does not know: how the selection is executed (runtime/sparse.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .predictors import PredictorSet
+from .sparse import Selection
+
+
+class SelectionError(ValueError):
+    """A density or layer setting that cannot be applied to this model."""
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Densities are fractions computed per token; None uses each layer's calibrated
+    operating point. ``layer_mlp_density`` overrides single layers."""
+
+    mlp_density: float | None = None
+    head_density: float | None = None
+    dense_layers: frozenset[int] = frozenset()
+    layer_mlp_density: dict[int, float] = field(default_factory=dict)
+    layer_head_density: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("mlp_density", "head_density"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise SelectionError(f"{name}={value}: expected a fraction in (0, 1]")
+        for name in ("layer_mlp_density", "layer_head_density"):
+            for layer, value in getattr(self, name).items():
+                if not 0.0 < value <= 1.0:
+                    raise SelectionError(f"{name}[{layer}]={value}: expected a fraction "
+                                         "in (0, 1]")
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """[..., n] scores -> bool mask of each row's k best."""
+    n = scores.shape[-1]
+    if k >= n:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(
+        -1, idx, True)
+
+
+def count(density: float, n: int) -> int:
+    """Entries kept for a density: at least one, rounded to nearest."""
+    return max(1, min(n, round(density * n)))
+
+
+class PredictorSelector:
+    def __init__(self, predictors: PredictorSet, config: SelectionConfig | None = None) -> None:
+        self.predictors = predictors
+        self.config = config or SelectionConfig()
+        n = predictors.config.num_hidden_layers
+        bad = [i for i in self.config.dense_layers if not 0 <= i < n]
+        if bad:
+            raise SelectionError(f"dense_layers {sorted(bad)}: the model has layers 0..{n - 1}")
+
+    def ks(self, layer_id: int) -> tuple[int, int]:
+        """(neurons, heads) kept per token at this layer."""
+        c, cfg = self.predictors.config, self.config
+        point = self.predictors.points[layer_id]
+        mlp = cfg.layer_mlp_density.get(layer_id, cfg.mlp_density)
+        head = cfg.layer_head_density.get(layer_id, cfg.head_density)
+        mlp_k = point.mlp_k if mlp is None else count(mlp, c.ffn_dim)
+        head_k = point.head_k if head is None else count(head, c.num_attention_heads)
+        return mlp_k, head_k
+
+    @torch.no_grad()
+    def __call__(self, layer_id: int, source: Tensor) -> Selection:
+        if layer_id in self.config.dense_layers:
+            return Selection()
+        if layer_id not in self.predictors.mlp:
+            raise SelectionError(f"no predictors for layer {layer_id} (the file has layers "
+                                 f"{self.predictors.layer_ids})")
+        mlp_k, head_k = self.ks(layer_id)
+        c = self.predictors.config
+        p_mlp, p_heads = self.predictors.mlp[layer_id], self.predictors.heads[layer_id]
+        x = source.to(p_mlp.up.weight.dtype)
+        # Selecting everything needs no prediction, and must stay exact (a density-1 run).
+        neurons = topk_mask(p_mlp(x), mlp_k) if mlp_k < c.ffn_dim else None
+        heads = topk_mask(p_heads(x), head_k) if head_k < c.num_attention_heads else None
+        return Selection(heads=heads, neurons=neurons)
+
+
+class RandomSelector:
+    """Uniformly random k neurons and heads per token (seeded), for baselines."""
+
+    def __init__(self, ffn_dim: int, num_heads: int, mlp_density: float, head_density: float,
+                 *, seed: int = 0, dense_layers: frozenset[int] = frozenset()) -> None:
+        self.mlp_k = count(mlp_density, ffn_dim)
+        self.head_k = count(head_density, num_heads)
+        self.ffn_dim, self.num_heads = ffn_dim, num_heads
+        self.dense_layers = dense_layers
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, layer_id: int, source: Tensor) -> Selection:
+        if layer_id in self.dense_layers:
+            return Selection()
+        b, t = source.shape[:2]
+        scores_n = torch.rand(b, t, self.ffn_dim, generator=self.generator)
+        scores_h = torch.rand(b, t, self.num_heads, generator=self.generator)
+        return Selection(heads=topk_mask(scores_h, self.head_k).to(source.device),
+                         neurons=topk_mask(scores_n, self.mlp_k).to(source.device))
+
+
+class FixedSelector:
+    """Given masks per layer (a layer absent from both tables stays dense)."""
+
+    def __init__(self, heads: dict[int, Tensor] | None = None,
+                 neurons: dict[int, Tensor] | None = None) -> None:
+        self.heads = heads or {}
+        self.neurons = neurons or {}
+
+    def __call__(self, layer_id: int, source: Tensor) -> Selection:
+        return Selection(heads=self.heads.get(layer_id), neurons=self.neurons.get(layer_id))

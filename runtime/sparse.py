@@ -1,0 +1,365 @@
+"""Sparse execution: per token and layer, compute only the selected heads and MLP neurons.
+
+The model (runtime/model.py) stays the one definition; a forward pass becomes sparse when
+its ``Batch`` carries a ``SparseContext``. The context implements the predictor wiring
+(which tensor predicts which layer, see ``predictor_source``), asks a selector for each
+layer's selection, and keeps per-layer statistics. The two ops here replace the dense
+projections inside ``mlp_block`` and ``OPTAttention`` when a selection is present:
+
+- gather mode (a KV cache is present: decoding, prefill): the batch's selections are
+  unioned, and only those rows are read: fc1 rows + biases and fc2 columns of the selected
+  neurons, q/k/v rows and out_proj columns of the selected heads;
+- mask mode (whole windows, no cache: scoring): every token keeps its own selection; the
+  dense product is computed and unselected neurons/heads are zeroed. This is the same
+  function as computing each token alone with its own gather (tests check it), used to
+  measure quality at batch size one cheaply.
+
+KV correctness (design.md): a head skipped at some position may be selected later. When
+the cache keeps its attention inputs (``KVCache(keep_inputs=True)``) every written position
+stores the post-LN input x and a per-head "K/V valid" bit; a selected head with missing
+positions gets their K/V recomputed from the stored x (DejaVu's approach), so only the
+selected heads' K/V rows are read and computed per token. Without stored inputs the op
+falls back to computing K/V for every head (then K/V bytes do not reflect head sparsity).
+
+What this module does not know: how selections are made (``selectors``), where weights
+live, or how requests are batched.
+
+Shapes: B rows, T tokens per row, C hidden, H heads, D head dim, F ffn dim, S cache slots.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .model import Batch, OPTAttention, OPTDecoderLayer
+
+
+class SparsityError(RuntimeError):
+    """A sparse forward pass that cannot run as asked (missing predictor input, bad masks)."""
+
+
+# --- the wiring ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourcePoint:
+    """Where a layer's predictors read the residual stream: ``site`` of layer ``layer``.
+    "mlp_in" is the residual entering that layer's MLP block (after its attention block);
+    "layer_in" is the residual entering the layer (only used for layer 0)."""
+
+    layer: int
+    site: Literal["mlp_in", "layer_in"]
+
+
+def predictor_source(layer_id: int) -> SourcePoint:
+    """Layer l's predictors (heads and neurons) read the residual entering layer l-1's MLP.
+
+    Why: that tensor exists one MLP block before layer l starts, so prediction can run on a
+    side stream beside layer l-1's MLP and is off the critical path for both of layer l's
+    blocks (reading layer l's own input would put the head predictor on the critical path).
+    The residual stream changes little from block to block (DejaVu's observation), so the
+    lookahead costs little accuracy. Layer 0 has no earlier MLP; it reads its own input
+    (the embeddings), once per token. At a pipeline boundary before layer a > 0 the stage
+    that ran layer a-1 sends this tensor with the hidden state (``SparseContext.carry_out``).
+    """
+    if layer_id < 0:
+        raise ValueError(f"layer id {layer_id} is negative")
+    if layer_id == 0:
+        return SourcePoint(0, "layer_in")
+    return SourcePoint(layer_id - 1, "mlp_in")
+
+
+# --- selections and statistics -------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """One layer's choice for one forward pass: per token boolean masks, [B, T, H] for heads
+    and [B, T, F] for neurons; None keeps that block dense."""
+
+    heads: Tensor | None = None
+    neurons: Tensor | None = None
+
+
+# A selector maps (layer id, predictor input [B, T, C]) to that layer's Selection.
+Selector = Callable[[int, Tensor], Selection]
+
+
+@dataclass
+class LayerStats:
+    tokens: int = 0
+    mlp_computed: float = 0.0  # sum over tokens of the fraction of neurons computed
+    heads_computed: float = 0.0  # sum over tokens of the fraction of heads computed
+    predictor_s: float = 0.0  # host wall time in the selector (predictors + top-k)
+    kv_recomputed: int = 0  # (position, head) K/V pairs recomputed lazily
+
+
+@dataclass
+class SparseStats:
+    """Measured densities per layer, accumulated over forward passes."""
+
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+    def layer(self, layer_id: int) -> LayerStats:
+        return self.layers.setdefault(layer_id, LayerStats())
+
+    def _mean(self, attr: str) -> float:
+        per_layer = [getattr(s, attr) / s.tokens for s in self.layers.values() if s.tokens]
+        return sum(per_layer) / len(per_layer) if per_layer else float("nan")
+
+    @property
+    def mlp_density(self) -> float:
+        """Fraction of neurons computed, averaged over tokens and then layers."""
+        return self._mean("mlp_computed")
+
+    @property
+    def head_density(self) -> float:
+        return self._mean("heads_computed")
+
+    def as_dict(self) -> dict:
+        return {
+            "mlp_density": self.mlp_density,
+            "head_density": self.head_density,
+            "layers": {
+                str(i): {
+                    "tokens": s.tokens,
+                    "mlp_density": s.mlp_computed / s.tokens if s.tokens else None,
+                    "head_density": s.heads_computed / s.tokens if s.tokens else None,
+                    "predictor_s": s.predictor_s,
+                    "kv_recomputed": s.kv_recomputed,
+                }
+                for i, s in sorted(self.layers.items())
+            },
+        }
+
+
+Mode = Literal["auto", "gather", "mask"]
+
+
+class SparseContext:
+    """The sparse side of one forward pass over a span of layers (put it in ``Batch``).
+
+    ``carry`` is the predictor input of the span's first layer when that layer is not 0 (it
+    came from the previous pipeline stage); after the pass ``carry_out`` holds the tensor the
+    next stage's first predictor needs. ``mode``: "gather" unions the batch's selections and
+    reads only those rows, "mask" keeps per-token selections, "auto" gathers when the batch
+    has a KV cache (decoding) and masks otherwise (scoring whole windows).
+    """
+
+    def __init__(self, selector: Selector, *, stats: SparseStats | None = None,
+                 carry: Tensor | None = None, mode: Mode = "auto") -> None:
+        if mode not in ("auto", "gather", "mask"):
+            raise ValueError(f"sparse mode {mode!r}: expected 'auto', 'gather' or 'mask'")
+        self.selector = selector
+        self.stats = stats if stats is not None else SparseStats()
+        self.mode = mode
+        self._sources: dict[int, Tensor] = {}
+        self._carry = carry
+        self.carry_out: Tensor | None = None
+
+    def gather(self, batch: Batch) -> bool:
+        return self.mode == "gather" or (self.mode == "auto" and batch.cache is not None)
+
+    def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
+        """Layer ``layer``'s selection; ``h`` is its input [B, T, C]."""
+        lid = layer.layer_id
+        point = predictor_source(lid)
+        if point.site == "layer_in":
+            source = h
+        elif lid in self._sources:
+            source = self._sources.pop(lid)
+        elif self._carry is not None:
+            source, self._carry = self._carry, None
+        else:
+            raise SparsityError(
+                f"no predictor input for layer {lid}: it reads the residual entering layer "
+                f"{point.layer}'s MLP block; a stage starting at layer {lid} must receive it "
+                "from the previous stage (SparseContext(carry=...))"
+            )
+        if source.shape != h.shape:
+            raise SparsityError(
+                f"predictor input for layer {lid} has shape {tuple(source.shape)}, the hidden "
+                f"state {tuple(h.shape)}"
+            )
+        t0 = time.perf_counter()
+        sel = self.selector(lid, source)
+        stats = self.stats.layer(lid)
+        stats.predictor_s += time.perf_counter() - t0
+        tokens = h.shape[0] * h.shape[1]
+        stats.tokens += tokens
+        gather = self.gather(batch)
+        stats.mlp_computed += _computed(sel.neurons, tokens, gather, "neurons", h.shape)
+        stats.heads_computed += _computed(sel.heads, tokens, gather, "heads", h.shape)
+        return sel
+
+    def lookahead(self, layer_id: int, h: Tensor) -> None:
+        """``h`` enters layer ``layer_id``'s MLP block: it is layer ``layer_id + 1``'s
+        predictor input. (A GPU backend launches that prediction here, on a side stream.)"""
+        self._sources[layer_id + 1] = h
+        self.carry_out = h
+
+
+def _computed(mask: Tensor | None, tokens: int, gather: bool, what: str,
+              shape: torch.Size) -> float:
+    """Sum over tokens of the fraction computed (each token computes the batch's union when
+    gathering)."""
+    if mask is None:
+        return float(tokens)
+    if mask.dtype != torch.bool or tuple(mask.shape[:2]) != tuple(shape[:2]):
+        raise SparsityError(
+            f"{what} selection must be a bool mask [B, T, n] matching the hidden state "
+            f"{tuple(shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if gather:
+        return tokens * float(mask.reshape(-1, mask.shape[-1]).any(0).double().mean())
+    return float(mask.double().mean(-1).sum())
+
+
+def union_index(mask: Tensor) -> Tensor:
+    """[..., n] bool -> sorted indices of the entries selected by any token."""
+    return mask.reshape(-1, mask.shape[-1]).any(0).nonzero().squeeze(1)
+
+
+# --- the MLP op ----------------------------------------------------------------------------
+
+
+def sparse_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool) -> Tensor:
+    """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F]."""
+    fc1, fc2 = layer.fc1, layer.fc2
+    if not gather:
+        return fc2(F.relu(fc1(x)) * neurons.to(x.dtype))
+    idx = union_index(neurons)
+    w1 = fc1.weight.index_select(0, idx)  # [n, C]: the neurons' fc1 rows
+    b1 = fc1.bias.index_select(0, idx) if fc1.bias is not None else None
+    w2 = fc2.weight.index_select(1, idx)  # [C, n]: their fc2 columns
+    return F.linear(F.relu(F.linear(x, w1, b1)), w2, fc2.bias)
+
+
+# --- the attention op ----------------------------------------------------------------------
+
+
+def _head_rows(proj: torch.nn.Linear, heads: Tensor, head_dim: int) -> tuple[Tensor,
+                                                                             Tensor | None]:
+    """The output rows (and bias entries) of q/k/v_proj that produce ``heads``."""
+    c = proj.weight.shape[1]
+    w = proj.weight.view(-1, head_dim, c).index_select(0, heads).reshape(-1, c)
+    b = None
+    if proj.bias is not None:
+        b = proj.bias.view(-1, head_dim).index_select(0, heads).reshape(-1)
+    return w, b
+
+
+def sparse_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
+                     heads: Tensor, gather: bool) -> Tensor:
+    """Attention over the selected heads only; x is the block's (post-LN) input [B, T, C],
+    heads a [B, T, H] bool mask. Equals dense attention with unselected heads' outputs
+    zeroed before out_proj."""
+    if not gather:
+        return _masked_attention(attn, x, layer_id, batch, heads)
+    idx = union_index(heads)
+    b, t, _ = x.shape
+    d = attn.head_dim
+    wq, bq = _head_rows(attn.q_proj, idx, d)
+    q = (F.linear(x, wq, bq) * attn.scaling).view(b, t, -1, d).transpose(1, 2)  # [B, h, T, D]
+    if batch.cache is None:
+        # Whole windows: every position's input is here, so the selected heads' K/V are
+        # exact for the full prefix.
+        k = F.linear(x, *_head_rows(attn.k_proj, idx, d)).view(b, t, -1, d).transpose(1, 2)
+        v = F.linear(x, *_head_rows(attn.v_proj, idx, d)).view(b, t, -1, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+    else:
+        out = _gathered_cached_attention(attn, x, q, idx, layer_id, batch)
+    out = out.transpose(1, 2).reshape(b, t, -1)  # [B, T, h*D]
+    c = attn.out_proj.weight.shape[0]
+    wo = attn.out_proj.weight.view(c, -1, d).index_select(1, idx).reshape(c, -1)
+    return F.linear(out, wo, attn.out_proj.bias)
+
+
+def _masked_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
+                      heads: Tensor) -> Tensor:
+    from .model import cached_attention  # the dense op itself: mask mode is dense + zeroing
+
+    q = attn._split(attn.q_proj(x) * attn.scaling)
+    k = attn._split(attn.k_proj(x))
+    v = attn._split(attn.v_proj(x))
+    if batch.cache is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+    else:
+        if batch.cache.inputs is not None:
+            batch.cache.store_inputs(layer_id, batch, x)
+        out = cached_attention(q, k, v, layer_id, batch)
+    out = out * heads.transpose(1, 2)[..., None].to(out.dtype)  # [B, H, T, D] * [B, H, T, 1]
+    b, _, t, _ = out.shape
+    return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _gathered_cached_attention(attn: OPTAttention, x: Tensor, q: Tensor, idx: Tensor,
+                               layer_id: int, batch: Batch) -> Tensor:
+    """Write the selected heads' K/V for this step, make every selected head's K/V exact
+    for each row's whole prefix, and attend. q: [B, h, T, D]. Returns [B, h, T, D]."""
+    cache, slots, pos = batch.cache, batch.slots, batch.positions
+    assert cache is not None and slots is not None
+    b, t, _ = x.shape
+    d = attn.head_dim
+    cache_k, cache_v = cache.layer(layer_id)  # [S, H, L, D]
+    rows = slots[:, None].expand_as(pos)  # [B, T]
+    if cache.inputs is None:
+        # No stored inputs: K/V for every head, so that later steps find them.
+        k = attn.k_proj(x).view(b, t, -1, d)
+        v = attn.v_proj(x).view(b, t, -1, d)
+        cache_k[rows, :, pos] = k.to(cache_k.dtype)
+        cache_v[rows, :, pos] = v.to(cache_v.dtype)
+    else:
+        xs, valid = cache.layer_inputs(layer_id)  # [S, L, C], [S, H, L]
+        xs[rows, pos] = x.to(xs.dtype)
+        valid[rows, :, pos] = False  # this position's other heads are now stale
+        k = F.linear(x, *_head_rows(attn.k_proj, idx, d)).view(b, t, -1, d)  # [B, T, h, D]
+        v = F.linear(x, *_head_rows(attn.v_proj, idx, d)).view(b, t, -1, d)
+        r3, p3 = rows[..., None], pos[..., None]  # broadcast against idx: [B, T, h]
+        cache_k[r3, idx, p3] = k.to(cache_k.dtype)
+        cache_v[r3, idx, p3] = v.to(cache_v.dtype)
+        valid[r3, idx, p3] = True
+        recomputed = _fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
+        if batch.sparse is not None:
+            batch.sparse.stats.layer(layer_id).kv_recomputed += recomputed
+    length = int(pos.max()) + 1
+    keys = cache_k[slots[:, None], idx[None, :], :length]  # [B, h, L, D]
+    values = cache_v[slots[:, None], idx[None, :], :length]
+    visible = torch.arange(length, device=pos.device)[None, None, :] <= pos[:, :, None]
+    return F.scaled_dot_product_attention(
+        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=1.0
+    )
+
+
+def _fill_missing_kv(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Tensor,
+                     valid: Tensor, idx: Tensor, slots: Tensor, pos: Tensor) -> int:
+    """Recompute K/V of the selected heads at every visible position where they were
+    skipped, from the stored inputs. Returns how many (position, head) pairs it computed."""
+    length = int(pos.max()) + 1
+    last = pos.max(dim=1).values  # [B]: each row sees positions 0..last
+    need = torch.arange(length, device=pos.device)[None, None, :] <= last[:, None, None]
+    missing = need & ~valid[slots[:, None], idx[None, :], :length]  # [B, h, L]
+    if not bool(missing.any()):
+        return 0
+    bi, hi, pi = missing.nonzero(as_tuple=True)
+    d = attn.head_dim
+    for j in hi.unique().tolist():
+        head = idx[j : j + 1]
+        sel = hi == j
+        s, p = slots[bi[sel]], pi[sel]
+        xin = xs[s, p]  # [M, C]
+        k = F.linear(xin.to(attn.k_proj.weight.dtype), *_head_rows(attn.k_proj, head, d))
+        v = F.linear(xin.to(attn.v_proj.weight.dtype), *_head_rows(attn.v_proj, head, d))
+        h = int(head)
+        cache_k[s, h, p] = k.to(cache_k.dtype)
+        cache_v[s, h, p] = v.to(cache_v.dtype)
+        valid[s, h, p] = True
+    return int(bi.numel())
