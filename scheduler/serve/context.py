@@ -1,0 +1,147 @@
+"""What every endpoint needs: the engine client, the tokenizer, limits, metrics, and the
+checks of a request against the model (vocabulary, positions) that the schema cannot make.
+
+Token text for log-probabilities is spelled as OpenAI spells it: the token's own text, or
+``bytes:\\xNN...`` when its bytes are not whole UTF-8 characters.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+import uuid
+from dataclasses import dataclass
+
+from dejavu.runtime.sampling import SamplingError, SamplingParams
+from dejavu.scheduler.client import EngineClient
+
+from .errors import ApiError, short
+from .jobs import Choice, Runner, request_error
+from .metrics import ServerMetrics
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_pending: int = 256  # engine requests accepted at once (running + waiting); 429 beyond
+    max_body_bytes: int = 4 << 20  # 413 beyond
+
+
+class Context:
+    def __init__(self, client: EngineClient, tokenizer, model_name: str,
+                 limits: ServeLimits = ServeLimits()) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.limits = limits
+        self.metrics = ServerMetrics()
+        self.runner = Runner(client, self.metrics, limits.max_pending)
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    @property
+    def max_len(self) -> int:
+        return self.client.max_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.client.vocab_size
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"model {short(name)} is not served here; this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            raise ApiError(400, "prompt is empty: give some text or token ids", param="prompt")
+        return self.tokenizer.encode(text)
+
+    def check_prompt(self, ids: list[int], max_tokens: int, field: str = "prompt",
+                     tokens_field: str = "max_tokens") -> None:
+        if not ids:
+            raise ApiError(400, f"{field} is empty: give at least one token", param=field)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"{field}: token id {bad} is outside the vocabulary "
+                           f"[0, {self.vocab_size})", param=field)
+        if len(ids) >= self.max_len:
+            raise ApiError(400, f"{field} has {len(ids)} tokens; the model has "
+                           f"{self.max_len} positions and one must stay free to generate",
+                           param=field)
+        if len(ids) + max_tokens > self.max_len:
+            raise ApiError(400, f"{field} tokens ({len(ids)}) + {tokens_field} ({max_tokens}) "
+                           f"= {len(ids) + max_tokens} exceeds the model's {self.max_len} "
+                           f"positions: lower {tokens_field} to at most "
+                           f"{self.max_len - len(ids)}", param=tokens_field)
+
+    def sampling(self, **kwargs) -> SamplingParams:
+        try:
+            return SamplingParams(**kwargs)
+        except SamplingError as exc:
+            raise request_error(exc) from None
+
+    def choices(self, prompts: list[list[int]], n: int, params: SamplingParams,
+                prefix: str) -> list[Choice]:
+        """One engine request per (prompt, choice); with a seed, choice j uses seed + j so
+        that n > 1 samples differ yet stay reproducible."""
+        out = []
+        for p, ids in enumerate(prompts):
+            for j in range(n):
+                seed = None if params.seed is None else (params.seed + j) % 2**63
+                chosen = params if seed == params.seed else _replace(params, seed=seed)
+                index = p * n + j
+                out.append(Choice(index, ids, chosen, f"{prefix}-{index}"))
+        return out
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    # --- token text ---------------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            raw = self.tokenizer.token_bytes(token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            self._token_text[token_id] = text
+        return text
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token_id))
+
+    def top_dict(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for token_id, logprob in top:
+            key = self.token_text(token_id)
+            # Two ids can spell the same text (partial bytes): keep the likelier.
+            if key not in out or logprob > out[key]:
+                out[key] = logprob
+        return out
+
+
+class Offsets:
+    """Character offsets of tokens in the text they decode to: special tokens are not
+    rendered (width 0) and a character split over tokens starts at the token that ends it."""
+
+    def __init__(self, tokenizer, start: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.position = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> int:
+        at = self.position
+        if token_id not in self.tokenizer.special_ids:
+            self.position += len(self._utf8.decode(self.tokenizer.token_bytes(token_id)))
+        return at
+
+
+def _replace(params: SamplingParams, **changes) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **changes)

@@ -1,0 +1,107 @@
+"""The OpenAI-compatible request bodies, as pydantic models that validate once, at the door.
+
+Static checks live here (types, ranges, NaN/infinity, unknown fields), so that the OpenAPI
+schema documents them and a bad request is a 400 naming the field before anything is
+queued. Checks that need the model (vocabulary, positions) are made in ``requests.py``.
+
+Beyond OpenAI's fields: ``top_k`` and ``ignore_eos`` (as vLLM has them). Fields OpenAI has
+but this server cannot honour (penalties, logit_bias, best_of != n, suffix) are accepted
+only at their neutral value and refused otherwise, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+MAX_STOP = 16  # SamplingParams' own limit
+MAX_STOP_CHARS = 256
+MAX_CHOICES = 64  # prompts x n in one request
+MAX_TOKENS_CAP = 1 << 20  # static bound; the model's positions give the real one
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+
+
+class _Body(BaseModel):
+    # Unknown fields are errors (a typo must not silently fall back to a default); NaN and
+    # infinity are refused in every float field.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: StrictStr | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=1 << 20)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
+    stop: Stop = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: StrictStr | None = None
+    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+Prompt = (
+    StrictStr
+    | Annotated[list[TokenId], Field(max_length=1 << 20)]
+    | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_CHOICES)]
+    | Annotated[list[list[TokenId]], Field(min_length=1, max_length=MAX_CHOICES)]
+)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS_CAP)] | None = 16
+    echo: bool = False
+    # The number of most likely alternatives to return per token (0 = only the chosen one).
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
+    suffix: Annotated[StrictStr, Field(max_length=0)] | None = None
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of == n is supported")
+        return self
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | Annotated[list[TextPart], Field(max_length=256)] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None

@@ -1,0 +1,114 @@
+"""Starting the HTTP server: build the engine client from settings, wrap it in the app,
+run uvicorn; and ``serve_in_thread`` for tests and embedding (a real socket on a free
+loopback port, always stopped).
+
+``--workers 1`` runs the in-process engine (``LocalClient``). More workers need the
+pipeline's ``EngineClient``; until that client exists in this build, asking for it is a
+clear error rather than a silent single-process server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from .app import create_app
+from .context import Context, ServeLimits
+
+
+class ServeError(ValueError):
+    """A serve option that cannot work; one line naming it."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    workers: int = 1
+    max_batch: int = 8
+    model_name: str | None = None  # as clients name it; default: [model] path as given
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+
+def build_client(settings, options: ServeOptions):
+    """(client, tokenizer) for the configured model."""
+    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
+    from dejavu.runtime.tokenizer import load_tokenizer
+
+    if options.workers > 1:
+        raise ServeError(f"--workers {options.workers}: serving through the worker pipeline "
+                         "needs the pipeline EngineClient, which this build does not have "
+                         "yet; use --workers 1 (the in-process engine)")
+    from dejavu.runtime.engine import Engine
+    from dejavu.scheduler.client import LocalClient
+
+    path = settings.model_path()
+    model_dir = resolve_model_dir(path)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=settings.model.dtype, device=settings.model.device)
+    return LocalClient(Engine(model, tokenizer, max_batch=options.max_batch)), tokenizer
+
+
+def make_app(client, tokenizer, options: ServeOptions, model_name: str, *,
+             close_client: bool = False):
+    ctx = Context(client, tokenizer, model_name, options.limits)
+    app = create_app(ctx, api_key=options.api_key)
+    if close_client:
+        @asynccontextmanager
+        async def lifespan(_app):
+            yield
+            await client.close()
+
+        app.router.lifespan_context = lifespan
+    return app
+
+
+def run_server(settings, options: ServeOptions) -> None:
+    import uvicorn
+
+    if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
+        print(f"warning: serving on {options.host} without --api-key: anyone who can reach "
+              "this address can use the model", file=sys.stderr)
+    client, tokenizer = build_client(settings, options)
+    name = options.model_name or settings.model.path
+    app = make_app(client, tokenizer, options, name, close_client=True)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
+                            timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 10.0) -> Iterator[str]:
+    """Run `app` with uvicorn on a thread, on a free port of `host`; yields the base URL
+    (``http://host:port``) once the server accepts connections, and stops it on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
+                              name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
