@@ -80,3 +80,37 @@ def config_show(
         typer.echo(render(load_settings(config)), nl=False)
     except SettingsError as exc:
         raise _user_error(exc) from None
+
+
+# --- serving: the OpenAI-compatible HTTP server ------------------------------------------
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, "--host", help="address to bind (default 127.0.0.1)"),
+    port: int = typer.Option(None, "--port", help="TCP port (default 8000)"),
+    api_key: str = typer.Option(None, "--api-key",
+                                help="require 'Authorization: Bearer KEY' (all but /health)"),
+    workers: int = typer.Option(None, "--workers", help="worker processes (1 = in-process)"),
+    model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
+    max_batch: int = typer.Option(8, "--max-batch", help="sequences decoded together"),
+    served_model_name: str = typer.Option(None, "--served-model-name",
+                                          help="the model name clients use (default --model)"),
+    config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (completions, chat, metrics)."""
+    from dejavu.runtime.checkpoint import CheckpointError
+    from dejavu.runtime.settings import SettingsError, load_settings
+    from dejavu.runtime.tokenizer import TokenizerError
+    from dejavu.scheduler.serve import ServeError, ServeOptions, run_server
+
+    try:
+        settings = load_settings(config, {"model.path": model, "serve.host": host,
+                                          "serve.port": port, "pipeline.workers": workers})
+        if max_batch < 1:
+            raise ServeError(f"--max-batch {max_batch}: expected at least 1")
+        options = ServeOptions(host=settings.serve.host, port=settings.serve.port,
+                               api_key=api_key or None, workers=settings.pipeline.workers,
+                               max_batch=max_batch, model_name=served_model_name)
+        run_server(settings, options)
+    except (SettingsError, CheckpointError, TokenizerError, ServeError) as exc:
+        raise _user_error(exc) from None
