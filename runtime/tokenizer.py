@@ -71,11 +71,16 @@ class Tokenizer:
 
     def decode(self, ids: list[int], *, skip_special: bool = True) -> str:
         self._check_ids(ids)
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+        # Ids past the tokenizer's vocabulary are the model's padding rows (OPT: 50265 ..
+        # 50271): they have no text.
+        known = [i for i in ids if i < self.vocab_size]
+        return self.backend.decode(known, skip_special_tokens=skip_special)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for (byte-level BPE), or its UTF-8 text."""
         self._check_ids([token_id])
+        if token_id >= self.vocab_size:
+            return b""
         piece = self.backend.id_to_token(token_id)
         added = self._added.get(token_id)
         if added is not None:
@@ -96,9 +101,9 @@ class Tokenizer:
 
     def _check_ids(self, ids: list[int]) -> None:
         for i in ids:
-            if not isinstance(i, int) or not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i!r} is outside the tokenizer's vocabulary "
-                                     f"[0, {self.vocab_size}) ({self.source})")
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise TokenizerError(f"token id {i!r} is not a token id (expected an integer "
+                                     f">= 0; the tokenizer knows [0, {self.vocab_size}))")
 
 
 class StreamDecoder:

@@ -117,8 +117,12 @@ def test_errors_are_one_line(tmp_path, tok_dirs):
         load_tokenizer(tmp_path)
     assert "\n" not in str(info.value)
     tok = load_tokenizer(tok_dirs["bpe"])
-    with pytest.raises(TokenizerError, match="outside the tokenizer's vocabulary"):
-        tok.decode([5, tok.vocab_size])
+    with pytest.raises(TokenizerError, match="not a token id"):
+        tok.decode([5, -1])
+    # Ids past the tokenizer's vocabulary (the model's padding rows) decode to nothing.
+    assert tok.decode([5, tok.vocab_size + 3]) == tok.decode([5]) != ""
+    stream = tok.stream()
+    assert stream.push(tok.vocab_size) == "" and stream.finish() == ""
 
 
 def _valid_utf8(data: bytes) -> bool:

@@ -102,8 +102,10 @@ def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
 
 
 def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
-                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> dict:
+                 out: TextIO | None = None, err: TextIO | None = None) -> dict:
     """Validate, load, generate. Returns the JSON-shaped result (also printed)."""
+    out = out or sys.stdout  # looked up per call: tests and callers swap sys.stdout
+    err = err or sys.stderr
     g = settings.generation
     if (request.prompt is None) == (request.prompt_ids is None):
         raise GenerateError("give exactly one of --prompt TEXT or --prompt-ids 2,133,...")
