@@ -70,3 +70,38 @@ def reference_logprobs(model_dir: Path, ids: list[int]) -> list[float]:
         logits = model(tokens, Batch(full_positions(1, len(ids), "cpu")))
     logprobs = torch.log_softmax(logits[0].float(), dim=-1)
     return [float(logprobs[t - 1, ids[t]]) for t in range(1, len(ids))]
+
+
+class Served:
+    """A live server on a free loopback port over an in-process engine."""
+
+    def __init__(self, url: str, client, engine, tokenizer, model_dir: Path) -> None:
+        self.url, self.client, self.engine = url, client, engine
+        self.tokenizer, self.model_dir = tokenizer, model_dir
+
+
+def start(model_dir: Path, *, api_key: str | None = None, max_pending: int = 256,
+          max_body_bytes: int = 1 << 20, max_batch: int = 4, prefill_chunk: int = 512,
+          wrap=None):
+    """Context manager: a `Served` whose engine thread and server are stopped on exit.
+    `wrap(client)` may put a test double around the real client."""
+    import contextlib
+
+    from dejavu.runtime.engine import Engine
+    from dejavu.runtime.tokenizer import load_tokenizer
+    from dejavu.scheduler.client import LocalClient
+    from dejavu.scheduler.serve import ServeLimits, ServeOptions, make_app, serve_in_thread
+
+    @contextlib.contextmanager
+    def running():
+        tokenizer = load_tokenizer(model_dir)
+        engine = Engine(load_model(model_dir), tokenizer, max_batch=max_batch,
+                        prefill_chunk=prefill_chunk)
+        client = LocalClient(engine)
+        served_client = wrap(client) if wrap else client
+        options = ServeOptions(api_key=api_key, limits=ServeLimits(max_pending, max_body_bytes))
+        app = make_app(served_client, tokenizer, options, "tiny-opt", close_client=True)
+        with serve_in_thread(app) as url:
+            yield Served(url, client, engine, tokenizer, model_dir)
+
+    return running()

@@ -40,15 +40,16 @@ def plan(ctx: Context, req: ChatRequest, request_id: str) -> list[Choice]:
     return ctx.choices([prompt], req.n, params, request_id)
 
 
-def _content_logprobs(ctx: Context, choice: Choice, tokens: range) -> list[dict[str, Any]]:
+def _content_logprobs(ctx: Context, generated) -> list[dict[str, Any]]:
+    """[(token, logprob, top)] as OpenAI's chat ``logprobs.content``."""
     def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
         return {"token": ctx.token_text(token_id), "logprob": logprob,
                 "bytes": ctx.token_bytes(token_id)}
 
     out = []
-    for i in tokens:
-        item = entry(choice.tokens[i], choice.logprobs[i])
-        item["top_logprobs"] = [entry(t, lp) for t, lp in choice.top[i]]
+    for token, logprob, top in generated:
+        item = entry(token, logprob)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in top]
         out.append(item)
     return out
 
@@ -66,7 +67,8 @@ def response(ctx: Context, req: ChatRequest, request_id: str,
     for c in choices:
         logprobs = None
         if req.logprobs:
-            logprobs = {"content": _content_logprobs(ctx, c, range(len(c.tokens)))}
+            logprobs = {"content": _content_logprobs(
+                ctx, zip(c.tokens, c.logprobs, c.top, strict=True))}
         out.append({"index": c.index, "finish_reason": c.finish_reason, "logprobs": logprobs,
                     "message": {"role": "assistant", "content": c.text.lstrip()}})
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -105,8 +107,9 @@ async def stream(ctx: Context, req: ChatRequest, request_id: str,
                 started.add(choice.index)
         logprobs = None
         if req.logprobs and event.token is not None:
-            n = len(choice.tokens)
-            logprobs = {"content": _content_logprobs(ctx, choice, range(n - 1, n))}
+            # From the event: `choice` may already hold later tokens.
+            logprobs = {"content": _content_logprobs(
+                ctx, [(event.token, event.logprob, event.top or [])])}
         reason = event.finish_reason if event.finished else None
         if not text and reason is None and logprobs is None:
             continue

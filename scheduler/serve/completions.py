@@ -23,6 +23,8 @@ from .errors import ApiError
 from .jobs import Choice
 from .schema import CompletionRequest
 
+Generated = tuple[int, float | None, list[tuple[int, float]]]  # token, logprob, top
+
 
 def prompts_of(ctx: Context, req: CompletionRequest) -> list[list[int]]:
     p = req.prompt
@@ -62,10 +64,10 @@ def plan(ctx: Context, req: CompletionRequest, request_id: str) -> tuple[list[Ch
     return ctx.choices(prompts, req.n, params, request_id), max_tokens
 
 
-def _logprobs_block(ctx: Context, choice: Choice, *, echo: bool, generated: range,
+def _logprobs_block(ctx: Context, choice: Choice, *, echo: bool, generated: list[Generated],
                     where: Offsets) -> dict[str, Any]:
-    """Log-probabilities of the prompt (when echoed) and of the generated tokens in
-    `generated`; `where` carries text offsets across calls (streaming)."""
+    """Log-probabilities of the prompt (when echoed) and of `generated` tokens; `where`
+    carries text offsets across calls (streaming)."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
@@ -80,12 +82,11 @@ def _logprobs_block(ctx: Context, choice: Choice, *, echo: bool, generated: rang
             else:
                 token_logprobs.append(_get(choice.prompt_logprobs, t - 1))
                 top_logprobs.append(ctx.top_dict(_get(choice.prompt_top, t - 1) or []))
-    for i in generated:
-        token = choice.tokens[i]
+    for token, logprob, top in generated:
         tokens.append(ctx.token_text(token))
         offsets.append(where.push(token))
-        token_logprobs.append(choice.logprobs[i])
-        top_logprobs.append(ctx.top_dict(choice.top[i]))
+        token_logprobs.append(logprob)
+        top_logprobs.append(ctx.top_dict(top))
     return {"tokens": tokens, "token_logprobs": token_logprobs,
             "top_logprobs": top_logprobs, "text_offset": offsets}
 
@@ -115,7 +116,9 @@ def response(ctx: Context, req: CompletionRequest, request_id: str, choices: lis
         text = prefix + (choice.text if max_tokens > 0 else "")
         logprobs = None
         if req.logprobs is not None:
-            logprobs = _logprobs_block(ctx, choice, echo=req.echo, generated=range(keep),
+            generated_tokens = list(zip(choice.tokens, choice.logprobs, choice.top,
+                                        strict=True))[:keep]
+            logprobs = _logprobs_block(ctx, choice, echo=req.echo, generated=generated_tokens,
                                        where=Offsets(ctx.tokenizer))
         out.append({"index": choice.index, "text": text, "logprobs": logprobs,
                     "finish_reason": choice.finish_reason if max_tokens > 0 else "length"})
@@ -145,8 +148,9 @@ async def stream(ctx: Context, req: CompletionRequest, request_id: str, choices:
         offsets = where.setdefault(choice.index, Offsets(ctx.tokenizer))
         echo = first and req.echo
         text = ctx.tokenizer.decode(choice.prompt) if echo else ""
-        new = range(len(choice.tokens) - 1, len(choice.tokens)) if (
-            keep and event.token is not None) else range(0)
+        # From the event, not from `choice`: the choice may already hold later tokens.
+        new = [(event.token, event.logprob, event.top or [])] if (
+            keep and event.token is not None) else []
         generated += len(new)
         if keep:
             text += event.text
