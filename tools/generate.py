@@ -109,6 +109,8 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
     g = settings.generation
     if (request.prompt is None) == (request.prompt_ids is None):
         raise GenerateError("give exactly one of --prompt TEXT or --prompt-ids 2,133,...")
+    if request.prompt == "":
+        raise GenerateError("--prompt: empty prompt; give some text")
     params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                             top_p=g.top_p, top_k=g.top_k, seed=g.seed, stop=request.stop)
     device = _device(settings.model.device)
@@ -124,8 +126,6 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
     if request.prompt is not None or request.stop or has_tokenizer:
         tokenizer = load_tokenizer(model_dir)
     if request.prompt is not None:
-        if not request.prompt:
-            raise GenerateError("--prompt: empty prompt; give some text")
         assert tokenizer is not None
         ids = tokenizer.encode(request.prompt)
     else:
