@@ -64,9 +64,9 @@ class OperatingPoint:
 
     mlp_k: int
     head_k: int
-    mlp_recall: float = float("nan")
-    mlp_precision: float = float("nan")
-    head_recall: float = float("nan")
+    mlp_recall: float | None = None  # None until measured
+    mlp_precision: float | None = None
+    head_recall: float | None = None
 
 
 @dataclass

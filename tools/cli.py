@@ -114,3 +114,42 @@ def serve(
         run_server(settings, options)
     except (SettingsError, CheckpointError, TokenizerError, ServeError) as exc:
         raise _user_error(exc) from None
+
+
+# --- sparsity: train-predictors ---------------------------------------------------------------
+
+@app.command("train-predictors")
+def train_predictors(
+    model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
+    data: str = typer.Option(..., "--data", help="calibration text: .txt, .jsonl or .jsonl.xz"),
+    out: str = typer.Option(..., "--out", help="directory for predictors.safetensors + report"),
+    tokens: int = typer.Option(100_000, "--tokens", help="calibration tokens (bounds memory)"),
+    rank: int = typer.Option(128, "--rank", help="rank of the MLP predictors"),
+    head_rank: int = typer.Option(64, "--head-rank", help="rank of the head predictors"),
+    mlp_recall: float = typer.Option(0.95, "--mlp-recall",
+                                     help="recall target that sets each layer's MLP top-k"),
+    mlp_density: float = typer.Option(None, "--mlp-density",
+                                      help="fixed MLP density instead of --mlp-recall"),
+    head_density: float = typer.Option(0.5, "--head-density", help="heads kept per token"),
+    epochs: int = typer.Option(4, "--epochs"),
+    window: int = typer.Option(512, "--window", help="tokens per calibration sequence"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="model dtype while collecting"),
+    config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+) -> None:
+    """Train per-layer DejaVu predictors (MLP neurons and heads) for a model."""
+    from dejavu.runtime.checkpoint import CheckpointError
+    from dejavu.runtime.settings import SettingsError, load_settings
+    from dejavu.runtime.tokenizer import TokenizerError
+    from dejavu.tools.collect_labels import CalibrationDataError
+    from dejavu.tools.train_predictors import TrainConfig, run
+
+    try:
+        settings = load_settings(config, {"model.path": model})
+        cfg = TrainConfig(tokens=tokens, window=window, mlp_rank=rank, head_rank=head_rank,
+                          epochs=epochs, mlp_recall=mlp_recall, mlp_density=mlp_density,
+                          head_density=head_density)
+        run(settings.model_path(), data, out, cfg, device=device, dtype=dtype)
+    except (SettingsError, CheckpointError, TokenizerError, CalibrationDataError,
+            ValueError) as exc:
+        raise _user_error(exc) from None

@@ -1,0 +1,165 @@
+"""Predictors: file format and model fingerprint, label collection, training, selection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dejavu.runtime.model import Batch, OPTModel, full_positions
+from dejavu.runtime.opt_config import OPTConfig
+from dejavu.runtime.predictors import PredictorError, PredictorSet, fingerprint
+from dejavu.runtime.selection import PredictorSelector, RandomSelector, SelectionConfig
+from dejavu.runtime.sparse import SparseContext
+from dejavu.tools.collect_labels import collect, pack_bits, unpack_bits
+from dejavu.tools.train_predictors import TrainConfig, hits_at_k, train_predictors
+
+CFG = OPTConfig(vocab_size=89, hidden_size=32, num_hidden_layers=3, ffn_dim=84,
+                num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32)
+
+
+def tiny_model(seed: int = 0, config: OPTConfig = CFG) -> OPTModel:
+    torch.manual_seed(seed)
+    model = OPTModel(config)
+    model.init_weights(std=0.15)
+    with torch.no_grad():  # float16-representable weights: the checkpoints' precision
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model.eval()
+
+
+def windows(n: int, t: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG.vocab_size, (n, t), generator=g)
+
+
+def test_bits_round_trip_odd_width():
+    mask = torch.rand(7, 21) > 0.5
+    bits = pack_bits(mask)
+    assert bits.shape == (7, 3) and bits.dtype == torch.uint8
+    assert torch.equal(unpack_bits(bits, 21), mask)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model()
+    preds = PredictorSet.create(model, mlp_rank=5, head_rank=3)
+    for m in list(preds.mlp.values()) + list(preds.heads.values()):
+        torch.nn.init.normal_(m.up.weight)
+    preds.points[1].mlp_k, preds.points[1].mlp_recall = 17, 0.93
+    preds.report = {"note": "x"}
+    path = preds.save(tmp_path / "p")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["num_layers"] == "3" and meta["mlp_rank"] == "5" and "wiring" in meta
+    assert json.loads(meta["operating_points"])["1"]["mlp_k"] == 17
+    back = PredictorSet.load(tmp_path / "p", model)
+    assert back.points == preds.points and back.report == {"note": "x"}
+    x = torch.randn(2, 3, CFG.hidden_size)
+    for i in range(3):
+        assert torch.equal(back.mlp[i](x), preds.mlp[i](x))
+        assert torch.equal(back.heads[i](x), preds.heads[i](x))
+
+
+def test_same_checkpoint_in_float16_matches():
+    model = tiny_model()
+    assert fingerprint(model.half()).model_hash == fingerprint(tiny_model()).model_hash
+
+
+def test_predictors_for_another_model_are_refused(tmp_path):
+    PredictorSet.create(tiny_model(seed=0), 4, 4).save(tmp_path / "p")
+    with pytest.raises(PredictorError, match="another model"):
+        PredictorSet.load(tmp_path / "p", tiny_model(seed=1))  # same shapes, other weights
+    bigger = OPTConfig(**{**CFG.__dict__, "num_hidden_layers": 4})
+    with pytest.raises(PredictorError, match="num_layers=3"):
+        PredictorSet.load(tmp_path / "p", tiny_model(config=bigger))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(PredictorError, match="bad.safetensors"):
+        PredictorSet.load(tmp_path / "bad.safetensors", tiny_model())
+    with pytest.raises(PredictorError, match="no such predictor file"):
+        PredictorSet.load(tmp_path / "missing", tiny_model())
+
+
+def test_a_layer_span_loads_its_layers(tmp_path):
+    model = tiny_model()
+    PredictorSet.create(model, 4, 4).save(tmp_path / "p")
+    span = OPTModel(CFG, range(1, 3))
+    span.load_state_dict({k: v for k, v in model.state_dict().items()
+                          if k in span.state_dict()})
+    assert PredictorSet.load(tmp_path / "p", span).layer_ids == [1, 2]
+
+
+def test_collection_records_the_runtime_wiring_and_exact_labels():
+    model = tiny_model()
+    ids = windows(2, 9)
+    data = collect(model, ids, batch_size=2)
+    # Recompute by hand: layer l's input is the residual entering layer l-1's MLP block.
+    h = model.embed(ids, full_positions(2, 9, "cpu"))
+    batch = Batch(full_positions(2, 9, "cpu"))
+    source = h
+    for layer in model.layers():
+        i = layer.layer_id
+        torch.testing.assert_close(data.inputs[i].float(), source.reshape(-1, 32),
+                                   rtol=1e-3, atol=1e-3)  # stored as float16
+        mid = layer.attention_block(h, batch)
+        pre = layer.fc1(layer.final_layer_norm(mid))
+        assert torch.equal(unpack_bits(data.neuron_bits[i], 84), (pre > 0).reshape(-1, 84))
+        attn = layer.self_attn
+        x = layer.self_attn_layer_norm(h)
+        q, k, v = (attn._split(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        w = attn.out_proj.weight.view(32, 4, 8)
+        contrib = torch.einsum("bhtd,chd->bthc", o, w)  # [B, T, H, C]
+        want = contrib.norm(dim=-1).reshape(-1, 4)
+        torch.testing.assert_close(data.head_norms[i].float(), want, rtol=2e-3, atol=1e-4)
+        source, h = mid, layer.mlp_block(mid)
+
+
+def test_hits_at_k_matches_brute_force():
+    scores, labels = torch.randn(5, 11), torch.rand(5, 11) > 0.6
+    hits = hits_at_k(scores, labels)
+    for k in (0, 1, 4, 11):
+        top = scores.topk(k, -1).indices if k else torch.empty(5, 0, dtype=torch.long)
+        assert hits[k] == labels.gather(-1, top).sum()
+
+
+def test_training_learns_better_than_random_and_meets_calibrated_recall():
+    model = tiny_model()
+    ids = windows(60, 24, seed=3)
+    docs = torch.arange(60) // 3  # 20 documents of 3 windows
+    cfg = TrainConfig(mlp_rank=16, head_rank=8, epochs=6, batch_size=128, lr=1e-2,
+                      mlp_recall=0.9, head_density=0.5)
+    preds, report = train_predictors(model, ids, docs, cfg, device=torch.device("cpu"),
+                                     log=lambda *_: None)
+    for row in report["layers"]:
+        # A random choice of k neurons recalls k/F of the firing ones; heads: 0.5.
+        assert row["mlp_recall"] > row["mlp_density"] + 0.1, row
+        assert row["head_recall"] > 0.6, row
+        assert 0 < row["mlp_k"] < CFG.ffn_dim
+    # The file's operating points drive the selector: k neurons per token.
+    sel = PredictorSelector(preds)
+    src = torch.randn(1, 5, CFG.hidden_size)
+    for layer in range(3):
+        s = sel(layer, src)
+        assert (s.neurons.sum(-1) == preds.points[layer].mlp_k).all()
+        assert (s.heads.sum(-1) == 2).all()
+
+
+def test_selector_settings_and_measured_density():
+    model = tiny_model()
+    preds = PredictorSet.create(model, 4, 4)
+    sel = PredictorSelector(preds, SelectionConfig(mlp_density=0.25, head_density=0.5,
+                                                   dense_layers=frozenset({0})))
+    ctx = SparseContext(sel)
+    ids = windows(2, 7)
+    model(ids, Batch(full_positions(2, 7, "cpu"), sparse=ctx))
+    per_layer = ctx.stats.as_dict()["layers"]
+    assert per_layer["0"]["mlp_density"] == 1.0
+    assert per_layer["1"]["mlp_density"] == pytest.approx(21 / 84)
+    assert per_layer["2"]["head_density"] == 0.5
+    assert ctx.stats.mlp_density == pytest.approx((1 + 2 * 21 / 84) / 3)
+    rnd = RandomSelector(84, 4, 0.25, 0.5, seed=1)
+    ctx = SparseContext(rnd)
+    model(ids, Batch(full_positions(2, 7, "cpu"), sparse=ctx))
+    assert ctx.stats.head_density == 0.5
