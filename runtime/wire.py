@@ -1,0 +1,324 @@
+"""Every message that crosses a process boundary, as typed msgspec structs over msgpack.
+
+Three sockets, three unions, each decoded by its own ``Decoder`` so that a message can
+only arrive where it belongs (a client cannot send a worker's ``StepDone``):
+
+- control plane, worker <-> scheduler (DEALER -> ROUTER): ``WorkerMessage`` up,
+  ``SchedulerMessage`` down;
+- data plane, worker k -> worker k+1 (PUSH -> PULL): an ``Activations`` header frame plus
+  one raw tensor frame, sent without a copy (``encode_tensor``/``decode_tensor``);
+- client API, client <-> scheduler (DEALER -> ROUTER): ``ClientMessage`` up,
+  ``ClientReply`` down.
+
+The step schema itself (``Step``, ``Row``, ``StepResult``) and the client ``Event`` are
+imported from where they are defined, never copied. Decoding validates types (and
+``SamplingParams`` re-runs its own range checks); anything that does not decode raises
+``WireError``. There is no pickle and no msgpack extension hook: tensors are a dtype name
+from a fixed list, a shape and bytes whose length must agree with them.
+
+What this module does not know: sockets, processes, or what a message makes happen.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import msgspec
+import torch
+
+from dejavu.scheduler.core import Event
+
+from .sampling import SamplingParams
+from .step import Step, StepResult
+
+PROTOCOL = 1
+
+
+class WireError(ValueError):
+    """A frame that is not a valid message of the socket it arrived on."""
+
+
+class _Msg(msgspec.Struct, tag=True, tag_field="kind", forbid_unknown_fields=True):
+    pass
+
+
+# --- control plane: worker -> scheduler ----------------------------------------------------
+
+
+class Hello(_Msg):
+    """First message of a worker: who it is. The scheduler answers with ``Setup``."""
+
+    index: int
+    pid: int
+    host: str
+    protocol: int = PROTOCOL
+
+
+class Ready(_Msg):
+    """The worker has loaded its span, allocated its cache and bound its data input."""
+
+    index: int
+    layers: tuple[int, int]
+    device: str
+    param_bytes: int
+    cache_bytes: int
+    load_s: float
+
+
+class StepDone(_Msg):
+    """The last stage's result for one step; ``stage_s`` is each stage's compute time and
+    ``hop_s`` each worker-to-worker transfer (send to receive), in pipeline order."""
+
+    epoch: int
+    result: StepResult
+    stage_s: list[float] = []
+    hop_s: list[float] = []
+
+
+class StepFailed(_Msg):
+    """A whole step failed on one worker (out of memory, say); the worker goes on."""
+
+    epoch: int
+    step_id: int
+    index: int
+    message: str
+
+
+class Heartbeat(_Msg):
+    """Sent from a worker's dedicated thread; ``busy_s`` is how long the current step has
+    run (0 when idle)."""
+
+    index: int
+    seq: int
+    busy_step: int | None = None
+    busy_s: float = 0.0
+
+
+class Fatal(_Msg):
+    """A worker is about to exit on its own (watchdog, lost scheduler); says why."""
+
+    index: int
+    reason: str
+
+
+WorkerMessage = Hello | Ready | StepDone | StepFailed | Heartbeat | Fatal
+
+
+# --- control plane: scheduler -> worker ----------------------------------------------------
+
+
+class Fault(msgspec.Struct, forbid_unknown_fields=True):
+    """A fault to inject (tests only): at the worker's ``at_step``-th step (1-based), or on
+    every step carrying ``request`` from then on, do ``action``."""
+
+    action: str  # raise | oom | exit | hang | sleep
+    at_step: int = 1
+    seconds: float = 0.0
+    request: str | None = None
+
+
+class Setup(_Msg):
+    model: str
+    layers: tuple[int, int]
+    dtype: str
+    device: str
+    slots: int
+    max_len: int
+    data_in: str | None  # address this worker binds for activations (None: first stage)
+    data_out: str | None  # the next worker's data_in (None: last stage)
+    epoch: int
+    heartbeat_s: float
+    watchdog_s: float
+    scheduler_timeout_s: float
+    max_data_bytes: int
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    fault: Fault | None = None
+
+
+class RunStep(_Msg):
+    """Scheduler -> first worker: compute this step."""
+
+    epoch: int
+    step: Step
+
+
+class SetEpoch(_Msg):
+    """Work from earlier epochs (before a worker restart) is to be dropped."""
+
+    epoch: int
+
+
+class HeartbeatAck(_Msg):
+    seq: int
+
+
+class Shutdown(_Msg):
+    reason: str
+
+
+SchedulerMessage = Setup | RunStep | SetEpoch | HeartbeatAck | Shutdown
+
+
+# --- data plane: worker -> next worker -----------------------------------------------------
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class Activations(_Msg):
+    """Header of the hidden states [B, T, C] of ``step`` after one stage. Rows that failed
+    upstream are already removed from ``step`` and named in ``errors``."""
+
+    epoch: int
+    step: Step
+    dtype: str
+    shape: tuple[int, int, int]
+    errors: dict[str, str] = {}
+    stage_s: list[float] = []
+    hop_s: list[float] = []
+    sent_at: float = 0.0  # time.time() of the sender, for per-hop latency
+
+
+# --- client API ----------------------------------------------------------------------------
+
+
+class Generate(_Msg):
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+
+
+class Abort(_Msg):
+    request_id: str
+
+
+class HealthQuery(_Msg):
+    pass
+
+
+ClientMessage = Generate | Abort | HealthQuery
+
+
+class Events(_Msg):
+    """Events of one or more requests, in order."""
+
+    events: list[Event]
+
+
+class WorkerInfo(msgspec.Struct):
+    index: int
+    pid: int | None
+    layers: tuple[int, int]
+    device: str
+    state: str  # starting | ready | dead | restarting
+    restarts: int = 0
+
+
+class Health(_Msg):
+    state: str  # starting | ready | degraded | draining | stopped
+    workers: list[WorkerInfo]
+    running: int
+    waiting: int
+    tokens_out: int
+    uptime_s: float
+    tokens_per_s: float  # generated tokens over the last ten seconds
+    stage_s: list[float] = []  # mean compute seconds per stage over recent steps
+    hop_s: list[float] = []  # mean transfer seconds per hop over recent steps
+    model: str = ""
+    max_len: int = 0
+
+
+ClientReply = Events | Health
+
+
+# --- encoding and decoding -----------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {
+    "worker": msgspec.msgpack.Decoder(WorkerMessage),
+    "scheduler": msgspec.msgpack.Decoder(SchedulerMessage),
+    "data": msgspec.msgpack.Decoder(Activations),
+    "client": msgspec.msgpack.Decoder(ClientMessage),
+    "reply": msgspec.msgpack.Decoder(ClientReply),
+}
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def _decode(kind: str, frame: bytes | memoryview):
+    try:
+        return _decoders[kind].decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WireError(f"not a valid {kind} message: {exc}") from None
+    except (RecursionError, OverflowError, ValueError, TypeError) as exc:
+        # Deep nesting or values that a struct's own checks refuse in unusual ways.
+        raise WireError(f"not a valid {kind} message: {type(exc).__name__}: {exc}") from None
+
+
+def decode_worker(frame: bytes | memoryview) -> WorkerMessage:
+    return _decode("worker", frame)
+
+
+def decode_scheduler(frame: bytes | memoryview) -> SchedulerMessage:
+    return _decode("scheduler", frame)
+
+
+def decode_client(frame: bytes | memoryview) -> ClientMessage:
+    return _decode("client", frame)
+
+
+def decode_reply(frame: bytes | memoryview) -> ClientReply:
+    return _decode("reply", frame)
+
+
+def tensor_frame(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor as a buffer zmq can send without copying (the caller keeps
+    ``tensor`` alive until the send completes; zmq copies small messages anyway)."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()  # one device->host copy is unavoidable
+    tensor = tensor.contiguous()
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise WireError(f"dtype {dtype} cannot cross the wire; expected one of {', '.join(DTYPES)}")
+
+
+def decode_activations(header: bytes | memoryview, payload: bytes | memoryview,
+                       hidden_size: int) -> tuple[Activations, torch.Tensor]:
+    """Header and tensor of one data-plane message, checked against each other: the dtype is
+    one of ``DTYPES``, the shape is [rows of the step, its width, ``hidden_size``], the
+    payload has exactly the bytes that implies and holds only finite numbers."""
+    msg = _decode("data", header)
+    if msg.dtype not in DTYPES:
+        raise WireError(f"activations dtype {msg.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if not msg.step.rows:
+        raise WireError("activations for a step with no rows")
+    if any(not r.tokens for r in msg.step.rows):
+        raise WireError("activations for a row with no tokens")
+    want = (len(msg.step.rows), msg.step.width, hidden_size)
+    if tuple(msg.shape) != want:
+        raise WireError(f"activations shape {list(msg.shape)} does not match the step "
+                        f"(expected {list(want)})")
+    dtype = DTYPES[msg.dtype]
+    nbytes = math.prod(want) * torch.empty((), dtype=dtype).element_size()
+    view = memoryview(payload).cast("B")
+    if view.nbytes != nbytes:
+        raise WireError(f"activations payload has {view.nbytes} bytes, expected {nbytes}")
+    # A view on the received frame (no copy); the model never writes into its input.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "buffer is not writable": it is only read
+        tensor = torch.frombuffer(view, dtype=torch.uint8)  # nbytes > 0: shape is >= 1
+    tensor = tensor.view(dtype).view(want)
+    if not bool(torch.isfinite(tensor).all()):
+        raise WireError("activations hold NaN or infinite values")
+    return msg, tensor

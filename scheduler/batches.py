@@ -1,0 +1,152 @@
+"""Micro-batches for a pipeline: several ``Scheduler`` cores over disjoint cache slots.
+
+One core batches every ready request into one step, and a request has one step in flight
+at a time, so a single core keeps one step in a pipeline of N stages: N-1 stages idle.
+``MicroBatches`` runs G cores side by side, each owning slots [g*S/G, (g+1)*S/G) of every
+worker's cache; each keeps its own step in flight, so G steps flow through the stages at
+once while each still batches continuously. New requests wait in one queue and go to the
+least loaded core with a free slot. Step ids are renumbered globally.
+
+Like the core, this is a plain class: no sockets, no clocks; tests step it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+
+import msgspec
+
+from dejavu.runtime.sampling import SamplingParams
+from dejavu.runtime.step import Step, StepResult
+
+from .core import Detokenizer, Event, Phase, RequestError, Scheduler, SchedulerConfig
+
+
+class MicroBatches:
+    def __init__(self, config: SchedulerConfig, groups: int,
+                 detokenizer_factory: Callable[[], Detokenizer] | None = None) -> None:
+        groups = max(1, min(groups, config.max_slots))
+        self.per_group = config.max_slots // groups
+        sub = SchedulerConfig(**{**config.__dict__, "max_slots": self.per_group})
+        self.cores = [Scheduler(sub, detokenizer_factory) for _ in range(groups)]
+        self.config = config
+        self.waiting: deque[tuple[str, list[int], SamplingParams]] = deque()
+        self.owner: dict[str, int] = {}  # admitted request -> core
+        self.steps: dict[int, tuple[int, int]] = {}  # global step id -> (core, local id)
+        self._ids = itertools.count()
+
+    # --- requests --------------------------------------------------------------------------
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.owner or any(w[0] == request_id for w in self.waiting):
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise RequestError(f"queue full ({self.config.max_waiting} waiting requests)")
+        self.cores[0].validate(prompt, params)
+        self.waiting.append((request_id, list(prompt), params))
+
+    def abort(self, request_id: str) -> list[Event]:
+        for i, item in enumerate(self.waiting):
+            if item[0] == request_id:
+                del self.waiting[i]
+                return [Event(request_id, finished=True, finish_reason="abort")]
+        core = self.owner.get(request_id)
+        if core is None:
+            return []
+        event = self.cores[core].abort(request_id)
+        return self._done([event] if event else [])
+
+    def _admit(self) -> None:
+        while self.waiting:
+            load = [self._load(g) for g in range(len(self.cores))]
+            g = min(range(len(self.cores)), key=load.__getitem__)
+            if load[g] >= self.per_group:
+                return
+            rid, prompt, params = self.waiting.popleft()
+            self.cores[g].add(rid, prompt, params)
+            self.owner[rid] = g
+
+    def _load(self, g: int) -> int:
+        return sum(1 for r in self.cores[g].requests.values() if r.phase is not Phase.FINISHED
+                   or r.slot is not None)
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def schedule(self) -> list[Step]:
+        """Every step that can start now (at most one per core)."""
+        self._admit()
+        steps = []
+        for g, core in enumerate(self.cores):
+            step = core.schedule()
+            if step is None:
+                continue
+            offset = g * self.per_group
+            gid = next(self._ids)
+            self.steps[gid] = (g, step.step_id)
+            rows = [msgspec.structs.replace(r, slot=r.slot + offset) for r in step.rows]
+            steps.append(Step(gid, rows, release=step.release))
+        return steps
+
+    def update(self, result: StepResult) -> list[Event]:
+        """Fold a step's result in; a result for a step no longer in flight is ignored."""
+        where = self.steps.pop(result.step_id, None)
+        if where is None:
+            return []
+        g, local = where
+        return self._done(self.cores[g].update(StepResult(local, result.results, result.errors)))
+
+    def fail_step(self, step_id: int, message: str) -> list[Event]:
+        where = self.steps.pop(step_id, None)
+        if where is None:
+            return []
+        g, local = where
+        return self._done(self.cores[g].fail_step(local, message))
+
+    def fail_running(self, message: str, *, waiting_too: bool) -> list[Event]:
+        """A worker died: every step in flight and every admitted request fails (their
+        cached keys and values are gone); queued requests fail too unless the pipeline
+        is coming back."""
+        events = []
+        for gid in list(self.steps):
+            events += self.fail_step(gid, message)
+        for core in self.cores:
+            rids = [rid for rid, r in core.requests.items() if r.phase is not Phase.FINISHED]
+            events += self._done(core.fail(rids, message))
+        if waiting_too:
+            while self.waiting:
+                rid = self.waiting.popleft()[0]
+                events.append(Event(rid, finished=True, finish_reason="error", error=message))
+        return events
+
+    def _done(self, events: list[Event]) -> list[Event]:
+        for event in events:
+            if event.finished:
+                g = self.owner.pop(event.request_id, None)
+                if g is not None:
+                    self.cores[g].forget(event.request_id)
+                    # forget() keeps a request whose slot is still held by a step in flight;
+                    # it is dropped when that step returns (see _sweep).
+        self._sweep()
+        return events
+
+    def _sweep(self) -> None:
+        for core in self.cores:
+            for rid in [rid for rid, r in core.requests.items()
+                        if r.phase is Phase.FINISHED and r.slot is None]:
+                core.forget(rid)
+
+    # --- counts ----------------------------------------------------------------------------
+
+    def running(self) -> int:
+        return len(self.owner)
+
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def in_flight(self) -> int:
+        return len(self.steps)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.owner or self.steps)

@@ -1,0 +1,104 @@
+"""Typed configuration of a pipeline cluster (``launch``), built once from dejavu.toml's
+[model] and [pipeline] sections plus command-line overrides, and validated here.
+
+What this module does not know: how the settings are read from disk (``runtime.settings``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dejavu.runtime.wire import Fault
+
+RESTART_POLICIES = ("never", "on-failure")
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline setting that cannot be used; names the key, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: str
+    workers: int = 1
+    dtype: str = "float32"
+    devices: list[str] | None = None  # default: cuda:i per worker when there are GPUs, else cpu
+    slots: int = 8  # KV-cache slots per worker: sequences in flight at once
+    max_len: int = 0  # positions per slot; 0 = the model's max_position_embeddings
+    micro_batches: int = 0  # independent batches cycling through the pipeline; 0 = workers
+    prefill_chunk: int = 512
+    run_dir: str = ""  # "" = $XDG_RUNTIME_DIR/dejavu-run or /tmp/dejavu-run-<uid>
+    control_address: str = ""  # "" = ipc:// in the run directory
+    client_address: str = ""
+    data_addresses: list[str] = field(default_factory=list)  # one per worker after the first
+    keys_dir: str = ""  # CURVE keys from `dejavu-run keys`; required for non-local addresses
+    spawn: bool = True  # start the workers here; False: wait for workers started elsewhere
+    heartbeat_s: float = 1.0
+    watchdog_s: float = 60.0
+    handshake_timeout_s: float = 30.0
+    startup_timeout_s: float = 600.0
+    scheduler_timeout_s: float = 30.0  # a remote worker exits after this much silence
+    drain_timeout_s: float = 30.0
+    restart: str = "never"
+    max_restarts: int = 3
+    memory_budget_gb: float = 0.0  # per worker; 0 = no limit
+    threads: int = 0  # torch CPU threads per worker; 0 = cores / workers
+    fault_worker: int = -1  # tests only: inject `fault` into this worker
+    fault: Fault | None = None
+
+    def __post_init__(self) -> None:
+        def bad(key: str, fix: str) -> PipelineConfigError:
+            return PipelineConfigError(f"[pipeline] {key} = {getattr(self, key)!r}: {fix}")
+
+        for key, low in (("workers", 1), ("slots", 1), ("max_len", 0), ("micro_batches", 0),
+                         ("prefill_chunk", 1), ("max_restarts", 0), ("threads", 0)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise bad(key, f"expected an integer >= {low}")
+        for key in ("heartbeat_s", "watchdog_s", "handshake_timeout_s", "startup_timeout_s",
+                    "scheduler_timeout_s", "drain_timeout_s", "memory_budget_gb"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise bad(key, "expected a finite number >= 0")
+        if self.heartbeat_s <= 0 or self.watchdog_s <= 0:
+            raise PipelineConfigError("[pipeline] heartbeat_s and watchdog_s must be > 0")
+        if self.restart not in RESTART_POLICIES:
+            raise bad("restart", f"expected one of {', '.join(RESTART_POLICIES)}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise bad("dtype", "expected float32, float16 or bfloat16")
+        if self.devices is not None and len(self.devices) != self.workers:
+            raise bad("devices", f"expected one device per worker ({self.workers})")
+        if self.data_addresses and len(self.data_addresses) != self.workers - 1:
+            raise bad("data_addresses", f"expected one address per worker after the first "
+                                        f"({self.workers - 1})")
+
+    @property
+    def batches(self) -> int:
+        return self.micro_batches or self.workers
+
+    def with_overrides(self, **overrides: Any) -> PipelineConfig:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# [pipeline] keys of dejavu.toml that map one to one onto PipelineConfig fields.
+_SETTING_KEYS = ("workers", "slots", "max_len", "micro_batches", "run_dir", "control_address",
+                 "client_address", "keys_dir", "spawn", "heartbeat_s", "watchdog_s",
+                 "handshake_timeout_s", "startup_timeout_s", "scheduler_timeout_s",
+                 "drain_timeout_s", "restart", "max_restarts", "memory_budget_gb", "threads")
+
+
+def from_settings(settings: Any, **overrides: Any) -> PipelineConfig:
+    """PipelineConfig from ``runtime.settings.Settings`` (fields that a given version of the
+    settings does not have keep their defaults), then non-None ``overrides``."""
+    pipeline = settings.pipeline
+    values: dict[str, Any] = {"model": settings.model_path(), "dtype": settings.model.dtype}
+    for key in _SETTING_KEYS:
+        if hasattr(pipeline, key):
+            values[key] = getattr(pipeline, key)
+    addresses = getattr(pipeline, "data_addresses", "")
+    if addresses:
+        values["data_addresses"] = [a.strip() for a in addresses.split(",") if a.strip()]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return PipelineConfig(**values)

@@ -1,0 +1,155 @@
+"""``dejavu-run launch``: lock the run directory, plan the layers, run the scheduler with
+its workers in the foreground; and ``Cluster``, which starts that same launch as a child
+process for ``generate --workers``, ``chat --workers`` and ``serve --workers``.
+
+The launch process is the scheduler process: killing it kills the cluster (workers watch
+their parent). Its exit code is 0 after a clean stop (Ctrl-C, SIGTERM), 3 when a worker
+died and no restart was allowed, 2 when it could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from dejavu.runtime.checkpoint import CheckpointError, inspect_checkpoint, resolve_model_dir
+
+from .config import PipelineConfig, PipelineConfigError
+from .logs import setup_logging
+from .planner import GiB, PlanError, plan_layers
+from .rundir import RunDir, RunDirError
+from .server import PipelineServer
+from .transport import TransportError, load_curve
+
+log = logging.getLogger("dejavu.scheduler")
+
+EXIT_CANNOT_START = 2
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def launch(config: PipelineConfig) -> int:
+    """Run a cluster until it stops; returns the process exit code."""
+    try:
+        run_dir = RunDir(config.run_dir or None).acquire()
+    except RunDirError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_START
+    try:
+        try:
+            server = _build(config, run_dir)
+        except (CheckpointError, PlanError, TransportError, RunDirError,
+                PipelineConfigError) as exc:
+            log.error("cannot launch: %s", exc)
+            return EXIT_CANNOT_START
+        return server.run()
+    finally:
+        run_dir.release()
+
+
+def _build(config: PipelineConfig, run_dir: RunDir) -> PipelineServer:
+    model_dir = resolve_model_dir(config.model)
+    model_config = inspect_checkpoint(model_dir).config
+    config = config.with_overrides(model=str(model_dir))
+    max_len = config.max_len or model_config.max_position_embeddings
+    budget = int(config.memory_budget_gb * GiB) if config.memory_budget_gb else None
+    plan = plan_layers(model_config, config.workers, dtype_bytes=_DTYPE_BYTES[config.dtype],
+                       slots=config.slots, max_len=max_len, budgets=[budget] * config.workers)
+    for line in plan.describe().splitlines():
+        log.info("%s", line)
+    curve = load_curve(config.keys_dir) if config.keys_dir else None
+    tokenizer = None
+    try:
+        from dejavu.runtime.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+    except Exception as exc:  # noqa: BLE001 - token ids still work without text
+        log.info("no tokenizer in %s (%s): streaming token ids without text", model_dir,
+                 type(exc).__name__)
+    return PipelineServer(config, plan, model_config, run_dir, tokenizer=tokenizer,
+                          curve=curve)
+
+
+# --- a launch as a child process -------------------------------------------------------------
+
+
+class Cluster:
+    """A ``launch`` in a child process; ``address`` is its client API once ``start`` returns."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        if not config.run_dir:
+            base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
+            config = config.with_overrides(
+                run_dir=str(base / f"dejavu-run-{os.getuid()}-{uuid.uuid4().hex[:8]}"))
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.address = config.client_address or f"ipc://{self.run_dir / 'client.sock'}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0, *, quiet: bool = False) -> Cluster:
+        from .zmq_client import PipelineConnection
+
+        cmd = [sys.executable, "-m", "dejavu.scheduler.launch", "--config-json",
+               msgspec.json.encode(self.config).decode()]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL if quiet else None)
+        deadline = time.monotonic() + timeout_s
+        with PipelineConnection(self.address, keys_dir=self.config.keys_dir or None) as conn:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise LaunchError(f"the launch exited with code {self.proc.returncode} "
+                                      "before it was ready (see its log above)")
+                try:
+                    if conn.health(timeout_s=0.5).state == "ready":
+                        return self
+                except TimeoutError:
+                    pass
+        self.stop()
+        raise LaunchError(f"the cluster was not ready within {timeout_s:g} s")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> Cluster:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dejavu-launch")
+    parser.add_argument("--config-json", required=True)
+    args = parser.parse_args(argv)
+    setup_logging("scheduler")
+    try:
+        config = msgspec.json.decode(args.config_json, type=PipelineConfig)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        log.error("bad pipeline config: %s", exc)
+        return EXIT_CANNOT_START
+    return launch(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

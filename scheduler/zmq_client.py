@@ -1,0 +1,262 @@
+"""The client API of a running cluster, over ZeroMQ (a DEALER to the scheduler's ROUTER).
+
+``PipelineConnection`` is synchronous (``generate --connect``, ``chat``, tests):
+``submit``/``events``/``abort``/``health``, and ``stream``/``run`` built on them.
+``PipelineClient`` is the asyncio implementation of the engine-client protocol used by the
+HTTP server: ``generate`` yields ``Event``s, ``abort``, ``health``.
+
+Nothing waits forever: when the scheduler has been silent for ``silence_s`` while requests
+are open, the client asks for health, and after ``dead_s`` of silence it raises
+``SchedulerGone``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import zmq
+import zmq.asyncio
+
+from dejavu.runtime import wire
+from dejavu.runtime.engine import Completion, _fold
+from dejavu.runtime.sampling import SamplingParams
+
+from .core import Event
+from .transport import CLIENT_MAX_BYTES, load_curve, make_socket
+
+
+class SchedulerGone(ConnectionError):
+    """The scheduler stopped answering; open requests will never finish."""
+
+
+def _socket(ctx: zmq.Context, address: str, keys_dir: str | None) -> zmq.Socket:
+    curve = load_curve(keys_dir) if keys_dir else None
+    sock = make_socket(ctx, zmq.DEALER, CLIENT_MAX_BYTES, curve=curve)
+    sock.connect(address)
+    return sock
+
+
+class PipelineConnection:
+    def __init__(self, address: str, *, keys_dir: str | None = None, silence_s: float = 3.0,
+                 dead_s: float = 15.0) -> None:
+        self.address = address
+        self.ctx = zmq.Context()
+        self.sock = _socket(self.ctx, address, keys_dir)
+        self.silence_s = silence_s
+        self.dead_s = dead_s
+        self.open: set[str] = set()
+        self._health: wire.Health | None = None
+        self._stash: list[Event] = []  # events that arrived while waiting for health
+        self._heard = False
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams,
+               request_id: str | None = None) -> str:
+        rid = request_id or f"{self._prefix}-{next(self._ids)}"
+        self.sock.send(wire.encode(wire.Generate(rid, list(prompt), params)))
+        self.open.add(rid)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.sock.send(wire.encode(wire.Abort(request_id)))
+
+    def health(self, timeout_s: float = 5.0) -> wire.Health:
+        self._health = None
+        self.sock.send(wire.encode(wire.HealthQuery()))
+        deadline = time.monotonic() + timeout_s
+        pending: list[Event] = []
+        while self._health is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._stash += pending
+                raise TimeoutError(f"no health answer from {self.address} within {timeout_s:g} s")
+            pending += self._recv(left)
+        self._stash += pending
+        return self._health
+
+    def events(self, timeout_s: float | None = None) -> list[Event]:
+        """The events that arrive next (waits up to ``timeout_s``; None: until some come or
+        the scheduler is declared gone)."""
+        if self._stash:
+            stash, self._stash = self._stash, []
+            return stash
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last_heard = time.monotonic()
+        asked = False
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return []
+            wait = min(0.5, deadline - now) if deadline is not None else 0.5
+            got = self._recv(wait)
+            if got or self._heard:
+                last_heard, asked = time.monotonic(), False
+                if got:
+                    return got
+                continue
+            silent = time.monotonic() - last_heard
+            if self.open and silent > self.dead_s:
+                raise SchedulerGone(f"the scheduler at {self.address} has not answered for "
+                                    f"{silent:.1f} s; {len(self.open)} request(s) lost")
+            if self.open and silent > self.silence_s and not asked:
+                self.sock.send(wire.encode(wire.HealthQuery()))
+                asked = True
+
+    def _recv(self, timeout_s: float) -> list[Event]:
+        self._heard = False
+        if not self.sock.poll(max(1, int(timeout_s * 1000))):
+            return []
+        events: list[Event] = []
+        while self.sock.poll(0):
+            try:
+                msg = wire.decode_reply(self.sock.recv())
+            except wire.WireError:
+                continue
+            self._heard = True
+            if isinstance(msg, wire.Health):
+                self._health = msg
+            else:
+                for event in msg.events:
+                    if event.finished:
+                        self.open.discard(event.request_id)
+                    events.append(event)
+        return events
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[Event]:
+        """One request's events as they come; closing the iterator early aborts it."""
+        rid = self.submit(prompt, params)
+        finished = False
+        try:
+            while not finished:
+                for event in self.events():
+                    if event.request_id == rid:
+                        yield event
+                        finished = finished or event.finished
+        finally:
+            if not finished:
+                self.abort(rid)
+                self.open.discard(rid)
+
+    def run(self, prompts: Sequence[Sequence[int]],
+            params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        """Many requests at once; completions in the order of ``prompts``."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        done: dict[str, Completion] = {}
+        order = []
+        for prompt, p in zip(prompts, params, strict=True):
+            rid = self.submit(prompt, p)
+            order.append(rid)
+            done[rid] = Completion(rid, list(prompt))
+        remaining = set(order)
+        while remaining:
+            for event in self.events():
+                if event.request_id in done:
+                    _fold(done[event.request_id], event)
+                    if event.finished:
+                        remaining.discard(event.request_id)
+        return [done[rid] for rid in order]
+
+    def close(self) -> None:
+        for rid in list(self.open):
+            try:
+                self.abort(rid)
+            except zmq.ZMQError:
+                pass
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def __enter__(self) -> PipelineConnection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PipelineClient:
+    """The engine-client protocol over a running cluster, for asyncio front ends."""
+
+    def __init__(self, address: str, *, keys_dir: str | None = None,
+                 dead_s: float = 15.0) -> None:
+        self.address = address
+        self.ctx = zmq.asyncio.Context()
+        self.sock = _socket(self.ctx, address, keys_dir)
+        self.dead_s = dead_s
+        self.queues: dict[str, asyncio.Queue] = {}
+        self._health: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self._last_heard = time.monotonic()
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            if not await self.sock.poll(1000):
+                silent = time.monotonic() - self._last_heard
+                if self.queues and silent > self.dead_s:
+                    self._fail_all(f"the scheduler at {self.address} has not answered for "
+                                   f"{silent:.1f} s")
+                elif self.queues and silent > self.dead_s / 3:
+                    await self.sock.send(wire.encode(wire.HealthQuery()))
+                continue
+            try:
+                msg = wire.decode_reply(await self.sock.recv())
+            except wire.WireError:
+                continue
+            self._last_heard = time.monotonic()
+            if isinstance(msg, wire.Health):
+                if self._health is not None and not self._health.done():
+                    self._health.set_result(msg)
+                continue
+            for event in msg.events:
+                queue = self.queues.get(event.request_id)
+                if queue is not None:
+                    queue.put_nowait(event)
+
+    def _fail_all(self, message: str) -> None:
+        for rid, queue in list(self.queues.items()):
+            queue.put_nowait(Event(rid, finished=True, finish_reason="error", error=message))
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[Event]:
+        if request_id in self.queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._ensure_reader()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[request_id] = queue
+        self._last_heard = time.monotonic()
+        finished = False
+        try:
+            await self.sock.send(wire.encode(wire.Generate(request_id, list(prompt_ids),
+                                                           params)))
+            while not finished:
+                event = await queue.get()
+                finished = event.finished
+                yield event
+        finally:
+            self.queues.pop(request_id, None)
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.sock.send(wire.encode(wire.Abort(request_id)))
+
+    async def health(self, timeout_s: float = 5.0) -> wire.Health:
+        self._ensure_reader()
+        self._health = asyncio.get_running_loop().create_future()
+        await self.sock.send(wire.encode(wire.HealthQuery()))
+        return await asyncio.wait_for(self._health, timeout_s)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.sock.close(linger=0)
+        self.ctx.term()

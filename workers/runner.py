@@ -1,0 +1,90 @@
+"""One worker's compute: a ``Stage`` over its layer span, with per-request error isolation.
+
+``StageRunner.run`` takes a step (and, past the first stage, the previous stage's hidden
+states) and returns either the hidden states for the next stage or, on the last stage, the
+``StepResult``. If the batched forward raises, the step is retried one row at a time so
+that only the failing requests fail (their errors travel with the step); re-running a row
+rewrites the same cache positions with the same values, so the retry is safe. Out of
+memory is different: the batch fails as a whole (``StepOOM``), memory is released, and the
+worker goes on with the next step.
+
+What this module does not know: sockets. The worker process wraps it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dejavu.runtime.stage import Stage
+from dejavu.runtime.step import Step, StepResult
+
+from .faults import FaultHook
+
+
+class StepOOM(RuntimeError):
+    """The whole step ran out of memory."""
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class StageRunner:
+    def __init__(self, stage: Stage, faults: FaultHook | None = None) -> None:
+        self.stage = stage
+        self.faults = faults or FaultHook(None)
+        self.is_last = stage.model.is_last
+
+    def run(self, step: Step, hidden: Tensor | None, errors: dict[str, str]
+            ) -> tuple[Step | None, Tensor | StepResult | None, dict[str, str]]:
+        """Returns (the step that continues, its output, errors so far). The step is None
+        when every row failed; the output is a ``StepResult`` on the last stage."""
+        errors = dict(errors)
+        try:
+            self.faults.on_step(step)
+            out = self.stage.forward(step, hidden)
+        except torch.OutOfMemoryError as exc:
+            self._free_memory()
+            raise StepOOM(describe(exc)) from None
+        except Exception as exc:
+            step, out = self._rows_one_by_one(step, hidden, errors, exc)
+            if step is None:
+                return None, None, errors
+        if not self.is_last:
+            return step, out, errors
+        result = self.stage.finish(step, out)
+        result.errors.update(errors)
+        return step, result, errors
+
+    def _rows_one_by_one(self, step: Step, hidden: Tensor | None, errors: dict[str, str],
+                         first: Exception) -> tuple[Step | None, Tensor | None]:
+        if len(step.rows) == 1:
+            errors[step.rows[0].request_id] = f"request {step.rows[0].request_id}: " + \
+                describe(first)
+            return None, None
+        kept, outs = [], []
+        for b, row in enumerate(step.rows):
+            sub = Step(step.step_id, [row])
+            part = None if hidden is None else hidden[b:b + 1, :len(row.tokens)]
+            try:
+                self.faults.on_rows(sub)
+                outs.append(self.stage.forward(sub, part))
+                kept.append(row)
+            except torch.OutOfMemoryError as exc:
+                self._free_memory()
+                raise StepOOM(describe(exc)) from None
+            except Exception as exc:
+                errors[row.request_id] = f"request {row.request_id}: {describe(exc)}"
+        if not kept:
+            return None, None
+        new = Step(step.step_id, kept, release=step.release)
+        width = new.width
+        out = outs[0].new_zeros((len(kept), width, outs[0].shape[-1]))
+        for b, o in enumerate(outs):
+            out[b, : o.shape[1]] = o[0]
+        return new, out
+
+    def _free_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

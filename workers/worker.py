@@ -1,0 +1,248 @@
+"""The worker process: handshake, load one layer span, then serve steps until told to stop.
+
+Life of a worker:
+1. connect a DEALER (routing id ``w<i>``) to the scheduler's control ROUTER, send ``Hello``,
+   wait at most ``handshake_timeout_s`` for ``Setup`` (else exit 2);
+2. load only its layers from the checkpoint, allocate its KV cache, bind its data input
+   (PULL) and connect to the next worker's (PUSH), start the heartbeat thread, send
+   ``Ready``;
+3. loop: the first worker takes ``RunStep`` from the scheduler, the others take
+   ``Activations`` from the previous worker; each step runs through ``StageRunner`` and
+   goes on to the next worker, or back to the scheduler as ``StepDone`` from the last one.
+   Messages from an older epoch (before another worker was restarted) are dropped, and so
+   is any frame that does not decode (logged, rate-limited): a bad frame never stops it.
+
+What this module does not know: the model math (``Stage``) or scheduling decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+
+import torch
+import zmq
+
+from dejavu.runtime import wire
+from dejavu.runtime.checkpoint import load_model
+from dejavu.runtime.stage import Stage, allocate_cache
+from dejavu.runtime.step import Step, StepResult
+from dejavu.scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
+
+from .faults import FaultHook
+from .heartbeat import HeartbeatThread
+from .runner import StageRunner, StepOOM
+
+log = logging.getLogger("dejavu.worker")
+
+EXIT_HANDSHAKE = 2
+
+
+class HandshakeError(RuntimeError):
+    pass
+
+
+class Worker:
+    def __init__(self, index: int, control: str, *, parent_pid: int | None = None,
+                 curve: Curve | None = None, handshake_timeout_s: float = 30.0) -> None:
+        self.index = index
+        self.control_address = control
+        self.parent_pid = parent_pid
+        self.curve = curve
+        self.handshake_timeout_s = handshake_timeout_s
+        self.ctx = zmq.Context()
+        self.zap = ZapHandler(self.ctx, curve.authorized) if curve else None
+        if self.zap:
+            self.zap.start()
+        self.control = make_socket(self.ctx, zmq.DEALER, CONTROL_MAX_BYTES, curve=curve)
+        self.control.setsockopt(zmq.IDENTITY, f"w{index}".encode())
+        self.control.connect(control)
+        self.data_in: zmq.Socket | None = None
+        self.data_out: zmq.Socket | None = None
+        self.epoch = 0
+        self.busy: tuple[int, float] | None = None
+        self.bad_frames = 0
+        self._last_bad_log = 0.0
+
+    # --- startup ---------------------------------------------------------------------------
+
+    def handshake(self) -> wire.Setup:
+        self.control.send(wire.encode(wire.Hello(self.index, os.getpid(), socket.gethostname())))
+        deadline = time.monotonic() + self.handshake_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.control.poll(int(left * 1000) + 1):
+                break
+            try:
+                msg = wire.decode_scheduler(self.control.recv())
+            except wire.WireError as exc:
+                self._bad_frame("control", exc)
+                continue
+            if isinstance(msg, wire.Setup):
+                return msg
+            if isinstance(msg, wire.Shutdown):
+                raise HandshakeError(f"the scheduler refused this worker: {msg.reason}")
+        raise HandshakeError(f"no Setup from the scheduler at {self.control_address} within "
+                             f"{self.handshake_timeout_s:g} s")
+
+    def load(self, setup: wire.Setup) -> None:
+        started = time.perf_counter()
+        if setup.device == "cpu" and setup.threads > 0:
+            torch.set_num_threads(setup.threads)
+        layers = range(*setup.layers)
+        log.info("worker %d loading layers [%d, %d) of %s on %s", self.index, layers.start,
+                 layers.stop, setup.model, setup.device)
+        model = load_model(setup.model, layers=layers, dtype=setup.dtype, device=setup.device)
+        self.config = model.config
+        cache = allocate_cache(model, setup.slots, setup.max_len)
+        self.runner = StageRunner(Stage(model, cache), FaultHook(setup.fault))
+        self.setup = setup
+        self.epoch = setup.epoch
+        max_data = setup.max_data_bytes
+        if setup.data_in is not None:
+            self.data_in = make_socket(self.ctx, zmq.PULL, max_data, curve=self.curve,
+                                       server=True)
+            self.data_in.bind(setup.data_in)
+        if setup.data_out is not None:
+            self.data_out = make_socket(self.ctx, zmq.PUSH, max_data, curve=self.curve)
+            self.data_out.connect(setup.data_out)
+        self.heartbeat = HeartbeatThread(
+            self.ctx, self.control_address, self.index, interval_s=setup.heartbeat_s,
+            watchdog_s=setup.watchdog_s, scheduler_timeout_s=setup.scheduler_timeout_s,
+            parent_pid=self.parent_pid, busy=lambda: self.busy, curve=self.curve)
+        self.heartbeat.start()
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        self._send(wire.Ready(self.index, setup.layers, setup.device, params, cache.nbytes(),
+                              time.perf_counter() - started))
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def serve(self) -> str:
+        """Run until ``Shutdown``; returns its reason."""
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        if self.data_in is not None:
+            poller.register(self.data_in, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll(1000))
+            if self.control in ready:
+                reason = self._on_control()
+                if reason is not None:
+                    return reason
+            if self.data_in is not None and self.data_in in ready:
+                self._on_data()
+
+    def _on_control(self) -> str | None:
+        try:
+            msg = wire.decode_scheduler(self.control.recv())
+        except wire.WireError as exc:
+            self._bad_frame("control", exc)
+            return None
+        if isinstance(msg, wire.Shutdown):
+            return msg.reason
+        if isinstance(msg, wire.SetEpoch):
+            self.epoch = max(self.epoch, msg.epoch)
+        elif isinstance(msg, wire.RunStep):
+            if self.data_in is not None:
+                self._bad_frame("control", wire.WireError("RunStep sent to a middle stage"))
+            elif self._current(msg.epoch):
+                self._process(msg.step, None, {}, [], [])
+        return None
+
+    def _on_data(self) -> None:
+        frames = self.data_in.recv_multipart(copy=False)
+        received = time.time()
+        if len(frames) != 2:
+            self._bad_frame("data", wire.WireError(f"{len(frames)} frames, expected 2"))
+            return
+        try:
+            msg, hidden = wire.decode_activations(frames[0].buffer, frames[1].buffer,
+                                                  self.config.hidden_size)
+            if msg.dtype != self.setup.dtype:
+                raise wire.WireError(f"activations in {msg.dtype}, this worker runs "
+                                     f"{self.setup.dtype}")
+        except wire.WireError as exc:
+            self._bad_frame("data", exc)
+            return
+        if self._current(msg.epoch):
+            hop = msg.hop_s + [max(0.0, received - msg.sent_at)]
+            self._process(msg.step, hidden, msg.errors, msg.stage_s, hop)
+
+    def _current(self, epoch: int) -> bool:
+        if epoch < self.epoch:
+            return False  # work from before a restart: its requests have already failed
+        self.epoch = epoch
+        return True
+
+    def _process(self, step: Step, hidden, errors: dict[str, str], stage_s: list[float],
+                 hop_s: list[float]) -> None:
+        started = time.perf_counter()
+        self.busy = (step.step_id, time.monotonic())
+        try:
+            step_out, out, errors = self.runner.run(step, hidden, errors)
+        except StepOOM as exc:
+            log.error("worker %d: step %d failed: %s", self.index, step.step_id, exc)
+            self._send(wire.StepFailed(self.epoch, step.step_id, self.index, str(exc)))
+            return
+        except Exception as exc:  # a bug in this worker: fail the step, keep serving
+            log.exception("worker %d: step %d failed", self.index, step.step_id)
+            self._send(wire.StepFailed(self.epoch, step.step_id, self.index,
+                                       f"{type(exc).__name__}: {exc}"))
+            return
+        finally:
+            self.busy = None
+        stage_s = stage_s + [time.perf_counter() - started]
+        if step_out is None:  # every row failed here: tell the scheduler directly
+            self._send(wire.StepDone(self.epoch, StepResult(step.step_id, [], errors),
+                                     stage_s, hop_s))
+        elif isinstance(out, StepResult):
+            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s))
+        else:
+            header = wire.Activations(self.epoch, step_out, self.setup.dtype,
+                                      tuple(out.shape), errors, stage_s, hop_s, time.time())
+            payload = wire.tensor_frame(out)
+            self.data_out.send_multipart([wire.encode(header), payload], copy=False)
+
+    def _send(self, message) -> None:
+        self.control.send(wire.encode(message))
+
+    def _bad_frame(self, where: str, exc: Exception) -> None:
+        self.bad_frames += 1
+        now = time.monotonic()
+        if now - self._last_bad_log > 5.0:
+            self._last_bad_log = now
+            log.warning("worker %d dropped a bad %s frame (%d so far): %s", self.index, where,
+                        self.bad_frames, exc)
+
+    def close(self) -> None:
+        if getattr(self, "heartbeat", None) is not None:
+            self.heartbeat.stop()
+        for sock in (self.control, self.data_in, self.data_out):
+            if sock is not None:
+                sock.close(linger=0)
+        if self.zap:
+            self.zap.stop()
+        self.ctx.term()
+
+
+def run_worker(index: int, control: str, *, parent_pid: int | None, curve: Curve | None,
+               handshake_timeout_s: float) -> int:
+    """The worker process's main: returns its exit code."""
+    # Ctrl-C reaches the whole process group; the scheduler decides how workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = Worker(index, control, parent_pid=parent_pid, curve=curve,
+                    handshake_timeout_s=handshake_timeout_s)
+    try:
+        try:
+            setup = worker.handshake()
+        except HandshakeError as exc:
+            log.error("worker %d: %s", index, exc)
+            return EXIT_HANDSHAKE
+        worker.load(setup)
+        reason = worker.serve()
+        log.info("worker %d stopping: %s", index, reason)
+        return 0
+    finally:
+        worker.close()
