@@ -206,7 +206,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     errors = exc.errors()
     if not errors:
         return ApiError(400, "invalid request")
-    first = errors[0]
+    # A value that fits no member of a union gets one error per member: the member that
+    # got furthest into the value (the longest path) says the most, and among those a
+    # complaint about the value beats "wrong type".
+    first = max(errors, key=lambda e: (len(e.get("loc", ())),
+                                       not str(e.get("type", "")).endswith("_type")))
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return ApiError(400, f"request body is not valid JSON: {first.get('msg', '')}")
@@ -214,8 +218,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, "request body is missing: send a JSON object")
     # Union members show up in the path as type names ("list[constrained-int]"): drop them.
     path = [p for p in loc if not any(ch in p for ch in "[]-") and p not in _TYPE_TAGS]
-    param = path[0] if path else None
-    where = ".".join(path) or "body"
+    if not path:
+        return ApiError(400, "request body must be a JSON object with the request's fields: "
+                        f"{first.get('msg', '')}")
+    param = path[0]
+    where = ".".join(path)
     message = f"{where}: {first.get('msg', 'invalid value')}"
     if first.get("type") not in ("missing", "extra_forbidden") and "input" in first:
         message += f" (got {short(first['input'])})"
