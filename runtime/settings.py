@@ -24,7 +24,7 @@ from typing import Any
 # The repository root (for the shipped default model and the default config file).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_NAME = "dejavu.toml"
-DEFAULT_MODEL = "models/dejavu-opt-31m"
+DEFAULT_MODEL = "models/opt-gutenberg-31m"
 
 
 class SettingsError(ValueError):
