@@ -132,3 +132,49 @@ class FixedSelector:
 
     def __call__(self, layer_id: int, source: Tensor) -> Selection:
         return Selection(heads=self.heads.get(layer_id), neurons=self.neurons.get(layer_id))
+
+
+def parse_layers(text: str) -> frozenset[int]:
+    """ "0, 3" -> {0, 3} (the [sparsity] dense_layers setting)."""
+    out = set()
+    for part in text.split(","):
+        if part.strip():
+            try:
+                out.add(int(part))
+            except ValueError:
+                raise SelectionError(f"[sparsity] dense_layers = {text!r}: expected "
+                                     "comma-separated layer ids such as \"0,1\"") from None
+    return frozenset(out)
+
+
+def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = None,
+                           device: torch.device | str = "cpu") -> PredictorSelector | None:
+    """The selector a command runs with, or None for dense.
+
+    ``sparse`` is the command line's --sparse (True) / --dense (False) / neither (None).
+    With neither, sparse runs when [sparsity] enabled is true and predictors are found; an
+    explicit --sparse without predictors is an error, as is a configured path that does
+    not exist. ``sparsity`` is runtime.settings.SparsitySettings."""
+    from pathlib import Path
+
+    from .predictors import find_predictors
+
+    if sparse is False or (sparse is None and not sparsity.enabled):
+        return None
+    if sparsity.predictors:
+        path: Path | None = Path(sparsity.predictors)
+    else:
+        path = find_predictors(model_dir)
+        if path is None:
+            if sparse:
+                raise SelectionError(f"--sparse: {model_dir} has no predictors/ directory; "
+                                     "train them with `dejavu-run train-predictors` or set "
+                                     "[sparsity] predictors")
+            return None
+    preds = PredictorSet.load(path, model, device=device)
+    param = next(model.parameters())
+    preds.to(param.device, param.dtype)
+    config = SelectionConfig(mlp_density=sparsity.mlp_density,
+                             head_density=sparsity.head_density,
+                             dense_layers=parse_layers(sparsity.dense_layers))
+    return PredictorSelector(preds, config)

@@ -59,7 +59,17 @@ class GenerationSettings:
 
 @dataclass
 class SparsitySettings:
-    enabled: bool = setting(False, "run MLP/attention through the contextual-sparsity predictors")
+    enabled: bool = setting(True, "run sparse when predictors are found (the predictors key, "
+                            "else <model dir>/predictors); false = always dense")
+    predictors: str | None = setting(None, "predictor directory or .safetensors file "
+                                     "(absent = <model dir>/predictors)")
+    mlp_density: float | None = setting(None, "fraction of MLP neurons computed per token "
+                                        "(absent = each layer's trained operating point)",
+                                        low=0.0, high=1.0, low_open=True)
+    head_density: float | None = setting(None, "fraction of attention heads computed per token "
+                                         "(absent = each layer's trained operating point)",
+                                         low=0.0, high=1.0, low_open=True)
+    dense_layers: str = setting("", "comma-separated layer ids always computed dense, e.g. \"0\"")
 
 
 @dataclass

@@ -163,3 +163,25 @@ def test_selector_settings_and_measured_density():
     ctx = SparseContext(rnd)
     model(ids, Batch(full_positions(2, 7, "cpu"), sparse=ctx))
     assert ctx.stats.head_density == 0.5
+
+
+def test_selector_from_settings(tmp_path):
+    from dejavu.runtime.selection import SelectionError, selector_from_settings
+    from dejavu.runtime.settings import SparsitySettings
+
+    model = tiny_model()
+    on = SparsitySettings()
+    assert selector_from_settings(on, model, tmp_path) is None  # no predictors: dense
+    with pytest.raises(SelectionError, match="no predictors"):
+        selector_from_settings(on, model, tmp_path, sparse=True)
+    PredictorSet.create(model, 4, 4).save(tmp_path / "predictors")
+    sel = selector_from_settings(SparsitySettings(mlp_density=0.25, dense_layers="0, 2"),
+                                 model, tmp_path)
+    assert sel.ks(1) == (21, 4) and sel.config.dense_layers == {0, 2}
+    assert selector_from_settings(on, model, tmp_path, sparse=False) is None
+    assert selector_from_settings(SparsitySettings(enabled=False), model, tmp_path) is None
+    with pytest.raises(SelectionError, match="dense_layers"):
+        selector_from_settings(SparsitySettings(dense_layers="one"), model, tmp_path)
+    with pytest.raises(PredictorError, match="no such predictor file"):
+        selector_from_settings(SparsitySettings(predictors=str(tmp_path / "nope")), model,
+                               tmp_path)
