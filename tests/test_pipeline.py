@@ -1,0 +1,69 @@
+"""The pipeline as real processes on the CPU: a scheduler and 1-3 workers over ZeroMQ give
+the in-process engine's tokens, one request or eight at once, and stream them."""
+
+from __future__ import annotations
+
+import pytest
+
+from dejavu.runtime.checkpoint import load_model
+from dejavu.runtime.engine import Engine
+from dejavu.runtime.sampling import SamplingParams
+from dejavu.scheduler.zmq_client import PipelineConnection
+
+from pipeline_fixtures import GREEDY, PROMPTS, cluster, make_tiny_model
+
+SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=1234,
+                         ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    engine = Engine(load_model(tiny), max_batch=8, max_len=128)
+    greedy = [engine.generate(p, GREEDY).tokens for p in PROMPTS]
+    sampled = [engine.generate(p, SAMPLED).tokens for p in PROMPTS[:3]]
+    return greedy, sampled
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_pipeline_tokens_equal_the_in_process_engine(tiny, reference, workers):
+    greedy, sampled = reference
+    with cluster(tiny, workers) as c, PipelineConnection(c.address) as conn:
+        health = conn.health()
+        spans = [w.layers for w in health.workers]
+        assert len(spans) == workers and spans[0][0] == 0 and spans[-1][1] == 4
+        # One at a time, then all eight at once (continuous batching over micro-batches).
+        one_by_one = [conn.run([p], GREEDY)[0] for p in PROMPTS]
+        together = conn.run(PROMPTS, GREEDY)
+        randomly = conn.run(PROMPTS[:3], SAMPLED)
+        assert [c.tokens for c in one_by_one] == greedy
+        assert [c.tokens for c in together] == greedy
+        assert all(c.finish_reason == "length" and c.error is None for c in together)
+        assert [c.tokens for c in randomly] == sampled
+        after = conn.health()
+        assert after.tokens_out == 8 * 12 * 2 + 3 * 10
+        assert len(after.stage_s) == workers and len(after.hop_s) == workers - 1
+
+
+def test_streaming_abort_and_bad_requests(tiny, reference):
+    greedy, _ = reference
+    with cluster(tiny, 2) as c, PipelineConnection(c.address) as conn:
+        # Streaming: tokens arrive one event at a time, the last one says why it ended.
+        events = list(conn.stream(PROMPTS[2], GREEDY))
+        assert [e.token for e in events] == greedy[2]
+        assert events[-1].finished and not any(e.finished for e in events[:-1])
+        # Closing a stream early aborts the request; the cluster serves the next one.
+        stream = conn.stream(PROMPTS[0], SamplingParams(max_new_tokens=100, ignore_eos=True))
+        next(stream)
+        stream.close()
+        assert conn.run([PROMPTS[1]], GREEDY)[0].tokens == greedy[1]
+        # Bad requests fail alone, with the field named, before any worker sees them.
+        bad = conn.run([[], [500], [1] * 120], SamplingParams(max_new_tokens=20))
+        assert "empty" in bad[0].error
+        assert "500" in bad[1].error and "vocabulary" in bad[1].error
+        assert "128 positions" in bad[2].error
+        assert conn.health().running == 0
