@@ -141,7 +141,7 @@ def _decode_attention_kernel(
     q = tl.load(q_ptr + pid_b * stride_qb + pid_h * stride_qh + offs_d, mask=d_mask,
                 other=0.0).to(tl.float32)
     base = slot * stride_cs + head * stride_ch
-    start = pid_s * CHUNK
+    start = (pid_s * CHUNK).to(tl.int64)
     end = tl.minimum(start + CHUNK, length)
     m_i = tl.full((), float("-inf"), tl.float32)
     l_i = tl.zeros((), tl.float32)
@@ -263,7 +263,10 @@ def _check_common(x: Tensor, rows: HeadRows, host: HeadRows | None, locs: Tensor
     _check_rows("rows", rows, x.shape[1], x.dtype)
     if host is not None:
         _check_rows("host", host, x.shape[1], x.dtype)
-        if any(a.stride() != b.stride() for a, b in zip(rows, host, strict=True)):
+        # An empty table's strides are arbitrary (torch normalises them); only tables that
+        # hold rows must agree, since the kernel applies one set of strides to both.
+        if rows.wo.shape[0] and host.wo.shape[0] and any(
+                a.stride() != b.stride() for a, b in zip(rows, host, strict=True)):
             raise ValueError("host and resident tables must share strides (same layout)")
     if locs.dim() != 1 or locs.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"locs: expected a 1-D int32/int64 tensor, got {locs.dtype}")
@@ -273,6 +276,11 @@ def _check_common(x: Tensor, rows: HeadRows, host: HeadRows | None, locs: Tensor
         lo = -host.wo.shape[0] if host is not None else 0
         if int(locs.min()) < lo or int(locs.max()) >= rows.wo.shape[0]:
             raise ValueError(f"locs out of range [{lo}, {rows.wo.shape[0]})")
+
+
+def _strided(rows: HeadRows, host: HeadRows | None) -> HeadRows:
+    """The table whose strides the kernels use: the resident one unless it is empty."""
+    return host if host is not None and rows.wo.shape[0] == 0 else rows
 
 
 def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache_k: Tensor,
@@ -301,12 +309,13 @@ def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache
     if hs == 0:
         return q
     h = host if host is not None else rows
+    st = _strided(rows, host)
     grid = (hs, 3, triton.cdiv(d, block_d))
     _qkv_kernel[grid](
         x, heads, locs, rows.wqkv, rows.bqkv, h.wqkv, h.bqkv, q, cache_k, cache_v,
         slots, positions, b, c, d, d**-0.5, x.stride(0),
-        rows.wqkv.stride(0), rows.wqkv.stride(1), rows.wqkv.stride(2),
-        rows.bqkv.stride(0), rows.bqkv.stride(1), q.stride(0), q.stride(1),
+        st.wqkv.stride(0), st.wqkv.stride(1), st.wqkv.stride(2),
+        st.bqkv.stride(0), st.bqkv.stride(1), q.stride(0), q.stride(1),
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         HAS_HOST=host is not None, BLOCK_B=16, BLOCK_D=block_d, BLOCK_C=block_c,
         DOT_FP32=interpreting(), num_warps=num_warps, num_stages=num_stages,
@@ -365,9 +374,10 @@ def out_projection(attn: Tensor, rows: HeadRows, locs: Tensor, *, host: HeadRows
         grid = (triton.cdiv(c, block_c), split_h)
         _out_proj_kernel[grid](
             attn, locs, rows.wo, wo_host, acc, b, c, d, hs, attn.stride(0), attn.stride(1),
-            rows.wo.stride(0), rows.wo.stride(1), acc.stride(0),
+            _strided(rows, host).wo.stride(0), _strided(rows, host).wo.stride(1), acc.stride(0),
             HAS_HOST=host is not None, SPLIT_H=split_h, BLOCK_B=16,
-            BLOCK_D=triton.next_power_of_2(d), BLOCK_C=block_c, DOT_FP32=interpreting(),
+            # The dot needs at least 16 along its reduction; padding rows are masked.
+            BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_C=block_c, DOT_FP32=interpreting(),
             num_warps=num_warps, num_stages=num_stages,
         )
     return acc.to(attn.dtype)

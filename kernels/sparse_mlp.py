@@ -66,8 +66,9 @@ def _sparse_mlp_kernel(
     stride_b1,  # stride of the fc1 bias (1 for split, the record length for records)
     stride_accb,  # row stride of the accumulator
     HAS_HOST: tl.constexpr,  # whether negative locs may occur (two tables)
-    BLOCK_B: tl.constexpr,  # batch rows padded to the dot's minimum (16)
+    BLOCK_B: tl.constexpr,  # batch rows, padded to 16 for the dot (1 without it)
     BLOCK_N: tl.constexpr,  # neurons per program
+    USE_DOT: tl.constexpr,  # tensor-core dots (BLOCK_B, BLOCK_N >= 16) or multiply-reduce
     BLOCK_C: tl.constexpr,  # hidden columns per step
     DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
 ):
@@ -97,10 +98,14 @@ def _sparse_mlp_kernel(
                      mask=b_mask[:, None] & c_mask[None, :], other=0.0)
         w = tl.load(w1_rows[:, None] + offs_c[None, :],
                     mask=n_mask[:, None] & c_mask[None, :], other=0.0)
-        if DOT_FP32:
-            xt = xt.to(tl.float32)
-            w = w.to(tl.float32)
-        pre = tl.dot(xt, tl.trans(w), pre)
+        if USE_DOT:
+            if DOT_FP32:
+                xt = xt.to(tl.float32)
+                w = w.to(tl.float32)
+            pre = tl.dot(xt, tl.trans(w), pre)
+        else:  # small blocks (batch 1): more programs in flight, no padding to 16
+            prod = xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            pre += tl.sum(prod, axis=2)
     bias = tl.load(b1_rows, mask=n_mask, other=0.0).to(tl.float32)
     # Masked (padding) neurons have zero weights and bias, so their activation is 0.
     # The activation is rounded to the model dtype, as the dense fp16/bf16 model does
@@ -113,7 +118,9 @@ def _sparse_mlp_kernel(
         c_mask = offs_c < C
         w = tl.load(w2_rows[:, None] + offs_c[None, :],
                     mask=n_mask[:, None] & c_mask[None, :], other=0.0)
-        if DOT_FP32:
+        if not USE_DOT:
+            part = tl.sum(act.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        elif DOT_FP32:
             part = tl.dot(act.to(tl.float32), w.to(tl.float32))
         else:
             part = tl.dot(act, w)
@@ -156,7 +163,10 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
     _check_table("rows", rows, c, x.dtype)
     if host is not None:
         _check_table("host", host, c, x.dtype)
-        if host.w1.stride(0) != rows.w1.stride(0) or host.b1.stride(0) != rows.b1.stride(0):
+        # An empty table's strides are arbitrary; tables holding rows must agree, since the
+        # kernel applies one set of strides to both.
+        if rows.w1.shape[0] and host.w1.shape[0] and (
+                host.w1.stride(0) != rows.w1.stride(0) or host.b1.stride(0) != rows.b1.stride(0)):
             raise ValueError("host and resident tables must share strides (same layout)")
     if locs.dim() != 1 or locs.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"locs: expected a 1-D int32/int64 tensor, got {locs.dtype} "
@@ -176,11 +186,18 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
     k = locs.numel()
     if k:
         h = host if host is not None else rows
+        st = host if host is not None and rows.w1.shape[0] == 0 else rows  # whose strides
+        # Tensor-core dots need 16 rows on each side; batch-1 blocks of fewer neurons use a
+        # multiply-reduce instead (more, smaller programs: more loads in flight).
+        use_dot = block_n >= 16 or b > 1
+        if use_dot and block_n < 16:
+            raise ValueError(f"block_n={block_n} < 16 needs batch 1")
         grid = (triton.cdiv(k, block_n),)
         _sparse_mlp_kernel[grid](
             x, locs, rows.w1, rows.w2t, rows.b1, h.w1, h.w2t, h.b1, acc,
-            b, c, k, x.stride(0), rows.w1.stride(0), rows.b1.stride(0), acc.stride(0),
-            HAS_HOST=host is not None, BLOCK_B=16, BLOCK_N=block_n, BLOCK_C=block_c,
+            b, c, k, x.stride(0), st.w1.stride(0), st.b1.stride(0), acc.stride(0),
+            HAS_HOST=host is not None, BLOCK_B=16 if use_dot else 1, BLOCK_N=block_n,
+            USE_DOT=use_dot, BLOCK_C=block_c,
             DOT_FP32=interpreting(),
             num_warps=num_warps, num_stages=num_stages,
         )

@@ -136,6 +136,13 @@ def test_record_layout_with_resident_and_host_heads(dtype):
     ref = sparse_attention_reference(x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], ws[3], sel,
                                      ck2, cv2, slots, pos, residual=x)
     assert rel_err(out.cpu() - x, ref.float() - x.float()) < TOL[dtype] * 2
+    # Nothing resident: an empty cache table (arbitrary strides) and every head on host.
+    empty = head_rows(torch.empty(0, lay.head_len, dtype=dtype, device=DEVICE), c, d)
+    out = sparse_attention(
+        x.to(DEVICE), empty, sel.to(DEVICE), (-sel - 1).to(DEVICE), ck.clone().to(DEVICE),
+        cv.clone().to(DEVICE), slots.to(DEVICE), pos.to(DEVICE),
+        host=head_rows(rec.to(DEVICE), c, d), residual=x.to(DEVICE))
+    assert rel_err(out.cpu() - x, ref.float() - x.float()) < TOL[dtype] * 2
 
 
 def test_mismatched_inputs_are_refused():

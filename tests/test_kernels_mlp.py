@@ -49,6 +49,17 @@ def test_split_layout_matches_reference(dtype, b, c, f, k):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_n", [4, 8])
+def test_batch_one_multiply_reduce_path(dtype, block_n):
+    x, w1, b1, w2t, b2 = make(1, 37, 23, dtype, seed=7)
+    idx = torch.tensor([22, 0, 5, 13, 7, 19, 2, 11, 3], dtype=torch.int64, device=DEVICE)
+    out = sparse_mlp(x, NeuronRows(w1, w2t, b1), idx, bias2=b2, block_n=block_n, block_c=16)
+    assert rel_err(out, sparse_mlp_reference(x, w1, b1, w2t, idx, b2)) < TOL[dtype]
+    with pytest.raises(ValueError, match="batch 1"):
+        sparse_mlp(torch.cat([x, x]), NeuronRows(w1, w2t, b1), idx, block_n=block_n)
+
+
 def test_reference_equals_dense_mlp_when_all_neurons_selected():
     # The reference is checked against the model's own math (fc2(relu(fc1(x)))), not
     # against another fast path.

@@ -153,3 +153,35 @@ def train_predictors(
     except (SettingsError, CheckpointError, TokenizerError, CalibrationDataError,
             ValueError) as exc:
         raise _user_error(exc) from None
+
+
+# --- kernels: bench ---------------------------------------------------------------------------
+
+@app.command()
+def bench(
+    out: str = typer.Option("bench/results", "--out", help="directory for <date>-<gpu>.json/.md"),
+    small: bool = typer.Option(False, "--small",
+                               help="dry run: tiny shapes (on a CPU through TRITON_INTERPRET)"),
+    time_budget: float = typer.Option(480.0, "--time-budget",
+                                      help="seconds; scenarios that would not fit are skipped"),
+    offload_layers: int = typer.Option(4, "--offload-layers",
+                                       help="decoder layers built in pinned memory (offload)"),
+    only: list[str] = typer.Option(None, "--only",
+                                   help="tune | kernels | resident | offload | accelerate"),
+) -> None:
+    """Benchmark the sparse kernels, resident and offloaded decode (writes JSON + Markdown)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if not torch.cuda.is_available():
+        if not small:
+            raise _user_error(ValueError("bench needs a CUDA GPU; use --small for a CPU dry run"))
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    from dejavu.tools.bench import BenchOptions, main
+
+    main(BenchOptions(out_dir=Path(out), small=small, time_budget_s=time_budget,
+                      offload_layers=offload_layers, only=tuple(only or ()),
+                      command="dejavu-run bench " + " ".join(sys.argv[2:])))

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call for the kernels engineer's checks and numbers, in this order:
+#   1. the marked GPU tests of the kernels (correctness against the references);
+#   2. `dejavu-run bench` (also re-checks every kernel at the benchmarked shapes);
+# logs and results land in $OUT. The package is made importable as `dejavu` through a
+# namespace folder of symlinks, so nothing is installed; pytest comes from carried wheels
+# (.carry/kwhl) when the machine lacks it.
+#   on the device:  bash bench/run_gpu.sh            (BUDGET=seconds for the bench, default 330)
+#   dry run here:   SMALL=1 OUT=/tmp/out bash bench/run_gpu.sh
+set -u
+OUT=${OUT:-/tmp/bench-out}
+BUDGET=${BUDGET:-330}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+ns=$(mktemp -d)
+mkdir -p "$ns/dejavu"
+for d in runtime kernels tools workers scheduler; do ln -s "$PWD/$d" "$ns/dejavu/$d"; done
+if ! python3 -c "import pytest" 2>/dev/null && ls .carry/kwhl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/kwhl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
+(nvidia-smi; nvidia-smi -q | head -40) > "$OUT/nvidia-smi.txt" 2>&1
+if [ -z "${SMALL:-}" ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/test_kernels_mlp.py tests/test_kernels_attention.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+  ARGS="small=False"
+else
+  export TRITON_INTERPRET=1
+  ARGS="small=True, only=('tune', 'kernels')"
+fi
+timeout $((BUDGET + 90)) python3 - <<PY 2>&1 | tee "$OUT/bench.log"
+from pathlib import Path
+from dejavu.tools.bench import BenchOptions, main
+main(BenchOptions(out_dir=Path("$OUT"), time_budget_s=$BUDGET, $ARGS,
+                  command="bash bench/run_gpu.sh  (= dejavu-run bench --time-budget $BUDGET)"))
+PY
+ls -la "$OUT"

@@ -1,0 +1,276 @@
+"""`dejavu-run bench`: kernel, resident and offload benchmarks, written to
+bench/results/<date>-<gpu>.json and .md with the hardware and software they ran on.
+
+Scenarios run in priority order under a wall-clock budget; one that fails or does not fit
+the budget is recorded with the reason, and the rest still run. The top-level keys of
+issue 5 are filled from the measured scenarios, or null with a reason in ``missing``.
+
+``--small`` is the dry run: tiny shapes, on the CPU through Triton's interpreter (or on a
+GPU), to check that the whole script works. Its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench_common import SHAPES, TINY, cuda, gb, h2d_bandwidth, hbm_copy_bandwidth
+
+DENSITIES = [0.05, 0.10, 0.25, 0.50, 1.0]
+MLP_TUNE = [
+    {"block_n": 16, "block_c": 256, "num_warps": 4},
+    {"block_n": 16, "block_c": 512, "num_warps": 8},
+    {"block_n": 32, "block_c": 256, "num_warps": 8},
+    {"block_n": 8, "block_c": 512, "num_warps": 4},
+    {"block_n": 4, "block_c": 1024, "num_warps": 4},
+]
+KEYS = [
+    "mlp_kernel_speedup_10pct_opt13b", "mlp_kernel_hbm_fraction_10pct_opt13b",
+    "offload_opt30b_tokens_per_s", "offload_opt30b_speedup_vs_accelerate",
+    "offload_cold_path_h2d_fraction", "resident_opt13b_dense_time_over_roofline",
+    "resident_opt13b_sparse_speedup_vs_dense", "resident_opt13b_speedup_vs_transformers",
+]
+
+
+@dataclass
+class BenchOptions:
+    out_dir: Path = Path("bench/results")
+    small: bool = False
+    time_budget_s: float = 480.0
+    offload_layers: int = 4  # decoder layers built in pinned memory for the offload runs
+    only: tuple[str, ...] = ()  # scenario names to run (empty: all)
+    command: str = field(default_factory=lambda: " ".join(sys.argv))
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "host": platform.machine(), "cpu_count": os.cpu_count(),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
+    if cuda():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   sm_count=p.multi_processor_count, cuda=torch.version.cuda)
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    else:
+        env.update(gpu=None, driver=None)
+    try:
+        import accelerate
+        env["accelerate"] = accelerate.__version__
+    except ImportError:
+        env["accelerate"] = None
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    return env
+
+
+def _plan(opts: BenchOptions) -> list[tuple[str, str, dict[str, Any]]]:
+    """(scenario, label, arguments) in priority order: the issue's headline numbers first."""
+    if opts.small:
+        t = TINY
+        return [("tune", "tune tiny", {"shape": t}),
+                ("kernels", "kernels tiny", {"shape": t, "batches": (1, 3)}),
+                ("resident", "resident tiny", {"shape": t}),
+                ("offload", "offload tiny", {"shape": t, "layers": 2}),
+                ("accelerate", "accelerate tiny", {"shape": t})]
+    s = SHAPES
+    return [
+        ("tune", "tune opt-13b", {"shape": s["opt-13b"]}),
+        ("kernels", "kernels opt-13b", {"shape": s["opt-13b"], "batches": (1, 8)}),
+        ("resident", "resident opt-13b", {"shape": s["opt-13b"]}),
+        ("offload", "offload opt-30b", {"shape": s["opt-30b"], "layers": opts.offload_layers}),
+        ("accelerate", "accelerate opt-30b", {"shape": s["opt-30b"]}),
+        ("kernels", "kernels opt-30b", {"shape": s["opt-30b"], "batches": (1, 8)}),
+        ("kernels", "kernels opt-6.7b", {"shape": s["opt-6.7b"], "batches": (1, 8)}),
+        ("kernels", "kernels opt-66b", {"shape": s["opt-66b"], "batches": (1, 8)}),
+        ("resident", "resident opt-6.7b", {"shape": s["opt-6.7b"]}),
+        ("offload", "offload opt-13b", {"shape": s["opt-13b"], "layers": opts.offload_layers}),
+    ]
+
+
+# Rough seconds each scenario needs on an H100 (compiles included), to skip rather than be
+# cut off by the lease.
+_COST = {"tune": 15, "kernels": 25, "resident": 45, "offload": 60, "accelerate": 60}
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    from .bench_accelerate import accelerate_case
+    from .bench_kernels import attn_case, mlp_case, tune_mlp
+    from .bench_offload import offload_case
+    from .bench_resident import resident_case
+
+    device = "cuda" if cuda() else "cpu"
+    start = time.perf_counter()
+    res: dict[str, Any] = {"environment": environment(), "command": opts.command,
+                           "small_dry_run": opts.small, "scenarios": {}, "skipped": {},
+                           "log": []}
+    res["ceilings"] = {"hbm_copy_bytes_per_s": hbm_copy_bandwidth(),
+                       "h2d_pinned_bytes_per_s": h2d_bandwidth()}
+    hbm = res["ceilings"]["hbm_copy_bytes_per_s"]
+    h2d = res["ceilings"]["h2d_pinned_bytes_per_s"]
+    tuned: dict[int, dict] = {}
+    densities = [0.1, 1.0] if opts.small else DENSITIES
+    for scenario, label, args in _plan(opts):
+        elapsed = time.perf_counter() - start
+        if opts.only and scenario not in opts.only:
+            continue
+        if elapsed + _COST[scenario] > opts.time_budget_s:
+            res["skipped"][label] = f"time budget: {elapsed:.0f} s used of {opts.time_budget_s}"
+            continue
+        t0 = time.perf_counter()
+        print(f"[bench] {label} (at {elapsed:.0f} s)", flush=True)
+        shape = args["shape"]
+        try:
+            if scenario == "tune":
+                configs = MLP_TUNE if not opts.small else MLP_TUNE[:1] + MLP_TUNE[3:4]
+                out = tune_mlp(shape, device, configs, batches=(1, 3) if opts.small else (1, 8))
+                for b in (1, 3, 8):
+                    if f"best_batch{b}" in out:
+                        tuned[b] = out[f"best_batch{b}"]
+            elif scenario == "kernels":
+                out = {"mlp": mlp_case(shape, device, args["batches"], densities, tuned, hbm),
+                       "attention": attn_case(shape, device, args["batches"], densities, hbm,
+                                              context=64 if opts.small else 512)}
+            elif scenario == "resident":
+                out = resident_case(shape, device, hbm, mlp_density=0.10, head_density=0.50,
+                                    mlp_cfg=tuned.get(1), hf=cuda() or opts.small)
+            elif scenario == "offload":
+                out = offload_case(shape, device, bench_layers=args["layers"], h2d=h2d,
+                                   batches=(1, 8), mlp_cfg=None,
+                                   budget_gib=None if opts.small else 24.0)
+            elif scenario == "accelerate":
+                if not cuda():
+                    raise RuntimeError("accelerate's CPU offload needs a GPU")
+                out = accelerate_case(shape, device, budget_gib=24.0)
+            res["scenarios"][label] = out
+        except Exception as exc:
+            res["scenarios"][label] = {"error": repr(exc)[:500]}
+            traceback.print_exc()
+        finally:
+            if cuda():
+                torch.cuda.empty_cache()
+        res["log"].append({"scenario": label, "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"[bench] {label} done in {time.perf_counter() - t0:.1f} s", flush=True)
+    res["tuned_mlp_blocks"] = {str(k): v for k, v in tuned.items()}
+    res.update(headline(res))
+    res["total_s"] = round(time.perf_counter() - start, 1)
+    return res
+
+
+def _find(rows, **match) -> dict | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def headline(res: dict[str, Any]) -> dict[str, Any]:
+    sc = res["scenarios"]
+    out: dict[str, Any] = {k: None for k in KEYS}
+    missing: dict[str, str] = {}
+    k13 = sc.get("kernels opt-13b", {})
+    row = _find(k13.get("mlp", []), shape="opt-13b", batch=1, density=0.10)
+    if row:
+        out["mlp_kernel_speedup_10pct_opt13b"] = row["speedup_vs_dense"]
+        out["mlp_kernel_hbm_fraction_10pct_opt13b"] = row["sparse_hbm_fraction"]
+    r13 = sc.get("resident opt-13b", {})
+    if "ours_dense_ms" in r13:
+        out["resident_opt13b_dense_time_over_roofline"] = r13.get("dense_time_over_roofline")
+        out["resident_opt13b_sparse_speedup_vs_dense"] = r13.get("sparse_speedup_vs_dense")
+        out["resident_opt13b_speedup_vs_transformers"] = r13.get(
+            "sparse_speedup_vs_transformers")
+    off = sc.get("offload opt-30b", {})
+    run1 = _find(off.get("runs", []), batch=1)
+    if run1 and "ours_tokens_per_s_extrapolated" in run1:
+        out["offload_opt30b_tokens_per_s"] = run1["ours_tokens_per_s_extrapolated"]
+        acc = _find(sc.get("accelerate opt-30b", {}).get("runs", []), batch=1)
+        if acc:
+            out["offload_opt30b_speedup_vs_accelerate"] = round(
+                run1["ours_tokens_per_s_extrapolated"] / acc["tokens_per_s_extrapolated"], 1)
+    cold = off.get("cold_path", {})
+    out["offload_cold_path_h2d_fraction"] = cold.get("chosen_h2d_fraction")
+    for k in KEYS:
+        if out[k] is None:
+            missing[k] = "not measured in this run (see scenarios/skipped for the reason)"
+    out["missing"] = missing
+    return out
+
+
+def write_results(res: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    env = res["environment"]
+    gpu = (env.get("gpu") or "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
+    stem = f"{env['date_utc'][:10]}-{gpu}" + ("-small" if res["small_dry_run"] else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    jpath.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    mpath.write_text(render_markdown(res))
+    return jpath, mpath
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    env, c = res["environment"], res["ceilings"]
+    lines = [f"# dejavu-run bench, {env['date_utc']}", "",
+             f"GPU {env.get('gpu')} (driver {env.get('driver')}, CUDA {env.get('cuda')}), "
+             f"torch {env['torch']}, triton {env.get('triton')}, transformers "
+             f"{env.get('transformers')}, accelerate {env.get('accelerate')}.",
+             f"Command: `{res['command']}`. Total {res.get('total_s')} s.", ""]
+    if res["small_dry_run"]:
+        lines += ["**Dry run (--small): tiny shapes, numbers are meaningless.**", ""]
+    lines += [f"Measured ceilings: HBM copy {gb(c['hbm_copy_bytes_per_s'])} GB/s (read+write), "
+              f"pinned H2D {gb(c['h2d_pinned_bytes_per_s'])} GB/s.", "", "## Headline", "",
+              "| key | value |", "|---|---|"]
+    for k in KEYS:
+        v = res.get(k)
+        lines.append(f"| {k} | {v if v is not None else 'not measured'} |")
+    for label, sc in res["scenarios"].items():
+        lines += ["", f"## {label}", ""]
+        if "error" in sc:
+            lines.append(f"failed: `{sc['error']}`")
+            continue
+        if label.startswith("kernels"):
+            lines += ["| kind | batch | density | sparse us | dense us | speedup | sparse GB/s "
+                      "| of HBM | rel err |", "|---|---|---|---|---|---|---|---|---|"]
+            for r in sc["mlp"] + sc["attention"]:
+                lines.append(f"| {r['kind']} | {r['batch']} | {r['density']:.0%} | "
+                             f"{r['sparse_us']} | {r['dense_us']} | {r['speedup_vs_dense']} | "
+                             f"{r['sparse_gbps']} | {r['sparse_hbm_fraction']} | "
+                             f"{r['rel_err_vs_reference']:.1e} |")
+        else:
+            lines += ["```json", json.dumps(sc, indent=1, default=str)[:6000], "```"]
+    if res["skipped"]:
+        lines += ["", "## Skipped", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(opts: BenchOptions) -> tuple[Path, Path]:
+    res = run_bench(opts)
+    paths = write_results(res, opts.out_dir)
+    print(json.dumps({k: res.get(k) for k in KEYS}, indent=1))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return paths
