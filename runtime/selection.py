@@ -116,10 +116,14 @@ class RandomSelector:
         if layer_id in self.dense_layers:
             return Selection()
         b, t = source.shape[:2]
-        scores_n = torch.rand(b, t, self.ffn_dim, generator=self.generator)
-        scores_h = torch.rand(b, t, self.num_heads, generator=self.generator)
-        return Selection(heads=topk_mask(scores_h, self.head_k).to(source.device),
-                         neurons=topk_mask(scores_n, self.mlp_k).to(source.device))
+        out = Selection()
+        if self.mlp_k < self.ffn_dim:
+            scores = torch.rand(b, t, self.ffn_dim, generator=self.generator)
+            out.neurons = topk_mask(scores, self.mlp_k).to(source.device)
+        if self.head_k < self.num_heads:
+            scores = torch.rand(b, t, self.num_heads, generator=self.generator)
+            out.heads = topk_mask(scores, self.head_k).to(source.device)
+        return out
 
 
 class FixedSelector:

@@ -1,0 +1,203 @@
+"""Quality vs density: dense, the trained predictors at a sweep of MLP and head densities,
+and uniformly random selection at the same densities.
+
+For every configuration it scores held-out text (bits per byte, sliding windows, the same
+scorer as ``dejavu-run eval``) and, when a task scorer is given, zero-shot tasks, with the
+measured densities next to each number. Writes sweep.json, sweep.md (table) and sweep.png
+(bits per byte and accuracy vs density) into the output directory.
+
+    python -m dejavu.tools.sparsity_sweep --model models/M --data heldout.jsonl.xz \
+        --out bench/sparsity [--docs 8 --chars 40000] [--device cuda]
+
+What this module does not know: how the tasks are scored (``tasks`` is a callable), or how
+the predictors were trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dejavu.runtime.selection import PredictorSelector, RandomSelector, SelectionConfig
+from dejavu.tools.eval_text import dense_logits_fn, score_documents
+from dejavu.tools.sparse_eval import density_metrics, sparse_logits_fn
+
+# (mlp density, head density); None = the layer's trained operating point.
+MLP_SWEEP = (0.5, 0.3, 0.2, 0.15, 0.1, 0.05)
+HEAD_SWEEP = (0.75, 0.5, 0.25)
+JOINT = ((0.2, 0.5), (0.15, 0.5), (0.1, 0.5))
+
+
+@dataclass(frozen=True)
+class Point:
+    selector: str  # "dense" | "predictor" | "random"
+    mlp: float | None
+    head: float | None
+
+    @property
+    def name(self) -> str:
+        if self.selector == "dense":
+            return "dense"
+        fmt = lambda v: "trained" if v is None else f"{v:g}"  # noqa: E731
+        return f"{self.selector} mlp={fmt(self.mlp)} heads={fmt(self.head)}"
+
+
+def sweep_points() -> list[Point]:
+    pts = [Point("dense", 1.0, 1.0), Point("predictor", None, None)]
+    for sel in ("predictor", "random"):
+        pts += [Point(sel, m, 1.0) for m in MLP_SWEEP]
+        pts += [Point(sel, 1.0, h) for h in HEAD_SWEEP]
+        pts += [Point(sel, m, h) for m, h in JOINT]
+    return pts
+
+
+TaskFn = Callable[[Callable], dict[str, float]]  # logits_fn -> {"piqa_acc": ...}
+
+
+def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | None = None,
+              points: list[Point] | None = None, window: int = 1024, stride: int = 512,
+              batch_size: int = 8, device: str = "cpu", log=print) -> list[dict]:
+    rows = []
+    c = model.config
+    for pt in points or sweep_points():
+        t0 = time.perf_counter()
+        selector = make_selector(pt, predictors, c)
+        stats = None
+        if selector is None:
+            logits_fn = dense_logits_fn(model)
+        else:
+            logits_fn, stats = sparse_logits_fn(model, selector)
+        score = score_documents(logits_fn, lambda s: tok.encode(s, add_bos=False), documents,
+                                bos_id=tok.bos_id, window=window, stride=stride,
+                                batch_size=batch_size, device=device)
+        row = {"config": pt.name, "selector": pt.selector, "mlp_target": pt.mlp,
+               "head_target": pt.head, "bits_per_byte": score.bits_per_byte,
+               "perplexity": score.perplexity, "tokens": score.tokens}
+        row.update(density_metrics(stats) if stats is not None
+                   else {"mlp_density": 1.0, "head_density": 1.0})
+        if tasks is not None:  # a fresh selector and stats: tasks report their own density
+            selector = make_selector(pt, predictors, c)
+            task_fn = (dense_logits_fn(model) if selector is None
+                       else sparse_logits_fn(model, selector)[0])
+            row.update(tasks(task_fn))
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        log(f"{pt.name:<36} bpb={row['bits_per_byte']:.4f} mlp={row['mlp_density']:.3f} "
+            f"heads={row['head_density']:.3f} ({row['seconds']:.0f} s)")
+    return rows
+
+
+def make_selector(pt: Point, predictors, c):
+    """None for dense; a density of 1 keeps that block dense (no selection at all)."""
+    if pt.selector == "dense":
+        return None
+    if pt.selector == "random":
+        return RandomSelector(c.ffn_dim, c.num_attention_heads, pt.mlp, pt.head, seed=0)
+    return PredictorSelector(predictors, SelectionConfig(mlp_density=pt.mlp,
+                                                         head_density=pt.head))
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    dense = next(r for r in rows if r["selector"] == "dense")
+    extra = sorted({k for r in rows for k in r if k.endswith("_acc")})
+    lines = [header, "",
+             "| config | MLP density | head density | bits/byte | vs dense | "
+             + " | ".join(extra) + (" |" if extra else "|"),
+             "|---|---|---|---|---|" + "---|" * len(extra)]
+    for r in rows:
+        rel = (r["bits_per_byte"] / dense["bits_per_byte"] - 1) * 100
+        accs = "".join(f" {r.get(k, float('nan')):.3f} |" for k in extra)
+        lines.append(f"| {r['config']} | {r['mlp_density']:.3f} | {r['head_density']:.3f} | "
+                     f"{r['bits_per_byte']:.4f} | {rel:+.2f}% |{accs}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in rows if r["selector"] == "dense")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, fixed, label in ((axes[0], "mlp", "head_target", "MLP density (heads dense)"),
+                                  (axes[1], "head", "mlp_target", "head density (MLP dense)")):
+        for sel, style in (("predictor", "o-"), ("random", "s--")):
+            pts = sorted((r[f"{key}_density"], r["bits_per_byte"]) for r in rows
+                         if r["selector"] == sel and r[fixed] == 1.0
+                         and r[f"{key}_target"] not in (None, 1.0))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=sel)
+        ax.axhline(dense["bits_per_byte"], color="k", lw=0.8, label="dense")
+        ax.axhline(dense["bits_per_byte"] * 1.01, color="k", lw=0.8, ls=":", label="dense +1%")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel("held-out bits per byte")
+        ax.legend()
+    joint = [r for r in rows if r["selector"] == "predictor" and r["mlp_target"] != 1.0
+             and r["head_target"] != 1.0]
+    for r in joint:
+        axes[0].annotate(f"+heads {r['head_density']:.2f}",
+                         (r["mlp_density"], r["bits_per_byte"]), fontsize=7)
+        axes[0].plot(r["mlp_density"], r["bits_per_byte"], "r^")
+    fig.suptitle("Quality vs density: trained predictors vs random selection")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
+    from dejavu.runtime.predictors import PredictorSet, find_predictors
+    from dejavu.runtime.tokenizer import load_tokenizer
+    from dejavu.tools.collect_labels import iter_texts
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--predictors", default=None)
+    p.add_argument("--data", required=True, help="held-out text (.txt, .jsonl, .jsonl.xz)")
+    p.add_argument("--docs", type=int, default=8, help="documents scored")
+    p.add_argument("--chars", type=int, default=40_000, help="characters per document")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--quick", action="store_true", help="dense, trained point, two joint")
+    args = p.parse_args(argv)
+    model_dir = resolve_model_dir(args.model)
+    model = load_model(model_dir, device=args.device)
+    tok = load_tokenizer(model_dir)
+    preds_path = args.predictors or find_predictors(model_dir)
+    predictors = PredictorSet.load(preds_path, model, device=args.device)
+    docs = []
+    for text in iter_texts(args.data):
+        docs.append(text[len(text) // 3: len(text) // 3 + args.chars])
+        if len(docs) >= args.docs:
+            break
+    window = min(args.window, model.config.max_position_embeddings)
+    points = None
+    if args.quick:
+        points = [Point("dense", 1.0, 1.0), Point("predictor", None, None),
+                  Point("predictor", 0.2, 0.5), Point("random", 0.2, 0.5)]
+    rows = run_sweep(model, tok, predictors, docs, points=points, window=window,
+                     stride=min(args.stride, window), device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_dir.name, "data": Path(args.data).name, "docs": len(docs),
+            "chars_per_doc": args.chars, "device": args.device,
+            "hardware": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    header = (f"Sparsity sweep on {meta['model']}: {meta['docs']} held-out documents of "
+              f"{meta['data']} ({rows[0]['tokens']} tokens), {meta['hardware']}, "
+              f"{meta['date']}.")
+    (out / "sweep.md").write_text(markdown(rows, header))
+    plot(rows, out / "sweep.png")
+
+
+if __name__ == "__main__":
+    main()
