@@ -96,7 +96,9 @@ def resolve_model_dir(model: str | Path) -> Path:
         raise CheckpointError(f"{path}: is a file; expected a checkpoint directory or a "
                               "Hugging Face id")
     text = str(model)
-    if not _HF_ID.match(text):
+    # "models/x" whose parent folder exists here is a local path that is missing, not a
+    # Hugging Face id: say so instead of asking the hub.
+    if not _HF_ID.match(text) or (path.parent != Path(".") and path.parent.is_dir()):
         raise CheckpointError(f"{text}: no such checkpoint directory")
     try:
         from huggingface_hub import snapshot_download

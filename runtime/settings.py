@@ -106,8 +106,9 @@ class Settings:
         unchanged (a Hugging Face id, or a path the loader will report as missing)."""
         value = self.model.path
         source = self.sources.get("model.path", "default")
-        base = REPO_ROOT if source == "default" else (
-            self.config_dir if source != "command line" else None)
+        if source == "default":  # the shipped model, wherever the command runs from
+            return str(REPO_ROOT / value)
+        base = self.config_dir if source != "command line" else None
         if base is not None and not Path(value).is_absolute() and (base / value).is_dir():
             return str(base / value)
         return value

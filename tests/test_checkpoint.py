@@ -260,6 +260,9 @@ def test_config_that_is_not_opt(ckpt):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         resolve_model_dir(tmp_path / "nope" / "deeper")
+    # A missing folder inside an existing one is a missing path, not a Hugging Face id.
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        resolve_model_dir(tmp_path / "absent")
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
         resolve_model_dir(tmp_path / "file")

@@ -105,6 +105,7 @@ def test_model_path_relative_to_config_file(tmp_path):
     assert s.model_path() == str(tmp_path / "weights")
     s = load_settings(write(tmp_path, "[model]\npath = 'facebook/opt-125m'\n"))
     assert s.model_path() == "facebook/opt-125m"
+    assert Settings().model_path() == str(REPO_ROOT / "models" / "opt-gutenberg-31m")
 
 
 def test_render_round_trips(tmp_path):
