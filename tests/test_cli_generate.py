@@ -4,6 +4,7 @@ line on stderr naming the problem, a non-zero exit and no traceback."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from opt_fixtures import save_hf_model, train_tokenizer
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from dejavu.runtime.checkpoint import save_model
+from dejavu.runtime.checkpoint import load_model, save_model
 from dejavu.runtime.model import OPTModel
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.tokenizer import load_tokenizer
@@ -242,3 +243,26 @@ def test_hf_id_offline_without_cache_subprocess(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "facebook/opt-125m" in lines[0]
     assert "not in the Hugging Face cache" in lines[0], lines[0]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(hf_pair):
+    from dejavu.runtime.settings import load_settings
+    from dejavu.tools.generate import GenerateRequest, run_generate
+
+    settings = load_settings(None, {"model.path": str(hf_pair[1]),
+                                    "generation.max_new_tokens": 2})
+    request = GenerateRequest(prompt=None, prompt_ids="2,5")
+    term, pipe, out = _Terminal(), io.StringIO(), io.StringIO()
+    run_generate(settings, request, as_json=True, out=out, err=term)
+    run_generate(settings, request, as_json=True, out=out, err=pipe)
+    total = len(load_model(hf_pair[1]).state_dict())
+    assert "loading weights" in term.getvalue()
+    assert term.getvalue().rstrip().endswith(f"{total}/{total}")
+    assert pipe.getvalue() == ""
+    assert [json.loads(line)["prompt_tokens"] for line in out.getvalue().splitlines()] == [
+        [2, 5], [2, 5]]
