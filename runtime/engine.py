@@ -30,14 +30,17 @@ class Completion:
 
 class Engine:
     def __init__(self, model: OPTModel, tokenizer=None, *, max_batch: int = 8,
-                 max_len: int | None = None, prefill_chunk: int = 512) -> None:
+                 max_len: int | None = None, prefill_chunk: int = 512,
+                 selector=None) -> None:
         if not (model.is_first and model.is_last):
             raise ValueError("the in-process engine needs every layer of the model")
         config = model.config
         self.model = model
         self.tokenizer = tokenizer
         max_len = max_len or config.max_position_embeddings
-        self.stage = Stage(model, allocate_cache(model, max_batch, max_len))
+        # selector: contextual sparsity (runtime/selection.py); None runs dense.
+        cache = allocate_cache(model, max_batch, max_len, keep_inputs=selector is not None)
+        self.stage = Stage(model, cache, selector)
         eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
         factory = tokenizer.detokenizer if tokenizer is not None else None
         self.scheduler = Scheduler(

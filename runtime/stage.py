@@ -14,15 +14,21 @@ from torch import Tensor
 
 from .model import Batch, KVCache, OPTModel
 from .sampling import new_generator, sample, top_logprobs
+from .sparse import Selector, SparseContext, SparseStats
 from .step import Row, Step, StepResult, TokenResult
 
 
 class Stage:
-    def __init__(self, model: OPTModel, cache: KVCache) -> None:
+    def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None = None) -> None:
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
         self.generators: dict[str, torch.Generator] = {}
+        # Contextual sparsity (runtime/sparse.py): None runs dense. ``carry_out`` is what the
+        # next stage's first predictor reads; a later stage gets it as ``forward(carry=)``.
+        self.selector = selector
+        self.sparse_stats = SparseStats()
+        self.carry_out: Tensor | None = None
 
     def batch(self, step: Step) -> tuple[Tensor, Batch]:
         """Token ids [B, T] (padded with 0) and where each row sits. Padding positions are
@@ -37,11 +43,15 @@ class Stage:
                 max=self.cache.max_len - 1
             )
         slots = torch.tensor([row.slot for row in step.rows], dtype=torch.long)
+        sparse = None
+        if self.selector is not None:
+            sparse = SparseContext(self.selector, stats=self.sparse_stats)
         return ids.to(self.device), Batch(positions.to(self.device), slots.to(self.device),
-                                          self.cache)
+                                          self.cache, sparse)
 
     @torch.inference_mode()
-    def forward(self, step: Step, hidden: Tensor | None = None) -> Tensor:
+    def forward(self, step: Step, hidden: Tensor | None = None,
+                carry: Tensor | None = None) -> Tensor:
         """Token ids in (first stage) or the previous stage's hidden [B, T, C]; returns this
         span's output hidden [B, T, C]."""
         self.release(step.release)
@@ -50,7 +60,12 @@ class Stage:
             hidden = self.model.embed(ids, batch.positions)
         elif hidden is None:
             raise ValueError("a stage without the embeddings needs the previous hidden state")
-        return self.model.run_layers(hidden.to(self.device), batch)
+        if batch.sparse is not None and carry is not None:
+            batch.sparse = SparseContext(self.selector, stats=self.sparse_stats,
+                                         carry=carry.to(self.device))
+        out = self.model.run_layers(hidden.to(self.device), batch)
+        self.carry_out = batch.sparse.carry_out if batch.sparse is not None else None
+        return out
 
     @torch.inference_mode()
     def finish(self, step: Step, hidden: Tensor) -> StepResult:
@@ -103,7 +118,10 @@ class Stage:
         return result
 
 
-def allocate_cache(model: OPTModel, slots: int, max_len: int) -> KVCache:
+def allocate_cache(model: OPTModel, slots: int, max_len: int, *,
+                   keep_inputs: bool = False) -> KVCache:
+    """``keep_inputs``: also store attention inputs, so that sparse steps can recompute
+    K/V of heads skipped earlier (runtime/sparse.py)."""
     param = next(model.parameters())
     return KVCache(model.config, model.layer_ids, slots, max_len, dtype=param.dtype,
-                   device=param.device)
+                   device=param.device, keep_inputs=keep_inputs)

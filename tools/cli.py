@@ -32,6 +32,8 @@ def generate(
     dtype: str = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    sparse: bool = typer.Option(None, "--sparse/--dense",
+                                help="contextual sparsity (default: when predictors exist)"),
 ) -> None:
     """Generate a continuation of one prompt (streams text; --json prints one object)."""
     from dejavu.runtime.settings import load_settings
@@ -44,7 +46,7 @@ def generate(
             "generation.top_p": top_p, "generation.top_k": top_k, "generation.seed": seed,
         })
         run_generate(settings, GenerateRequest(prompt, prompt_ids, tuple(stop or ())),
-                     as_json=as_json)
+                     as_json=as_json, sparse=sparse)
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
 

@@ -19,7 +19,9 @@ import torch
 
 from dejavu.runtime.checkpoint import CheckpointError, load_model, resolve_model_dir
 from dejavu.runtime.opt_config import ConfigError, OPTConfig
+from dejavu.runtime.predictors import PredictorError
 from dejavu.runtime.sampling import SamplingError, SamplingParams
+from dejavu.runtime.selection import SelectionError, selector_from_settings
 from dejavu.runtime.settings import Settings, SettingsError
 from dejavu.runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -31,6 +33,7 @@ class GenerateError(ValueError):
 # Errors a user can cause and fix; the CLI prints them as one line, without a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError, ConfigError, TokenizerError, SettingsError, SamplingError, GenerateError,
+    PredictorError, SelectionError,
 )
 try:  # the scheduler's admission errors, when it is importable
     from dejavu.scheduler.core import RequestError
@@ -102,7 +105,8 @@ def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
 
 
 def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
-                 out: TextIO | None = None, err: TextIO | None = None) -> dict:
+                 out: TextIO | None = None, err: TextIO | None = None,
+                 sparse: bool | None = None) -> dict:
     """Validate, load, generate. Returns the JSON-shaped result (also printed)."""
     out = out or sys.stdout  # looked up per call: tests and callers swap sys.stdout
     err = err or sys.stderr
@@ -137,7 +141,10 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
 
     model = load_model(model_dir, dtype=settings.model.dtype, device=device,
                        progress=_progress_bar(err))
-    engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + params.max_new_tokens)
+    # --sparse / --dense / neither (then [sparsity]: sparse when predictors are found).
+    selector = selector_from_settings(settings.sparsity, model, model_dir, sparse=sparse)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + params.max_new_tokens,
+                    selector=selector)
     tokens: list[int] = []
     text = ""
     with torch.inference_mode():
@@ -152,6 +159,10 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
                     out.write(event.text)
                     out.flush()
     result = {"prompt_tokens": ids, "tokens": tokens, "text": text}
+    if selector is not None:
+        stats = engine.stage.sparse_stats
+        result["sparsity"] = {"mlp_density": stats.mlp_density,
+                              "head_density": stats.head_density}
     if as_json:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
