@@ -48,7 +48,7 @@ class ModelSettings:
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = setting(64, "tokens generated per request at most", low=0, high=2048)
+    max_new_tokens: int = setting(64, "tokens generated per request at most", low=1, high=2048)
     temperature: float = setting(0.0, "0 is greedy; higher is more random", low=0.0, high=100.0)
     top_p: float = setting(1.0, "nucleus sampling mass, 1 keeps everything", low=0.0, high=1.0,
                            low_open=True)

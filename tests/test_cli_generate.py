@@ -106,6 +106,7 @@ def test_generate_streams_text_and_json_agrees(text_model):
     (["--prompt", "hi", "--prompt-ids", "2"], "exactly one of --prompt"),
     (["--prompt-ids", "2,9999"], "token id 9999 is outside the vocabulary"),
     (["--prompt-ids", "2,5", "--max-new-tokens", "127"], "exceeds the model's 128 positions"),
+    (["--prompt-ids", "2", "--max-new-tokens", "0"], "max_new_tokens = 0"),
     (["--prompt-ids", "2", "--temperature", "-1"], "temperature = -1.0"),
     (["--prompt-ids", "2", "--temperature", "nan"], "temperature = nan"),
     (["--prompt-ids", "2", "--top-p", "0"], "top_p = 0.0"),
