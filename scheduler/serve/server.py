@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import sys
 import threading
@@ -77,12 +78,20 @@ def run_server(settings, options: ServeOptions) -> None:
     if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
         print(f"warning: serving on {options.host} without --api-key: anyone who can reach "
               "this address can use the model", file=sys.stderr)
+    # Ctrl-C / SIGTERM mean "stop": uvicorn drains and shuts down, then re-raises the
+    # signal it caught; this handler turns that (or a signal during loading) into exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_cleanly)
     client, tokenizer = build_client(settings, options)
     name = options.model_name or settings.model.path
     app = make_app(client, tokenizer, options, name, close_client=True)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
                             timeout_graceful_shutdown=10)
     uvicorn.Server(config).run()
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 @contextlib.contextmanager
