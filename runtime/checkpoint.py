@@ -124,7 +124,15 @@ def resolve_model_dir(model: str | Path) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{text}: could not download from Hugging Face: {first}") from None
-    return Path(local)
+    local = Path(local)
+    if not any(local.glob("*.safetensors")):
+        # Only the files we read were fetched: a repository with .bin weights alone lands
+        # here without weights.
+        raise CheckpointError(
+            f"{text}: the Hugging Face repository has no safetensors weights; download its "
+            "pytorch_model.bin and convert it: dejavu-run convert SRC DST"
+        )
+    return local
 
 
 # --- reading safetensors headers -------------------------------------------------------------

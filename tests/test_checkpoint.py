@@ -284,5 +284,8 @@ def test_hf_id_from_offline_cache(tmp_path, monkeypatch, ckpt):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert resolve_model_dir("someone/tiny-opt") == snapshot
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no safetensors weights.*dejavu-run convert"):
+        resolve_model_dir("someone/tiny-opt")
     with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
         resolve_model_dir("someone/absent-model")
