@@ -84,6 +84,24 @@ def config_show(
         raise _user_error(exc) from None
 
 
+# --- model: train-model (eval follows) -------------------------------------------------------
+
+@app.command(
+    "train-model",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def train_model(ctx: typer.Context) -> None:
+    """Train the small default OPT model (options: `dejavu-run train-model --help`; they are
+    tools/train_model.py's, e.g. --corpus --tokenizer --out --steps N | --time-budget S)."""
+    from dejavu.tools.train_model import main as train_main
+
+    try:
+        train_main(list(ctx.args))
+    except ValueError as exc:
+        raise _user_error(exc) from None
+
+
 # --- serving: the OpenAI-compatible HTTP server ------------------------------------------
 
 @app.command()
