@@ -49,6 +49,9 @@ def generate(
                      as_json=as_json, sparse=sparse)
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
+    except KeyboardInterrupt:  # Ctrl-C while streaming: stop quietly, as shells expect
+        typer.echo("", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
