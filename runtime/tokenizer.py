@@ -42,7 +42,7 @@ def byte_decoder() -> dict[str, int]:
     table = {chr(b): b for b in printable}
     shifted = 0
     for b in range(256):
-        if chr(b) not in table or table[chr(b)] != b:
+        if chr(b) not in table:
             table[chr(256 + shifted)] = b
             shifted += 1
     return table
