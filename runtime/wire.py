@@ -109,10 +109,12 @@ WorkerMessage = Hello | Ready | StepDone | StepFailed | Heartbeat | Fatal
 
 
 class Fault(msgspec.Struct, forbid_unknown_fields=True):
-    """A fault to inject (tests only): at the worker's ``at_step``-th step (1-based), or on
-    every step carrying ``request`` from then on, do ``action``."""
+    """A fault to inject (tests only) on worker ``worker``: at its ``at_step``-th step
+    (1-based), or at the first step carrying ``request``, do ``action`` once; a ``raise``
+    tied to a request fires on every step that carries it."""
 
     action: str  # raise | oom | exit | hang | sleep
+    worker: int = 0
     at_step: int = 1
     seconds: float = 0.0
     request: str | None = None
@@ -132,8 +134,11 @@ class Setup(_Msg):
     watchdog_s: float
     scheduler_timeout_s: float
     max_data_bytes: int
+    # A secret of this cluster's life: the data plane accepts only activations that carry
+    # it, so a stray or forged frame can never run a step (or write a KV cache).
+    token: str = ""
     threads: int = 0  # torch CPU threads (0: torch's default)
-    fault: Fault | None = None
+    faults: list[Fault] = []
 
 
 class RunStep(_Msg):
@@ -177,6 +182,7 @@ class Activations(_Msg):
     step: Step
     dtype: str
     shape: tuple[int, int, int]
+    token: str = ""  # Setup.token
     errors: dict[str, str] = {}
     stage_s: list[float] = []
     hop_s: list[float] = []

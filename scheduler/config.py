@@ -45,8 +45,7 @@ class PipelineConfig:
     max_restarts: int = 3
     memory_budget_gb: float = 0.0  # per worker; 0 = no limit
     threads: int = 0  # torch CPU threads per worker; 0 = cores / workers
-    fault_worker: int = -1  # tests only: inject `fault` into this worker
-    fault: Fault | None = None
+    faults: list[Fault] = field(default_factory=list)  # tests only (wire.Fault)
 
     def __post_init__(self) -> None:
         def bad(key: str, fix: str) -> PipelineConfigError:

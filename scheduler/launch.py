@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 
 from dejavu.runtime.checkpoint import CheckpointError, inspect_checkpoint, resolve_model_dir
+from dejavu.runtime.opt_config import ConfigError, OPTConfig
 
 from .config import PipelineConfig, PipelineConfigError
 from .logs import setup_logging
@@ -49,19 +50,20 @@ def launch(config: PipelineConfig) -> int:
         return EXIT_CANNOT_START
     try:
         try:
-            server = _build(config, run_dir)
-        except (CheckpointError, PlanError, TransportError, RunDirError,
+            server, model_dir = _build(config, run_dir)
+        except (CheckpointError, ConfigError, PlanError, TransportError, RunDirError,
                 PipelineConfigError) as exc:
             log.error("cannot launch: %s", exc)
             return EXIT_CANNOT_START
-        return server.run()
+        # Full validation of the weights' headers runs while the workers start.
+        return server.run(preflight=lambda: inspect_checkpoint(model_dir))
     finally:
         run_dir.release()
 
 
-def _build(config: PipelineConfig, run_dir: RunDir) -> PipelineServer:
+def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Path]:
     model_dir = resolve_model_dir(config.model)
-    model_config = inspect_checkpoint(model_dir).config
+    model_config = OPTConfig.from_file(model_dir / "config.json")
     config = config.with_overrides(model=str(model_dir))
     max_len = config.max_len or model_config.max_position_embeddings
     budget = int(config.memory_budget_gb * GiB) if config.memory_budget_gb else None
@@ -79,7 +81,7 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> PipelineServer:
         log.info("no tokenizer in %s (%s): streaming token ids without text", model_dir,
                  type(exc).__name__)
     return PipelineServer(config, plan, model_config, run_dir, tokenizer=tokenizer,
-                          curve=curve)
+                          curve=curve), model_dir
 
 
 # --- a launch as a child process -------------------------------------------------------------
@@ -98,13 +100,19 @@ class Cluster:
         self.address = config.client_address or f"ipc://{self.run_dir / 'client.sock'}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 120.0, *, quiet: bool = False) -> Cluster:
+    def start(self, timeout_s: float = 120.0, *, log: Path | None = None) -> Cluster:
+        """Start and wait until every worker is ready; the cluster's log goes to ``log``
+        (a file) or, by default, to this process's stderr."""
         from .zmq_client import PipelineConnection
 
         cmd = [sys.executable, "-m", "dejavu.scheduler.launch", "--config-json",
                msgspec.json.encode(self.config).decode()]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL if quiet else None)
+        stderr = open(log, "ab") if log is not None else None  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=stderr)
+        finally:
+            if stderr is not None:
+                stderr.close()
         deadline = time.monotonic() + timeout_s
         with PipelineConnection(self.address, keys_dir=self.config.keys_dir or None) as conn:
             while time.monotonic() < deadline:

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -123,6 +125,7 @@ class PipelineServer:
         self.clients.bind(self.client_address)
         self.client_of: dict[str, bytes] = {}  # request id -> client routing id
         self.epoch = 0
+        self.token = secrets.token_hex(16)
         self.state = "starting"
         self.exit_code = 0
         self.stop_requested = 0
@@ -142,12 +145,21 @@ class PipelineServer:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self, preflight: Callable[[], None] | None = None) -> int:
+        """Start the workers, then run ``preflight`` (checkpoint validation: it overlaps
+        the workers' imports) and serve until stopped. A preflight error stops everything
+        and is logged; the exit code is then 2."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         try:
             for w in self.workers:
                 self._start_worker(w)
+            if preflight is not None:
+                try:
+                    preflight()
+                except Exception as exc:  # noqa: BLE001 - reported, then a clean stop
+                    log.error("cannot launch: %s", exc)
+                    self.exit_code, self.state = 2, "stopped"
             while self.state != "stopped":
                 self._poll_once()
         finally:
@@ -282,15 +294,14 @@ class PipelineServer:
                                                       f"{wire.PROTOCOL}"))
             return
         w.pid, w.state = msg.pid, "loading"
-        fault = self.config.fault if self.config.fault_worker == w.index else None
-        if fault is not None and w.restarts:
-            fault = None  # a restarted worker runs clean, so the restart can be observed
+        # A restarted worker runs clean, so that the restart can be observed.
+        faults = [f for f in self.config.faults if f.worker == w.index] if not w.restarts else []
         threads = self.config.threads or max(1, (os.cpu_count() or 1) // self.config.workers)
         self._send_worker(identity, wire.Setup(
             self.config.model, (w.layers.start, w.layers.stop), self.config.dtype, w.device,
             self.config.slots, self.max_len, w.data_in, w.data_out, self.epoch,
             self.config.heartbeat_s, self.config.watchdog_s, self.config.scheduler_timeout_s,
-            self.max_data_bytes, threads if w.device == "cpu" else 0, fault))
+            self.max_data_bytes, self.token, threads if w.device == "cpu" else 0, faults))
 
     def _send_worker(self, identity: bytes, message) -> bool:
         try:

@@ -132,13 +132,17 @@ class PipelineConnection:
         """One request's events as they come; closing the iterator early aborts it."""
         rid = self.submit(prompt, params)
         finished = False
+        others: list[Event] = []
         try:
             while not finished:
                 for event in self.events():
                     if event.request_id == rid:
                         yield event
                         finished = finished or event.finished
+                    else:
+                        others.append(event)
         finally:
+            self._stash = others + self._stash  # other requests' events stay readable
             if not finished:
                 self.abort(rid)
                 self.open.discard(rid)
@@ -155,12 +159,18 @@ class PipelineConnection:
             order.append(rid)
             done[rid] = Completion(rid, list(prompt))
         remaining = set(order)
-        while remaining:
-            for event in self.events():
-                if event.request_id in done:
-                    _fold(done[event.request_id], event)
-                    if event.finished:
-                        remaining.discard(event.request_id)
+        others: list[Event] = []
+        try:
+            while remaining:
+                for event in self.events():
+                    if event.request_id in done:
+                        _fold(done[event.request_id], event)
+                        if event.finished:
+                            remaining.discard(event.request_id)
+                    else:
+                        others.append(event)
+        finally:
+            self._stash = others + self._stash  # other requests' events stay readable
         return [done[rid] for rid in order]
 
     def close(self) -> None:

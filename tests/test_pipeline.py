@@ -4,13 +4,12 @@ the in-process engine's tokens, one request or eight at once, and stream them.""
 from __future__ import annotations
 
 import pytest
+from pipeline_fixtures import GREEDY, PROMPTS, cluster, make_tiny_model
 
 from dejavu.runtime.checkpoint import load_model
 from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.scheduler.zmq_client import PipelineConnection
-
-from pipeline_fixtures import GREEDY, PROMPTS, cluster, make_tiny_model
 
 SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=1234,
                          ignore_eos=True)

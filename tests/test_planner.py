@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from dejavu.runtime.opt_config import OPTConfig
-from dejavu.scheduler.planner import (GiB, PlanError, embed_bytes, head_bytes, layer_bytes,
-                                      plan_layers)
+from dejavu.scheduler.planner import (
+    GiB,
+    PlanError,
+    embed_bytes,
+    head_bytes,
+    layer_bytes,
+    plan_layers,
+)
 
 OPT_1_3B = OPTConfig(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192,
                      num_attention_heads=32, word_embed_proj_dim=2048)

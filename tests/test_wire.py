@@ -36,7 +36,8 @@ def test_every_message_round_trips_through_its_own_socket_decoder():
     sched_msgs = [wire.RunStep(1, step()), wire.SetEpoch(3), wire.HeartbeatAck(9),
                   wire.Shutdown("bye"),
                   wire.Setup("m", (0, 2), "float32", "cpu", 8, 128, None, "ipc:///x", 0, 1.0,
-                             60.0, 30.0, 1 << 20, 1, wire.Fault("raise", 2, request="r1"))]
+                             60.0, 30.0, 1 << 20, token="t", threads=1,
+                             faults=[wire.Fault("raise", 1, 2, request="r1")])]
     for m in sched_msgs:
         assert wire.decode_scheduler(wire.encode(m)) == m
     client_msgs = [wire.Generate("x", [1, 2], SamplingParams(stop=("a",))), wire.Abort("x"),

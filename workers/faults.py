@@ -1,9 +1,10 @@
 """Fault injection for the reliability tests: raise, run out of memory, exit, hang or sleep
-at a given step of a given worker, or whenever a given request is in the step.
+at a given step of a given worker, or when a given request is in the step.
 
-A ``Fault`` reaches a worker only through its ``Setup`` message, which only the scheduler
-sends, and the scheduler takes it only from the Python API and a hidden debug option of
-``launch``; dejavu.toml has no such key. Without a fault this is one comparison per step.
+Faults reach a worker only through its ``Setup`` message, which only the scheduler sends,
+and the scheduler takes them only from the Python API (``PipelineConfig.faults``) or the
+hidden ``--debug-fault`` option of ``launch``; dejavu.toml has no such key. Without faults
+this costs one empty loop per step.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class InjectedFault(RuntimeError):
     """The exception a ``raise`` fault throws."""
 
 
-def parse_fault(spec: str) -> tuple[int, Fault]:
-    """'worker=1,action=raise,step=3[,seconds=5][,request=ID]' -> (worker, Fault)."""
+def parse_fault(spec: str) -> Fault:
+    """'worker=1,action=raise[,step=3][,seconds=5][,request=ID]' -> Fault."""
     fields = {}
     for part in spec.split(","):
         key, sep, value = part.partition("=")
@@ -40,39 +41,36 @@ def parse_fault(spec: str) -> tuple[int, Fault]:
     action = fields.get("action", "")
     if action not in ACTIONS:
         raise ValueError(f"fault spec {spec!r}: action must be one of {', '.join(ACTIONS)}")
-    return int(fields.get("worker", 0)), Fault(
-        action, at_step=int(fields.get("step", 1)), seconds=float(fields.get("seconds", 0)),
-        request=fields.get("request") or None)
+    return Fault(action, worker=int(fields.get("worker", 0)), at_step=int(fields.get("step", 1)),
+                 seconds=float(fields.get("seconds", 0)), request=fields.get("request") or None)
 
 
 class FaultHook:
-    def __init__(self, fault: Fault | None) -> None:
-        self.fault = fault
+    def __init__(self, faults: list[Fault]) -> None:
+        self.faults = list(faults)
+        self.fired: set[int] = set()
         self.steps = 0
-        self.fired = False
 
     def on_step(self, step: Step) -> None:
         """Called once per step before any compute."""
         self.steps += 1
-        f = self.fault
-        if f is None or self.steps < f.at_step:
-            return
-        if f.request is not None:
-            self.on_rows(step)
-            return
-        if self.fired:
-            return
-        self.fired = True
-        self._act(f, f"step {step.step_id}")
+        for i, f in enumerate(self.faults):
+            if self.steps < f.at_step:
+                continue
+            if f.request is not None and not _carries(step, f.request):
+                continue
+            if f.action == "raise" and f.request is not None:
+                self._act(f, f"request {f.request}")
+            elif i not in self.fired:
+                self.fired.add(i)
+                self._act(f, f"step {step.step_id}")
 
     def on_rows(self, step: Step) -> None:
-        """Called again when rows are retried one by one: a request-scoped fault fires
-        whenever its request is in the step, so only that request keeps failing."""
-        f = self.fault
-        if f is None or f.request is None or self.steps < f.at_step:
-            return
-        if any(row.request_id == f.request for row in step.rows):
-            self._act(f, f"request {f.request}")
+        """Called again when rows are retried one by one: a request's ``raise`` keeps
+        firing, so exactly that request fails."""
+        for f in self.faults:
+            if f.action == "raise" and f.request is not None and _carries(step, f.request):
+                self._act(f, f"request {f.request}")
 
     @staticmethod
     def _act(f: Fault, where: str) -> None:
@@ -88,3 +86,7 @@ class FaultHook:
         if f.action == "hang":
             while True:
                 time.sleep(3600)
+
+
+def _carries(step: Step, request_id: str) -> bool:
+    return any(row.request_id == request_id for row in step.rows)

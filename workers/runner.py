@@ -33,7 +33,7 @@ def describe(exc: BaseException) -> str:
 class StageRunner:
     def __init__(self, stage: Stage, faults: FaultHook | None = None) -> None:
         self.stage = stage
-        self.faults = faults or FaultHook(None)
+        self.faults = faults or FaultHook([])
         self.is_last = stage.model.is_last
 
     def run(self, step: Step, hidden: Tensor | None, errors: dict[str, str]

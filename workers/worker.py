@@ -17,6 +17,7 @@ What this module does not know: the model math (``Stage``) or scheduling decisio
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import signal
@@ -97,7 +98,7 @@ class Worker:
         model = load_model(setup.model, layers=layers, dtype=setup.dtype, device=setup.device)
         self.config = model.config
         cache = allocate_cache(model, setup.slots, setup.max_len)
-        self.runner = StageRunner(Stage(model, cache), FaultHook(setup.fault))
+        self.runner = StageRunner(Stage(model, cache), FaultHook(setup.faults))
         self.setup = setup
         self.epoch = setup.epoch
         max_data = setup.max_data_bytes
@@ -160,6 +161,8 @@ class Worker:
         try:
             msg, hidden = wire.decode_activations(frames[0].buffer, frames[1].buffer,
                                                   self.config.hidden_size)
+            if not hmac.compare_digest(msg.token, self.setup.token):
+                raise wire.WireError("activations without this cluster's token")
             if msg.dtype != self.setup.dtype:
                 raise wire.WireError(f"activations in {msg.dtype}, this worker runs "
                                      f"{self.setup.dtype}")
@@ -201,7 +204,8 @@ class Worker:
             self._send(wire.StepDone(self.epoch, out, stage_s, hop_s))
         else:
             header = wire.Activations(self.epoch, step_out, self.setup.dtype,
-                                      tuple(out.shape), errors, stage_s, hop_s, time.time())
+                                      tuple(out.shape), self.setup.token, errors, stage_s,
+                                      hop_s, time.time())
             payload = wire.tensor_frame(out)
             self.data_out.send_multipart([wire.encode(header), payload], copy=False)
 
