@@ -76,6 +76,38 @@ class SparsitySettings:
 class PipelineSettings:
     workers: int = setting(1, "worker processes (one per GPU), each owning a span of layers",
                            low=1, high=64)
+    # The rest is read by `launch` (scheduler/config.py turns it into a PipelineConfig).
+    slots: int = setting(8, "KV-cache slots per worker: sequences in flight at once",
+                         low=1, high=1024)
+    max_len: int = setting(0, "positions per cache slot; 0 = the model's maximum", low=0)
+    micro_batches: int = setting(0, "batches cycling through the pipeline; 0 = one per worker",
+                                 low=0, high=1024)
+    run_dir: str = setting("", "private directory of the ipc sockets and the lock; \"\" = "
+                           "$XDG_RUNTIME_DIR/dejavu-run or /tmp/dejavu-run-<uid>")
+    control_address: str = setting("", "scheduler <-> workers address; \"\" = ipc:// in run_dir")
+    client_address: str = setting("", "client API address (chat, generate --connect); \"\" = "
+                                  "ipc:// in run_dir")
+    data_addresses: str = setting("", "comma-separated data addresses of workers 1..N-1; "
+                                  "\"\" = ipc:// in run_dir")
+    keys_dir: str = setting("", "CURVE keys from `dejavu-run keys`; required for any address "
+                            "other than ipc:// or 127.0.0.1")
+    spawn: bool = setting(True, "start the workers here; false = wait for workers started on "
+                          "other hosts with `dejavu-run worker`")
+    heartbeat_s: float = setting(1.0, "seconds between worker heartbeats; 3 missed = dead",
+                                 low=0.0, high=60.0, low_open=True)
+    watchdog_s: float = setting(60.0, "a step running longer than this stops its worker",
+                                low=0.0, high=86400.0, low_open=True)
+    handshake_timeout_s: float = setting(30.0, "seconds a worker waits for its setup",
+                                         low=0.0, high=3600.0, low_open=True)
+    startup_timeout_s: float = setting(600.0, "seconds a worker may take to load its layers",
+                                       low=0.0, high=86400.0, low_open=True)
+    drain_timeout_s: float = setting(30.0, "on Ctrl-C/SIGTERM, seconds running requests get "
+                                     "to finish", low=0.0, high=3600.0)
+    restart: str = setting("never", "when a worker dies: stop the cluster, or restart it",
+                           choices=("never", "on-failure"))
+    max_restarts: int = setting(3, "restarts per worker before the cluster stops", low=0)
+    memory_budget_gb: float = setting(0.0, "memory per worker for weights + KV cache; 0 = no "
+                                      "limit", low=0.0)
 
 
 @dataclass
