@@ -1,0 +1,198 @@
+"""Perplexity and bits per byte of text, by the standard sliding-window method.
+
+Each document is tokenised on its own and prefixed with the BOS id (OPT's ``</s>``). A
+window of ``window`` tokens slides by ``stride``; every window after the first scores only
+the ``stride`` targets the previous windows did not, so each target is scored exactly once
+and (after the first window) with at least ``window - stride`` tokens of context. The
+result is the summed negative log-likelihood in nats, the number of scored tokens and the
+number of UTF-8 bytes of the documents:
+
+    perplexity    = exp(nll / tokens)
+    bits_per_byte = nll / ln(2) / bytes
+
+What this module does not know: how logits are computed. Scoring takes a ``LogitsFn``
+(token ids [B, T] -> logits [B, T, V]); ``dense_logits_fn`` wraps an ``OPTModel``, and
+sparse execution passes its own function through the same seam.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dejavu.runtime.model import Batch, OPTModel, full_positions
+
+# Token ids [B, T] (on the scoring device) -> logits [B, T, V].
+LogitsFn = Callable[[Tensor], Tensor]
+
+
+class EvalDataError(ValueError):
+    """An evaluation file that cannot be read as text or JSON lines with a "text" field."""
+
+
+def dense_logits_fn(model: OPTModel) -> LogitsFn:
+    """The plain dense forward pass of a whole model, windows starting at position 0."""
+
+    def logits(ids: Tensor) -> Tensor:
+        return model(ids, Batch(full_positions(ids.shape[0], ids.shape[1], ids.device)))
+
+    return logits
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """A .txt file is one document (read as is); .jsonl / .jsonl.xz give one document per
+    line, its "text" field."""
+    import lzma
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: no such file")
+    name = path.name
+    opener = lzma.open if name.endswith(".xz") else open
+    base = name.removesuffix(".xz")
+    with opener(path, "rt", encoding="utf-8") as f:
+        if base.endswith(".txt"):
+            return [f.read()]
+        if not base.endswith(".jsonl"):
+            raise EvalDataError(f"{path}: expected a .txt, .jsonl or .jsonl.xz file")
+        docs = []
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalDataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise EvalDataError(f'{path}:{lineno}: expected an object with a "text" string')
+            docs.append(row["text"])
+        return docs
+
+
+@dataclass(frozen=True)
+class Window:
+    """One scoring window: inputs ids[doc][start:end], labels ids[doc][start+1:end+1], of
+    which only labels at offset >= first are scored."""
+
+    doc: int
+    start: int
+    end: int
+    first: int
+
+
+def sliding_windows(lengths: Sequence[int], window: int, stride: int) -> list[Window]:
+    """Windows over documents of ``lengths`` tokens (BOS included). A document of n+1 ids
+    has n targets; every target is scored by exactly one window."""
+    if not 0 < stride <= window:
+        raise ValueError(f"stride={stride} must be in [1, window={window}]")
+    out = []
+    for doc, n_ids in enumerate(lengths):
+        n = n_ids - 1  # targets are ids[1..n]
+        start, done = 0, 0  # targets with index <= done are already scored
+        while n > 0:
+            end = min(start + window, n)
+            out.append(Window(doc, start, end, done - start))
+            done = end
+            if end == n:
+                break
+            start += stride
+    return out
+
+
+@dataclass
+class TextScore:
+    nll: float  # summed negative log-likelihood, nats
+    tokens: int
+    bytes: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / math.log(2) / self.bytes
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nll / math.log(2) / self.tokens
+
+    def metrics(self) -> dict[str, float | int]:
+        return {"perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "bits_per_token": self.bits_per_token, "tokens": self.tokens,
+                "bytes": self.bytes}
+
+
+def progress(iterable, total: int, desc: str, enabled: bool) -> Iterator:
+    """A minimal progress bar on stderr (no dependency), redrawn at most ~50 times."""
+    if not enabled:
+        yield from iterable
+        return
+    every = max(1, total // 50)
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if i % every == 0 or i == total:
+            bar = "#" * (30 * i // max(total, 1))
+            print(f"\r{desc} [{bar:<30}] {i}/{total}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def score_token_ids(logits_fn: LogitsFn, docs: Sequence[Sequence[int]], *, window: int,
+                    stride: int, batch_size: int, device: torch.device | str,
+                    show_progress: bool = False, desc: str = "ppl") -> tuple[float, int]:
+    """Summed NLL (nats) and number of targets over documents of token ids (BOS first)."""
+    windows = sliding_windows([len(d) for d in docs], window, stride)
+    tensors = [torch.as_tensor(list(d), dtype=torch.long) for d in docs]
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for group in progress(batches, len(batches), desc, show_progress):
+        width = max(w.end - w.start for w in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        labels = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.bool)
+        for r, w in enumerate(group):
+            n = w.end - w.start
+            ids[r, :n] = tensors[w.doc][w.start:w.end]
+            labels[r, :n] = tensors[w.doc][w.start + 1:w.end + 1]
+            mask[r, w.first:n] = True  # padding beyond n stays unscored
+            count += n - w.first
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        logits = logits_fn(ids).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
+        nll -= (logp * mask).sum(dtype=torch.float64)
+    return float(nll), count
+
+
+def score_documents(logits_fn: LogitsFn, encode: Callable[[str], list[int]],
+                    documents: Sequence[str], *, bos_id: int, window: int = 1024,
+                    stride: int = 512, batch_size: int = 8, device: torch.device | str = "cpu",
+                    show_progress: bool = False, desc: str = "ppl") -> TextScore:
+    """Perplexity / bits per byte of ``documents`` (each scored on its own, BOS first)."""
+    docs = [[bos_id, *encode(text)] for text in documents]
+    docs = [d for d in docs if len(d) > 1]
+    if not docs:
+        raise EvalDataError("no text to score (every document is empty)")
+    nll, tokens = score_token_ids(logits_fn, docs, window=window, stride=stride,
+                                  batch_size=batch_size, device=device,
+                                  show_progress=show_progress, desc=desc)
+    n_bytes = sum(len(t.encode("utf-8")) for t in documents)
+    return TextScore(nll=nll, tokens=tokens, bytes=n_bytes)
+
+
+def wikitext_documents(path: str | Path) -> list[str]:
+    """WikiText-2 raw test as one document, by the standard recipe: the rows (lines kept
+    with their trailing newline) joined with blank lines, ``"\\n\\n".join(rows)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: no such file")
+    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return ["\n\n".join(rows)]
