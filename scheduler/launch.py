@@ -41,7 +41,7 @@ class LaunchError(RuntimeError):
     pass
 
 
-def launch(config: PipelineConfig) -> int:
+def launch(config: PipelineConfig, *, parent_pid: int | None = None) -> int:
     """Run a cluster until it stops; returns the process exit code."""
     try:
         run_dir = RunDir(config.run_dir or None).acquire()
@@ -56,6 +56,7 @@ def launch(config: PipelineConfig) -> int:
             log.error("cannot launch: %s", exc)
             return EXIT_CANNOT_START
         # Full validation of the weights' headers runs while the workers start.
+        server.parent_pid = parent_pid
         return server.run(preflight=lambda: inspect_checkpoint(model_dir))
     finally:
         run_dir.release()
@@ -109,7 +110,11 @@ class Cluster:
                msgspec.json.encode(self.config).decode()]
         stderr = open(log, "ab") if log is not None else None  # noqa: SIM115
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=stderr)
+            # Its own session: a Ctrl-C meant for the caller (chat cancelling an answer)
+            # must not stop the cluster; it still exits when this process dies.
+            self.proc = subprocess.Popen([*cmd, "--exit-with-parent", str(os.getpid())],
+                                         stdin=subprocess.DEVNULL, stderr=stderr,
+                                         start_new_session=True)
         finally:
             if stderr is not None:
                 stderr.close()
@@ -149,6 +154,8 @@ class Cluster:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dejavu-launch")
     parser.add_argument("--config-json", required=True)
+    parser.add_argument("--exit-with-parent", type=int, default=None,
+                        help="stop (draining) when this process is no longer the parent")
     args = parser.parse_args(argv)
     setup_logging("scheduler")
     try:
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         log.error("bad pipeline config: %s", exc)
         return EXIT_CANNOT_START
-    return launch(config)
+    return launch(config, parent_pid=args.exit_with_parent)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ class PipelineServer:
         self.hop_s: list[float] = []
         self.bad_frames = 0
         self._last_bad_log = 0.0
+        self.parent_pid: int | None = None  # stop when this process stops being the parent
 
     def _max_data_bytes(self) -> int:
         c = self.config
@@ -211,6 +212,9 @@ class PipelineServer:
 
     def _check_stop(self) -> None:
         now = time.monotonic()
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("the process that started this launch (pid %d) is gone", self.parent_pid)
+            self.parent_pid, self.stop_requested = None, 2
         if self.stop_requested and self.state in ("starting", "ready", "degraded"):
             log.info("stop requested: draining (at most %g s)", self.config.drain_timeout_s)
             self.state = "draining" if self.state == "ready" else "stopping"

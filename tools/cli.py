@@ -34,6 +34,10 @@ def generate(
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
     sparse: bool = typer.Option(None, "--sparse/--dense",
                                 help="contextual sparsity (default: when predictors exist)"),
+    workers: int = typer.Option(None, "--workers",
+                                help="run through a pipeline of N worker processes"),
+    connect: str = typer.Option(None, "--connect",
+                                help="run through a running launch at this client address"),
 ) -> None:
     """Generate a continuation of one prompt (streams text; --json prints one object)."""
     from dejavu.runtime.settings import load_settings
@@ -45,8 +49,17 @@ def generate(
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
             "generation.top_p": top_p, "generation.top_k": top_k, "generation.seed": seed,
         })
-        run_generate(settings, GenerateRequest(prompt, prompt_ids, tuple(stop or ())),
-                     as_json=as_json, sparse=sparse)
+        request = GenerateRequest(prompt, prompt_ids, tuple(stop or ()))
+        if workers is not None or connect is not None:  # the pipeline (scheduler/)
+            from dejavu.scheduler.pipeline_generate import PIPELINE_ERRORS, run_pipeline_generate
+
+            try:
+                run_pipeline_generate(settings, request, workers=workers, connect=connect,
+                                      as_json=as_json)
+            except PIPELINE_ERRORS as exc:
+                raise _user_error(exc) from None
+            return
+        run_generate(settings, request, as_json=as_json, sparse=sparse)
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
     except KeyboardInterrupt:  # Ctrl-C while streaming: stop quietly, as shells expect
@@ -102,6 +115,43 @@ def train_model(ctx: typer.Context) -> None:
     try:
         train_main(list(ctx.args))
     except ValueError as exc:
+        raise _user_error(exc) from None
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
+    task: list[str] = typer.Option(None, "--task", help="lambada | piqa | winogrande | copa | "
+                                   "arc_easy | arc_challenge | openbook_qa | boolq | wikitext2 "
+                                   "| zero-shot | all (repeatable)"),
+    data: list[str] = typer.Option(None, "--data", help=".txt / .jsonl / .jsonl.xz file: "
+                                   "perplexity and bits per byte (repeatable)"),
+    limit: int = typer.Option(None, "--limit", help="first N rows (lines of a .txt)"),
+    device: str = typer.Option(None, "--device", help="cpu | cuda"),
+    dtype: str = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
+    batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
+    window: int = typer.Option(1024, "--window", help="text: tokens per window"),
+    stride: int = typer.Option(512, "--stride", help="text: new tokens scored per window"),
+    eval_dir: str = typer.Option("../shared/data/eval", "--eval-dir",
+                                 help="folder of the task files"),
+    as_json: bool = typer.Option(False, "--json", help="JSON: one object per task (a list "
+                                 "for several)"),
+    config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+) -> None:
+    """Perplexity / bits per byte of text (sliding window) and zero-shot task accuracy."""
+    from dejavu.runtime.checkpoint import CheckpointError
+    from dejavu.runtime.settings import SettingsError, load_settings
+    from dejavu.runtime.tokenizer import TokenizerError
+    from dejavu.tools.eval import EvalDataError, EvalOptions, run_cli
+
+    try:
+        settings = load_settings(config, {"model.path": model, "model.device": device,
+                                          "model.dtype": dtype})
+        opts = EvalOptions(tasks=task or (), data=data or (), eval_dir=eval_dir, limit=limit,
+                           batch_size=batch_size, window=window, stride=stride)
+        typer.echo(run_cli(settings.model_path(), settings.model.dtype, settings.model.device,
+                           opts, as_json))
+    except (EvalDataError, SettingsError, CheckpointError, TokenizerError, OSError) as exc:
         raise _user_error(exc) from None
 
 
@@ -208,3 +258,90 @@ def bench(
     main(BenchOptions(out_dir=Path(out), small=small, time_budget_s=time_budget,
                       offload_layers=offload_layers, only=tuple(only or ()),
                       command="dejavu-run bench " + " ".join(sys.argv[2:])))
+
+
+# --- pipeline: launch, worker, chat, keys ----------------------------------------------------
+
+@app.command()
+def launch(
+    workers: int = typer.Option(None, "--workers", help="worker processes (one per GPU)"),
+    model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
+    run_dir: str = typer.Option(None, "--run-dir", help="private directory for ipc sockets"),
+    config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    debug_fault: list[str] = typer.Option(None, "--debug-fault", hidden=True,
+                                          help="tests only: worker=W,action=A[,step=K]..."),
+) -> None:
+    """Start the scheduler and N workers in the foreground (Ctrl-C stops them cleanly)."""
+    import sys
+
+    from dejavu.runtime.settings import SettingsError, load_settings
+    from dejavu.scheduler.config import PipelineConfigError, from_settings
+    from dejavu.scheduler.launch import launch as run_launch
+    from dejavu.scheduler.logs import setup_logging
+    from dejavu.workers.faults import parse_fault
+
+    try:
+        settings = load_settings(config, {"model.path": model, "pipeline.workers": workers,
+                                          "pipeline.run_dir": run_dir})
+        faults = [parse_fault(spec) for spec in debug_fault or ()]
+        cluster_config = from_settings(settings, faults=faults or None)
+    except (SettingsError, PipelineConfigError, ValueError) as exc:
+        raise _user_error(exc) from None
+    setup_logging("scheduler")
+    sys.exit(run_launch(cluster_config))
+
+
+@app.command(hidden=True)
+def worker(
+    index: int = typer.Option(..., "--index", help="this worker's place in the pipeline"),
+    control: str = typer.Option(..., "--control", help="the scheduler's control address"),
+    keys_dir: str = typer.Option(None, "--keys-dir", help="CURVE keys (dejavu-run keys)"),
+) -> None:
+    """Run one worker that connects to a launch on another host ([pipeline] spawn = false)."""
+    import sys
+
+    from dejavu.workers.main import main as worker_main
+
+    argv = ["--index", str(index), "--control", control]
+    sys.exit(worker_main(argv + (["--keys-dir", keys_dir] if keys_dir else [])))
+
+
+@app.command()
+def chat(
+    connect: str = typer.Option(None, "--connect", help="client address of a running launch"),
+    workers: int = typer.Option(None, "--workers", help="start a launch with N workers"),
+    model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
+    template: str = typer.Option(None, "--template", help="chat template TOML file"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens"),
+    temperature: float = typer.Option(None, "--temperature", help="0 = greedy"),
+    seed: int = typer.Option(None, "--seed"),
+    config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+) -> None:
+    """Chat in the terminal, streaming answers from the pipeline (/reset, /stats, /quit)."""
+    from dejavu.runtime.settings import load_settings
+    from dejavu.scheduler.pipeline_generate import PIPELINE_ERRORS, start_chat
+
+    try:
+        settings = load_settings(config, {
+            "model.path": model, "pipeline.workers": workers,
+            "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
+            "generation.seed": seed})
+        code = start_chat(settings, connect=connect, workers=workers, template=template)
+    except PIPELINE_ERRORS as exc:
+        raise _user_error(exc) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def keys(
+    directory: str = typer.Argument(..., help="new directory for the cluster's CURVE keys"),
+) -> None:
+    """Create CURVE keys for a multi-host cluster (set [pipeline] keys_dir to the directory)."""
+    from dejavu.scheduler.transport import TransportError, create_keys
+
+    try:
+        out = create_keys(directory)
+    except (TransportError, OSError) as exc:
+        raise _user_error(exc) from None
+    typer.echo(f"wrote server and client key pairs to {out}; copy the directory to every "
+               "host and set [pipeline] keys_dir")
