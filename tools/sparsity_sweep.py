@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     from dejavu.tools.collect_labels import iter_texts
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None)
     p.add_argument("--predictors", default=None)
-    p.add_argument("--data", required=True, help="held-out text (.txt, .jsonl, .jsonl.xz)")
+    p.add_argument("--data", default=None, help="held-out text (.txt, .jsonl, .jsonl.xz)")
     p.add_argument("--docs", type=int, default=8, help="documents scored")
     p.add_argument("--chars", type=int, default=40_000, help="characters per document")
     p.add_argument("--out", required=True)
@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="dense, trained point, two joint")
+    p.add_argument("--replot", action="store_true", help="only redo sweep.md/png from --out")
     args = p.parse_args(argv)
+    if args.replot:
+        write_outputs(Path(args.out))
+        return
     model_dir = resolve_model_dir(args.model)
     model = load_model(model_dir, device=args.device)
     tok = load_tokenizer(model_dir)
@@ -192,11 +196,21 @@ def main(argv: list[str] | None = None) -> None:
             "hardware": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_outputs(out)
+
+
+def write_outputs(out: Path) -> None:
+    """sweep.md and sweep.png from sweep.json (the plot needs matplotlib, the dev extra)."""
+    saved = json.loads((out / "sweep.json").read_text())
+    meta, rows = saved["meta"], saved["rows"]
     header = (f"Sparsity sweep on {meta['model']}: {meta['docs']} held-out documents of "
               f"{meta['data']} ({rows[0]['tokens']} tokens), {meta['hardware']}, "
               f"{meta['date']}.")
     (out / "sweep.md").write_text(markdown(rows, header))
-    plot(rows, out / "sweep.png")
+    try:
+        plot(rows, out / "sweep.png")
+    except ImportError:
+        print("matplotlib is not installed: no sweep.png (rerun with --replot)")
 
 
 if __name__ == "__main__":
