@@ -256,7 +256,11 @@ def load_settings(path: str | Path | None = None,
             continue
         name, _, key = dotted.partition(".")
         known = {f.name: f for f in fields(sections[name])}
-        setattr(sections[name], key, check_value(name, known[key], value, "command line"))
+        # Name the option the user typed: --max-new-tokens for generation.max_new_tokens
+        # (--model for model.path, the one that does not follow the rule).
+        option = "--model" if dotted == "model.path" else "--" + key.replace("_", "-")
+        setattr(sections[name], key,
+                check_value(name, known[key], value, f"command line {option}"))
         settings.sources[dotted] = "command line"
     return settings
 

@@ -62,7 +62,8 @@ def test_bad_values_name_key_value_and_fix(tmp_path, text, needles):
 
 
 def test_bad_command_line_value():
-    with pytest.raises(SettingsError, match=r"command line: \[generation\] top_k = -1"):
+    with pytest.raises(SettingsError,
+                       match=r"command line --top-k: \[generation\] top_k = -1"):
         load_settings(None, {"generation.top_k": -1})
 
 
