@@ -44,58 +44,21 @@ class HeadRows(NamedTuple):
 
 
 @triton.jit
-def _qkv_kernel(
-    x_ptr,  # [B, C] input rows (after the layer norm)
-    heads_ptr,  # [Hs] int: head ids (where k/v go in the cache)
-    locs_ptr,  # [Hs] int: >= 0 resident table row, < 0 host table row (-loc-1)
-    w_dev_ptr, b_dev_ptr,  # resident wqkv / bqkv
-    w_host_ptr, b_host_ptr,  # host wqkv / bqkv (same strides)
-    q_ptr,  # [B, Hs, D] out: scaled queries, model dtype
-    k_cache_ptr, v_cache_ptr,  # [S, H, L, D] this layer's cache
-    slots_ptr, pos_ptr,  # [B] int: cache slot and position of each row's new token
-    B, C, D,
-    scale,  # D ** -0.5, applied to q after the bias
-    stride_xb,
-    stride_w_which, stride_w_head, stride_w_row,  # wqkv strides (elements)
-    stride_b_which, stride_b_head,  # bqkv strides
-    stride_qb, stride_qh,  # q buffer strides
-    stride_cs, stride_ch, stride_cl,  # cache strides (slot, head, position); D contiguous
-    HAS_HOST: tl.constexpr,
-    BLOCK_B: tl.constexpr,  # batch rows padded to the dot's minimum (16)
-    BLOCK_D: tl.constexpr,  # head-dim rows per program
-    BLOCK_C: tl.constexpr,  # hidden columns per step
-    DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
-):
-    pid_h = tl.program_id(0)
-    which = tl.program_id(1)  # 0 q, 1 k, 2 v
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+def _head_base(locs_ptr, pid_h, dev_ptr, host_ptr, HAS_HOST: tl.constexpr):
+    """(row, table base pointer) of the pid_h-th selected head."""
     loc = tl.load(locs_ptr + pid_h).to(tl.int64)
     if HAS_HOST:
         on_host = loc < 0
-        row = tl.where(on_host, -loc - 1, loc)
-        w_base = tl.where(on_host, w_host_ptr, w_dev_ptr)
-        b_base = tl.where(on_host, b_host_ptr, b_dev_ptr)
-    else:
-        row = loc
-        w_base = w_dev_ptr
-        b_base = b_dev_ptr
-    w_rows = w_base + which * stride_w_which + row * stride_w_head + offs_d * stride_w_row
-    offs_b = tl.arange(0, BLOCK_B)
-    b_mask = offs_b < B
+        return tl.where(on_host, -loc - 1, loc), tl.where(on_host, host_ptr, dev_ptr)
+    return loc, dev_ptr
 
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C
-        xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_c[None, :],
-                     mask=b_mask[:, None] & c_mask[None, :], other=0.0)
-        w = tl.load(w_rows[:, None] + offs_c[None, :],
-                    mask=d_mask[:, None] & c_mask[None, :], other=0.0)
-        if DOT_FP32:
-            xt = xt.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(xt, tl.trans(w), acc)
+
+@triton.jit
+def _qkv_epilogue(acc, which, pid_h, row, b_base, offs_b, b_mask, offs_d, d_mask, heads_ptr,
+                  q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, pos_ptr, scale,
+                  stride_b_which, stride_b_head, stride_qb, stride_qh,
+                  stride_cs, stride_ch, stride_cl):
+    """Bias, then q (scaled) to its buffer or k / v into the cache at each row's slot."""
     bias = tl.load(b_base + which * stride_b_which + row * stride_b_head + offs_d,
                    mask=d_mask, other=0.0).to(tl.float32)
     acc += bias[None, :]
@@ -113,6 +76,97 @@ def _qkv_kernel(
             tl.store(k_cache_ptr + dst, acc.to(k_cache_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(v_cache_ptr + dst, acc.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qkv_kernel(
+    x_ptr,  # [B, C] input rows (after the layer norm)
+    heads_ptr,  # [Hs] int: head ids (where k/v go in the cache)
+    locs_ptr,  # [Hs] int: >= 0 resident table row, < 0 host table row (-loc-1)
+    w_dev_ptr, b_dev_ptr,  # resident wqkv / bqkv
+    w_host_ptr, b_host_ptr,  # host wqkv / bqkv (same strides)
+    q_ptr,  # [B, Hs, D] out: scaled queries, model dtype
+    k_cache_ptr, v_cache_ptr,  # [S, H, L, D] this layer's cache
+    slots_ptr, pos_ptr,  # [B] int: cache slot and position of each row's new token
+    part_ptr,  # [3, Hs, B, D] fp32 partial sums (SPLIT only; zeroed)
+    B, C, D, Hs,
+    scale,  # D ** -0.5, applied to q after the bias
+    stride_xb,
+    stride_w_which, stride_w_head, stride_w_row,  # wqkv strides (elements)
+    stride_b_which, stride_b_head,  # bqkv strides
+    stride_qb, stride_qh,  # q buffer strides
+    stride_cs, stride_ch, stride_cl,  # cache strides (slot, head, position); D contiguous
+    HAS_HOST: tl.constexpr,
+    SPLIT: tl.constexpr,  # one [BLOCK_D, BLOCK_C] tile per program, summed atomically into
+                          # part (then _qkv_finalize_kernel), instead of a loop over C
+    BLOCK_B: tl.constexpr,  # batch rows padded to the dot's minimum (16)
+    BLOCK_D: tl.constexpr,  # head-dim rows per program
+    BLOCK_C: tl.constexpr,  # hidden columns per step (per program when SPLIT)
+    DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
+):
+    pid_h = tl.program_id(0)
+    which = tl.program_id(1)  # 0 q, 1 k, 2 v
+    n_dblk = tl.cdiv(D, BLOCK_D)
+    offs_d = (tl.program_id(2) % n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    row, w_base = _head_base(locs_ptr, pid_h, w_dev_ptr, w_host_ptr, HAS_HOST)
+    w_rows = w_base + which * stride_w_which + row * stride_w_head + offs_d * stride_w_row
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    if SPLIT:
+        c_lo = (tl.program_id(2) // n_dblk) * BLOCK_C
+        c_hi = c_lo + BLOCK_C
+    else:
+        c_lo = 0
+        c_hi = C
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_c[None, :],
+                     mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+        w = tl.load(w_rows[:, None] + offs_c[None, :],
+                    mask=d_mask[:, None] & c_mask[None, :], other=0.0)
+        if DOT_FP32:
+            xt = xt.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(w), acc)
+    if SPLIT:
+        dst = part_ptr + ((which * Hs + pid_h) * B + offs_b[:, None]) * D + offs_d[None, :]
+        tl.atomic_add(dst, acc, mask=b_mask[:, None] & d_mask[None, :])
+    else:
+        _, b_base = _head_base(locs_ptr, pid_h, b_dev_ptr, b_host_ptr, HAS_HOST)
+        _qkv_epilogue(acc, which, pid_h, row, b_base, offs_b, b_mask, offs_d, d_mask,
+                      heads_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, pos_ptr, scale,
+                      stride_b_which, stride_b_head, stride_qb, stride_qh,
+                      stride_cs, stride_ch, stride_cl)
+
+
+@triton.jit
+def _qkv_finalize_kernel(
+    part_ptr,  # [3, Hs, B, D] fp32 sums from _qkv_kernel (SPLIT)
+    heads_ptr, locs_ptr, b_dev_ptr, b_host_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, pos_ptr,
+    B, D, Hs, scale,
+    stride_b_which, stride_b_head, stride_qb, stride_qh, stride_cs, stride_ch, stride_cl,
+    HAS_HOST: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two
+):
+    pid_h = tl.program_id(0)
+    which = tl.program_id(1)
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    acc = tl.load(part_ptr + ((which * Hs + pid_h) * B + offs_b[:, None]) * D + offs_d[None, :],
+                  mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+    row, b_base = _head_base(locs_ptr, pid_h, b_dev_ptr, b_host_ptr, HAS_HOST)
+    _qkv_epilogue(acc, which, pid_h, row, b_base, offs_b, b_mask, offs_d, d_mask,
+                  heads_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, pos_ptr, scale,
+                  stride_b_which, stride_b_head, stride_qb, stride_qh,
+                  stride_cs, stride_ch, stride_cl)
 
 
 @triton.jit
@@ -286,8 +340,12 @@ def _strided(rows: HeadRows, host: HeadRows | None) -> HeadRows:
 def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache_k: Tensor,
                    cache_v: Tensor, slots: Tensor, positions: Tensor, *,
                    host: HeadRows | None = None, block_d: int = 16, block_c: int = 256,
-                   num_warps: int = 4, num_stages: int = 3) -> Tensor:
+                   num_warps: int = 4, num_stages: int = 3, split_c: int = 512) -> Tensor:
     """q [B, Hs, D] (scaled) for the selected heads; writes their k, v into the cache.
+
+    split_c > 0: each program reads one [block_d, split_c] tile and partial sums meet in
+    an fp32 buffer (many loads in flight; then a small finalize kernel); 0: one program
+    per [block_d] rows loops over C (fewer launches, latency-bound at small selections).
 
     cache_k, cache_v: [S, H, L, D] (one layer). slots, positions: [B] int, the row's cache
     slot and the new token's position (< L).
@@ -310,21 +368,29 @@ def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache
         return q
     h = host if host is not None else rows
     st = _strided(rows, host)
-    grid = (hs, 3, triton.cdiv(d, block_d))
+    n_split = triton.cdiv(c, split_c) if split_c else 1
+    part = torch.zeros((3, hs, b, d) if split_c else (1,), dtype=torch.float32, device=x.device)
+    grid = (hs, 3, triton.cdiv(d, block_d) * n_split)
+    common = (st.bqkv.stride(0), st.bqkv.stride(1), q.stride(0), q.stride(1),
+              cache_k.stride(0), cache_k.stride(1), cache_k.stride(2))
     _qkv_kernel[grid](
         x, heads, locs, rows.wqkv, rows.bqkv, h.wqkv, h.bqkv, q, cache_k, cache_v,
-        slots, positions, b, c, d, d**-0.5, x.stride(0),
-        st.wqkv.stride(0), st.wqkv.stride(1), st.wqkv.stride(2),
-        st.bqkv.stride(0), st.bqkv.stride(1), q.stride(0), q.stride(1),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        HAS_HOST=host is not None, BLOCK_B=16, BLOCK_D=block_d, BLOCK_C=block_c,
-        DOT_FP32=interpreting(), num_warps=num_warps, num_stages=num_stages,
+        slots, positions, part, b, c, d, hs, d**-0.5, x.stride(0),
+        st.wqkv.stride(0), st.wqkv.stride(1), st.wqkv.stride(2), *common,
+        HAS_HOST=host is not None, SPLIT=bool(split_c), BLOCK_B=16, BLOCK_D=block_d,
+        BLOCK_C=split_c or block_c, DOT_FP32=interpreting(), num_warps=num_warps,
+        num_stages=num_stages,
     )
+    if split_c:
+        _qkv_finalize_kernel[(hs, 3)](
+            part, heads, locs, rows.bqkv, h.bqkv, q, cache_k, cache_v, slots, positions,
+            b, d, hs, d**-0.5, *common, HAS_HOST=host is not None, BLOCK_B=16,
+            BLOCK_D=triton.next_power_of_2(d))
     return q
 
 
 def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
-                     slots: Tensor, positions: Tensor, *, chunk: int = 256,
+                     slots: Tensor, positions: Tensor, *, chunk: int = 64,
                      block_l: int = 32, num_warps: int = 4) -> Tensor:
     """softmax(q . K[0..pos]) V[0..pos] per row and selected head: [B, Hs, D], q's dtype.
 
@@ -334,6 +400,7 @@ def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
     b, hs, d = q.shape
     if q.stride(2) != 1:
         raise ValueError("q: the head dim must be contiguous")
+    block_l = min(block_l, chunk)
     if chunk % block_l:
         raise ValueError(f"chunk {chunk} must be a multiple of block_l {block_l}")
     length = cache_k.shape[2]
@@ -357,9 +424,13 @@ def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
 
 def out_projection(attn: Tensor, rows: HeadRows, locs: Tensor, *, host: HeadRows | None = None,
                    bias: Tensor | None = None, residual: Tensor | None = None,
-                   block_c: int = 64, split_h: int = 1, num_warps: int = 4,
+                   block_c: int = 64, split_h: int | None = None, num_warps: int = 4,
                    num_stages: int = 3) -> Tensor:
-    """residual + bias + sum over selected heads of attn[:, h] @ Wo_h: [B, C], attn's dtype."""
+    """residual + bias + sum over selected heads of attn[:, h] @ Wo_h: [B, C], attn's dtype.
+
+    split_h programs share each column block's heads (atomic adds); None picks enough to
+    have about 512 programs, so that each loops over a few heads only.
+    """
     b, hs, d = attn.shape
     c = rows.wo.shape[2]
     if attn.stride(2) != 1 or rows.wo.shape[1] != d:
@@ -371,6 +442,8 @@ def out_projection(attn: Tensor, rows: HeadRows, locs: Tensor, *, host: HeadRows
         acc += bias
     if hs:
         wo_host = host.wo if host is not None else rows.wo
+        if split_h is None:
+            split_h = max(1, min(hs, 512 // triton.cdiv(c, block_c)))
         grid = (triton.cdiv(c, block_c), split_h)
         _out_proj_kernel[grid](
             attn, locs, rows.wo, wo_host, acc, b, c, d, hs, attn.stride(0), attn.stride(1),
@@ -386,11 +459,14 @@ def out_projection(attn: Tensor, rows: HeadRows, locs: Tensor, *, host: HeadRows
 def sparse_attention(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache_k: Tensor,
                      cache_v: Tensor, slots: Tensor, positions: Tensor, *,
                      host: HeadRows | None = None, bias: Tensor | None = None,
-                     residual: Tensor | None = None) -> Tensor:
+                     residual: Tensor | None = None, qkv_split_c: int = 512,
+                     chunk: int = 64, split_h: int | None = None) -> Tensor:
     """The whole attention block for the selected heads (norm excluded): [B, C]."""
-    q = qkv_projection(x, rows, heads, locs, cache_k, cache_v, slots, positions, host=host)
-    attn = decode_attention(q, heads, cache_k, cache_v, slots, positions)
-    return out_projection(attn, rows, locs, host=host, bias=bias, residual=residual)
+    q = qkv_projection(x, rows, heads, locs, cache_k, cache_v, slots, positions, host=host,
+                       split_c=qkv_split_c)
+    attn = decode_attention(q, heads, cache_k, cache_v, slots, positions, chunk=chunk)
+    return out_projection(attn, rows, locs, host=host, bias=bias, residual=residual,
+                          split_h=split_h)
 
 
 # --- reference ------------------------------------------------------------------------------

@@ -128,6 +128,96 @@ def _sparse_mlp_kernel(
                       mask=b_mask[:, None] & c_mask[None, :])
 
 
+@triton.jit
+def _rows_of(locs_ptr, offs_n, n_mask, dev_ptr, host_ptr, stride, HAS_HOST: tl.constexpr):
+    """Row pointers [BLOCK_N] of the selected neurons in the resident or the host table."""
+    loc = tl.load(locs_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+    if HAS_HOST:
+        on_host = loc < 0
+        row = tl.where(on_host, -loc - 1, loc)
+        return tl.where(on_host, host_ptr + row * stride, dev_ptr + row * stride)
+    return dev_ptr + loc * stride
+
+
+@triton.jit
+def _mlp_up_kernel(
+    x_ptr,  # [B, C] input rows
+    locs_ptr,  # [K] row locations, as in _sparse_mlp_kernel
+    count_ptr,  # [1] int32: how many of locs are valid (read when HAS_COUNT)
+    w1_dev_ptr, w1_host_ptr,  # fc1 rows in the resident / host table
+    pre_ptr,  # [B, K] fp32 pre-activations (zeroed), updated with atomic adds
+    B, C, K,
+    stride_xb, stride_w, stride_preb,
+    HAS_HOST: tl.constexpr,
+    HAS_COUNT: tl.constexpr,  # the valid count lives on the device (no host sync)
+    BLOCK_B: tl.constexpr,  # batch rows padded to 16
+    BLOCK_N: tl.constexpr,  # neurons per program
+    BLOCK_C: tl.constexpr,  # hidden columns per program: one tile, no loop
+    DOT_FP32: tl.constexpr,
+):
+    # One tile per program, split over both neurons and columns: every program issues all
+    # of its loads at once, so many tiles are in flight (the fused kernel's per-program
+    # loop over C is latency-bound at small K).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_COUNT:  # K is then the capacity of locs; a larger count was truncated
+        K = tl.minimum(tl.load(count_ptr), K)
+    n_mask = offs_n < K
+    w_rows = _rows_of(locs_ptr, offs_n, n_mask, w1_dev_ptr, w1_host_ptr, stride_w, HAS_HOST)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_c[None, :],
+                 mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+    w = tl.load(w_rows[:, None] + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :],
+                other=0.0)
+    if DOT_FP32:
+        xt = xt.to(tl.float32)
+        w = w.to(tl.float32)
+    part = tl.dot(xt, tl.trans(w))
+    tl.atomic_add(pre_ptr + offs_b[:, None] * stride_preb + offs_n[None, :], part,
+                  mask=b_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _mlp_down_kernel(
+    pre_ptr,  # [B, K] fp32 pre-activations from _mlp_up_kernel (bias not yet added)
+    locs_ptr, count_ptr,
+    w2_dev_ptr, b1_dev_ptr, w2_host_ptr, b1_host_ptr,  # fc2 rows and fc1 bias, both tables
+    acc_ptr,  # [B, C] fp32 accumulator, updated with atomic adds
+    B, C, K,
+    stride_w, stride_b1, stride_preb, stride_accb,
+    HAS_HOST: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_COUNT:  # K is then the capacity of locs; a larger count was truncated
+        K = tl.minimum(tl.load(count_ptr), K)
+    n_mask = offs_n < K
+    w_rows = _rows_of(locs_ptr, offs_n, n_mask, w2_dev_ptr, w2_host_ptr, stride_w, HAS_HOST)
+    b_rows = _rows_of(locs_ptr, offs_n, n_mask, b1_dev_ptr, b1_host_ptr, stride_b1, HAS_HOST)
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    pre = tl.load(pre_ptr + offs_b[:, None] * stride_preb + offs_n[None, :],
+                  mask=b_mask[:, None] & n_mask[None, :], other=0.0)
+    bias = tl.load(b_rows, mask=n_mask, other=0.0).to(tl.float32)
+    act = tl.maximum(pre + bias[None, :], 0.0).to(w2_dev_ptr.dtype.element_ty)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    w = tl.load(w_rows[:, None] + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :],
+                other=0.0)
+    if DOT_FP32:
+        part = tl.dot(act.to(tl.float32), w.to(tl.float32))
+    else:
+        part = tl.dot(act, w)
+    tl.atomic_add(acc_ptr + offs_b[:, None] * stride_accb + offs_c[None, :], part,
+                  mask=b_mask[:, None] & c_mask[None, :])
+
+
 def _check_table(name: str, t: NeuronRows, c: int, dtype: torch.dtype) -> None:
     for part in ("w1", "w2t"):
         w = getattr(t, part)
@@ -146,8 +236,13 @@ def _check_table(name: str, t: NeuronRows, c: int, dtype: torch.dtype) -> None:
 def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | None = None,
                bias2: Tensor | None = None, residual: Tensor | None = None,
                block_n: int = 16, block_c: int = 256, num_warps: int = 4,
-               num_stages: int = 3) -> Tensor:
+               num_stages: int = 3, split_c: int = 0, count: Tensor | None = None) -> Tensor:
     """``residual + bias2 + sum_n relu(x W1[n] + b1[n]) W2t[n]`` over the selected neurons.
+
+    split_c > 0 runs two kernels whose programs each take one [block_n, split_c] tile
+    (fc1, then fc2), instead of one fused kernel looping over C: more loads in flight.
+    count: [1] int32 on the device, the number of valid entries at the front of locs
+    (selections compacted on the GPU, no host sync); requires split_c.
 
     x: [B, C] fp16/bf16, 1 <= B <= 16. rows: the resident table; host: the optional host
     table (same strides; mapped pinned memory on a GPU). locs: [K] int32/int64 on x's
@@ -173,9 +268,13 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
                          f"{tuple(locs.shape)}")
     if locs.device != x.device or rows.w1.device != x.device:
         raise ValueError("x, locs and the resident table must be on the same device")
-    if locs.device.type == "cpu" and locs.numel():  # cheap here; on a GPU it would sync
+    if count is not None and not split_c:
+        raise ValueError("count needs the split kernels (split_c > 0)")
+    # Range check only where it is cheap (CPU); on a GPU it would synchronise.
+    valid = locs if count is None or locs.device.type != "cpu" else locs[: int(count.max())]
+    if locs.device.type == "cpu" and valid.numel():
         lo = -host.w1.shape[0] if host is not None else 0
-        if int(locs.min()) < lo or int(locs.max()) >= rows.w1.shape[0]:
+        if int(valid.min()) < lo or int(valid.max()) >= rows.w1.shape[0]:
             raise ValueError(f"locs out of range [{lo}, {rows.w1.shape[0]})")
 
     acc = torch.zeros((b, c), dtype=torch.float32, device=x.device)
@@ -184,7 +283,23 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
     if bias2 is not None:
         acc += bias2
     k = locs.numel()
-    if k:
+    if k and split_c:
+        h = host if host is not None else rows
+        st = host if host is not None and rows.w1.shape[0] == 0 else rows  # whose strides
+        if block_n < 16:
+            raise ValueError(f"split kernels need block_n >= 16, got {block_n}")
+        pre = torch.zeros((b, k), dtype=torch.float32, device=x.device)
+        cnt = count if count is not None else locs  # placeholder pointer when unused
+        grid = (triton.cdiv(k, block_n), triton.cdiv(c, split_c))
+        meta = dict(HAS_HOST=host is not None, HAS_COUNT=count is not None, BLOCK_B=16,
+                    BLOCK_N=block_n, BLOCK_C=split_c, DOT_FP32=interpreting(),
+                    num_warps=num_warps)
+        _mlp_up_kernel[grid](x, locs, cnt, rows.w1, h.w1, pre, b, c, k, x.stride(0),
+                             st.w1.stride(0), pre.stride(0), **meta)
+        _mlp_down_kernel[grid](pre, locs, cnt, rows.w2t, rows.b1, h.w2t, h.b1, acc, b, c, k,
+                               st.w1.stride(0), st.b1.stride(0), pre.stride(0), acc.stride(0),
+                               **meta)
+    elif k:
         h = host if host is not None else rows
         st = host if host is not None and rows.w1.shape[0] == 0 else rows  # whose strides
         # Tensor-core dots need 16 rows on each side; batch-1 blocks of fewer neurons use a

@@ -54,9 +54,9 @@ def case(b, h, d, s, length, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,h,d,heads", [(1, 3, 16, [1]), (3, 5, 24, [4, 1, 2]),
-                                         (2, 4, 8, [0, 1, 2, 3])])
-def test_sparse_attention_matches_reference(dtype, b, h, d, heads):
+@pytest.mark.parametrize("b,h,d,heads,split", [(1, 3, 16, [1], 0), (3, 5, 24, [4, 1, 2], 32),
+                                               (2, 4, 8, [0, 1, 2, 3], 16)])
+def test_sparse_attention_matches_reference(dtype, b, h, d, heads, split):
     ws, bs, x, ck, cv, slots, pos = case(b, h, d, 4, 37, dtype)
     sel = torch.tensor(heads, dtype=torch.int32)
     rows = split_head_rows(ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], ws[3], h)
@@ -64,7 +64,8 @@ def test_sparse_attention_matches_reference(dtype, b, h, d, heads):
     dev = [t.to(DEVICE) for t in (x, sel, ck1, cv1, slots, pos, bs[3])]
     xd, seld, ck1d, cv1d, slotsd, posd, bod = dev
     out = sparse_attention(xd, type(rows)(*(t.to(DEVICE) for t in rows)), seld, seld, ck1d,
-                           cv1d, slotsd, posd, bias=bod)
+                           cv1d, slotsd, posd, bias=bod, qkv_split_c=split, chunk=16,
+                           split_h=2)
     ref = sparse_attention_reference(x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], ws[3], sel,
                                      ck2, cv2, slots, pos, bias=bs[3])
     assert rel_err(out.cpu(), ref) < TOL[dtype]

@@ -60,6 +60,37 @@ def test_batch_one_multiply_reduce_path(dtype, block_n):
         sparse_mlp(torch.cat([x, x]), NeuronRows(w1, w2t, b1), idx, block_n=block_n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,c,f,k", [(1, 40, 23, 9), (4, 67, 53, 37)])
+def test_split_kernels_match_reference(dtype, b, c, f, k):
+    x, w1, b1, w2t, b2 = make(b, c, f, dtype, seed=11)
+    idx = torch.randperm(f, generator=torch.Generator().manual_seed(2))[:k].int().to(DEVICE)
+    res = torch.randn(b, c).to(dtype).to(DEVICE)
+    out = sparse_mlp(x, NeuronRows(w1, w2t, b1), idx, bias2=b2, residual=res, split_c=32)
+    assert rel_err(out, sparse_mlp_reference(x, w1, b1, w2t, idx, b2, res)) < TOL[dtype]
+
+
+def test_split_kernels_with_device_count_and_host_table():
+    # Only the first `count` locs are valid (a compacted selection); the rest is garbage
+    # that must be ignored. Half the rows come from the host table.
+    dtype = torch.float16
+    b, c, f = 2, 48, 31
+    x, w1, b1, w2t, b2 = make(b, c, f, dtype, device="cpu", seed=4)
+    lay = RecordLayout(hidden=c, ffn=f, heads=4)
+    rec = pack_neurons(w1, b1, w2t.T, torch.empty(f, lay.neuron_len, dtype=dtype))
+    hot = torch.tensor([1, 8, 30])
+    sel = torch.tensor([8, 2, 30, 17, 5])
+    locs = torch.tensor([1, -3, 2, -18, -6, 0, 2, -1], dtype=torch.int32)  # 3 garbage
+    count = torch.tensor([5], dtype=torch.int32)
+    out = sparse_mlp(x.to(DEVICE), neuron_rows(rec[hot].clone().to(DEVICE), c),
+                     locs.to(DEVICE), host=neuron_rows(rec.to(DEVICE), c), split_c=16,
+                     count=count.to(DEVICE))
+    assert rel_err(out.cpu(), sparse_mlp_reference(x, w1, b1, w2t, sel)) < TOL[dtype]
+    with pytest.raises(ValueError, match="split"):
+        sparse_mlp(x.to(DEVICE), neuron_rows(rec.to(DEVICE), c), locs.to(DEVICE),
+                   count=count.to(DEVICE))
+
+
 def test_reference_equals_dense_mlp_when_all_neurons_selected():
     # The reference is checked against the model's own math (fc2(relu(fc1(x)))), not
     # against another fast path.

@@ -29,11 +29,12 @@ from .bench_common import SHAPES, TINY, cuda, gb, h2d_bandwidth, hbm_copy_bandwi
 
 DENSITIES = [0.05, 0.10, 0.25, 0.50, 1.0]
 MLP_TUNE = [
-    {"block_n": 16, "block_c": 256, "num_warps": 4},
-    {"block_n": 16, "block_c": 512, "num_warps": 8},
-    {"block_n": 32, "block_c": 256, "num_warps": 8},
-    {"block_n": 8, "block_c": 512, "num_warps": 4},
-    {"block_n": 4, "block_c": 1024, "num_warps": 4},
+    {"block_n": 16, "block_c": 512, "num_warps": 8},  # fused, loops over C
+    {"block_n": 8, "block_c": 512, "num_warps": 4},  # fused, batch 1 multiply-reduce
+    {"block_n": 16, "split_c": 256, "num_warps": 4},  # split: one tile per program
+    {"block_n": 16, "split_c": 512, "num_warps": 4},
+    {"block_n": 16, "split_c": 1024, "num_warps": 8},
+    {"block_n": 32, "split_c": 512, "num_warps": 8},
 ]
 KEYS = [
     "mlp_kernel_speedup_10pct_opt13b", "mlp_kernel_hbm_fraction_10pct_opt13b",
@@ -121,7 +122,7 @@ _COST = {"tune": 15, "kernels": 25, "resident": 45, "offload": 60, "accelerate":
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     from .bench_accelerate import accelerate_case
-    from .bench_kernels import attn_case, mlp_case, tune_mlp
+    from .bench_kernels import attn_case, mlp_case, tune_attention, tune_mlp
     from .bench_offload import offload_case
     from .bench_resident import resident_case
 
@@ -148,11 +149,12 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         shape = args["shape"]
         try:
             if scenario == "tune":
-                configs = MLP_TUNE if not opts.small else MLP_TUNE[:1] + MLP_TUNE[3:4]
+                configs = MLP_TUNE if not opts.small else MLP_TUNE[1:2] + MLP_TUNE[3:4]
                 out = tune_mlp(shape, device, configs, batches=(1, 3) if opts.small else (1, 8))
                 for b in (1, 3, 8):
                     if f"best_batch{b}" in out:
                         tuned[b] = out[f"best_batch{b}"]
+                out["attention"] = tune_attention(shape, device)
             elif scenario == "kernels":
                 out = {"mlp": mlp_case(shape, device, args["batches"], densities, tuned, hbm),
                        "attention": attn_case(shape, device, args["batches"], densities, hbm,
@@ -162,7 +164,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                     mlp_cfg=tuned.get(1), hf=cuda() or opts.small)
             elif scenario == "offload":
                 out = offload_case(shape, device, bench_layers=args["layers"], h2d=h2d,
-                                   batches=(1, 8), mlp_cfg=None,
+                                   batches=(1, 8), mlp_cfgs=tuned,
                                    budget_gib=None if opts.small else 24.0)
             elif scenario == "accelerate":
                 if not cuda():

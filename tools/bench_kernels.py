@@ -79,6 +79,30 @@ def tune_mlp(s: Shape, device: str, configs: list[dict[str, int]], density: floa
     return out
 
 
+def tune_attention(s: Shape, device: str, density: float = 0.5,
+                   context: int = CONTEXT) -> list[dict[str, Any]]:
+    """Batch 1: the looped QKV kernel vs the split one, one vs several programs per column
+    block of out_proj, long vs short attention chunks."""
+    rows = attn_weights(s, device)
+    h, d, c = s.heads, s.head_dim, s.hidden
+    ck = torch.randn(1, h, context, d, device=device).half()
+    cv = torch.randn_like(ck)
+    slots = torch.zeros(1, device=device, dtype=torch.int32)
+    pos = torch.full((1,), context - 1, device=device, dtype=torch.int32)
+    x = torch.randn(1, c, device=device).half()
+    k = max(1, round(density * h))
+    sels = [torch.randperm(h, device=device)[:k].int() for _ in range(ROTATE)]
+    out = []
+    for cfg in ({"qkv_split_c": 0, "split_h": 1, "chunk": 256},
+                {"qkv_split_c": 512, "split_h": 1, "chunk": 64},
+                {"qkv_split_c": 512, "split_h": None, "chunk": 64},
+                {"qkv_split_c": 1024, "split_h": None, "chunk": 64}):
+        t = time_graph(lambda cfg=cfg: [sparse_attention(x, rows, i, i, ck, cv, slots, pos, **cfg)
+                                        for i in sels]) / ROTATE
+        out.append({**cfg, "density": density, "time_us": round(t * 1e6, 2)})
+    return out
+
+
 def mlp_case(s: Shape, device: str, batches, densities, tuned: dict[int, dict],
              hbm: float | None) -> list[dict[str, Any]]:
     w = mlp_weights(s, device)

@@ -88,7 +88,7 @@ def build_host_layers(s: Shape, n: int, device: str) -> tuple[RecordLayout, list
 
 def offload_case(s: Shape, device: str, *, bench_layers: int, batches=(1, 8),
                  budget_gib: float | None = 24.0, h2d: float | None,
-                 mlp_cfg: dict | None = None) -> dict[str, Any]:
+                 mlp_cfgs: dict[int, dict] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     lay, hosts = build_host_layers(s, bench_layers, device)
     build_s = time.perf_counter() - t0
@@ -107,6 +107,7 @@ def offload_case(s: Shape, device: str, *, bench_layers: int, batches=(1, 8),
         "layer_record_bytes": layer_bytes, "runs": [],
     }
     for batch in batches:
+        mlp_cfg = (mlp_cfgs or {}).get(batch, {})
         reserved = reserved_bytes(s, batch)
         # No budget (the dry run): room for 40% of the layer rows beyond the reserved part.
         budget = budget_gib * GIB if budget_gib else reserved + 0.4 * s.layers * layer_bytes
@@ -120,8 +121,9 @@ def offload_case(s: Shape, device: str, *, bench_layers: int, batches=(1, 8),
                "planned_host_bytes_per_step_per_layer":
                    plan.bytes_per_step(batch)["host_bytes"] / bench_layers}
         try:
+            run["mlp_blocks"] = mlp_cfg
             run.update(_ours(s, lay, hosts, plan, n_weights, h_weights, batch, device, g,
-                             mlp_cfg or {}))
+                             mlp_cfg))
             lm = _lm_head_time(s, batch, device)
             per_layer = run["ours_step_ms"] / 1e3 / bench_layers
             full = per_layer * s.layers + lm
@@ -132,7 +134,7 @@ def offload_case(s: Shape, device: str, *, bench_layers: int, batches=(1, 8),
             if h2d:
                 run["ours_h2d_fraction_during_steps"] = round(
                     run["measured_host_bytes_per_step"] / (run["ours_step_ms"] / 1e3) / h2d, 3)
-            run.update(_dense_streaming(s, lay, hosts, batch, device, share, lm, mlp_cfg or {}))
+            run.update(_dense_streaming(s, lay, hosts, batch, device, share, lm, mlp_cfg))
         except Exception as exc:
             run["error"] = repr(exc)[:400]
         out["runs"].append(run)

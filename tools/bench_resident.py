@@ -4,9 +4,10 @@ whole OPT-shaped decoder (random weights), batch 1.
   - ours dense: cuBLAS projections and MLP, our decode-attention kernel, layer norms; the
     whole step captured in one CUDA graph (no launch overhead);
   - ours sparse: our sparse attention + sparse MLP kernels, in one CUDA graph, with
-    (a) fixed random selections and (b) low-rank predictors (C -> 128 -> F, C -> 64 -> H, the
-    ranks `train-predictors` defaults to)
-    plus top-k on the GPU choosing the rows, so selection cost is paid;
+    (a) fixed random selections, (b) low-rank predictors (C -> 128 -> F, C -> 64 -> H, the
+    ranks `train-predictors` defaults to) + torch.topk, (c) the same predictors + a
+    per-layer threshold compacted on the GPU (kernels/select.py), so that (b, c) pay for
+    choosing the rows;
   - transformers dense: OPTForCausalLM (eager, SDPA attention) decoding one token with a
     KV cache of the same length.
 Keys and values of heads that the sparse path skips are not written (DejaVu's head
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..kernels.select import threshold_select
 from ..kernels.sparse_attention import HeadRows, decode_attention, sparse_attention
 from ..kernels.sparse_mlp import NeuronRows, sparse_mlp
 from .bench_common import Shape, cuda, time_eager, time_graph
@@ -88,7 +90,7 @@ def _ours_resident(s: Shape, device: str, hbm: float | None, mlp_density: float,
     kn, kh = max(1, round(mlp_density * s.ffn)), max(1, round(head_density * h))
     fixed = [(torch.randperm(s.ffn, device=device)[:kn].int(),
               torch.randperm(h, device=device)[:kh].int()) for _ in range(n)]
-    mlp_cfg = mlp_cfg or {}
+    mlp_cfg = dict(mlp_cfg or {})
 
     def views(w):
         return (HeadRows(w["wqkv"].view(3, h, d, c), w["bqkv"].view(3, h, d),
@@ -109,30 +111,48 @@ def _ours_resident(s: Shape, device: str, hbm: float | None, mlp_density: float,
             x = x + torch.relu(F.linear(a, w["w1"], w["b1"])) @ w["w2t"] + w["b2"]
         return F.linear(x, lm_head)
 
-    def sparse_step(predict: bool):
+    split_cfg = mlp_cfg if mlp_cfg.get("split_c") else {"block_n": 16, "split_c": 512,
+                                                         "num_warps": 4}
+    thresholds: list[float] = []
+    capacity = min(s.ffn, 2 * kn)
+
+    def sparse_step(mode: str):
+        """mode: fixed (random selections), topk (predictors + torch.topk), calibrate
+        (topk, eager, records each layer's k-th score as its threshold), threshold
+        (predictors + GPU threshold compaction, no top-k)."""
         x = x0
         for i, w in enumerate(ws):
             hrows, nrows = tables[i]
             a = F.layer_norm(x, (c,), w["ln1_w"], w["ln1_b"])
-            if predict:
-                heads = torch.topk((a @ w["ph1"]) @ w["ph2"], kh, dim=1).indices[0]
-            else:
+            if mode == "fixed":
                 heads = fixed[i][1]
+            else:  # head top-k over a few dozen heads is cheap
+                heads = torch.topk((a @ w["ph1"]) @ w["ph2"], kh, dim=1).indices[0]
             x = sparse_attention(a, hrows, heads, heads, ck[i], cv[i], slots, pos,
                                  bias=w["bo"], residual=x)
             a = F.layer_norm(x, (c,), w["ln2_w"], w["ln2_b"])
-            if predict:
-                neurons = torch.topk((a @ w["pn1"]) @ w["pn2"], kn, dim=1).indices[0]
-            else:
-                neurons = fixed[i][0]
-            x = sparse_mlp(a, nrows, neurons, bias2=w["b2"], residual=x, **mlp_cfg)
+            if mode == "fixed":
+                x = sparse_mlp(a, nrows, fixed[i][0], bias2=w["b2"], residual=x, **mlp_cfg)
+                continue
+            scores = (a @ w["pn1"]) @ w["pn2"]
+            if mode == "threshold":
+                idx, count = threshold_select(scores, thresholds[i], capacity)
+                x = sparse_mlp(a, nrows, idx, bias2=w["b2"], residual=x, count=count,
+                               **split_cfg)
+                continue
+            top = torch.topk(scores, kn, dim=1)
+            if mode == "calibrate":
+                thresholds.append(float(top.values[0, -1]))
+            x = sparse_mlp(a, nrows, top.indices[0], bias2=w["b2"], residual=x, **mlp_cfg)
         return F.linear(x, lm_head)
 
     weight_bytes = n * (4 * c * c + 2 * c * s.ffn) * 2 + s.vocab * c * 2
     sparse_bytes = n * (kh * 4 * d * c + kn * (2 * c + 1)) * 2 + s.vocab * c * 2
     t_dense = time_graph(dense_step, reps=10)
-    t_sparse_fixed = time_graph(lambda: sparse_step(False), reps=10)
-    t_sparse_pred = time_graph(lambda: sparse_step(True), reps=10)
+    t_sparse_fixed = time_graph(lambda: sparse_step("fixed"), reps=10)
+    t_sparse_topk = time_graph(lambda: sparse_step("topk"), reps=10)
+    sparse_step("calibrate")
+    t_sparse_pred = time_graph(lambda: sparse_step("threshold"), reps=10)
     roofline = weight_bytes / hbm if hbm else None
     res: dict[str, Any] = {
         "shape": s.name, "layers": n, "batch": 1, "context": CONTEXT,
@@ -141,7 +161,10 @@ def _ours_resident(s: Shape, device: str, hbm: float | None, mlp_density: float,
         "weight_bytes": weight_bytes, "sparse_weight_bytes": sparse_bytes,
         "ours_dense_ms": round(t_dense * 1e3, 3),
         "ours_sparse_fixed_selection_ms": round(t_sparse_fixed * 1e3, 3),
+        "ours_sparse_predictors_topk_ms": round(t_sparse_topk * 1e3, 3),
         "ours_sparse_with_predictors_ms": round(t_sparse_pred * 1e3, 3),
+        "selection_for_headline": "predictors + GPU threshold compaction (thresholds "
+                                  "calibrated to the density on one eager step)",
         "roofline_ms": None if roofline is None else round(roofline * 1e3, 3),
         "dense_time_over_roofline": None if roofline is None else round(t_dense / roofline, 3),
         "sparse_speedup_vs_dense": round(t_dense / t_sparse_pred, 2),
