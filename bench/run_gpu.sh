@@ -22,8 +22,10 @@ fi
 export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
 (nvidia-smi; nvidia-smi -q | head -40) > "$OUT/nvidia-smi.txt" 2>&1
 if [ -z "${SMALL:-}" ]; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_kernels_mlp.py tests/test_kernels_attention.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+  # every kernel test, on the GPU (the unmarked ones run there too, at their small shapes)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_mlp.py \
+    tests/test_kernels_attention.py tests/test_kernels_select.py 2>&1 \
+    | tee "$OUT/pytest_gpu.log" | tail -15
   ARGS="small=False"
 else
   export TRITON_INTERPRET=1
