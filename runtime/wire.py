@@ -236,6 +236,8 @@ class Health(_Msg):
     hop_s: list[float] = []  # mean transfer seconds per hop over recent steps
     model: str = ""
     max_len: int = 0
+    vocab_size: int = 0
+    tokenizer: bool = False  # text, stop strings and detokenisation are available
 
 
 ClientReply = Events | Health

@@ -92,6 +92,7 @@ class PipelineServer:
         self.run_dir = run_dir
         self.curve = curve
         self.max_len = config.max_len or model_config.max_position_embeddings
+        self.has_tokenizer = tokenizer is not None
         eos = tokenizer.eos_id if tokenizer is not None else model_config.eos_token_id
         self.batches = MicroBatches(
             SchedulerConfig(max_slots=config.slots, max_len=self.max_len,
@@ -460,7 +461,8 @@ class PipelineServer:
                              w.restarts) for w in self.workers],
             self.batches.running(), self.batches.queued(), self.tokens_out,
             time.monotonic() - self.started, rate, list(self.stage_s), list(self.hop_s),
-            self.config.model, self.max_len)
+            self.config.model, self.max_len, self.model_config.vocab_size,
+            self.has_tokenizer)
 
     def _bad_frame(self, what: str) -> None:
         self.bad_frames += 1

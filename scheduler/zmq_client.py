@@ -26,7 +26,7 @@ from dejavu.runtime import wire
 from dejavu.runtime.engine import Completion, _fold
 from dejavu.runtime.sampling import SamplingParams
 
-from .core import Event
+from .core import Event, RequestError, Scheduler, SchedulerConfig
 from .transport import CLIENT_MAX_BYTES, load_curve, make_socket
 
 
@@ -190,32 +190,65 @@ class PipelineConnection:
 
 
 class PipelineClient:
-    """The engine-client protocol over a running cluster, for asyncio front ends."""
+    """The engine-client protocol (``scheduler.client.EngineClient``) over a running
+    cluster, for asyncio front ends such as the HTTP server. ``PipelineClient.launch``
+    starts the cluster too and stops it on ``close``."""
 
-    def __init__(self, address: str, *, keys_dir: str | None = None,
-                 dead_s: float = 15.0) -> None:
+    def __init__(self, address: str, *, keys_dir: str | None = None, dead_s: float = 10.0,
+                 cluster=None, timeout_s: float = 10.0) -> None:
+        from .client import Health  # noqa: F401 - the protocol's type, checked at import
+
         self.address = address
+        self.keys_dir = keys_dir
+        self.dead_s = dead_s
+        self.cluster = cluster
+        with PipelineConnection(address, keys_dir=keys_dir) as probe:
+            first = probe.health(timeout_s=timeout_s)
+        self._health = first
+        self.max_len = first.max_len
+        self.vocab_size = first.vocab_size
+        self._validator = Scheduler(
+            SchedulerConfig(max_slots=1, max_len=first.max_len, vocab_size=first.vocab_size),
+            detokenizer_factory=(lambda: None) if first.tokenizer else None)
         self.ctx = zmq.asyncio.Context()
         self.sock = _socket(self.ctx, address, keys_dir)
-        self.dead_s = dead_s
         self.queues: dict[str, asyncio.Queue] = {}
-        self._health: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
         self._last_heard = time.monotonic()
+        self._dead: str | None = None
+        self._stats = {"requests": 0, "tokens": 0, "failures": 0, "started": time.time()}
+
+    @classmethod
+    def launch(cls, config, *, timeout_s: float = 600.0) -> PipelineClient:
+        from .launch import Cluster
+
+        cluster = Cluster(config)
+        cluster.start(timeout_s=timeout_s)
+        try:
+            return cls(cluster.address, keys_dir=config.keys_dir or None, cluster=cluster)
+        except BaseException:
+            cluster.stop()
+            raise
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
-        while True:
-            if not await self.sock.poll(1000):
-                silent = time.monotonic() - self._last_heard
-                if self.queues and silent > self.dead_s:
-                    self._fail_all(f"the scheduler at {self.address} has not answered for "
-                                   f"{silent:.1f} s")
-                elif self.queues and silent > self.dead_s / 3:
-                    await self.sock.send(wire.encode(wire.HealthQuery()))
+        next_probe = 0.0
+        while self._dead is None:
+            now = time.monotonic()
+            if now >= next_probe:  # health once a second: liveness and fresh stats
+                await self.sock.send(wire.encode(wire.HealthQuery()))
+                next_probe = now + 1.0
+            if self.cluster is not None and self.cluster.proc.poll() is not None:
+                self._die(f"the pipeline exited with code {self.cluster.proc.returncode}")
+                return
+            if now - self._last_heard > self.dead_s:
+                self._die(f"the scheduler at {self.address} has not answered for "
+                          f"{now - self._last_heard:.1f} s")
+                return
+            if not await self.sock.poll(200):
                 continue
             try:
                 msg = wire.decode_reply(await self.sock.recv())
@@ -223,50 +256,73 @@ class PipelineClient:
                 continue
             self._last_heard = time.monotonic()
             if isinstance(msg, wire.Health):
-                if self._health is not None and not self._health.done():
-                    self._health.set_result(msg)
+                self._health = msg
                 continue
             for event in msg.events:
+                if event.token is not None:
+                    self._stats["tokens"] += 1
+                if event.finish_reason == "error":
+                    self._stats["failures"] += 1
                 queue = self.queues.get(event.request_id)
                 if queue is not None:
                     queue.put_nowait(event)
 
-    def _fail_all(self, message: str) -> None:
-        for rid, queue in list(self.queues.items()):
-            queue.put_nowait(Event(rid, finished=True, finish_reason="error", error=message))
+    def _die(self, message: str) -> None:
+        from .client import EngineDeadError
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+        self._dead = message
+        for queue in self.queues.values():
+            queue.put_nowait(EngineDeadError(message))
+
+    async def generate(self, prompt: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[Event]:
+        from .client import EngineDeadError
+
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        self._validator.validate(list(prompt), params)  # RequestError: nothing is sent
         if request_id in self.queues:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestError(f"request id {request_id!r} is already in use")
         self._ensure_reader()
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
-        self._last_heard = time.monotonic()
+        self._stats["requests"] += 1
         finished = False
         try:
-            await self.sock.send(wire.encode(wire.Generate(request_id, list(prompt_ids),
-                                                           params)))
+            await self.sock.send(wire.encode(wire.Generate(request_id, list(prompt), params)))
             while not finished:
-                event = await queue.get()
-                finished = event.finished
-                yield event
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
         finally:
             self.queues.pop(request_id, None)
-            if not finished:
+            if not finished and self._dead is None:  # the consumer went away: stop computing
                 await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
         await self.sock.send(wire.encode(wire.Abort(request_id)))
 
-    async def health(self, timeout_s: float = 5.0) -> wire.Health:
-        self._ensure_reader()
-        self._health = asyncio.get_running_loop().create_future()
-        await self.sock.send(wire.encode(wire.HealthQuery()))
-        return await asyncio.wait_for(self._health, timeout_s)
+    def health(self):
+        from .client import Health
 
-    def close(self) -> None:
+        h = self._health
+        workers = [{"worker": w.index, "alive": w.state == "ready", "restarts": w.restarts,
+                    "pid": w.pid, "layers": list(w.layers), "device": w.device}
+                   for w in h.workers]
+        ok = self._dead is None and h.state == "ready"
+        return Health(ok, self._dead or h.state, workers)
+
+    def stats(self) -> dict:
+        h = self._health
+        return dict(self._stats, running=len(self.queues), tokens_per_s=h.tokens_per_s,
+                    stage_ms=[s * 1000 for s in h.stage_s], hop_ms=[s * 1000 for s in h.hop_s])
+
+    async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
         self.sock.close(linger=0)
         self.ctx.term()
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.stop)
