@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparse_mlp import MAX_BATCH, SUPPORTED_DTYPES, interpreting
+from .sparse_mlp import MAX_BATCH, SUPPORTED_DTYPES, finalize, interpreting
 
 
 class HeadRows(NamedTuple):
@@ -340,7 +340,8 @@ def _strided(rows: HeadRows, host: HeadRows | None) -> HeadRows:
 def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache_k: Tensor,
                    cache_v: Tensor, slots: Tensor, positions: Tensor, *,
                    host: HeadRows | None = None, block_d: int = 16, block_c: int = 256,
-                   num_warps: int = 4, num_stages: int = 3, split_c: int = 512) -> Tensor:
+                   num_warps: int = 4, num_stages: int = 3, split_c: int = 512,
+                   part: Tensor | None = None) -> Tensor:
     """q [B, Hs, D] (scaled) for the selected heads; writes their k, v into the cache.
 
     split_c > 0: each program reads one [block_d, split_c] tile and partial sums meet in
@@ -369,7 +370,9 @@ def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache
     h = host if host is not None else rows
     st = _strided(rows, host)
     n_split = triton.cdiv(c, split_c) if split_c else 1
-    part = torch.zeros((3, hs, b, d) if split_c else (1,), dtype=torch.float32, device=x.device)
+    if part is None or not split_c:  # part: a zeroed [3 * Hs * B * D] fp32 buffer, if given
+        part = torch.zeros(3 * hs * b * d if split_c else 1, dtype=torch.float32,
+                           device=x.device)
     grid = (hs, 3, triton.cdiv(d, block_d) * n_split)
     common = (st.bqkv.stride(0), st.bqkv.stride(1), q.stride(0), q.stride(1),
               cache_k.stride(0), cache_k.stride(1), cache_k.stride(2))
@@ -425,7 +428,7 @@ def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
 def out_projection(attn: Tensor, rows: HeadRows, locs: Tensor, *, host: HeadRows | None = None,
                    bias: Tensor | None = None, residual: Tensor | None = None,
                    block_c: int = 64, split_h: int | None = None, num_warps: int = 4,
-                   num_stages: int = 3) -> Tensor:
+                   num_stages: int = 3, acc: Tensor | None = None) -> Tensor:
     """residual + bias + sum over selected heads of attn[:, h] @ Wo_h: [B, C], attn's dtype.
 
     split_h programs share each column block's heads (atomic adds); None picks enough to
@@ -435,11 +438,8 @@ def out_projection(attn: Tensor, rows: HeadRows, locs: Tensor, *, host: HeadRows
     c = rows.wo.shape[2]
     if attn.stride(2) != 1 or rows.wo.shape[1] != d:
         raise ValueError(f"attn: expected [B, Hs, {rows.wo.shape[1]}] with contiguous heads")
-    acc = torch.zeros((b, c), dtype=torch.float32, device=attn.device)
-    if residual is not None:
-        acc += residual
-    if bias is not None:
-        acc += bias
+    if acc is None:  # acc: a zeroed [B, C] fp32 buffer, if given
+        acc = torch.zeros((b, c), dtype=torch.float32, device=attn.device)
     if hs:
         wo_host = host.wo if host is not None else rows.wo
         if split_h is None:
@@ -453,7 +453,7 @@ def out_projection(attn: Tensor, rows: HeadRows, locs: Tensor, *, host: HeadRows
             BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_C=block_c, DOT_FP32=interpreting(),
             num_warps=num_warps, num_stages=num_stages,
         )
-    return acc.to(attn.dtype)
+    return finalize(acc, bias, residual, attn.dtype)
 
 
 def sparse_attention(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache_k: Tensor,
@@ -462,11 +462,16 @@ def sparse_attention(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cac
                      residual: Tensor | None = None, qkv_split_c: int = 512,
                      chunk: int = 64, split_h: int | None = None) -> Tensor:
     """The whole attention block for the selected heads (norm excluded): [B, C]."""
+    b, c = x.shape
+    d = rows.wo.shape[1]
+    n_part = 3 * heads.numel() * b * d if qkv_split_c else 0
+    # One memset for both fp32 sum buffers: launches, not bytes, dominate at batch 1.
+    scratch = torch.zeros(n_part + b * c, dtype=torch.float32, device=x.device)
     q = qkv_projection(x, rows, heads, locs, cache_k, cache_v, slots, positions, host=host,
-                       split_c=qkv_split_c)
+                       split_c=qkv_split_c, part=scratch[:n_part])
     attn = decode_attention(q, heads, cache_k, cache_v, slots, positions, chunk=chunk)
     return out_projection(attn, rows, locs, host=host, bias=bias, residual=residual,
-                          split_h=split_h)
+                          split_h=split_h, acc=scratch[n_part:].view(b, c))
 
 
 # --- reference ------------------------------------------------------------------------------

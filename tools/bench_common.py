@@ -121,6 +121,16 @@ def hbm_copy_bandwidth(nbytes: int = 2 << 30) -> float | None:
     return 2 * nbytes / t
 
 
+def hbm_read_bandwidth(nbytes: int = 4 << 30) -> float | None:
+    """Read-only bandwidth in bytes/s: a sum over a large fp16 tensor (the ceiling for
+    kernels that read weights and write almost nothing)."""
+    if not cuda():
+        return None
+    a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    t = time_graph(lambda: a.sum(dtype=torch.float32), reps=20)
+    return nbytes / t
+
+
 def h2d_bandwidth(nbytes: int = 1 << 30) -> float | None:
     """Pinned host-to-device copy bandwidth in bytes/s (one large copy)."""
     if not cuda():
