@@ -41,8 +41,9 @@ MLP_TUNE = [
     {"block_n": 8, "block_c": 512, "num_warps": 4},  # fused, batch 1 multiply-reduce
     {"block_n": 16, "split_c": 256, "num_warps": 4},  # split: one tile per program
     {"block_n": 16, "split_c": 512, "num_warps": 4},
-    {"block_n": 16, "split_c": 1024, "num_warps": 8},
+    {"block_n": 32, "split_c": 256, "num_warps": 4},
     {"block_n": 32, "split_c": 512, "num_warps": 8},
+    {"block_n": 64, "split_c": 256, "num_warps": 8},
 ]
 KEYS = [
     "mlp_kernel_speedup_10pct_opt13b", "mlp_kernel_hbm_fraction_10pct_opt13b",
@@ -145,6 +146,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     hbm = res["ceilings"]["hbm_copy_bytes_per_s"]
     h2d = res["ceilings"]["h2d_pinned_bytes_per_s"]
     tuned: dict[int, dict] = {}
+    attn_cfg: dict[str, Any] = {}
     densities = [0.1, 1.0] if opts.small else DENSITIES
     for scenario, label, args in _plan(opts):
         elapsed = time.perf_counter() - start
@@ -164,13 +166,18 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                     if f"best_batch{b}" in out:
                         tuned[b] = out[f"best_batch{b}"]
                 out["attention"] = tune_attention(shape, device)
+                best = min(out["attention"], key=lambda r: r["time_us"])
+                attn_cfg = {k: best[k] for k in ("qkv_split_c", "split_h", "chunk")}
+                out["best_attention"] = attn_cfg
             elif scenario == "kernels":
                 out = {"mlp": mlp_case(shape, device, args["batches"], densities, tuned, hbm),
                        "attention": attn_case(shape, device, args["batches"], densities, hbm,
-                                              context=64 if opts.small else 512)}
+                                              context=64 if opts.small else 512,
+                                              cfg=attn_cfg)}
             elif scenario == "resident":
                 out = resident_case(shape, device, hbm, mlp_density=0.10, head_density=0.50,
-                                    mlp_cfg=tuned.get(1), hf=cuda() or opts.small)
+                                    mlp_cfg=tuned.get(1), attn_cfg=attn_cfg,
+                                    hf=cuda() or opts.small)
             elif scenario == "offload":
                 out = offload_case(shape, device, bench_layers=args["layers"], h2d=h2d,
                                    batches=(1, 8), mlp_cfgs=tuned,

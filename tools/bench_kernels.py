@@ -96,7 +96,7 @@ def tune_attention(s: Shape, device: str, density: float = 0.5,
     for cfg in ({"qkv_split_c": 0, "split_h": 1, "chunk": 256},
                 {"qkv_split_c": 512, "split_h": 1, "chunk": 64},
                 {"qkv_split_c": 512, "split_h": None, "chunk": 64},
-                {"qkv_split_c": 1024, "split_h": None, "chunk": 64}):
+                {"qkv_split_c": 256, "split_h": None, "chunk": 64}):
         t = time_graph(lambda cfg=cfg: [sparse_attention(x, rows, i, i, ck, cv, slots, pos, **cfg)
                                         for i in sels]) / ROTATE
         out.append({**cfg, "density": density, "time_us": round(t * 1e6, 2)})
@@ -128,7 +128,7 @@ def mlp_case(s: Shape, device: str, batches, densities, tuned: dict[int, dict],
 
 
 def attn_case(s: Shape, device: str, batches, densities, hbm: float | None,
-              context: int = CONTEXT) -> list[dict[str, Any]]:
+              context: int = CONTEXT, cfg: dict | None = None) -> list[dict[str, Any]]:
     rows = attn_weights(s, device)
     h, d, c = s.heads, s.head_dim, s.hidden
     bo = torch.randn(c, device=device).half() * 0.1
@@ -165,7 +165,7 @@ def attn_case(s: Shape, device: str, batches, densities, hbm: float | None,
             k = max(1, round(dens * h))
             sels = [torch.randperm(h, device=device)[:k].int() for _ in range(ROTATE)]
             t = time_graph(lambda x=x, ck=ck, cv=cv, slots=slots, pos=pos, sels=sels: [
-                sparse_attention(x, rows, i, i, ck, cv, slots, pos, bias=bo)
+                sparse_attention(x, rows, i, i, ck, cv, slots, pos, bias=bo, **(cfg or {}))
                 for i in sels]) / ROTATE
             nbytes = k * 4 * d * c * 2 + 2 * b * k * context * d * 2
             results.append(_row("attention", s, b, dens, t, t_dense, nbytes, dense_bytes, hbm,

@@ -56,9 +56,11 @@ def _layers(s: Shape, n: int, device: str) -> list[dict[str, torch.Tensor]]:
 
 def resident_case(s: Shape, device: str, hbm: float | None, *, mlp_density: float,
                   head_density: float, mlp_cfg: dict | None = None,
-                  layers: int | None = None, hf: bool = True) -> dict[str, Any]:
+                  attn_cfg: dict | None = None, layers: int | None = None,
+                  hf: bool = True) -> dict[str, Any]:
     # Ours first, in its own frame, so its weights are freed before transformers loads.
-    res = _ours_resident(s, device, hbm, mlp_density, head_density, mlp_cfg, layers)
+    res = _ours_resident(s, device, hbm, mlp_density, head_density, mlp_cfg, attn_cfg or {},
+                         layers)
     if cuda():
         torch.cuda.empty_cache()
     if hf:
@@ -75,7 +77,7 @@ def resident_case(s: Shape, device: str, hbm: float | None, *, mlp_density: floa
 
 
 def _ours_resident(s: Shape, device: str, hbm: float | None, mlp_density: float,
-                   head_density: float, mlp_cfg: dict | None,
+                   head_density: float, mlp_cfg: dict | None, attn_cfg: dict,
                    layers: int | None) -> dict[str, Any]:
     n = layers or s.layers
     h, d, c = s.heads, s.head_dim, s.hidden
@@ -129,7 +131,7 @@ def _ours_resident(s: Shape, device: str, hbm: float | None, mlp_density: float,
             else:  # head top-k over a few dozen heads is cheap
                 heads = torch.topk((a @ w["ph1"]) @ w["ph2"], kh, dim=1).indices[0]
             x = sparse_attention(a, hrows, heads, heads, ck[i], cv[i], slots, pos,
-                                 bias=w["bo"], residual=x)
+                                 bias=w["bo"], residual=x, **attn_cfg)
             a = F.layer_norm(x, (c,), w["ln2_w"], w["ln2_b"])
             if mode == "fixed":
                 x = sparse_mlp(a, nrows, fixed[i][0], bias2=w["b2"], residual=x, **mlp_cfg)
