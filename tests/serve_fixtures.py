@@ -44,14 +44,14 @@ def train_tokenizer(path: Path, vocab_size: int = 320) -> None:
         "add_bos_token": False}))
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
+def make_checkpoint(path: Path, seed: int = 0, max_positions: int = MAX_POSITIONS) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     train_tokenizer(path)
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
     config = OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=72,
-                       num_attention_heads=4, max_position_embeddings=MAX_POSITIONS,
+                       num_attention_heads=4, max_position_embeddings=max_positions,
                        word_embed_proj_dim=32, torch_dtype="float32")
     model = OPTModel(config)
     generator = torch.Generator().manual_seed(seed)
@@ -75,9 +75,10 @@ def reference_logprobs(model_dir: Path, ids: list[int]) -> list[float]:
 class Served:
     """A live server on a free loopback port over an in-process engine."""
 
-    def __init__(self, url: str, client, engine, tokenizer, model_dir: Path) -> None:
+    def __init__(self, url: str, client, engine, tokenizer, model_dir: Path, http) -> None:
         self.url, self.client, self.engine = url, client, engine
         self.tokenizer, self.model_dir = tokenizer, model_dir
+        self.http = http  # a keep-alive httpx.Client on `url` (one connection setup, not many)
 
 
 def start(model_dir: Path, *, api_key: str | None = None, max_pending: int = 256,
@@ -86,6 +87,8 @@ def start(model_dir: Path, *, api_key: str | None = None, max_pending: int = 256
     """Context manager: a `Served` whose engine thread and server are stopped on exit.
     `wrap(client)` may put a test double around the real client."""
     import contextlib
+
+    import httpx
 
     from dejavu.runtime.engine import Engine
     from dejavu.runtime.tokenizer import load_tokenizer
@@ -101,7 +104,7 @@ def start(model_dir: Path, *, api_key: str | None = None, max_pending: int = 256
         served_client = wrap(client) if wrap else client
         options = ServeOptions(api_key=api_key, limits=ServeLimits(max_pending, max_body_bytes))
         app = make_app(served_client, tokenizer, options, "tiny-opt", close_client=True)
-        with serve_in_thread(app) as url:
-            yield Served(url, client, engine, tokenizer, model_dir)
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+            yield Served(url, client, engine, tokenizer, model_dir, http)
 
     return running()

@@ -34,7 +34,7 @@ def engine(served):
 
 
 def post(served, path: str, body: dict, **kw) -> httpx.Response:
-    return httpx.post(served.url + path, json=body, timeout=30, **kw)
+    return served.http.post(path, json=body, **kw)
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -50,7 +50,7 @@ def sse_events(response: httpx.Response) -> list:
 
 
 def test_models_lists_the_served_model(served):
-    r = httpx.get(served.url + "/v1/models")
+    r = served.http.get("/v1/models")
     assert r.status_code == 200
     [model] = r.json()["data"]
     assert model["id"] == "tiny-opt" and model["max_model_len"] == 96
@@ -101,7 +101,7 @@ def test_echo_scores_a_prompt_split_into_prefill_chunks(model_dir):
     with start(model_dir, prefill_chunk=7) as s:
         ids = s.tokenizer.encode("the cat sat on the mat and looked at the dog in the park")
         assert len(ids) > 14
-        r = httpx.post(s.url + "/v1/completions", json={
+        r = s.http.post("/v1/completions", json={
             "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}, timeout=30)
     assert r.status_code == 200, r.text
     lp = r.json()["choices"][0]["logprobs"]
@@ -224,11 +224,11 @@ def test_chat_logprobs(served):
 
 
 def test_metrics_count_what_happened(served):
-    before = parse_metrics(httpx.get(served.url + "/metrics").text)
+    before = parse_metrics(served.http.get("/metrics").text)
     post(served, "/v1/completions", {"prompt": "the", "max_tokens": 4, "temperature": 0,
                                      "ignore_eos": True})
     post(served, "/v1/completions", {"prompt": "the", "temperature": -1})
-    after = parse_metrics(httpx.get(served.url + "/metrics").text)
+    after = parse_metrics(served.http.get("/metrics").text)
 
     def delta(key):
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -255,7 +255,7 @@ def test_metrics_export_what_the_engine_reports(model_dir):
                     "bytes_paged_per_token": 4096, "cache_hit_rate": 0.75}
 
     with start(model_dir, wrap=Reporting) as s:
-        m = parse_metrics(httpx.get(s.url + "/metrics").text)
+        m = parse_metrics(s.http.get("/metrics").text)
     assert m['dejavu_engine_stat{name="mlp_density"}'] == 0.125
     assert m['dejavu_engine_stat{name="bytes_paged_per_token"}'] == 4096
     assert m['dejavu_engine_stat{name="cache_hit_rate"}'] == 0.75

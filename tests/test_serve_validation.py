@@ -3,7 +3,6 @@ limit) with an OpenAI error object naming the field, and nothing reaches the eng
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from serve_fixtures import MAX_POSITIONS, make_checkpoint, start
 
@@ -62,7 +61,7 @@ COMPLETION_CASES = [
                          ids=[str(i) for i in range(len(COMPLETION_CASES))])
 def test_bad_completion_is_a_400_naming_the_field(served, change, field):
     before = served.client.stats()["requests"]
-    r = httpx.post(served.url + "/v1/completions", json={**OK, **change})
+    r = served.http.post("/v1/completions", json={**OK, **change})
     expected = 404 if field == "model" else 400
     assert r.status_code == expected, r.text
     error = r.json()["error"]
@@ -81,7 +80,7 @@ def test_bad_completion_is_a_400_naming_the_field(served, change, field):
     ('{"prompt": "a", "max_tokens": 1e400}', "max_tokens"),
 ])
 def test_nan_and_infinity_are_refused(served, raw, field):
-    r = httpx.post(served.url + "/v1/completions", content=raw,
+    r = served.http.post("/v1/completions", content=raw,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field
@@ -105,7 +104,7 @@ CHAT_CASES = [
 @pytest.mark.parametrize(("change", "field"), CHAT_CASES,
                          ids=[str(i) for i in range(len(CHAT_CASES))])
 def test_bad_chat_is_a_400_naming_the_field(served, change, field):
-    r = httpx.post(served.url + "/v1/chat/completions", json={**CHAT, **change})
+    r = served.http.post("/v1/chat/completions", json={**CHAT, **change})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field
     assert field in r.json()["error"]["message"]
@@ -113,7 +112,7 @@ def test_bad_chat_is_a_400_naming_the_field(served, change, field):
 
 @pytest.mark.parametrize("raw", ["{", "[1, 2]", '"text"', "", "null", "\xff\xfe"])
 def test_malformed_bodies_are_400s(served, raw):
-    r = httpx.post(served.url + "/v1/completions", content=raw.encode("latin-1"),
+    r = served.http.post("/v1/completions", content=raw.encode("latin-1"),
                    headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
@@ -121,7 +120,7 @@ def test_malformed_bodies_are_400s(served, raw):
 
 def test_oversized_body_is_413_by_length_or_by_stream(served):
     big = {"prompt": "a" * (70 * 1024)}
-    r = httpx.post(served.url + "/v1/completions", json=big)
+    r = served.http.post("/v1/completions", json=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
     def chunks():  # no Content-Length: the limit must hold on the bytes that arrive
@@ -130,15 +129,15 @@ def test_oversized_body_is_413_by_length_or_by_stream(served):
             yield b"a" * 1024
         yield b'"}'
 
-    r = httpx.post(served.url + "/v1/completions", content=chunks(),
+    r = served.http.post("/v1/completions", content=chunks(),
                    headers={"content-type": "application/json"})
     assert r.status_code == 413, r.text
     # The server is fine afterwards.
-    assert httpx.post(served.url + "/v1/completions", json=OK).status_code == 200
+    assert served.http.post("/v1/completions", json=OK).status_code == 200
 
 
 def test_unknown_route_and_method_are_openai_errors(served):
-    r = httpx.get(served.url + "/v1/nothing")
+    r = served.http.get("/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
-    r = httpx.get(served.url + "/v1/completions")
+    r = served.http.get("/v1/completions")
     assert r.status_code == 405 and "error" in r.json()

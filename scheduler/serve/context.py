@@ -19,6 +19,8 @@ from .errors import ApiError, short
 from .jobs import Choice, Runner, request_error
 from .metrics import ServerMetrics
 
+SAMPLING_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class ServeLimits:
@@ -77,6 +79,13 @@ class Context:
                            f"{self.max_len - len(ids)}", param=tokens_field)
 
     def sampling(self, **kwargs) -> SamplingParams:
+        # Vanishing temperature or top_p mean "the most likely token": say so exactly.
+        # Dividing logits by a temperature like 1e-300 overflows to inf, and a top_p below
+        # float32's resolution rounds to 0 and would cut every token (found by fuzzing).
+        if 0.0 < kwargs.get("temperature", 0.0) < SAMPLING_EPS:
+            kwargs["temperature"] = 0.0
+        if kwargs.get("top_p", 1.0) < SAMPLING_EPS:
+            kwargs["top_p"] = SAMPLING_EPS
         try:
             return SamplingParams(**kwargs)
         except SamplingError as exc:
