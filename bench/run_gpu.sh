@@ -5,7 +5,8 @@
 # logs and results land in $OUT. The package is made importable as `dejavu` through a
 # namespace folder of symlinks, so nothing is installed; pytest comes from carried wheels
 # (.carry/kwhl) when the machine lacks it.
-#   on the device:  bash bench/run_gpu.sh            (BUDGET=seconds for the bench, default 330)
+#   on the device:  bash bench/run_gpu.sh            (BUDGET=seconds for the bench, default 330;
+#                                                     SKIP_TESTS=1 skips step 1)
 #   dry run here:   SMALL=1 OUT=/tmp/out bash bench/run_gpu.sh
 set -u
 OUT=${OUT:-/tmp/bench-out}
@@ -21,7 +22,9 @@ if ! python3 -c "import pytest" 2>/dev/null && ls .carry/kwhl/*.whl >/dev/null 2
 fi
 export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
 (nvidia-smi; nvidia-smi -q | head -40) > "$OUT/nvidia-smi.txt" 2>&1
-if [ -z "${SMALL:-}" ]; then
+if [ -n "${SKIP_TESTS:-}" ]; then
+  ARGS="small=False"
+elif [ -z "${SMALL:-}" ]; then
   # every kernel test, on the GPU (the unmarked ones run there too, at their small shapes)
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_mlp.py \
     tests/test_kernels_attention.py tests/test_kernels_select.py 2>&1 \

@@ -44,6 +44,7 @@ MLP_TUNE = [
     {"block_n": 32, "split_c": 256, "num_warps": 4},
     {"block_n": 32, "split_c": 512, "num_warps": 8},
     {"block_n": 64, "split_c": 256, "num_warps": 8},
+    {"block_n": 128, "split_c": 256, "num_warps": 8},
 ]
 KEYS = [
     "mlp_kernel_speedup_10pct_opt13b", "mlp_kernel_hbm_fraction_10pct_opt13b",

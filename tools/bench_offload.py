@@ -140,7 +140,8 @@ def offload_case(s: Shape, device: str, *, bench_layers: int, batches=(1, 8),
         out["runs"].append(run)
     if cuda():
         try:
-            out["cold_path"] = cold_paths(s, lay, hosts[0], device, h2d)
+            out["cold_path"] = cold_paths(s, lay, hosts[0], device, h2d,
+                                          mlp_cfg=(mlp_cfgs or {}).get(1, {}))
         except Exception as exc:
             out["cold_path"] = {"error": repr(exc)[:400]}
     return out
@@ -262,7 +263,8 @@ def _dense_streaming(s, lay, hosts, batch, device, share, lm, mlp_cfg):
 
 
 def cold_paths(s: Shape, lay: RecordLayout, host: HostLayer, device: str,
-               h2d: float | None, density: float = 0.10) -> dict[str, Any]:
+               h2d: float | None, density: float = 0.10,
+               mlp_cfg: dict | None = None) -> dict[str, Any]:
     """Cold MLP rows of one layer read (a) in place from mapped pinned memory by the
     kernel, (b) gathered on the CPU into a pinned buffer, copied, then read on the GPU."""
     from ..kernels.host_memory import device_view
@@ -274,8 +276,9 @@ def cold_paths(s: Shape, lay: RecordLayout, host: HostLayer, device: str,
     sels = [torch.randperm(s.ffn)[:k] for _ in range(4)]
     locs = [(-(i + 1)).int().to(device) for i in sels]
     nbytes = k * lay.neuron_len * 2
-    t_mapped = time_graph(lambda: [sparse_mlp(x, empty, loc, host=mapped) for loc in locs],
-                          reps=10) / len(locs)
+    cfg = mlp_cfg or {}
+    t_mapped = time_graph(lambda: [sparse_mlp(x, empty, loc, host=mapped, **cfg)
+                                   for loc in locs], reps=10) / len(locs)
     staged = StagedRows(k, lay.neuron_len, torch.float16, device)
     staged_locs = (-(torch.arange(k) + 1)).int().to(device)
     state = {"i": 0}
@@ -285,7 +288,7 @@ def cold_paths(s: Shape, lay: RecordLayout, host: HostLayer, device: str,
         state["i"] += 1
         done = staged.stage(host.neurons, ids)
         torch.cuda.current_stream().wait_event(done)
-        return sparse_mlp(x, empty, staged_locs, host=neuron_rows(staged.gpu[:k], c))
+        return sparse_mlp(x, empty, staged_locs, host=neuron_rows(staged.gpu[:k], c), **cfg)
     # The CPU gather is on the critical path: time wall-clock around a synchronised call.
     staged_call()
     sync()
@@ -294,7 +297,7 @@ def cold_paths(s: Shape, lay: RecordLayout, host: HostLayer, device: str,
         staged_call()
     sync()
     t_staged = (time.perf_counter() - t0) / 8
-    res = {"density": density, "bytes": nbytes,
+    res = {"density": density, "bytes": nbytes, "mlp_blocks": cfg,
            "mapped_gbps": round(nbytes / t_mapped / 1e9, 2),
            "staged_gbps": round(nbytes / t_staged / 1e9, 2),
            "h2d_copy_gbps": None if h2d is None else round(h2d / 1e9, 2)}
