@@ -21,7 +21,7 @@ if ! python3 -c "import pytest" 2>/dev/null && ls .carry/kwhl/*.whl >/dev/null 2
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
-(nvidia-smi; nvidia-smi -q | head -40) > "$OUT/nvidia-smi.txt" 2>&1
+(nvidia-smi; nvidia-smi -q | grep -E "Product Name|Driver Version|CUDA Version|Max Clocks" -A0) > "$OUT/nvidia-smi.txt" 2>&1
 if [ -n "${SKIP_TESTS:-}" ]; then
   ARGS="small=False"
 elif [ -z "${SMALL:-}" ]; then
