@@ -221,7 +221,9 @@ class Scheduler:
         last_chunk = end >= len(req.prompt)
         score = req.params.prompt_logprobs and start < len(req.prompt)
         score_next = req.prompt[end] if score and end < len(req.prompt) else None
-        return Row(req.request_id, req.slot, tokens, start, sample=last_chunk,
+        # max_new_tokens=0 scores the prompt (echo) and samples nothing.
+        sample = last_chunk and req.params.max_new_tokens > 0
+        return Row(req.request_id, req.slot, tokens, start, sample=sample,
                    params=req.params, score=score, score_next=score_next)
 
     # --- results ---------------------------------------------------------------------------
@@ -247,12 +249,19 @@ class Scheduler:
     def _advance(self, req: Request, res: TokenResult | None) -> Event | None:
         req.computed = req.pending_end
         if res is None or res.token is None:
-            if not req.prefilling:
-                return self._finish(req, "error", error="the step returned no token")
+            event = None
             if res is not None and res.prompt_logprobs is not None:
-                return Event(req.request_id, prompt_logprobs=res.prompt_logprobs,
-                             prompt_top=res.prompt_top)
-            return None  # a prompt chunk that samples nothing
+                event = Event(req.request_id, prompt_logprobs=res.prompt_logprobs,
+                              prompt_top=res.prompt_top)
+            if req.prefilling:
+                return event  # a prompt chunk that samples nothing
+            if req.params.max_new_tokens == 0:
+                final = self._finish(req, "length")
+                if event is None:
+                    return final
+                event.finished, event.finish_reason = True, "length"
+                return event
+            return self._finish(req, "error", error="the step returned no token")
         token = res.token
         req.output.append(token)
         event = Event(req.request_id, token=token, logprob=res.logprob, top=res.top,

@@ -166,3 +166,18 @@ def test_unseeded_requests_get_a_fixed_seed():
     s = make()
     s.add("a", [5], SamplingParams(temperature=1.0))
     assert s.requests["a"].params.seed is not None
+
+
+def test_zero_new_tokens_scores_the_prompt_and_samples_nothing():
+    s = make()
+    s.add("a", [5, 6, 7, 8, 9, 10], SamplingParams(max_new_tokens=0, prompt_logprobs=True))
+    events = []
+    while s.has_work():
+        step = s.schedule()
+        assert not any(r.sample for r in step.rows)
+        results = [TokenResult(r.request_id, prompt_logprobs=[-1.0] * (len(r.tokens) - 1 + (
+            r.score_next is not None))) for r in step.rows]
+        events += s.update(StepResult(step.step_id, results))
+    assert s.requests["a"].output == []
+    assert sum(len(e.prompt_logprobs or []) for e in events) == 5
+    assert events[-1].finished and events[-1].finish_reason == "length"
