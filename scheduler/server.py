@@ -43,6 +43,7 @@ from .transport import (
     CLIENT_MAX_BYTES,
     CONTROL_MAX_BYTES,
     Curve,
+    HandshakeWatcher,
     ZapHandler,
     check_addresses,
     make_socket,
@@ -124,6 +125,11 @@ class PipelineServer:
         self.clients = make_socket(self.ctx, zmq.ROUTER, CLIENT_MAX_BYTES, curve=curve,
                                    server=True)
         self.clients.bind(self.client_address)
+        self.handshakes = HandshakeWatcher() if curve else None
+        if self.handshakes:
+            self.handshakes.watch(self.control, "control")
+            self.handshakes.watch(self.clients, "client")
+            self.handshakes.start()
         self.client_of: dict[str, bytes] = {}  # request id -> client routing id
         self.epoch = 0
         self.token = secrets.token_hex(16)
@@ -472,6 +478,8 @@ class PipelineServer:
             log.warning("dropped a bad frame (%d so far): %s", self.bad_frames, what[:200])
 
     def close(self) -> None:
+        if self.handshakes:
+            self.handshakes.stop()
         self.control.close(linger=0)
         self.clients.close(linger=0)
         if self.zap:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 
 log = logging.getLogger("dejavu.transport")
 
@@ -161,12 +162,13 @@ class ZapHandler(threading.Thread):
             return [b"1.0", b"", b"400", b"malformed ZAP request", b"", b""]
         version, request_id, _domain, address, _identity, mechanism = frames[:6]
         credentials = frames[6:]
-        ok = mechanism == b"CURVE" and len(credentials) == 1 and credentials[0] in self.authorized
-        if ok:
+        # CURVE gives the client's raw 32-byte key; key files hold it Z85-encoded.
+        key = (zmq.utils.z85.encode(credentials[0]) if mechanism == b"CURVE"
+               and len(credentials) == 1 and len(credentials[0]) == 32 else None)
+        if key is not None and key in self.authorized:
             return [version, request_id, b"200", b"OK", b"", b""]
         self.refused += 1
-        who = zmq.utils.z85.encode(credentials[0]).decode() if (
-            mechanism == b"CURVE" and credentials and len(credentials[0]) == 32) else "-"
+        who = key.decode() if key is not None else "-"
         log.warning("refused a %s peer from %s (public key %s): not authorized",
                     mechanism.decode(errors="replace"), address.decode(errors="replace"), who)
         return [version, request_id, b"400", b"not authorized", b"", b""]
@@ -175,6 +177,54 @@ class ZapHandler(threading.Thread):
         self._halt.set()
         self.join(timeout=1.0)
         self.sock.close(linger=0)
+
+
+class HandshakeWatcher(threading.Thread):
+    """Logs every failed security handshake on the watched (binding) sockets: a peer
+    without CURVE, with a wrong server key or with a refused client key. Such a peer never
+    gets a message through; this makes the refusal visible."""
+
+    _FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    def __init__(self) -> None:
+        super().__init__(name="handshakes", daemon=True)
+        self.monitors: list[tuple[zmq.Socket, zmq.Socket, str]] = []
+        self.failures = 0
+        self._halt = threading.Event()
+
+    def watch(self, sock: zmq.Socket, name: str) -> None:
+        """Call from the thread that owns ``sock``, before ``start``."""
+        self.monitors.append((sock, sock.get_monitor_socket(self._FAILED), name))
+
+    def run(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        poller = zmq.Poller()
+        for _, mon, _ in self.monitors:
+            poller.register(mon, zmq.POLLIN)
+        names = {mon: name for _, mon, name in self.monitors}
+        while not self._halt.is_set():
+            for mon, _ in poller.poll(100):
+                try:
+                    event = recv_monitor_message(mon, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue
+                self.failures += 1
+                log.warning("refused a peer on the %s socket (%s): security handshake failed "
+                            "(no CURVE, wrong keys or not authorized)", names[mon],
+                            event.get("endpoint", b"").decode(errors="replace"))
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=1.0)
+        for sock, mon, _ in self.monitors:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(linger=0)
 
 
 def ipc_path(address: str) -> Path | None:

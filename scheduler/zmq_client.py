@@ -29,6 +29,8 @@ from dejavu.runtime.sampling import SamplingParams
 from .core import Event, RequestError, Scheduler, SchedulerConfig
 from .transport import CLIENT_MAX_BYTES, load_curve, make_socket
 
+SEND_TIMEOUT_MS = 5000
+
 
 class SchedulerGone(ConnectionError):
     """The scheduler stopped answering; open requests will never finish."""
@@ -37,6 +39,9 @@ class SchedulerGone(ConnectionError):
 def _socket(ctx: zmq.Context, address: str, keys_dir: str | None) -> zmq.Socket:
     curve = load_curve(keys_dir) if keys_dir else None
     sock = make_socket(ctx, zmq.DEALER, CLIENT_MAX_BYTES, curve=curve)
+    # With no connected scheduler (not started, gone, or our keys refused) a send would
+    # block forever: give up after a while instead (zmq.Again -> SchedulerGone).
+    sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     sock.connect(address)
     return sock
 
@@ -56,19 +61,30 @@ class PipelineConnection:
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
+    def _send(self, message) -> None:
+        try:
+            self.sock.send(wire.encode(message))
+        except zmq.Again:
+            raise SchedulerGone(f"cannot reach a scheduler at {self.address} (not running, "
+                                "or it refused this client's keys)") from None
+
     def submit(self, prompt: Sequence[int], params: SamplingParams,
                request_id: str | None = None) -> str:
         rid = request_id or f"{self._prefix}-{next(self._ids)}"
-        self.sock.send(wire.encode(wire.Generate(rid, list(prompt), params)))
+        self._send(wire.Generate(rid, list(prompt), params))
         self.open.add(rid)
         return rid
 
     def abort(self, request_id: str) -> None:
-        self.sock.send(wire.encode(wire.Abort(request_id)))
+        self._send(wire.Abort(request_id))
 
     def health(self, timeout_s: float = 5.0) -> wire.Health:
         self._health = None
-        self.sock.send(wire.encode(wire.HealthQuery()))
+        try:
+            self.sock.send(wire.encode(wire.HealthQuery()), zmq.NOBLOCK)
+        except zmq.Again:
+            time.sleep(min(timeout_s, 0.1))
+            raise TimeoutError(f"no health answer from {self.address}: not connected") from None
         deadline = time.monotonic() + timeout_s
         pending: list[Event] = []
         while self._health is None:
@@ -105,7 +121,10 @@ class PipelineConnection:
                 raise SchedulerGone(f"the scheduler at {self.address} has not answered for "
                                     f"{silent:.1f} s; {len(self.open)} request(s) lost")
             if self.open and silent > self.silence_s and not asked:
-                self.sock.send(wire.encode(wire.HealthQuery()))
+                try:
+                    self.sock.send(wire.encode(wire.HealthQuery()), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # not connected: the silence check above will give up
                 asked = True
 
     def _recv(self, timeout_s: float) -> list[Event]:
@@ -176,7 +195,7 @@ class PipelineConnection:
     def close(self) -> None:
         for rid in list(self.open):
             try:
-                self.abort(rid)
+                self.sock.send(wire.encode(wire.Abort(rid)), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         self.sock.close(linger=0)
@@ -239,7 +258,10 @@ class PipelineClient:
         while self._dead is None:
             now = time.monotonic()
             if now >= next_probe:  # health once a second: liveness and fresh stats
-                await self.sock.send(wire.encode(wire.HealthQuery()))
+                try:
+                    self.sock.send(wire.encode(wire.HealthQuery()), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # not connected: the silence check decides
                 next_probe = now + 1.0
             if self.cluster is not None and self.cluster.proc.poll() is not None:
                 self._die(f"the pipeline exited with code {self.cluster.proc.returncode}")
@@ -289,7 +311,11 @@ class PipelineClient:
         self._stats["requests"] += 1
         finished = False
         try:
-            await self.sock.send(wire.encode(wire.Generate(request_id, list(prompt), params)))
+            try:
+                await asyncio.wait_for(self.sock.send(wire.encode(
+                    wire.Generate(request_id, list(prompt), params))), SEND_TIMEOUT_MS / 1000)
+            except TimeoutError:
+                self._die(f"cannot reach the scheduler at {self.address}")
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -302,7 +328,10 @@ class PipelineClient:
                 await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        await self.sock.send(wire.encode(wire.Abort(request_id)))
+        try:
+            self.sock.send(wire.encode(wire.Abort(request_id)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # not connected: nothing runs for this request anyway
 
     def health(self):
         from .client import Health
