@@ -164,6 +164,8 @@ def serve(
     api_key: str = typer.Option(None, "--api-key",
                                 help="require 'Authorization: Bearer KEY' (all but /health)"),
     workers: int = typer.Option(None, "--workers", help="worker processes (1 = in-process)"),
+    connect: str = typer.Option(None, "--connect",
+                                help="serve a running launch at this client address"),
     model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
     max_batch: int = typer.Option(8, "--max-batch", help="sequences decoded together"),
     served_model_name: str = typer.Option(None, "--served-model-name",
@@ -183,7 +185,8 @@ def serve(
             raise ServeError(f"--max-batch {max_batch}: expected at least 1")
         options = ServeOptions(host=settings.serve.host, port=settings.serve.port,
                                api_key=api_key or None, workers=settings.pipeline.workers,
-                               max_batch=max_batch, model_name=served_model_name)
+                               max_batch=max_batch, model_name=served_model_name,
+                               connect=connect)
         run_server(settings, options)
     except (SettingsError, CheckpointError, TokenizerError, ServeError) as exc:
         raise _user_error(exc) from None

@@ -81,13 +81,13 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        h = ctx.client.health()
+        h = ctx.health()
         body = {"status": "ok" if h.ok else "dead", "detail": h.detail, "workers": h.workers}
         return JSONResponse(body, status_code=200 if h.ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        h = ctx.client.health()
+        h = ctx.health()
         ctx.metrics.observe_engine(h.ok, h.workers, ctx.client.stats())
         return PlainTextResponse(ctx.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -8,12 +8,13 @@ Token text for log-probabilities is spelled as OpenAI spells it: the token's own
 from __future__ import annotations
 
 import codecs
+import os
 import time
 import uuid
 from dataclasses import dataclass
 
 from dejavu.runtime.sampling import SamplingError, SamplingParams
-from dejavu.scheduler.client import EngineClient
+from dejavu.scheduler.client import EngineClient, Health
 
 from .errors import ApiError, short
 from .jobs import Choice, Runner, request_error
@@ -36,7 +37,7 @@ class Context:
         self.model_name = model_name
         self.limits = limits
         self.metrics = ServerMetrics()
-        self.runner = Runner(client, self.metrics, limits.max_pending)
+        self.runner = Runner(client, self.metrics, limits.max_pending, self.health)
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
 
@@ -47,6 +48,23 @@ class Context:
     @property
     def vocab_size(self) -> int:
         return self.client.vocab_size
+
+    def health(self) -> Health:
+        """The client's verdict, and for a cluster this process started (on this host) a
+        direct look at each worker process: a killed worker is seen at once, not when the
+        scheduler's next health report arrives."""
+        health = self.client.health()
+        cluster = getattr(self.client, "cluster", None)
+        if not health.ok or cluster is None:
+            return health
+        gone = [w for w in health.workers
+                if isinstance(w.get("pid"), int) and w.get("pid") and not _process_alive(w["pid"])]
+        if not gone:
+            return health
+        workers = [dict(w, alive=w not in gone and w.get("alive", False))
+                   for w in health.workers]
+        detail = "; ".join(f"worker {w.get('worker')} (pid {w['pid']}) is gone" for w in gone)
+        return Health(False, detail, workers)
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -132,6 +150,20 @@ class Context:
             if key not in out or logprob > out[key]:
                 out[key] = logprob
         return out
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an exited child that nobody has reaped yet is a zombie: gone all the same
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True  # no /proc here: trust kill(0)
 
 
 class Offsets:

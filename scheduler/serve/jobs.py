@@ -72,15 +72,17 @@ def request_error(exc: Exception) -> ApiError:
 
 
 class Runner:
-    def __init__(self, client: EngineClient, metrics: ServerMetrics, max_pending: int) -> None:
+    def __init__(self, client: EngineClient, metrics: ServerMetrics, max_pending: int,
+                 health=None) -> None:
         self.client = client
+        self.health = health or client.health  # () -> Health
         self.metrics = metrics
         self.max_pending = max_pending
         self.pending = 0  # engine requests admitted and not yet finished
 
     def admit(self, count: int) -> None:
         """Reserve room for `count` engine requests or refuse the whole HTTP request."""
-        health = self.client.health()
+        health = self.health()
         if not health.ok:
             self.metrics.failures.inc(1, "engine_dead")
             raise ApiError(503, f"the engine is not available: {health.detail}",

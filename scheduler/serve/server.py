@@ -2,9 +2,9 @@
 run uvicorn; and ``serve_in_thread`` for tests and embedding (a real socket on a free
 loopback port, always stopped).
 
-``--workers 1`` runs the in-process engine (``LocalClient``). More workers need the
-pipeline's ``EngineClient``; until that client exists in this build, asking for it is a
-clear error rather than a silent single-process server.
+``--workers 1`` runs the in-process engine (``LocalClient``); ``--workers N`` starts a
+pipeline of N worker processes and serves through its ``PipelineClient``; ``--connect``
+serves a ``launch`` that is already running. The app sees only the ``EngineClient``.
 """
 
 from __future__ import annotations
@@ -36,24 +36,41 @@ class ServeOptions:
     workers: int = 1
     max_batch: int = 8
     model_name: str | None = None  # as clients name it; default: [model] path as given
+    connect: str | None = None  # client address of a running `launch` (instead of workers)
     limits: ServeLimits = field(default_factory=ServeLimits)
 
 
 def build_client(settings, options: ServeOptions):
-    """(client, tokenizer) for the configured model."""
+    """(client, tokenizer) for the configured model: the in-process engine for one worker,
+    else a pipeline of `workers` processes started here (stopped with the client), or a
+    running `launch` at `connect`. The tokenizer is always loaded here: the HTTP layer turns
+    text into ids and ids into token text itself."""
     from dejavu.runtime.checkpoint import load_model, resolve_model_dir
     from dejavu.runtime.tokenizer import load_tokenizer
 
+    model_dir = resolve_model_dir(settings.model_path())
+    tokenizer = load_tokenizer(model_dir)
+    if options.connect:
+        from dejavu.scheduler.zmq_client import PipelineClient
+
+        keys = getattr(settings.pipeline, "keys_dir", "") or None
+        try:
+            return PipelineClient(options.connect, keys_dir=keys), tokenizer
+        except TimeoutError as exc:
+            raise ServeError(f"--connect {options.connect}: no answer ({exc})") from None
     if options.workers > 1:
-        raise ServeError(f"--workers {options.workers}: serving through the worker pipeline "
-                         "needs the pipeline EngineClient, which this build does not have "
-                         "yet; use --workers 1 (the in-process engine)")
+        from dejavu.scheduler.config import PipelineConfigError, from_settings
+        from dejavu.scheduler.launch import LaunchError
+        from dejavu.scheduler.zmq_client import PipelineClient
+
+        try:
+            config = from_settings(settings, workers=options.workers, slots=options.max_batch)
+            return PipelineClient.launch(config), tokenizer
+        except (PipelineConfigError, LaunchError, TimeoutError) as exc:
+            raise ServeError(f"--workers {options.workers}: {exc}") from None
     from dejavu.runtime.engine import Engine
     from dejavu.scheduler.client import LocalClient
 
-    path = settings.model_path()
-    model_dir = resolve_model_dir(path)
-    tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=settings.model.dtype, device=settings.model.device)
     return LocalClient(Engine(model, tokenizer, max_batch=options.max_batch)), tokenizer
 
@@ -62,13 +79,19 @@ def make_app(client, tokenizer, options: ServeOptions, model_name: str, *,
              close_client: bool = False):
     ctx = Context(client, tokenizer, model_name, options.limits)
     app = create_app(ctx, api_key=options.api_key)
-    if close_client:
-        @asynccontextmanager
-        async def lifespan(_app):
-            yield
+    @asynccontextmanager
+    async def lifespan(_app):
+        # The pipeline client learns the cluster's health from a reader task that otherwise
+        # starts with the first request: start it now, so that /health follows the workers
+        # while no request is open.
+        start_reader = getattr(client, "_ensure_reader", None)
+        if callable(start_reader):
+            start_reader()
+        yield
+        if close_client:
             await client.close()
 
-        app.router.lifespan_context = lifespan
+    app.router.lifespan_context = lifespan
     return app
 
 
@@ -82,13 +105,14 @@ def run_server(settings, options: ServeOptions) -> None:
     # signal it caught; this handler turns that (or a signal during loading) into exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
-    client, tokenizer = build_client(settings, options)
-    name = options.model_name or settings.model.path
-    app = make_app(client, tokenizer, options, name, close_client=True)
-    sock = bind(options.host, options.port)
-    print(f"serving {name} on http://{options.host}:{sock.getsockname()[1]}", file=sys.stderr)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
+    sock = bind(options.host, options.port)  # a taken port fails before any loading
     try:
+        client, tokenizer = build_client(settings, options)
+        name = options.model_name or settings.model.path
+        app = make_app(client, tokenizer, options, name, close_client=True)
+        print(f"serving {name} on http://{options.host}:{sock.getsockname()[1]}",
+              file=sys.stderr)
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
