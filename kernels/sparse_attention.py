@@ -317,9 +317,9 @@ def _check_common(x: Tensor, rows: HeadRows, host: HeadRows | None, locs: Tensor
     _check_rows("rows", rows, x.shape[1], x.dtype)
     if host is not None:
         _check_rows("host", host, x.shape[1], x.dtype)
-        # An empty table's strides are arbitrary (torch normalises them); only tables that
-        # hold rows must agree, since the kernel applies one set of strides to both.
-        if rows.wo.shape[0] and host.wo.shape[0] and any(
+        # The kernel applies one set of strides to both tables. Strides of a table with
+        # fewer than two rows are arbitrary (torch normalises them) and never used.
+        if rows.wo.shape[0] > 1 and host.wo.shape[0] > 1 and any(
                 a.stride() != b.stride() for a, b in zip(rows, host, strict=True)):
             raise ValueError("host and resident tables must share strides (same layout)")
     if locs.dim() != 1 or locs.dtype not in (torch.int32, torch.int64):
@@ -333,8 +333,8 @@ def _check_common(x: Tensor, rows: HeadRows, host: HeadRows | None, locs: Tensor
 
 
 def _strided(rows: HeadRows, host: HeadRows | None) -> HeadRows:
-    """The table whose strides the kernels use: the resident one unless it is empty."""
-    return host if host is not None and rows.wo.shape[0] == 0 else rows
+    """The table whose strides the kernels use: the one with more rows (see _check_common)."""
+    return host if host is not None and host.wo.shape[0] > rows.wo.shape[0] else rows
 
 
 def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache_k: Tensor,

@@ -300,9 +300,9 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
     _check_table("rows", rows, c, x.dtype)
     if host is not None:
         _check_table("host", host, c, x.dtype)
-        # An empty table's strides are arbitrary; tables holding rows must agree, since the
-        # kernel applies one set of strides to both.
-        if rows.w1.shape[0] and host.w1.shape[0] and (
+        # The kernel applies one set of strides to both tables; a table of fewer than two
+        # rows has arbitrary (normalised) strides that are never used.
+        if rows.w1.shape[0] > 1 and host.w1.shape[0] > 1 and (
                 host.w1.stride(0) != rows.w1.stride(0) or host.b1.stride(0) != rows.b1.stride(0)):
             raise ValueError("host and resident tables must share strides (same layout)")
     if locs.dim() != 1 or locs.dtype not in (torch.int32, torch.int64):
@@ -327,7 +327,7 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
     acc = scratch[: b * c].view(b, c)
     if k and split_c:
         h = host if host is not None else rows
-        st = host if host is not None and rows.w1.shape[0] == 0 else rows  # whose strides
+        st = host if host is not None and host.w1.shape[0] > rows.w1.shape[0] else rows
         if block_n < 16:
             raise ValueError(f"split kernels need block_n >= 16, got {block_n}")
         pre = scratch[b * c:].view(b, k)
@@ -343,7 +343,7 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
                                **meta)
     elif k:
         h = host if host is not None else rows
-        st = host if host is not None and rows.w1.shape[0] == 0 else rows  # whose strides
+        st = host if host is not None and host.w1.shape[0] > rows.w1.shape[0] else rows
         # Tensor-core dots need 16 rows on each side; batch-1 blocks of fewer neurons use a
         # multiply-reduce instead (more, smaller programs: more loads in flight).
         use_dot = block_n >= 16 or b > 1

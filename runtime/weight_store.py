@@ -28,10 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.sparse_attention import HeadRows
-from ..kernels.sparse_mlp import NeuronRows
+from ..kernels.sparse_attention import HeadRows, sparse_attention
+from ..kernels.sparse_mlp import NeuronRows, sparse_mlp
 from .opt_config import OPTConfig
 
 ALIGN = 16  # elements; 32 bytes in fp16, so rows and their parts stay 16-byte aligned
@@ -149,6 +150,7 @@ class HostLayer:
     neurons: Tensor  # [F, neuron_len]
     heads: Tensor  # [H, head_len]
     small: dict[str, Tensor] = field(default_factory=dict)
+    pre_ln: bool = True  # OPT's norm placement (False only for opt-350m)
 
 
 def host_layer_from_module(layer: torch.nn.Module, layout: RecordLayout, *, dtype: torch.dtype,
@@ -172,7 +174,7 @@ def host_layer_from_module(layer: torch.nn.Module, layout: RecordLayout, *, dtyp
                         ("ln2_b", layer.final_layer_norm.bias)):
             if t is not None:
                 small[name] = t.detach().to(dtype).clone()
-    return HostLayer(layer.layer_id, neurons, heads, small)
+    return HostLayer(layer.layer_id, neurons, heads, small, pre_ln=layer.pre_ln)
 
 
 # --- placement --------------------------------------------------------------------------------
@@ -239,6 +241,11 @@ class Placement:
             "host_bytes_per_step": moved["host_bytes"],
             "resident_bytes_per_step": moved["resident_bytes"],
         }
+
+
+def gib(x: float) -> int:
+    """Bytes in ``x`` GiB (the unit of the gpu_memory_gib budget)."""
+    return int(x * GIB)
 
 
 def plan_placement(layout: RecordLayout, freqs: list[LayerFrequencies], layer_ids: list[int], *,
@@ -321,6 +328,30 @@ class ResidentLayer:
 
     def head_locs(self, heads: Tensor) -> Tensor:
         return self.head_loc[heads.long()]
+
+    # The layer's two blocks, with runtime/model.py's math (norms, residuals), computing
+    # only the selected rows wherever they live. h: [B, C] (one token per row), model dtype.
+
+    def attention_block(self, h: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
+                        slots: Tensor, positions: Tensor, **kernel_args) -> Tensor:
+        """h + attention over the selected heads (keys/values written for those only)."""
+        sm, c = self.small, self.layout.hidden
+        a = F.layer_norm(h, (c,), sm.get("ln1_w"), sm.get("ln1_b")) if self.host.pre_ln else h
+        out = sparse_attention(a, self.head_tables[0], heads, self.head_locs(heads), cache_k,
+                               cache_v, slots, positions, host=self.head_tables[1],
+                               bias=sm.get("out_proj_b"), residual=h, **kernel_args)
+        return out if self.host.pre_ln else F.layer_norm(out, (c,), sm.get("ln1_w"),
+                                                         sm.get("ln1_b"))
+
+    def mlp_block(self, h: Tensor, neurons: Tensor, **kernel_args) -> Tensor:
+        """h + fc2(relu(fc1(norm(h)))) over the selected neurons."""
+        sm, c = self.small, self.layout.hidden
+        a = F.layer_norm(h, (c,), sm.get("ln2_w"), sm.get("ln2_b")) if self.host.pre_ln else h
+        out = sparse_mlp(a, self.neuron_tables[0], self.neuron_locs(neurons),
+                         host=self.neuron_tables[1], bias2=sm.get("fc2_b"), residual=h,
+                         **kernel_args)
+        return out if self.host.pre_ln else F.layer_norm(out, (c,), sm.get("ln2_w"),
+                                                         sm.get("ln2_b"))
 
 
 def _loc_map(n: int, hot: Tensor) -> Tensor:

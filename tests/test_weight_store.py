@@ -1,11 +1,18 @@
-"""Weight store: record layout round trips, placement policy, bytes-moved estimate."""
+"""Weight store: record layout round trips, placement policy, bytes-moved estimate, and
+an offloaded layer (hot rows cached, the rest on the host) against the model's own blocks.
+"""
+
+import os
 
 import pytest
 import torch
 
-from dejavu.runtime.model import OPTDecoderLayer
-from dejavu.runtime.opt_config import OPTConfig
-from dejavu.runtime.weight_store import (
+if not torch.cuda.is_available():  # the kernels run in Triton's interpreter on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dejavu.runtime.model import Batch, KVCache, OPTDecoderLayer  # noqa: E402
+from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
+from dejavu.runtime.weight_store import (  # noqa: E402
     LayerFrequencies,
     PlacementError,
     RecordLayout,
@@ -157,3 +164,42 @@ def test_resident_layer_location_maps():
         row = r.cache_neurons[loc] if loc >= 0 else host.neurons[-loc - 1]
         assert torch.equal(row, host.neurons[n])
     assert (locs >= 0).sum() == hot.numel()
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_offloaded_layer_with_every_row_selected_equals_the_model(pre_ln):
+    # Hot rows in the cache, the rest in host records, every neuron and head selected:
+    # the two blocks must equal runtime/model.py's (fp32 model, fp16 records -> fp16 tol).
+    cfg = OPTConfig(hidden_size=32, num_attention_heads=2, ffn_dim=48, num_hidden_layers=1,
+                    vocab_size=64, max_position_embeddings=32, word_embed_proj_dim=32,
+                    do_layer_norm_before=pre_ln)
+    torch.manual_seed(0)
+    m = OPTDecoderLayer(cfg, 0)
+    for name, p in m.named_parameters():
+        torch.nn.init.normal_(p, std=0.3 if "weight" in name else 0.1)
+    lay = RecordLayout.of(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    host = host_layer_from_module(m, lay, dtype=torch.float16, pin=device == "cuda")
+    fr = LayerFrequencies(torch.linspace(1, 0, 48), torch.tensor([0.2, 0.9]))
+    p = plan_placement(lay, [fr], [0], budget_bytes=20 * lay.neuron_len * 2 + lay.head_len * 2,
+                       reserved_bytes=0, element_size=2)
+    assert 0 < p.layers[0].hot_neurons.numel() < 48 and p.layers[0].hot_heads.tolist() == [1]
+    r = ResidentLayer(host, p.layers[0], lay, device)
+    h = torch.randn(3, 32)
+    cache = KVCache(cfg, [0], slots=3, max_len=8, dtype=torch.float32, device="cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    slots, pos = torch.tensor([1, 2, 0]), torch.tensor([0, 4, 7])
+    ck, cv = cache.k[0].half().to(device), cache.v[0].half().to(device)
+    with torch.no_grad():
+        want_a = m.attention_block(h[:, None], Batch(pos[:, None], slots, cache))[:, 0]
+        want_m = m.mlp_block(want_a[:, None])[:, 0]
+    hd = h.half().to(device)
+    got_a = r.attention_block(hd, torch.arange(2, device=device), ck, cv,
+                              slots.int().to(device), pos.int().to(device))
+    got_m = r.mlp_block(want_a.half().to(device), torch.arange(48, device=device))
+    for got, want in ((got_a, want_a), (got_m, want_m)):
+        err = float((got.float().cpu() - want).norm() / want.norm())
+        assert err < 5e-3, err
+    # The new keys landed where the model put them.
+    torch.testing.assert_close(ck.float().cpu(), cache.k[0], atol=2e-2, rtol=1e-2)
