@@ -59,11 +59,13 @@ class LowRankClassifier(nn.Module):
 
 @dataclass
 class OperatingPoint:
-    """Per layer: how many neurons/heads a token keeps (top-k) and what held-out tokens
+    """Per layer: how many neurons/heads a token keeps (top-k; or, for neurons, every one
+    whose logit exceeds ``mlp_threshold`` when that is set) and what held-out tokens
     measured at that point."""
 
     mlp_k: int
     head_k: int
+    mlp_threshold: float | None = None
     mlp_recall: float | None = None  # None until measured
     mlp_precision: float | None = None
     head_recall: float | None = None
@@ -118,6 +120,8 @@ class PredictorSet:
     heads: dict[int, LowRankClassifier] = field(default_factory=dict)
     points: dict[int, OperatingPoint] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    # "topk" (k neurons per token) or "threshold" (the calibrated logit threshold).
+    mlp_select: str = "topk"
 
     @classmethod
     def create(cls, model: nn.Module, mlp_rank: int, head_rank: int) -> PredictorSet:
@@ -168,6 +172,7 @@ class PredictorSet:
             "mlp_rank": str(self.mlp_rank),
             "head_rank": str(self.head_rank),
             "operating_points": json.dumps({str(k): asdict(v) for k, v in self.points.items()}),
+            "mlp_select": self.mlp_select,
             "report": json.dumps(self.report),
         }
         save_file(tensors, str(path), metadata=meta)
@@ -220,6 +225,7 @@ class PredictorSet:
                   int(meta["head_rank"]))
         points = json.loads(meta["operating_points"])
         out.report = json.loads(meta.get("report", "{}"))
+        out.mlp_select = meta.get("mlp_select", "topk")
         for i in mine.layer_hashes:
             out.mlp[i] = LowRankClassifier(c.hidden_size, out.mlp_rank, c.ffn_dim)
             out.heads[i] = LowRankClassifier(c.hidden_size, out.head_rank,

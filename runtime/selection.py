@@ -37,6 +37,8 @@ class SelectionConfig:
     dense_layers: frozenset[int] = frozenset()
     layer_mlp_density: dict[int, float] = field(default_factory=dict)
     layer_head_density: dict[int, float] = field(default_factory=dict)
+    # None: as the predictor file says; "topk" or "threshold" to override it.
+    mlp_select: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("mlp_density", "head_density"):
@@ -84,6 +86,15 @@ class PredictorSelector:
         head_k = point.head_k if head is None else count(head, c.num_attention_heads)
         return mlp_k, head_k
 
+    def threshold(self, layer_id: int) -> float | None:
+        """The layer's calibrated neuron threshold, unless a density setting overrides it."""
+        cfg = self.config
+        if cfg.layer_mlp_density.get(layer_id, cfg.mlp_density) is not None:
+            return None
+        if (cfg.mlp_select or self.predictors.mlp_select) != "threshold":
+            return None
+        return self.predictors.points[layer_id].mlp_threshold
+
     @torch.no_grad()
     def __call__(self, layer_id: int, source: Tensor) -> Selection:
         if layer_id in self.config.dense_layers:
@@ -95,8 +106,14 @@ class PredictorSelector:
         c = self.predictors.config
         p_mlp, p_heads = self.predictors.mlp[layer_id], self.predictors.heads[layer_id]
         x = source.to(p_mlp.up.weight.dtype)
+        threshold = self.threshold(layer_id)
+        if threshold is not None:  # a calibrated threshold: as many neurons as the token needs
+            neurons = p_mlp(x) > threshold
         # Selecting everything needs no prediction, and must stay exact (a density-1 run).
-        neurons = topk_mask(p_mlp(x), mlp_k) if mlp_k < c.ffn_dim else None
+        elif mlp_k < c.ffn_dim:
+            neurons = topk_mask(p_mlp(x), mlp_k)
+        else:
+            neurons = None
         heads = topk_mask(p_heads(x), head_k) if head_k < c.num_attention_heads else None
         return Selection(heads=heads, neurons=neurons)
 

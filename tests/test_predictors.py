@@ -185,3 +185,19 @@ def test_selector_from_settings(tmp_path):
     with pytest.raises(PredictorError, match="no such predictor file"):
         selector_from_settings(SparsitySettings(predictors=str(tmp_path / "nope")), model,
                                tmp_path)
+
+
+def test_threshold_selection_keeps_what_the_predictor_scores_above_it(tmp_path):
+    model = tiny_model()
+    preds = PredictorSet.create(model, 4, 4)
+    for m in preds.mlp.values():
+        torch.nn.init.normal_(m.up.weight)
+    preds.points[1].mlp_threshold = 0.3
+    preds.mlp_select = "threshold"
+    preds = PredictorSet.load(preds.save(tmp_path / "p"), model)
+    src = torch.randn(2, 5, CFG.hidden_size)
+    sel = PredictorSelector(preds)(1, src)
+    assert torch.equal(sel.neurons, preds.mlp[1](src) > 0.3)
+    assert 0 < sel.neurons.sum(-1).float().std()  # tokens keep different numbers
+    forced = PredictorSelector(preds, SelectionConfig(mlp_select="topk"))(1, src)
+    assert forced.neurons is None  # the file's k, which for untrained predictors is all

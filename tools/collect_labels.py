@@ -169,7 +169,8 @@ def collect(model: OPTModel, windows: Tensor, *, batch_size: int = 8,
             ids = windows[start:start + batch_size].to(device)
             cursor[:] = [start * windows.shape[1], (start + ids.shape[0]) * windows.shape[1]]
             ctx = SparseContext(record, mode="mask")
-            model(ids, Batch(full_positions(*ids.shape, device), sparse=ctx))
+            batch = Batch(full_positions(*ids.shape, device), sparse=ctx)
+            model.run_layers(model.embed(ids, batch.positions), batch)  # no LM head needed
             if progress is not None:
                 progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
     finally:

@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="dense, trained point, two joint")
+    p.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated (eval_tasks)")
+    p.add_argument("--limit", type=int, default=None, help="rows per zero-shot task")
+    p.add_argument("--eval-dir", default="../shared/data/eval")
     p.add_argument("--replot", action="store_true", help="only redo sweep.md/png from --out")
     args = p.parse_args(argv)
     if args.replot:
@@ -187,11 +190,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         points = [Point("dense", 1.0, 1.0), Point("predictor", None, None),
                   Point("predictor", 0.2, 0.5), Point("random", 0.2, 0.5)]
-    rows = run_sweep(model, tok, predictors, docs, points=points, window=window,
+    tasks = None
+    if args.tasks:
+        from dejavu.tools.eval_tasks import evaluate_task
+
+        def tasks(logits_fn) -> dict[str, float]:
+            out = {}
+            for name in args.tasks.split(","):
+                r = evaluate_task(name, logits_fn, lambda t: tok.encode(t, add_bos=False),
+                                  bos_id=tok.bos_id, eval_dir=args.eval_dir,
+                                  max_len=model.config.max_position_embeddings, batch_size=16,
+                                  device=args.device, limit=args.limit)
+                out[f"{r['task']}_acc"] = r["metrics"]["acc"]
+            return out
+
+    rows = run_sweep(model, tok, predictors, docs, tasks=tasks, points=points, window=window,
                      stride=min(args.stride, window), device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_dir.name, "data": Path(args.data).name, "docs": len(docs),
+            "tasks": args.tasks, "task_limit": args.limit,
             "chars_per_doc": args.chars, "device": args.device,
             "hardware": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
