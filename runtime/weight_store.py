@@ -13,7 +13,8 @@ head is selected) and a GPU budget, keep the rows that save the most host traffi
 byte. A row of frequency f and size s saves f*s host bytes per token for s bytes of GPU
 memory, so the best static cache is simply the highest-frequency rows over all layers
 (the same order for any batch, since 1-(1-f)^B grows with f). A layer whose every row is
-kept is dense-resident. No dynamic (recent-token) part is planned yet.
+kept is dense-resident. Optionally a fraction of the budget becomes dynamic neuron slots per
+layer, filled with the cold rows recent tokens used (LRU; ``ResidentLayer.admit``).
 
 Cold rows are read either in place (mapped pinned memory, zero-copy) or staged (gathered
 on the CPU into a pinned buffer, copied on a copy stream); ``measure_cold_paths`` times
@@ -25,6 +26,7 @@ split between workers (the layer planner).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -194,6 +196,7 @@ class LayerPlacement:
     hot_neurons: Tensor  # int64 ids kept on the GPU, most frequent first
     hot_heads: Tensor
     dense_resident: bool
+    dynamic_neurons: int = 0  # GPU slots for recently used cold neurons (ResidentLayer.admit)
 
 
 @dataclass
@@ -207,8 +210,8 @@ class Placement:
 
     def cache_bytes(self) -> int:
         lay, e = self.layout, self.element_size
-        return sum((p.hot_neurons.numel() * lay.neuron_len + p.hot_heads.numel() * lay.head_len)
-                   * e for p in self.layers)
+        return sum(((p.hot_neurons.numel() + p.dynamic_neurons) * lay.neuron_len
+                    + p.hot_heads.numel() * lay.head_len) * e for p in self.layers)
 
     def gpu_bytes(self) -> int:
         return self.cache_bytes() + self.reserved_bytes
@@ -236,6 +239,7 @@ class Placement:
             "row_cache_bytes": self.cache_bytes(),
             "reserved_bytes": self.reserved_bytes,
             "dense_resident_layers": sum(p.dense_resident for p in self.layers),
+            "dynamic_neuron_slots": sum(p.dynamic_neurons for p in self.layers),
             "layers": len(self.layers),
             "batch": batch,
             "host_bytes_per_step": moved["host_bytes"],
@@ -249,10 +253,17 @@ def gib(x: float) -> int:
 
 
 def plan_placement(layout: RecordLayout, freqs: list[LayerFrequencies], layer_ids: list[int], *,
-                   budget_bytes: int, reserved_bytes: int, element_size: int) -> Placement:
+                   budget_bytes: int, reserved_bytes: int, element_size: int,
+                   dynamic_fraction: float = 0.0) -> Placement:
     """Greedy static cache: the most frequently selected rows over all layers, by frequency
     (host bytes saved per GPU byte), until the budget left after ``reserved_bytes`` is
-    spent. Ties go to the earlier layer and lower id (deterministic)."""
+    spent. Ties go to the earlier layer and lower id (deterministic).
+
+    ``dynamic_fraction`` of that budget is kept back for dynamic neuron slots (rows that
+    recent tokens used, see ResidentLayer.admit), shared evenly by the layers that are not
+    dense-resident. The bytes-moved estimate counts only the static part (conservative)."""
+    if not 0.0 <= dynamic_fraction < 1.0:
+        raise PlacementError(f"dynamic_fraction={dynamic_fraction}: expected [0, 1)")
     if len(freqs) != len(layer_ids):
         raise PlacementError(f"{len(freqs)} frequency sets for {len(layer_ids)} layers")
     if reserved_bytes > budget_bytes:
@@ -282,7 +293,9 @@ def plan_placement(layout: RecordLayout, freqs: list[LayerFrequencies], layer_id
     # Stable sort by descending frequency keeps (layer, kind, id) order among ties.
     order = torch.sort(-freq, stable=True).indices
     spent = torch.cumsum(size[order], 0)
-    keep = order[spent <= budget_bytes - reserved_bytes]
+    row_budget = budget_bytes - reserved_bytes
+    dynamic_bytes = int(dynamic_fraction * row_budget)
+    keep = order[spent <= row_budget - dynamic_bytes]
     layers = []
     for i, layer_id in enumerate(layer_ids):
         mine = keep[lay_i[keep] == i]
@@ -290,6 +303,10 @@ def plan_placement(layout: RecordLayout, freqs: list[LayerFrequencies], layer_id
         hot_h = ids[mine[kind[mine] == 1]]
         dense = hot_n.numel() == layout.ffn and hot_h.numel() == layout.heads
         layers.append(LayerPlacement(layer_id, hot_n, hot_h, dense))
+    sparse_layers = [p for p in layers if not p.dense_resident]
+    for p in sparse_layers:
+        share = dynamic_bytes // len(sparse_layers) // (layout.neuron_len * element_size)
+        p.dynamic_neurons = min(share, layout.ffn - p.hot_neurons.numel())
     return Placement(layout, element_size, layers, freqs, reserved_bytes, budget_bytes)
 
 
@@ -307,7 +324,14 @@ class ResidentLayer:
         self.layer_id = host.layer_id
         self.host = host
         self.small = {k: v.to(device) for k, v in host.small.items()}
-        self.cache_neurons = host.neurons[placement.hot_neurons].to(device)
+        n_hot = placement.hot_neurons.numel()
+        # Static hot rows first, then the dynamic slots (filled by admit).
+        self.cache_neurons = torch.empty((n_hot + placement.dynamic_neurons, layout.neuron_len),
+                                         dtype=host.neurons.dtype, device=device)
+        self.cache_neurons[:n_hot] = host.neurons[placement.hot_neurons].to(device)
+        self.n_hot = n_hot
+        self.dynamic: OrderedDict[int, int] = OrderedDict()  # neuron id -> slot, LRU first
+        self.free_slots = list(range(n_hot, n_hot + placement.dynamic_neurons))
         self.cache_heads = host.heads[placement.hot_heads].to(device)
         self.neuron_loc = _loc_map(layout.ffn, placement.hot_neurons).to(device)
         self.head_loc = _loc_map(layout.heads, placement.hot_heads).to(device)
@@ -325,6 +349,39 @@ class ResidentLayer:
 
     def neuron_locs(self, neurons: Tensor) -> Tensor:
         return self.neuron_loc[neurons.long()]
+
+    def admit(self, neurons: Tensor) -> int:
+        """Dynamic part: after a step, copy the cold neurons it used into the dynamic slots
+        (evicting the least recently used), so that following tokens, which tend to reuse
+        them, read them from GPU memory. Returns how many rows were copied. Reads the
+        selection on the host (a synchronisation): call it off the critical path."""
+        if self.cache_neurons.shape[0] == self.n_hot:
+            return 0
+        ids = torch.unique(neurons.detach().long().cpu()).tolist()
+        loc = self.neuron_loc.cpu()
+        fresh = []
+        for n in ids:
+            if n in self.dynamic:
+                self.dynamic.move_to_end(n)
+            elif int(loc[n]) < 0:
+                fresh.append(n)
+        fresh = fresh[: self.cache_neurons.shape[0] - self.n_hot]  # at most every slot
+        slots = []
+        for n in fresh:
+            if self.free_slots:
+                slot = self.free_slots.pop()
+            else:
+                old, slot = self.dynamic.popitem(last=False)
+                loc[old] = -old - 1
+            self.dynamic[n] = slot
+            loc[n] = slot
+            slots.append(slot)
+        if fresh:
+            rows = self.host.neurons[torch.tensor(fresh)]
+            self.cache_neurons[torch.tensor(slots, device=self.cache_neurons.device)] = rows.to(
+                self.cache_neurons.device, non_blocking=True)
+            self.neuron_loc.copy_(loc)
+        return len(fresh)
 
     def head_locs(self, heads: Tensor) -> Tensor:
         return self.head_loc[heads.long()]

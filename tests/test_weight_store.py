@@ -203,3 +203,35 @@ def test_offloaded_layer_with_every_row_selected_equals_the_model(pre_ln):
         assert err < 5e-3, err
     # The new keys landed where the model put them.
     torch.testing.assert_close(ck.float().cpu(), cache.k[0], atol=2e-2, rtol=1e-2)
+
+
+def test_dynamic_slots_follow_recent_tokens_and_keep_results_exact():
+    lay = RecordLayout.of(CFG)
+    fr = [LayerFrequencies(torch.linspace(1, 0, 71), torch.zeros(5))]
+    budget = 20 * lay.neuron_len * 2
+    p = plan_placement(lay, fr, [0], budget_bytes=budget, reserved_bytes=0, element_size=2,
+                       dynamic_fraction=0.25)
+    lp = p.layers[0]
+    assert lp.dynamic_neurons == 5 and lp.hot_neurons.numel() == 15
+    assert p.gpu_bytes() <= budget and p.report()["dynamic_neuron_slots"] == 5
+    host = host_layer_from_module(layer(4), lay, dtype=torch.float16, pin=False)
+    r = ResidentLayer(host, lp, lay, "cpu")
+    cold = torch.tensor([70, 69, 50])
+    assert (r.neuron_locs(cold) < 0).all()
+    h = torch.randn(2, 40).half()
+    sel = torch.cat([cold, torch.tensor([0, 3])])
+    before = r.mlp_block(h, sel)
+    assert r.admit(sel) == 3  # the hot ones (0, 3) are not copied again
+    locs = r.neuron_locs(cold)
+    assert (locs >= r.n_hot).all()
+    for n, loc in zip(cold.tolist(), locs.tolist(), strict=True):
+        assert torch.equal(r.cache_neurons[loc], host.neurons[n])
+    torch.testing.assert_close(r.mlp_block(h, sel), before, atol=2e-3, rtol=2e-3)
+    # Five slots: admitting four more cold rows evicts the least recently used (70).
+    r.admit(torch.tensor([69, 50]))  # touch: now 70 is the oldest
+    assert r.admit(torch.tensor([60, 61, 62])) == 3
+    assert int(r.neuron_locs(torch.tensor([70]))) == -71
+    assert (r.neuron_locs(torch.tensor([69, 50, 60, 61, 62])) >= r.n_hot).all()
+    with pytest.raises(PlacementError, match="dynamic_fraction"):
+        plan_placement(lay, fr, [0], budget_bytes=budget, reserved_bytes=0, element_size=2,
+                       dynamic_fraction=1.0)
