@@ -114,6 +114,10 @@ class PipelineSettings:
 class ServeSettings:
     host: str = setting("127.0.0.1", "address the HTTP server binds")
     port: int = setting(8000, "TCP port of the HTTP server", low=1, high=65535)
+    max_pending: int = setting(256, "requests accepted at once (running + waiting); more get "
+                               "429", low=1, high=1_000_000)
+    max_body_kib: int = setting(4096, "largest request body in KiB; a larger one gets 413",
+                                low=1, high=1 << 20)
 
 
 @dataclass

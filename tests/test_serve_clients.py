@@ -107,3 +107,19 @@ def test_serve_command_refuses_bad_options(model_dir, tmp_path):
         CLI + ["serve", "--model", str(tmp_path / "none")],
         cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "none" in run.stderr
+
+
+def test_serve_options_come_from_dejavu_toml_then_the_command_line(tmp_path):
+    from dejavu.runtime.settings import load_settings
+    from dejavu.scheduler.serve import ServeError, options_from_settings
+
+    path = tmp_path / "dejavu.toml"
+    path.write_text("[serve]\nport = 9001\nmax_pending = 3\nmax_body_kib = 2\n"
+                    "[pipeline]\nworkers = 2\n")
+    settings = load_settings(path, {"serve.port": 9002, "serve.host": None})
+    options = options_from_settings(settings, api_key="", max_batch=4)
+    assert (options.port, options.host, options.workers, options.api_key) == (
+        9002, "127.0.0.1", 2, None)
+    assert (options.limits.max_pending, options.limits.max_body_bytes) == (3, 2048)
+    with pytest.raises(ServeError, match="max-batch"):
+        options_from_settings(settings, max_batch=0)

@@ -7,7 +7,14 @@ app.py (routes, auth, limits, errors) -> server.py (uvicorn).
 
 from .app import create_app
 from .context import Context, ServeLimits
-from .server import ServeError, ServeOptions, make_app, run_server, serve_in_thread
+from .server import (
+    ServeError,
+    ServeOptions,
+    make_app,
+    options_from_settings,
+    run_server,
+    serve_in_thread,
+)
 
 __all__ = ["Context", "ServeError", "ServeLimits", "ServeOptions", "create_app", "make_app",
-           "run_server", "serve_in_thread"]
+           "options_from_settings", "run_server", "serve_in_thread"]

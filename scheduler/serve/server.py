@@ -40,6 +40,21 @@ class ServeOptions:
     limits: ServeLimits = field(default_factory=ServeLimits)
 
 
+def options_from_settings(settings, *, api_key: str | None = None, max_batch: int = 8,
+                          model_name: str | None = None,
+                          connect: str | None = None) -> ServeOptions:
+    """ServeOptions from dejavu.toml's [serve] and [pipeline] (already merged with the
+    command line) plus the options that only the command line has."""
+    if max_batch < 1:
+        raise ServeError(f"--max-batch {max_batch}: expected at least 1")
+    serve = settings.serve
+    limits = ServeLimits(max_pending=getattr(serve, "max_pending", ServeLimits.max_pending),
+                         max_body_bytes=getattr(serve, "max_body_kib", 4096) * 1024)
+    return ServeOptions(host=serve.host, port=serve.port, api_key=api_key or None,
+                        workers=settings.pipeline.workers, max_batch=max_batch,
+                        model_name=model_name, connect=connect, limits=limits)
+
+
 def build_client(settings, options: ServeOptions):
     """(client, tokenizer) for the configured model: the in-process engine for one worker,
     else a pipeline of `workers` processes started here (stopped with the client), or a
