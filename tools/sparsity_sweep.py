@@ -39,17 +39,26 @@ class Point:
     selector: str  # "dense" | "predictor" | "random"
     mlp: float | None
     head: float | None
+    mlp_select: str | None = None  # trained MLP point: "topk" or "threshold"
 
     @property
     def name(self) -> str:
         if self.selector == "dense":
             return "dense"
         fmt = lambda v: "trained" if v is None else f"{v:g}"  # noqa: E731
-        return f"{self.selector} mlp={fmt(self.mlp)} heads={fmt(self.head)}"
+        mlp = fmt(self.mlp) + (f"-{self.mlp_select}" if self.mlp_select else "")
+        return f"{self.selector} mlp={mlp} heads={fmt(self.head)}"
+
+
+# Where zero-shot tasks are scored too (they cost more than the text).
+TASK_POINTS = ("dense", "predictor mlp=trained-threshold heads=0.5",
+               "predictor mlp=0.2 heads=0.5", "predictor mlp=0.15 heads=0.5",
+               "random mlp=0.2 heads=0.5")
 
 
 def sweep_points() -> list[Point]:
-    pts = [Point("dense", 1.0, 1.0), Point("predictor", None, None)]
+    pts = [Point("dense", 1.0, 1.0), Point("predictor", None, 0.5, "topk"),
+           Point("predictor", None, 0.5, "threshold"), Point("predictor", None, 1.0, "threshold")]
     for sel in ("predictor", "random"):
         pts += [Point(sel, m, 1.0) for m in MLP_SWEEP]
         pts += [Point(sel, 1.0, h) for h in HEAD_SWEEP]
@@ -61,6 +70,7 @@ TaskFn = Callable[[Callable], dict[str, float]]  # logits_fn -> {"piqa_acc": ...
 
 
 def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | None = None,
+              task_points: tuple[str, ...] | None = None,
               points: list[Point] | None = None, window: int = 1024, stride: int = 512,
               batch_size: int = 8, device: str = "cpu", log=print) -> list[dict]:
     rows = []
@@ -81,7 +91,8 @@ def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | N
                "perplexity": score.perplexity, "tokens": score.tokens}
         row.update(density_metrics(stats) if stats is not None
                    else {"mlp_density": 1.0, "head_density": 1.0})
-        if tasks is not None:  # a fresh selector and stats: tasks report their own density
+        if tasks is not None and (task_points is None or pt.name in task_points):
+            # A fresh selector: the text's densities stay the text's.
             selector = make_selector(pt, predictors, c)
             task_fn = (dense_logits_fn(model) if selector is None
                        else sparse_logits_fn(model, selector)[0])
@@ -100,7 +111,8 @@ def make_selector(pt: Point, predictors, c):
     if pt.selector == "random":
         return RandomSelector(c.ffn_dim, c.num_attention_heads, pt.mlp, pt.head, seed=0)
     return PredictorSelector(predictors, SelectionConfig(mlp_density=pt.mlp,
-                                                         head_density=pt.head))
+                                                         head_density=pt.head,
+                                                         mlp_select=pt.mlp_select))
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     window = min(args.window, model.config.max_position_embeddings)
     points = None
     if args.quick:
-        points = [Point("dense", 1.0, 1.0), Point("predictor", None, None),
+        points = [Point("dense", 1.0, 1.0), Point("predictor", None, 0.5, "threshold"),
                   Point("predictor", 0.2, 0.5), Point("random", 0.2, 0.5)]
     tasks = None
     if args.tasks:
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             return out
 
     rows = run_sweep(model, tok, predictors, docs, tasks=tasks, points=points, window=window,
-                     stride=min(args.stride, window), device=args.device)
+                     stride=min(args.stride, window), device=args.device,
+                     task_points=None if args.quick else TASK_POINTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_dir.name, "data": Path(args.data).name, "docs": len(docs),
