@@ -203,7 +203,9 @@ def train_predictors(
     mlp_density: float = typer.Option(None, "--mlp-density",
                                       help="fixed MLP density instead of --mlp-recall"),
     head_density: float = typer.Option(0.5, "--head-density", help="heads kept per token"),
-    epochs: int = typer.Option(4, "--epochs"),
+    epochs: int = typer.Option(8, "--epochs"),
+    select: str = typer.Option("topk", "--select",
+                               help="MLP selection: topk (k per token) or threshold"),
     window: int = typer.Option(512, "--window", help="tokens per calibration sequence"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="model dtype while collecting"),
@@ -220,6 +222,7 @@ def train_predictors(
         settings = load_settings(config, {"model.path": model})
         cfg = TrainConfig(tokens=tokens, window=window, mlp_rank=rank, head_rank=head_rank,
                           epochs=epochs, mlp_recall=mlp_recall, mlp_density=mlp_density,
+                          mlp_select=select,
                           head_density=head_density)
         run(settings.model_path(), data, out, cfg, device=device, dtype=dtype)
     except (SettingsError, CheckpointError, TokenizerError, CalibrationDataError,
