@@ -34,7 +34,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=100, deadline=None, derandomize=True,
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 def test_no_request_gets_a_5xx(case, served):
     response = case.call(base_url=served.url, timeout=30)
@@ -61,7 +61,7 @@ near_valid = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6)
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-@settings(max_examples=100, deadline=None, derandomize=True,
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(body=st.one_of(json_values, near_valid), raw=st.binary(max_size=64))
 def test_arbitrary_json_and_bytes_never_get_a_5xx(served, path, body, raw):

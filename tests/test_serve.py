@@ -252,13 +252,16 @@ def test_metrics_export_what_the_engine_reports(model_dir):
 
         def stats(self):
             return {**self.inner.stats(), "mlp_density": 0.125,
-                    "bytes_paged_per_token": 4096, "cache_hit_rate": 0.75}
+                    "bytes_paged_per_token": 4096, "cache_hit_rate": 0.75,
+                    "stage_ms": [1.5, 2.5], "note": "not a number"}
 
     with start(model_dir, wrap=Reporting) as s:
         m = parse_metrics(s.http.get("/metrics").text)
     assert m['dejavu_engine_stat{name="mlp_density"}'] == 0.125
     assert m['dejavu_engine_stat{name="bytes_paged_per_token"}'] == 4096
     assert m['dejavu_engine_stat{name="cache_hit_rate"}'] == 0.75
+    assert m['dejavu_engine_stat{name="stage_ms_1"}'] == 2.5
+    assert not any("note" in key for key in m)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

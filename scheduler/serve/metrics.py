@@ -157,12 +157,15 @@ class ServerMetrics:
 
 
 def _flatten(stats: dict, prefix: str = "") -> list[tuple[str, float]]:
-    """Numeric leaves of a (nested) stats dict as ("a_b", value); other values are skipped."""
+    """Numeric leaves of a (nested) stats dict as ("a_b", value), list items as ("a_0",
+    value); other values are skipped."""
     out = []
     for key, value in stats.items():
         name = re.sub(r"[^a-zA-Z0-9_]", "_", f"{prefix}{key}")
         if isinstance(value, dict):
             out += _flatten(value, name + "_")
+        elif isinstance(value, (list, tuple)):  # per stage / per worker: name_0, name_1, ...
+            out += _flatten({str(i): v for i, v in enumerate(value)}, name + "_")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out.append((name, float(value)))
     return out
