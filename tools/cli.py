@@ -137,21 +137,27 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="JSON: one object per task (a list "
                                  "for several)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    sparse: bool = typer.Option(None, "--sparse/--dense", help="contextual sparsity (default: "
+                                "when predictors exist); sparse adds measured densities"),
 ) -> None:
     """Perplexity / bits per byte of text (sliding window) and zero-shot task accuracy."""
     from dejavu.runtime.checkpoint import CheckpointError
+    from dejavu.runtime.predictors import PredictorError
+    from dejavu.runtime.selection import SelectionError
     from dejavu.runtime.settings import SettingsError, load_settings
     from dejavu.runtime.tokenizer import TokenizerError
-    from dejavu.tools.eval import EvalDataError, EvalOptions, run_cli
+    from dejavu.tools.eval import EvalDataError, EvalOptions
+    from dejavu.tools.sparse_eval import run_eval
 
     try:
         settings = load_settings(config, {"model.path": model, "model.device": device,
                                           "model.dtype": dtype})
         opts = EvalOptions(tasks=task or (), data=data or (), eval_dir=eval_dir, limit=limit,
                            batch_size=batch_size, window=window, stride=stride)
-        typer.echo(run_cli(settings.model_path(), settings.model.dtype, settings.model.device,
-                           opts, as_json))
-    except (EvalDataError, SettingsError, CheckpointError, TokenizerError, OSError) as exc:
+        typer.echo(run_eval(settings.model_path(), settings.model.dtype, settings.model.device,
+                            opts, as_json, sparsity=settings.sparsity, sparse=sparse))
+    except (EvalDataError, SettingsError, CheckpointError, TokenizerError, OSError,
+            PredictorError, SelectionError) as exc:
         raise _user_error(exc) from None
 
 

@@ -41,3 +41,50 @@ def density_metrics(stats: SparseStats) -> dict[str, float]:
     total_s = sum(s.predictor_s for s in stats.layers.values())
     return {"mlp_density": stats.mlp_density, "head_density": stats.head_density,
             "predictor_s": total_s}
+
+
+def run_eval(model_path: str, dtype: str, device: str, opts, as_json: bool, *, sparsity,
+             sparse: bool | None = None) -> str:
+    """``dejavu-run eval`` with ``--sparse/--dense``: dense exactly as tools/eval.run_cli;
+    sparse runs each task and file with its own statistics and adds the measured
+    mlp_density / head_density (and predictor time) to its metrics."""
+    import torch
+
+    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
+    from dejavu.runtime.selection import selector_from_settings
+    from dejavu.runtime.tokenizer import load_tokenizer
+    from dejavu.tools.eval import (
+        EvalDataError,
+        EvalOptions,
+        evaluate,
+        expand_tasks,
+        markdown_table,
+        run_cli,
+        to_json,
+    )
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvalDataError("--device cuda: no CUDA device is available")
+    model_dir = resolve_model_dir(model_path)
+    if sparse is False or (sparse is None and not sparsity.enabled):
+        return run_cli(model_path, dtype, device, opts, as_json)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    selector = selector_from_settings(sparsity, model, model_dir, sparse=sparse, device=device)
+    if selector is None:  # no predictors and none asked for explicitly: dense
+        return run_cli(model_path, dtype, device, opts, as_json)
+    tokenizer = load_tokenizer(model_dir)
+    items = [EvalOptions(**{**opts.__dict__, "tasks": [t], "data": ()})
+             for t in expand_tasks(opts.tasks)]
+    items += [EvalOptions(**{**opts.__dict__, "tasks": (), "data": [d]}) for d in opts.data]
+    results = []
+    for item in items:
+        logits_fn, stats = sparse_logits_fn(model, selector)
+        for result in evaluate(model, tokenizer, item, logits_fn=logits_fn):
+            result["metrics"].update(density_metrics(stats))
+            results.append(result)
+    if as_json:
+        return to_json(results)
+    lines = [markdown_table(results), "", "sparse: measured densities per task"]
+    lines += [f"- {r['task']}: mlp_density={r['metrics']['mlp_density']:.3f} "
+              f"head_density={r['metrics']['head_density']:.3f}" for r in results]
+    return "\n".join(lines)
