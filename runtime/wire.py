@@ -74,6 +74,7 @@ class StepDone(_Msg):
     result: StepResult
     stage_s: list[float] = []
     hop_s: list[float] = []
+    densities: list[tuple[float, float]] = []  # per sparse stage: (MLP, heads) fractions
 
 
 class StepFailed(_Msg):
@@ -120,6 +121,16 @@ class Fault(msgspec.Struct, forbid_unknown_fields=True):
     request: str | None = None
 
 
+class Sparsity(msgspec.Struct, forbid_unknown_fields=True):
+    """Contextual sparsity for a worker: its predictors and operating point (see
+    runtime/selection.py; None densities mean each layer's trained point)."""
+
+    predictors: str
+    mlp_density: float | None = None
+    head_density: float | None = None
+    dense_layers: str = ""
+
+
 class Setup(_Msg):
     model: str
     layers: tuple[int, int]
@@ -138,6 +149,7 @@ class Setup(_Msg):
     # it, so a stray or forged frame can never run a step (or write a KV cache).
     token: str = ""
     threads: int = 0  # torch CPU threads (0: torch's default)
+    sparsity: Sparsity | None = None
     faults: list[Fault] = []
 
 
@@ -183,9 +195,13 @@ class Activations(_Msg):
     dtype: str
     shape: tuple[int, int, int]
     token: str = ""  # Setup.token
+    # Sparse runs: a second tensor frame, same dtype and shape, holds the input of the next
+    # stage's first predictor (the residual entering the previous layer's MLP block).
+    carry: bool = False
     errors: dict[str, str] = {}
     stage_s: list[float] = []
     hop_s: list[float] = []
+    densities: list[tuple[float, float]] = []  # per stage so far: (MLP, heads) computed
     sent_at: float = 0.0  # time.time() of the sender, for per-hop latency
 
 
@@ -238,6 +254,7 @@ class Health(_Msg):
     max_len: int = 0
     vocab_size: int = 0
     tokenizer: bool = False  # text, stop strings and detokenisation are available
+    densities: list[tuple[float, float]] = []  # per sparse stage: (MLP, heads) fractions
 
 
 ClientReply = Events | Health
@@ -302,11 +319,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def decode_activations(header: bytes | memoryview, payload: bytes | memoryview,
-                       hidden_size: int) -> tuple[Activations, torch.Tensor]:
-    """Header and tensor of one data-plane message, checked against each other: the dtype is
-    one of ``DTYPES``, the shape is [rows of the step, its width, ``hidden_size``], the
-    payload has exactly the bytes that implies and holds only finite numbers."""
+                       hidden_size: int, carry: bytes | memoryview | None = None
+                       ) -> tuple[Activations, torch.Tensor, torch.Tensor | None]:
+    """Header, hidden states and (sparse runs) the carried predictor input of one data-plane
+    message, checked against each other: the dtype is one of ``DTYPES``, the shape is [rows
+    of the step, its width, ``hidden_size``], each payload has exactly the bytes that implies
+    and holds only finite numbers."""
     msg = _decode("data", header)
+    if msg.carry != (carry is not None):
+        raise WireError(f"activations header says carry={msg.carry} but "
+                        f"{'a' if carry is not None else 'no'} carry frame came")
     if msg.dtype not in DTYPES:
         raise WireError(f"activations dtype {msg.dtype!r}: expected one of {', '.join(DTYPES)}")
     if not msg.step.rows:
@@ -318,7 +340,13 @@ def decode_activations(header: bytes | memoryview, payload: bytes | memoryview,
         raise WireError(f"activations shape {list(msg.shape)} does not match the step "
                         f"(expected {list(want)})")
     dtype = DTYPES[msg.dtype]
-    nbytes = math.prod(want) * torch.empty((), dtype=dtype).element_size()
+    tensors = [_tensor(p, dtype, want) for p in (payload, carry) if p is not None]
+    return msg, tensors[0], (tensors[1] if len(tensors) > 1 else None)
+
+
+def _tensor(payload: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]
+            ) -> torch.Tensor:
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     view = memoryview(payload).cast("B")
     if view.nbytes != nbytes:
         raise WireError(f"activations payload has {view.nbytes} bytes, expected {nbytes}")
@@ -326,7 +354,7 @@ def decode_activations(header: bytes | memoryview, payload: bytes | memoryview,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "buffer is not writable": it is only read
         tensor = torch.frombuffer(view, dtype=torch.uint8)  # nbytes > 0: shape is >= 1
-    tensor = tensor.view(dtype).view(want)
+    tensor = tensor.view(dtype).view(shape)
     if not bool(torch.isfinite(tensor).all()):
         raise WireError("activations hold NaN or infinite values")
-    return msg, tensor
+    return tensor

@@ -45,6 +45,14 @@ class PipelineConfig:
     max_restarts: int = 3
     memory_budget_gb: float = 0.0  # per worker; 0 = no limit
     threads: int = 0  # torch CPU threads per worker; 0 = cores / workers
+    # Contextual sparsity ([sparsity] of dejavu.toml): sparse is True (--sparse), False
+    # (--dense) or None (sparse when enabled and predictors are found).
+    sparse: bool | None = None
+    sparsity_enabled: bool = True
+    predictors: str = ""  # "" = <model dir>/predictors
+    mlp_density: float | None = None
+    head_density: float | None = None
+    dense_layers: str = ""
     faults: list[Fault] = field(default_factory=list)  # tests only (wire.Fault)
 
     def __post_init__(self) -> None:
@@ -93,6 +101,11 @@ def from_settings(settings: Any, **overrides: Any) -> PipelineConfig:
     settings does not have keep their defaults), then non-None ``overrides``."""
     pipeline = settings.pipeline
     values: dict[str, Any] = {"model": settings.model_path(), "dtype": settings.model.dtype}
+    sparsity = getattr(settings, "sparsity", None)
+    if sparsity is not None:
+        values.update(sparsity_enabled=sparsity.enabled, predictors=sparsity.predictors or "",
+                      mlp_density=sparsity.mlp_density, head_density=sparsity.head_density,
+                      dense_layers=sparsity.dense_layers)
     for key in _SETTING_KEYS:
         if hasattr(pipeline, key):
             values[key] = getattr(pipeline, key)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from dejavu.runtime import wire
 from dejavu.runtime.checkpoint import CheckpointError, inspect_checkpoint, resolve_model_dir
 from dejavu.runtime.opt_config import ConfigError, OPTConfig
 
@@ -73,6 +74,9 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
     for line in plan.describe().splitlines():
         log.info("%s", line)
     curve = load_curve(config.keys_dir) if config.keys_dir else None
+    sparsity = resolve_sparsity(config, model_dir)
+    log.info("execution: %s", f"sparse, predictors {sparsity.predictors}" if sparsity
+             else "dense")
     tokenizer = None
     try:
         from dejavu.runtime.tokenizer import load_tokenizer
@@ -82,7 +86,25 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
         log.info("no tokenizer in %s (%s): streaming token ids without text", model_dir,
                  type(exc).__name__)
     return PipelineServer(config, plan, model_config, run_dir, tokenizer=tokenizer,
-                          curve=curve), model_dir
+                          curve=curve, sparsity=sparsity), model_dir
+
+
+def resolve_sparsity(config: PipelineConfig, model_dir: Path) -> wire.Sparsity | None:
+    """What every worker runs: dense, or sparse with these predictors (the same rule as the
+    in-process engine: --sparse needs predictors, neither flag follows [sparsity])."""
+    from dejavu.runtime.predictors import find_predictors
+
+    if config.sparse is False or (config.sparse is None and not config.sparsity_enabled):
+        return None
+    path = Path(config.predictors) if config.predictors else find_predictors(model_dir)
+    if path is None or not path.exists():
+        if config.sparse or config.predictors:
+            raise PipelineConfigError(
+                f"sparse execution needs predictors: {path or model_dir / 'predictors'} does "
+                "not exist; train them with `dejavu-run train-predictors` or run --dense")
+        return None
+    return wire.Sparsity(str(path), config.mlp_density, config.head_density,
+                         config.dense_layers)
 
 
 # --- a launch as a child process -------------------------------------------------------------

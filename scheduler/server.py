@@ -86,7 +86,10 @@ def describe_exit(returncode: int) -> str:
 
 class PipelineServer:
     def __init__(self, config: PipelineConfig, plan: Plan, model_config: OPTConfig,
-                 run_dir: RunDir, *, tokenizer=None, curve: Curve | None = None) -> None:
+                 run_dir: RunDir, *, tokenizer=None, curve: Curve | None = None,
+                 sparsity: wire.Sparsity | None = None) -> None:
+        self.sparsity = sparsity
+        self.densities: list[tuple[float, float]] = []
         self.config = config
         self.plan = plan
         self.model_config = model_config
@@ -276,6 +279,7 @@ class PipelineServer:
         elif isinstance(msg, wire.StepDone):
             if msg.epoch == self.epoch:
                 self._record_timings(msg.stage_s, msg.hop_s)
+                self.densities = msg.densities or self.densities
                 self._emit(self.batches.update(msg.result))
         elif isinstance(msg, wire.StepFailed):
             if msg.epoch == self.epoch:
@@ -312,7 +316,8 @@ class PipelineServer:
             self.config.model, (w.layers.start, w.layers.stop), self.config.dtype, w.device,
             self.config.slots, self.max_len, w.data_in, w.data_out, self.epoch,
             self.config.heartbeat_s, self.config.watchdog_s, self.config.scheduler_timeout_s,
-            self.max_data_bytes, self.token, threads if w.device == "cpu" else 0, faults))
+            self.max_data_bytes, self.token, threads if w.device == "cpu" else 0,
+            self.sparsity, faults))
 
     def _send_worker(self, identity: bytes, message) -> bool:
         try:
@@ -468,7 +473,7 @@ class PipelineServer:
             self.batches.running(), self.batches.queued(), self.tokens_out,
             time.monotonic() - self.started, rate, list(self.stage_s), list(self.hop_s),
             self.config.model, self.max_len, self.model_config.vocab_size,
-            self.has_tokenizer)
+            self.has_tokenizer, list(self.densities))
 
     def _bad_frame(self, what: str) -> None:
         self.bad_frames += 1

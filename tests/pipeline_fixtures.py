@@ -32,13 +32,25 @@ def make_tiny_model(path: Path, seed: int = 0) -> Path:
     return save_model(model, path)
 
 
+def add_predictors(model_dir: Path, seed: int = 0) -> Path:
+    """Untrained but varied predictors saved next to the checkpoint (<model>/predictors)."""
+    from dejavu.runtime.checkpoint import load_model
+    from dejavu.runtime.predictors import PredictorSet
+
+    torch.manual_seed(seed)
+    preds = PredictorSet.create(load_model(model_dir), mlp_rank=8, head_rank=4)
+    for m in list(preds.mlp.values()) + list(preds.heads.values()):
+        torch.nn.init.normal_(m.up.weight)
+    return preds.save(model_dir / "predictors")
+
+
 def short_dir() -> Path:
     """ipc:// paths must fit in 107 bytes; pytest's tmp_path can be too long."""
     return Path(tempfile.mkdtemp(prefix="dj-"))
 
 
 def config(model: Path, workers: int, run_dir: Path, **kw) -> PipelineConfig:
-    kw = {"slots": 8, "max_len": 128, "heartbeat_s": 0.3, "threads": 1} | kw
+    kw = {"slots": 8, "max_len": 128, "heartbeat_s": 0.3, "threads": 1, "sparse": False} | kw
     return PipelineConfig(model=str(model), workers=workers, run_dir=str(run_dir), **kw)
 
 

@@ -4,7 +4,7 @@ the in-process engine's tokens, one request or eight at once, and stream them.""
 from __future__ import annotations
 
 import pytest
-from pipeline_fixtures import GREEDY, PROMPTS, cluster, make_tiny_model
+from pipeline_fixtures import GREEDY, PROMPTS, add_predictors, cluster, make_tiny_model
 
 from dejavu.runtime.checkpoint import load_model
 from dejavu.runtime.engine import Engine
@@ -66,3 +66,29 @@ def test_streaming_abort_and_bad_requests(tiny, reference):
         assert "500" in bad[1].error and "vocabulary" in bad[1].error
         assert "128 positions" in bad[2].error
         assert conn.health().running == 0
+
+
+def test_sparse_pipeline_carries_predictor_inputs_and_equals_the_sparse_engine(tmp_path):
+    """3 workers: both stage boundaries carry the next stage's predictor input."""
+    from dejavu.runtime.predictors import PredictorSet
+    from dejavu.runtime.selection import PredictorSelector, SelectionConfig
+
+    model_dir = make_tiny_model(tmp_path / "sparse")
+    path = add_predictors(model_dir)
+    model = load_model(model_dir)
+    selector = PredictorSelector(PredictorSet.load(path, model),
+                                 SelectionConfig(mlp_density=0.3, head_density=0.5))
+    sparse = Engine(model, max_batch=8, max_len=128, selector=selector)
+    want = [sparse.generate(p, GREEDY).tokens for p in PROMPTS]
+    dense = Engine(load_model(model_dir), max_batch=8, max_len=128)
+    assert want != [dense.generate(p, GREEDY).tokens for p in PROMPTS]  # not a no-op
+    with cluster(model_dir, 3, sparse=True, mlp_density=0.3, head_density=0.5) as c, \
+            PipelineConnection(c.address) as conn:
+        # One request at a time: a batch computes the union of its rows' selections, so
+        # sparse tokens depend on what is batched together (dense ones do not).
+        assert [conn.run([p], GREEDY)[0].tokens for p in PROMPTS] == want
+        densities = conn.health().densities
+    assert len(densities) == 3
+    # Computed fractions per stage: at least the operating point (a prompt chunk computes the
+    # union of its tokens' selections), and less than dense.
+    assert all(0.3 <= m < 1 and 0.5 <= h < 1 for m, h in densities), densities

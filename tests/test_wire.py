@@ -81,8 +81,8 @@ def test_activations_travel_as_header_plus_raw_frame_bit_exact(dtype):
     header = wire.encode(wire.Activations(1, s, dtype, (2, 3, 8)))
     frame = wire.tensor_frame(hidden)
     assert frame.nbytes == hidden.numel() * hidden.element_size()
-    msg, got = wire.decode_activations(header, bytes(frame), hidden_size=8)
-    assert msg.step == s and got.dtype == hidden.dtype
+    msg, got, carry = wire.decode_activations(header, bytes(frame), hidden_size=8)
+    assert msg.step == s and got.dtype == hidden.dtype and carry is None
     assert torch.equal(got, hidden)
 
 
@@ -102,6 +102,7 @@ def test_activations_that_disagree_with_their_header_are_refused():
     nan[1, 2, 3] = float("nan")
     check({}, bytes(wire.tensor_frame(nan)), "NaN")
     check({"step": Step(1, [])}, b"", "no rows")
+    check({"carry": True}, bytes(wire.tensor_frame(hidden)), "carry")
 
 
 def _junk(rng: random.Random, depth: int = 0):

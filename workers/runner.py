@@ -36,40 +36,47 @@ class StageRunner:
         self.faults = faults or FaultHook([])
         self.is_last = stage.model.is_last
 
-    def run(self, step: Step, hidden: Tensor | None, errors: dict[str, str]
-            ) -> tuple[Step | None, Tensor | StepResult | None, dict[str, str]]:
-        """Returns (the step that continues, its output, errors so far). The step is None
-        when every row failed; the output is a ``StepResult`` on the last stage."""
+    def run(self, step: Step, hidden: Tensor | None, errors: dict[str, str],
+            carry: Tensor | None = None
+            ) -> tuple[Step | None, Tensor | StepResult | None, Tensor | None, dict[str, str]]:
+        """Returns (the step that continues, its output, the carried predictor input for the
+        next stage (sparse runs), errors so far). The step is None when every row failed;
+        the output is a ``StepResult`` on the last stage."""
         errors = dict(errors)
         try:
             self.faults.on_step(step)
-            out = self.stage.forward(step, hidden)
+            out = self.stage.forward(step, hidden, carry=carry)
+            carry_out = self.stage.carry_out
         except torch.OutOfMemoryError as exc:
             self._free_memory()
             raise StepOOM(describe(exc)) from None
         except Exception as exc:
-            step, out = self._rows_one_by_one(step, hidden, errors, exc)
+            step, out, carry_out = self._rows_one_by_one(step, hidden, carry, errors, exc)
             if step is None:
-                return None, None, errors
+                return None, None, None, errors
         if not self.is_last:
-            return step, out, errors
+            return step, out, carry_out, errors
         result = self.stage.finish(step, out)
         result.errors.update(errors)
-        return step, result, errors
+        return step, result, None, errors
 
-    def _rows_one_by_one(self, step: Step, hidden: Tensor | None, errors: dict[str, str],
-                         first: Exception) -> tuple[Step | None, Tensor | None]:
+    def _rows_one_by_one(self, step: Step, hidden: Tensor | None, carry: Tensor | None,
+                         errors: dict[str, str], first: Exception
+                         ) -> tuple[Step | None, Tensor | None, Tensor | None]:
         if len(step.rows) == 1:
             errors[step.rows[0].request_id] = f"request {step.rows[0].request_id}: " + \
                 describe(first)
-            return None, None
-        kept, outs = [], []
+            return None, None, None
+        kept, outs, carries = [], [], []
         for b, row in enumerate(step.rows):
             sub = Step(step.step_id, [row])
-            part = None if hidden is None else hidden[b:b + 1, :len(row.tokens)]
+            n = len(row.tokens)
+            part = None if hidden is None else hidden[b:b + 1, :n]
+            part_carry = None if carry is None else carry[b:b + 1, :n]
             try:
                 self.faults.on_rows(sub)
-                outs.append(self.stage.forward(sub, part))
+                outs.append(self.stage.forward(sub, part, carry=part_carry))
+                carries.append(self.stage.carry_out)
                 kept.append(row)
             except torch.OutOfMemoryError as exc:
                 self._free_memory()
@@ -77,14 +84,20 @@ class StageRunner:
             except Exception as exc:
                 errors[row.request_id] = f"request {row.request_id}: {describe(exc)}"
         if not kept:
-            return None, None
+            return None, None, None
         new = Step(step.step_id, kept, release=step.release)
-        width = new.width
-        out = outs[0].new_zeros((len(kept), width, outs[0].shape[-1]))
-        for b, o in enumerate(outs):
-            out[b, : o.shape[1]] = o[0]
-        return new, out
+        carry_out = _stack(carries, new.width) if all(c is not None for c in carries) else None
+        return new, _stack(outs, new.width), carry_out
 
     def _free_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _stack(parts: list[Tensor], width: int) -> Tensor:
+    """Rows [1, T_i, C] -> [B, width, C], zero-padded (padding is never read as a real
+    token: see Stage.batch)."""
+    out = parts[0].new_zeros((len(parts), width, parts[0].shape[-1]))
+    for b, part in enumerate(parts):
+        out[b, : part.shape[1]] = part[0]
+    return out

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import time
+from types import SimpleNamespace
 
 import torch
 import zmq
@@ -97,8 +98,18 @@ class Worker:
                  layers.stop, setup.model, setup.device)
         model = load_model(setup.model, layers=layers, dtype=setup.dtype, device=setup.device)
         self.config = model.config
-        cache = allocate_cache(model, setup.slots, setup.max_len)
-        self.runner = StageRunner(Stage(model, cache), FaultHook(setup.faults))
+        selector = None
+        if setup.sparsity is not None:
+            from dejavu.runtime.selection import selector_from_settings
+
+            s = setup.sparsity
+            selector = selector_from_settings(
+                SimpleNamespace(enabled=True, predictors=s.predictors,
+                                mlp_density=s.mlp_density, head_density=s.head_density,
+                                dense_layers=s.dense_layers),
+                model, setup.model, sparse=True, device=setup.device)
+        cache = allocate_cache(model, setup.slots, setup.max_len, keep_inputs=selector is not None)
+        self.runner = StageRunner(Stage(model, cache, selector), FaultHook(setup.faults))
         self.setup = setup
         self.epoch = setup.epoch
         max_data = setup.max_data_bytes
@@ -149,18 +160,20 @@ class Worker:
             if self.data_in is not None:
                 self._bad_frame("control", wire.WireError("RunStep sent to a middle stage"))
             elif self._current(msg.epoch):
-                self._process(msg.step, None, {}, [], [])
+                self._process(msg.step, None, None, wire.Activations(msg.epoch, msg.step, "",
+                                                                     (0, 0, 0)))
         return None
 
     def _on_data(self) -> None:
         frames = self.data_in.recv_multipart(copy=False)
         received = time.time()
-        if len(frames) != 2:
-            self._bad_frame("data", wire.WireError(f"{len(frames)} frames, expected 2"))
+        if len(frames) not in (2, 3):
+            self._bad_frame("data", wire.WireError(f"{len(frames)} frames, expected 2 or 3"))
             return
         try:
-            msg, hidden = wire.decode_activations(frames[0].buffer, frames[1].buffer,
-                                                  self.config.hidden_size)
+            msg, hidden, carry = wire.decode_activations(
+                frames[0].buffer, frames[1].buffer, self.config.hidden_size,
+                frames[2].buffer if len(frames) == 3 else None)
             if not hmac.compare_digest(msg.token, self.setup.token):
                 raise wire.WireError("activations without this cluster's token")
             if msg.dtype != self.setup.dtype:
@@ -170,8 +183,8 @@ class Worker:
             self._bad_frame("data", exc)
             return
         if self._current(msg.epoch):
-            hop = msg.hop_s + [max(0.0, received - msg.sent_at)]
-            self._process(msg.step, hidden, msg.errors, msg.stage_s, hop)
+            msg.hop_s = msg.hop_s + [max(0.0, received - msg.sent_at)]
+            self._process(msg.step, hidden, carry, msg)
 
     def _current(self, epoch: int) -> bool:
         if epoch < self.epoch:
@@ -179,12 +192,14 @@ class Worker:
         self.epoch = epoch
         return True
 
-    def _process(self, step: Step, hidden, errors: dict[str, str], stage_s: list[float],
-                 hop_s: list[float]) -> None:
+    def _process(self, step: Step, hidden, carry, upstream: wire.Activations) -> None:
+        """Run one step; ``upstream`` carries what earlier stages reported (errors, timings,
+        densities); the first stage passes an empty one."""
         started = time.perf_counter()
         self.busy = (step.step_id, time.monotonic())
         try:
-            step_out, out, errors = self.runner.run(step, hidden, errors)
+            step_out, out, carry_out, errors = self.runner.run(step, hidden, upstream.errors,
+                                                               carry)
         except StepOOM as exc:
             log.error("worker %d: step %d failed: %s", self.index, step.step_id, exc)
             self._send(wire.StepFailed(self.epoch, step.step_id, self.index, str(exc)))
@@ -196,18 +211,25 @@ class Worker:
             return
         finally:
             self.busy = None
-        stage_s = stage_s + [time.perf_counter() - started]
+        stage_s = upstream.stage_s + [time.perf_counter() - started]
+        hop_s = upstream.hop_s
+        densities = upstream.densities
+        stats = self.runner.stage.sparse_stats
+        if self.runner.stage.selector is not None:
+            densities = densities + [(stats.mlp_density, stats.head_density)]
         if step_out is None:  # every row failed here: tell the scheduler directly
             self._send(wire.StepDone(self.epoch, StepResult(step.step_id, [], errors),
-                                     stage_s, hop_s))
+                                     stage_s, hop_s, densities))
         elif isinstance(out, StepResult):
-            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s))
+            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s, densities))
         else:
             header = wire.Activations(self.epoch, step_out, self.setup.dtype,
-                                      tuple(out.shape), self.setup.token, errors, stage_s,
-                                      hop_s, time.time())
-            payload = wire.tensor_frame(out)
-            self.data_out.send_multipart([wire.encode(header), payload], copy=False)
+                                      tuple(out.shape), self.setup.token, carry_out is not None,
+                                      errors, stage_s, hop_s, densities, time.time())
+            frames = [wire.encode(header), wire.tensor_frame(out)]
+            if carry_out is not None:
+                frames.append(wire.tensor_frame(carry_out.to(out.dtype)))
+            self.data_out.send_multipart(frames, copy=False)
 
     def _send(self, message) -> None:
         self.control.send(wire.encode(message))
