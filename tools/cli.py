@@ -299,7 +299,7 @@ def launch(
     sys.exit(run_launch(cluster_config))
 
 
-@app.command(hidden=True)
+@app.command()
 def worker(
     index: int = typer.Option(..., "--index", help="this worker's place in the pipeline"),
     control: str = typer.Option(..., "--control", help="the scheduler's control address"),
