@@ -137,7 +137,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     dense = next(r for r in rows if r["selector"] == "dense")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    tasks = sorted({k for r in rows for k in r if k.endswith("_acc")})
+    fig, axes = plt.subplots(1, 3 if tasks else 2, figsize=(16 if tasks else 11, 4.4))
     for ax, key, fixed, label in ((axes[0], "mlp", "head_target", "MLP density (heads dense)"),
                                   (axes[1], "head", "mlp_target", "head density (MLP dense)")):
         for sel, style in (("predictor", "o-"), ("random", "s--")):
@@ -145,19 +146,38 @@ def plot(rows: list[dict], path: Path) -> None:
                          if r["selector"] == sel and r[fixed] == 1.0
                          and r[f"{key}_target"] not in (None, 1.0))
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=sel)
+                ax.plot(*zip(*pts, strict=True), style, label=f"{sel} (top-k)")
         ax.axhline(dense["bits_per_byte"], color="k", lw=0.8, label="dense")
         ax.axhline(dense["bits_per_byte"] * 1.01, color="k", lw=0.8, ls=":", label="dense +1%")
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel("held-out bits per byte")
-        ax.legend()
-    joint = [r for r in rows if r["selector"] == "predictor" and r["mlp_target"] != 1.0
-             and r["head_target"] != 1.0]
-    for r in joint:
-        axes[0].annotate(f"+heads {r['head_density']:.2f}",
-                         (r["mlp_density"], r["bits_per_byte"]), fontsize=7)
-        axes[0].plot(r["mlp_density"], r["bits_per_byte"], "r^")
-    fig.suptitle("Quality vs density: trained predictors vs random selection")
+    # Joint points (both blocks sparse), on the MLP axis, labelled with their head density.
+    for r in rows:
+        if r["selector"] == "dense" or r["head_target"] == 1.0 or r["mlp_target"] == 1.0:
+            continue
+        marker = "r^" if r["selector"] == "predictor" else "kx"
+        axes[0].plot(r["mlp_density"], r["bits_per_byte"], marker)
+        axes[0].annotate(f"heads {r['head_density']:.2f}", (r["mlp_density"],
+                         r["bits_per_byte"]), fontsize=7, xytext=(3, 3),
+                         textcoords="offset points")
+    axes[0].plot([], [], "r^", label="predictor, MLP + heads")
+    axes[0].plot([], [], "kx", label="random, MLP + heads")
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+    if tasks:
+        scored = [r for r in rows if all(t in r for t in tasks)]
+        width = 0.8 / max(len(scored), 1)
+        for i, r in enumerate(scored):
+            xs = [j + i * width for j in range(len(tasks))]
+            ax_label = (f"{r['config']} (mlp {r['mlp_density']:.2f}, "
+                        f"heads {r['head_density']:.2f})")
+            axes[2].bar(xs, [r[t] for t in tasks], width, label=ax_label)
+        axes[2].set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
+        axes[2].set_xticklabels([t.removesuffix("_acc") for t in tasks], rotation=30,
+                                fontsize=8)
+        axes[2].set_ylabel("zero-shot accuracy")
+        axes[2].legend(fontsize=6)
+    fig.suptitle("Quality vs measured density: trained predictors vs random selection")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

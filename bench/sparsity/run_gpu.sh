@@ -19,11 +19,12 @@ import os, sys
 from dejavu.tools.train_predictors import TrainConfig, run
 model, data, out, device = sys.argv[1:]
 run(model, f"{data}/calib.jsonl.xz", f"{out}/predictors",
-    TrainConfig(tokens=int(os.environ.get("TOKENS", 200_000)), per_doc=1536, mlp_recall=0.95, mlp_select="threshold"),
+    TrainConfig(tokens=int(os.environ.get("TOKENS", 200_000)), per_doc=1536, mlp_recall=0.95, mlp_select="threshold",
+                batch_size=512),
     device=device)
 PY
 python3 -m dejavu.tools.sparsity_sweep --model "$model" --predictors "$out/predictors" \
     --data "$data/heldout.jsonl.xz" --docs 24 --chars 60000 --out "$out/sweep" \
     --device "$device" --eval-dir "$data/eval" \
-    --tasks piqa,winogrande,arc_easy,arc_challenge,copa,openbook_qa,lambada \
+    --tasks piqa,winogrande,arc_easy,arc_challenge,copa,openbook_qa,lambada --limit 1000 \
     ${SWEEP_ARGS:-}
