@@ -156,3 +156,30 @@ def test_dead_engine_turns_health_503_and_fails_requests_in_flight(model_dir):
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
         metrics = httpx.get(s.url + "/metrics").text
         assert "dejavu_engine_up 0" in metrics and 'dejavu_worker_up{worker="0"} 0' in metrics
+
+
+def test_unexpected_engine_exception_is_an_error_not_a_broken_stream(model_dir):
+    class Broken:  # the real client, whose streams break after two events
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        async def generate(self, prompt, params, request_id):
+            n = 0
+            async for event in self.inner.generate(prompt, params, request_id):
+                yield event
+                n += 1
+                if n == 2:
+                    raise RuntimeError("boom in the engine client")
+
+    with start(model_dir, wrap=Broken) as s:
+        r = s.http.post("/v1/completions", json=LONG)
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        r = s.http.post("/v1/completions", json={**LONG, "stream": True})
+        assert r.status_code == 200
+        assert "boom" in r.text and r.text.rstrip().endswith("data: [DONE]")
+        # The aborted engine requests are gone and the server still serves.
+        wait_until(lambda: not s.engine.scheduler.has_work(), 2)
+        assert s.http.get("/health").status_code == 200

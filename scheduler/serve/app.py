@@ -11,6 +11,7 @@ it only sees an ``EngineClient``) or how the server is started (server.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 
 from fastapi import FastAPI, Request
@@ -99,6 +100,7 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
              "owned_by": "dejavu-run", "max_model_len": ctx.max_len}]}
 
     @app.post("/v1/completions")
+    @_guard(ctx)
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         request_id = ctx.new_id("cmpl")
         choices, max_tokens = completions.plan(ctx, body, request_id)
@@ -109,6 +111,7 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
         return JSONResponse(completions.response(ctx, body, request_id, choices, max_tokens))
 
     @app.post("/v1/chat/completions")
+    @_guard(ctx)
     async def create_chat_completion(body: ChatRequest, request: Request) -> Response:
         request_id = ctx.new_id("chatcmpl")
         choices = chat.plan(ctx, body, request_id)
@@ -118,6 +121,28 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
         return JSONResponse(chat.response(ctx, body, request_id, choices))
 
     return app
+
+
+def _guard(ctx: Context):
+    """An unexpected exception in an endpoint becomes a 500 error object here, answered like
+    any other error (Starlette's last-resort handler answers too, but then re-raises and the
+    server drops the connection)."""
+
+    def wrap(endpoint):
+        @functools.wraps(endpoint)
+        async def guarded(*args, **kwargs):
+            try:
+                return await endpoint(*args, **kwargs)
+            except (ApiError, HTTPException, RequestValidationError):
+                raise
+            except Exception as exc:
+                ctx.metrics.failures.inc(1, "internal")
+                raise ApiError(500, f"internal error: {type(exc).__name__}: "
+                               f"{short(str(exc), 200)}", code="internal_error") from exc
+
+        return guarded
+
+    return wrap
 
 
 async def _run(ctx: Context, request: Request, choices, endpoint: str) -> None:
@@ -162,6 +187,11 @@ def _streaming(ctx: Context, events, count: int) -> StreamingResponse:
                 yield chunk
         except ApiError as exc:  # headers are out: report in-band, then end the stream
             yield completions.sse(exc.body())
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # a bug or an unexpected engine error: still in-band
+            ctx.metrics.failures.inc(1, "internal")
+            yield completions.sse(error_body(500, f"internal error: {type(exc).__name__}: "
+                                                  f"{short(str(exc), 200)}"))
             yield "data: [DONE]\n\n"
         finally:
             ctx.runner.release(count)

@@ -131,6 +131,13 @@ class Runner:
             choice.finish_reason, choice.error = "error", str(exc)
             raise ApiError(503, f"request {choice.request_id} failed: {exc}",
                            code="engine_dead") from None
+        except ApiError:
+            raise
+        except Exception as exc:  # anything else the client raised: this request fails
+            reason = "error"
+            choice.finish_reason, choice.error = "error", f"{type(exc).__name__}: {exc}"
+            raise ApiError(500, f"request {choice.request_id} failed in the engine: "
+                           f"{choice.error}", code="engine_error") from None
         finally:
             if started:
                 m.running.inc(-1)
