@@ -42,6 +42,23 @@ doc_to_target: label
 metric_list:
   - metric: acc
 """)
+    (root / "dejavu_tiny_gen.yaml").write_text(f"""
+task: dejavu_tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {mc}
+test_split: test
+output_type: generate_until
+doc_to_text: context
+doc_to_target: "{{{{choices[0]}}}}"
+generation_kwargs:
+  until: ["zz"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
     (root / "dejavu_tiny_ppl.yaml").write_text(f"""
 task: dejavu_tiny_ppl
 dataset_path: json
@@ -79,7 +96,7 @@ def evaluated(tmp_path_factory):
                     "max_length=96,batch_size=1")
             results = simple_evaluate(
                 model="local-completions", model_args=args,
-                tasks=["dejavu_tiny_mc", "dejavu_tiny_ppl"],
+                tasks=["dejavu_tiny_mc", "dejavu_tiny_ppl", "dejavu_tiny_gen"],
                 task_manager=TaskManager(include_path=str(tmp / "tasks"), include_defaults=False),
                 log_samples=True, apply_chat_template=False)
     finally:
@@ -121,3 +138,19 @@ def test_lm_eval_bits_per_byte_equals_the_eval_scorer(evaluated):
     ours = score.nll / math.log(2) / score.bytes
     theirs = results["results"]["dejavu_tiny_ppl"]["bits_per_byte,none"]
     assert theirs == pytest.approx(ours, abs=1e-4)
+
+
+def test_lm_eval_generations_are_the_engines_greedy_continuations(evaluated):
+    from dejavu.runtime.checkpoint import load_model
+    from dejavu.runtime.engine import Engine
+    from dejavu.runtime.sampling import SamplingParams
+
+    model_dir, tok, results = evaluated
+    engine = Engine(load_model(model_dir), tok, max_batch=1)
+    samples = results["samples"]["dejavu_tiny_gen"]
+    assert len(samples) == len(MC_DOCS)
+    for sample in samples:
+        context = sample["arguments"][0][0]
+        want = engine.generate(tok.encode(context, add_bos=False),
+                               SamplingParams(max_new_tokens=6, stop=("zz",)))
+        assert want.tokens and sample["resps"][0][0] == want.text
