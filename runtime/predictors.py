@@ -66,6 +66,9 @@ class OperatingPoint:
     mlp_k: int
     head_k: int
     mlp_threshold: float | None = None
+    # Calibrated thresholds for other recall targets ({"0.9": t, ...}), so that a run can
+    # trade recall for density without retraining (SelectionConfig.mlp_recall).
+    mlp_thresholds: dict[str, float] | None = None
     mlp_recall: float | None = None  # None until measured
     mlp_precision: float | None = None
     head_recall: float | None = None

@@ -39,6 +39,8 @@ class SelectionConfig:
     layer_head_density: dict[int, float] = field(default_factory=dict)
     # None: as the predictor file says; "topk" or "threshold" to override it.
     mlp_select: str | None = None
+    # Threshold selection at another calibrated recall target (one of the file's).
+    mlp_recall: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("mlp_density", "head_density"):
@@ -93,7 +95,15 @@ class PredictorSelector:
             return None
         if (cfg.mlp_select or self.predictors.mlp_select) != "threshold":
             return None
-        return self.predictors.points[layer_id].mlp_threshold
+        point = self.predictors.points[layer_id]
+        if cfg.mlp_recall is None:
+            return point.mlp_threshold
+        table = point.mlp_thresholds or {}
+        key = f"{cfg.mlp_recall:g}"
+        if key not in table:
+            raise SelectionError(f"mlp_recall={cfg.mlp_recall}: layer {layer_id}'s predictors "
+                                 f"are calibrated for recall {sorted(table)} only")
+        return table[key]
 
     @torch.no_grad()
     def __call__(self, layer_id: int, source: Tensor) -> Selection:

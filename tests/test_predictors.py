@@ -11,7 +11,12 @@ from safetensors import safe_open
 from dejavu.runtime.model import Batch, OPTModel, full_positions
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.predictors import PredictorError, PredictorSet, fingerprint
-from dejavu.runtime.selection import PredictorSelector, RandomSelector, SelectionConfig
+from dejavu.runtime.selection import (
+    PredictorSelector,
+    RandomSelector,
+    SelectionConfig,
+    SelectionError,
+)
 from dejavu.runtime.sparse import SparseContext
 from dejavu.tools.collect_labels import collect, pack_bits, unpack_bits
 from dejavu.tools.train_predictors import TrainConfig, hits_at_k, train_predictors
@@ -137,6 +142,8 @@ def test_training_learns_better_than_random_and_meets_calibrated_recall():
         assert row["mlp_recall"] > row["mlp_density"] + 0.1, row
         assert row["head_recall"] > 0.6, row
         assert 0 < row["mlp_k"] < CFG.ffn_dim
+    table = preds.points[1].mlp_thresholds  # higher recall, lower threshold
+    assert table["0.8"] >= table["0.9"] >= table["0.99"]
     # The file's operating points drive the selector: k neurons per token.
     sel = PredictorSelector(preds)
     src = torch.randn(1, 5, CFG.hidden_size)
@@ -199,5 +206,10 @@ def test_threshold_selection_keeps_what_the_predictor_scores_above_it(tmp_path):
     sel = PredictorSelector(preds)(1, src)
     assert torch.equal(sel.neurons, preds.mlp[1](src) > 0.3)
     assert 0 < sel.neurons.sum(-1).float().std()  # tokens keep different numbers
+    preds.points[1].mlp_thresholds = {"0.9": 0.5}
+    other = PredictorSelector(preds, SelectionConfig(mlp_recall=0.9))(1, src)
+    assert torch.equal(other.neurons, preds.mlp[1](src) > 0.5)
+    with pytest.raises(SelectionError, match="calibrated for recall"):
+        PredictorSelector(preds, SelectionConfig(mlp_recall=0.7))(1, src)
     forced = PredictorSelector(preds, SelectionConfig(mlp_select="topk"))(1, src)
     assert forced.neurons is None  # the file's k, which for untrained predictors is all

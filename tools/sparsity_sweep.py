@@ -40,6 +40,7 @@ class Point:
     mlp: float | None
     head: float | None
     mlp_select: str | None = None  # trained MLP point: "topk" or "threshold"
+    recall: float | None = None  # threshold calibrated for this recall (None: the file's)
 
     @property
     def name(self) -> str:
@@ -47,18 +48,21 @@ class Point:
             return "dense"
         fmt = lambda v: "trained" if v is None else f"{v:g}"  # noqa: E731
         mlp = fmt(self.mlp) + (f"-{self.mlp_select}" if self.mlp_select else "")
+        mlp += f"@{self.recall:g}" if self.recall is not None else ""
         return f"{self.selector} mlp={mlp} heads={fmt(self.head)}"
 
 
 # Where zero-shot tasks are scored too (they cost more than the text).
 TASK_POINTS = ("dense", "predictor mlp=trained-threshold heads=0.5",
-               "predictor mlp=0.2 heads=0.5", "predictor mlp=0.15 heads=0.5",
+               "predictor mlp=trained-threshold@0.9 heads=0.5", "predictor mlp=0.2 heads=0.5",
                "random mlp=0.2 heads=0.5")
 
 
 def sweep_points() -> list[Point]:
     pts = [Point("dense", 1.0, 1.0), Point("predictor", None, 0.5, "topk"),
            Point("predictor", None, 0.5, "threshold"), Point("predictor", None, 1.0, "threshold")]
+    for recall in (0.85, 0.9, 0.95, 0.975):
+        pts += [Point("predictor", None, h, "threshold", recall) for h in (1.0, 0.5)]
     for sel in ("predictor", "random"):
         pts += [Point(sel, m, 1.0) for m in MLP_SWEEP]
         pts += [Point(sel, 1.0, h) for h in HEAD_SWEEP]
@@ -112,7 +116,8 @@ def make_selector(pt: Point, predictors, c):
         return RandomSelector(c.ffn_dim, c.num_attention_heads, pt.mlp, pt.head, seed=0)
     return PredictorSelector(predictors, SelectionConfig(mlp_density=pt.mlp,
                                                          head_density=pt.head,
-                                                         mlp_select=pt.mlp_select))
+                                                         mlp_select=pt.mlp_select,
+                                                         mlp_recall=pt.recall))
 
 
 def markdown(rows: list[dict], header: str) -> str:

@@ -40,6 +40,9 @@ from dejavu.tools.collect_labels import (
     unpack_bits,
 )
 
+# Recall targets whose thresholds every layer stores besides its own operating point.
+RECALLS = (0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -157,7 +160,7 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     # Operating point on the calibration split.
     cal = split["calibrate"]
     cal_labels = neurons(cal)
-    threshold = None
+    threshold, table = None, None
     if cfg.mlp_density is not None:
         mlp_k = count(cfg.mlp_density, f)
     else:
@@ -170,6 +173,7 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
         pos = cal_scores[cal_labels].sort().values
         if pos.numel():
             threshold = float(pos[int((1 - cfg.mlp_recall) * pos.numel())])
+            table = {f"{r:g}": float(pos[int((1 - r) * pos.numel())]) for r in RECALLS}
 
     # Report on unseen documents.
     rep = split["report"]
@@ -185,6 +189,7 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     head_hit = float((head_chosen & head_targets(norms, head_k)).sum())
     mass = float((norms * head_chosen).sum() / norms.sum().clamp_min(1e-12))
     point = OperatingPoint(mlp_k=mlp_k, head_k=head_k, mlp_threshold=threshold,
+                           mlp_thresholds=table,
                            mlp_recall=hit / max(active, 1.0),
                            mlp_precision=hit / max(float(chosen.sum()), 1.0),
                            head_recall=head_hit / (head_k * rep.numel()))
