@@ -1,9 +1,10 @@
 """Perplexity and bits per byte of text, by the standard sliding-window method.
 
 Each document is tokenised on its own and prefixed with the BOS id (OPT's ``</s>``). A
-window of ``window`` tokens slides by ``stride``; every window after the first scores only
-the ``stride`` targets the previous windows did not, so each target is scored exactly once
-and (after the first window) with at least ``window - stride`` tokens of context. The
+window of ``window`` ids slides by ``stride`` (the Hugging Face perplexity guide's loop);
+every window after the first scores only the ``stride`` ids the earlier ones did not, so
+each id but BOS is scored exactly once, with at least ``window - stride - 1`` ids of
+context after the first window. The
 result is the summed negative log-likelihood in nats, the number of scored tokens and the
 number of UTF-8 bytes of the documents:
 
@@ -88,21 +89,27 @@ class Window:
 
 
 def sliding_windows(lengths: Sequence[int], window: int, stride: int) -> list[Window]:
-    """Windows over documents of ``lengths`` tokens (BOS included). A document of n+1 ids
-    has n targets; every target is scored by exactly one window."""
+    """Windows over documents of ``lengths`` ids (BOS included), exactly as the Hugging
+    Face perplexity guide slides them: window k spans ids [k*stride, k*stride + window)
+    (its last id is only a label, so the model sees window - 1 inputs) and scores the ids
+    no earlier window reached. With stride < window every id but BOS is scored exactly
+    once; with stride == window (non-overlapping) each window's first id is context only,
+    as in that loop, and ``tokens`` counts what was scored."""
     if not 0 < stride <= window:
         raise ValueError(f"stride={stride} must be in [1, window={window}]")
+    if window < 2:
+        raise ValueError(f"window={window}: needs at least one input and one label")
     out = []
     for doc, n_ids in enumerate(lengths):
-        n = n_ids - 1  # targets are ids[1..n]
-        start, done = 0, 0  # targets with index <= done are already scored
-        while n > 0:
-            end = min(start + window, n)
-            out.append(Window(doc, start, end, done - start))
-            done = end
-            if end == n:
+        begin, prev_end = 0, 0
+        while n_ids > 1:
+            end = min(begin + window, n_ids)
+            first_target = max(prev_end, begin + 1)
+            out.append(Window(doc, begin, end - 1, first_target - (begin + 1)))
+            prev_end = end
+            if end == n_ids:
                 break
-            start += stride
+            begin += stride
     return out
 
 
@@ -188,11 +195,12 @@ def score_documents(logits_fn: LogitsFn, encode: Callable[[str], list[int]],
     return TextScore(nll=nll, tokens=tokens, bytes=n_bytes)
 
 
-def wikitext_documents(path: str | Path) -> list[str]:
+def wikitext_documents(path: str | Path, limit: int | None = None) -> list[str]:
     """WikiText-2 raw test as one document, by the standard recipe: the rows (lines kept
-    with their trailing newline) joined with blank lines, ``"\\n\\n".join(rows)``."""
+    with their trailing newline; the first ``limit`` of them) joined with blank lines,
+    ``"\\n\\n".join(rows)``."""
     path = Path(path)
     if not path.is_file():
         raise EvalDataError(f"{path}: no such file")
-    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)[:limit]
     return ["\n\n".join(rows)]

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ class TrainConfig:
     compile: bool = True
     device: str = "cuda"
     max_corpus_bytes: int | None = None
+    unwrap_fraction: float = 0.5  # share of books with paragraphs on one line (train_data)
     log_every: int = 25
     val_every: int = 200
     heldout: str | None = None
@@ -77,6 +79,8 @@ class TrainConfig:
     eval_stride: int = 512
     eval_batch: int = 32
     stats_tokens: int = 2_000_000
+    eval_dir: str | None = None  # zero-shot tasks (tools/eval_tasks) after training
+    zero_shot_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch:
@@ -144,7 +148,8 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = Tokenizer.from_file(cfg.tokenizer)
     eos = tokenizer.token_to_id("</s>")
     stream, data = tokenize_corpus(cfg.corpus, tokenizer, separator_id=eos,
-                                   max_bytes=cfg.max_corpus_bytes)
+                                   max_bytes=cfg.max_corpus_bytes,
+                                   unwrap_fraction=cfg.unwrap_fraction, seed=cfg.seed + 2)
     log(f"corpus: {data}")
     sampler = WindowSampler(stream, cfg.seq_len, seed=cfg.seed + 1, device=device)
 
@@ -225,6 +230,7 @@ def train(cfg: TrainConfig) -> dict:
 
     out = Path(cfg.out)
     save_model(model, out, dtype=torch.float16)
+    shutil.copyfile(cfg.tokenizer, out / "tokenizer.json")
     metrics = {
         "config": asdict(cfg), "steps": total, "tokens_seen": total * tokens_per_step,
         "tokens_per_step": tokens_per_step, "parameters": n_params, "data": data,
@@ -353,6 +359,23 @@ def evaluate_checkpoint(model_dir: Path, tokenizer: Tokenizer, cfg: TrainConfig)
         result["summary"]["mlp_zero_fraction"] = [round(r["zero_fraction"], 4) for r in layers]
         result["summary"]["top10_share"] = [round(r["top10_share"], 4) for r in layers]
         log(f"mlp activation: {result['summary']}")
+    if cfg.eval_dir:
+        from dejavu.runtime.tokenizer import load_tokenizer
+        from dejavu.tools.eval import EvalOptions, evaluate, markdown_table
+
+        t = time.perf_counter()
+        opts = EvalOptions(tasks=["zero-shot"], eval_dir=cfg.eval_dir,
+                           limit=cfg.zero_shot_limit, batch_size=cfg.eval_batch,
+                           show_progress=False)
+        try:  # a task that fails must not take the metrics above with it
+            zero_shot = evaluate(model, load_tokenizer(model_dir), opts, logits_fn=logits_fn)
+        except Exception as exc:
+            log(f"zero-shot failed: {type(exc).__name__}: {exc}")
+            result["zero_shot_error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            result["zero_shot"] = zero_shot
+            result["zero_shot_seconds"] = time.perf_counter() - t
+            log("zero-shot:\n" + markdown_table(zero_shot))
     return result
 
 
