@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,7 @@ class Cluster:
     """A ``launch`` in a child process; ``address`` is its client API once ``start`` returns."""
 
     def __init__(self, config: PipelineConfig) -> None:
+        self._owns_dir = not config.run_dir
         if not config.run_dir:
             base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
             config = config.with_overrides(
@@ -122,6 +124,7 @@ class Cluster:
         self.run_dir = Path(config.run_dir)
         self.address = config.client_address or f"ipc://{self.run_dir / 'client.sock'}"
         self.proc: subprocess.Popen | None = None
+        self.log: Path | None = None
 
     def start(self, timeout_s: float = 120.0, *, log: Path | None = None) -> Cluster:
         """Start and wait until every worker is ready; the cluster's log goes to ``log``
@@ -130,6 +133,9 @@ class Cluster:
 
         cmd = [sys.executable, "-m", "dejavu.scheduler.launch", "--config-json",
                msgspec.json.encode(self.config).decode()]
+        if self._owns_dir:
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log = log
         stderr = open(log, "ab") if log is not None else None  # noqa: SIM115
         try:
             # Its own session: a Ctrl-C meant for the caller (chat cancelling an answer)
@@ -145,14 +151,25 @@ class Cluster:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise LaunchError(f"the launch exited with code {self.proc.returncode} "
-                                      "before it was ready (see its log above)")
+                                      f"before it was ready: {self._log_tail()}")
                 try:
                     if conn.health(timeout_s=0.5).state == "ready":
                         return self
                 except TimeoutError:
                     pass
+        tail = self._log_tail()
         self.stop()
-        raise LaunchError(f"the cluster was not ready within {timeout_s:g} s")
+        raise LaunchError(f"the cluster was not ready within {timeout_s:g} s: {tail}")
+
+    def _log_tail(self) -> str:
+        if self.log is None:
+            return "see its log above"
+        try:
+            lines = Path(self.log).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        errors = [ln for ln in lines if " ERROR " in ln] or lines[-1:]
+        return errors[-1] if errors else "no log"
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         if self.proc is None:
@@ -164,6 +181,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._owns_dir:  # a directory made up for this cluster: leave nothing behind
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.proc.returncode
 
     def __enter__(self) -> Cluster:

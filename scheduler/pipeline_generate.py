@@ -53,7 +53,7 @@ def run_pipeline_generate(settings, request, *, workers: int | None, connect: st
         else:
             cluster = Cluster(from_settings(settings, workers=workers))
             stack.callback(cluster.stop)
-            cluster.start(log=cluster.run_dir.parent / f"{cluster.run_dir.name}.log")
+            cluster.start(log=cluster.run_dir / "launch.log")
             address, keys = cluster.address, cluster.config.keys_dir or None
         conn = stack.enter_context(PipelineConnection(address, keys_dir=keys))
         tokens: list[int] = []
@@ -93,7 +93,7 @@ def start_chat(settings, *, connect: str | None, workers: int | None,
             cluster = Cluster(from_settings(settings, workers=workers))
             stack.callback(cluster.stop)
             sys.stderr.write(f"starting {cluster.config.workers} worker(s)...\n")
-            cluster.start(log=cluster.run_dir.parent / f"{cluster.run_dir.name}.log")
+            cluster.start(log=cluster.run_dir / "launch.log")
             address, keys = cluster.address, cluster.config.keys_dir or None
         conn = stack.enter_context(PipelineConnection(address, keys_dir=keys))
         return run_chat(conn, tokenizer, template=chat_template, params=params)

@@ -3,6 +3,8 @@ the in-process engine's tokens, one request or eight at once, and stream them.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pipeline_fixtures import GREEDY, PROMPTS, add_predictors, cluster, make_tiny_model
 
@@ -92,3 +94,40 @@ def test_sparse_pipeline_carries_predictor_inputs_and_equals_the_sparse_engine(t
     # Computed fractions per stage: at least the operating point (a prompt chunk computes the
     # union of its tokens' selections), and less than dense.
     assert all(0.3 <= m < 1 and 0.5 <= h < 1 for m, h in densities), densities
+
+
+# --- the shipped model (when its weights are in the checkout) ---------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "opt-gutenberg-31m"
+SHIPPED_PROMPTS = ["It was a dark and stormy night", "The old man looked at the sea and",
+                   "Chapter one. In the beginning", "She opened the letter, and"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists()
+                    and not (SHIPPED / "model.safetensors.index.json").exists(),
+                    reason="the shipped model's weights are not in this checkout")
+@pytest.mark.parametrize("workers,sparse", [(1, False), (2, False), (3, False), (3, True)])
+def test_shipped_model_through_launch_equals_the_in_process_engine(workers, sparse):
+    from dejavu.runtime.predictors import PredictorSet, find_predictors
+    from dejavu.runtime.selection import PredictorSelector, SelectionConfig
+    from dejavu.runtime.tokenizer import load_tokenizer
+
+    if sparse and find_predictors(SHIPPED) is None:
+        pytest.skip("the shipped model has no predictors yet")
+    tok = load_tokenizer(SHIPPED)
+    prompts = [tok.encode(p) for p in SHIPPED_PROMPTS]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    model = load_model(SHIPPED)
+    selector = None
+    if sparse:
+        selector = PredictorSelector(PredictorSet.load(find_predictors(SHIPPED), model),
+                                     SelectionConfig())
+    engine = Engine(model, tok, max_batch=8, max_len=256, selector=selector)
+    want = [engine.generate(p, params).tokens for p in prompts]
+    with cluster(SHIPPED, workers, max_len=256, sparse=sparse) as c, \
+            PipelineConnection(c.address) as conn:
+        assert [conn.run([p], params)[0].tokens for p in prompts] == want
+        if not sparse:  # 8 at once give what each gives alone (dense: no row unions)
+            together = conn.run(prompts * 2, params)
+            assert [x.tokens for x in together] == want * 2
