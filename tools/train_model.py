@@ -138,10 +138,13 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, t0: float | None = None) -> dict:
+    """Train, save and evaluate. ``t0`` is when the time budget started (perf_counter;
+    default: now; the command line passes the process start)."""
     from dejavu.runtime.checkpoint import save_model
     from dejavu.tools.train_data import WindowSampler, tokenize_corpus
 
+    t0 = time.perf_counter() if t0 is None else t0
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
     torch.set_float32_matmul_precision("high")
@@ -198,9 +201,9 @@ def train(cfg: TrainConfig) -> dict:
         if step == 1:
             t_train = time.perf_counter()  # compilation happened in step 1
         if total is None and step == cfg.measure_to:
-            total = _fix_steps(cfg, step, t_measure, cuda)
+            total = _fix_steps(cfg, step, t_measure, cuda, t0)
         if (cfg.time_budget is not None and total is not None and step < total
-                and time.perf_counter() - _T0 > cfg.time_budget - cfg.reserve / 2):
+                and time.perf_counter() - t0 > cfg.time_budget - cfg.reserve / 2):
             # A safety net only (steps slowed down after the measurement): the run is then
             # no longer the one --steps reproduces, and the log says so.
             log(f"deadline: stopping early at step {step} of {total}")
@@ -263,12 +266,13 @@ def _accumulate(model, loss_fn, sampler, cfg: TrainConfig, accum: int, autocast,
     return loss_sum
 
 
-def _fix_steps(cfg: TrainConfig, step: int, t_measure: float | None, cuda: bool) -> int:
+def _fix_steps(cfg: TrainConfig, step: int, t_measure: float | None, cuda: bool,
+               t0: float) -> int:
     if cuda:
         torch.cuda.synchronize()
     now = time.perf_counter()
     per_step = (now - t_measure) / (step - cfg.measure_from)
-    left = cfg.time_budget - (now - _T0) - cfg.reserve
+    left = cfg.time_budget - (now - t0) - cfg.reserve
     total = step + max(0, int(left / per_step))
     total = max(total, cfg.warmup + 1)
     log(f"time budget: {per_step:.3f} s/step measured over steps {cfg.measure_from}-{step}; "
@@ -399,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
+    train(parse_args(argv), t0=_T0)
 
 
 if __name__ == "__main__":
