@@ -50,7 +50,10 @@ class Gate:
                                       "Bearer <key>'", code="invalid_api_key"
                                       ).response()(scope, receive, send)
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+        if declared is not None and not declared.isdigit():
+            return await ApiError(400, f"invalid Content-Length header {short(declared)}"
+                                  ).response()(scope, receive, send)
+        if declared is not None and int(declared) > self.limit:
             return await self._too_large(scope, receive, send)
         received = 0
 

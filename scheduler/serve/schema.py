@@ -2,7 +2,7 @@
 
 Static checks live here (types, ranges, NaN/infinity, unknown fields), so that the OpenAPI
 schema documents them and a bad request is a 400 naming the field before anything is
-queued. Checks that need the model (vocabulary, positions) are made in ``requests.py``.
+queued. Checks that need the model (vocabulary, positions) are made in ``context.py``.
 
 Beyond OpenAI's fields: ``top_k`` and ``ignore_eos`` (as vLLM has them). Fields OpenAI has
 but this server cannot honour (penalties, logit_bias, best_of != n, suffix) are accepted
