@@ -86,7 +86,10 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     """One token from one row of logits [V]."""
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits.detach().float().cpu() / params.temperature
+    logits = logits.detach().float().cpu()
+    # Shift before scaling: with a tiny temperature the division overflows to inf (then
+    # softmax gives NaN); shifted, every logit is <= 0 and the best stays exactly 0.
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k:
         k = min(params.top_k, logits.numel())
         kth = torch.topk(logits, k).values[-1]
@@ -96,7 +99,9 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs[before >= params.top_p] = 0.0
+        cut = before >= params.top_p
+        cut[0] = False  # a top_p that rounds to 0 in float32 must still leave one token
+        sorted_probs[cut] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 

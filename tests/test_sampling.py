@@ -57,3 +57,10 @@ def test_same_seed_same_tokens():
     a = [sample(logits, params, g) for g in [new_generator(3)] for _ in range(20)]
     b = [sample(logits, params, g) for g in [new_generator(3)] for _ in range(20)]
     assert a == b and len(set(a)) > 1
+
+
+def test_extreme_but_valid_parameters_still_sample_the_obvious_token():
+    logits = torch.tensor([0.0, 4.0, 1.0, 3.9])
+    generator = new_generator(0)
+    assert sample(logits, SamplingParams(temperature=1e-300), generator) == 1
+    assert sample(logits, SamplingParams(temperature=1.0, top_p=5e-324), generator) == 1
