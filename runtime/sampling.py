@@ -84,12 +84,12 @@ def new_generator(seed: int) -> torch.Generator:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from one row of logits [V]."""
-    if params.greedy:
+    # Below 1e-5 the tempered distribution is the argmax to float32 precision, and dividing
+    # by such a temperature would overflow (inf/NaN probabilities): take the limit.
+    if params.greedy or params.temperature < 1e-5:
         return int(torch.argmax(logits))
     logits = logits.detach().float().cpu()
-    # Shift before scaling: with a tiny temperature the division overflows to inf (then
-    # softmax gives NaN); shifted, every logit is <= 0 and the best stays exactly 0.
-    logits = (logits - logits.max()) / params.temperature
+    logits = (logits - logits.max()) / params.temperature  # shifted: nothing overflows up
     if params.top_k:
         k = min(params.top_k, logits.numel())
         kth = torch.topk(logits, k).values[-1]
