@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .predictors import PredictorSet
 from .sparse import Selection
+from .sparse_backend import use_backend
 
 
 class SelectionError(ValueError):
@@ -208,4 +209,5 @@ def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = 
     config = SelectionConfig(mlp_density=sparsity.mlp_density,
                              head_density=sparsity.head_density,
                              dense_layers=parse_layers(sparsity.dense_layers))
+    use_backend(model, getattr(sparsity, "backend", "auto"))  # who computes the selected rows
     return PredictorSelector(preds, config)

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import sparse_backend
+
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
 
@@ -237,6 +239,8 @@ def sparse_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool)
     if not gather:
         return fc2(F.relu(fc1(x)) * neurons.to(x.dtype))
     idx = union_index(neurons)
+    if sparse_backend.mlp_kernel_applies(layer, x):  # Triton kernel; the code below is its twin
+        return sparse_backend.mlp_gather(layer, x, idx)
     w1 = fc1.weight.index_select(0, idx)  # [n, C]: the neurons' fc1 rows
     b1 = fc1.bias.index_select(0, idx) if fc1.bias is not None else None
     w2 = fc2.weight.index_select(1, idx)  # [C, n]: their fc2 columns
@@ -265,6 +269,8 @@ def sparse_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
     if not gather:
         return _masked_attention(attn, x, layer_id, batch, heads)
     idx = union_index(heads)
+    if sparse_backend.attention_kernel_applies(attn, x, batch):  # decode steps, lazy K/V kept
+        return sparse_backend.attention_gather(attn, x, layer_id, batch, idx)
     b, t, _ = x.shape
     d = attn.head_dim
     wq, bq = _head_rows(attn.q_proj, idx, d)
