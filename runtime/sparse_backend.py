@@ -22,8 +22,11 @@ dtypes; asking for "triton" elsewhere is a ``BackendError`` naming the fix.
 Kernel-ready weights are prepared lazily, once per layer (not per token), and rebuilt only
 if the layer's parameters change (moved, reloaded): fc1 rows as they are, fc2 transposed
 so that a neuron's column is a contiguous row, q/k/v stacked as [3, H, D, C] and out_proj's
-columns per head as [H, D, C]. They are copies: the Triton backend costs one extra fc2 and
-one extra set of attention weights per layer in memory (``prepared_bytes``).
+columns per head as [H, D, C]. Copies of that size would add two thirds to a layer's
+memory, which a GPU sized for the model does not have; so the layout is adopted in place:
+the parameters become views of the kernel tables (same shapes and values, other strides;
+dense and torch code read them through strides, and checkpoint.save_model copies each
+tensor out contiguously). Only a layer without fc1/q/k/v biases gets small zero biases.
 
 Triton is imported only when the kernels are first used, so that a CPU run never imports
 it and tests can set TRITON_INTERPRET=1 first.
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -64,7 +66,9 @@ class BackendError(ValueError):
 # Per decoder layer and per attention module: the chosen backend ("torch" | "triton"), and
 # the prepared weights (MLP tables on the layer, head tables on its attention module).
 _CHOICE: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
-_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, _Prepared] = weakref.WeakKeyDictionary()
+# A table is (key of its source parameters, the kernels' NeuronRows or HeadRows).
+_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, Any]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _interpreting() -> bool:
@@ -121,85 +125,86 @@ def backend_of(module: torch.nn.Module) -> str:
 # --- prepared weights -------------------------------------------------------------------------
 
 
-@dataclass
-class _Prepared:
-    key: tuple  # identity of the parameters the copies came from
-    mlp: Any = None  # kernels.sparse_mlp.NeuronRows
-    heads: Any = None  # kernels.sparse_attention.HeadRows
-
-    def nbytes(self) -> int:
-        out = 0
-        if self.mlp is not None:  # w1 is the parameter itself; w2t and a zero bias are new
-            out += self.mlp.w2t.numel() * self.mlp.w2t.element_size()
-        if self.heads is not None:
-            out += sum(t.numel() * t.element_size() for t in self.heads)
-        return out
+def _key(params: list[Tensor | None]) -> tuple:
+    # A parameter that moved or was reloaded in place changes data_ptr or _version.
+    return tuple(None if p is None else (p.data_ptr(), p._version, p.dtype, p.device)
+                 for p in params)
 
 
-def _prepared(module: torch.nn.Module, params: list[Tensor | None]) -> _Prepared:
-    """``module``'s prepared weights, dropped when one of ``params`` (their sources) moved
-    or was reloaded in place (a new data_ptr or _version)."""
-    key = tuple(None if p is None else (p.data_ptr(), p._version, p.dtype, p.device)
-                for p in params)
-    prep = _PREPARED.get(module)
-    if prep is None or prep.key != key:
-        prep = _PREPARED[module] = _Prepared(key)
-    return prep
+def _cached(module: torch.nn.Module, params: list[Tensor | None]) -> Any:
+    """``module``'s table if its source parameters are still the ones it was built from."""
+    entry = _PREPARED.get(module)
+    return entry[1] if entry is not None and entry[0] == _key(params) else None
 
 
 def _copying():
-    # Prepared weights outlive the forward pass that builds them: make them ordinary
-    # tensors even inside the engine's inference_mode.
+    # The new storage becomes the parameters': it must be ordinary tensors, not inference
+    # tensors, even when the first use is inside the engine's inference_mode.
     return torch.inference_mode(False)
 
 
+def _adopt(param: Tensor, view: Tensor) -> None:
+    """Point ``param`` at ``view`` (same shape and values, the kernels' layout): the model and
+    the kernels then share one copy of the weights. The old storage is freed."""
+    assert view.shape == param.shape and view.dtype == param.dtype
+    param.data = view
+
+
 def mlp_rows(layer: OPTDecoderLayer):
-    """The layer's neurons as one kernel table (built on first use, then cached)."""
+    """The layer's neurons as one kernel table, built on first use. fc2's weight is re-laid
+    out in place: it becomes the transposed view of a [F, C] tensor whose rows are its
+    columns (values unchanged; dense and torch code read it through strides)."""
     from ..kernels.sparse_mlp import NeuronRows
 
     fc1, fc2 = layer.fc1, layer.fc2
-    prep = _prepared(layer, [fc1.weight, fc1.bias, fc2.weight])
-    if prep.mlp is None:
+    params = [fc1.weight, fc1.bias, fc2.weight]
+    rows = _cached(layer, params)
+    if rows is None:
         with _copying(), torch.no_grad():
-            w1 = fc1.weight.detach().contiguous()
+            if not fc1.weight.is_contiguous():
+                _adopt(fc1.weight, fc1.weight.detach().contiguous())
+            w2 = fc2.weight.detach()
+            w2t = w2.t() if w2.t().is_contiguous() else w2.t().contiguous()
+            _adopt(fc2.weight, w2t.t())
+            w1 = fc1.weight.detach()
             b1 = fc1.bias.detach() if fc1.bias is not None else w1.new_zeros(w1.shape[0])
-            prep.mlp = NeuronRows(w1, fc2.weight.detach().t().contiguous(), b1)
-    return prep.mlp
+            rows = NeuronRows(w1, w2t, b1)
+        _PREPARED[layer] = (_key(params), rows)
+    return rows
 
 
 def head_table(attn: OPTAttention):
-    """The attention module's heads as one kernel table (built on first use, then cached)."""
-    from ..kernels.sparse_attention import split_head_rows
+    """The attention module's heads as one kernel table, built on first use. The q, k, v
+    weights (and biases) are re-laid out in place as views of one [3, H, D, C] tensor, and
+    out_proj's weight as the transposed view of [H, D, C] (a head's columns as D rows)."""
+    from ..kernels.sparse_attention import HeadRows
 
-    prep = _prepared(attn, list(attn.parameters()))
-    if prep.heads is None:
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    params = list(attn.parameters())
+    table = _cached(attn, params)
+    if table is None:
+        h, d = attn.num_heads, attn.head_dim
         c = attn.q_proj.weight.shape[1]
         with _copying(), torch.no_grad():
-            def bias(lin: torch.nn.Linear) -> Tensor:
-                w = lin.weight.detach()
-                return lin.bias.detach() if lin.bias is not None else w.new_zeros(c)
-            prep.heads = split_head_rows(
-                attn.q_proj.weight.detach(), bias(attn.q_proj),
-                attn.k_proj.weight.detach(), bias(attn.k_proj),
-                attn.v_proj.weight.detach(), bias(attn.v_proj),
-                attn.out_proj.weight.detach(), attn.num_heads)
-    return prep.heads
-
-
-def prepared_bytes(model: torch.nn.Module) -> int:
-    """Memory held by the prepared kernel weights of ``model``'s layers."""
-    return sum(p.nbytes() for m, p in list(_PREPARED.items()) if _is_part(m, model))
-
-
-def _is_part(module: torch.nn.Module, model: torch.nn.Module) -> bool:
-    return any(m is module for m in model.modules())
+            wqkv = torch.stack([p.weight.detach() for p in projs]).view(3, h, d, c)
+            bqkv = torch.stack([p.bias.detach() if p.bias is not None
+                                else wqkv.new_zeros(c) for p in projs]).view(3, h, d)
+            wo = attn.out_proj.weight.detach().t().reshape(h, d, c).contiguous()
+            for i, p in enumerate(projs):
+                _adopt(p.weight, wqkv[i].view(c, c))
+                if p.bias is not None:
+                    _adopt(p.bias, bqkv[i].view(c))
+            _adopt(attn.out_proj.weight, wo.view(c, c).t())
+            table = HeadRows(wqkv, bqkv, wo)
+        _PREPARED[attn] = (_key(params), table)
+    return table
 
 
 def release(model: torch.nn.Module) -> None:
-    """Drop the prepared weights of ``model``'s layers (they are rebuilt on next use)."""
-    for m in list(_PREPARED.keys()):
-        if _is_part(m, model):
-            del _PREPARED[m]
+    """Forget the tables of ``model``'s modules (rebuilt on next use; the parameters keep
+    the kernel layout, which every other path reads through strides)."""
+    for m in model.modules():
+        _PREPARED.pop(m, None)
 
 
 # --- the ops ----------------------------------------------------------------------------------

@@ -161,24 +161,58 @@ def test_engine_greedy_tokens_identical_across_backends():
     assert all(len(t) == 4 for t in ref)
 
 
-def test_prepared_weights_are_built_once_and_follow_reloads():
+def storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_kernel_layout_is_adopted_in_place_once_and_follows_reloads():
+    """The tables are the parameters' own memory (no second copy of the weights), built
+    once, with the parameters' values unchanged; a reload rebuilds them."""
     model = tiny_model(torch.float16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     layer = model.layers()[0]
+    attn = layer.self_attn
     sparse_backend.use_backend(model, "triton")
     rows = sparse_backend.mlp_rows(layer)
+    heads = sparse_backend.head_table(attn)
     assert sparse_backend.mlp_rows(layer) is rows  # cached, not rebuilt per call
-    assert torch.equal(rows.w2t, layer.fc2.weight.T) and rows.w2t.is_contiguous()
-    heads = sparse_backend.head_table(layer.self_attn)
-    assert sparse_backend.prepared_bytes(model) == 2 * (72 * 32 + 4 * 32 * 32 + 3 * 32)
-    with torch.no_grad():  # a reload in place must not leave stale copies behind
-        layer.fc2.weight.mul_(2)
-        layer.self_attn.out_proj.weight.add_(1)
-    assert torch.equal(sparse_backend.mlp_rows(layer).w2t, layer.fc2.weight.T)
-    new_heads = sparse_backend.head_table(layer.self_attn)
-    assert new_heads is not heads
-    assert torch.equal(new_heads.wo.reshape(-1, 32).T, layer.self_attn.out_proj.weight)
-    sparse_backend.release(model)
-    assert sparse_backend.prepared_bytes(model) == 0
+    assert sparse_backend.head_table(attn) is heads
+    assert rows.w2t.is_contiguous() and torch.equal(rows.w2t, layer.fc2.weight.T)
+    assert storage(rows.w2t) == storage(layer.fc2.weight)
+    assert storage(rows.w1) == storage(layer.fc1.weight)
+    for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+        assert storage(p) == storage(heads.wqkv)
+    assert storage(attn.out_proj.weight) == storage(heads.wo)
+    assert torch.equal(heads.wqkv[1].reshape(32, 32), attn.k_proj.weight)
+    assert torch.equal(heads.bqkv[2].reshape(32), attn.v_proj.bias)
+    assert torch.equal(heads.wo.reshape(32, 32).T, attn.out_proj.weight)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # A reload in place (load_state_dict copies into the parameters) must not leave stale
+    # tables behind.
+    new = {k: v * 2 if k.endswith("weight") else v for k, v in before.items()}
+    model.load_state_dict(new)
+    assert torch.equal(sparse_backend.mlp_rows(layer).w2t, new["decoder.layers.0.fc2.weight"].T)
+    wo = sparse_backend.head_table(attn).wo
+    assert torch.equal(wo.reshape(32, 32).T, new["decoder.layers.0.self_attn.out_proj.weight"])
+
+
+def test_dense_and_torch_paths_unchanged_by_the_kernel_layout():
+    """After the layout is adopted, the dense model and the torch backend compute what they
+    computed before (they read the same values through other strides)."""
+    model = tiny_model(torch.float16)
+    ids = torch.randint(4, 61, (2, 6), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        dense = model(ids, Batch(pos)).float()
+    ref, ref_tokens, _ = decode_run(model, "torch", 2, steps=2)
+    decode_run(model, "triton", 1, steps=1)  # adopts the layout in every layer
+    assert not model.layers()[1].self_attn.out_proj.weight.is_contiguous()
+    assert not model.layers()[1].fc2.weight.is_contiguous()
+    with torch.no_grad():
+        assert rel_err(model(ids, Batch(pos)).float(), dense) < 1e-3
+    out, tokens, _ = decode_run(model, "torch", 2, steps=2)
+    assert rel_err(out, ref) < 1e-3 and tokens == ref_tokens
 
 
 def test_backend_resolution_and_errors():
