@@ -212,7 +212,8 @@ def train_predictors(
     epochs: int = typer.Option(8, "--epochs"),
     select: str = typer.Option("topk", "--select",
                                help="MLP selection: topk (k per token) or threshold"),
-    window: int = typer.Option(512, "--window", help="tokens per calibration sequence"),
+    window: int = typer.Option(None, "--window", help="tokens per calibration sequence "
+                               "(default: the model's positions)"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="model dtype while collecting"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),

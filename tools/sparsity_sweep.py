@@ -30,7 +30,7 @@ from dejavu.tools.sparse_eval import density_metrics, sparse_logits_fn
 
 # (mlp density, head density); None = the layer's trained operating point.
 MLP_SWEEP = (0.5, 0.3, 0.2, 0.15, 0.1, 0.05)
-HEAD_SWEEP = (0.75, 0.5, 0.25)
+HEAD_SWEEP = (0.875, 0.75, 0.5, 0.25)
 JOINT = ((0.2, 0.5), (0.15, 0.5), (0.1, 0.5))
 
 
@@ -58,6 +58,24 @@ TASK_POINTS = ("dense", "predictor mlp=trained-threshold heads=0.5",
                "random mlp=0.2 heads=0.5")
 
 
+def cpu_points() -> list[Point]:
+    """A reduced grid for a slow CPU: the trained MLP threshold at several recalls, heads
+    alone, the joint target, and random selection at matched densities."""
+    thr = lambda r, h: Point("predictor", None, h, "threshold", r)  # noqa: E731
+    return [Point("dense", 1.0, 1.0), thr(0.95, 1.0), thr(0.9, 1.0), thr(0.85, 1.0),
+            thr(0.975, 1.0), Point("predictor", 0.2, 1.0), Point("random", 0.2, 1.0),
+            Point("predictor", 1.0, 0.875), Point("predictor", 1.0, 0.75),
+            Point("predictor", 1.0, 0.5), Point("random", 1.0, 0.75),
+            Point("random", 1.0, 0.5), thr(0.95, 0.75), thr(0.95, 0.5),
+            Point("random", 0.2, 0.5)]
+
+
+CPU_TASK_POINTS = ("dense", "predictor mlp=trained-threshold@0.95 heads=1",
+                   "predictor mlp=trained-threshold@0.95 heads=0.75",
+                   "predictor mlp=trained-threshold@0.95 heads=0.5",
+                   "random mlp=0.2 heads=0.5")
+
+
 def sweep_points() -> list[Point]:
     pts = [Point("dense", 1.0, 1.0), Point("predictor", None, 0.5, "topk"),
            Point("predictor", None, 0.5, "threshold"), Point("predictor", None, 1.0, "threshold")]
@@ -74,7 +92,7 @@ TaskFn = Callable[[Callable], dict[str, float]]  # logits_fn -> {"piqa_acc": ...
 
 
 def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | None = None,
-              task_points: tuple[str, ...] | None = None,
+              task_points: tuple[str, ...] | None = None, checkpoint=None,
               points: list[Point] | None = None, window: int = 1024, stride: int = 512,
               batch_size: int = 8, device: str = "cpu", log=print) -> list[dict]:
     rows = []
@@ -103,6 +121,8 @@ def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | N
             row.update(tasks(task_fn))
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
+        if checkpoint is not None:  # a run cut short keeps what it measured
+            checkpoint(rows)
         log(f"{pt.name:<36} bpb={row['bits_per_byte']:.4f} mlp={row['mlp_density']:.3f} "
             f"heads={row['head_density']:.3f} ({row['seconds']:.0f} s)")
     return rows
@@ -203,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--quick", action="store_true", help="dense, trained point, two joint")
+    p.add_argument("--grid", default="full", choices=("full", "cpu", "quick"),
+                   help="which points: full (GPU), cpu (a reduced grid), quick")
     p.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated (eval_tasks)")
     p.add_argument("--limit", type=int, default=None, help="rows per zero-shot task")
     p.add_argument("--eval-dir", default="../shared/data/eval")
@@ -223,10 +244,6 @@ def main(argv: list[str] | None = None) -> None:
         if len(docs) >= args.docs:
             break
     window = min(args.window, model.config.max_position_embeddings)
-    points = None
-    if args.quick:
-        points = [Point("dense", 1.0, 1.0), Point("predictor", None, 0.5, "threshold"),
-                  Point("predictor", 0.2, 0.5), Point("random", 0.2, 0.5)]
     tasks = None
     if args.tasks:
         from dejavu.tools.eval_tasks import evaluate_task
@@ -241,17 +258,28 @@ def main(argv: list[str] | None = None) -> None:
                 out[f"{r['task']}_acc"] = r["metrics"]["acc"]
             return out
 
-    rows = run_sweep(model, tok, predictors, docs, tasks=tasks, points=points, window=window,
-                     stride=min(args.stride, window), device=args.device,
-                     task_points=None if args.quick else TASK_POINTS)
+    points, task_points = sweep_points(), TASK_POINTS
+    if args.grid == "quick":
+        points = [Point("dense", 1.0, 1.0), Point("predictor", None, 0.5, "threshold"),
+                  Point("predictor", 0.2, 0.5), Point("random", 0.2, 0.5)]
+        task_points = None
+    elif args.grid == "cpu":
+        points, task_points = cpu_points(), CPU_TASK_POINTS
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_dir.name, "data": Path(args.data).name, "docs": len(docs),
             "tasks": args.tasks, "task_limit": args.limit,
-            "chars_per_doc": args.chars, "device": args.device,
+            "chars_per_doc": args.chars, "device": args.device, "window": window,
             "hardware": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+    def checkpoint(rows: list[dict]) -> None:
+        (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1)
+                                        + "\n")
+
+    run_sweep(model, tok, predictors, docs, tasks=tasks, points=points, window=window,
+              stride=min(args.stride, window), device=args.device, task_points=task_points,
+              checkpoint=checkpoint)
     write_outputs(out)
 
 

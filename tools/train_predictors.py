@@ -47,7 +47,11 @@ RECALLS = (0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
 @dataclass(frozen=True)
 class TrainConfig:
     tokens: int = 100_000
-    window: int = 512
+    # Tokens per calibration sequence; None = the model's positions. Predictors must see
+    # every position they will serve: trained on 512-token windows, opt-gutenberg-31m's
+    # MLP predictors cost +0.2% bits per byte scored in 512-token windows but +3.5% in
+    # 1024-token windows, whose scored tokens sit at positions 512..1023.
+    window: int | None = None
     per_doc: int = 4096  # tokens from one document at most: calibration spans many books
     mlp_rank: int = 128
     head_rank: int = 64
@@ -68,7 +72,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "tokens": self.tokens > 0, "window": self.window > 1, "per_doc": self.per_doc > 0,
+            "tokens": self.tokens > 0, "window": self.window is None or self.window > 1,
+            "per_doc": self.per_doc > 0,
             "mlp_rank": self.mlp_rank > 0, "head_rank": self.head_rank > 0,
             "epochs": self.epochs > 0, "batch_size": self.batch_size > 0, "lr": self.lr > 0,
             "mlp_recall": 0 < self.mlp_recall <= 1,
@@ -272,7 +277,8 @@ def run(model_path: str, data: str, out: str, cfg: TrainConfig, *, device: str =
     model_dir = resolve_model_dir(model_path)
     model = load_model(model_dir, dtype=dtype, device=dev)
     tok = load_tokenizer(model_dir)
-    window = min(cfg.window, model.config.max_position_embeddings)
+    window = min(cfg.window or model.config.max_position_embeddings,
+                 model.config.max_position_embeddings)
     windows, docs = calibration_windows(iter_texts(data), tok.encode, window=window,
                                         tokens=cfg.tokens, per_doc=cfg.per_doc)
     preds, report = train_predictors(model, windows, docs, cfg, device=dev, log=log)
