@@ -71,6 +71,21 @@ _PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, Any]] = (
     weakref.WeakKeyDictionary())
 
 
+# Layers held in host records (runtime/offload.py): layer and attention module -> an object
+# with ``mlp(x, idx)`` and ``attention(attn, x, layer_id, batch, idx)``. Their sparse ops
+# always go there, whatever the backend: the module's own weights are gone.
+_OFFLOADED: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def register_offloaded(layer: OPTDecoderLayer, ops: Any) -> None:
+    _OFFLOADED[layer] = ops
+    _OFFLOADED[layer.self_attn] = ops
+
+
+def is_offloaded(module: torch.nn.Module) -> bool:
+    return module in _OFFLOADED
+
+
 def _interpreting() -> bool:
     # Triton's CPU interpreter (tests): the kernels then run on CPU tensors.
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -102,7 +117,10 @@ def use_backend(model: torch.nn.Module, backend: str) -> str:
     layers = [m for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "self_attn")]
     if not layers:
         raise BackendError(f"{type(model).__name__} has no decoder layers to configure")
-    w = layers[0].fc1.weight
+    resident = [m for m in layers if m not in _OFFLOADED]
+    if not resident:  # every layer runs on the kernels' host path anyway
+        return "triton"
+    w = resident[0].fc1.weight
     chosen = resolve(backend, w.device, w.dtype)
     for layer in layers:
         for module in (layer, layer.self_attn):
@@ -212,6 +230,8 @@ def release(model: torch.nn.Module) -> None:
 
 def mlp_kernel_applies(layer: OPTDecoderLayer, x: Tensor) -> bool:
     """Whether ``mlp_gather`` takes this gather-mode MLP. x: [B, T, C]."""
+    if layer in _OFFLOADED:
+        return True
     return (backend_of(layer) == "triton" and x.dtype in KERNEL_DTYPES
             and 1 <= x.shape[0] * x.shape[1] <= MAX_BATCH)
 
@@ -219,6 +239,9 @@ def mlp_kernel_applies(layer: OPTDecoderLayer, x: Tensor) -> bool:
 def mlp_gather(layer: OPTDecoderLayer, x: Tensor, idx: Tensor) -> Tensor:
     """fc2(relu(fc1(x))) over neurons ``idx`` (the batch's union) through the kernel.
     x: [B, T, C] with B*T <= MAX_BATCH. Returns [B, T, C], fc2's bias included."""
+    offloaded = _OFFLOADED.get(layer)
+    if offloaded is not None:
+        return offloaded.mlp(x, idx)
     from ..kernels.sparse_mlp import sparse_mlp as kernel
 
     b, t, c = x.shape
@@ -232,6 +255,8 @@ def attention_kernel_applies(attn: OPTAttention, x: Tensor, batch: Batch) -> boo
     token per row, at most MAX_BATCH rows) on a cache that keeps attention inputs (the lazy
     K/V scheme; without stored inputs every head's K/V is computed, which the kernels do not
     do)."""
+    if attn in _OFFLOADED:
+        return True
     cache = batch.cache
     return (backend_of(attn) == "triton" and cache is not None
             and cache.inputs is not None and x.dtype in KERNEL_DTYPES
@@ -243,6 +268,9 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
                      idx: Tensor) -> Tensor:
     """Attention of heads ``idx`` (sorted, the batch's union) for a decode step, through the
     kernels, out_proj (with its bias) included. x: [B, 1, C] (post-LN). Returns [B, 1, C]."""
+    offloaded = _OFFLOADED.get(attn)
+    if offloaded is not None:
+        return offloaded.attention(attn, x, layer_id, batch, idx)
     from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
     from .sparse import _fill_missing_kv
 
