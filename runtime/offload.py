@@ -192,6 +192,27 @@ def offload_layers(model: OPTModel, layer_ids: list[int], *, device: torch.devic
                     torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
 
 
+def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str,
+               reserved_bytes: int = 0) -> list[int]:
+    """Hold ``model`` within ``budget_bytes`` of ``device`` memory: offload the layers that
+    do not fit (``plan_offload``), then move the rest of the model to ``device``. Load the
+    model on the CPU first, so that offloaded layers never occupy the GPU. Returns the
+    offloaded layer ids (run the engine with an ``OffloadSelector`` over them)."""
+    layers = plan_offload(model, budget_bytes, reserved_bytes)
+    offload_layers(model, layers, device=device)
+    move_resident(model, device)
+    return layers
+
+
+def move_resident(model: OPTModel, device: torch.device | str) -> None:
+    """``model.to(device)`` for everything but the offloaded weights (meta tensors, which
+    cannot move)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if not t.is_meta:
+                t.data = t.data.to(device)
+
+
 class OffloadSelector:
     """Wraps a selector so that offloaded layers always get masks (every row where the
     inner selector keeps a block dense): their dense weights are on the host."""

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 from test_sparse_backend import (  # noqa: E402
     CFG,
+    DEVICE,
     TOL,
     decode_run,
     rel_err,
@@ -24,13 +25,17 @@ from test_sparse_backend import (  # noqa: E402
 
 from dejavu.runtime import sparse_backend  # noqa: E402
 from dejavu.runtime.engine import Engine  # noqa: E402
-from dejavu.runtime.offload import OffloadSelector, offload_layers, plan_offload  # noqa: E402
+from dejavu.runtime.offload import (  # noqa: E402
+    OffloadSelector,
+    fit_budget,
+    move_resident,
+    offload_layers,
+    plan_offload,
+)
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.selection import RandomSelector  # noqa: E402
 from dejavu.runtime.sparse import Selection  # noqa: E402
 from dejavu.runtime.weight_store import LayerPlacement, PlacementError, gib  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def layer_bytes(model):
@@ -56,8 +61,9 @@ def test_plan_offload_keeps_what_fits_the_budget():
 def test_offloaded_layers_equal_resident_prefill_and_decode(offloaded, batch):
     dtype = torch.float16
     ref, ref_tokens, ref_stats = decode_run(tiny_model(dtype), "torch", batch)
-    model = tiny_model(dtype)
-    offload_layers(model, offloaded, device="cpu")
+    model = tiny_model(dtype, "cpu")  # loaded on the CPU, the offloaded layers never move
+    offload_layers(model, offloaded, device=DEVICE)
+    move_resident(model, DEVICE)
     for lid in offloaded:
         layer = model.layers()[lid]
         assert layer.fc1.weight.is_meta and layer.self_attn.q_proj.weight.is_meta
@@ -76,9 +82,10 @@ def test_hot_rows_on_the_device_and_the_rest_on_the_host():
     result as all-host and as the resident model."""
     dtype = torch.float16
     ref, ref_tokens, _ = decode_run(tiny_model(dtype), "torch", 2, steps=2)
-    model = tiny_model(dtype)
+    model = tiny_model(dtype, "cpu")
     hot = LayerPlacement(1, torch.tensor([3, 70, 0, 41]), torch.tensor([2]), False)
     offload_layers(model, [1], device=DEVICE, placements={1: hot})
+    move_resident(model, DEVICE)
     out, tokens, _ = decode_run(model, "torch", 2, steps=2)
     assert rel_err(out, ref) < TOL[dtype] and tokens == ref_tokens
 
@@ -101,10 +108,9 @@ def test_offloaded_engine_tokens_equal_resident_engine():
     sparse_backend.use_backend(resident, "torch")
     ref = [c.tokens for c in Engine(resident, max_batch=3, max_len=32,
                                     selector=sel()).run(prompts, params)]
-    model = tiny_model(torch.float16)
-    layers = plan_offload(model, other_bytes(model) + layer_bytes(model))
+    model = tiny_model(torch.float16, "cpu")
+    layers = fit_budget(model, other_bytes(model) + layer_bytes(model), device=DEVICE)
     assert layers == [1]
-    offload_layers(model, layers, device="cpu")
     engine = Engine(model, max_batch=3, max_len=32,
                     selector=OffloadSelector(sel(), layers, CFG))
     assert [c.tokens for c in engine.run(prompts, params)] == ref

@@ -33,10 +33,12 @@ CFG = OPTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, ffn_dim=72,
 # fp32 in another order), compounded over two layers.
 TOL = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
 DTYPES = [torch.float16, torch.bfloat16]
+# The CPU tests run on the GPU too when there is one (real kernels instead of interpreted).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPT_LEN = 5
 
 
-def tiny_model(dtype, device="cpu", config=CFG, seed=0):
+def tiny_model(dtype, device=DEVICE, config=CFG, seed=0):
     torch.manual_seed(seed)
     model = OPTModel(config)
     model.init_weights(std=0.2)
@@ -201,8 +203,8 @@ def test_dense_and_torch_paths_unchanged_by_the_kernel_layout():
     """After the layout is adopted, the dense model and the torch backend compute what they
     computed before (they read the same values through other strides)."""
     model = tiny_model(torch.float16)
-    ids = torch.randint(4, 61, (2, 6), generator=torch.Generator().manual_seed(3))
-    pos = torch.arange(6).expand(2, 6)
+    ids = torch.randint(4, 61, (2, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    pos = torch.arange(6, device=DEVICE).expand(2, 6)
     with torch.no_grad():
         dense = model(ids, Batch(pos)).float()
     ref, ref_tokens, _ = decode_run(model, "torch", 2, steps=2)
