@@ -44,7 +44,7 @@ def test_train_predictors_then_eval_sparse_and_dense(checkpoint, tmp_path):
     out = model / "predictors"
     run("train-predictors", "--model", str(model), "--data", str(text), "--out", str(out),
         "--tokens", "1200", "--window", "24", "--rank", "8", "--head-rank", "4",
-        "--epochs", "2")
+        "--epochs", "2", "--head-point", "0.5")
     assert (out / "predictors.safetensors").is_file() and (out / "report.md").is_file()
     report = json.loads((out / "report.json").read_text())
     assert len(report["layers"]) == 2

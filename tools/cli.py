@@ -208,7 +208,10 @@ def train_predictors(
                                      help="recall target that sets each layer's MLP top-k"),
     mlp_density: float = typer.Option(None, "--mlp-density",
                                       help="fixed MLP density instead of --mlp-recall"),
-    head_density: float = typer.Option(0.5, "--head-density", help="heads kept per token"),
+    head_density: float = typer.Option(0.5, "--head-density",
+                                       help="head labels: each token's top heads by norm"),
+    head_point: float = typer.Option(1.0, "--head-point",
+                                     help="heads kept per token at the default operating point"),
     epochs: int = typer.Option(8, "--epochs"),
     select: str = typer.Option("topk", "--select",
                                help="MLP selection: topk (k per token) or threshold"),
@@ -230,7 +233,7 @@ def train_predictors(
         cfg = TrainConfig(tokens=tokens, window=window, mlp_rank=rank, head_rank=head_rank,
                           epochs=epochs, mlp_recall=mlp_recall, mlp_density=mlp_density,
                           mlp_select=select,
-                          head_density=head_density)
+                          head_density=head_density, head_point=head_point)
         run(settings.model_path(), data, out, cfg, device=device, dtype=dtype)
     except (SettingsError, CheckpointError, TokenizerError, CalibrationDataError,
             ValueError) as exc:

@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated (eval_tasks)")
     p.add_argument("--limit", type=int, default=None, help="rows per zero-shot task")
     p.add_argument("--eval-dir", default="../shared/data/eval")
+    p.add_argument("--only", default="", help="run only these points (names, '|'-separated)")
     p.add_argument("--replot", action="store_true", help="only redo sweep.md/png from --out")
     args = p.parse_args(argv)
     if args.replot:
@@ -265,6 +266,11 @@ def main(argv: list[str] | None = None) -> None:
         task_points = None
     elif args.grid == "cpu":
         points, task_points = cpu_points(), CPU_TASK_POINTS
+    if args.only:
+        wanted = args.only.split("|")
+        points = [pt for pt in points if pt.name in wanted]
+        if len(points) != len(wanted):
+            raise SystemExit(f"--only: unknown point among {wanted}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_dir.name, "data": Path(args.data).name, "docs": len(docs),
