@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .predictors import PredictorSet
 from .sparse import Selection
-from .sparse_backend import use_backend
+from .sparse_backend import BackendError, use_backend
 
 
 class SelectionError(ValueError):
@@ -217,5 +217,8 @@ def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = 
     config = SelectionConfig(mlp_density=sparsity.mlp_density,
                              head_density=sparsity.head_density,
                              dense_layers=parse_layers(sparsity.dense_layers))
-    use_backend(model, getattr(sparsity, "backend", "auto"))  # who computes the selected rows
+    try:  # who computes the selected rows (runtime/sparse_backend.py)
+        use_backend(model, getattr(sparsity, "backend", "auto"))
+    except BackendError as exc:
+        raise SelectionError(str(exc)) from None
     return PredictorSelector(preds, config)

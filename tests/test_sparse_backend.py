@@ -244,6 +244,23 @@ def test_backend_setting_is_validated(tmp_path):
         load_settings(path)
 
 
+def test_selector_from_settings_applies_the_backend(tmp_path):
+    from dejavu.runtime.predictors import PredictorSet
+    from dejavu.runtime.selection import SelectionError, selector_from_settings
+    from dejavu.runtime.settings import SparsitySettings
+
+    model = tiny_model(torch.float16)
+    PredictorSet.create(model, 4, 4).save(tmp_path / "predictors")
+    selector_from_settings(SparsitySettings(backend="triton"), model, tmp_path)
+    assert sparse_backend.backend_of(model.layers()[1]) == "triton"
+    selector_from_settings(SparsitySettings(backend="torch"), model, tmp_path)
+    assert sparse_backend.backend_of(model.layers()[1].self_attn) == "torch"
+    # A backend that cannot run is the user's error, named as such (the CLI reports it).
+    with pytest.raises(SelectionError, match=r"backend = 'triton'.*float32"):
+        selector_from_settings(SparsitySettings(backend="triton"), tiny_model(torch.float32),
+                               tmp_path)
+
+
 # --- on a GPU ---------------------------------------------------------------------------------
 
 GPU_CFG = OPTConfig(vocab_size=211, hidden_size=256, num_hidden_layers=3, ffn_dim=1024,
