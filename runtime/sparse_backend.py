@@ -31,8 +31,11 @@ tensor out contiguously). Only a layer without fc1/q/k/v biases gets small zero 
 Triton is imported only when the kernels are first used, so that a CPU run never imports
 it and tests can set TRITON_INTERPRET=1 first.
 
-What this module does not know: which rows are selected (selectors), where weights live
-beyond the module's own parameters (runtime/weight_store.py does offloading).
+Layers held in host records (runtime/offload.py) register here; their sparse ops always
+go to their ``OffloadedLayer``, whatever the backend, since their module weights are gone.
+
+What this module does not know: which rows are selected (selectors), or where an offloaded
+layer's rows live (runtime/offload.py, runtime/weight_store.py).
 """
 
 from __future__ import annotations
