@@ -23,11 +23,11 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -49,6 +49,9 @@ from .transport import (
     make_socket,
 )
 
+if TYPE_CHECKING:
+    from dejavu.workers.spawn import WorkerProcess
+
 log = logging.getLogger("dejavu.scheduler")
 
 POLL_MS = 50
@@ -66,7 +69,7 @@ class WorkerHandle:
     device: str
     data_in: str | None
     data_out: str | None
-    proc: subprocess.Popen | None = None
+    proc: WorkerProcess | None = None
     pid: int | None = None
     state: str = "starting"  # starting | loading | ready | dead
     started: float = 0.0
@@ -186,12 +189,13 @@ class PipelineServer:
         if not self.config.spawn:
             log.info("waiting for worker %d to connect to %s", w.index, self.control_address)
             return
-        cmd = [sys.executable, "-m", "dejavu.workers.main", "--index", str(w.index),
-               "--control", self.control_address, "--parent-pid", str(os.getpid()),
-               "--handshake-timeout", str(self.config.handshake_timeout_s)]
+        from dejavu.workers.spawn import WorkerProcess
+
+        argv = ["--index", str(w.index), "--control", self.control_address,
+                "--handshake-timeout", str(self.config.handshake_timeout_s)]
         if self.config.keys_dir:
-            cmd += ["--keys-dir", self.config.keys_dir]
-        w.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+            argv += ["--keys-dir", self.config.keys_dir]
+        w.proc = WorkerProcess(argv, f"worker{w.index}")
         w.pid = w.proc.pid
         log.info("started worker %d (pid %d) for layers [%d, %d) on %s", w.index, w.pid,
                  w.layers.start, w.layers.stop, w.device)
@@ -309,8 +313,10 @@ class PipelineServer:
                                                       f"{wire.PROTOCOL}"))
             return
         w.pid, w.state = msg.pid, "loading"
-        # A restarted worker runs clean, so that the restart can be observed.
-        faults = [f for f in self.config.faults if f.worker == w.index] if not w.restarts else []
+        # A restarted worker keeps only faults tied to a request: one at a step count would
+        # fire again at once and the restart could never be seen to work.
+        faults = [f for f in self.config.faults if f.worker == w.index
+                  and (not w.restarts or f.request is not None)]
         threads = self.config.threads or max(1, (os.cpu_count() or 1) // self.config.workers)
         self._send_worker(identity, wire.Setup(
             self.config.model, (w.layers.start, w.layers.stop), self.config.dtype, w.device,
@@ -346,9 +352,11 @@ class PipelineServer:
 
     def _on_death(self, w: WorkerHandle, reason: str) -> None:
         who = f"worker {w.index} (pid {w.pid})"
-        if w.proc is not None and w.proc.poll() is None:
-            w.proc.kill()  # frozen or hung: make the verdict final
-            w.proc.wait(timeout=5)
+        if w.proc is not None:
+            if w.proc.poll() is None:
+                w.proc.kill()  # frozen or hung: make the verdict final
+                w.proc.wait(timeout=5)
+            w.proc.close()
         w.state = "dead"
         message = f"worker died: {who} {reason}"
         log.error("%s", message)
@@ -375,7 +383,7 @@ class PipelineServer:
                 self._send_worker(f"w{w.index}".encode(), wire.Shutdown("the cluster is stopping"))
         deadline = time.monotonic() + 5.0
         for w in self.workers:
-            if w.proc is None:
+            if w.proc is None or w.state == "dead":  # a dead worker was reaped already
                 continue
             try:
                 w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))

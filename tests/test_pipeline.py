@@ -48,26 +48,26 @@ def test_pipeline_tokens_equal_the_in_process_engine(tiny, reference, workers):
         after = conn.health()
         assert after.tokens_out == 8 * 12 * 2 + 3 * 10
         assert len(after.stage_s) == workers and len(after.hop_s) == workers - 1
+        if workers == 2:
+            check_streaming_abort_and_bad_requests(conn, greedy)
 
 
-def test_streaming_abort_and_bad_requests(tiny, reference):
-    greedy, _ = reference
-    with cluster(tiny, 2) as c, PipelineConnection(c.address) as conn:
-        # Streaming: tokens arrive one event at a time, the last one says why it ended.
-        events = list(conn.stream(PROMPTS[2], GREEDY))
-        assert [e.token for e in events] == greedy[2]
-        assert events[-1].finished and not any(e.finished for e in events[:-1])
-        # Closing a stream early aborts the request; the cluster serves the next one.
-        stream = conn.stream(PROMPTS[0], SamplingParams(max_new_tokens=100, ignore_eos=True))
-        next(stream)
-        stream.close()
-        assert conn.run([PROMPTS[1]], GREEDY)[0].tokens == greedy[1]
-        # Bad requests fail alone, with the field named, before any worker sees them.
-        bad = conn.run([[], [500], [1] * 120], SamplingParams(max_new_tokens=20))
-        assert "empty" in bad[0].error
-        assert "500" in bad[1].error and "vocabulary" in bad[1].error
-        assert "128 positions" in bad[2].error
-        assert conn.health().running == 0
+def check_streaming_abort_and_bad_requests(conn, greedy):
+    # Streaming: tokens arrive one event at a time, the last one says why it ended.
+    events = list(conn.stream(PROMPTS[2], GREEDY))
+    assert [e.token for e in events] == greedy[2]
+    assert events[-1].finished and not any(e.finished for e in events[:-1])
+    # Closing a stream early aborts the request; the cluster serves the next one.
+    stream = conn.stream(PROMPTS[0], SamplingParams(max_new_tokens=100, ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert conn.run([PROMPTS[1]], GREEDY)[0].tokens == greedy[1]
+    # Bad requests fail alone, with the field named, before any worker sees them.
+    bad = conn.run([[], [500], [1] * 120], SamplingParams(max_new_tokens=20))
+    assert "empty" in bad[0].error
+    assert "500" in bad[1].error and "vocabulary" in bad[1].error
+    assert "128 positions" in bad[2].error
+    assert conn.health().running == 0
 
 
 def test_sparse_pipeline_carries_predictor_inputs_and_equals_the_sparse_engine(tmp_path):

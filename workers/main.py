@@ -40,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
                       handshake_timeout_s=args.handshake_timeout)
 
 
-if __name__ == "__main__":
-    code = main()
-    # Every socket is closed by now; skip interpreter teardown, which can block on
-    # library threads (torch's pools, pyzmq's zero-copy collector) after a clean stop.
+def exit_now(code: int) -> None:
+    """Every socket is closed by now; skip interpreter teardown, which can block on library
+    threads (torch's pools, pyzmq's zero-copy collector) after a clean stop."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())
