@@ -74,10 +74,11 @@ class Calls:
             monkeypatch.setattr(module, name, counted)
 
 
-def decode_run(model, backend, batch, steps=3, prompt_len=PROMPT_LEN, config=CFG):
+def decode_run(model, backend, batch, steps=3, prompt_len=PROMPT_LEN, config=CFG, feed=None):
     """Prefill, then ``steps`` greedy decode steps, through the model and a KV cache that
     keeps attention inputs. Returns (last-position logits per step [steps+1, B, V] in fp32,
-    tokens, stats)."""
+    tokens, stats). ``feed``: tokens to decode instead of the greedy ones (teacher forcing,
+    so that one near-tie cannot send two runs down different paths)."""
     sparse_backend.use_backend(model, backend)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -95,6 +96,8 @@ def decode_run(model, backend, batch, steps=3, prompt_len=PROMPT_LEN, config=CFG
             out.append(logits[:, -1].float())
             ids = logits[:, -1].argmax(-1)[:, None]
             tokens.append(ids[:, 0].tolist())
+            if feed is not None:
+                ids = torch.tensor(feed[step], device=device)[:, None]
             pos = torch.full((batch, 1), prompt_len + step, device=device)
     return torch.stack(out), tokens, stats
 
@@ -275,14 +278,27 @@ GPU_CFG = OPTConfig(vocab_size=211, hidden_size=256, num_hidden_layers=3, ffn_di
 def test_gpu_triton_backend_equals_torch(dtype, batch, monkeypatch):
     model = tiny_model(dtype, "cuda", GPU_CFG)
     assert sparse_backend.use_backend(model, "auto") == "triton"  # the default on CUDA
-    ref, ref_tokens, _ = decode_run(model, "torch", batch, steps=6, prompt_len=1,
+    compare_backends(model, dtype, batch, monkeypatch)
+
+
+def compare_backends(model, dtype, batch, monkeypatch, steps=6):
+    """Teacher-forced with the reference's tokens: logits within tolerance at every step,
+    and the same greedy token wherever the reference's top-2 margin exceeds the difference
+    (atomic adds on a GPU make the kernels' sums order-dependent)."""
+    ref, ref_tokens, _ = decode_run(model, "torch", batch, steps=steps, prompt_len=2,
                                     config=GPU_CFG)
     calls = Calls(monkeypatch)
-    out, tokens, _ = decode_run(model, "triton", batch, steps=6, prompt_len=1, config=GPU_CFG)
-    assert calls.n == {"mlp": 3 * 7, "attention": 3 * 6}
-    for step in range(7):
+    out, tokens, _ = decode_run(model, "triton", batch, steps=steps, prompt_len=2,
+                                config=GPU_CFG, feed=ref_tokens)
+    layers = GPU_CFG.num_hidden_layers
+    prefill_mlp = 1 if 2 * batch <= 16 else 0  # more token rows stay on torch
+    assert calls.n == {"mlp": layers * (steps + prefill_mlp), "attention": layers * steps}
+    for step in range(steps + 1):
         assert rel_err(out[step], ref[step]) < TOL[dtype], f"step {step}"
-    assert tokens == ref_tokens
+        top2 = ref[step].topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * (out[step] - ref[step]).abs().max()
+        same = torch.tensor(tokens[step]) == torch.tensor(ref_tokens[step])
+        assert bool(same[clear.cpu()].all()), f"step {step}"
 
 
 @pytest.mark.gpu
