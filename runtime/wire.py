@@ -255,6 +255,7 @@ class Health(_Msg):
     vocab_size: int = 0
     tokenizer: bool = False  # text, stop strings and detokenisation are available
     densities: list[tuple[float, float]] = []  # per sparse stage: (MLP, heads) fractions
+    detail: str = ""  # why the cluster stopped (state "stopped": sent to clients on exit)
 
 
 ClientReply = Events | Health

@@ -151,6 +151,8 @@ class PipelineServer:
         self.bad_frames = 0
         self._last_bad_log = 0.0
         self.parent_pid: int | None = None  # stop when this process stops being the parent
+        self.seen_clients: dict[bytes, None] = {}  # told when the cluster stops (bounded)
+        self.stop_reason = ""
 
     def _max_data_bytes(self) -> int:
         c = self.config
@@ -178,8 +180,18 @@ class PipelineServer:
                 self._poll_once()
         finally:
             self._stop_workers()
+            self._tell_clients()
             self.close()
         return self.exit_code
+
+    def _tell_clients(self) -> None:
+        """A last Health(state="stopped") to every client seen, so that front ends report
+        the cluster gone at once instead of after a silence timeout."""
+        self.state = "stopped"
+        final = self.health()
+        final.detail = self.stop_reason or "the cluster stopped"
+        for identity in self.seen_clients:
+            self._send_client(identity, final)
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_requested += 1
@@ -375,6 +387,7 @@ class PipelineServer:
             self._start_worker(w)
         else:
             self.exit_code = EXIT_WORKER_DIED
+            self.stop_reason = message
             self.state = "stopped"
 
     def _stop_workers(self) -> None:
@@ -418,6 +431,9 @@ class PipelineServer:
             msg = wire.decode_client(payload)
         except wire.WireError as exc:
             return self._bad_frame(str(exc))
+        self.seen_clients[identity] = None
+        if len(self.seen_clients) > 1024:  # forget the oldest
+            del self.seen_clients[next(iter(self.seen_clients))]
         if isinstance(msg, wire.HealthQuery):
             self._send_client(identity, self.health())
         elif isinstance(msg, wire.Generate):

@@ -279,6 +279,9 @@ class PipelineClient:
             self._last_heard = time.monotonic()
             if isinstance(msg, wire.Health):
                 self._health = msg
+                if msg.state == "stopped":
+                    self._die(f"the pipeline stopped: {msg.detail}")
+                    return
                 continue
             for event in msg.events:
                 if event.token is not None:
