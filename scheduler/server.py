@@ -111,7 +111,9 @@ class PipelineServer:
         data = config.data_addresses or [run_dir.address(f"data{i}")
                                          for i in range(1, config.workers)]
         check_addresses([self.control_address, self.client_address, *data], curve)
-        devices = config.devices or default_devices(config.workers)
+        # Workers started elsewhere pick their own device ("auto": their GPU, else CPU).
+        devices = config.devices or (default_devices(config.workers) if config.spawn
+                                     else ["auto"] * config.workers)
         self.workers = [
             WorkerHandle(i, span, devices[i], data[i - 1] if i > 0 else None,
                          data[i] if i < config.workers - 1 else None)
@@ -284,7 +286,7 @@ class PipelineServer:
         if isinstance(msg, wire.Hello):
             self._on_hello(w, identity, msg)
         elif isinstance(msg, wire.Ready) and w.state == "loading":
-            w.state, w.last_beat = "ready", time.monotonic()
+            w.state, w.last_beat, w.device = "ready", time.monotonic(), msg.device
             log.info("worker %d ready: layers [%d, %d) on %s, %.1f MiB weights, %.1f MiB cache, "
                      "loaded in %.2f s", w.index, *msg.layers, msg.device,
                      msg.param_bytes / 2**20, msg.cache_bytes / 2**20, msg.load_s)

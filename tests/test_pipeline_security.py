@@ -125,3 +125,35 @@ def test_a_curve_cluster_serves_authorized_clients_only(tiny, tmp_path):
         log = read_log(c)
     assert "refused a CURVE peer" in log and "not authorized" in log
     assert "security handshake failed" in log
+
+
+def test_workers_started_by_hand_join_a_curve_cluster_over_tcp(tiny, tmp_path):
+    """The multi-host recipe of the README on one machine: `launch` with spawn = false and
+    `dejavu-run worker` started separately, everything over CURVE-encrypted TCP."""
+    import subprocess
+    import sys
+
+    keys = create_keys(tmp_path / "keys")
+    engine = Engine(load_model(tiny), max_batch=8, max_len=128)
+    want = [engine.generate(p, GREEDY).tokens for p in PROMPTS[:2]]
+    control = f"tcp://{HOST}:{free_port()}"
+    addresses = {"control_address": control, "client_address": f"tcp://{HOST}:{free_port()}",
+                 "data_addresses": [f"tcp://{HOST}:{free_port()}"]}
+    cli = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
+    workers = [subprocess.Popen([*cli, "worker", "--index", str(i), "--control", control,
+                                 "--keys-dir", str(keys)], stdin=subprocess.DEVNULL)
+               for i in range(2)]
+    try:
+        with cluster(tiny, 2, keys_dir=str(keys), spawn=False, **addresses) as c:
+            with PipelineConnection(addresses["client_address"], keys_dir=str(keys)) as conn:
+                health = conn.health()
+                assert [w.pid for w in health.workers] == [p.pid for p in workers]
+                assert [w.device for w in health.workers] == ["cpu", "cpu"]
+                assert [x.tokens for x in conn.run(PROMPTS[:2], GREEDY)] == want
+        # A clean stop of the launch stops the workers it did not start, too.
+        assert [p.wait(timeout=15) for p in workers] == [0, 0]
+        assert "waiting for worker 1 to connect" in read_log(c)
+    finally:
+        for p in workers:
+            if p.poll() is None:
+                p.kill()

@@ -91,6 +91,8 @@ class Worker:
 
     def load(self, setup: wire.Setup) -> None:
         started = time.perf_counter()
+        if setup.device == "auto":
+            setup.device = "cuda:0" if torch.cuda.is_available() else "cpu"
         if setup.device == "cpu" and setup.threads > 0:
             torch.set_num_threads(setup.threads)
         layers = range(*setup.layers)
