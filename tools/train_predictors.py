@@ -255,7 +255,8 @@ def markdown_report(report: dict, model_name: str) -> str:
         f"{report['tokens']['calibrate']} for operating points, "
         f"{report['tokens']['report']} held-out report tokens from "
         f"{report['documents']} documents (split by document). Device: {report['device']}.",
-        "", "Per layer, on the held-out report tokens (top-k per token):", "",
+        "", "Per layer, on the held-out report tokens, at the file's MLP operating point "
+        "(MLP density: measured fraction of neurons selected):", "",
         "| layer | firing | MLP k | MLP density | MLP recall | MLP precision | heads k | "
         "head recall | head norm mass |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -270,7 +271,7 @@ def markdown_report(report: dict, model_name: str) -> str:
             f" (threshold calibrated for recall {report['config']['mlp_recall']})"
             if report["config"]["mlp_select"] == "threshold" else "") + "; MLP k is the "
         "top-k alternative for the same recall. Heads are scored at k = head density x H; "
-        f"the file's default operating point keeps {report['config']['head_point']:g} of "
+        f"the file's default operating point keeps {report['config']['head_point']:.0%} of "
         "the heads.", "",
         "firing: fraction of neurons with fc1 pre-activation > 0 (the label). MLP recall: "
         "share of firing neurons that the top-k contains. Head recall: share of each token's "
