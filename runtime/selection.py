@@ -97,9 +97,9 @@ class PredictorSelector:
         if (cfg.mlp_select or self.predictors.mlp_select) != "threshold":
             return None
         point = self.predictors.points[layer_id]
-        if cfg.mlp_recall is None:
+        table = point.mlp_thresholds
+        if cfg.mlp_recall is None or not table:  # a file without a table keeps its own point
             return point.mlp_threshold
-        table = point.mlp_thresholds or {}
         key = f"{cfg.mlp_recall:g}"
         if key not in table:
             raise SelectionError(f"mlp_recall={cfg.mlp_recall}: layer {layer_id}'s predictors "
@@ -214,9 +214,12 @@ def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = 
     preds = PredictorSet.load(path, model, device=device)
     param = next(model.parameters())
     preds.to(param.device, param.dtype)
+    recall = getattr(sparsity, "mlp_recall", None)
     config = SelectionConfig(mlp_density=sparsity.mlp_density,
                              head_density=sparsity.head_density,
-                             dense_layers=parse_layers(sparsity.dense_layers))
+                             dense_layers=parse_layers(sparsity.dense_layers),
+                             mlp_select="threshold" if recall is not None else None,
+                             mlp_recall=recall)
     try:  # who computes the selected rows (runtime/sparse_backend.py)
         use_backend(model, getattr(sparsity, "backend", "auto"))
     except BackendError as exc:

@@ -71,6 +71,7 @@ def cpu_points() -> list[Point]:
 
 
 CPU_TASK_POINTS = ("dense", "predictor mlp=trained-threshold@0.95 heads=1",
+                   "predictor mlp=trained-threshold@0.9 heads=1",
                    "predictor mlp=trained-threshold@0.95 heads=0.75",
                    "predictor mlp=trained-threshold@0.95 heads=0.5",
                    "random mlp=0.2 heads=0.5")
