@@ -153,6 +153,43 @@ def test_async_engine_client_protocol(launched, engine, model):
     assert stats["requests"] == 3 and len(stats["stage_ms"]) == 2
 
 
+def test_ctrl_c_cancels_the_answer_being_written_and_the_chat_goes_on(launched, model):
+    """Ctrl-C arrives while an answer streams (here: raised from the terminal's write, as
+    SIGINT would raise it there): the answer stops, the request is aborted in the cluster,
+    and the next question is answered."""
+    import io
+
+    from dejavu.scheduler.chat import run_chat
+
+    _, address, _, _ = launched
+
+    class Terminal(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.armed = True
+
+        def write(self, text):
+            if self.armed and text.strip() and not text.startswith(("(", "\n>")):
+                self.armed = False
+                super().write(text)
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = Terminal()
+    stdin = io.StringIO("first question\n/stats\nsecond question\n")
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    with PipelineConnection(address) as conn:
+        assert run_chat(conn, load_tokenizer(model), template=ChatTemplate(system=""),
+                        params=params, stdin=stdin, stdout=out) == 0
+        assert wait_until(lambda: conn.health().running == 0, 5) is not None
+    text = out.getvalue()
+    assert " [cancelled]" in text
+    first, rest = text.split(" [cancelled]", 1)
+    assert re.search(r"last answer: (\d+) tokens", rest).group(1) != "60"  # stopped early
+    after_stats = rest.split("history: ", 1)[1].split("\n", 1)[1]
+    assert after_stats.strip()  # the second question got an answer
+
+
 def test_zz_launch_logs_role_and_pid_and_stops_cleanly_on_ctrl_c(launched):
     """Runs last in this module: it stops the shared launch."""
     proc, address, log, run_dir = launched
