@@ -150,7 +150,7 @@ def markdown(rows: list[dict], header: str) -> str:
              "|---|---|---|---|---|" + "---|" * len(extra)]
     for r in rows:
         rel = (r["bits_per_byte"] / dense["bits_per_byte"] - 1) * 100
-        accs = "".join(f" {r.get(k, float('nan')):.3f} |" for k in extra)
+        accs = "".join(f" {r[k]:.3f} |" if k in r else " |" for k in extra)
         lines.append(f"| {r['config']} | {r['mlp_density']:.3f} | {r['head_density']:.3f} | "
                      f"{r['bits_per_byte']:.4f} | {rel:+.2f}% |{accs}")
     return "\n".join(lines) + "\n"
@@ -173,10 +173,17 @@ def plot(rows: list[dict], path: Path) -> None:
                          and r[f"{key}_target"] not in (None, 1.0))
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, label=f"{sel} (top-k)")
+        if key == "mlp":  # calibrated thresholds: each token keeps what it needs
+            pts = sorted((r["mlp_density"], r["bits_per_byte"]) for r in rows
+                         if r["selector"] == "predictor" and r["mlp_target"] is None
+                         and r["head_target"] == 1.0)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "D-", label="predictor (threshold)")
         ax.axhline(dense["bits_per_byte"], color="k", lw=0.8, label="dense")
         ax.axhline(dense["bits_per_byte"] * 1.01, color="k", lw=0.8, ls=":", label="dense +1%")
         ax.set_xlabel(f"measured {label}")
-        ax.set_ylabel("held-out bits per byte")
+        ax.set_ylabel("held-out bits per byte (log scale)")
+        ax.set_yscale("log")  # random selection is off by 2x; the predictors by ~1%
     # Joint points (both blocks sparse), on the MLP axis, labelled with their head density.
     for r in rows:
         if r["selector"] == "dense" or r["head_target"] == 1.0 or r["mlp_target"] == 1.0:
@@ -297,6 +304,8 @@ def write_outputs(out: Path) -> None:
     header = (f"Sparsity sweep on {meta['model']}: {meta['docs']} held-out documents of "
               f"{meta['data']} ({rows[0]['tokens']} tokens), {meta['hardware']}, "
               f"{meta['date']}.")
+    if meta.get("note"):
+        header += " " + meta["note"] + "."
     (out / "sweep.md").write_text(markdown(rows, header))
     try:
         plot(rows, out / "sweep.png")
