@@ -214,24 +214,26 @@ def test_dynamic_slots_follow_recent_tokens_and_keep_results_exact():
     lp = p.layers[0]
     assert lp.dynamic_neurons == 5 and lp.hot_neurons.numel() == 15
     assert p.gpu_bytes() <= budget and p.report()["dynamic_neuron_slots"] == 5
-    host = host_layer_from_module(layer(4), lay, dtype=torch.float16, pin=False)
-    r = ResidentLayer(host, lp, lay, "cpu")
-    cold = torch.tensor([70, 69, 50])
+    # The kernels run on the GPU when there is one, else in Triton's interpreter.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    host = host_layer_from_module(layer(4), lay, dtype=torch.float16, pin=device == "cuda")
+    r = ResidentLayer(host, lp, lay, device)
+    cold = torch.tensor([70, 69, 50], device=device)
     assert (r.neuron_locs(cold) < 0).all()
-    h = torch.randn(2, 40).half()
-    sel = torch.cat([cold, torch.tensor([0, 3])])
+    h = torch.randn(2, 40).half().to(device)
+    sel = torch.cat([cold, torch.tensor([0, 3], device=device)])
     before = r.mlp_block(h, sel)
     assert r.admit(sel) == 3  # the hot ones (0, 3) are not copied again
     locs = r.neuron_locs(cold)
     assert (locs >= r.n_hot).all()
     for n, loc in zip(cold.tolist(), locs.tolist(), strict=True):
-        assert torch.equal(r.cache_neurons[loc], host.neurons[n])
+        assert torch.equal(r.cache_neurons[loc].cpu(), host.neurons[n].cpu())
     torch.testing.assert_close(r.mlp_block(h, sel), before, atol=2e-3, rtol=2e-3)
     # Five slots: admitting four more cold rows evicts the least recently used (70).
-    r.admit(torch.tensor([69, 50]))  # touch: now 70 is the oldest
-    assert r.admit(torch.tensor([60, 61, 62])) == 3
-    assert int(r.neuron_locs(torch.tensor([70]))) == -71
-    assert (r.neuron_locs(torch.tensor([69, 50, 60, 61, 62])) >= r.n_hot).all()
+    r.admit(torch.tensor([69, 50], device=device))  # touch: now 70 is the oldest
+    assert r.admit(torch.tensor([60, 61, 62], device=device)) == 3
+    assert int(r.neuron_locs(torch.tensor([70], device=device))) == -71
+    assert (r.neuron_locs(torch.tensor([69, 50, 60, 61, 62], device=device)) >= r.n_hot).all()
     with pytest.raises(PlacementError, match="dynamic_fraction"):
         plan_placement(lay, fr, [0], budget_bytes=budget, reserved_bytes=0, element_size=2,
                        dynamic_fraction=1.0)
