@@ -21,6 +21,7 @@ from dejavu.runtime.checkpoint import load_model
 from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.runtime.tokenizer import load_tokenizer
+from dejavu.runtime.wire import Fault
 from dejavu.scheduler.serve import ServeOptions, make_app, serve_in_thread
 from dejavu.scheduler.zmq_client import PipelineClient
 
@@ -34,7 +35,11 @@ def model_dir(tmp_path_factory):
 def served(model_dir):
     run = short_dir()
     tok = load_tokenizer(model_dir)
-    client = PipelineClient.launch(config(model_dir, 2, run / "run", max_len=96, slots=4))
+    # Worker 0 stalls for 20 s at its 20th step (the stream below is then mid-answer), so
+    # the kill always lands while a request is in flight, however fast this machine is.
+    stall = Fault("sleep", worker=0, at_step=20, seconds=20.0)
+    client = PipelineClient.launch(config(model_dir, 2, run / "run", max_len=96, slots=4,
+                                          faults=[stall]))
     app = make_app(client, tok, ServeOptions(), "tiny-opt", close_client=True)
     try:
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
