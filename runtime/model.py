@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .opt_config import POSITION_OFFSET, OPTConfig
-from .sparse import sparse_attention, sparse_mlp
+from .sparse import complete_kv, sparse_attention, sparse_mlp
 
 if TYPE_CHECKING:
     from .sparse import SparseContext
@@ -125,8 +125,9 @@ class OPTAttention(nn.Module):
             # Whole windows from position 0: plain causal attention, the training path.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
         else:
-            if batch.cache.inputs is not None:  # keep what sparse steps may recompute from
-                batch.cache.store_inputs(layer_id, batch, x)
+            if batch.cache.inputs is not None:  # a cache shared with sparse steps:
+                batch.cache.store_inputs(layer_id, batch, x)  # keep what they recompute from
+                complete_kv(self, layer_id, batch)  # and fill in heads they skipped
             out = cached_attention(q, k, v, layer_id, batch)
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -157,12 +157,17 @@ class SparseContext:
     """
 
     def __init__(self, selector: Selector, *, stats: SparseStats | None = None,
-                 carry: Tensor | None = None, mode: Mode = "auto") -> None:
+                 carry: Tensor | None = None, mode: Mode = "auto",
+                 dense_above: float = 0.9) -> None:
         if mode not in ("auto", "gather", "mask"):
             raise ValueError(f"sparse mode {mode!r}: expected 'auto', 'gather' or 'mask'")
         self.selector = selector
         self.stats = stats if stats is not None else SparseStats()
         self.mode = mode
+        # Gathering a union that covers most rows reads almost every row anyway, through a
+        # slower path: above this union density the block runs dense (measured on the
+        # shipped model, layer 0's union passes 0.9 from 4 decoding rows).
+        self.dense_above = dense_above
         self._sources: dict[int, Tensor] = {}
         self._carry = carry
         self.carry_out: Tensor | None = None
@@ -198,9 +203,17 @@ class SparseContext:
         tokens = h.shape[0] * h.shape[1]
         stats.tokens += tokens
         gather = self.gather(batch)
+        if gather:
+            sel = Selection(heads=self._or_dense(sel.heads), neurons=self._or_dense(sel.neurons))
         stats.mlp_computed += _computed(sel.neurons, tokens, gather, "neurons", h.shape)
         stats.heads_computed += _computed(sel.heads, tokens, gather, "heads", h.shape)
         return sel
+
+    def _or_dense(self, mask: Tensor | None) -> Tensor | None:
+        if mask is None or mask.dtype != torch.bool:
+            return mask
+        union = float(mask.reshape(-1, mask.shape[-1]).any(0).double().mean())
+        return None if union >= self.dense_above else mask
 
     def lookahead(self, layer_id: int, h: Tensor) -> None:
         """``h`` enters layer ``layer_id``'s MLP block: it is layer ``layer_id + 1``'s
@@ -343,6 +356,18 @@ def _gathered_cached_attention(attn: OPTAttention, x: Tensor, q: Tensor, idx: Te
     return F.scaled_dot_product_attention(
         q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=1.0
     )
+
+
+def complete_kv(attn: OPTAttention, layer_id: int, batch: Batch) -> int:
+    """Before a dense step on a cache that sparse steps also use: recompute every head's
+    missing K/V over each row's prefix, so that dense attention reads exact values."""
+    cache = batch.cache
+    assert cache is not None and batch.slots is not None
+    cache_k, cache_v = cache.layer(layer_id)
+    xs, valid = cache.layer_inputs(layer_id)
+    every = torch.arange(attn.num_heads, device=valid.device)
+    return _fill_missing_kv(attn, cache_k, cache_v, xs, valid, every, batch.slots,
+                            batch.positions)
 
 
 def _fill_missing_kv(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Tensor,

@@ -31,9 +31,10 @@ def dense(model: OPTModel, x: torch.Tensor) -> torch.Tensor:
     return model(x, Batch(full_positions(*x.shape, "cpu")))
 
 
-def sparse_window(model: OPTModel, x: torch.Tensor, selector, mode: str = "mask") -> torch.Tensor:
-    batch = Batch(full_positions(*x.shape, "cpu"), sparse=SparseContext(selector, mode=mode))
-    return model(x, batch)
+def sparse_window(model: OPTModel, x: torch.Tensor, selector, mode: str = "mask",
+                  **kw) -> torch.Tensor:
+    ctx = SparseContext(selector, mode=mode, **kw)
+    return model(x, Batch(full_positions(*x.shape, "cpu"), sparse=ctx))
 
 
 def active_neurons(model: OPTModel, x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -74,8 +75,9 @@ def test_all_selected_through_sparse_ops_equals_dense(mode):
     x = ids(2, 9)
     every = FixedSelector({i: torch.ones(2, 9, H, dtype=torch.bool) for i in range(L)},
                           {i: torch.ones(2, 9, F, dtype=torch.bool) for i in range(L)})
-    torch.testing.assert_close(sparse_window(model, x, every, mode), dense(model, x),
-                               rtol=0, atol=1e-12)
+    # dense_above > 1: gather even a full union (by default it would just run dense).
+    torch.testing.assert_close(sparse_window(model, x, every, mode, dense_above=1.1),
+                               dense(model, x), rtol=0, atol=1e-12)
 
 
 def test_oracle_mlp_selection_equals_dense():
@@ -86,7 +88,7 @@ def test_oracle_mlp_selection_equals_dense():
     out = sparse_window(model, x, FixedSelector(neurons=oracle), "mask")
     assert torch.equal(out, dense(model, x))  # inactive neurons are exact zeros after ReLU
     # Gathering the union of the batch's active neurons reads other rows; same result.
-    out = sparse_window(model, x, FixedSelector(neurons=oracle), "gather")
+    out = sparse_window(model, x, FixedSelector(neurons=oracle), "gather", dense_above=1.1)
     torch.testing.assert_close(out, dense(model, x), rtol=0, atol=1e-12)
     # The criterion can fail: drop one active neuron of one token and the output moves.
     b, t, n = oracle[2].nonzero()[0].tolist()
@@ -222,3 +224,35 @@ def test_dense_path_on_a_cache_with_inputs_is_unchanged():
                         device="cpu", keep_inputs=keep)
         outs[keep] = model(x, Batch(full_positions(1, 6, "cpu"), torch.tensor([0]), cache))
     assert torch.equal(outs[True], outs[False])
+
+
+def test_a_union_near_dense_runs_the_block_dense():
+    model = tiny_model()
+    x = ids(2, 5)
+    neurons = torch.ones(2, 5, F, dtype=torch.bool)
+    neurons[:, :, 7] = False  # union 95/96: above the default 0.9
+    sel = FixedSelector(neurons={i: neurons for i in range(L)})
+    ctx = SparseContext(sel, mode="gather")
+    out = model(x, Batch(full_positions(2, 5, "cpu"), sparse=ctx))
+    assert torch.equal(out, dense(model, x)) and ctx.stats.mlp_density == 1.0
+    gathered = sparse_window(model, x, sel, "gather", dense_above=1.1)
+    assert not torch.allclose(gathered, out, rtol=0, atol=1e-12)
+
+
+def test_a_dense_step_after_sparse_steps_sees_every_heads_exact_kv():
+    model = tiny_model()
+    x = ids(1, 8, seed=12)
+    heads = random_masks((1, 8, L, H), 0.3, seed=13)
+    heads[:, 7] = True  # the last step runs dense
+    cache = KVCache(CFG, list(range(L)), slots=1, max_len=8, dtype=torch.float64,
+                    device="cpu", keep_inputs=True)
+    outs = []
+    for p in range(8):
+        sparse = None
+        if p < 7:
+            sparse = SparseContext(FixedSelector({i: heads[:, p:p + 1, i] for i in range(L)}),
+                                   mode="gather")
+        batch = Batch(torch.tensor([[p]]), torch.tensor([0]), cache, sparse=sparse)
+        outs.append(model(x[:, p:p + 1], batch))
+    ref = sparse_window(model, x, FixedSelector({i: heads[:, :, i] for i in range(L)}))
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-10)
