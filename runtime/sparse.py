@@ -203,7 +203,8 @@ class SparseContext:
         tokens = h.shape[0] * h.shape[1]
         stats.tokens += tokens
         gather = self.gather(batch)
-        if gather:
+        # An offloaded layer has no dense weights on the device: it always gathers.
+        if gather and not sparse_backend.is_offloaded(layer):
             sel = Selection(heads=self._or_dense(sel.heads), neurons=self._or_dense(sel.neurons))
         stats.mlp_computed += _computed(sel.neurons, tokens, gather, "neurons", h.shape)
         stats.heads_computed += _computed(sel.heads, tokens, gather, "heads", h.shape)
