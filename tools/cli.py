@@ -146,8 +146,9 @@ def eval_command(
     from dejavu.runtime.selection import SelectionError
     from dejavu.runtime.settings import SettingsError, load_settings
     from dejavu.runtime.tokenizer import TokenizerError
-    from dejavu.tools.eval import EvalDataError, EvalOptions
+    from dejavu.tools.eval import EvalOptions
     from dejavu.tools.sparse_eval import run_eval
+    from dejavu.tools.textdata import TextDataError
 
     try:
         settings = load_settings(config, {"model.path": model, "model.device": device,
@@ -156,7 +157,7 @@ def eval_command(
                            batch_size=batch_size, window=window, stride=stride)
         typer.echo(run_eval(settings.model_path(), settings.model.dtype, settings.model.device,
                             opts, as_json, sparsity=settings.sparsity, sparse=sparse))
-    except (EvalDataError, SettingsError, CheckpointError, TokenizerError, OSError,
+    except (TextDataError, SettingsError, CheckpointError, TokenizerError, OSError,
             PredictorError, SelectionError) as exc:
         raise _user_error(exc) from None
 

@@ -17,48 +17,19 @@ What this module does not know: how predictors are trained on these (train_predi
 
 from __future__ import annotations
 
-import json
-import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from dejavu.runtime.model import Batch, OPTModel, full_positions
 from dejavu.runtime.sparse import Selection, SparseContext
+from dejavu.tools.textdata import iter_documents as iter_texts  # noqa: F401 (re-exported)
 
 
 class CalibrationDataError(ValueError):
     """Calibration text that cannot be read or is too short."""
-
-
-def iter_texts(path: str | Path) -> Iterator[str]:
-    """Documents of a .txt (one document), .jsonl or .jsonl.xz ("text" field per line)
-    file, streamed."""
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationDataError(f"{path}: no such file")
-    base = path.name.removesuffix(".xz")
-    opener = lzma.open if path.name.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if base.endswith(".txt"):
-            yield f.read()
-            return
-        if not base.endswith(".jsonl"):
-            raise CalibrationDataError(f"{path}: expected .txt, .jsonl or .jsonl.xz")
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationDataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CalibrationDataError(f'{path}:{lineno}: expected an object with a '
-                                           '"text" string')
-            yield row["text"]
 
 
 def calibration_windows(texts: Iterator[str], encode, *, window: int, tokens: int,

@@ -18,7 +18,6 @@ sparse execution passes its own function through the same seam.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -29,12 +28,13 @@ import torch
 from torch import Tensor
 
 from dejavu.runtime.model import Batch, OPTModel, full_positions
+from dejavu.tools.textdata import TextDataError, iter_documents
 
 # Token ids [B, T] (on the scoring device) -> logits [B, T, V].
 LogitsFn = Callable[[Tensor], Tensor]
 
 
-class EvalDataError(ValueError):
+class EvalDataError(TextDataError):
     """An evaluation file that cannot be read as text or JSON lines with a "text" field."""
 
 
@@ -50,31 +50,7 @@ def dense_logits_fn(model: OPTModel) -> LogitsFn:
 def read_documents(path: str | Path) -> list[str]:
     """A .txt file is one document (read as is); .jsonl / .jsonl.xz give one document per
     line, its "text" field."""
-    import lzma
-
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: no such file")
-    name = path.name
-    opener = lzma.open if name.endswith(".xz") else open
-    base = name.removesuffix(".xz")
-    with opener(path, "rt", encoding="utf-8") as f:
-        if base.endswith(".txt"):
-            return [f.read()]
-        if not base.endswith(".jsonl"):
-            raise EvalDataError(f"{path}: expected a .txt, .jsonl or .jsonl.xz file")
-        docs = []
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise EvalDataError(f'{path}:{lineno}: expected an object with a "text" string')
-            docs.append(row["text"])
-        return docs
+    return list(iter_documents(path))
 
 
 @dataclass(frozen=True)

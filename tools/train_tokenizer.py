@@ -14,51 +14,17 @@ want OPT's leading ``</s>`` add it themselves.
 from __future__ import annotations
 
 import json
-import lzma
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dejavu.tools.textdata import TextDataError as CorpusError  # noqa: F401 (re-exported)
+from dejavu.tools.textdata import iter_documents
+
 # OPT's special tokens, in id order.
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
-
-
-class CorpusError(ValueError):
-    """A corpus file that cannot be read as one JSON object with a "text" string per line."""
-
-
-def open_text(path: Path):
-    """Open a plain or xz-compressed UTF-8 file for reading text."""
-    if path.suffix == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_documents(path: str | Path, *, max_bytes: int | None = None) -> Iterator[str]:
-    """Yield the "text" of each JSON line of ``path`` (.jsonl or .jsonl.xz), stopping once
-    ``max_bytes`` UTF-8 bytes of text have been yielded (None: all of it). The document that
-    crosses the limit is yielded whole, so a sample is a prefix of whole books."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    seen = 0
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise CorpusError(f'{path}:{lineno}: expected an object with a "text" string')
-            yield text
-            seen += len(text.encode("utf-8"))
-            if max_bytes is not None and seen >= max_bytes:
-                return
 
 
 def new_byte_level_bpe() -> Tokenizer:
