@@ -10,12 +10,11 @@ detokeniser, so stop strings behave as in-process.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 from dejavu.runtime.checkpoint import resolve_model_dir
-from dejavu.runtime.sampling import SamplingParams
 
 from .config import from_settings
 from .launch import Cluster
@@ -40,37 +39,37 @@ def _prompt_ids(settings, request) -> list[int]:
     return load_tokenizer(resolve_model_dir(settings.model_path())).encode(request.prompt)
 
 
-def run_pipeline_generate(settings, request, *, workers: int | None, connect: str | None,
-                          as_json: bool, out: TextIO | None = None) -> dict:
-    out = out or sys.stdout
-    g = settings.generation
-    params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                            top_p=g.top_p, top_k=g.top_k, seed=g.seed, stop=request.stop)
-    ids = _prompt_ids(settings, request)
+@contextlib.contextmanager
+def connection(settings, *, connect: str | None, workers: int | None,
+               announce: bool = False) -> Iterator[PipelineConnection]:
+    """A connection to the launch at ``connect``, or to one started here with ``workers``
+    (stopped when the connection closes)."""
     with contextlib.ExitStack() as stack:
         if connect:
             address, keys = connect, settings.pipeline.keys_dir or None
         else:
             cluster = Cluster(from_settings(settings, workers=workers))
             stack.callback(cluster.stop)
+            if announce:
+                sys.stderr.write(f"starting {cluster.config.workers} worker(s)...\n")
             cluster.start(log=cluster.run_dir / "launch.log")
             address, keys = cluster.address, cluster.config.keys_dir or None
-        conn = stack.enter_context(PipelineConnection(address, keys_dir=keys))
-        tokens: list[int] = []
-        text = ""
-        for event in conn.stream(ids, params):
-            if event.error:
-                raise PipelineGenerateError(f"generation failed: {event.error}")
-            if event.token is not None:
-                tokens.append(event.token)
-            if event.text:
-                text += event.text
-                if not as_json:
-                    out.write(event.text)
-                    out.flush()
-    result = {"prompt_tokens": ids, "tokens": tokens, "text": text}
-    out.write(json.dumps(result, ensure_ascii=False) + "\n" if as_json else "\n")
-    out.flush()
+        yield stack.enter_context(PipelineConnection(address, keys_dir=keys))
+
+
+def run_pipeline_generate(settings, request, *, workers: int | None, connect: str | None,
+                          as_json: bool, out: TextIO | None = None) -> dict:
+    from dejavu.tools.generate import GenerateError, finish_output, print_stream, sampling_params
+
+    out = out or sys.stdout
+    params = sampling_params(settings, request.stop)
+    ids = _prompt_ids(settings, request)
+    with connection(settings, connect=connect, workers=workers) as conn:
+        try:
+            result = print_stream(conn.stream(ids, params), ids, out, as_json=as_json)
+        except GenerateError as exc:
+            raise PipelineGenerateError(str(exc)) from None
+    finish_output(result, out, as_json=as_json)
     return result
 
 
@@ -83,19 +82,10 @@ def start_chat(settings, *, connect: str | None, workers: int | None,
 
     chat_template = ChatTemplate.from_file(template) if template else ChatTemplate()
     tokenizer = load_tokenizer(resolve_model_dir(settings.model_path()))
-    g = settings.generation
-    params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                            top_p=g.top_p, top_k=g.top_k, seed=g.seed)
-    with contextlib.ExitStack() as stack:
-        if connect:
-            address, keys = connect, settings.pipeline.keys_dir or None
-        else:
-            cluster = Cluster(from_settings(settings, workers=workers))
-            stack.callback(cluster.stop)
-            sys.stderr.write(f"starting {cluster.config.workers} worker(s)...\n")
-            cluster.start(log=cluster.run_dir / "launch.log")
-            address, keys = cluster.address, cluster.config.keys_dir or None
-        conn = stack.enter_context(PipelineConnection(address, keys_dir=keys))
+    from dejavu.tools.generate import sampling_params
+
+    params = sampling_params(settings)
+    with connection(settings, connect=connect, workers=workers, announce=True) as conn:
         return run_chat(conn, tokenizer, template=chat_template, params=params)
 
 

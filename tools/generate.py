@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -24,6 +24,9 @@ from dejavu.runtime.sampling import SamplingError, SamplingParams
 from dejavu.runtime.selection import SelectionError, selector_from_settings
 from dejavu.runtime.settings import Settings, SettingsError
 from dejavu.runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+if TYPE_CHECKING:
+    from dejavu.scheduler.core import Event
 
 
 class GenerateError(ValueError):
@@ -110,13 +113,11 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
     """Validate, load, generate. Returns the JSON-shaped result (also printed)."""
     out = out or sys.stdout  # looked up per call: tests and callers swap sys.stdout
     err = err or sys.stderr
-    g = settings.generation
     if (request.prompt is None) == (request.prompt_ids is None):
         raise GenerateError("give exactly one of --prompt TEXT or --prompt-ids 2,133,...")
     if request.prompt == "":
         raise GenerateError("--prompt: empty prompt; give some text")
-    params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                            top_p=g.top_p, top_k=g.top_k, seed=g.seed, stop=request.stop)
+    params = sampling_params(settings, request.stop)
     device = _device(settings.model.device)
     model_dir = resolve_model_dir(settings.model_path())
     try:
@@ -145,10 +146,31 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
     selector = selector_from_settings(settings.sparsity, model, model_dir, sparse=sparse)
     engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + params.max_new_tokens,
                     selector=selector)
+    with torch.inference_mode():
+        result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
+    if selector is not None:
+        stats = engine.stage.sparse_stats
+        result["sparsity"] = {"mlp_density": stats.mlp_density,
+                              "head_density": stats.head_density}
+    finish_output(result, out, as_json=as_json)
+    return result
+
+
+def sampling_params(settings: Settings, stop: tuple[str, ...] = ()) -> SamplingParams:
+    """The request's sampling from the effective [generation] settings."""
+    g = settings.generation
+    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                          top_p=g.top_p, top_k=g.top_k, seed=g.seed, stop=tuple(stop))
+
+
+def print_stream(events: Iterable[Event], ids: list[int], out: TextIO, *,
+                 as_json: bool) -> dict:
+    """Stream one request's text to ``out`` (unless ``as_json``) and collect the result
+    object; a failed request raises GenerateError. In-process and pipeline alike."""
     tokens: list[int] = []
     text = ""
-    with torch.inference_mode():
-        for event in engine.stream(ids, params):
+    try:
+        for event in events:
             if event.error:
                 raise GenerateError(f"generation failed: {event.error}")
             if event.token is not None:
@@ -158,14 +180,15 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
                 if not as_json:
                     out.write(event.text)
                     out.flush()
-    result = {"prompt_tokens": ids, "tokens": tokens, "text": text}
-    if selector is not None:
-        stats = engine.stage.sparse_stats
-        result["sparsity"] = {"mlp_density": stats.mlp_density,
-                              "head_density": stats.head_density}
-    if as_json:
-        out.write(json.dumps(result, ensure_ascii=False) + "\n")
-    else:
-        out.write("\n")
+    finally:
+        # Close a generator now, while its connection is still open (it aborts the request).
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+    return {"prompt_tokens": ids, "tokens": tokens, "text": text}
+
+
+def finish_output(result: dict, out: TextIO, *, as_json: bool) -> None:
+    """End the streamed text with a newline, or print the one JSON object."""
+    out.write(json.dumps(result, ensure_ascii=False) + "\n" if as_json else "\n")
     out.flush()
-    return result
