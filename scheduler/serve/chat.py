@@ -15,6 +15,7 @@ from typing import Any
 from .chat_template import STOP, render_chat
 from .completions import sse
 from .context import Context
+from .errors import choice_error
 from .jobs import Choice
 from .schema import ChatRequest
 
@@ -94,9 +95,7 @@ async def stream(ctx: Context, req: ChatRequest, request_id: str,
     started: set[int] = set()  # choices whose non-blank content has begun
     async for choice, event in ctx.runner.merged(choices, "chat"):
         if event.finished and event.finish_reason == "error":
-            yield sse({"error": {"message": f"choice {choice.index}: "
-                                 f"{event.error or 'request failed'}",
-                                 "type": "internal_error", "param": None, "code": None}})
+            yield sse(choice_error(choice.index, event.error))
             continue
         if event.token is None and not event.finished:
             continue

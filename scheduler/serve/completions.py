@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .context import Context, Offsets
-from .errors import ApiError
+from .errors import ApiError, choice_error
 from .jobs import Choice
 from .schema import CompletionRequest
 
@@ -138,9 +138,7 @@ async def stream(ctx: Context, req: CompletionRequest, request_id: str, choices:
     generated = 0
     async for choice, event in ctx.runner.merged(choices, "completions"):
         if event.finished and event.finish_reason == "error":
-            yield sse({"error": {"message": f"choice {choice.index}: "
-                                 f"{event.error or 'request failed'}",
-                                 "type": "internal_error", "param": None, "code": None}})
+            yield sse(choice_error(choice.index, event.error))
             continue
         if event.token is None and not event.finished:
             continue  # a prompt chunk was scored: nothing to send yet

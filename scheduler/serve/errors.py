@@ -44,6 +44,11 @@ def error_body(status: int, message: str, param: str | None = None,
                       "param": param, "code": code}}
 
 
+def choice_error(index: int, message: str | None) -> dict[str, Any]:
+    """The in-band error a stream sends when one of its choices fails mid-way."""
+    return error_body(500, f"choice {index}: {message or 'request failed'}")
+
+
 def short(value: object, limit: int = 80) -> str:
     """repr of a user-supplied value, cut so an error message never echoes a huge body."""
     text = repr(value)
