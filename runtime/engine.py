@@ -6,7 +6,7 @@ scheduler and the same ``Stage`` code, split over processes.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from dejavu.scheduler.core import Event, Scheduler, SchedulerConfig
@@ -83,17 +83,10 @@ class Engine:
     def run(self, prompts: Sequence[Sequence[int]],
             params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
         """Many requests, batched continuously; completions in the order of `prompts`."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        done: dict[str, Completion] = {}
-        order = []
-        for prompt, p in zip(prompts, params, strict=True):
-            rid = self.add(prompt, p)
-            order.append(rid)
-            done[rid] = Completion(rid, list(prompt))
+        done, order = submit_all(prompts, params, self.add)
         while self.scheduler.has_work():
             for event in self.step():
-                _fold(done[event.request_id], event)
+                fold_event(done[event.request_id], event)
         for rid in order:
             self.scheduler.forget(rid)
         return [done[rid] for rid in order]
@@ -102,7 +95,25 @@ class Engine:
         return self.run([prompt], params)[0]
 
 
-def _fold(completion: Completion, event: Event) -> None:
+def submit_all(prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams],
+               submit: Callable[[list[int], SamplingParams], str],
+               ) -> tuple[dict[str, Completion], list[str]]:
+    """Submit every prompt (one SamplingParams for all, or one each); return an empty
+    completion per request id and the ids in prompt order."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    done: dict[str, Completion] = {}
+    order = []
+    for prompt, p in zip(prompts, params, strict=True):
+        rid = submit(list(prompt), p)
+        order.append(rid)
+        done[rid] = Completion(rid, list(prompt))
+    return done, order
+
+
+def fold_event(completion: Completion, event: Event) -> None:
+    """Add one event of a request to its completion."""
     if event.token is not None:
         completion.tokens.append(event.token)
         if event.logprob is not None:

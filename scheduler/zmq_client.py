@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from dejavu.runtime import wire
-from dejavu.runtime.engine import Completion, _fold
+from dejavu.runtime.engine import Completion, fold_event, submit_all
 from dejavu.runtime.sampling import SamplingParams
 
 from .core import Event, RequestError, Scheduler, SchedulerConfig
@@ -169,21 +169,14 @@ class PipelineConnection:
     def run(self, prompts: Sequence[Sequence[int]],
             params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
         """Many requests at once; completions in the order of ``prompts``."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        done: dict[str, Completion] = {}
-        order = []
-        for prompt, p in zip(prompts, params, strict=True):
-            rid = self.submit(prompt, p)
-            order.append(rid)
-            done[rid] = Completion(rid, list(prompt))
+        done, order = submit_all(prompts, params, self.submit)
         remaining = set(order)
         others: list[Event] = []
         try:
             while remaining:
                 for event in self.events():
                     if event.request_id in done:
-                        _fold(done[event.request_id], event)
+                        fold_event(done[event.request_id], event)
                         if event.finished:
                             remaining.discard(event.request_id)
                     else:
