@@ -118,19 +118,26 @@ class OPTAttention(nn.Module):
         if heads is not None:  # [B, T, H] bool: only these heads (runtime/sparse.py)
             assert batch.sparse is not None
             return sparse_attention(self, x, layer_id, batch, heads, batch.sparse.gather(batch))
+        return self.merge_heads(self.head_outputs(x, layer_id, batch))
+
+    def merge_heads(self, out: Tensor) -> Tensor:
+        """Per-head outputs [B, H, T, D] -> out_proj over their concatenation [B, T, C]."""
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def head_outputs(self, x: Tensor, layer_id: int, batch: Batch) -> Tensor:
+        """Every head's attention output [B, H, T, D] (before out_proj); with a cache, this
+        step's keys/values are written into it first."""
         q = self._split(self.q_proj(x) * self.scaling)
         k = self._split(self.k_proj(x))
         v = self._split(self.v_proj(x))
         if batch.cache is None:
             # Whole windows from position 0: plain causal attention, the training path.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-        else:
-            if batch.cache.inputs is not None:  # a cache shared with sparse steps:
-                batch.cache.store_inputs(layer_id, batch, x)  # keep what they recompute from
-                complete_kv(self, layer_id, batch)  # and fill in heads they skipped
-            out = cached_attention(q, k, v, layer_id, batch)
-        b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        if batch.cache.inputs is not None:  # a cache shared with sparse steps:
+            batch.cache.store_inputs(layer_id, batch, x)  # keep what they recompute from
+            complete_kv(self, layer_id, batch)  # and fill in heads they skipped
+        return cached_attention(q, k, v, layer_id, batch)
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, layer_id: int, batch: Batch) -> Tensor:

@@ -305,20 +305,10 @@ def sparse_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
 
 def _masked_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
                       heads: Tensor) -> Tensor:
-    from .model import cached_attention  # the dense op itself: mask mode is dense + zeroing
-
-    q = attn._split(attn.q_proj(x) * attn.scaling)
-    k = attn._split(attn.k_proj(x))
-    v = attn._split(attn.v_proj(x))
-    if batch.cache is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-    else:
-        if batch.cache.inputs is not None:
-            batch.cache.store_inputs(layer_id, batch, x)
-        out = cached_attention(q, k, v, layer_id, batch)
+    """Mask mode is the dense op with unselected heads zeroed per token."""
+    out = attn.head_outputs(x, layer_id, batch)
     out = out * heads.transpose(1, 2)[..., None].to(out.dtype)  # [B, H, T, D] * [B, H, T, 1]
-    b, _, t, _ = out.shape
-    return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+    return attn.merge_heads(out)
 
 
 def _gathered_cached_attention(attn: OPTAttention, x: Tensor, q: Tensor, idx: Tensor,

@@ -256,3 +256,22 @@ def test_a_dense_step_after_sparse_steps_sees_every_heads_exact_kv():
         outs.append(model(x[:, p:p + 1], batch))
     ref = sparse_window(model, x, FixedSelector({i: heads[:, :, i] for i in range(L)}))
     torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-10)
+
+
+def test_a_mask_mode_step_after_gather_steps_sees_every_heads_exact_kv():
+    """Mask mode on a shared cache is the dense op with heads zeroed: it must complete the
+    keys/values that earlier gather steps skipped, exactly as the dense step does."""
+    model = tiny_model()
+    x = ids(1, 8, seed=14)
+    heads = random_masks((1, 8, L, H), 0.3, seed=15)
+    heads[:, 7] = True  # the last step selects every head, in mask mode
+    cache = KVCache(CFG, list(range(L)), slots=1, max_len=8, dtype=torch.float64,
+                    device="cpu", keep_inputs=True)
+    outs = []
+    for p in range(8):
+        step = FixedSelector({i: heads[:, p:p + 1, i] for i in range(L)})
+        sparse = SparseContext(step, mode="gather" if p < 7 else "mask")
+        batch = Batch(torch.tensor([[p]]), torch.tensor([0]), cache, sparse=sparse)
+        outs.append(model(x[:, p:p + 1], batch))
+    ref = sparse_window(model, x, FixedSelector({i: heads[:, :, i] for i in range(L)}))
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-10)
