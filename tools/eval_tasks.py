@@ -22,8 +22,6 @@ see ``eval_text``), the model file, the CLI.
 
 from __future__ import annotations
 
-import json
-import lzma
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dejavu.tools.eval_text import EvalDataError, LogitsFn, progress
+from dejavu.tools.textdata import json_lines
 
 # task name -> (file stem in the eval directory, kind, continuation delimiter)
 TASKS: dict[str, tuple[str, str, str]] = {
@@ -83,21 +82,13 @@ def task_file(eval_dir: str | Path, name: str) -> Path:
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[dict]:
-    opener = lzma.open if path.name.endswith(".xz") else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise EvalDataError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(row)
+    for lineno, row in json_lines(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not isinstance(row, dict):
+            raise EvalDataError(f"{path}:{lineno}: expected a JSON object")
+        rows.append(row)
     return rows
 
 

@@ -31,22 +31,28 @@ def iter_documents(path: str | Path, *, max_bytes: int | None = None) -> Iterato
     base = path.name.removesuffix(".xz")
     if not base.endswith((".txt", ".jsonl")):
         raise TextDataError(f"{path}: expected a .txt, .jsonl or .jsonl.xz file")
-    with open_text(path) as f:
-        if base.endswith(".txt"):
+    if base.endswith(".txt"):
+        with open_text(path) as f:
             yield f.read()
+        return
+    seen = 0
+    for lineno, row in json_lines(path):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise TextDataError(f'{path}:{lineno}: expected an object with a "text" string')
+        yield text
+        seen += len(text.encode("utf-8"))
+        if max_bytes is not None and seen >= max_bytes:
             return
-        seen = 0
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, decoded value) for each non-blank line of a .jsonl(.xz) file."""
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise TextDataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise TextDataError(f'{path}:{lineno}: expected an object with a "text" string')
-            yield text
-            seen += len(text.encode("utf-8"))
-            if max_bytes is not None and seen >= max_bytes:
-                return
