@@ -22,12 +22,19 @@ its position stale for every head; the selected heads' K/V are written by the pr
 kernel, and a selected head missing at earlier positions is recomputed from the stored
 inputs by the same kernel over the host rows.
 
+A worker or the in-process engine with a ``gpu_memory_gib`` budget loads its span on the
+CPU, calls ``fit_budget``, wraps its selector with ``offload_selector`` (a dense run gets
+one that keeps resident layers dense) and logs ``budget_report``: the expected GPU bytes and
+host bytes read per token. ``host_bytes_read`` counts what the offloaded layers actually
+read from host records (whole records: a head's K/V recompute counts its record too).
+
 What this module does not know: which rows are selected (selectors) or how hot rows are
 chosen (weight_store.plan_placement, from measured frequencies).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -44,12 +51,17 @@ from .weight_store import (
     RecordLayout,
     ResidentLayer,
     host_layer_from_module,
+    uniform_placement,
 )
 
 # The weights that move to the host records (norms and out_proj/fc2 biases stay).
 BIG = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
        "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
        "self_attn.out_proj.weight", "fc1.weight", "fc1.bias", "fc2.weight")
+
+
+# Offloaded decoder layer -> its OffloadedLayer (for the byte counts below).
+_HELD: weakref.WeakKeyDictionary[torch.nn.Module, OffloadedLayer] = weakref.WeakKeyDictionary()
 
 
 def _nbytes(params) -> int:
@@ -86,6 +98,26 @@ class OffloadedLayer:
         self.rows = rows
         self.fc2_bias = fc2_bias
         self.out_proj_bias = out_proj_bias
+        # Host bytes read. With no GPU row cache every selected row is a host row and the
+        # count needs no look at the locations (no device synchronisation per op).
+        e = rows.host.neurons.element_size()
+        self.neuron_bytes = rows.layout.neuron_len * e
+        self.head_bytes = rows.layout.head_len * e
+        self.all_host = rows.cache_neurons.shape[0] == 0 and rows.cache_heads.shape[0] == 0
+        self.read = 0
+        self._read_on_device: Tensor | None = None
+
+    def _count(self, locs: Tensor, record_bytes: int) -> None:
+        if self.all_host:
+            self.read += locs.numel() * record_bytes
+        else:
+            n = (locs < 0).sum() * record_bytes
+            self._read_on_device = n if self._read_on_device is None else \
+                self._read_on_device + n
+
+    def host_bytes_read(self) -> int:
+        extra = 0 if self._read_on_device is None else int(self._read_on_device)
+        return self.read + extra
 
     def mlp(self, x: Tensor, idx: Tensor) -> Tensor:
         """fc2(relu(fc1(x))) over neurons ``idx``; x [B, T, C], any number of rows."""
@@ -96,6 +128,8 @@ class OffloadedLayer:
         out = [sparse_mlp(flat[i:i + MAX_BATCH], resident, locs, host=host,
                           bias2=self.fc2_bias, **sparse_backend.MLP_ARGS)
                for i in range(0, b * t, MAX_BATCH)]
+        for _ in out:  # each launch reads the selected rows once
+            self._count(locs, self.neuron_bytes)
         return torch.cat(out).view(b, t, c)
 
     def attention(self, attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
@@ -130,6 +164,7 @@ class OffloadedLayer:
                                      chunk=sparse_backend.ATTENTION_ARGS["chunk"])
                 out[rows, t] = out_projection(a, resident, locs, host=host,
                                               bias=self.out_proj_bias)
+                self._count(locs, self.head_bytes)
         if batch.sparse is not None:
             batch.sparse.stats.layer(layer_id).kv_recomputed += recomputed
         return out
@@ -154,6 +189,7 @@ class OffloadedLayer:
                 s, p = s_all[lo:lo + MAX_BATCH], p_all[lo:lo + MAX_BATCH]
                 qkv_projection(xs[s, p].contiguous(), resident, head, loc, cache_k, cache_v,
                                s, p, host=host)  # writes K/V; the query is not needed
+                self._count(loc, self.head_bytes)
             valid[s_all, int(idx[j]), p_all] = True
         return int(bi.numel())
 
@@ -182,7 +218,9 @@ def offload_layers(model: OPTModel, layer_ids: list[int], *, device: torch.devic
         place = (placements or {}).get(lid, LayerPlacement(lid, none, none, False))
         rows = ResidentLayer(host, place, layout, device)
         bias = layer.fc2.bias, layer.self_attn.out_proj.bias
-        sparse_backend.register_offloaded(layer, OffloadedLayer(rows, *bias))
+        ops = OffloadedLayer(rows, *bias)
+        sparse_backend.register_offloaded(layer, ops)
+        _HELD[layer] = ops
         for name in BIG:
             module_name, _, pname = name.rpartition(".")
             module = layer.get_submodule(module_name)
@@ -233,3 +271,67 @@ class OffloadSelector:
             if sel.heads is None:
                 sel = Selection(heads=torch.ones(b, t, self.heads, **full), neurons=sel.neurons)
         return sel
+
+
+def _dense(layer_id: int, source: Tensor) -> Selection:
+    return Selection()
+
+
+def offload_selector(inner: Callable[[int, Tensor], Selection] | None, offloaded: list[int],
+                     config) -> Callable[[int, Tensor], Selection] | None:
+    """The selector to run with after ``fit_budget``: ``inner`` wrapped so that offloaded
+    layers always get masks. A dense run (``inner`` None) gets a selector that keeps every
+    resident layer dense, so offloaded layers compute every row; with nothing offloaded it
+    stays as it was (None: the plain dense path)."""
+    if not offloaded:
+        return inner
+    return OffloadSelector(inner if inner is not None else _dense, offloaded, config)
+
+
+def host_bytes_read(model: OPTModel) -> int:
+    """Bytes the model's offloaded layers have read from host records so far."""
+    return sum(ops.host_bytes_read() for layer in model.layers()
+               if (ops := _HELD.get(layer)) is not None)
+
+
+def expected_density(selector, layer_id: int, config) -> tuple[float, float]:
+    """(MLP, head) fraction a selector computes per token at a layer, as far as it says:
+    PredictorSelector its operating point (``ks``), RandomSelector its k; else dense."""
+    inner = getattr(selector, "inner", selector)
+    if inner is None or layer_id in getattr(inner, "dense_layers", ()) or \
+            layer_id in getattr(getattr(inner, "config", None), "dense_layers", ()):
+        return 1.0, 1.0
+    if hasattr(inner, "ks"):
+        mlp_k, head_k = inner.ks(layer_id)
+    elif hasattr(inner, "mlp_k"):
+        mlp_k, head_k = inner.mlp_k, inner.head_k
+    else:
+        return 1.0, 1.0
+    return mlp_k / config.ffn_dim, head_k / config.num_attention_heads
+
+
+def budget_report(model: OPTModel, offloaded: list[int], selector, *, budget_bytes: int,
+                  reserved_bytes: int) -> dict[str, float | int]:
+    """What a budgeted model expects before running (weight_store's ``Placement.report`` at
+    batch 1): GPU bytes (resident weights + ``reserved_bytes``), host record bytes and host
+    bytes read per token at the selector's densities."""
+    config = model.config
+    e = next(model.parameters()).element_size()
+    layout = RecordLayout.of(config)
+    gpu = _nbytes(p for p in model.parameters() if not p.is_meta) + reserved_bytes
+    densities = {lid: expected_density(selector, lid, config) for lid in offloaded}
+    report = uniform_placement(layout, e, densities, gpu_bytes=gpu,
+                               budget_bytes=budget_bytes).report(1)
+    report["offloaded_layers"] = len(offloaded)
+    report["resident_layers"] = len(model.layers()) - len(offloaded)
+    report["host_record_bytes"] = len(offloaded) * layout.layer_bytes(e)
+    return report
+
+
+def describe_report(report: dict[str, float | int]) -> str:
+    mib = 2**20
+    return (f"{report['resident_layers']} layer(s) resident, {report['offloaded_layers']} "
+            f"offloaded ({report['host_record_bytes'] / mib:.1f} MiB in host memory); "
+            f"expected GPU memory {report['gpu_bytes'] / mib:.1f} MiB of a "
+            f"{report['budget_bytes'] / mib:.1f} MiB budget; expected host bytes read per "
+            f"token (batch 1): {report['host_bytes_per_step'] / mib:.3f} MiB")

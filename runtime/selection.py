@@ -188,7 +188,8 @@ def parse_layers(text: str) -> frozenset[int]:
 
 
 def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = None,
-                           device: torch.device | str = "cpu") -> PredictorSelector | None:
+                           device: torch.device | str = "cpu"
+                           ) -> PredictorSelector | RandomSelector | None:
     """The selector a command runs with, or None for dense.
 
     ``sparse`` is the command line's --sparse (True) / --dense (False) / neither (None).
@@ -201,6 +202,8 @@ def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = 
 
     if sparse is False or (sparse is None and not sparsity.enabled):
         return None
+    if getattr(sparsity, "selector", "predictors") == "random":
+        return _random_from_settings(sparsity, model)
     if sparsity.predictors:
         path: Path | None = Path(sparsity.predictors)
     else:
@@ -225,3 +228,18 @@ def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = 
     except BackendError as exc:
         raise SelectionError(str(exc)) from None
     return PredictorSelector(preds, config)
+
+
+def _random_from_settings(sparsity, model) -> RandomSelector:
+    """[sparsity] selector = "random": uniform rows at the configured densities, a benchmark
+    baseline (random-weight models have no predictors)."""
+    if sparsity.mlp_density is None or sparsity.head_density is None:
+        raise SelectionError("[sparsity] selector = \"random\" needs mlp_density and "
+                             "head_density (the fractions it draws per token)")
+    try:
+        use_backend(model, getattr(sparsity, "backend", "auto"))
+    except BackendError as exc:
+        raise SelectionError(str(exc)) from None
+    c = model.config
+    return RandomSelector(c.ffn_dim, c.num_attention_heads, sparsity.mlp_density,
+                          sparsity.head_density, dense_layers=parse_layers(sparsity.dense_layers))

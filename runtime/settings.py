@@ -77,6 +77,10 @@ class SparsitySettings:
     backend: str = setting("auto", "who computes the selected rows: \"triton\" kernels, "
                            "\"torch\", or \"auto\" (Triton on CUDA for float16/bfloat16)",
                            choices=("auto", "torch", "triton"))
+    selector: str = setting("predictors", "who picks the rows: the trained \"predictors\", or "
+                            "\"random\" (uniform at mlp_density/head_density, which it needs: "
+                            "a benchmark baseline, e.g. for random-weight models)",
+                            choices=("predictors", "random"))
 
 
 @dataclass
@@ -115,6 +119,11 @@ class PipelineSettings:
     max_restarts: int = setting(3, "restarts per worker before the cluster stops", low=0)
     memory_budget_gb: float = setting(0.0, "memory per worker for weights + KV cache; 0 = no "
                                       "limit", low=0.0)
+    gpu_memory_gib: float | None = setting(
+        None, "GPU memory per worker in GiB (weights, KV cache, activations); layers that do "
+        "not fit stay in pinned host memory and only their selected rows are read; needs "
+        "[model] dtype float16 or bfloat16; absent = no limit", low=0.0, high=1e6,
+        low_open=True)
 
 
 @dataclass
@@ -169,7 +178,7 @@ def _expected(f: Any) -> str:
     if low is not None and high is not None:
         what += f" in {'(' if meta['low_open'] else '['}{low}, {high}]"
     elif low is not None:
-        what += f" >= {low}"
+        what += f" {'>' if meta['low_open'] else '>='} {low}"
     return what
 
 
@@ -273,7 +282,40 @@ def load_settings(path: str | Path | None = None,
         setattr(sections[name], key,
                 check_value(name, known[key], value, f"command line {option}"))
         settings.sources[dotted] = "command line"
+    _check_combinations(settings)
     return settings
+
+
+def _where(settings: Settings, dotted: str) -> str:
+    source = settings.sources.get(dotted, "default")
+    return f"command line --{dotted.partition('.')[2].replace('_', '-')}" \
+        if source == "command line" else source
+
+
+def _check_combinations(settings: Settings) -> None:
+    """Rules between keys, checked once every source has been applied (a key may come from
+    the file and the other from the command line)."""
+    budget, dtype = settings.pipeline.gpu_memory_gib, settings.model.dtype
+    if budget is not None and dtype == "float32":
+        raise SettingsError(
+            f"{_where(settings, 'pipeline.gpu_memory_gib')}: [pipeline] gpu_memory_gib = "
+            f"{budget!r} needs [model] dtype = \"float16\" or \"bfloat16\" (layers that do not "
+            f"fit run on the Triton kernels, which support only those), but dtype is "
+            f"\"float32\" (from {_where(settings, 'model.dtype')}); set --dtype float16 or "
+            "remove gpu_memory_gib")
+    if budget is not None and settings.pipeline.memory_budget_gb:
+        raise SettingsError(
+            f"{_where(settings, 'pipeline.gpu_memory_gib')}: [pipeline] gpu_memory_gib and "
+            "memory_budget_gb are both set; gpu_memory_gib (layers that do not fit are "
+            "offloaded) replaces memory_budget_gb (layers that do not fit are refused): "
+            "set memory_budget_gb = 0")
+    sparsity = settings.sparsity
+    if sparsity.selector == "random" and (sparsity.mlp_density is None
+                                          or sparsity.head_density is None):
+        raise SettingsError(
+            f"{_where(settings, 'sparsity.selector')}: [sparsity] selector = \"random\" needs "
+            "mlp_density and head_density (the fractions it draws uniformly per token); "
+            "set both")
 
 
 def render(settings: Settings) -> str:

@@ -310,6 +310,22 @@ def plan_placement(layout: RecordLayout, freqs: list[LayerFrequencies], layer_id
     return Placement(layout, element_size, layers, freqs, reserved_bytes, budget_bytes)
 
 
+def uniform_placement(layout: RecordLayout, element_size: int,
+                      densities: dict[int, tuple[float, float]], *, gpu_bytes: int,
+                      budget_bytes: int) -> Placement:
+    """The placement of layers held wholly in host records with no hot-row cache (what
+    runtime/offload.py's ``fit_budget`` builds), for ``Placement.report``: layer id ->
+    (MLP, head) density, each row taken to be selected on that fraction of tokens (1.0 when
+    running dense). ``gpu_bytes``: everything the worker keeps on its GPU."""
+    none = torch.empty(0, dtype=torch.long)
+    layers, freqs = [], []
+    for layer_id, (mlp, heads) in sorted(densities.items()):
+        layers.append(LayerPlacement(layer_id, none, none, False))
+        freqs.append(LayerFrequencies(torch.full((layout.ffn,), float(mlp)),
+                                      torch.full((layout.heads,), float(heads))))
+    return Placement(layout, element_size, layers, freqs, gpu_bytes, budget_bytes)
+
+
 # --- GPU side ---------------------------------------------------------------------------------
 
 

@@ -64,6 +64,12 @@ class Ready(_Msg):
     param_bytes: int
     cache_bytes: int
     load_s: float
+    # With a GPU budget (Setup.gpu_memory_gib): layers held in pinned host memory, their
+    # bytes there, and what the worker expects before running (runtime/offload.py).
+    offloaded_layers: int = 0
+    host_bytes: int = 0
+    expected_gpu_bytes: int = 0
+    expected_paged_per_token: float = 0.0  # host bytes read per token at batch 1
 
 
 class StepDone(_Msg):
@@ -75,6 +81,7 @@ class StepDone(_Msg):
     stage_s: list[float] = []
     hop_s: list[float] = []
     densities: list[tuple[float, float]] = []  # per sparse stage: (MLP, heads) fractions
+    paged_bytes: list[int] = []  # per stage: bytes its offloaded layers read from the host
 
 
 class StepFailed(_Msg):
@@ -129,6 +136,7 @@ class Sparsity(msgspec.Struct, forbid_unknown_fields=True):
     mlp_density: float | None = None
     head_density: float | None = None
     dense_layers: str = ""
+    selector: str = "predictors"  # or "random": uniform at the densities (benchmarks)
 
 
 class Setup(_Msg):
@@ -151,6 +159,9 @@ class Setup(_Msg):
     threads: int = 0  # torch CPU threads (0: torch's default)
     sparsity: Sparsity | None = None
     faults: list[Fault] = []
+    # GPU memory budget in GiB ([pipeline] gpu_memory_gib): the layers that do not fit are
+    # offloaded to pinned host memory. None: no limit.
+    gpu_memory_gib: float | None = None
 
 
 class RunStep(_Msg):
@@ -202,6 +213,7 @@ class Activations(_Msg):
     stage_s: list[float] = []
     hop_s: list[float] = []
     densities: list[tuple[float, float]] = []  # per stage so far: (MLP, heads) computed
+    paged_bytes: list[int] = []  # per stage so far: bytes read from host memory
     sent_at: float = 0.0  # time.time() of the sender, for per-hop latency
 
 
@@ -238,6 +250,10 @@ class WorkerInfo(msgspec.Struct):
     device: str
     state: str  # starting | ready | dead | restarting
     restarts: int = 0
+    offloaded_layers: int = 0  # of its span, held in host memory (gpu_memory_gib)
+    host_bytes: int = 0
+    expected_gpu_bytes: int = 0
+    expected_paged_per_token: float = 0.0
 
 
 class Health(_Msg):
@@ -255,6 +271,7 @@ class Health(_Msg):
     vocab_size: int = 0
     tokenizer: bool = False  # text, stop strings and detokenisation are available
     densities: list[tuple[float, float]] = []  # per sparse stage: (MLP, heads) fractions
+    paged_bytes: list[int] = []  # per stage: bytes read from host memory since the start
     detail: str = ""  # why the cluster stopped (state "stopped": sent to clients on exit)
 
 

@@ -44,6 +44,9 @@ class PipelineConfig:
     restart: str = "never"
     max_restarts: int = 3
     memory_budget_gb: float = 0.0  # per worker; 0 = no limit
+    # GPU memory per worker in GiB; layers beyond it are offloaded to pinned host memory
+    # (runtime/offload.py). None = no limit, every layer on the GPU.
+    gpu_memory_gib: float | None = None
     threads: int = 0  # torch CPU threads per worker; 0 = cores / workers
     # Contextual sparsity ([sparsity] of dejavu.toml): sparse is True (--sparse), False
     # (--dense) or None (sparse when enabled and predictors are found).
@@ -53,6 +56,7 @@ class PipelineConfig:
     mlp_density: float | None = None
     head_density: float | None = None
     dense_layers: str = ""
+    selector: str = "predictors"  # or "random" (uniform at the densities; benchmarks)
     faults: list[Fault] = field(default_factory=list)  # tests only (wire.Fault)
 
     def __post_init__(self) -> None:
@@ -75,11 +79,36 @@ class PipelineConfig:
             raise bad("restart", f"expected one of {', '.join(RESTART_POLICIES)}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise bad("dtype", "expected float32, float16 or bfloat16")
+        self._check_offload()
         if self.devices is not None and len(self.devices) != self.workers:
             raise bad("devices", f"expected one device per worker ({self.workers})")
         if self.data_addresses and len(self.data_addresses) != self.workers - 1:
             raise bad("data_addresses", f"expected one address per worker after the first "
                                         f"({self.workers - 1})")
+
+    def _check_offload(self) -> None:
+        budget = self.gpu_memory_gib
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
+                    or not math.isfinite(budget) or budget <= 0:
+                raise PipelineConfigError(f"[pipeline] gpu_memory_gib = {budget!r}: expected a "
+                                          "number of GiB > 0 (absent = no limit)")
+            if self.dtype == "float32":
+                raise PipelineConfigError(
+                    f"[pipeline] gpu_memory_gib = {budget!r} needs [model] dtype = \"float16\" "
+                    "or \"bfloat16\": layers that do not fit run on the Triton kernels, which "
+                    "support only those (dtype is \"float32\")")
+            if self.memory_budget_gb:
+                raise PipelineConfigError(
+                    "[pipeline] gpu_memory_gib and memory_budget_gb are both set; "
+                    "gpu_memory_gib (offload what does not fit) replaces memory_budget_gb "
+                    "(refuse what does not fit): set memory_budget_gb = 0")
+        if self.selector not in ("predictors", "random"):
+            raise PipelineConfigError(f"[sparsity] selector = {self.selector!r}: expected "
+                                      "\"predictors\" or \"random\"")
+        if self.selector == "random" and (self.mlp_density is None or self.head_density is None):
+            raise PipelineConfigError("[sparsity] selector = \"random\" needs mlp_density and "
+                                      "head_density")
 
     @property
     def batches(self) -> int:
@@ -93,7 +122,8 @@ class PipelineConfig:
 _SETTING_KEYS = ("workers", "slots", "max_len", "micro_batches", "run_dir", "control_address",
                  "client_address", "keys_dir", "spawn", "heartbeat_s", "watchdog_s",
                  "handshake_timeout_s", "startup_timeout_s", "scheduler_timeout_s",
-                 "drain_timeout_s", "restart", "max_restarts", "memory_budget_gb", "threads")
+                 "drain_timeout_s", "restart", "max_restarts", "memory_budget_gb", "threads",
+                 "gpu_memory_gib")
 
 
 def from_settings(settings: Any, **overrides: Any) -> PipelineConfig:
@@ -105,7 +135,8 @@ def from_settings(settings: Any, **overrides: Any) -> PipelineConfig:
     if sparsity is not None:
         values.update(sparsity_enabled=sparsity.enabled, predictors=sparsity.predictors or "",
                       mlp_density=sparsity.mlp_density, head_density=sparsity.head_density,
-                      dense_layers=sparsity.dense_layers)
+                      dense_layers=sparsity.dense_layers,
+                      selector=getattr(sparsity, "selector", "predictors"))
     for key in _SETTING_KEYS:
         if hasattr(pipeline, key):
             values[key] = getattr(pipeline, key)

@@ -70,8 +70,10 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
     config = config.with_overrides(model=str(model_dir))
     max_len = config.max_len or model_config.max_position_embeddings
     budget = int(config.memory_budget_gb * GiB) if config.memory_budget_gb else None
+    gpu_budget = None if config.gpu_memory_gib is None else int(config.gpu_memory_gib * GiB)
     plan = plan_layers(model_config, config.workers, dtype_bytes=_DTYPE_BYTES[config.dtype],
-                       slots=config.slots, max_len=max_len, budgets=[budget] * config.workers)
+                       slots=config.slots, max_len=max_len, budgets=[budget] * config.workers,
+                       gpu_budget=gpu_budget)
     for line in plan.describe().splitlines():
         log.info("%s", line)
     curve = load_curve(config.keys_dir) if config.keys_dir else None
@@ -97,6 +99,9 @@ def resolve_sparsity(config: PipelineConfig, model_dir: Path) -> wire.Sparsity |
 
     if config.sparse is False or (config.sparse is None and not config.sparsity_enabled):
         return None
+    if config.selector == "random":  # a benchmark baseline: no predictors needed
+        return wire.Sparsity("", config.mlp_density, config.head_density,
+                             config.dense_layers, selector="random")
     path = Path(config.predictors) if config.predictors else find_predictors(model_dir)
     if path is None or not path.exists():
         if config.sparse or config.predictors:

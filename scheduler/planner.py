@@ -7,9 +7,15 @@ last one must also run every step (its time cost is the head's bytes). The plan 
 the slowest stage (the pipeline's throughput bound) subject to each worker's memory
 budget, by dynamic programming over split points: exact, and instant for any real depth.
 
-What this module does not know: devices or offloading. A budget is a number of bytes; when
-the weight store pages rows from host memory, the budget it is given is what it keeps
-resident, and the bytes a layer needs shrink accordingly (pass ``resident_fraction``).
+With a GPU budget per worker (``gpu_budget``, [pipeline] gpu_memory_gib) nothing is
+refused: the layers are split by cost alone and each worker keeps on its GPU the
+embeddings / LM head it holds, the KV cache of all its layers (with the attention inputs
+that offloaded layers need) and an activation margin, then as many whole layers as fit; the
+rest are offloaded to pinned host memory (runtime/offload.py's ``plan_offload``, which the
+worker runs with ``offload_reserved_bytes`` below, so that the plan and the worker agree).
+Offloaded layers are slower than resident ones; the cost model does not know that yet.
+
+What this module does not know: devices. A budget is a number of bytes.
 """
 
 from __future__ import annotations
@@ -32,12 +38,15 @@ class StagePlan:
     memory_bytes: int
     cost: float  # relative time of one decode step (bytes read)
     budget_bytes: int | None
+    offloaded: int = 0  # with a GPU budget: layers of the span held in host memory
+    host_bytes: int = 0  # their weights (read row by row from pinned memory)
 
 
 @dataclass(frozen=True)
 class Plan:
     stages: list[StagePlan]
     num_layers: int
+    offload: bool = False  # planned with a GPU budget (StagePlan.offloaded is meaningful)
 
     def spans(self) -> list[range]:
         return [s.layers for s in self.stages]
@@ -47,13 +56,26 @@ class Plan:
         lines = [f"plan: {self.num_layers} layers over {len(self.stages)} worker(s)"]
         for s in self.stages:
             budget = ("no budget" if s.budget_bytes is None
-                      else f"budget {s.budget_bytes / GiB:.2f} GiB")
+                      else f"budget {size(s.budget_bytes)}")
+            count = f"{len(s.layers)} layers"
+            if self.offload:
+                count += (f": {len(s.layers) - s.offloaded} resident, {s.offloaded} offloaded"
+                          f" = {size(s.host_bytes)} in host memory")
+                budget = "GPU " + budget
             lines.append(
                 f"  worker {s.index}: layers [{s.layers.start}, {s.layers.stop}) "
-                f"({len(s.layers)} layers), memory {s.memory_bytes / GiB:.3f} GiB ({budget}), "
+                f"({count}), memory {size(s.memory_bytes)} ({budget}), "
                 f"relative step time {s.cost / worst:.2f}"
             )
         return "\n".join(lines)
+
+
+def size(n: float) -> str:
+    """Bytes in the largest unit that keeps them >= 1 (GiB, MiB or KiB)."""
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def layer_bytes(config: OPTConfig, dtype_bytes: int) -> int:
@@ -85,12 +107,76 @@ def head_bytes(config: OPTConfig, dtype_bytes: int) -> int:
     return n * dtype_bytes + config.vocab_size * e * dtype_bytes
 
 
+def activation_bytes(config: OPTConfig, slots: int, max_len: int, dtype_bytes: int,
+                     chunk: int = 512) -> int:
+    """A margin for a step's transient tensors: a prefill chunk of every slot through the
+    widest intermediate (fc1's output next to a few hidden-size tensors) and its attention
+    scores. An estimate, not a bound."""
+    tokens = slots * min(chunk, max_len)
+    return (tokens * (config.ffn_dim + 4 * config.hidden_size)
+            + tokens * config.num_attention_heads * max_len) * dtype_bytes
+
+
+def offload_reserved_bytes(config: OPTConfig, num_layers: int, slots: int, max_len: int,
+                           dtype_bytes: int) -> int:
+    """What a worker with a GPU budget keeps on the GPU before any layer: the KV cache of
+    its ``num_layers`` layers with the attention inputs and K/V-valid bits that offloaded
+    (sparse) attention needs, and ``activation_bytes``."""
+    c, h = config.hidden_size, config.num_attention_heads
+    per_layer = 3 * slots * max_len * c * dtype_bytes + slots * h * max_len  # K, V, inputs; bits
+    return num_layers * per_layer + activation_bytes(config, slots, max_len, dtype_bytes)
+
+
+def offloaded_layers(config: OPTConfig, span: range, budget: int, *, dtype_bytes: int,
+                     slots: int, max_len: int) -> int:
+    """How many layers of ``span`` a worker with ``budget`` GPU bytes offloads (the last
+    ones: runtime/offload.py keeps the first layers that fit). Raises PlanError when the
+    budget does not even hold the embeddings / head, KV cache and activations."""
+    n = config.num_hidden_layers
+    first, last = span.start == 0, span.stop == n
+    fixed = offload_reserved_bytes(config, len(span), slots, max_len, dtype_bytes)
+    if first:
+        fixed += embed_bytes(config, dtype_bytes)
+    if last:
+        fixed += head_bytes(config, dtype_bytes)
+        if first and config.tie_word_embeddings:  # one worker: the head is the embedding
+            fixed -= config.vocab_size * config.word_embed_proj_dim * dtype_bytes
+    left = budget - fixed
+    if left < 0:
+        parts = ", ".join(p for p, on in (("embeddings", first), ("LM head", last)) if on)
+        raise PlanError(
+            f"[pipeline] gpu_memory_gib = {budget / GiB:.4g}: the worker of layers "
+            f"[{span.start}, {span.stop}) needs {fixed / GiB:.4g} GiB on its GPU before any "
+            f"layer ({parts + ', ' if parts else ''}KV cache of {slots} slots x {max_len} "
+            "positions, activations); raise gpu_memory_gib or lower [pipeline] slots / "
+            "max_len")
+    return max(0, len(span) - left // layer_bytes(config, dtype_bytes))
+
+
 def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots: int = 8,
                 max_len: int = 2048, budgets: list[int | None] | None = None,
-                resident_fraction: float = 1.0) -> Plan:
+                resident_fraction: float = 1.0, gpu_budget: int | None = None) -> Plan:
     """Split ``config.num_hidden_layers`` layers into ``workers`` non-empty contiguous spans.
 
-    ``budgets[i]`` is worker i's memory in bytes (None: unlimited)."""
+    ``budgets[i]`` is worker i's memory in bytes (None: unlimited). ``gpu_budget``: every
+    worker's GPU bytes when layers may be offloaded (then ``budgets`` must be None); spans
+    are chosen by cost and each stage says how many of its layers are offloaded."""
+    if gpu_budget is not None:
+        if budgets is not None and any(b is not None for b in budgets):
+            raise PlanError("a GPU budget (gpu_memory_gib) replaces memory budgets "
+                            "(memory_budget_gb): give one of them")
+        plan = plan_layers(config, workers, dtype_bytes=dtype_bytes, slots=slots,
+                           max_len=max_len)
+        stages = []
+        for s in plan.stages:
+            off = offloaded_layers(config, s.layers, gpu_budget, dtype_bytes=dtype_bytes,
+                                   slots=slots, max_len=max_len)
+            host = off * layer_bytes(config, dtype_bytes)
+            gpu = s.memory_bytes - host + offload_reserved_bytes(
+                config, len(s.layers), slots, max_len, dtype_bytes) - len(s.layers) * \
+                kv_bytes_per_layer(config, slots, max_len, dtype_bytes)
+            stages.append(StagePlan(s.index, s.layers, gpu, s.cost, gpu_budget, off, host))
+        return Plan(stages, plan.num_layers, offload=True)
     n = config.num_hidden_layers
     if not 1 <= workers <= n:
         raise PlanError(f"workers={workers}: expected 1 to {n} (one layer per worker at least)")
@@ -152,4 +238,5 @@ def _explain(config: OPTConfig, workers: int, budgets: list[int | None], stage) 
     small = [f"worker {i}: {b / GiB:.2f} GiB" for i, b in enumerate(budgets) if b is not None]
     return (f"the model does not fit: about {need / GiB:.2f} GiB needed in total, budgets "
             f"give {have / GiB:.2f} GiB ({', '.join(small)}); raise [pipeline] "
-            "memory_budget_gb, add workers, lower max_len/slots, or enable offloading")
+            "memory_budget_gb, add workers, lower max_len/slots, or set gpu_memory_gib "
+            "instead to offload the layers that do not fit")

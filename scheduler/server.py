@@ -76,6 +76,7 @@ class WorkerHandle:
     last_beat: float = 0.0
     restarts: int = 0
     fatal: str | None = None
+    ready: wire.Ready | None = None  # what it reported when ready (offloaded layers...)
 
 
 def describe_exit(returncode: int) -> str:
@@ -150,6 +151,7 @@ class PipelineServer:
         self.recent_tokens: deque[tuple[float, int]] = deque()
         self.stage_s: list[float] = []
         self.hop_s: list[float] = []
+        self.paged_bytes: list[int] = []  # per stage, since the start (offloaded layers)
         self.bad_frames = 0
         self._last_bad_log = 0.0
         self.parent_pid: int | None = None  # stop when this process stops being the parent
@@ -286,10 +288,15 @@ class PipelineServer:
         if isinstance(msg, wire.Hello):
             self._on_hello(w, identity, msg)
         elif isinstance(msg, wire.Ready) and w.state == "loading":
-            w.state, w.last_beat, w.device = "ready", time.monotonic(), msg.device
+            w.state, w.last_beat, w.device, w.ready = "ready", time.monotonic(), msg.device, msg
             log.info("worker %d ready: layers [%d, %d) on %s, %.1f MiB weights, %.1f MiB cache, "
                      "loaded in %.2f s", w.index, *msg.layers, msg.device,
                      msg.param_bytes / 2**20, msg.cache_bytes / 2**20, msg.load_s)
+            if msg.offloaded_layers:
+                log.info("worker %d: %d layer(s) offloaded (%.1f MiB in host memory), expected "
+                         "%.1f MiB on the GPU, %.3f MiB read from the host per token",
+                         w.index, msg.offloaded_layers, msg.host_bytes / 2**20,
+                         msg.expected_gpu_bytes / 2**20, msg.expected_paged_per_token / 2**20)
             if all(x.state == "ready" for x in self.workers) and self.state in (
                     "starting", "degraded"):
                 self.state = "ready"
@@ -298,6 +305,7 @@ class PipelineServer:
             if msg.epoch == self.epoch:
                 self._record_timings(msg.stage_s, msg.hop_s)
                 self.densities = msg.densities or self.densities
+                self._add_paged(msg.paged_bytes)
                 self._emit(self.batches.update(msg.result))
         elif isinstance(msg, wire.StepFailed):
             if msg.epoch == self.epoch:
@@ -337,7 +345,7 @@ class PipelineServer:
             self.config.slots, self.max_len, w.data_in, w.data_out, self.epoch,
             self.config.heartbeat_s, self.config.watchdog_s, self.config.scheduler_timeout_s,
             self.max_data_bytes, self.token, threads if w.device == "cpu" else 0,
-            self.sparsity, faults))
+            self.sparsity, faults, gpu_memory_gib=self.config.gpu_memory_gib))
 
     def _send_worker(self, identity: bytes, message) -> bool:
         try:
@@ -423,6 +431,11 @@ class PipelineServer:
 
         self.stage_s, self.hop_s = ema(self.stage_s, stage_s), ema(self.hop_s, hop_s)
 
+    def _add_paged(self, paged: list[int]) -> None:
+        if len(self.paged_bytes) != len(paged):
+            self.paged_bytes = [0] * len(paged)
+        self.paged_bytes = [a + b for a, b in zip(self.paged_bytes, paged, strict=True)]
+
     # --- clients ---------------------------------------------------------------------------
 
     def _on_client(self, frames: list[bytes]) -> None:
@@ -495,11 +508,11 @@ class PipelineServer:
         return wire.Health(
             self.state,
             [wire.WorkerInfo(w.index, w.pid, (w.layers.start, w.layers.stop), w.device, w.state,
-                             w.restarts) for w in self.workers],
+                             w.restarts, **_offload_info(w.ready)) for w in self.workers],
             self.batches.running(), self.batches.queued(), self.tokens_out,
             time.monotonic() - self.started, rate, list(self.stage_s), list(self.hop_s),
             self.config.model, self.max_len, self.model_config.vocab_size,
-            self.has_tokenizer, list(self.densities))
+            self.has_tokenizer, list(self.densities), list(self.paged_bytes))
 
     def _bad_frame(self, what: str) -> None:
         self.bad_frames += 1
@@ -516,6 +529,14 @@ class PipelineServer:
         if self.zap:
             self.zap.stop()
         self.ctx.term()
+
+
+def _offload_info(ready: wire.Ready | None) -> dict:
+    if ready is None:
+        return {}
+    return dict(offloaded_layers=ready.offloaded_layers, host_bytes=ready.host_bytes,
+                expected_gpu_bytes=ready.expected_gpu_bytes,
+                expected_paged_per_token=ready.expected_paged_per_token)
 
 
 def default_devices(workers: int) -> list[str]:

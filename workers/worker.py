@@ -3,7 +3,9 @@
 Life of a worker:
 1. connect a DEALER (routing id ``w<i>``) to the scheduler's control ROUTER, send ``Hello``,
    wait at most ``handshake_timeout_s`` for ``Setup`` (else exit 2);
-2. load only its layers from the checkpoint, allocate its KV cache, bind its data input
+2. load only its layers from the checkpoint (with a GPU budget: on the CPU first, then
+   ``fit_budget`` keeps what fits on the GPU and offloads the rest to pinned host memory),
+   allocate its KV cache, bind its data input
    (PULL) and connect to the next worker's (PUSH), start the heartbeat thread, send
    ``Ready``;
 3. loop: the first worker takes ``RunStep`` from the scheduler, the others take
@@ -98,8 +100,15 @@ class Worker:
         layers = range(*setup.layers)
         log.info("worker %d loading layers [%d, %d) of %s on %s", self.index, layers.start,
                  layers.stop, setup.model, setup.device)
-        model = load_model(setup.model, layers=layers, dtype=setup.dtype, device=setup.device)
+        budgeted = setup.gpu_memory_gib is not None
+        # With a budget the span is read into host memory first, so that offloaded layers
+        # never occupy the GPU.
+        model = load_model(setup.model, layers=layers, dtype=setup.dtype,
+                           device="cpu" if budgeted else setup.device)
         self.config = model.config
+        offloaded: list[int] = []
+        if budgeted:
+            offloaded, reserved = self._fit_budget(model, setup)
         selector = None
         if setup.sparsity is not None:
             from dejavu.runtime.selection import selector_from_settings
@@ -108,8 +117,20 @@ class Worker:
             selector = selector_from_settings(
                 SimpleNamespace(enabled=True, predictors=s.predictors,
                                 mlp_density=s.mlp_density, head_density=s.head_density,
-                                dense_layers=s.dense_layers),
+                                dense_layers=s.dense_layers, selector=s.selector),
                 model, setup.model, sparse=True, device=setup.device)
+        report = None
+        if budgeted:
+            from dejavu.runtime.offload import budget_report, describe_report, offload_selector
+
+            selector = offload_selector(selector, offloaded, model.config)
+            report = budget_report(model, offloaded, selector,
+                                   budget_bytes=int(setup.gpu_memory_gib * 2**30),
+                                   reserved_bytes=reserved)
+            log.info("worker %d: %s", self.index, describe_report(report))
+        self.model = model
+        self.offloaded = offloaded
+        self.paged_total = 0
         cache = allocate_cache(model, setup.slots, setup.max_len, keep_inputs=selector is not None)
         self.runner = StageRunner(Stage(model, cache, selector), FaultHook(setup.faults))
         self.setup = setup
@@ -127,9 +148,30 @@ class Worker:
             watchdog_s=setup.watchdog_s, scheduler_timeout_s=setup.scheduler_timeout_s,
             parent_pid=self.parent_pid, busy=lambda: self.busy, curve=self.curve)
         self.heartbeat.start()
-        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        params = sum(p.numel() * p.element_size() for p in model.parameters()
+                     if not p.is_meta)
+        extra = {}
+        if report is not None:
+            extra = dict(offloaded_layers=len(offloaded),
+                         host_bytes=int(report["host_record_bytes"]),
+                         expected_gpu_bytes=int(report["gpu_bytes"]),
+                         expected_paged_per_token=float(report["host_bytes_per_step"]))
         self._send(wire.Ready(self.index, setup.layers, setup.device, params, cache.nbytes(),
-                              time.perf_counter() - started))
+                              time.perf_counter() - started, **extra))
+
+    def _fit_budget(self, model, setup: wire.Setup) -> tuple[list[int], int]:
+        """Offload the layers that do not fit ``setup.gpu_memory_gib`` next to the KV cache
+        and an activation margin (the planner's figures, so that plan and worker agree);
+        move the rest to the device. Returns (offloaded layer ids, reserved bytes)."""
+        from dejavu.runtime.offload import fit_budget
+        from dejavu.scheduler.planner import offload_reserved_bytes
+
+        dtype_bytes = wire.DTYPES[setup.dtype].itemsize
+        reserved = offload_reserved_bytes(model.config, len(model.layer_ids), setup.slots,
+                                          setup.max_len, dtype_bytes)
+        offloaded = fit_budget(model, int(setup.gpu_memory_gib * 2**30), device=setup.device,
+                               reserved_bytes=reserved)
+        return offloaded, reserved
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -219,19 +261,31 @@ class Worker:
         stats = self.runner.stage.sparse_stats
         if self.runner.stage.selector is not None:
             densities = densities + [(stats.mlp_density, stats.head_density)]
+        paged = upstream.paged_bytes + [self._paged_since_last()]
         if step_out is None:  # every row failed here: tell the scheduler directly
             self._send(wire.StepDone(self.epoch, StepResult(step.step_id, [], errors),
-                                     stage_s, hop_s, densities))
+                                     stage_s, hop_s, densities, paged))
         elif isinstance(out, StepResult):
-            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s, densities))
+            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s, densities, paged))
         else:
             header = wire.Activations(self.epoch, step_out, self.setup.dtype,
                                       tuple(out.shape), self.setup.token, carry_out is not None,
-                                      errors, stage_s, hop_s, densities, time.time())
+                                      errors, stage_s, hop_s, densities, paged_bytes=paged,
+                                      sent_at=time.time())
             frames = [wire.encode(header), wire.tensor_frame(out)]
             if carry_out is not None:
                 frames.append(wire.tensor_frame(carry_out.to(out.dtype)))
             self.data_out.send_multipart(frames, copy=False)
+
+    def _paged_since_last(self) -> int:
+        """Host bytes the offloaded layers read since the previous step (0 without any)."""
+        if not self.offloaded:
+            return 0
+        from dejavu.runtime.offload import host_bytes_read
+
+        total = host_bytes_read(self.model)
+        step, self.paged_total = total - self.paged_total, total
+        return step
 
     def _send(self, message) -> None:
         self.control.send(wire.encode(message))
