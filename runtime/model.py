@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import masked_attention
 from .opt_config import POSITION_OFFSET, OPTConfig
 from .sparse import complete_kv, sparse_attention, sparse_mlp
 
@@ -95,6 +96,14 @@ class Batch:
     cache: KVCache | None = None
     # Set for a sparse forward pass: predictor wiring, selections, statistics.
     sparse: SparseContext | None = None
+    # Cached positions this step attends over (max position + 1). The caller knows it on
+    # the host; left None it is read from ``positions``, a device sync per layer.
+    length: int | None = None
+
+    def attended_length(self) -> int:
+        if self.length is None:
+            self.length = int(self.positions.max()) + 1
+        return self.length
 
 
 class OPTAttention(nn.Module):
@@ -150,15 +159,13 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, layer_id: int, batch: Batc
     # Advanced indices split by a slice put their dims first: the target is [B, T, H, D].
     cache_k[rows, :, pos] = k.transpose(1, 2).to(cache_k.dtype)
     cache_v[rows, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
-    length = int(pos.max()) + 1
+    length = batch.attended_length()
     keys = cache_k[batch.slots, :, :length]  # [B, H, L, D]
     values = cache_v[batch.slots, :, :length]
     # Key j is visible to a query at position p iff j <= p: causal within the step and
     # blind to whatever a slot's previous owner left beyond this sequence's length.
     visible = torch.arange(length, device=pos.device)[None, None, :] <= pos[:, :, None]
-    return F.scaled_dot_product_attention(
-        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=1.0
-    )
+    return masked_attention(q, keys.to(q.dtype), values.to(q.dtype), visible[:, None])
 
 
 class OPTDecoderLayer(nn.Module):

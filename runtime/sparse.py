@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import sparse_backend
+from .attention import masked_attention
 
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
@@ -340,13 +341,11 @@ def _gathered_cached_attention(attn: OPTAttention, x: Tensor, q: Tensor, idx: Te
         recomputed = _fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
         if batch.sparse is not None:
             batch.sparse.stats.layer(layer_id).kv_recomputed += recomputed
-    length = int(pos.max()) + 1
+    length = batch.attended_length()
     keys = cache_k[slots[:, None], idx[None, :], :length]  # [B, h, L, D]
     values = cache_v[slots[:, None], idx[None, :], :length]
     visible = torch.arange(length, device=pos.device)[None, None, :] <= pos[:, :, None]
-    return F.scaled_dot_product_attention(
-        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=1.0
-    )
+    return masked_attention(q, keys.to(q.dtype), values.to(q.dtype), visible[:, None])
 
 
 def complete_kv(attn: OPTAttention, layer_id: int, batch: Batch) -> int:

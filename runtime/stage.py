@@ -22,7 +22,8 @@ class Stage:
     def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None = None) -> None:
         self.model = model
         self.cache = cache
-        self.device = next(model.parameters()).device
+        # Offloaded layers' big weights are meta tensors (runtime/offload.py): skip them.
+        self.device = next(p for p in model.parameters() if not p.is_meta).device
         self.generators: dict[str, torch.Generator] = {}
         # Contextual sparsity (runtime/sparse.py): None runs dense. ``carry_out`` is what the
         # next stage's first predictor reads; a later stage gets it as ``forward(carry=)``.
@@ -46,8 +47,9 @@ class Stage:
         sparse = None
         if self.selector is not None:
             sparse = SparseContext(self.selector, stats=self.sparse_stats)
+        # The attended length is known here, on the host: no device sync per layer.
         return ids.to(self.device), Batch(positions.to(self.device), slots.to(self.device),
-                                          self.cache, sparse)
+                                          self.cache, sparse, length=int(positions.max()) + 1)
 
     @torch.inference_mode()
     def forward(self, step: Step, hidden: Tensor | None = None,
@@ -122,6 +124,6 @@ def allocate_cache(model: OPTModel, slots: int, max_len: int, *,
                    keep_inputs: bool = False) -> KVCache:
     """``keep_inputs``: also store attention inputs, so that sparse steps can recompute
     K/V of heads skipped earlier (runtime/sparse.py)."""
-    param = next(model.parameters())
+    param = next(p for p in model.parameters() if not p.is_meta)  # not an offloaded weight
     return KVCache(model.config, model.layer_ids, slots, max_len, dtype=param.dtype,
                    device=param.device, keep_inputs=keep_inputs)

@@ -8,10 +8,17 @@ rewrites the same cache positions with the same values, so the retry is safe. Ou
 memory is different: the batch fails as a whole (``StepOOM``), memory is released, and the
 worker goes on with the next step.
 
+``DEJAVU_PROFILE_DIR``: when set, steps 20 to 29 of this worker run under the torch
+profiler and its table lands in that folder as ``worker-<pid>.txt`` (diagnostics: where a
+worker's step time goes inside a real pipeline).
+
 What this module does not know: sockets. The worker process wraps it.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -35,6 +42,8 @@ class StageRunner:
         self.stage = stage
         self.faults = faults or FaultHook([])
         self.is_last = stage.model.is_last
+        self.profile = StepProfiler(Path(os.environ["DEJAVU_PROFILE_DIR"])) \
+            if os.environ.get("DEJAVU_PROFILE_DIR") else None
 
     def run(self, step: Step, hidden: Tensor | None, errors: dict[str, str],
             carry: Tensor | None = None
@@ -42,6 +51,8 @@ class StageRunner:
         """Returns (the step that continues, its output, the carried predictor input for the
         next stage (sparse runs), errors so far). The step is None when every row failed;
         the output is a ``StepResult`` on the last stage."""
+        if self.profile is not None:
+            self.profile.tick()
         errors = dict(errors)
         try:
             self.faults.on_step(step)
@@ -101,3 +112,31 @@ def _stack(parts: list[Tensor], width: int) -> Tensor:
     for b, part in enumerate(parts):
         out[b, : part.shape[1]] = part[0]
     return out
+
+
+class StepProfiler:
+    """Profiles steps [start, start + count) of this process, then writes the table."""
+
+    def __init__(self, folder: Path, start: int = 20, count: int = 10) -> None:
+        self.folder, self.start, self.stop = folder, start, start + count
+        self.steps = 0
+        self.prof: torch.profiler.profile | None = None
+
+    def tick(self) -> None:
+        """Call at the start of every step."""
+        if self.steps == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+        elif self.steps == self.stop and self.prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            table = self.prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                   row_limit=30)
+            (self.folder / f"worker-{os.getpid()}.txt").write_text(table)
+            self.prof = None
+        self.steps += 1

@@ -1,0 +1,145 @@
+"""Where one decode step's time goes, in process: ``Stage.run`` vs the model's forward alone
+vs the bare layer matmuls, and a torch-profiler table of the step.
+
+    python -m dejavu.tools.profile_step --shape opt-1.3b --batch 1,8 --out /tmp/prof
+
+A random-weight model of the named shape is built on the device; each batch row gets a
+32-token prompt, then ``--steps`` decode steps are timed (after a warm-up), with the device
+synchronised around each timed loop. Three numbers per batch size:
+
+- ``stage_ms``: ``Stage.run`` (host batch tensors, forward, LM head, sampling): what a
+  worker spends per step;
+- ``forward_ms``: ``OPTModel.run_layers`` on a ready-made batch (no host tensors, no
+  sampling);
+- ``matmul_ms``: the layers' weight matmuls alone, the floor any step pays.
+
+What this does not measure: sockets, the scheduler, or several processes
+(tools/bench_pipeline.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dejavu.runtime.model import OPTModel
+from dejavu.runtime.opt_config import OPTConfig
+from dejavu.runtime.sampling import SamplingParams
+from dejavu.runtime.stage import Stage, allocate_cache
+from dejavu.runtime.step import Row, Step
+
+from .bench_pipeline import SHAPES
+
+PROMPT = 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, steps: int, device: torch.device) -> float:
+    """Mean seconds per call of ``fn(i)`` over ``steps`` calls."""
+    _sync(device)
+    started = time.perf_counter()
+    for i in range(steps):
+        fn(i)
+    _sync(device)
+    return (time.perf_counter() - started) / steps
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype) -> OPTModel:
+    kw = SHAPES[shape]
+    config = OPTConfig(word_embed_proj_dim=kw["hidden_size"], **kw)
+    with torch.device(device):
+        model = OPTModel(config)
+    model.init_weights(torch.Generator(device).manual_seed(0) if device.type == "cuda"
+                       else torch.Generator().manual_seed(0))
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
+                  out: Path | None) -> dict:
+    max_len = PROMPT + 3 * steps + 16
+    stage = Stage(model, allocate_cache(model, batch, max_len))
+    params = SamplingParams(max_new_tokens=max_len, ignore_eos=True)
+    rows = [Row(f"r{b}", b, [2] + [(7 * b + j) % 1000 + 3 for j in range(PROMPT - 1)], 0,
+                True, params) for b in range(batch)]
+    result = stage.run(Step(0, rows))
+    pos = PROMPT
+    last = {r.request_id: r.token for r in result.results}
+
+    def decode(i: int) -> None:
+        nonlocal pos
+        step = Step(i + 1, [Row(f"r{b}", b, [last[f"r{b}"]], pos, True, params)
+                            for b in range(batch)])
+        for r in stage.run(step).results:
+            last[r.request_id] = r.token
+        pos += 1
+
+    for i in range(3):
+        decode(i)
+    stage_s = _timed(decode, steps, device)
+
+    # The model's forward alone on a fixed decode batch (rewrites one position).
+    ids, b = stage.batch(Step(0, [Row(f"r{i}", i, [5], pos, True, params)
+                                  for i in range(batch)]))
+    with torch.inference_mode():
+        hidden = model.embed(ids, b.positions)
+        forward_s = _timed(lambda _: model.run_layers(hidden, b), steps, device)
+        x = hidden.reshape(batch, -1)
+
+        def matmuls(_: int) -> None:
+            for layer in model.layers():
+                a = layer.self_attn
+                for lin in (a.q_proj, a.k_proj, a.v_proj, a.out_proj):
+                    lin(x)
+                layer.fc2(layer.fc1(x))
+
+        matmul_s = _timed(matmuls, steps, device)
+
+    row = {"batch": batch, "stage_ms": round(stage_s * 1e3, 3),
+           "forward_ms": round(forward_s * 1e3, 3), "matmul_ms": round(matmul_s * 1e3, 3)}
+    if out is not None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for i in range(5):
+                decode(100 + i)
+            _sync(device)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        (out / f"profile-b{batch}.txt").write_text(table)
+        prof.export_chrome_trace(str(out / f"trace-b{batch}.json"))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="profile_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="opt-1.3b", choices=sorted(SHAPES))
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, else float32")
+    parser.add_argument("--out", default=None, help="write profiler tables and traces here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    model = build(args.shape, device, dtype)
+    rows = [profile_batch(model, int(b), args.steps, device, out)
+            for b in args.batch.split(",")]
+    for row in rows:
+        print(json.dumps({"shape": args.shape, "device": str(device), **row}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
