@@ -40,6 +40,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from dejavu.scheduler.planner import offload_reserved_bytes
+from dejavu.scheduler.planner import size as human_size
+
 from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
 from ..kernels.sparse_mlp import MAX_BATCH, sparse_mlp
 from . import sparse_backend
@@ -50,6 +53,7 @@ from .weight_store import (
     PlacementError,
     RecordLayout,
     ResidentLayer,
+    gib,
     host_layer_from_module,
     uniform_placement,
 )
@@ -77,8 +81,9 @@ def plan_offload(model: OPTModel, budget_bytes: int, reserved_bytes: int = 0) ->
         p for p in model.parameters() if id(p) not in layer_params)
     if left < 0:
         raise PlacementError(
-            f"gpu_memory_gib: {budget_bytes / 2**30:.3f} GiB does not hold the embeddings, "
-            f"LM head and reserved memory ({(budget_bytes - left) / 2**30:.3f} GiB); raise it")
+            f"gpu_memory_gib: {human_size(budget_bytes)} does not hold the embeddings / LM "
+            f"head and the reserve for KV cache and activations (together "
+            f"{human_size(budget_bytes - left)}); raise it")
     out = []
     for layer in layers:
         size = _nbytes(layer.parameters())
@@ -242,6 +247,18 @@ def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str
     return layers
 
 
+def fit_gib(model: OPTModel, gpu_memory_gib: float, *, device: torch.device | str, slots: int,
+            max_len: int) -> tuple[list[int], int]:
+    """``fit_budget`` for a worker or engine of ``slots`` sequences of ``max_len`` positions
+    with a ``gpu_memory_gib`` budget, reserving the layer planner's figures (KV cache with
+    attention inputs, activation margin), so that what it offloads is what the plan said.
+    Returns (offloaded layer ids, reserved bytes)."""
+    e = next(model.parameters()).element_size()
+    reserved = offload_reserved_bytes(model.config, len(model.layer_ids), slots, max_len, e)
+    return fit_budget(model, gib(gpu_memory_gib), device=device,
+                      reserved_bytes=reserved), reserved
+
+
 def move_resident(model: OPTModel, device: torch.device | str) -> None:
     """``model.to(device)`` for everything but the offloaded weights (meta tensors, which
     cannot move)."""
@@ -316,7 +333,7 @@ def budget_report(model: OPTModel, offloaded: list[int], selector, *, budget_byt
     batch 1): GPU bytes (resident weights + ``reserved_bytes``), host record bytes and host
     bytes read per token at the selector's densities."""
     config = model.config
-    e = next(model.parameters()).element_size()
+    e = next(p for p in model.parameters() if not p.is_meta).element_size()
     layout = RecordLayout.of(config)
     gpu = _nbytes(p for p in model.parameters() if not p.is_meta) + reserved_bytes
     densities = {lid: expected_density(selector, lid, config) for lid in offloaded}

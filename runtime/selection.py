@@ -215,7 +215,7 @@ def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = 
                                      "[sparsity] predictors")
             return None
     preds = PredictorSet.load(path, model, device=device)
-    param = next(model.parameters())
+    param = next(p for p in model.parameters() if not p.is_meta)  # not an offloaded weight
     preds.to(param.device, param.dtype)
     recall = getattr(sparsity, "mlp_recall", None)
     config = SelectionConfig(mlp_density=sparsity.mlp_density,

@@ -38,6 +38,9 @@ def generate(
                                 help="run through a pipeline of N worker processes"),
     connect: str = typer.Option(None, "--connect",
                                 help="run through a running launch at this client address"),
+    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
+                                         help="GPU memory per worker (GiB); layers beyond it "
+                                         "are offloaded to host memory (float16/bfloat16)"),
 ) -> None:
     """Generate a continuation of one prompt (streams text; --json prints one object)."""
     from dejavu.runtime.settings import load_settings
@@ -48,6 +51,7 @@ def generate(
             "model.path": model, "model.device": device, "model.dtype": dtype,
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
             "generation.top_p": top_p, "generation.top_k": top_k, "generation.seed": seed,
+            "pipeline.gpu_memory_gib": gpu_memory_gib,
         })
         request = GenerateRequest(prompt, prompt_ids, tuple(stop or ()))
         if workers is not None or connect is not None:  # the pipeline (scheduler/)
@@ -178,6 +182,9 @@ def serve(
     served_model_name: str = typer.Option(None, "--served-model-name",
                                           help="the model name clients use (default --model)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
+                                         help="GPU memory per worker (GiB); layers beyond it "
+                                         "are offloaded to host memory (float16/bfloat16)"),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, metrics)."""
     from dejavu.runtime.checkpoint import CheckpointError
@@ -187,7 +194,8 @@ def serve(
 
     try:
         settings = load_settings(config, {"model.path": model, "serve.host": host,
-                                          "serve.port": port, "pipeline.workers": workers})
+                                          "serve.port": port, "pipeline.workers": workers,
+                                          "pipeline.gpu_memory_gib": gpu_memory_gib})
         run_server(settings, options_from_settings(
             settings, api_key=api_key, max_batch=max_batch, model_name=served_model_name,
             connect=connect))
@@ -283,6 +291,9 @@ def launch(
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
     debug_fault: list[str] = typer.Option(None, "--debug-fault", hidden=True,
                                           help="tests only: worker=W,action=A[,step=K]..."),
+    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
+                                         help="GPU memory per worker (GiB); layers beyond it "
+                                         "are offloaded to host memory (float16/bfloat16)"),
 ) -> None:
     """Start the scheduler and N workers in the foreground (Ctrl-C stops them cleanly)."""
     import sys
@@ -295,7 +306,8 @@ def launch(
 
     try:
         settings = load_settings(config, {"model.path": model, "pipeline.workers": workers,
-                                          "pipeline.run_dir": run_dir})
+                                          "pipeline.run_dir": run_dir,
+                                          "pipeline.gpu_memory_gib": gpu_memory_gib})
         faults = [parse_fault(spec) for spec in debug_fault or ()]
         cluster_config = from_settings(settings, faults=faults or None)
     except (SettingsError, PipelineConfigError, ValueError) as exc:
@@ -329,6 +341,9 @@ def chat(
     temperature: float = typer.Option(None, "--temperature", help="0 = greedy"),
     seed: int = typer.Option(None, "--seed"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
+                                         help="GPU memory per worker (GiB); layers beyond it "
+                                         "are offloaded to host memory (float16/bfloat16)"),
 ) -> None:
     """Chat in the terminal, streaming answers from the pipeline (/reset, /stats, /quit)."""
     from dejavu.runtime.settings import load_settings
@@ -338,7 +353,7 @@ def chat(
         settings = load_settings(config, {
             "model.path": model, "pipeline.workers": workers,
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
-            "generation.seed": seed})
+            "generation.seed": seed, "pipeline.gpu_memory_gib": gpu_memory_gib})
         code = start_chat(settings, connect=connect, workers=workers, template=template)
     except PIPELINE_ERRORS as exc:
         raise _user_error(exc) from None

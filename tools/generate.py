@@ -140,18 +140,47 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
 
     from dejavu.runtime.engine import Engine  # the engine pulls in the scheduler
 
-    model = load_model(model_dir, dtype=settings.model.dtype, device=device,
+    budget = settings.pipeline.gpu_memory_gib  # the in-process engine is one worker
+    max_len = len(ids) + params.max_new_tokens
+    # With a budget the weights are read into host memory first; what fits then moves.
+    model = load_model(model_dir, dtype=settings.model.dtype,
+                       device="cpu" if budget is not None else device,
                        progress=_progress_bar(err))
+    if budget is not None:
+        from dejavu.runtime.offload import fit_gib
+        from dejavu.runtime.weight_store import PlacementError
+
+        try:
+            offloaded, reserved = fit_gib(model, budget, device=device, slots=1,
+                                          max_len=max_len)
+        except PlacementError as exc:
+            raise GenerateError(f"--gpu-memory-gib: {exc}") from None
     # --sparse / --dense / neither (then [sparsity]: sparse when predictors are found).
-    selector = selector_from_settings(settings.sparsity, model, model_dir, sparse=sparse)
-    engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + params.max_new_tokens,
-                    selector=selector)
+    selector = selector_from_settings(settings.sparsity, model, model_dir, sparse=sparse,
+                                      device=device)
+    offload = None
+    if budget is not None:
+        from dejavu.runtime.offload import budget_report, describe_report, offload_selector
+        from dejavu.runtime.weight_store import gib
+
+        selector = offload_selector(selector, offloaded, model.config)
+        offload = budget_report(model, offloaded, selector, budget_bytes=gib(budget),
+                                reserved_bytes=reserved)
+        err.write(f"gpu_memory_gib {budget:g}: {describe_report(offload)}\n")
+    engine = Engine(model, tokenizer, max_batch=1, max_len=max_len, selector=selector)
     with torch.inference_mode():
         result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
     if selector is not None:
         stats = engine.stage.sparse_stats
         result["sparsity"] = {"mlp_density": stats.mlp_density,
                               "head_density": stats.head_density}
+    if offload is not None:
+        from dejavu.runtime.offload import host_bytes_read
+
+        result["offload"] = {"offloaded_layers": offload["offloaded_layers"],
+                             "expected_gpu_bytes": offload["gpu_bytes"],
+                             "expected_host_bytes_per_token": offload["host_bytes_per_step"],
+                             "host_bytes_read": host_bytes_read(model)}
     finish_output(result, out, as_json=as_json)
     return result
 

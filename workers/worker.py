@@ -107,8 +107,11 @@ class Worker:
                            device="cpu" if budgeted else setup.device)
         self.config = model.config
         offloaded: list[int] = []
-        if budgeted:
-            offloaded, reserved = self._fit_budget(model, setup)
+        if budgeted:  # the planner's reserve for cache and activations: plan and worker agree
+            from dejavu.runtime.offload import fit_gib
+
+            offloaded, reserved = fit_gib(model, setup.gpu_memory_gib, device=setup.device,
+                                          slots=setup.slots, max_len=setup.max_len)
         selector = None
         if setup.sparsity is not None:
             from dejavu.runtime.selection import selector_from_settings
@@ -122,10 +125,11 @@ class Worker:
         report = None
         if budgeted:
             from dejavu.runtime.offload import budget_report, describe_report, offload_selector
+            from dejavu.runtime.weight_store import gib
 
             selector = offload_selector(selector, offloaded, model.config)
             report = budget_report(model, offloaded, selector,
-                                   budget_bytes=int(setup.gpu_memory_gib * 2**30),
+                                   budget_bytes=gib(setup.gpu_memory_gib),
                                    reserved_bytes=reserved)
             log.info("worker %d: %s", self.index, describe_report(report))
         self.model = model
@@ -159,19 +163,6 @@ class Worker:
         self._send(wire.Ready(self.index, setup.layers, setup.device, params, cache.nbytes(),
                               time.perf_counter() - started, **extra))
 
-    def _fit_budget(self, model, setup: wire.Setup) -> tuple[list[int], int]:
-        """Offload the layers that do not fit ``setup.gpu_memory_gib`` next to the KV cache
-        and an activation margin (the planner's figures, so that plan and worker agree);
-        move the rest to the device. Returns (offloaded layer ids, reserved bytes)."""
-        from dejavu.runtime.offload import fit_budget
-        from dejavu.scheduler.planner import offload_reserved_bytes
-
-        dtype_bytes = wire.DTYPES[setup.dtype].itemsize
-        reserved = offload_reserved_bytes(model.config, len(model.layer_ids), setup.slots,
-                                          setup.max_len, dtype_bytes)
-        offloaded = fit_budget(model, int(setup.gpu_memory_gib * 2**30), device=setup.device,
-                               reserved_bytes=reserved)
-        return offloaded, reserved
 
     # --- serving ---------------------------------------------------------------------------
 

@@ -86,8 +86,23 @@ def build_client(settings, options: ServeOptions):
     from dejavu.runtime.engine import Engine
     from dejavu.scheduler.client import LocalClient
 
-    model = load_model(model_dir, dtype=settings.model.dtype, device=settings.model.device)
-    return LocalClient(Engine(model, tokenizer, max_batch=options.max_batch)), tokenizer
+    budget = getattr(settings.pipeline, "gpu_memory_gib", None)
+    device = settings.model.device
+    model = load_model(model_dir, dtype=settings.model.dtype,
+                       device="cpu" if budget is not None else device)
+    selector = None
+    if budget is not None:  # offload the layers that do not fit (runtime/offload.py)
+        from dejavu.runtime.offload import fit_gib, offload_selector
+        from dejavu.runtime.weight_store import PlacementError
+
+        try:
+            offloaded, _ = fit_gib(model, budget, device=device, slots=options.max_batch,
+                                   max_len=model.config.max_position_embeddings)
+        except PlacementError as exc:
+            raise ServeError(f"--gpu-memory-gib: {exc}") from None
+        selector = offload_selector(None, offloaded, model.config)
+    return LocalClient(Engine(model, tokenizer, max_batch=options.max_batch,
+                              selector=selector)), tokenizer
 
 
 def make_app(client, tokenizer, options: ServeOptions, model_name: str, *,
