@@ -278,13 +278,21 @@ def _check_table(name: str, t: NeuronRows, c: int, dtype: torch.dtype) -> None:
 def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | None = None,
                bias2: Tensor | None = None, residual: Tensor | None = None,
                block_n: int = 16, block_c: int = 256, num_warps: int = 4,
-               num_stages: int = 3, split_c: int = 0, count: Tensor | None = None) -> Tensor:
+               num_stages: int = 3, split_c: int = 0, count: Tensor | None = None,
+               chained: bool = False, block_n2: int | None = None,
+               split_c2: int | None = None, workspace: Tensor | None = None) -> Tensor:
     """``residual + bias2 + sum_n relu(x W1[n] + b1[n]) W2t[n]`` over the selected neurons.
 
-    split_c > 0 runs two kernels whose programs each take one [block_n, split_c] tile
-    (fc1, then fc2), instead of one fused kernel looping over C: more loads in flight.
+    Three schedules of the same math:
+      - chained=True (the fast one, mlp_chained.py): one launch; fc1 tiles of
+        [block_n, split_c], fc2 tiles of [block_n2, split_c2] (defaults: the fc1 sizes)
+        chained on them by device counters, the epilogue done by the last fc2 tile of each
+        column chunk. ``workspace`` (mlp_chained.mlp_workspace) saves the per-call memset;
+      - split_c > 0: fc1 and fc2 as two kernels of one [block_n, split_c] tile per program,
+        then a finalize kernel (four launches with the memset);
+      - otherwise one kernel whose programs loop over C (fc1, then fc2) for block_n neurons.
     count: [1] int32 on the device, the number of valid entries at the front of locs
-    (selections compacted on the GPU, no host sync); requires split_c.
+    (selections compacted on the GPU, no host sync); requires split_c or chained.
 
     x: [B, C] fp16/bf16, 1 <= B <= 16. rows: the resident table; host: the optional host
     table (same strides; mapped pinned memory on a GPU). locs: [K] int32/int64 on x's
@@ -310,8 +318,10 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
                          f"{tuple(locs.shape)}")
     if locs.device != x.device or rows.w1.device != x.device:
         raise ValueError("x, locs and the resident table must be on the same device")
-    if count is not None and not split_c:
-        raise ValueError("count needs the split kernels (split_c > 0)")
+    if count is not None and not (split_c or chained):
+        raise ValueError("count needs the split or chained kernels (split_c > 0 or chained)")
+    if workspace is not None and not chained:
+        raise ValueError("workspace is for the chained kernel (chained=True)")
     # Range check only where it is cheap (CPU); on a GPU it would synchronise.
     valid = locs if count is None or locs.device.type != "cpu" else locs[: int(count.max())]
     if locs.device.type == "cpu" and valid.numel():
@@ -320,6 +330,13 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
             raise ValueError(f"locs out of range [{lo}, {rows.w1.shape[0]})")
 
     k = locs.numel()
+    if chained and k:
+        from .mlp_chained import launch_chained
+        sc = split_c or block_c
+        return launch_chained(x, rows, locs, host, bias2, residual, count, block_n=block_n,
+                              split_c=sc, block_n2=block_n2 or block_n,
+                              split_c2=split_c2 or sc, num_warps=num_warps,
+                              workspace=workspace, dot_fp32=interpreting())
     # One zeroed buffer for the output sums and (split path) the pre-activations: one
     # memset, not two.
     scratch = torch.zeros(b * c + (b * k if split_c else 0), dtype=torch.float32,

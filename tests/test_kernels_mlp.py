@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from dejavu.kernels.mlp_chained import mlp_workspace  # noqa: E402
 from dejavu.kernels.sparse_mlp import NeuronRows, sparse_mlp, sparse_mlp_reference  # noqa: E402
 from dejavu.runtime.weight_store import RecordLayout, neuron_rows, pack_neurons  # noqa: E402
 
@@ -89,6 +90,70 @@ def test_split_kernels_with_device_count_and_host_table():
     with pytest.raises(ValueError, match="split"):
         sparse_mlp(x.to(DEVICE), neuron_rows(rec.to(DEVICE), c), locs.to(DEVICE),
                    count=count.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,c,f,k,n2,c2", [(1, 40, 23, 9, 16, 16), (1, 131, 97, 61, 32, 64),
+                                           (3, 67, 53, 37, 32, 16), (16, 48, 64, 64, 16, 32)])
+def test_chained_kernel_matches_reference(dtype, b, c, f, k, n2, c2):
+    # One launch: fc1 tiles, fc2 tiles waiting on device counters, the epilogue by the last
+    # fc2 tile of each column chunk. Irregular C and K leave partial tiles on both axes.
+    x, w1, b1, w2t, b2 = make(b, c, f, dtype, seed=5 + b)
+    idx = torch.randperm(f, generator=torch.Generator().manual_seed(k))[:k].int().to(DEVICE)
+    res = torch.randn(b, c).to(dtype).to(DEVICE)
+    out = sparse_mlp(x, NeuronRows(w1, w2t, b1), idx, bias2=b2, residual=res, chained=True,
+                     block_n=16, split_c=32, block_n2=n2, split_c2=c2)
+    assert out.shape == (b, c) and out.dtype == dtype
+    assert rel_err(out, sparse_mlp_reference(x, w1, b1, w2t, idx, b2, res)) < TOL[dtype]
+
+
+def test_chained_kernel_workspace_is_left_zero_and_reused():
+    # A caller-owned workspace saves the per-call memset only if every call leaves it zero:
+    # reuse one across calls of different batch, selection size and block shapes.
+    dtype = torch.float16
+    c, f = 72, 90
+    x, w1, b1, w2t, b2 = make(16, c, f, dtype, seed=9)
+    rows = NeuronRows(w1, w2t, b1)
+    ws = mlp_workspace(16, c, f, DEVICE)
+    for b, k, n1, n2, c2 in [(1, 50, 16, 32, 16), (5, 90, 16, 16, 64), (1, 7, 32, 64, 32),
+                             (16, 33, 16, 16, 16)]:
+        idx = torch.randperm(f, generator=torch.Generator().manual_seed(b + k))[:k]
+        idx = idx.int().to(DEVICE)
+        out = sparse_mlp(x[:b], rows, idx, bias2=b2, chained=True, block_n=n1, split_c=16,
+                         block_n2=n2, split_c2=c2, workspace=ws)
+        assert rel_err(out, sparse_mlp_reference(x[:b], w1, b1, w2t, idx, b2)) < TOL[dtype]
+        assert int(torch.count_nonzero(ws)) == 0, f"workspace dirty after b={b} k={k}"
+    with pytest.raises(ValueError, match="workspace"):
+        sparse_mlp(x, rows, idx, chained=True, workspace=ws[:10])
+    with pytest.raises(ValueError, match="workspace"):
+        sparse_mlp(x, rows, idx, split_c=16, workspace=ws)
+    with pytest.raises(ValueError, match="block_n2"):
+        sparse_mlp(x, rows, idx, chained=True, block_n=32, block_n2=16)
+    with pytest.raises(ValueError, match="power of two"):
+        sparse_mlp(x, rows, idx, chained=True, block_n=24)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_chained_kernel_with_device_count_and_host_table(b):
+    # Only the first `count` locs are valid; half the rows come from the host table. A
+    # count of zero leaves residual + bias2.
+    dtype = torch.float16
+    c, f = 48, 31
+    x, w1, b1, w2t, b2 = make(b, c, f, dtype, device="cpu", seed=4)
+    lay = RecordLayout(hidden=c, ffn=f, heads=4)
+    rec = pack_neurons(w1, b1, w2t.T, torch.empty(f, lay.neuron_len, dtype=dtype))
+    hot = torch.tensor([1, 8, 30])
+    sel = torch.tensor([8, 2, 30, 17, 5])
+    locs = torch.tensor([1, -3, 2, -18, -6, 0, 2, -1], dtype=torch.int32)  # 3 garbage
+    res = torch.randn(b, c).to(dtype)
+    args = (x.to(DEVICE), neuron_rows(rec[hot].clone().to(DEVICE), c), locs.to(DEVICE))
+    kw = dict(host=neuron_rows(rec.to(DEVICE), c), bias2=b2.to(DEVICE),
+              residual=res.to(DEVICE), chained=True, block_n=16, split_c=16)
+    out = sparse_mlp(*args, count=torch.tensor([5], dtype=torch.int32, device=DEVICE), **kw)
+    ref = sparse_mlp_reference(x, w1, b1, w2t, sel, b2, res)
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+    out = sparse_mlp(*args, count=torch.zeros(1, dtype=torch.int32, device=DEVICE), **kw)
+    torch.testing.assert_close(out.cpu(), (res.float() + b2.float()).to(dtype))
 
 
 def test_reference_equals_dense_mlp_when_all_neurons_selected():
@@ -170,3 +235,39 @@ def test_gpu_opt_shapes_and_mapped_host_rows(dtype, b):
     empty = neuron_rows(torch.empty(0, lay.neuron_len, dtype=dtype, device="cuda"), c)
     out = sparse_mlp(x, empty, -idx - 1, host=mapped, bias2=b2)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 3, 16])
+def test_gpu_chained_kernel_repeats_exactly_enough(dtype, b):
+    # The chained kernel orders programs through device counters: a missing acquire or
+    # release shows as an error that moves between runs or a dirty workspace. Run it many
+    # times on OPT-like sizes, resident and mapped host rows, with and without a workspace.
+    from dejavu.kernels.host_memory import device_view
+    c, f, k = 1040, 4099, 411
+    x, w1, b1, w2t, b2 = make(b, c, f, dtype, seed=b)
+    res = torch.randn(b, c, device="cuda").to(dtype)
+    idx = torch.randperm(f, device="cuda")[:k].int()
+    ref = sparse_mlp_reference(x, w1, b1, w2t, idx, b2, res)
+    ws = mlp_workspace(16, c, f, "cuda")
+    lay = RecordLayout(hidden=c, ffn=f, heads=8)
+    rec = torch.empty(f, lay.neuron_len, dtype=dtype, pin_memory=True)
+    pack_neurons(w1.cpu(), b1.cpu(), w2t.T.cpu(), rec)
+    mapped = neuron_rows(device_view(rec), c)
+    empty = neuron_rows(torch.empty(0, lay.neuron_len, dtype=dtype, device="cuda"), c)
+    for cfg in ({"block_n": 32, "split_c": 256}, {"block_n": 16, "split_c": 128,
+                                                  "block_n2": 64, "split_c2": 64}):
+        errs = []
+        for i in range(20):
+            out = sparse_mlp(x, NeuronRows(w1, w2t, b1), idx, bias2=b2, residual=res,
+                             chained=True, workspace=ws if i % 2 else None, **cfg)
+            errs.append(rel_err(out, ref))
+        assert max(errs) < TOL[dtype], errs
+        assert max(errs) - min(errs) < 0.1 * TOL[dtype], errs
+        torch.cuda.synchronize()
+        assert int(torch.count_nonzero(ws)) == 0
+        out = sparse_mlp(x, empty, -idx - 1, host=mapped, bias2=b2, residual=res,
+                         chained=True, workspace=ws, **cfg)
+        assert rel_err(out, ref) < TOL[dtype]

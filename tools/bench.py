@@ -37,14 +37,25 @@ from .bench_common import (
 
 DENSITIES = [0.05, 0.10, 0.25, 0.50, 1.0]
 MLP_TUNE = [
-    {"block_n": 16, "block_c": 512, "num_warps": 8},  # fused, loops over C
-    {"block_n": 8, "block_c": 512, "num_warps": 4},  # fused, batch 1 multiply-reduce
-    {"block_n": 16, "split_c": 256, "num_warps": 4},  # split: one tile per program
-    {"block_n": 16, "split_c": 512, "num_warps": 4},
-    {"block_n": 32, "split_c": 256, "num_warps": 4},
-    {"block_n": 32, "split_c": 512, "num_warps": 8},
+    # before (2026-11-27): the looped kernel, then the split kernels' best shapes on an H200
+    {"block_n": 16, "block_c": 512, "num_warps": 8},  # one kernel, loops over C
+    {"block_n": 32, "split_c": 256, "num_warps": 4},  # fc1, fc2, finalize: 3 kernels
     {"block_n": 64, "split_c": 256, "num_warps": 8},
-    {"block_n": 128, "split_c": 256, "num_warps": 8},
+    # chained: one kernel (fc1 tiles [block_n, split_c], fc2 tiles [block_n2, split_c2]);
+    # the tuner also times its best one with a workspace (no memset)
+    {"chained": True, "block_n": 32, "split_c": 256, "num_warps": 4},
+    {"chained": True, "block_n": 16, "split_c": 512, "block_n2": 32, "split_c2": 256,
+     "num_warps": 4},
+    {"chained": True, "block_n": 32, "split_c": 256, "block_n2": 64, "split_c2": 128,
+     "num_warps": 4},
+    {"chained": True, "block_n": 32, "split_c": 256, "block_n2": 128, "split_c2": 128,
+     "num_warps": 8},
+    {"chained": True, "block_n": 64, "split_c": 256, "block_n2": 64, "split_c2": 256,
+     "num_warps": 8},
+    {"chained": True, "block_n": 32, "split_c": 512, "block_n2": 32, "split_c2": 512,
+     "num_warps": 8},
+    {"chained": True, "block_n": 16, "split_c": 256, "block_n2": 64, "split_c2": 64,
+     "num_warps": 4},
 ]
 KEYS = [
     "mlp_kernel_speedup_10pct_opt13b", "mlp_kernel_hbm_fraction_10pct_opt13b",
@@ -161,7 +172,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         shape = args["shape"]
         try:
             if scenario == "tune":
-                configs = MLP_TUNE if not opts.small else MLP_TUNE[1:2] + MLP_TUNE[3:4]
+                configs = MLP_TUNE if not opts.small else [
+                    {"block_n": 16, "split_c": 32, "num_warps": 4},
+                    {"chained": True, "block_n": 16, "split_c": 32, "num_warps": 4}]
                 out = tune_mlp(shape, device, configs, batches=(1, 3) if opts.small else (1, 8))
                 for b in (1, 3, 8):
                     if f"best_batch{b}" in out:
@@ -180,8 +193,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                     mlp_cfg=tuned.get(1), attn_cfg=attn_cfg,
                                     hf=cuda() or opts.small)
             elif scenario == "offload":
+                # The offload layers own no MLP workspace: their calls keep the memset.
                 out = offload_case(shape, device, bench_layers=args["layers"], h2d=h2d,
-                                   batches=(1, 8), mlp_cfgs=tuned,
+                                   batches=(1, 8), mlp_cfgs={
+                                       b: {k: v for k, v in cfg.items() if k != "workspace"}
+                                       for b, cfg in tuned.items()},
                                    budget_gib=None if opts.small else 24.0)
             elif scenario == "accelerate":
                 if not cuda():

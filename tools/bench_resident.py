@@ -21,10 +21,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..kernels.mlp_chained import mlp_workspace
 from ..kernels.select import threshold_select
 from ..kernels.sparse_attention import HeadRows, decode_attention, sparse_attention
 from ..kernels.sparse_mlp import NeuronRows, sparse_mlp
 from .bench_common import Shape, cuda, time_eager, time_graph
+from .bench_kernels import mlp_kwargs
 
 CONTEXT = 512
 PREDICTOR_RANK = 128  # the MLP predictor rank `train-predictors` defaults to
@@ -92,7 +94,8 @@ def _ours_resident(s: Shape, device: str, hbm: float | None, mlp_density: float,
     kn, kh = max(1, round(mlp_density * s.ffn)), max(1, round(head_density * h))
     fixed = [(torch.randperm(s.ffn, device=device)[:kn].int(),
               torch.randperm(h, device=device)[:kh].int()) for _ in range(n)]
-    mlp_cfg = dict(mlp_cfg or {})
+    # One workspace serves every layer's chained MLP (one stream, calls in order).
+    mlp_cfg = mlp_kwargs(dict(mlp_cfg or {}), mlp_workspace(1, c, s.ffn, device))
 
     def views(w):
         return (HeadRows(w["wqkv"].view(3, h, d, c), w["bqkv"].view(3, h, d),
@@ -113,8 +116,9 @@ def _ours_resident(s: Shape, device: str, hbm: float | None, mlp_density: float,
             x = x + torch.relu(F.linear(a, w["w1"], w["b1"])) @ w["w2t"] + w["b2"]
         return F.linear(x, lm_head)
 
-    split_cfg = mlp_cfg if mlp_cfg.get("split_c") else {"block_n": 16, "split_c": 512,
-                                                         "num_warps": 4}
+    # A device-side count needs the split or the chained kernels.
+    split_cfg = mlp_cfg if mlp_cfg.get("split_c") or mlp_cfg.get("chained") else {
+        "block_n": 16, "split_c": 512, "num_warps": 4}
     thresholds: list[float] = []
     capacity = min(s.ffn, 2 * kn)
 
