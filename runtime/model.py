@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import masked_attention
+from .attention import decode_attention_in_place, masked_attention
 from .opt_config import POSITION_OFFSET, OPTConfig
 from .sparse import complete_kv, sparse_attention, sparse_mlp
 
@@ -99,6 +99,9 @@ class Batch:
     # Cached positions this step attends over (max position + 1). The caller knows it on
     # the host; left None it is read from ``positions``, a device sync per layer.
     length: int | None = None
+    # Under CUDA-graph capture (runtime/graphs.py): one token per row, and nothing may
+    # depend on the data's values on the host, so attention reads the cache in place.
+    fixed_shape: bool = False
 
     def attended_length(self) -> int:
         if self.length is None:
@@ -159,6 +162,8 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, layer_id: int, batch: Batc
     # Advanced indices split by a slice put their dims first: the target is [B, T, H, D].
     cache_k[rows, :, pos] = k.transpose(1, 2).to(cache_k.dtype)
     cache_v[rows, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
+    if batch.fixed_shape:
+        return decode_attention_in_place(q, cache_k, cache_v, batch.slots, pos)
     length = batch.attended_length()
     keys = cache_k[batch.slots, :, :length]  # [B, H, L, D]
     values = cache_v[batch.slots, :, :length]

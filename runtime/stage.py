@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .graphs import DecodeGraphs
 from .model import Batch, KVCache, OPTModel
 from .sampling import new_generator, sample, top_logprobs
 from .sparse import Selector, SparseContext, SparseStats
@@ -19,7 +20,8 @@ from .step import Row, Step, StepResult, TokenResult
 
 
 class Stage:
-    def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None = None) -> None:
+    def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None = None,
+                 *, cuda_graphs: bool = True) -> None:
         self.model = model
         self.cache = cache
         # Offloaded layers' big weights are meta tensors (runtime/offload.py): skip them.
@@ -30,6 +32,8 @@ class Stage:
         self.selector = selector
         self.sparse_stats = SparseStats()
         self.carry_out: Tensor | None = None
+        # Dense decode steps on a GPU replay captured CUDA graphs (runtime/graphs.py).
+        self.graphs = DecodeGraphs(model, cache) if cuda_graphs else None
 
     def batch(self, step: Step) -> tuple[Tensor, Batch]:
         """Token ids [B, T] (padded with 0) and where each row sits. Padding positions are
@@ -57,6 +61,9 @@ class Stage:
         """Token ids in (first stage) or the previous stage's hidden [B, T, C]; returns this
         span's output hidden [B, T, C]."""
         self.release(step.release)
+        if self.graphs is not None and self.graphs.accepts(step, self.selector is not None):
+            self.carry_out = None
+            return self.graphs.forward(step, hidden)
         ids, batch = self.batch(step)
         if self.model.is_first:
             hidden = self.model.embed(ids, batch.positions)

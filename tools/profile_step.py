@@ -8,7 +8,8 @@ A random-weight model of the named shape is built on the device; each batch row 
 synchronised around each timed loop. Three numbers per batch size:
 
 - ``stage_ms``: ``Stage.run`` (host batch tensors, forward, LM head, sampling): what a
-  worker spends per step;
+  worker spends per step, with decode CUDA graphs (runtime/graphs.py) and without
+  (``stage_eager_ms``);
 - ``forward_ms``: ``OPTModel.run_layers`` on a ready-made batch (no host tensors, no
   sampling);
 - ``matmul_ms``: the layers' weight matmuls alone, the floor any step pays.
@@ -62,16 +63,17 @@ def build(shape: str, device: torch.device, dtype: torch.dtype) -> OPTModel:
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
-                  out: Path | None) -> dict:
-    max_len = PROMPT + 3 * steps + 16
-    stage = Stage(model, allocate_cache(model, batch, max_len))
+def _stage_loop(model: OPTModel, batch: int, steps: int, device: torch.device, *,
+                graphs: bool):
+    """Seconds per decode step of ``Stage.run`` after a prompt and a warm-up; also returns
+    the stage and its step function, for the profiler."""
+    max_len = PROMPT + steps + 128
+    stage = Stage(model, allocate_cache(model, batch, max_len), cuda_graphs=graphs)
     params = SamplingParams(max_new_tokens=max_len, ignore_eos=True)
     rows = [Row(f"r{b}", b, [2] + [(7 * b + j) % 1000 + 3 for j in range(PROMPT - 1)], 0,
                 True, params) for b in range(batch)]
-    result = stage.run(Step(0, rows))
+    last = {r.request_id: r.token for r in stage.run(Step(0, rows)).results}
     pos = PROMPT
-    last = {r.request_id: r.token for r in result.results}
 
     def decode(i: int) -> None:
         nonlocal pos
@@ -83,8 +85,15 @@ def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
 
     for i in range(3):
         decode(i)
-    stage_s = _timed(decode, steps, device)
+    return _timed(decode, steps, device), stage, decode
 
+
+def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
+                  out: Path | None) -> dict:
+    eager_s, _, _ = _stage_loop(model, batch, steps, device, graphs=False)
+    stage_s, stage, decode = _stage_loop(model, batch, steps, device, graphs=True)
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    pos = PROMPT + steps + 3
     # The model's forward alone on a fixed decode batch (rewrites one position).
     ids, b = stage.batch(Step(0, [Row(f"r{i}", i, [5], pos, True, params)
                                   for i in range(batch)]))
@@ -103,6 +112,7 @@ def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
         matmul_s = _timed(matmuls, steps, device)
 
     row = {"batch": batch, "stage_ms": round(stage_s * 1e3, 3),
+           "stage_eager_ms": round(eager_s * 1e3, 3), "graphs": sorted(stage.graphs.graphs),
            "forward_ms": round(forward_s * 1e3, 3), "matmul_ms": round(matmul_s * 1e3, 3)}
     if out is not None:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -114,7 +124,6 @@ def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
             _sync(device)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         (out / f"profile-b{batch}.txt").write_text(table)
-        prof.export_chrome_trace(str(out / f"trace-b{batch}.json"))
     return row
 
 

@@ -1,0 +1,117 @@
+"""CUDA-graph decode (runtime/graphs.py): the capturable forward equals the eager one, and
+the stage replays graphs only for steps they are valid for.
+
+On the CPU the capturable forward (``Batch.fixed_shape``: attention through the decode
+kernel, reading the cache in place) runs eagerly in Triton's interpreter; the capture and
+replay themselves are GPU tests.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dejavu.runtime.graphs import DecodeGraphs, bucket  # noqa: E402
+from dejavu.runtime.model import Batch, OPTModel  # noqa: E402
+from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
+from dejavu.runtime.sampling import SamplingParams  # noqa: E402
+from dejavu.runtime.stage import Stage, allocate_cache  # noqa: E402
+from dejavu.runtime.step import Row, Step  # noqa: E402
+
+GREEDY = SamplingParams(max_new_tokens=64, ignore_eos=True)
+
+
+def tiny(dtype, device="cpu", *, pre_ln=True, seed=0):
+    config = OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=160, num_hidden_layers=2,
+                       vocab_size=300, max_position_embeddings=64, word_embed_proj_dim=64,
+                       do_layer_norm_before=pre_ln)
+    model = OPTModel(config)
+    model.init_weights(torch.Generator().manual_seed(seed), std=0.1)
+    with torch.no_grad():  # non-trivial norms and biases, so a dropped one shows
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def test_bucket():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_fixed_shape_forward_equals_eager(dtype, pre_ln):
+    """Rows at different positions (one a reused slot with stale entries beyond its own
+    length): the in-place decode attention equals the gathered, masked one."""
+    model = tiny(dtype, pre_ln=pre_ln)
+    config = model.config
+    eager_cache = allocate_cache(model, 4, 32)
+    g = torch.Generator().manual_seed(3)
+    # Fill the cache with a common history (including garbage past each row's end).
+    eager_cache.k.copy_(torch.randn(eager_cache.k.shape, generator=g).to(dtype))
+    eager_cache.v.copy_(torch.randn(eager_cache.v.shape, generator=g).to(dtype))
+    fixed_cache = allocate_cache(model, 4, 32)
+    fixed_cache.k.copy_(eager_cache.k)
+    fixed_cache.v.copy_(eager_cache.v)
+    slots = torch.tensor([2, 0, 3])
+    positions = torch.tensor([[5], [17], [0]])
+    h = torch.randn(3, 1, config.hidden_size, generator=g).to(dtype)
+    with torch.inference_mode():
+        want = model.run_layers(h, Batch(positions, slots, eager_cache))
+        got = model.run_layers(h, Batch(positions, slots, fixed_cache, fixed_shape=True))
+    err = float((got.float() - want.float()).norm() / want.float().norm())
+    assert err < (5e-3 if dtype == torch.float16 else 3e-2)
+    # The first layer's keys and values come from the same ops on both paths.
+    assert torch.equal(fixed_cache.k[0], eager_cache.k[0])
+    assert torch.equal(fixed_cache.v[0], eager_cache.v[0])
+
+
+def test_graphs_off_where_they_do_not_apply():
+    model = tiny(torch.float16)
+    stage = Stage(model, allocate_cache(model, 4, 32))
+    assert not stage.graphs.enabled  # the CPU
+    decode = Step(1, [Row("a", 0, [5], 3, True, GREEDY)])
+    prefill = Step(1, [Row("a", 0, [5, 6], 3, True, GREEDY)])
+    scored = Step(1, [Row("a", 0, [5], 3, True, GREEDY, score=True)])
+    graphs = DecodeGraphs(model, allocate_cache(model, 4, 32))
+    graphs.enabled = True  # pretend: which steps would it take?
+    assert graphs.accepts(decode, sparse=False)
+    assert not graphs.accepts(decode, sparse=True)
+    assert not graphs.accepts(prefill, sparse=False)
+    assert not graphs.accepts(scored, sparse=False)
+    keep = DecodeGraphs(model, allocate_cache(model, 4, 32, keep_inputs=True))
+    assert not keep.enabled  # a cache shared with sparse steps recomputes K/V on the host
+
+
+def _decode(stage: Stage, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Teacher-forced decode (token 5 + step every time, so both stages see the same
+    inputs whatever they would sample): each step's output hidden states."""
+    rows = [Row(f"r{i}", i, p, 0, True, GREEDY) for i, p in enumerate(prompts)]
+    stage.forward(Step(0, rows))
+    outs = []
+    for s in range(steps):
+        # Rows drop out as the steps go on, so the batch size (and bucket) changes.
+        live = [i for i in range(len(prompts)) if s < steps - 2 * i]
+        step = Step(s + 1, [Row(f"r{i}", i, [5 + s], len(prompts[i]) + s, True, GREEDY)
+                            for i in live])
+        outs.append(stage.forward(step).float())
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_graph_replay_equals_eager_stage(dtype):
+    model = tiny(dtype, "cuda")
+    prompts = [[2, 7, 9, 11], [2, 5], [2, 8, 8, 8, 8, 8, 1], [2, 3, 4]]
+    eager = _decode(Stage(model, allocate_cache(model, 4, 48), cuda_graphs=False), prompts, 20)
+    stage = Stage(model, allocate_cache(model, 4, 48))
+    graphed = _decode(stage, prompts, 20)
+    assert stage.graphs.enabled and set(stage.graphs.graphs) == {1, 2, 4}
+    tol = 5e-3 if dtype == torch.float16 else 3e-2
+    for want, got in zip(eager, graphed, strict=True):
+        assert got.shape == want.shape
+        assert float((got - want).norm() / want.norm()) < tol
