@@ -1,13 +1,28 @@
 """Pipeline benchmark: tokens/s for 1 and 8 concurrent streams through 1, 2 and 4 workers,
-with per-stage compute and per-hop transfer times, on whatever devices the machine has.
+with per-stage compute and per-hop transfer times, on whatever devices the machine has;
+optionally with a GPU budget per worker that offloads layers to pinned host memory.
 
     python -m dejavu.tools.bench_pipeline --shape opt-1.3b --workers 1,2,4 --out bench/results
+    python -m dejavu.tools.bench_pipeline --shape opt-30b --workers 4 --gpu-memory-gib 10 \\
+        --dtype float16 --select random:0.1 --checkpoint-dir /data/opt-30b-random
 
-A random-weight checkpoint of the named OPT shape is written to a temporary directory
-(or ``--model DIR`` is used). Each configuration starts a real ``launch`` (scheduler and
-worker processes over ZeroMQ), warms up, then times greedy decoding of ``--tokens`` new
-tokens per stream. Results: one JSON and one Markdown file named after the date and the
-device, next to the command that produced them.
+A random-weight checkpoint of the named OPT shape is written layer by layer (one
+safetensors shard per layer plus one for the embeddings, and the index; never the whole
+model in memory), to ``--checkpoint-dir`` (kept, and reused when it already holds that
+shape) or to a temporary directory; or ``--model DIR`` is used. Each worker then reads
+only its own span. Each configuration starts a real ``launch`` (scheduler and worker
+processes over ZeroMQ) with one KV-cache slot per stream, warms up, then times greedy
+decoding of ``--tokens`` new tokens per stream. ``--select random:D`` runs sparse with
+uniformly random neurons and heads at density D ([sparsity] selector = "random", a
+baseline: random weights have no predictors), so offloaded layers page only those rows.
+
+Results: one JSON and one Markdown file named after the date and the device, with the
+command. Each row has tokens/s, stage and hop ms, and with a budget the offloaded layers
+per worker, their host bytes, the bytes each worker expected to read from the host per
+token, and the bytes actually read per generated token: with the prompt's prefill (an
+offloaded layer prefills token by token) and, when --tokens exceeds the warm-up's 4, for
+decode steps alone (per stream). A configuration that cannot start (a budget
+too small for its cache, say) is a row with its error.
 
 What this measures: the pipeline as a user runs it, including the scheduler loop, the
 sockets and the device->host->device copies at each hop. It does not tune anything.
@@ -18,22 +33,26 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shutil
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from dejavu.runtime.checkpoint import save_model
-from dejavu.runtime.model import OPTModel
+from dejavu.runtime.checkpoint import INDEX_NAME, expected_shapes
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.scheduler.config import PipelineConfig
-from dejavu.scheduler.launch import Cluster
+from dejavu.scheduler.launch import Cluster, LaunchError
 from dejavu.scheduler.zmq_client import PipelineConnection
 
+# Hugging Face facebook/opt-* config.json values (hidden, layers, ffn, heads); the others
+# keep OPTConfig's defaults (vocab 50272, 2048 positions).
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=8, ffn_dim=256, num_attention_heads=4,
                  vocab_size=1024, max_position_embeddings=512),
@@ -43,38 +62,160 @@ SHAPES = {
                      num_attention_heads=32),
     "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, ffn_dim=16384,
                      num_attention_heads=32),
+    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, ffn_dim=20480,
+                    num_attention_heads=40),
+    "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, ffn_dim=28672,
+                    num_attention_heads=56),
+    "opt-66b": dict(hidden_size=9216, num_hidden_layers=64, ffn_dim=36864,
+                    num_attention_heads=72),
 }
+WARMUP = 4  # tokens per stream of the untimed first run (Triton compiles, caches fill)
+MARKER = "bench_random.json"  # written last: a checkpoint directory that has it is complete
 
 
-def random_checkpoint(shape: str, out: Path, dtype: torch.dtype) -> Path:
+def shape_config(shape: str) -> OPTConfig:
     kw = SHAPES[shape]
-    config = OPTConfig(word_embed_proj_dim=kw["hidden_size"], **kw)
-    model = OPTModel(config)
-    model.init_weights(torch.Generator().manual_seed(0))
-    return save_model(model, out, dtype=dtype)
+    return OPTConfig(word_embed_proj_dim=kw["hidden_size"], **kw)
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: str,
+                   generator: torch.Generator) -> torch.Tensor:
+    """OPTModel.init_weights' values: zero biases, unit norms, normal(0, 0.02) for matrices,
+    drawn directly in ``dtype`` on ``device`` and returned on the CPU."""
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=dtype)
+    if len(shape) == 1:  # a layer norm's weight
+        return torch.ones(shape, dtype=dtype)
+    t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
+    return t.cpu()
+
+
+def write_random_checkpoint(config: OPTConfig, out: Path, dtype: torch.dtype, *,
+                            seed: int = 0, device: str | None = None,
+                            log=lambda msg: None) -> Path:
+    """A random-weight checkpoint of ``config`` in ``out``: config.json, one shard with the
+    embeddings and final norm, one shard per decoder layer, and the index
+    (runtime/checkpoint.py's layout), written one shard at a time so that memory holds one
+    layer at most. Tensors are drawn on ``device`` (default: the GPU when there is one)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)
+    groups: dict[int, list[tuple[str, tuple[int, ...]]]] = {}  # -1: not in a layer
+    for name, shape in expected_shapes(config).items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the embedding is the head
+        layer = re.match(r"decoder\.layers\.(\d+)\.", name)
+        groups.setdefault(int(layer[1]) if layer else -1, []).append((name, shape))
+    order = sorted(groups)
+    generator = torch.Generator(device).manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    total = 0
+    started = time.perf_counter()
+    for i, group in enumerate(order, 1):
+        file = f"model-{i:05d}-of-{len(order):05d}.safetensors"
+        tensors = {}
+        for name, shape in groups[group]:
+            key = name if name.startswith("lm_head.") else f"model.{name}"
+            tensors[key] = _random_tensor(name, shape, dtype, device, generator)
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+        log(f"wrote {file} ({total / 2**30:.2f} GiB, {time.perf_counter() - started:.1f} s)")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf["tie_word_embeddings"] = config.tie_word_embeddings
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    (out / MARKER).write_text(json.dumps({"config": hf, "seed": seed}) + "\n")
+    return out
+
+
+def random_checkpoint(shape: str, out: Path, dtype: torch.dtype, log=print) -> tuple[Path, float]:
+    """``out`` holding a random ``shape`` checkpoint in ``dtype`` (reused when complete and
+    the same); returns it and the seconds spent writing (0 when reused)."""
+    config = shape_config(shape)
+    marker = out / MARKER
+    if marker.is_file():
+        stored = json.loads(marker.read_text())["config"]
+        want = config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch."),
+                                      "tie_word_embeddings": config.tie_word_embeddings}
+        if stored == json.loads(json.dumps(want)):
+            log(f"reusing the random {shape} checkpoint in {out}")
+            return out, 0.0
+    started = time.perf_counter()
+    write_random_checkpoint(config, out, dtype, log=log)
+    return out, time.perf_counter() - started
+
+
+def parse_select(text: str) -> dict:
+    """"dense" | "random:D" -> PipelineConfig sparsity fields."""
+    if text == "dense":
+        return {"sparse": False}
+    kind, _, value = text.partition(":")
+    try:
+        density = float(value)
+    except ValueError:
+        density = -1.0
+    if kind != "random" or not 0.0 < density <= 1.0:
+        raise SystemExit(f"--select {text!r}: expected dense or random:D with D in (0, 1]")
+    return {"sparse": True, "selector": "random", "mlp_density": density,
+            "head_density": density}
 
 
 def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
-            prompt_len: int) -> dict:
-    config = PipelineConfig(model=str(model), workers=workers, dtype=dtype, slots=8,
-                            max_len=prompt_len + tokens + 8, sparse=False)
+            prompt_len: int, *, gpu_memory_gib: float | None = None, select: str = "dense",
+            log_dir: Path | None = None) -> dict:
+    row: dict = {"workers": workers, "streams": streams, "select": select,
+                 "gpu_memory_gib": gpu_memory_gib}
+    # One cache slot per stream: with a GPU budget, unused slots would crowd out layers.
+    config = PipelineConfig(model=str(model), workers=workers, dtype=dtype, slots=streams,
+                            max_len=prompt_len + max(tokens, WARMUP),
+                            gpu_memory_gib=gpu_memory_gib,
+                            **parse_select(select))
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     prompts = [[2] + [(17 * i + 5 * j) % 1000 + 3 for j in range(prompt_len - 1)]
                for i in range(streams)]
-    with Cluster(config).start(timeout_s=900) as cluster, \
-            PipelineConnection(cluster.address) as conn:
-        conn.run(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
-        started = time.perf_counter()
-        out = conn.run(prompts, params)
-        seconds = time.perf_counter() - started
-        health = conn.health()
+    log = (log_dir / f"launch-w{workers}-s{streams}.log") if log_dir else None
+    try:
+        with Cluster(config).start(timeout_s=900, log=log) as cluster, \
+                PipelineConnection(cluster.address) as conn:
+            start = sum(conn.health().paged_bytes)
+            conn.run(prompts, SamplingParams(max_new_tokens=WARMUP, ignore_eos=True))
+            before = sum(conn.health().paged_bytes)
+            started = time.perf_counter()
+            out = conn.run(prompts, params)
+            seconds = time.perf_counter() - started
+            health = conn.health()
+    except (LaunchError, TimeoutError) as exc:
+        return row | {"error": str(exc)}
     generated = sum(len(c.tokens) for c in out)
-    return {"workers": workers, "streams": streams, "tokens": generated,
-            "seconds": round(seconds, 4), "tokens_per_s": round(generated / seconds, 2),
-            "devices": [w.device for w in health.workers],
-            "layers": [list(w.layers) for w in health.workers],
-            "stage_ms": [round(s * 1000, 3) for s in health.stage_s],
-            "hop_ms": [round(s * 1000, 3) for s in health.hop_s]}
+    errors = [c.error for c in out if c.error]
+    paged = sum(health.paged_bytes) - before
+    # The warm-up read the prefill plus WARMUP - 1 decode steps, the timed run the same
+    # prefill plus tokens - 1 steps: the difference is decode alone.
+    warmup = before - start
+    decode = (paged - warmup) / (tokens - WARMUP) / streams if tokens > WARMUP else None
+    row.update({
+        "tokens": generated, "seconds": round(seconds, 4),
+        "tokens_per_s": round(generated / seconds, 2) if seconds else 0.0,
+        "devices": [w.device for w in health.workers],
+        "layers": [list(w.layers) for w in health.workers],
+        "offloaded_layers": [w.offloaded_layers for w in health.workers],
+        "host_gib": [round(w.host_bytes / 2**30, 3) for w in health.workers],
+        "expected_gpu_gib": [round(w.expected_gpu_bytes / 2**30, 3) for w in health.workers],
+        "expected_paged_mib_per_token": [round(w.expected_paged_per_token / 2**20, 3)
+                                         for w in health.workers],
+        "paged_mib_per_token": round(paged / max(generated, 1) / 2**20, 3),
+        "decode_paged_mib_per_token": None if decode is None else round(decode / 2**20, 3),
+        "densities": [list(d) for d in health.densities],
+        "stage_ms": [round(s * 1000, 3) for s in health.stage_s],
+        "hop_ms": [round(s * 1000, 3) for s in health.hop_s],
+    })
+    if errors:
+        row["errors"] = errors[:3]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,24 +223,37 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="opt-1.3b", choices=sorted(SHAPES))
     parser.add_argument("--model", default=None, help="an existing checkpoint directory")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="write (or reuse) the random checkpoint here and keep it")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--streams", default="1,8")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="GPU budget per worker; layers beyond it are offloaded")
+    parser.add_argument("--select", default="dense", help="dense | random:D (density D)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
+    parse_select(args.select)  # a bad value fails before any checkpoint is written
     gpus = torch.cuda.device_count()
     workers = [int(w) for w in args.workers.split(",")]
     workers = [w for w in workers if w <= max(gpus, 1) or gpus == 0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    write_s = 0.0
     try:
-        model = Path(args.model) if args.model else random_checkpoint(
-            args.shape, tmp / args.shape, getattr(torch, args.dtype))
+        if args.model:
+            model = Path(args.model)
+        else:
+            where = Path(args.checkpoint_dir) if args.checkpoint_dir else tmp / args.shape
+            model, write_s = random_checkpoint(args.shape, where, getattr(torch, args.dtype),
+                                               log=lambda m: print(m, file=sys.stderr))
         rows = []
         for w in workers:
             for s in (int(x) for x in args.streams.split(",")):
-                row = run_one(model, w, s, args.tokens, args.dtype, args.prompt_len)
+                row = run_one(model, w, s, args.tokens, args.dtype, args.prompt_len,
+                              gpu_memory_gib=args.gpu_memory_gib, select=args.select,
+                              log_dir=tmp)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:
@@ -110,18 +264,42 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": stamp, "device": device, "gpus": gpus, "shape": args.shape,
             "model": args.model, "dtype": args.dtype, "tokens": args.tokens,
-            "prompt_len": args.prompt_len, "torch": torch.__version__}
-    base = out / f"{stamp}-{device}-pipeline"
+            "prompt_len": args.prompt_len, "gpu_memory_gib": args.gpu_memory_gib,
+            "select": args.select, "checkpoint_write_s": round(write_s, 1),
+            "torch": torch.__version__,
+            "command": "python -m dejavu.tools.bench_pipeline " + " ".join(
+                sys.argv[1:] if argv is None else argv)}
+    suffix = "-offload" if args.gpu_memory_gib is not None else ""
+    base = out / f"{stamp}-{device}-pipeline-{args.shape}{suffix}"
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Pipeline benchmark {stamp} on {device} ({gpus} GPU(s)), {args.shape} "
-             f"{args.dtype}", "",
-             "| workers | streams | tokens/s | stage ms | hop ms |", "|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['streams']} | {r['tokens_per_s']} | "
-              f"{', '.join(map(str, r['stage_ms']))} | {', '.join(map(str, r['hop_ms'])) or '-'} |"
-              for r in rows]
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    base.with_suffix(".md").write_text(markdown(meta, rows))
     print(f"wrote {base}.json and {base}.md")
     return 0
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    budget = (f", GPU budget {meta['gpu_memory_gib']} GiB per worker"
+              if meta["gpu_memory_gib"] is not None else "")
+    lines = [f"# Pipeline benchmark {meta['date']} on {meta['device']} ({meta['gpus']} GPU(s)), "
+             f"{meta['shape']} {meta['dtype']}, {meta['select']}{budget}", "",
+             f"`{meta['command']}`", "",
+             "| workers | streams | tokens/s | offloaded layers | paged MiB/token: with prefill,"
+             " decode only (expected per worker, batch 1) | stage ms | hop ms |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['workers']} | {r['streams']} | error: {r['error'][:160]} "
+                         "| | | | |")
+            continue
+        expected = ", ".join(map(str, r["expected_paged_mib_per_token"]))
+        decode = r["decode_paged_mib_per_token"]
+        lines.append(
+            f"| {r['workers']} | {r['streams']} | {r['tokens_per_s']} | "
+            f"{', '.join(map(str, r['offloaded_layers']))} | {r['paged_mib_per_token']}, "
+            f"{'-' if decode is None else decode} "
+            f"({expected}) | {', '.join(map(str, r['stage_ms']))} | "
+            f"{', '.join(map(str, r['hop_ms'])) or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
