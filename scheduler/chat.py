@@ -189,4 +189,11 @@ def format_stats(health, last: dict, session: ChatSession) -> str:
                  f"{m:.2f}/{h:.2f}" for m, h in health.densities) or "dense"),
              f"history: {len(session.turns)} turn(s) kept, {session.dropped} dropped to fit "
              f"{session.max_len} positions"]
+    offloaded = [getattr(w, "offloaded_layers", 0) for w in health.workers]
+    if any(offloaded):  # gpu_memory_gib: layers read row by row from host memory
+        paged = sum(getattr(health, "paged_bytes", []) or [0])
+        lines.append(f"offloaded layers per worker: {', '.join(map(str, offloaded))}; bytes "
+                     f"paged from host memory: {paged / 2**20:.1f} MiB, "
+                     f"{paged / max(health.tokens_out, 1) / 2**20:.2f} MiB per generated token "
+                     "(prefill included)")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from dejavu.runtime.model import OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.settings import SettingsError, load_settings  # noqa: E402
+from dejavu.scheduler.chat import format_stats  # noqa: E402
 from dejavu.scheduler.config import PipelineConfig, PipelineConfigError  # noqa: E402
 from dejavu.scheduler.planner import (  # noqa: E402
     GiB,
@@ -90,6 +92,9 @@ def test_budgeted_launch_equals_the_unbudgeted_engine(tiny16, reference, residen
     assert [w.offloaded_layers for w in health.workers] == planned
     assert all(w.host_bytes > 0 and w.expected_paged_per_token > 0 for w in health.workers)
     assert len(health.paged_bytes) == 2 and all(b > 0 for b in health.paged_bytes)
+    stats = format_stats(health, {"tokens": 4, "seconds": 1.0},
+                         SimpleNamespace(turns=[], dropped=0, max_len=MAX_LEN))  # chat /stats
+    assert f"offloaded layers per worker: {planned[0]}, {planned[1]}; bytes paged" in stats
     # The printed plan and the workers' reports state it.
     assert f"({2} layers: {resident} resident, {2 - resident} offloaded" in log
     assert f"worker 0: {resident} layer(s) resident, {2 - resident} offloaded" in log
