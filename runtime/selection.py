@@ -1,13 +1,16 @@
 """Selectors: turn a layer's predictor input into its per-token head and neuron masks.
 
 A selector is a callable ``(layer_id, source [B, T, C]) -> sparse.Selection`` (masks
-[B, T, H] and [B, T, F]). Three kinds:
+[B, T, H] and [B, T, F]). Four kinds:
 
 - ``PredictorSelector``: the trained predictors, top-k per token at each layer's operating
   point or at a density given in the settings; layers listed as dense stay dense;
 - ``RandomSelector``: k uniformly random neurons/heads per token, the baseline that shows
   what the predictors are worth at the same density;
-- ``FixedSelector``: masks given per layer (oracle selections in tests and analyses).
+- ``FixedSelector``: masks given per layer (oracle selections in tests and analyses);
+- ``OracleHeadSelector`` (and ``AdaptiveOracleHeadSelector``): the heads that matter most,
+  from the layer's true outputs (an analysis of what a perfect head predictor could reach;
+  it runs the model itself).
 
 What this module does not know: how the selection is executed (runtime/sparse.py).
 """
@@ -172,6 +175,156 @@ class FixedSelector:
 
     def __call__(self, layer_id: int, source: Tensor) -> Selection:
         return Selection(heads=self.heads.get(layer_id), neurons=self.neurons.get(layer_id))
+
+
+class OracleHeadSelector:
+    """Per token, the k heads whose true outputs matter most (MLP dense): what a perfect head
+    predictor could reach at this density, an analysis tool and not an engine path.
+
+    It recomputes the layer's attention from the actual residual stream (which earlier
+    layers' skipped heads have already changed) and scores each head by its exact
+    contribution to the residual, ``c_h = out_proj[:, h] @ o_h`` [C]:
+
+    - ``"norm"``: the k heads with the largest ||c_h||;
+    - ``"best"``: the k-subset S minimising ||sum_{h not in S} c_h||, the error of the
+      attention block's output, by enumerating all subsets (C(H, k), with the per-token
+      Gram matrix of the c_h). Optimal per token and layer; not a search over the whole
+      network (a subset that is worse here could in principle be better downstream).
+
+    Only for scoring whole windows from position 0 without a KV cache (``SparseContext``
+    mask mode, as the sweep scores): the attention is recomputed over the source's own
+    tokens. Layer l > 0 reads the residual entering layer l-1's MLP (the wiring of
+    sparse.predictor_source) and runs that MLP dense to get layer l's input.
+    """
+
+    METHODS = ("norm", "best")
+
+    def __init__(self, model, head_density: float, method: str = "norm",
+                 max_subsets: int = 20_000) -> None:
+        from math import comb
+
+        if method not in self.METHODS:
+            raise SelectionError(f"oracle method {method!r}: expected one of {self.METHODS}")
+        if not 0.0 < head_density <= 1.0:
+            raise SelectionError(f"head_density={head_density}: expected a fraction in (0, 1]")
+        c = model.config
+        self.model, self.method = model, method
+        self.num_heads = c.num_attention_heads
+        self.head_k = count(head_density, self.num_heads)
+        if method == "best" and comb(self.num_heads, self.head_k) > max_subsets:
+            raise SelectionError(f"oracle 'best' enumerates C({self.num_heads}, {self.head_k}) "
+                                 f"subsets, more than {max_subsets}: use method 'norm'")
+        self.layers = dict(model.decoder.layers.items())
+        subsets = [m for m in range(1 << self.num_heads) if m.bit_count() == self.head_k]
+        bits = torch.tensor([[(m >> h) & 1 for h in range(self.num_heads)] for m in subsets])
+        self.subsets = bits.bool()  # [S, H]
+
+    @torch.no_grad()
+    def contributions(self, layer_id: int, source: Tensor) -> Tensor:
+        """Each head's exact contribution to the residual [B, T, H, C] (no out_proj bias)."""
+        from .model import Batch, full_positions
+
+        layer = self.layers[str(layer_id)]
+        h = source if layer_id == 0 else self.layers[str(layer_id - 1)].mlp_block(source)
+        x = layer.self_attn_layer_norm(h) if layer.pre_ln else h
+        b, t, _ = x.shape
+        attn = layer.self_attn
+        o = attn.head_outputs(x, layer_id, Batch(full_positions(b, t, x.device)))  # [B,H,T,D]
+        w = attn.out_proj.weight.view(-1, self.num_heads, attn.head_dim)  # [C, H, D]
+        return torch.einsum("bhtd,chd->bthc", o, w)
+
+    @torch.no_grad()
+    def __call__(self, layer_id: int, source: Tensor) -> Selection:
+        contrib = self.contributions(layer_id, source).float()
+        # A mask even at k = H: density 1 goes through the same masked path (tests).
+        if self.method == "norm":
+            return Selection(heads=topk_mask(contrib.norm(dim=-1), self.head_k))
+        gram = torch.einsum("bthc,btgc->bthg", contrib, contrib)  # [B, T, H, H]
+        dropped = (~self.subsets).to(gram)  # [S, H]
+        err = torch.einsum("sh,bthg,sg->bts", dropped, gram, dropped)  # squared error
+        best = err.argmin(-1)  # [B, T]
+        return Selection(heads=self.subsets.to(best.device)[best])
+
+
+class AdaptiveOracleHeadSelector(OracleHeadSelector):
+    """Per token and layer, the fewest heads (best subset of each size, as ``"best"``) whose
+    dropped contributions leave a relative error ||sum_{h not in S} c_h||^2 / ||sum_h c_h||^2
+    of at most ``rel_error``: easy tokens keep few heads, hard ones many. ``rel_error`` is
+    set on the first batch it sees (the first call is layer 0, whose source is the
+    embeddings: the dense pass from there gives every layer's heads) so that the mean
+    density over that batch's tokens and layers is ``head_density``; later batches keep it,
+    so the measured density differs a little."""
+
+    def __init__(self, model, head_density: float, max_subsets: int = 20_000) -> None:
+        super().__init__(model, 1.0, "norm")
+        self.method = "adaptive"
+        if not 0.0 < head_density <= 1.0:
+            raise SelectionError(f"head_density={head_density}: expected a fraction in (0, 1]")
+        h = self.num_heads
+        if 2**h > max_subsets:
+            raise SelectionError(f"adaptive oracle enumerates 2^{h} subsets, more than "
+                                 f"{max_subsets}")
+        self.target = head_density
+        self.subsets = torch.tensor([[(m >> j) & 1 for j in range(h)] for m in range(2**h)]
+                                    ).bool()  # [2^H, H]
+        self.sizes = self.subsets.sum(-1)  # [2^H]
+        self.rel_error: float | None = None
+
+    def best_by_size(self, contrib: Tensor) -> tuple[Tensor, Tensor]:
+        """Per token and subset size k = 0..H: the smallest relative squared error [B, T, H+1]
+        and the subset reaching it (index into ``subsets``)."""
+        gram = torch.einsum("bthc,btgc->bthg", contrib, contrib)
+        dropped = (~self.subsets).to(gram)
+        err = torch.einsum("sh,bthg,sg->bts", dropped, gram, dropped)
+        total = gram.sum((-1, -2)).clamp_min(1e-30)[..., None]
+        rel = err / total
+        vals, idxs = [], []
+        for k in range(self.num_heads + 1):
+            cols = (self.sizes == k).nonzero().squeeze(1).to(rel.device)
+            v, i = rel.index_select(-1, cols).min(-1)
+            vals.append(v)
+            idxs.append(cols[i])
+        return torch.stack(vals, -1), torch.stack(idxs, -1)
+
+    @staticmethod
+    def first_within(rel: Tensor, bound: float) -> Tensor:
+        """Smallest size whose error is within ``bound`` ([..., H+1] -> [...])."""
+        return (rel <= bound).to(torch.int8).argmax(-1)  # size H always has error 0
+
+    @torch.no_grad()
+    def calibrate(self, source: Tensor) -> float:
+        """The bound whose mean density over ``source``'s tokens (layer 0's input, the
+        dense pass from there) and all layers is closest to the target."""
+        from .model import Batch, full_positions
+
+        b, t, _ = source.shape
+        batch = Batch(full_positions(b, t, source.device))
+        rels, h, src = [], source, source
+        for lid, layer in self.layers.items():
+            rels.append(self.best_by_size(self.contributions(int(lid), src).float())[0])
+            src = layer.attention_block(h, batch)
+            h = layer.mlp_block(src)
+        lo, hi = 0.0, 1.0  # density falls as the bound grows
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            dens = sum(float(self.first_within(r, mid).float().mean()) for r in rels)
+            if dens / len(rels) / self.num_heads > self.target:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    @torch.no_grad()
+    def __call__(self, layer_id: int, source: Tensor) -> Selection:
+        if self.rel_error is None:
+            if layer_id != 0:
+                raise SelectionError("the adaptive oracle calibrates on layer 0's input: run "
+                                     "it over the whole model")
+            self.rel_error = self.calibrate(source)
+        rel, idx = self.best_by_size(self.contributions(layer_id, source).float())
+        k = self.first_within(rel, self.rel_error)
+        best = idx.gather(-1, k[..., None].long()).squeeze(-1)
+        return Selection(heads=self.subsets.to(best.device)[best])
 
 
 def parse_layers(text: str) -> frozenset[int]:

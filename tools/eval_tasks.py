@@ -167,6 +167,18 @@ def score_requests(logits_fn: LogitsFn, requests: Sequence[Request], *, max_len:
     return out  # type: ignore[return-value]
 
 
+def row_correct(name: str, groups: list[list[Request]], info: list[dict],
+                scores: list[Scored]) -> list[bool]:
+    """Per row, whether ``acc`` counts it correct (paired comparisons of two runs)."""
+    kind = TASKS[canonical(name)][1]
+    it = iter(scores)
+    per_row = [[next(it) for _ in g] for g in groups]
+    if kind == "lambada":
+        return [row[0].greedy for row in per_row]
+    return [max(range(len(row)), key=lambda j, row=row: row[j].loglik) == meta["gold"]
+            for row, meta in zip(per_row, info, strict=True)]
+
+
 def task_metrics(name: str, groups: list[list[Request]], info: list[dict],
                  scores: list[Scored]) -> dict[str, float]:
     """Metrics of one task from the scores of its flattened requests (row order)."""

@@ -6,6 +6,10 @@ scorer as ``dejavu-run eval``) and, when a task scorer is given, zero-shot tasks
 measured densities next to each number. Writes sweep.json, sweep.md (table) and sweep.png
 (bits per byte and accuracy vs density) into the output directory.
 
+``--oracle-heads`` adds oracle head selections (runtime/selection.OracleHeadSelector: the
+heads that matter most, chosen from the true outputs, MLP dense) to an existing sweep.json:
+the bound that no head predictor can beat at that density.
+
     python -m dejavu.tools.sparsity_sweep --model models/M --data heldout.jsonl.xz \
         --out bench/sparsity [--docs 8 --chars 40000] [--device cuda]
 
@@ -24,7 +28,13 @@ from pathlib import Path
 
 import torch
 
-from dejavu.runtime.selection import PredictorSelector, RandomSelector, SelectionConfig
+from dejavu.runtime.selection import (
+    AdaptiveOracleHeadSelector,
+    OracleHeadSelector,
+    PredictorSelector,
+    RandomSelector,
+    SelectionConfig,
+)
 from dejavu.tools.eval_text import dense_logits_fn, score_documents
 from dejavu.tools.sparse_eval import density_metrics, sparse_logits_fn
 
@@ -32,11 +42,12 @@ from dejavu.tools.sparse_eval import density_metrics, sparse_logits_fn
 MLP_SWEEP = (0.5, 0.3, 0.2, 0.15, 0.1, 0.05)
 HEAD_SWEEP = (0.875, 0.75, 0.5, 0.25)
 JOINT = ((0.2, 0.5), (0.15, 0.5), (0.1, 0.5))
+ORACLE_HEADS = (0.875, 0.75, 0.625, 0.5)
 
 
 @dataclass(frozen=True)
 class Point:
-    selector: str  # "dense" | "predictor" | "random"
+    selector: str  # "dense" | "predictor" | "random" | "oracle-norm|best|adaptive"
     mlp: float | None
     head: float | None
     mlp_select: str | None = None  # trained MLP point: "topk" or "threshold"
@@ -77,6 +88,16 @@ CPU_TASK_POINTS = ("dense", "predictor mlp=trained-threshold@0.95 heads=1",
                    "random mlp=0.2 heads=0.5")
 
 
+def oracle_points() -> list[Point]:
+    """Dense (to check the text is the sweep's), both oracles at each head density, and the
+    predictor and random selection where the CPU grid has no point at that density."""
+    pts = [Point("dense", 1.0, 1.0)]
+    pts += [Point(f"oracle-{m}", 1.0, h) for m in ("norm", "best") for h in ORACLE_HEADS]
+    pts += [Point("oracle-adaptive", 1.0, h) for h in (0.75, 0.5)]
+    return pts + [Point("predictor", 1.0, 0.625), Point("random", 1.0, 0.875),
+                  Point("random", 1.0, 0.625)]
+
+
 def sweep_points() -> list[Point]:
     pts = [Point("dense", 1.0, 1.0), Point("predictor", None, 0.5, "topk"),
            Point("predictor", None, 0.5, "threshold"), Point("predictor", None, 1.0, "threshold")]
@@ -97,10 +118,9 @@ def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | N
               points: list[Point] | None = None, window: int = 1024, stride: int = 512,
               batch_size: int = 8, device: str = "cpu", log=print) -> list[dict]:
     rows = []
-    c = model.config
     for pt in points or sweep_points():
         t0 = time.perf_counter()
-        selector = make_selector(pt, predictors, c)
+        selector = make_selector(pt, predictors, model)
         stats = None
         if selector is None:
             logits_fn = dense_logits_fn(model)
@@ -116,7 +136,7 @@ def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | N
                    else {"mlp_density": 1.0, "head_density": 1.0})
         if tasks is not None and (task_points is None or pt.name in task_points):
             # A fresh selector: the text's densities stay the text's.
-            selector = make_selector(pt, predictors, c)
+            selector = make_selector(pt, predictors, model)
             task_fn = (dense_logits_fn(model) if selector is None
                        else sparse_logits_fn(model, selector)[0])
             row.update(tasks(task_fn))
@@ -129,10 +149,17 @@ def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | N
     return rows
 
 
-def make_selector(pt: Point, predictors, c):
+def make_selector(pt: Point, predictors, model):
     """None for dense; a density of 1 keeps that block dense (no selection at all)."""
+    c = model.config
     if pt.selector == "dense":
         return None
+    if pt.selector.startswith("oracle-"):
+        if pt.mlp != 1.0 or pt.head is None:
+            raise ValueError(f"{pt.name}: the head oracle runs with the MLP dense")
+        if pt.selector == "oracle-adaptive":
+            return AdaptiveOracleHeadSelector(model, pt.head)
+        return OracleHeadSelector(model, pt.head, pt.selector.removeprefix("oracle-"))
     if pt.selector == "random":
         return RandomSelector(c.ffn_dim, c.num_attention_heads, pt.mlp, pt.head, seed=0)
     return PredictorSelector(predictors, SelectionConfig(mlp_density=pt.mlp,
@@ -156,23 +183,28 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, zeroshot: list[dict] | None = None) -> None:
+    """``zeroshot``: rows of zeroshot.json (tools/sparsity_zeroshot.py); when given, the
+    third panel shows them (all tasks, with standard errors) instead of the sweep rows'
+    accuracies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dense = next(r for r in rows if r["selector"] == "dense")
-    tasks = sorted({k for r in rows for k in r if k.endswith("_acc")})
+    tasks = sorted({k for r in rows for k in r if k.endswith("_acc")}) or bool(zeroshot)
     fig, axes = plt.subplots(1, 3 if tasks else 2, figsize=(16 if tasks else 11, 4.4))
     for ax, key, fixed, label in ((axes[0], "mlp", "head_target", "MLP density (heads dense)"),
                                   (axes[1], "head", "mlp_target", "head density (MLP dense)")):
-        for sel, style in (("predictor", "o-"), ("random", "s--")):
+        for sel, style in (("predictor", "o-"), ("random", "s--"), ("oracle-norm", "v-"),
+                           ("oracle-best", "^-"), ("oracle-adaptive", "P:")):
             pts = sorted((r[f"{key}_density"], r["bits_per_byte"]) for r in rows
                          if r["selector"] == sel and r[fixed] == 1.0
                          and r[f"{key}_target"] not in (None, 1.0))
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=f"{sel} (top-k)")
+                name = f"{sel} (top-k)" if sel in ("predictor", "random") else sel
+                ax.plot(*zip(*pts, strict=True), style, label=name)
         if key == "mlp":  # calibrated thresholds: each token keeps what it needs
             pts = sorted((r["mlp_density"], r["bits_per_byte"]) for r in rows
                          if r["selector"] == "predictor" and r["mlp_target"] is None
@@ -197,7 +229,19 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].plot([], [], "kx", label="random, MLP + heads")
     for ax in axes[:2]:
         ax.legend(fontsize=8)
-    if tasks:
+    if zeroshot:
+        width = 0.27
+        for i, run in enumerate(("dense", "sparse", "random")):
+            xs = [j + i * width for j in range(len(zeroshot))]
+            axes[2].bar(xs, [z[f"{run}_acc"] for z in zeroshot], width,
+                        yerr=[z[f"{run}_se"] for z in zeroshot], capsize=2, label=run)
+        axes[2].set_xticks([j + width for j in range(len(zeroshot))])
+        axes[2].set_xticklabels([f"{z['task']}\nn={z['n']}" for z in zeroshot], fontsize=7)
+        axes[2].set_ylabel("zero-shot accuracy (± se)")
+        axes[2].set_title("dense vs shipped sparse default vs random at its MLP density",
+                          fontsize=8)
+        axes[2].legend(fontsize=7)
+    elif tasks:
         scored = [r for r in rows if all(t in r for t in tasks)]
         width = 0.8 / max(len(scored), 1)
         for i, r in enumerate(scored):
@@ -238,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-dir", default="../shared/data/eval")
     p.add_argument("--only", default="", help="run only these points (names, '|'-separated)")
     p.add_argument("--replot", action="store_true", help="only redo sweep.md/png from --out")
+    p.add_argument("--oracle-heads", action="store_true",
+                   help="run dense + oracle head points and merge them into --out/sweep.json")
     args = p.parse_args(argv)
     if args.replot:
         write_outputs(Path(args.out))
@@ -274,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         task_points = None
     elif args.grid == "cpu":
         points, task_points = cpu_points(), CPU_TASK_POINTS
+    elif args.oracle_heads:
+        points, task_points, tasks = oracle_points(), None, None
     if args.only:
         wanted = args.only.split("|")
         points = [pt for pt in points if pt.name in wanted]
@@ -287,14 +335,42 @@ def main(argv: list[str] | None = None) -> None:
             "hardware": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
+    previous = None
+    if args.oracle_heads:
+        previous = json.loads((out / "sweep.json").read_text())
+        previous["meta"]["added"] = (f"oracle head rows and heads 0.625/0.875 points added "
+                                     f"{meta['date']}")
+
     def checkpoint(rows: list[dict]) -> None:
-        (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1)
-                                        + "\n")
+        saved = {"meta": meta, "rows": rows}
+        if previous is not None:
+            saved = merge_rows(previous, rows)
+        (out / "sweep.json").write_text(json.dumps(saved, indent=1) + "\n")
 
     run_sweep(model, tok, predictors, docs, tasks=tasks, points=points, window=window,
               stride=min(args.stride, window), device=args.device, task_points=task_points,
               checkpoint=checkpoint)
     write_outputs(out)
+
+
+def merge_rows(previous: dict, rows: list[dict]) -> dict:
+    """``previous`` (a saved sweep) with ``rows`` replacing rows of the same config or added
+    at the end. The new rows must score the same text: same token count and the same dense
+    bits per byte (the "vs dense" column compares them with the saved dense row)."""
+    old = {r["config"]: r for r in previous["rows"]}
+    for r in rows:
+        ref = old.get(r["config"])
+        if r["tokens"] != previous["rows"][0]["tokens"]:
+            raise SystemExit(f"{r['config']}: {r['tokens']} tokens scored, the saved sweep "
+                             f"{previous['rows'][0]['tokens']}: not the same text")
+        if r["selector"] == "dense" and ref is not None and abs(
+                r["bits_per_byte"] - ref["bits_per_byte"]) > 1e-6:
+            raise SystemExit(f"dense bits per byte {r['bits_per_byte']:.6f} differs from the "
+                             f"saved {ref['bits_per_byte']:.6f}: not the same text or model")
+    new = {r["config"]: r for r in rows}
+    merged = [new.get(r["config"], r) for r in previous["rows"]]
+    merged += [r for r in rows if r["config"] not in old]
+    return {"meta": previous["meta"], "rows": merged}
 
 
 def write_outputs(out: Path) -> None:
@@ -304,11 +380,14 @@ def write_outputs(out: Path) -> None:
     header = (f"Sparsity sweep on {meta['model']}: {meta['docs']} held-out documents of "
               f"{meta['data']} ({rows[0]['tokens']} tokens), {meta['hardware']}, "
               f"{meta['date']}.")
-    if meta.get("note"):
-        header += " " + meta["note"] + "."
+    for key in ("note", "added"):
+        if meta.get(key):
+            header += " " + meta[key] + "."
     (out / "sweep.md").write_text(markdown(rows, header))
     try:
-        plot(rows, out / "sweep.png")
+        zs = out / "zeroshot.json"
+        plot(rows, out / "sweep.png",
+             json.loads(zs.read_text())["rows"] if zs.is_file() else None)
     except ImportError:
         print("matplotlib is not installed: no sweep.png (rerun with --replot)")
 
