@@ -70,6 +70,7 @@ class Ready(_Msg):
     host_bytes: int = 0
     expected_gpu_bytes: int = 0
     expected_paged_per_token: float = 0.0  # host bytes read per token at batch 1
+    gpu_bytes: int = 0  # CUDA memory allocated once loaded (weights + cache); 0 on a CPU
 
 
 class StepDone(_Msg):
@@ -254,6 +255,7 @@ class WorkerInfo(msgspec.Struct):
     host_bytes: int = 0
     expected_gpu_bytes: int = 0
     expected_paged_per_token: float = 0.0
+    gpu_bytes: int = 0  # allocated once loaded (Ready.gpu_bytes)
 
 
 class Health(_Msg):

@@ -536,7 +536,8 @@ def _offload_info(ready: wire.Ready | None) -> dict:
         return {}
     return dict(offloaded_layers=ready.offloaded_layers, host_bytes=ready.host_bytes,
                 expected_gpu_bytes=ready.expected_gpu_bytes,
-                expected_paged_per_token=ready.expected_paged_per_token)
+                expected_paged_per_token=ready.expected_paged_per_token,
+                gpu_bytes=ready.gpu_bytes)
 
 
 def default_devices(workers: int) -> list[str]:

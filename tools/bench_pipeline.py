@@ -205,6 +205,7 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
         "offloaded_layers": [w.offloaded_layers for w in health.workers],
         "host_gib": [round(w.host_bytes / 2**30, 3) for w in health.workers],
         "expected_gpu_gib": [round(w.expected_gpu_bytes / 2**30, 3) for w in health.workers],
+        "gpu_gib_loaded": [round(w.gpu_bytes / 2**30, 3) for w in health.workers],
         "expected_paged_mib_per_token": [round(w.expected_paged_per_token / 2**20, 3)
                                          for w in health.workers],
         "paged_mib_per_token": round(paged / max(generated, 1) / 2**20, 3),

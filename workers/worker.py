@@ -160,6 +160,8 @@ class Worker:
                          host_bytes=int(report["host_record_bytes"]),
                          expected_gpu_bytes=int(report["gpu_bytes"]),
                          expected_paged_per_token=float(report["host_bytes_per_step"]))
+        if torch.device(setup.device).type == "cuda":  # what the budget is to be checked on
+            extra["gpu_bytes"] = torch.cuda.memory_allocated(setup.device)
         self._send(wire.Ready(self.index, setup.layers, setup.device, params, cache.nbytes(),
                               time.perf_counter() - started, **extra))
 
