@@ -71,6 +71,8 @@ SHAPES = {
 }
 WARMUP = 4  # tokens per stream of the untimed first run (Triton compiles, caches fill)
 MARKER = "bench_random.json"  # written last: a checkpoint directory that has it is complete
+# Launch log lines kept in a row: the printed plan and each worker's expectations.
+PLAN_LINES = ("plan: ", "  worker ", "layer(s) resident", "ready: layers")
 
 
 def shape_config(shape: str) -> OPTConfig:
@@ -216,6 +218,9 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
     })
     if errors:
         row["errors"] = errors[:3]
+    if log is not None and log.exists():  # the printed plan and each worker's expectations
+        row["plan"] = [line.split(" INFO ", 1)[1] for line in log.read_text().splitlines()
+                       if " INFO " in line and any(k in line for k in PLAN_LINES)]
     return row
 
 
