@@ -301,8 +301,8 @@ def _check_combinations(settings: Settings) -> None:
             f"{_where(settings, 'pipeline.gpu_memory_gib')}: [pipeline] gpu_memory_gib = "
             f"{budget!r} needs [model] dtype = \"float16\" or \"bfloat16\" (layers that do not "
             f"fit run on the Triton kernels, which support only those), but dtype is "
-            f"\"float32\" (from {_where(settings, 'model.dtype')}); set --dtype float16 or "
-            "remove gpu_memory_gib")
+            f"\"float32\" (from {_where(settings, 'model.dtype')}); set [model] dtype = "
+            "\"float16\" in dejavu.toml (generate: --dtype float16) or remove gpu_memory_gib")
     if budget is not None and settings.pipeline.memory_budget_gb:
         raise SettingsError(
             f"{_where(settings, 'pipeline.gpu_memory_gib')}: [pipeline] gpu_memory_gib and "
