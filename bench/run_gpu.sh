@@ -31,7 +31,7 @@ if [ -n "${SKIP_TESTS:-}" ]; then
   ARGS="small=False"
 elif [ -z "${SMALL:-}" ]; then
   # every kernel test, on the GPU (the unmarked ones run there too, at their small shapes)
-  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_mlp.py \
+  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider ${EXTRA_TESTS:-} tests/test_kernels_mlp.py \
     tests/test_kernels_attention.py tests/test_kernels_select.py 2>&1 \
     | tee "$OUT/pytest_gpu.log" | tail -15
   ARGS="small=False"

@@ -10,11 +10,19 @@ add, so the *order* of ids varies between runs; the set does not. More than ``ca
 selected rows are truncated (the kernels clamp to the capacity) and the returned count,
 which is not clamped, shows it.
 
+``lowrank_threshold_select`` does the same from a low-rank predictor's two factors,
+scores = (x @ P1) @ P2, in one launch (plus a memset): programs of the first factor add
+their partial hidden vectors atomically, then programs of the second wait on a device
+counter (as in mlp_chained.py: only on programs of smaller id, which never wait), score
+their block of rows and compact it. That replaces two GEMVs, a memset and the compaction.
+
 What this module does not know: where thresholds come from (per-layer calibration of the
 predictors is the sparsity engineer's).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -65,3 +73,194 @@ def threshold_select(scores: Tensor, threshold: float, capacity: int, *,
 def threshold_select_reference(scores: Tensor, threshold: float) -> Tensor:
     """Sorted ids selected by any row (plain PyTorch)."""
     return torch.nonzero((scores.float() > threshold).any(0)).flatten()
+
+
+@triton.jit
+def _hidden_part(pid, x_ptr, p1_ptr, h_ptr, done_ptr, B, C, R, stride_xb, stride_p1,
+                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_C: tl.constexpr,
+                 DOT_FP32: tl.constexpr):
+    """First factor, program pid: h[b, :] += x[b, chunk] @ p1[chunk, :]; then count in."""
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    offs_c = pid * SPLIT_C + tl.arange(0, SPLIT_C)
+    c_mask = offs_c < C
+    xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_c[None, :],
+                 mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+    p1 = tl.load(p1_ptr + offs_c[:, None] * stride_p1 + offs_r[None, :],
+                 mask=c_mask[:, None] & r_mask[None, :], other=0.0)
+    if DOT_FP32:
+        xt = xt.to(tl.float32)
+        p1 = p1.to(tl.float32)
+    part = tl.dot(xt, p1)  # [BLOCK_B, BLOCK_R]
+    tl.atomic_add(h_ptr + offs_b[:, None] * R + offs_r[None, :], part,
+                  mask=b_mask[:, None] & r_mask[None, :], sem="relaxed")
+    tl.debug_barrier()  # every thread's adds before thread 0's release
+    tl.atomic_add(done_ptr, 1, sem="release")
+
+
+@triton.jit
+def _scores(p2, h_ptr, done_ptr, NS1, B, R, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+            DOT_FP32: tl.constexpr):
+    """Wait for the first factor, then max over batch rows of h @ p2 ([BLOCK_R, BLOCK_N]
+    tile, already loaded): [BLOCK_N] fp32. The hidden vector is rounded to the model dtype,
+    as x @ p1 in that dtype would be."""
+    seen = tl.atomic_add(done_ptr, 0, sem="acquire")
+    while seen < NS1:
+        seen = tl.atomic_add(done_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    offs_r = tl.arange(0, BLOCK_R)
+    h = tl.load(h_ptr + offs_b[:, None] * R + offs_r[None, :],
+                mask=b_mask[:, None] & (offs_r < R)[None, :], other=0.0, cache_modifier=".cg")
+    h = h.to(p2.dtype)
+    if DOT_FP32:
+        s = tl.dot(h.to(tl.float32), p2.to(tl.float32))
+    else:
+        s = tl.dot(h, p2)  # [BLOCK_B, BLOCK_N]
+    return tl.max(tl.where(b_mask[:, None], s, float("-inf")), axis=0)
+
+
+@triton.jit
+def _lowrank_select_kernel(
+    x_ptr,  # [B, C] input rows, model dtype
+    p1_ptr,  # [C, R] first factor, rows contiguous
+    p2_ptr,  # [R, N] second factor, rows contiguous
+    h_ptr,  # [B, R] fp32 hidden sums (zeroed)
+    done_ptr,  # [1] int32 (zeroed): first-factor programs finished
+    idx_ptr,  # [capacity] int32 out: selected ids
+    count_ptr,  # [1] int32 (zeroed): number selected (not clamped)
+    B, C, R, N, capacity,
+    threshold,  # fp32
+    stride_xb, stride_p1, stride_p2,
+    NS1,  # first-factor programs: cdiv(C, SPLIT_C); the rest score BLOCK_N rows each
+    BLOCK_B: tl.constexpr,  # 16 (dot rows)
+    BLOCK_R: tl.constexpr,  # R padded to a power of two
+    SPLIT_C: tl.constexpr,  # columns of x per first-factor program
+    BLOCK_N: tl.constexpr,  # rows scored per second-factor program
+    DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
+):
+    pid = tl.program_id(0)
+    if pid < NS1:
+        _hidden_part(pid, x_ptr, p1_ptr, h_ptr, done_ptr, B, C, R, stride_xb, stride_p1,
+                     BLOCK_B, BLOCK_R, SPLIT_C, DOT_FP32)
+    else:
+        offs_n = (pid - NS1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_r = tl.arange(0, BLOCK_R)
+        p2 = tl.load(p2_ptr + offs_r[:, None] * stride_p2 + offs_n[None, :],
+                     mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)  # in flight
+        best = _scores(p2, h_ptr, done_ptr, NS1, B, R, BLOCK_B, BLOCK_R, DOT_FP32)
+        sel = ((best > threshold) & n_mask).to(tl.int32)
+        total = tl.sum(sel, axis=0)
+        base = tl.atomic_add(count_ptr, total)
+        pos = base + tl.cumsum(sel, axis=0) - sel
+        tl.store(idx_ptr + pos, offs_n.to(tl.int32), mask=(sel > 0) & (pos < capacity))
+
+
+@triton.jit
+def _lowrank_topk_kernel(
+    x_ptr, p1_ptr, p2_ptr, h_ptr, done_ptr,  # as in _lowrank_select_kernel
+    idx_ptr,  # [k] int32 out: the k best rows, best first
+    B, C, R, N, k,
+    stride_xb, stride_p1, stride_p2,
+    NS1,  # first-factor programs; one more program scores all N rows
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # N padded to a power of two (one program)
+    DOT_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < NS1:
+        _hidden_part(pid, x_ptr, p1_ptr, h_ptr, done_ptr, B, C, R, stride_xb, stride_p1,
+                     BLOCK_B, BLOCK_R, SPLIT_C, DOT_FP32)
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_r = tl.arange(0, BLOCK_R)
+        p2 = tl.load(p2_ptr + offs_r[:, None] * stride_p2 + offs_n[None, :],
+                     mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
+        best = tl.where(n_mask, _scores(p2, h_ptr, done_ptr, NS1, B, R, BLOCK_B, BLOCK_R,
+                                        DOT_FP32), float("-inf"))
+        # Sort (score, -id) pairs as one int64 key: fp32 bits made order-preserving as
+        # signed ints, id in the low word inverted so that ties keep the smaller id first.
+        bits = best.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+        packed = (key << 32) | (BLOCK_N - 1 - offs_n).to(tl.int64)
+        top = tl.sort(packed, descending=True)
+        ids = BLOCK_N - 1 - top.to(tl.int32)  # the low word
+        tl.store(idx_ptr + offs_n, ids, mask=offs_n < k)
+
+
+def _check_lowrank(x: Tensor, p1: Tensor, p2: Tensor) -> None:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= 16 or x.stride(1) != 1:
+        raise ValueError(f"x: expected [B, C] with 1 <= B <= 16 and contiguous rows, got "
+                         f"{tuple(x.shape)}")
+    c = x.shape[1]
+    if p1.dim() != 2 or p1.shape[0] != c or p1.stride(1) != 1:
+        raise ValueError(f"p1: expected [{c}, R] with contiguous rows, got {tuple(p1.shape)}")
+    r = p1.shape[1]
+    if p2.dim() != 2 or p2.shape[0] != r or p2.stride(1) != 1:
+        raise ValueError(f"p2: expected [{r}, N] with contiguous rows, got {tuple(p2.shape)}")
+    if not x.dtype == p1.dtype == p2.dtype or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x, p1, p2: one dtype of float16/bfloat16, got {x.dtype}, "
+                         f"{p1.dtype}, {p2.dtype}")
+    if r > 256:
+        raise ValueError(f"rank {r} > 256 is not supported")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def lowrank_topk(x: Tensor, p1: Tensor, p2: Tensor, k: int, *, split_c: int = 128,
+                 num_warps: int = 4) -> Tensor:
+    """[k] int32: the k rows n of the largest max_b ((x @ p1) @ p2)[b, n], best first (ties:
+    smaller id first), hidden rounded to x's dtype; one launch plus a memset. For small N
+    (heads: N <= 1024), all scored by one program."""
+    _check_lowrank(x, p1, p2)
+    b, c = x.shape
+    r, n = p2.shape
+    if not 1 <= k <= n or n > 1024:
+        raise ValueError(f"k={k} must be in [1, N={n}], N <= 1024")
+    scratch = torch.zeros(32 + b * r, dtype=torch.int32, device=x.device)
+    idx = torch.empty(k, dtype=torch.int32, device=x.device)
+    ns1 = triton.cdiv(c, split_c)
+    _lowrank_topk_kernel[(ns1 + 1,)](
+        x, p1, p2, scratch[32:].view(torch.float32), scratch[0:1], idx, b, c, r, n, k,
+        x.stride(0), p1.stride(0), p2.stride(0), ns1,
+        BLOCK_B=16, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT_C=split_c,
+        BLOCK_N=max(16, triton.next_power_of_2(n)), DOT_FP32=_interpreting(),
+        num_warps=num_warps)
+    return idx
+
+
+def lowrank_threshold_select(x: Tensor, p1: Tensor, p2: Tensor, threshold: float,
+                             capacity: int, *, split_c: int = 64, block_n: int = 128,
+                             num_warps: int = 4) -> tuple[Tensor, Tensor]:
+    """(ids [capacity] int32, count [1] int32) of the rows n with max_b ((x @ p1) @ p2)[b, n]
+    above the threshold, the hidden x @ p1 rounded to x's dtype. x: [B, C] fp16/bf16,
+    B <= 16; p1: [C, R]; p2: [R, N] (same dtype, rows contiguous, R <= 256)."""
+    _check_lowrank(x, p1, p2)
+    if capacity < 1:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    b, c = x.shape
+    r = p1.shape[1]
+    n = p2.shape[1]
+    # One memset: [done, count, pad..., h (B x R fp32)].
+    scratch = torch.zeros(32 + b * r, dtype=torch.int32, device=x.device)
+    h = scratch[32:].view(torch.float32)
+    idx = torch.empty(capacity, dtype=torch.int32, device=x.device)
+    ns1 = triton.cdiv(c, split_c)
+    _lowrank_select_kernel[(ns1 + triton.cdiv(n, block_n),)](
+        x, p1, p2, h, scratch[0:1], idx, scratch[1:2], b, c, r, n, capacity,
+        float(threshold), x.stride(0), p1.stride(0), p2.stride(0), ns1,
+        BLOCK_B=16, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT_C=split_c,
+        BLOCK_N=block_n, DOT_FP32=_interpreting(), num_warps=num_warps)
+    return idx, scratch[1:2]
+
+
+def lowrank_scores_reference(x: Tensor, p1: Tensor, p2: Tensor) -> Tensor:
+    """[B, N] fp32 scores of the low-rank predictor, hidden rounded to x's dtype."""
+    return (x.float() @ p1.float()).to(x.dtype).float() @ p2.float()

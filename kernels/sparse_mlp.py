@@ -280,7 +280,8 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
                block_n: int = 16, block_c: int = 256, num_warps: int = 4,
                num_stages: int = 3, split_c: int = 0, count: Tensor | None = None,
                chained: bool = False, block_n2: int | None = None,
-               split_c2: int | None = None, workspace: Tensor | None = None) -> Tensor:
+               split_c2: int | None = None, workspace: Tensor | None = None,
+               prefetch: bool = True) -> Tensor:
     """``residual + bias2 + sum_n relu(x W1[n] + b1[n]) W2t[n]`` over the selected neurons.
 
     Three schedules of the same math:
@@ -288,6 +289,7 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
         [block_n, split_c], fc2 tiles of [block_n2, split_c2] (defaults: the fc1 sizes)
         chained on them by device counters, the epilogue done by the last fc2 tile of each
         column chunk. ``workspace`` (mlp_chained.mlp_workspace) saves the per-call memset;
+        ``prefetch`` lets fc2 tiles load their rows before fc1 is done;
       - split_c > 0: fc1 and fc2 as two kernels of one [block_n, split_c] tile per program,
         then a finalize kernel (four launches with the memset);
       - otherwise one kernel whose programs loop over C (fc1, then fc2) for block_n neurons.
@@ -336,7 +338,8 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
         return launch_chained(x, rows, locs, host, bias2, residual, count, block_n=block_n,
                               split_c=sc, block_n2=block_n2 or block_n,
                               split_c2=split_c2 or sc, num_warps=num_warps,
-                              workspace=workspace, dot_fp32=interpreting())
+                              workspace=workspace, dot_fp32=interpreting(),
+                              prefetch=prefetch)
     # One zeroed buffer for the output sums and (split path) the pre-activations: one
     # memset, not two.
     scratch = torch.zeros(b * c + (b * k if split_c else 0), dtype=torch.float32,

@@ -93,16 +93,18 @@ def test_split_kernels_with_device_count_and_host_table():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,c,f,k,n2,c2", [(1, 40, 23, 9, 16, 16), (1, 131, 97, 61, 32, 64),
-                                           (3, 67, 53, 37, 32, 16), (16, 48, 64, 64, 16, 32)])
-def test_chained_kernel_matches_reference(dtype, b, c, f, k, n2, c2):
+@pytest.mark.parametrize("b,c,f,k,n2,c2,pf", [(1, 40, 23, 9, 16, 16, True),
+                                              (1, 131, 97, 61, 32, 64, False),
+                                              (3, 67, 53, 37, 32, 16, True),
+                                              (16, 48, 64, 64, 16, 32, False)])
+def test_chained_kernel_matches_reference(dtype, b, c, f, k, n2, c2, pf):
     # One launch: fc1 tiles, fc2 tiles waiting on device counters, the epilogue by the last
     # fc2 tile of each column chunk. Irregular C and K leave partial tiles on both axes.
     x, w1, b1, w2t, b2 = make(b, c, f, dtype, seed=5 + b)
     idx = torch.randperm(f, generator=torch.Generator().manual_seed(k))[:k].int().to(DEVICE)
     res = torch.randn(b, c).to(dtype).to(DEVICE)
     out = sparse_mlp(x, NeuronRows(w1, w2t, b1), idx, bias2=b2, residual=res, chained=True,
-                     block_n=16, split_c=32, block_n2=n2, split_c2=c2)
+                     block_n=16, split_c=32, block_n2=n2, split_c2=c2, prefetch=pf)
     assert out.shape == (b, c) and out.dtype == dtype
     assert rel_err(out, sparse_mlp_reference(x, w1, b1, w2t, idx, b2, res)) < TOL[dtype]
 
@@ -149,9 +151,12 @@ def test_chained_kernel_with_device_count_and_host_table(b):
     args = (x.to(DEVICE), neuron_rows(rec[hot].clone().to(DEVICE), c), locs.to(DEVICE))
     kw = dict(host=neuron_rows(rec.to(DEVICE), c), bias2=b2.to(DEVICE),
               residual=res.to(DEVICE), chained=True, block_n=16, split_c=16)
-    out = sparse_mlp(*args, count=torch.tensor([5], dtype=torch.int32, device=DEVICE), **kw)
+    ws = mlp_workspace(b, c, locs.numel(), DEVICE) if b > 1 else None
+    out = sparse_mlp(*args, count=torch.tensor([5], dtype=torch.int32, device=DEVICE),
+                     workspace=ws, **kw)
     ref = sparse_mlp_reference(x, w1, b1, w2t, sel, b2, res)
     assert rel_err(out.cpu(), ref) < TOL[dtype]
+    assert ws is None or int(torch.count_nonzero(ws)) == 0
     out = sparse_mlp(*args, count=torch.zeros(1, dtype=torch.int32, device=DEVICE), **kw)
     torch.testing.assert_close(out.cpu(), (res.float() + b2.float()).to(dtype))
 
@@ -257,8 +262,9 @@ def test_gpu_chained_kernel_repeats_exactly_enough(dtype, b):
     pack_neurons(w1.cpu(), b1.cpu(), w2t.T.cpu(), rec)
     mapped = neuron_rows(device_view(rec), c)
     empty = neuron_rows(torch.empty(0, lay.neuron_len, dtype=dtype, device="cuda"), c)
-    for cfg in ({"block_n": 32, "split_c": 256}, {"block_n": 16, "split_c": 128,
-                                                  "block_n2": 64, "split_c2": 64}):
+    for cfg in ({"block_n": 32, "split_c": 256, "num_warps": 2},
+                {"block_n": 16, "split_c": 128, "block_n2": 64, "split_c2": 64,
+                 "prefetch": False}):
         errs = []
         for i in range(20):
             out = sparse_mlp(x, NeuronRows(w1, w2t, b1), idx, bias2=b2, residual=res,

@@ -8,7 +8,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dejavu.kernels.select import threshold_select, threshold_select_reference  # noqa: E402
+from dejavu.kernels.select import (  # noqa: E402
+    lowrank_scores_reference,
+    lowrank_threshold_select,
+    lowrank_topk,
+    threshold_select,
+    threshold_select_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -37,3 +43,66 @@ def test_bad_arguments():
         threshold_select(torch.zeros(1, 4, device=DEVICE), 0.0, capacity=0)
     with pytest.raises(ValueError, match="scores"):
         threshold_select(torch.zeros(4, device=DEVICE), 0.0, capacity=4)
+
+
+def _factors(b, c, r, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, generator=g).to(dtype)
+    p1 = (torch.randn(c, r, generator=g) * c**-0.5).to(dtype)
+    p2 = torch.randn(r, n, generator=g).to(dtype)
+    return [t.to(DEVICE) for t in (x, p1, p2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,c,r,n,split_c,block_n", [(1, 100, 24, 300, 32, 64),
+                                                     (3, 67, 128, 1031, 16, 128),
+                                                     (16, 48, 7, 97, 16, 32)])
+def test_lowrank_select_matches_reference(dtype, b, c, r, n, split_c, block_n):
+    # One launch computes (x @ p1) @ p2 and compacts the rows above the threshold. Rows
+    # within rounding of the threshold may go either way; every other row must be decided
+    # as the reference decides it.
+    x, p1, p2 = _factors(b, c, r, n, dtype, seed=c + n)
+    ref = lowrank_scores_reference(x, p1, p2).max(0).values.cpu()
+    thr = float(ref.quantile(0.8))
+    idx, count = lowrank_threshold_select(x, p1, p2, thr, capacity=n, split_c=split_c,
+                                          block_n=block_n)
+    k = int(count)
+    got = set(idx[:k].long().cpu().tolist())
+    assert len(got) == k
+    margin = 0.02 * float(ref.abs().max())
+    sure_in = set(torch.nonzero(ref > thr + margin).flatten().tolist())
+    sure_out = set(torch.nonzero(ref < thr - margin).flatten().tolist())
+    assert sure_in <= got and not (got & sure_out)
+    assert 0.1 * n < k < 0.3 * n
+
+
+def test_lowrank_select_truncates_at_capacity_and_refuses_bad_input():
+    x, p1, p2 = _factors(2, 40, 16, 200, torch.float16, seed=1)
+    idx, count = lowrank_threshold_select(x, p1, p2, -1e9, capacity=50, block_n=32)
+    assert int(count) == 200 and torch.unique(idx.cpu()).numel() == 50
+    with pytest.raises(ValueError, match="p2"):
+        lowrank_threshold_select(x, p1, p2.T, 0.0, capacity=4)
+    with pytest.raises(ValueError, match="dtype"):
+        lowrank_threshold_select(x.float(), p1, p2, 0.0, capacity=4)
+    with pytest.raises(ValueError, match="capacity"):
+        lowrank_threshold_select(x, p1, p2, 0.0, capacity=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,c,r,n,k", [(1, 100, 24, 40, 20), (2, 67, 64, 7, 3),
+                                       (1, 300, 64, 72, 36)])
+def test_lowrank_topk_matches_reference(dtype, b, c, r, n, k):
+    # The head predictor: (x @ p1) @ p2 and the k best rows, best first, in one launch.
+    x, p1, p2 = _factors(b, c, r, n, dtype, seed=c + k)
+    ref = lowrank_scores_reference(x, p1, p2).max(0).values.cpu()
+    got = lowrank_topk(x, p1, p2, k).long().cpu()
+    assert got.shape == (k,) and torch.unique(got).numel() == k
+    margin = 0.02 * float(ref.abs().max())
+    order = torch.sort(ref, descending=True).values
+    kth = float(order[k - 1])
+    sure_in = set(torch.nonzero(ref > kth + margin).flatten().tolist())
+    sure_out = set(torch.nonzero(ref < kth - margin).flatten().tolist())
+    assert sure_in <= set(got.tolist()) and not (set(got.tolist()) & sure_out)
+    assert (ref[got][1:] <= ref[got][:-1] + margin).all()  # best first
+    with pytest.raises(ValueError, match="k="):
+        lowrank_topk(x, p1, p2, n + 1)

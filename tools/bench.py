@@ -41,21 +41,18 @@ MLP_TUNE = [
     {"block_n": 16, "block_c": 512, "num_warps": 8},  # one kernel, loops over C
     {"block_n": 32, "split_c": 256, "num_warps": 4},  # fc1, fc2, finalize: 3 kernels
     {"block_n": 64, "split_c": 256, "num_warps": 8},
-    # chained: one kernel (fc1 tiles [block_n, split_c], fc2 tiles [block_n2, split_c2]);
-    # the tuner also times its best one with a workspace (no memset)
-    {"chained": True, "block_n": 32, "split_c": 256, "num_warps": 4},
-    {"chained": True, "block_n": 16, "split_c": 512, "block_n2": 32, "split_c2": 256,
-     "num_warps": 4},
-    {"chained": True, "block_n": 32, "split_c": 256, "block_n2": 64, "split_c2": 128,
-     "num_warps": 4},
-    {"chained": True, "block_n": 32, "split_c": 256, "block_n2": 128, "split_c2": 128,
-     "num_warps": 8},
-    {"chained": True, "block_n": 64, "split_c": 256, "block_n2": 64, "split_c2": 256,
-     "num_warps": 8},
-    {"chained": True, "block_n": 32, "split_c": 512, "block_n2": 32, "split_c2": 512,
-     "num_warps": 8},
-    {"chained": True, "block_n": 16, "split_c": 256, "block_n2": 64, "split_c2": 64,
-     "num_warps": 4},
+    # chained: one kernel (fc1 tiles [block_n, split_c], fc2 tiles [block_n2, split_c2]) and
+    # a memset; the tuner also times the best with a workspace (no memset). prefetch=False:
+    # fc2 tiles load their rows only once fc1 is done (fc1 rows get the bandwidth first).
+    *({"chained": True, "block_n": n1, "split_c": c1, "block_n2": n2, "split_c2": c2,
+       "num_warps": nw, **({} if pf else {"prefetch": False})}
+      for n1, c1, n2, c2, nw, pf in [
+          (32, 256, 64, 128, 2, True), (32, 256, 64, 128, 2, False),
+          (32, 256, 128, 64, 2, True), (32, 256, 128, 64, 2, False),
+          (64, 128, 64, 128, 2, True), (16, 256, 64, 128, 2, True),
+          (32, 256, 64, 64, 2, True), (32, 256, 64, 128, 1, True),
+          (32, 256, 64, 128, 4, True), (32, 256, 64, 128, 4, False),
+          (32, 256, 128, 64, 4, True), (64, 256, 64, 256, 4, True)]),
 ]
 KEYS = [
     "mlp_kernel_speedup_10pct_opt13b", "mlp_kernel_hbm_fraction_10pct_opt13b",

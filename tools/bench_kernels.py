@@ -22,7 +22,13 @@ from ..kernels.sparse_attention import (
     sparse_attention,
     sparse_attention_reference,
 )
-from ..kernels.sparse_mlp import NeuronRows, dense_mlp, sparse_mlp, sparse_mlp_reference
+from ..kernels.sparse_mlp import (
+    NeuronRows,
+    dense_mlp,
+    finalize,
+    sparse_mlp,
+    sparse_mlp_reference,
+)
 from .bench_common import Shape, time_graph
 
 ROTATE = 4
@@ -64,39 +70,52 @@ def mlp_kwargs(cfg: dict[str, Any], ws: torch.Tensor | None) -> dict[str, Any]:
 def tune_mlp(s: Shape, device: str, configs: list[dict[str, Any]], density: float = 0.1,
              batches=(1, 8)) -> dict[str, Any]:
     """Time a few block shapes on one shape; return the best per batch and all timings.
-    The best chained config is timed again with a caller-owned workspace (no memset)."""
+    The best chained config is timed again with a workspace (no memset per call), and
+    the best of each kernel family once more with a single neuron block (``k_min``): that
+    call reads almost nothing, so its time is the fixed cost (launches, dependency chain)."""
     w = mlp_weights(s, device)
     rows = NeuronRows(w["w1"], w["w2t"], w["b1"])
     ws = mlp_workspace(max(batches), s.hidden, s.ffn, device)
     k = max(1, round(density * s.ffn))
-    out: dict[str, Any] = {"shape": s.name, "density": density, "timings": []}
+    out: dict[str, Any] = {"shape": s.name, "density": density, "timings": [], "k_min": []}
+    # The floor under any kernel in a graph: one tiny kernel per call (launch + drain).
+    tiny = torch.zeros(1, 16, device=device)
+    out["one_tiny_kernel_us"] = round(time_graph(lambda: [
+        finalize(tiny, None, None, torch.float16) for _ in range(ROTATE)]) / ROTATE * 1e6, 2)
+
+    def timed(cfg, x, sels):
+        kw = mlp_kwargs(cfg, ws)
+        return time_graph(lambda: [sparse_mlp(x, rows, j, bias2=w["b2"], **kw)
+                                   for j in sels]) / ROTATE
+
     for b in batches:
         x = torch.randn(b, s.hidden, device=device).half()
         sels = [torch.randperm(s.ffn, device=device)[:k].int() for _ in range(ROTATE)]
-        best, best_chained = None, None
-        cands = [c for c in configs if c["block_n"] >= 16 or b == 1]
-        i = 0
-        while i < len(cands):
-            cfg = cands[i]
-            i += 1
+        best: dict[str, tuple[float, dict]] = {}
+        for cfg in [c for c in configs if c["block_n"] >= 16 or b == 1]:
             try:
-                kw = mlp_kwargs(cfg, ws)
-                t = time_graph(lambda kw=kw, x=x, sels=sels: [
-                    sparse_mlp(x, rows, j, bias2=w["b2"], **kw) for j in sels]) / ROTATE
+                t = timed(cfg, x, sels)
             except Exception as exc:  # a config the compiler refuses is skipped, not fatal
                 out["timings"].append({"batch": b, **cfg, "error": repr(exc)[:200]})
                 continue
             out["timings"].append({"batch": b, **cfg, "time_us": round(t * 1e6, 2)})
-            if best is None or t < best[0]:
-                best = (t, cfg)
-            if cfg.get("chained") and not cfg.get("workspace") and (
-                    best_chained is None or t < best_chained[0]):
-                best_chained = (t, cfg)
-            if i == len(cands) and best_chained is not None:
-                cands.append({**best_chained[1], "workspace": True})
-                best_chained = None
-        if best is not None:
-            out[f"best_batch{b}"] = best[1]
+            fam = "chained" if cfg.get("chained") else "split" if cfg.get("split_c") else "loop"
+            if fam not in best or t < best[fam][0]:
+                best[fam] = (t, cfg)
+        if not best:
+            continue
+        out[f"best_batch{b}"] = min(best.values(), key=lambda tc: tc[0])[1]
+        if "chained" in best:  # the same with a workspace: no memset, a self-cleaning kernel
+            cfg = {**best["chained"][1], "workspace": True}
+            t = timed(cfg, x, sels)
+            out["timings"].append({"batch": b, **cfg, "time_us": round(t * 1e6, 2)})
+            if t < best["chained"][0]:
+                best["chained"] = (t, cfg)
+                out[f"best_batch{b}"] = min(best.values(), key=lambda tc: tc[0])[1]
+        for fam, (_, cfg) in best.items():
+            few = [torch.randperm(s.ffn, device=device)[:16].int() for _ in range(ROTATE)]
+            out["k_min"].append({"batch": b, "family": fam, "neurons": 16, **cfg,
+                                 "time_us": round(timed(cfg, x, few) * 1e6, 2)})
     return out
 
 
