@@ -4,7 +4,7 @@ optionally with a GPU budget per worker that offloads layers to pinned host memo
 
     python -m dejavu.tools.bench_pipeline --shape opt-1.3b --workers 1,2,4 --out bench/results
     python -m dejavu.tools.bench_pipeline --shape opt-30b --workers 4 --gpu-memory-gib 10 \\
-        --dtype float16 --select random:0.1 --checkpoint-dir /data/opt-30b-random
+        --dtype float16 --select random:0.1,dense --checkpoint-dir /dev/shm/opt-30b
 
 A random-weight checkpoint of the named OPT shape is written layer by layer (one
 safetensors shard per layer plus one for the embeddings, and the index; never the whole
@@ -14,15 +14,17 @@ only its own span. Each configuration starts a real ``launch`` (scheduler and wo
 processes over ZeroMQ) with one KV-cache slot per stream, warms up, then times greedy
 decoding of ``--tokens`` new tokens per stream. ``--select random:D`` runs sparse with
 uniformly random neurons and heads at density D ([sparsity] selector = "random", a
-baseline: random weights have no predictors), so offloaded layers page only those rows.
+baseline: random weights have no predictors), so offloaded layers page only those rows;
+a comma-separated list (``random:0.1,dense``) runs each over the same checkpoint.
 
 Results: one JSON and one Markdown file named after the date and the device, with the
-command. Each row has tokens/s, stage and hop ms, and with a budget the offloaded layers
-per worker, their host bytes, the bytes each worker expected to read from the host per
-token, and the bytes actually read per generated token: with the prompt's prefill (an
-offloaded layer prefills token by token) and, when --tokens exceeds the warm-up's 4, for
-decode steps alone (per stream). A configuration that cannot start (a budget
-too small for its cache, say) is a row with its error.
+command, rewritten after every row (a run stopped by a time limit keeps what it measured).
+Each row has tokens/s, stage and hop ms, and with a budget the offloaded layers per worker,
+their host bytes, the GPU memory and host bytes per token each worker expected, the CUDA
+memory it held once loaded, and the bytes actually read per generated token: with the
+prompt's prefill (an offloaded layer prefills token by token) and, when --tokens exceeds
+the warm-up's 4, for decode steps alone (per stream). A configuration that cannot start (a
+budget too small for its cache, say) is a row with its error.
 
 What this measures: the pipeline as a user runs it, including the scheduler loop, the
 sockets and the device->host->device copies at each hop. It does not tune anything.
@@ -238,15 +240,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="GPU budget per worker; layers beyond it are offloaded")
-    parser.add_argument("--select", default="dense", help="dense | random:D (density D)")
+    parser.add_argument("--select", default="dense",
+                        help="comma-separated: dense | random:D (density D), each a set of rows")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
-    parse_select(args.select)  # a bad value fails before any checkpoint is written
+    selects = args.select.split(",")
+    for select in selects:  # a bad value fails before any checkpoint is written
+        parse_select(select)
     gpus = torch.cuda.device_count()
     workers = [int(w) for w in args.workers.split(",")]
     workers = [w for w in workers if w <= max(gpus, 1) or gpus == 0]
+    device = torch.cuda.get_device_name(0).replace(" ", "-") if gpus else platform.machine()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "-offload" if args.gpu_memory_gib is not None else ""
+    base = out / f"{stamp}-{device}-pipeline-{args.shape}{suffix}"
+    meta = {"date": stamp, "device": device, "gpus": gpus, "shape": args.shape,
+            "model": args.model, "dtype": args.dtype, "tokens": args.tokens,
+            "prompt_len": args.prompt_len, "gpu_memory_gib": args.gpu_memory_gib,
+            "select": args.select, "checkpoint_write_s": None, "torch": torch.__version__,
+            "command": "python -m dejavu.tools.bench_pipeline " + " ".join(
+                sys.argv[1:] if argv is None else argv)}
+    rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    write_s = 0.0
     try:
         if args.model:
             model = Path(args.model)
@@ -254,53 +271,48 @@ def main(argv: list[str] | None = None) -> int:
             where = Path(args.checkpoint_dir) if args.checkpoint_dir else tmp / args.shape
             model, write_s = random_checkpoint(args.shape, where, getattr(torch, args.dtype),
                                                log=lambda m: print(m, file=sys.stderr))
-        rows = []
-        for w in workers:
-            for s in (int(x) for x in args.streams.split(",")):
-                row = run_one(model, w, s, args.tokens, args.dtype, args.prompt_len,
-                              gpu_memory_gib=args.gpu_memory_gib, select=args.select,
-                              log_dir=tmp)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+            meta["checkpoint_write_s"] = round(write_s, 1)
+        for select in selects:
+            for w in workers:
+                for s in (int(x) for x in args.streams.split(",")):
+                    row = run_one(model, w, s, args.tokens, args.dtype, args.prompt_len,
+                                  gpu_memory_gib=args.gpu_memory_gib, select=select,
+                                  log_dir=tmp)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    # After every row: a run cut short by a time limit keeps what it measured.
+                    write_results(base, meta, rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    device = torch.cuda.get_device_name(0).replace(" ", "-") if gpus else platform.machine()
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": stamp, "device": device, "gpus": gpus, "shape": args.shape,
-            "model": args.model, "dtype": args.dtype, "tokens": args.tokens,
-            "prompt_len": args.prompt_len, "gpu_memory_gib": args.gpu_memory_gib,
-            "select": args.select, "checkpoint_write_s": round(write_s, 1),
-            "torch": torch.__version__,
-            "command": "python -m dejavu.tools.bench_pipeline " + " ".join(
-                sys.argv[1:] if argv is None else argv)}
-    suffix = "-offload" if args.gpu_memory_gib is not None else ""
-    base = out / f"{stamp}-{device}-pipeline-{args.shape}{suffix}"
-    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    base.with_suffix(".md").write_text(markdown(meta, rows))
+    write_results(base, meta, rows)
     print(f"wrote {base}.json and {base}.md")
     return 0
+
+
+def write_results(base: Path, meta: dict, rows: list[dict]) -> None:
+    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    base.with_suffix(".md").write_text(markdown(meta, rows))
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     budget = (f", GPU budget {meta['gpu_memory_gib']} GiB per worker"
               if meta["gpu_memory_gib"] is not None else "")
     lines = [f"# Pipeline benchmark {meta['date']} on {meta['device']} ({meta['gpus']} GPU(s)), "
-             f"{meta['shape']} {meta['dtype']}, {meta['select']}{budget}", "",
+             f"{meta['shape']} {meta['dtype']}{budget}; random checkpoint written in "
+             f"{meta['checkpoint_write_s']} s", "",
              f"`{meta['command']}`", "",
-             "| workers | streams | tokens/s | offloaded layers | paged MiB/token: with prefill,"
-             " decode only (expected per worker, batch 1) | stage ms | hop ms |",
-             "|---|---|---|---|---|---|---|"]
+             "| select | workers | streams | tokens/s | offloaded layers | paged MiB/token: "
+             "with prefill, decode only (expected per worker, batch 1) | stage ms | hop ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['workers']} | {r['streams']} | error: {r['error'][:160]} "
-                         "| | | | |")
+            lines.append(f"| {r['select']} | {r['workers']} | {r['streams']} | error: "
+                         f"{r['error'][:160]} | | | | |")
             continue
         expected = ", ".join(map(str, r["expected_paged_mib_per_token"]))
         decode = r["decode_paged_mib_per_token"]
         lines.append(
-            f"| {r['workers']} | {r['streams']} | {r['tokens_per_s']} | "
+            f"| {r['select']} | {r['workers']} | {r['streams']} | {r['tokens_per_s']} | "
             f"{', '.join(map(str, r['offloaded_layers']))} | {r['paged_mib_per_token']}, "
             f"{'-' if decode is None else decode} "
             f"({expected}) | {', '.join(map(str, r['stage_ms']))} | "
