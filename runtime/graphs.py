@@ -1,4 +1,4 @@
-"""CUDA graphs for dense decode steps: one captured forward per padded batch size.
+"""CUDA graphs for decode steps: one captured forward per padded batch size.
 
 A decode step of a resident model is a few hundred small kernels, and at batch 1 their
 launches cost more host time than the GPU spends reading the weights. ``DecodeGraphs``
@@ -13,12 +13,22 @@ up to the step's longest one. Under capture (``Batch.fixed_shape``) attention in
 the decode kernel (kernels/sparse_attention.py) over every head, which reads each row's
 prefix in place up to the row's own position, taken from a device tensor.
 
-Rows beyond the step's batch (padding up to the bucket) repeat the first row: they write
-the same keys and values at the same place, so they change nothing.
+Sparse steps are captured too when the selector keeps every head (the shipped default):
+predictors and top-k or thresholds run in the graph, the batch's union of neurons is
+compacted on the device and the sparse MLP kernel reads its count there
+(``sparse.device_only``). Two things differ from the eager sparse path, both documented
+where they are: a union above ``dense_above`` is not switched to the dense MLP (that
+decision reads the device), and the per-layer predictor time is not measured. Densities
+are: the graph writes each layer's union density to an output buffer the stage folds into
+its statistics after the replay. A selector that skips heads is not captured (lazy K/V
+recomputation reads the device); its steps stay eager.
 
-Used only where all of this holds: CUDA, float16 or bfloat16, no sparsity (selections are
-data-dependent), no offloaded layers, no stored attention inputs, and one new token per
-row without prompt scoring. Any other step runs eagerly, unchanged.
+Rows beyond the step's batch (padding up to the bucket) repeat the first row: they write
+the same keys and values at the same place and select the same rows, so they change
+nothing.
+
+Used only where all of this holds: CUDA, float16 or bfloat16, no offloaded layers, one new
+token per row without prompt scoring. Any other step runs eagerly, unchanged.
 
 What this module does not know: sampling (the stage does it on the graph's output) or
 where steps come from.
@@ -26,11 +36,16 @@ where steps come from.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
-from .model import Batch, KVCache, OPTModel
+from .model import Batch, KVCache, OPTDecoderLayer, OPTModel
+from .sparse import NotCapturable, Selection, Selector, SparseContext, SparseStats, device_only
 from .step import Step
+
+log = logging.getLogger("dejavu.graphs")
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -40,38 +55,87 @@ def bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-class _Captured:
-    """One graph: static inputs, the captured forward, its output."""
+class CapturedSparse(SparseContext):
+    """A ``SparseContext`` whose selections never read the device from the host: each
+    layer's union density goes to ``union[i]`` (a device buffer) instead of the stats."""
 
-    def __init__(self, model: OPTModel, cache: KVCache, rows: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, selector: Selector, layer_ids: list[int], carry: Tensor | None,
+                 device: torch.device) -> None:
+        super().__init__(selector, mode="gather", carry=carry)
+        self.index = {lid: i for i, lid in enumerate(layer_ids)}
+        self.union = torch.zeros(len(layer_ids), dtype=torch.float32, device=device)
+        self.initial_carry = carry
+
+    def begin(self) -> None:
+        """Reset the wiring before a forward pass (warm-up runs it several times)."""
+        self._sources.clear()
+        self._carry = self.initial_carry
+        self.carry_out = None
+
+    def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
+        lid = layer.layer_id
+        sel = self.selector(lid, self.source(lid, h))
+        if sel.heads is not None:
+            raise NotCapturable(f"layer {lid} selects heads: lazy K/V recomputation reads "
+                                "the device")
+        slot = self.union[self.index[lid]: self.index[lid] + 1]
+        if sel.neurons is None:
+            slot.fill_(1.0)
+        else:
+            slot.copy_(sel.neurons.reshape(-1, sel.neurons.shape[-1]).any(0).float().mean())
+        return sel
+
+
+class _Captured:
+    """One graph: static inputs, the captured forward, its outputs."""
+
+    def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None, rows: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.model, self.cache = model, cache
         c = model.config.hidden_size
         self.ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.hidden = torch.zeros((rows, 1, c), dtype=dtype, device=device)
+        self.carry = torch.zeros((rows, 1, c), dtype=dtype, device=device)
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.slots = torch.zeros(rows, dtype=torch.long, device=device)
+        self.sparse = None
+        if selector is not None:
+            carry = None if model.is_first else self.carry
+            self.sparse = CapturedSparse(selector, model.layer_ids, carry, device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
+        self.carry_out: Tensor | None = None
 
     def _forward(self) -> Tensor:
-        batch = Batch(self.positions, self.slots, self.cache, fixed_shape=True)
+        batch = Batch(self.positions, self.slots, self.cache, self.sparse, fixed_shape=True)
         h = self.model.embed(self.ids, self.positions) if self.model.is_first else self.hidden
-        return self.model.run_layers(h, batch)
+        if self.sparse is None:
+            return self.model.run_layers(h, batch)
+        self.sparse.begin()
+        with device_only():
+            out = self.model.run_layers(h, batch)
+        self.carry_out = self.sparse.carry_out
+        return out
 
     def capture(self) -> None:
-        """Warm up on a side stream (kernel compilation, cuBLAS workspaces), then capture.
-        The inputs must already hold a real step: warm-up writes its keys and values,
-        exactly what running that step writes."""
+        """Warm up on a side stream (kernel compilation, cuBLAS workspaces, the kernels'
+        weight tables), then capture. The inputs must already hold a real step: warm-up
+        writes its keys and values, exactly what running that step writes."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        # A selector's own CUDA generators (random baselines) advance inside the graph.
+        for generator in getattr(getattr(self.sparse, "selector", None), "generators",
+                                 {}).values():
+            if generator.device.type == "cuda":
+                graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
             self.out = self._forward()
+        self.graph = graph
 
     def replay(self) -> Tensor:
         assert self.graph is not None and self.out is not None
@@ -80,34 +144,48 @@ class _Captured:
 
 
 class DecodeGraphs:
-    def __init__(self, model: OPTModel, cache: KVCache) -> None:
-        self.model, self.cache = model, cache
-        param = next(p for p in model.parameters() if not p.is_meta)
-        self.device, self.dtype = param.device, param.dtype
+    def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None = None,
+                 stats: SparseStats | None = None) -> None:
+        self.model, self.cache, self.selector = model, cache, selector
+        self.stats = stats if stats is not None else SparseStats()
         self.graphs: dict[int, _Captured] = {}
-        self.enabled = (self.device.type == "cuda" and self.dtype in DTYPES
-                        and cache.inputs is None
-                        and not any(p.is_meta for p in model.parameters()))
+        self._enabled: bool | None = None  # decided at the first step: the model is final
+        self.carry_out: Tensor | None = None
 
-    def accepts(self, step: Step, sparse: bool) -> bool:
-        return (self.enabled and not sparse and len(step.rows) <= self.cache.slots
+    @property
+    def enabled(self) -> bool:
+        if self._enabled is None:
+            params = list(self.model.parameters())
+            live = [p for p in params if not p.is_meta]
+            self._enabled = (bool(live) and live[0].device.type == "cuda"
+                             and live[0].dtype in DTYPES and len(live) == len(params)
+                             and (self.cache.inputs is None or self.selector is not None))
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+
+    def accepts(self, step: Step) -> bool:
+        return (self.enabled and len(step.rows) <= self.cache.slots
                 and all(len(r.tokens) == 1 and not r.score for r in step.rows))
 
     @torch.inference_mode()
-    def forward(self, step: Step, hidden: Tensor | None) -> Tensor:
-        """This span's output hidden [B, 1, C] for a decode step."""
+    def forward(self, step: Step, hidden: Tensor | None, carry: Tensor | None = None
+                ) -> Tensor | None:
+        """This span's output hidden [B, 1, C] for a decode step, or None when this step
+        cannot be captured (it then runs eagerly; graphs stay off from then on)."""
         n = len(step.rows)
         rows = min(bucket(n), self.cache.slots)
-        pad = [0] * (rows - n)  # padding repeats row 0
-        order = list(range(n)) + pad
+        order = list(range(n)) + [0] * (rows - n)  # padding repeats row 0
+        param = next(self.model.parameters())
+        device, dtype = param.device, param.dtype
         g = self.graphs.get(rows)
         fresh = g is None
         if g is None:
-            g = self.graphs[rows] = _Captured(self.model, self.cache, rows, self.device,
-                                              self.dtype)
+            g = _Captured(self.model, self.cache, self.selector, rows, device, dtype)
         host = torch.tensor([[step.rows[i].slot, step.rows[i].start, step.rows[i].tokens[0]]
-                             for i in order], dtype=torch.long)
-        host = host.to(self.device, non_blocking=False)
+                             for i in order], dtype=torch.long).to(device)
         g.slots.copy_(host[:, 0])
         g.positions.copy_(host[:, 1:2])
         if self.model.is_first:
@@ -115,10 +193,41 @@ class DecodeGraphs:
         else:
             if hidden is None:
                 raise ValueError("a stage without the embeddings needs the previous hidden state")
-            hidden = hidden.to(self.device, self.dtype)
-            g.hidden[:n].copy_(hidden[:, :1])
-            if pad:
-                g.hidden[n:].copy_(hidden[:1, :1].expand(rows - n, -1, -1))
+            _fill(g.hidden, hidden.to(device, dtype), n)
+        if g.sparse is not None and g.sparse.initial_carry is not None:
+            if carry is None:
+                raise NotCapturable("no predictor input from the previous stage")
+            _fill(g.carry, carry.to(device, dtype), n)
         if fresh:
-            g.capture()
-        return g.replay()[:n].clone()
+            try:
+                g.capture()
+            except NotCapturable as exc:
+                log.info("decode steps stay eager: %s", exc)
+                self.enabled = False
+                return None
+            except RuntimeError as exc:  # e.g. an op that cannot be captured: run eagerly
+                log.warning("CUDA graph capture failed, decode steps stay eager: %s", exc,
+                            exc_info=True)
+                self.enabled = False
+                return None
+            self.graphs[rows] = g
+        out = g.replay()[:n].clone()
+        self.carry_out = None if g.carry_out is None else g.carry_out[:n].clone()
+        if g.sparse is not None:
+            self._fold_stats(g.sparse, n)
+        return out
+
+    def _fold_stats(self, sparse: CapturedSparse, tokens: int) -> None:
+        """The replay's union densities into the stage's statistics (one small read)."""
+        for lid, density in zip(self.model.layer_ids, sparse.union.tolist(), strict=True):
+            s = self.stats.layer(lid)
+            s.tokens += tokens
+            s.mlp_computed += tokens * density
+            s.heads_computed += tokens  # captured steps keep every head
+
+
+def _fill(buffer: Tensor, value: Tensor, n: int) -> None:
+    """Rows [0, n) of ``buffer`` [R, 1, C] from ``value`` [n, 1, C]; the rest repeat row 0."""
+    buffer[:n].copy_(value[:, :1])
+    if n < buffer.shape[0]:
+        buffer[n:].copy_(value[:1, :1].expand(buffer.shape[0] - n, -1, -1))

@@ -78,7 +78,8 @@ class KVCache:
         assert batch.slots is not None
         rows = batch.slots[:, None].expand_as(batch.positions)
         xs[rows, batch.positions] = x.to(xs.dtype)
-        valid[rows, :, batch.positions] = True
+        # A device scalar, not True: a host value would be a copy, which graph capture refuses.
+        valid[rows, :, batch.positions] = torch.ones((), dtype=torch.bool, device=valid.device)
 
     def nbytes(self) -> int:
         extra = 0 if self.inputs is None else self.inputs.numel() * self.inputs.element_size()
@@ -148,7 +149,8 @@ class OPTAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
         if batch.cache.inputs is not None:  # a cache shared with sparse steps:
             batch.cache.store_inputs(layer_id, batch, x)  # keep what they recompute from
-            complete_kv(self, layer_id, batch)  # and fill in heads they skipped
+            if not batch.fixed_shape:  # (graphs run only where no head is ever skipped)
+                complete_kv(self, layer_id, batch)  # and fill in heads they skipped
         return cached_attention(q, k, v, layer_id, batch)
 
 

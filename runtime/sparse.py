@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -179,6 +180,24 @@ class SparseContext:
     def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
         """Layer ``layer``'s selection; ``h`` is its input [B, T, C]."""
         lid = layer.layer_id
+        source = self.source(lid, h)
+        t0 = time.perf_counter()
+        sel = self.selector(lid, source)
+        stats = self.stats.layer(lid)
+        stats.predictor_s += time.perf_counter() - t0
+        tokens = h.shape[0] * h.shape[1]
+        stats.tokens += tokens
+        gather = self.gather(batch)
+        # An offloaded layer has no dense weights on the device: it always gathers.
+        if gather and not sparse_backend.is_offloaded(layer):
+            sel = Selection(heads=self._or_dense(sel.heads), neurons=self._or_dense(sel.neurons))
+        stats.mlp_computed += _computed(sel.neurons, tokens, gather, "neurons", h.shape)
+        stats.heads_computed += _computed(sel.heads, tokens, gather, "heads", h.shape)
+        return sel
+
+    def source(self, lid: int, h: Tensor) -> Tensor:
+        """Layer ``lid``'s predictor input (the wiring of ``predictor_source``); ``h`` is
+        the layer's input [B, T, C]."""
         point = predictor_source(lid)
         if point.site == "layer_in":
             source = h
@@ -197,19 +216,7 @@ class SparseContext:
                 f"predictor input for layer {lid} has shape {tuple(source.shape)}, the hidden "
                 f"state {tuple(h.shape)}"
             )
-        t0 = time.perf_counter()
-        sel = self.selector(lid, source)
-        stats = self.stats.layer(lid)
-        stats.predictor_s += time.perf_counter() - t0
-        tokens = h.shape[0] * h.shape[1]
-        stats.tokens += tokens
-        gather = self.gather(batch)
-        # An offloaded layer has no dense weights on the device: it always gathers.
-        if gather and not sparse_backend.is_offloaded(layer):
-            sel = Selection(heads=self._or_dense(sel.heads), neurons=self._or_dense(sel.neurons))
-        stats.mlp_computed += _computed(sel.neurons, tokens, gather, "neurons", h.shape)
-        stats.heads_computed += _computed(sel.heads, tokens, gather, "heads", h.shape)
-        return sel
+        return source
 
     def _or_dense(self, mask: Tensor | None) -> Tensor | None:
         if mask is None or mask.dtype != torch.bool:
@@ -248,11 +255,33 @@ def union_index(mask: Tensor) -> Tensor:
 # --- the MLP op ----------------------------------------------------------------------------
 
 
+class NotCapturable(SparsityError):
+    """A sparse step that cannot run without reading the device from the host."""
+
+
+# Set while runtime/graphs.py warms up and captures a sparse decode step.
+_DEVICE_ONLY = False
+
+
+@contextmanager
+def device_only():
+    """Inside: the sparse ops never read the device from the host (CUDA-graph capture).
+    The MLP's union is compacted on the device, and the kernel reads its count there."""
+    global _DEVICE_ONLY
+    before, _DEVICE_ONLY = _DEVICE_ONLY, True
+    try:
+        yield
+    finally:
+        _DEVICE_ONLY = before
+
+
 def sparse_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool) -> Tensor:
     """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F]."""
     fc1, fc2 = layer.fc1, layer.fc2
     if not gather:
         return fc2(F.relu(fc1(x)) * neurons.to(x.dtype))
+    if _DEVICE_ONLY:
+        return _compacted_mlp(layer, x, neurons)
     idx = union_index(neurons)
     if sparse_backend.mlp_kernel_applies(layer, x):  # Triton kernel; the code below is its twin
         return sparse_backend.mlp_gather(layer, x, idx)
@@ -260,6 +289,25 @@ def sparse_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool)
     b1 = fc1.bias.index_select(0, idx) if fc1.bias is not None else None
     w2 = fc2.weight.index_select(1, idx)  # [C, n]: their fc2 columns
     return F.linear(F.relu(F.linear(x, w1, b1)), w2, fc2.bias)
+
+
+def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor) -> Tensor:
+    """The union of the batch's neurons, written to the front of an index buffer on the
+    device (kernels/select.py), through the kernel with the count on the device: the same
+    set as ``union_index``, in an order that may vary (fp32 accumulation order only)."""
+    if sparse_backend.is_offloaded(layer) or not sparse_backend.mlp_kernel_applies(layer, x):
+        raise NotCapturable(f"layer {layer.layer_id}: the sparse MLP kernel does not apply "
+                            f"({x.dtype}, {x.shape[0] * x.shape[1]} rows, "
+                            f"{sparse_backend.backend_of(layer)} backend)")
+    from ..kernels.select import threshold_select
+    from ..kernels.sparse_mlp import sparse_mlp as kernel
+
+    b, t, c = x.shape
+    flags = neurons.reshape(b * t, -1).to(x.dtype)  # 1.0 where selected
+    idx, count = threshold_select(flags, 0.5, capacity=flags.shape[1])
+    out = kernel(x.reshape(b * t, c).contiguous(), sparse_backend.mlp_rows(layer), idx,
+                 bias2=layer.fc2.bias, count=count, **sparse_backend.MLP_ARGS)
+    return out.view(b, t, c)
 
 
 # --- the attention op ----------------------------------------------------------------------

@@ -33,7 +33,8 @@ class Stage:
         self.sparse_stats = SparseStats()
         self.carry_out: Tensor | None = None
         # Dense decode steps on a GPU replay captured CUDA graphs (runtime/graphs.py).
-        self.graphs = DecodeGraphs(model, cache) if cuda_graphs else None
+        self.graphs = DecodeGraphs(model, cache, selector, self.sparse_stats) \
+            if cuda_graphs else None
 
     def batch(self, step: Step) -> tuple[Tensor, Batch]:
         """Token ids [B, T] (padded with 0) and where each row sits. Padding positions are
@@ -61,9 +62,11 @@ class Stage:
         """Token ids in (first stage) or the previous stage's hidden [B, T, C]; returns this
         span's output hidden [B, T, C]."""
         self.release(step.release)
-        if self.graphs is not None and self.graphs.accepts(step, self.selector is not None):
-            self.carry_out = None
-            return self.graphs.forward(step, hidden)
+        if self.graphs is not None and self.graphs.accepts(step):
+            out = self.graphs.forward(step, hidden, carry)
+            if out is not None:
+                self.carry_out = self.graphs.carry_out
+                return out
         ids, batch = self.batch(step)
         if self.model.is_first:
             hidden = self.model.embed(ids, batch.positions)

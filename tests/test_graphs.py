@@ -18,6 +18,8 @@ from dejavu.runtime.graphs import DecodeGraphs, bucket  # noqa: E402
 from dejavu.runtime.model import Batch, OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
+from dejavu.runtime.sparse import Selection, device_only, sparse_mlp  # noqa: E402
+from dejavu.runtime.sparse_backend import use_backend  # noqa: E402
 from dejavu.runtime.stage import Stage, allocate_cache  # noqa: E402
 from dejavu.runtime.step import Row, Step  # noqa: E402
 
@@ -69,6 +71,25 @@ def test_fixed_shape_forward_equals_eager(dtype, pre_ln):
     assert torch.equal(fixed_cache.v[0], eager_cache.v[0])
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_device_only_mlp_equals_union_gather(rows):
+    """The capturable sparse MLP (union compacted on the device, count read by the kernel)
+    computes the same as the eager gather over the sorted union."""
+    model = tiny(torch.float16)
+    assert use_backend(model, "triton") == "triton"
+    layer = model.layers()[0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, 1, model.config.hidden_size, generator=g).to(torch.float16)
+    neurons = torch.rand(rows, 1, model.config.ffn_dim, generator=g) < 0.2
+    with torch.inference_mode():
+        want = sparse_mlp(layer, x, neurons, True)
+        with device_only():
+            got = sparse_mlp(layer, x, neurons, True)
+        dense_rows = layer.fc2(torch.relu(layer.fc1(x.float().to(torch.float16))))
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 3e-3
+    assert not torch.allclose(got.float(), dense_rows.float(), rtol=1e-2)  # really sparse
+
+
 def test_graphs_off_where_they_do_not_apply():
     model = tiny(torch.float16)
     stage = Stage(model, allocate_cache(model, 4, 32))
@@ -78,12 +99,32 @@ def test_graphs_off_where_they_do_not_apply():
     scored = Step(1, [Row("a", 0, [5], 3, True, GREEDY, score=True)])
     graphs = DecodeGraphs(model, allocate_cache(model, 4, 32))
     graphs.enabled = True  # pretend: which steps would it take?
-    assert graphs.accepts(decode, sparse=False)
-    assert not graphs.accepts(decode, sparse=True)
-    assert not graphs.accepts(prefill, sparse=False)
-    assert not graphs.accepts(scored, sparse=False)
-    keep = DecodeGraphs(model, allocate_cache(model, 4, 32, keep_inputs=True))
-    assert not keep.enabled  # a cache shared with sparse steps recomputes K/V on the host
+    assert graphs.accepts(decode)
+    assert not graphs.accepts(prefill)
+    assert not graphs.accepts(scored)
+
+
+
+class ProjectionSelector:
+    """Deterministic neuron masks from the predictor input (about 20% per token), so that
+    eager and captured runs select the same rows; optionally a head mask too."""
+
+    def __init__(self, config, device, heads: bool = False) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.w = torch.randn(config.hidden_size, config.ffn_dim, generator=g).to(device)
+        self.heads = heads
+        self.num_heads = config.num_attention_heads
+
+    def __call__(self, layer_id: int, source: torch.Tensor) -> Selection:
+        scores = source.float() @ self.w
+        k = max(1, scores.shape[-1] // 5)
+        neurons = scores >= scores.topk(k, dim=-1).values[..., -1:]
+        heads = None
+        if self.heads:
+            heads = torch.ones(*source.shape[:2], self.num_heads, dtype=torch.bool,
+                               device=source.device)
+            heads[..., 0] = False
+        return Selection(neurons=neurons, heads=heads)
 
 
 def _decode(stage: Stage, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
@@ -115,3 +156,44 @@ def test_graph_replay_equals_eager_stage(dtype):
     for want, got in zip(eager, graphed, strict=True):
         assert got.shape == want.shape
         assert float((got - want).norm() / want.norm()) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_graph_equals_eager_sparse_stage():
+    """MLP-sparse decode captured (union compacted on the device) vs the eager sparse path
+    with the same selections: same hidden states, same measured densities."""
+    model = tiny(torch.float16, "cuda")
+    prompts = [[2, 7, 9, 11], [2, 5], [2, 8, 8, 8, 8, 8, 1], [2, 3, 4]]
+
+    def stage(graphs):
+        return Stage(model, allocate_cache(model, 4, 48, keep_inputs=True),
+                     ProjectionSelector(model.config, "cuda"), cuda_graphs=graphs)
+
+    eager_stage, graph_stage = stage(False), stage(True)
+    eager = _decode(eager_stage, prompts, 12)
+    graphed = _decode(graph_stage, prompts, 12)
+    assert graph_stage.graphs.enabled and set(graph_stage.graphs.graphs) == {1, 2, 4}
+    for want, got in zip(eager, graphed, strict=True):
+        assert float((got - want).norm() / want.norm()) < 5e-3
+    assert 0.15 < graph_stage.sparse_stats.mlp_density < 0.9
+    assert graph_stage.sparse_stats.mlp_density == pytest.approx(
+        eager_stage.sparse_stats.mlp_density, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_head_selecting_stage_stays_eager():
+    model = tiny(torch.float16, "cuda")
+    prompts = [[2, 7, 9, 11], [2, 5]]
+
+    def stage(graphs):
+        return Stage(model, allocate_cache(model, 2, 48, keep_inputs=True),
+                     ProjectionSelector(model.config, "cuda", heads=True), cuda_graphs=graphs)
+
+    graph_stage = stage(True)
+    graphed = _decode(graph_stage, prompts, 6)
+    assert not graph_stage.graphs.enabled and not graph_stage.graphs.graphs
+    eager = _decode(stage(False), prompts, 6)
+    for want, got in zip(eager, graphed, strict=True):
+        assert float((got - want).norm() / want.norm()) < 1e-3

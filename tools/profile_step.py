@@ -12,7 +12,9 @@ synchronised around each timed loop. Three numbers per batch size:
   (``stage_eager_ms``);
 - ``forward_ms``: ``OPTModel.run_layers`` on a ready-made batch (no host tensors, no
   sampling);
-- ``matmul_ms``: the layers' weight matmuls alone, the floor any step pays.
+- ``matmul_ms``: the layers' weight matmuls alone (dense), the floor a dense step pays.
+
+``--mlp-density D`` makes the stages sparse (random neurons at density D, every head).
 
 What this does not measure: sockets, the scheduler, or several processes
 (tools/bench_pipeline.py does).
@@ -30,6 +32,7 @@ import torch
 from dejavu.runtime.model import OPTModel
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.sampling import SamplingParams
+from dejavu.runtime.selection import RandomSelector
 from dejavu.runtime.stage import Stage, allocate_cache
 from dejavu.runtime.step import Row, Step
 
@@ -56,19 +59,30 @@ def _timed(fn, steps: int, device: torch.device) -> float:
 def build(shape: str, device: torch.device, dtype: torch.dtype) -> OPTModel:
     kw = SHAPES[shape]
     config = OPTConfig(word_embed_proj_dim=kw["hidden_size"], **kw)
-    with torch.device(device):
-        model = OPTModel(config)
-    model.init_weights(torch.Generator(device).manual_seed(0) if device.type == "cuda"
-                       else torch.Generator().manual_seed(0))
-    return model.to(dtype).eval().requires_grad_(False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an OPT-13B shape in fp32 is 52 GB
+    try:
+        with torch.device(device):
+            model = OPTModel(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.init_weights(torch.Generator(device).manual_seed(0))
+    return model.eval().requires_grad_(False)
 
 
 def _stage_loop(model: OPTModel, batch: int, steps: int, device: torch.device, *,
-                graphs: bool):
+                graphs: bool, mlp_density: float | None = None):
     """Seconds per decode step of ``Stage.run`` after a prompt and a warm-up; also returns
-    the stage and its step function, for the profiler."""
+    the stage and its step function, for the profiler. ``mlp_density``: sparse, with
+    uniformly random neurons at that density and every head (random weights have no
+    predictors), on a cache that keeps attention inputs, as a sparse worker runs."""
     max_len = PROMPT + steps + 128
-    stage = Stage(model, allocate_cache(model, batch, max_len), cuda_graphs=graphs)
+    selector = None
+    if mlp_density is not None:
+        c = model.config
+        selector = RandomSelector(c.ffn_dim, c.num_attention_heads, mlp_density, 1.0)
+    cache = allocate_cache(model, batch, max_len, keep_inputs=selector is not None)
+    stage = Stage(model, cache, selector, cuda_graphs=graphs)
     params = SamplingParams(max_new_tokens=max_len, ignore_eos=True)
     rows = [Row(f"r{b}", b, [2] + [(7 * b + j) % 1000 + 3 for j in range(PROMPT - 1)], 0,
                 True, params) for b in range(batch)]
@@ -89,9 +103,11 @@ def _stage_loop(model: OPTModel, batch: int, steps: int, device: torch.device, *
 
 
 def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
-                  out: Path | None) -> dict:
-    eager_s, _, _ = _stage_loop(model, batch, steps, device, graphs=False)
-    stage_s, stage, decode = _stage_loop(model, batch, steps, device, graphs=True)
+                  out: Path | None, mlp_density: float | None = None) -> dict:
+    eager_s, eager, _ = _stage_loop(model, batch, steps, device, graphs=False,
+                                    mlp_density=mlp_density)
+    stage_s, stage, decode = _stage_loop(model, batch, steps, device, graphs=True,
+                                         mlp_density=mlp_density)
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
     pos = PROMPT + steps + 3
     # The model's forward alone on a fixed decode batch (rewrites one position).
@@ -111,9 +127,12 @@ def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
 
         matmul_s = _timed(matmuls, steps, device)
 
-    row = {"batch": batch, "stage_ms": round(stage_s * 1e3, 3),
+    row = {"batch": batch, "mlp_density": mlp_density, "stage_ms": round(stage_s * 1e3, 3),
            "stage_eager_ms": round(eager_s * 1e3, 3), "graphs": sorted(stage.graphs.graphs),
            "forward_ms": round(forward_s * 1e3, 3), "matmul_ms": round(matmul_s * 1e3, 3)}
+    if mlp_density is not None:  # what each stage measured (includes the 32-token prefill)
+        row["measured_mlp_density"] = round(stage.sparse_stats.mlp_density, 4)
+        row["measured_mlp_density_eager"] = round(eager.sparse_stats.mlp_density, 4)
     if out is not None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -135,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, else float32")
-    parser.add_argument("--out", default=None, help="write profiler tables and traces here")
+    parser.add_argument("--out", default=None, help="write profiler tables here")
+    parser.add_argument("--mlp-density", type=float, default=None,
+                        help="run sparse: random neurons at this density, every head")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
@@ -143,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     model = build(args.shape, device, dtype)
-    rows = [profile_batch(model, int(b), args.steps, device, out)
+    rows = [profile_batch(model, int(b), args.steps, device, out, args.mlp_density)
             for b in args.batch.split(",")]
     for row in rows:
         print(json.dumps({"shape": args.shape, "device": str(device), **row}), flush=True)
