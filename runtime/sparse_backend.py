@@ -55,10 +55,11 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # = kernels.sparse_mlp.SUPPORTED_DTYPES
 MAX_BATCH = 16  # = kernels.sparse_mlp.MAX_BATCH: token rows one kernel launch takes
 
-# Launch shapes: the fastest measured on an H200 at OPT-13B shapes (bench/results,
-# 2026-11-27: MLP block_n 32 / split_c 256 at batch 1 and 8; attention qkv_split_c 256,
-# split_h auto, chunk 64).
-MLP_ARGS: dict[str, Any] = {"block_n": 32, "split_c": 256, "num_warps": 4}
+# Launch shapes: the fastest measured at OPT-13B shapes (bench/results, 2026-11-27: MLP
+# the chained kernel, one launch + a memset, on an H100; attention qkv_split_c 256,
+# split_h auto, chunk 64, on an H200).
+MLP_ARGS: dict[str, Any] = {"chained": True, "block_n": 32, "split_c": 256, "block_n2": 64,
+                            "split_c2": 128, "num_warps": 2}
 ATTENTION_ARGS: dict[str, Any] = {"qkv_split_c": 256, "chunk": 64}
 
 
