@@ -202,17 +202,28 @@ def _mlp_chained_kernel(
     col_ptr = rd_ptr + NG
     t = tl.program_id(0)
     K = KCAP
+    NB1E = NB1  # fc1 blocks and fc2 groups that hold selected neurons
+    NGE = NG
     if HAS_COUNT:  # a count above the capacity was truncated by the selector
         K = tl.minimum(tl.load(count_ptr), KCAP)
+        # Tiles past the count return at once, without bookkeeping: a capacity of every
+        # neuron then costs little more than one sized to the selection. (At least one
+        # block and group run, so that an empty selection still writes the epilogue.)
+        NB1E = tl.maximum(tl.cdiv(K, BLOCK_N), 1)
+        NGE = tl.maximum(tl.cdiv(K, BLOCK_N2), 1)
     T1 = NB1 * NC1
     if t < T1:
+        if t // NC1 >= NB1E:
+            return
         _fc1_tile(t, x_ptr, locs_ptr, w1_dev_ptr, w1_host_ptr, grp_ptr, pre_ptr, B, C, K, KCAP,
                   stride_xb, stride_w, NC1, HAS_HOST, USE_DOT, BLOCK_B, BLOCK_N, SPLIT_C,
                   BLOCK_N2, DOT_FP32)
     else:
+        if (t - T1) // NC2 >= NGE:
+            return
         _fc2_tile(t - T1, locs_ptr, w2_dev_ptr, b1_dev_ptr, w2_host_ptr, b1_host_ptr,
                   bias2_ptr, res_ptr, out_ptr, grp_ptr, rd_ptr, col_ptr, pre_ptr, acc_ptr,
-                  B, C, K, KCAP, stride_w, stride_b1, stride_rb, NB1, NC1, NG, NC2,
+                  B, C, K, KCAP, stride_w, stride_b1, stride_rb, NB1E, NC1, NGE, NC2,
                   HAS_HOST, HAS_BIAS, HAS_RESIDUAL, CLEAN, USE_DOT, BLOCK_B, BLOCK_N,
                   BLOCK_N2, SPLIT_C2, PREFETCH, DOT_FP32)
 

@@ -161,6 +161,32 @@ def test_chained_kernel_with_device_count_and_host_table(b):
     torch.testing.assert_close(out.cpu(), (res.float() + b2.float()).to(dtype))
 
 
+@pytest.mark.parametrize("b", [1, 3])
+def test_chained_kernel_count_far_below_capacity(b):
+    # A buffer with room for every neuron (as a captured sparse step compacts into) and a
+    # few selected: tiles past the count return at once, the result and the clean
+    # workspace are as with a buffer sized to the selection. Counts 0..k exercise the
+    # boundary blocks and groups.
+    dtype = torch.float16
+    c, f = 40, 150
+    x, w1, b1, w2t, b2 = make(b, c, f, dtype, device="cpu", seed=9)
+    sel = torch.tensor([149, 3, 77, 20, 64, 101, 5, 33, 120, 90, 11, 140, 58, 2, 99, 130, 17,
+                        45])
+    locs = torch.full((f,), 7, dtype=torch.int32)  # garbage past the count
+    locs[: sel.numel()] = sel.to(torch.int32)
+    table = neuron_rows(pack_neurons(w1, b1, w2t.T, torch.empty(f, RecordLayout(
+        hidden=c, ffn=f, heads=4).neuron_len, dtype=dtype)).to(DEVICE), c)
+    ws = mlp_workspace(b, c, f, DEVICE)
+    for k in (0, 1, 16, 17, sel.numel()):
+        out = sparse_mlp(x.to(DEVICE), table, locs.to(DEVICE), bias2=b2.to(DEVICE),
+                         chained=True, block_n=16, split_c=16, block_n2=32, split_c2=16,
+                         count=torch.tensor([k], dtype=torch.int32, device=DEVICE),
+                         workspace=ws)
+        ref = sparse_mlp_reference(x, w1, b1, w2t, sel[:k], b2)
+        assert rel_err(out.cpu(), ref) < TOL[dtype], k
+        assert int(torch.count_nonzero(ws)) == 0, f"workspace dirty after k={k}"
+
+
 def test_reference_equals_dense_mlp_when_all_neurons_selected():
     # The reference is checked against the model's own math (fc2(relu(fc1(x)))), not
     # against another fast path.
