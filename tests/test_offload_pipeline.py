@@ -42,6 +42,10 @@ from dejavu.scheduler.planner import (  # noqa: E402
 )
 from dejavu.scheduler.zmq_client import PipelineConnection  # noqa: E402
 
+# The offloaded layers here run on the CPU, which takes Triton's interpreter; with CUDA the
+# interpreter is off (test_offload.py runs the offload path on the GPU instead).
+CPU_KERNELS = pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="CPU-interpreted kernels; test_offload.py covers CUDA")
 SLOTS, MAX_LEN = 4, 32
 PROMPTS = [[5, 6, 7], [9, 8]]
 # logprobs=1: each token's log-probability comes back, so the comparison sees the numbers,
@@ -72,6 +76,7 @@ def first_worker_budget(resident_layers: int) -> float:
     return (fixed + resident_layers * layer_bytes(TINY, 2) + 1) / GiB
 
 
+@CPU_KERNELS
 @pytest.mark.parametrize("resident", [1, 0], ids=["half-offloaded", "all-offloaded"])
 def test_budgeted_launch_equals_the_unbudgeted_engine(tiny16, reference, resident):
     budget = first_worker_budget(resident)
@@ -136,6 +141,7 @@ def test_the_worker_offloads_what_the_planner_predicts(tiny16):
             assert offloaded == list(stage.layers)[len(stage.layers) - stage.offloaded:]
 
 
+@CPU_KERNELS
 def test_generate_with_a_budget_equals_generate_without(tiny16):
     from dejavu.tools.cli import app
 
