@@ -97,10 +97,11 @@ class Worker:
             setup.device = "cuda:0" if torch.cuda.is_available() else "cpu"
         if setup.device == "cpu" and setup.threads > 0:
             torch.set_num_threads(setup.threads)
-        if torch.device(setup.device).type == "cuda":
+        device = torch.device(setup.device)
+        if device.type == "cuda" and device.index is not None:
             # Triton launches on the current device, and host-memory views (offloaded rows)
             # map on it: make it this worker's GPU, not cuda:0.
-            torch.cuda.set_device(setup.device)
+            torch.cuda.set_device(device)
         layers = range(*setup.layers)
         log.info("worker %d loading layers [%d, %d) of %s on %s", self.index, layers.start,
                  layers.stop, setup.model, setup.device)
