@@ -12,9 +12,10 @@ model in memory), to ``--checkpoint-dir`` (kept, and reused when it already hold
 shape) or to a temporary directory; or ``--model DIR`` is used. Each worker then reads
 only its own span. Each configuration starts a real ``launch`` (scheduler and worker
 processes over ZeroMQ) with one KV-cache slot per stream, warms up, then times greedy
-decoding of ``--tokens`` new tokens per stream. ``--select random:D`` runs sparse with
-uniformly random neurons and heads at density D ([sparsity] selector = "random", a
-baseline: random weights have no predictors), so offloaded layers page only those rows;
+decoding of ``--tokens`` new tokens per stream. ``--select random:M`` runs sparse with
+uniformly random neurons at density M and every head (``random:M:H``: heads at density H
+too; [sparsity] selector = "random", a baseline: random weights have no predictors), so
+offloaded layers page only those rows;
 a comma-separated list (``random:0.1,dense``) runs each over the same checkpoint.
 
 Results: one JSON and one Markdown file named after the date and the device, with the
@@ -37,6 +38,7 @@ import json
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,18 +156,52 @@ def random_checkpoint(shape: str, out: Path, dtype: torch.dtype, log=print) -> t
 
 
 def parse_select(text: str) -> dict:
-    """"dense" | "random:D" -> PipelineConfig sparsity fields."""
+    """"dense" | "random:M" | "random:M:H" -> PipelineConfig sparsity fields: random neurons
+    at density M and every head, or heads at density H too. (Every head is the shipped
+    model's default, and the steps a CUDA graph can capture: runtime/graphs.py.)"""
     if text == "dense":
         return {"sparse": False}
-    kind, _, value = text.partition(":")
+    kind, *values = text.split(":")
     try:
-        density = float(value)
+        densities = [float(v) for v in values]
     except ValueError:
-        density = -1.0
-    if kind != "random" or not 0.0 < density <= 1.0:
-        raise SystemExit(f"--select {text!r}: expected dense or random:D with D in (0, 1]")
-    return {"sparse": True, "selector": "random", "mlp_density": density,
-            "head_density": density}
+        densities = []
+    if kind != "random" or len(densities) not in (1, 2) or not all(
+            0.0 < d <= 1.0 for d in densities):
+        raise SystemExit(f"--select {text!r}: expected dense, random:M or random:M:H with "
+                         "densities in (0, 1]")
+    return {"sparse": True, "selector": "random", "mlp_density": densities[0],
+            "head_density": densities[1] if len(densities) == 2 else 1.0}
+
+
+class GpuUtilization:
+    """Samples each GPU's utilisation (the fraction of time a kernel ran, nvidia-smi) every
+    100 ms while open; ``mean()`` is the average per GPU index. Without nvidia-smi it
+    measures nothing (an empty dict)."""
+
+    def __enter__(self) -> GpuUtilization:
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.samples: dict[int, list[float]] = {}
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        for line in out.splitlines():
+            index, _, value = line.partition(",")
+            try:
+                self.samples.setdefault(int(index), []).append(float(value))
+            except ValueError:
+                continue
+
+    def mean(self) -> dict[int, float]:
+        return {i: round(sum(v) / len(v), 1) for i, v in sorted(self.samples.items()) if v}
 
 
 def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
@@ -188,9 +224,10 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
             start = sum(conn.health().paged_bytes)
             conn.run(prompts, SamplingParams(max_new_tokens=WARMUP, ignore_eos=True))
             before = sum(conn.health().paged_bytes)
-            started = time.perf_counter()
-            out = conn.run(prompts, params)
-            seconds = time.perf_counter() - started
+            with GpuUtilization() as util:
+                started = time.perf_counter()
+                out = conn.run(prompts, params)
+                seconds = time.perf_counter() - started
             health = conn.health()
     except (LaunchError, TimeoutError) as exc:
         return row | {"error": str(exc)}
@@ -217,6 +254,8 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
         "densities": [list(d) for d in health.densities],
         "stage_ms": [round(s * 1000, 3) for s in health.stage_s],
         "hop_ms": [round(s * 1000, 3) for s in health.hop_s],
+        # nvidia-smi's GPU index (PCI bus order) for each GPU, during the timed run.
+        "gpu_util_pct": util.mean(),
     })
     if errors:
         row["errors"] = errors[:3]
@@ -241,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="GPU budget per worker; layers beyond it are offloaded")
     parser.add_argument("--select", default="dense",
-                        help="comma-separated: dense | random:D (density D), each a set of rows")
+                        help="comma-separated: dense | random:M (neurons at density M, every "
+                             "head) | random:M:H (heads at density H too), each a set of rows")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     selects = args.select.split(",")
