@@ -13,7 +13,8 @@ up to the step's longest one. Under capture (``Batch.fixed_shape``) attention in
 the decode kernel (kernels/sparse_attention.py) over every head, which reads each row's
 prefix in place up to the row's own position, taken from a device tensor.
 
-Sparse steps are captured too when the selector keeps every head (the shipped default):
+Sparse steps are captured too when the selector keeps every head (the shipped default)
+and says so (``keeps_every_head``, which the predictor and random selectors have):
 predictors and top-k or thresholds run in the graph, the batch's union of neurons is
 compacted on the device and the sparse MLP kernel reads its count there
 (``sparse.device_only``). Two things differ from the eager sparse path, both documented
@@ -21,7 +22,9 @@ where they are: a union above ``dense_above`` is not switched to the dense MLP (
 decision reads the device), and the per-layer predictor time is not measured. Densities
 are: the graph writes each layer's union density to an output buffer the stage folds into
 its statistics after the replay. A selector that skips heads is not captured (lazy K/V
-recomputation reads the device); its steps stay eager.
+recomputation reads the device); its steps stay eager. A random selector's draws advance
+in the graph (its generators are registered with it), but capture's warm-up draws too, so
+a captured random baseline does not repeat an eager run's selections.
 
 Rows beyond the step's batch (padding up to the bucket) repeat the first row: they write
 the same keys and values at the same place and select the same rows, so they change
@@ -157,9 +160,15 @@ class DecodeGraphs:
         if self._enabled is None:
             params = list(self.model.parameters())
             live = [p for p in params if not p.is_meta]
+            # A selector is captured only when it says it never skips a head: one that
+            # does would be found out only by running it, and a stateful selector (random
+            # draws) must not be run by an attempt that then falls back to eager.
+            sparse_ok = self.selector is None or getattr(self.selector, "keeps_every_head",
+                                                         False)
             self._enabled = (bool(live) and live[0].device.type == "cuda"
                              and live[0].dtype in DTYPES and len(live) == len(params)
-                             and (self.cache.inputs is None or self.selector is not None))
+                             and (self.cache.inputs is None or self.selector is not None)
+                             and sparse_ok)
         return self._enabled
 
     @enabled.setter

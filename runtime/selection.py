@@ -82,6 +82,14 @@ class PredictorSelector:
         if bad:
             raise SelectionError(f"dense_layers {sorted(bad)}: the model has layers 0..{n - 1}")
 
+    @property
+    def keeps_every_head(self) -> bool:
+        """Whether no layer ever skips a head: such steps can be CUDA-graph captured
+        (runtime/graphs.py)."""
+        h = self.predictors.config.num_attention_heads
+        return all(layer in self.config.dense_layers or self.ks(layer)[1] >= h
+                   for layer in self.predictors.layer_ids)
+
     def ks(self, layer_id: int) -> tuple[int, int]:
         """(neurons, heads) kept per token at this layer."""
         c, cfg = self.predictors.config, self.config
@@ -145,6 +153,10 @@ class RandomSelector:
         # One generator per device: drawing on the host and copying to a GPU made a sweep
         # point 40x slower than the predictors.
         self.generators: dict[torch.device, torch.Generator] = {}
+
+    @property
+    def keeps_every_head(self) -> bool:
+        return self.head_k >= self.num_heads
 
     def _rand(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         g = self.generators.get(device)

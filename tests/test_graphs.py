@@ -18,6 +18,7 @@ from dejavu.runtime.graphs import DecodeGraphs, bucket  # noqa: E402
 from dejavu.runtime.model import Batch, OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
+from dejavu.runtime.selection import RandomSelector  # noqa: E402
 from dejavu.runtime.sparse import Selection, device_only, sparse_mlp  # noqa: E402
 from dejavu.runtime.sparse_backend import use_backend  # noqa: E402
 from dejavu.runtime.stage import Stage, allocate_cache  # noqa: E402
@@ -90,6 +91,11 @@ def test_device_only_mlp_equals_union_gather(rows):
     assert not torch.allclose(got.float(), dense_rows.float(), rtol=1e-2)  # really sparse
 
 
+def test_random_selector_says_whether_it_keeps_every_head():
+    assert RandomSelector(64, 4, 0.2, 1.0).keeps_every_head
+    assert not RandomSelector(64, 4, 0.2, 0.5).keeps_every_head
+
+
 def test_graphs_off_where_they_do_not_apply():
     model = tiny(torch.float16)
     stage = Stage(model, allocate_cache(model, 4, 32))
@@ -114,6 +120,7 @@ class ProjectionSelector:
         self.w = torch.randn(config.hidden_size, config.ffn_dim, generator=g).to(device)
         self.heads = heads
         self.num_heads = config.num_attention_heads
+        self.keeps_every_head = not heads  # what lets runtime/graphs.py capture it
 
     def __call__(self, layer_id: int, source: torch.Tensor) -> Selection:
         scores = source.float() @ self.w
