@@ -330,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(base: Path, meta: dict, rows: list[dict]) -> None:
-    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    base.with_suffix(".md").write_text(markdown(meta, rows))
+    # Not with_suffix: a shape's dot ("opt-1.3b") would be taken for the suffix.
+    Path(f"{base}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    Path(f"{base}.md").write_text(markdown(meta, rows))
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -342,12 +343,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"{meta['checkpoint_write_s']} s", "",
              f"`{meta['command']}`", "",
              "| select | workers | streams | tokens/s | offloaded layers | paged MiB/token: "
-             "with prefill, decode only (expected per worker, batch 1) | stage ms | hop ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "with prefill, decode only (expected per worker, batch 1) | stage ms | hop ms | "
+             "GPU util % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['select']} | {r['workers']} | {r['streams']} | error: "
-                         f"{r['error'][:160]} | | | | |")
+                         f"{r['error'][:160]} | | | | | |")
             continue
         expected = ", ".join(map(str, r["expected_paged_mib_per_token"]))
         decode = r["decode_paged_mib_per_token"]
@@ -356,7 +358,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{', '.join(map(str, r['offloaded_layers']))} | {r['paged_mib_per_token']}, "
             f"{'-' if decode is None else decode} "
             f"({expected}) | {', '.join(map(str, r['stage_ms']))} | "
-            f"{', '.join(map(str, r['hop_ms'])) or '-'} |")
+            f"{', '.join(map(str, r['hop_ms'])) or '-'} | "
+            f"{', '.join(map(str, r.get('gpu_util_pct', {}).values())) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
