@@ -28,8 +28,17 @@ one that keeps resident layers dense) and logs ``budget_report``: the expected G
 host bytes read per token. ``host_bytes_read`` counts what the offloaded layers actually
 read from host records (whole records: a head's K/V recompute counts its record too).
 
-What this module does not know: which rows are selected (selectors) or how hot rows are
-chosen (weight_store.plan_placement, from measured frequencies).
+The budget left after the whole layers (``cache_placements``) becomes row caches on the GPU
+for the offloaded layers, less a safety margin (``CACHE_MARGIN``): without frequencies,
+dynamic slots shared evenly (neurons and heads in the proportion of their bytes), filled
+after each step with the rows it read from the host (a second host read of those rows,
+counted by ``host_bytes_read``), least recently used evicted; with a
+``LayerFrequencies`` per offloaded layer, weight_store.plan_placement's static hot rows plus
+``DYNAMIC_FRACTION`` of dynamic neuron slots. The report's host bytes per token count the
+static rows only (the dynamic ones depend on the text): an upper bound.
+
+What this module does not know: which rows are selected (selectors) or where frequencies
+come from (nothing measures them at startup yet; a caller passes them).
 """
 
 from __future__ import annotations
@@ -49,12 +58,14 @@ from . import sparse_backend
 from .model import Batch, OPTAttention, OPTModel
 from .sparse import Selection
 from .weight_store import (
+    LayerFrequencies,
     LayerPlacement,
     PlacementError,
     RecordLayout,
     ResidentLayer,
     gib,
     host_layer_from_module,
+    plan_placement,
     uniform_placement,
 )
 
@@ -63,6 +74,13 @@ BIG = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.wei
        "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
        "self_attn.out_proj.weight", "fc1.weight", "fc1.bias", "fc2.weight")
 
+
+# Part of the budget left after whole layers that row caches leave unused: allocator
+# rounding, the location maps, what the estimates miss.
+CACHE_MARGIN = 1 / 16
+# With frequencies: the part of the caches that follows recent tokens instead of holding
+# the measured hot rows (design.md: hot rows "plus a dynamic part").
+DYNAMIC_FRACTION = 0.25
 
 # Offloaded decoder layer -> its OffloadedLayer (for the byte counts below).
 _HELD: weakref.WeakKeyDictionary[torch.nn.Module, OffloadedLayer] = weakref.WeakKeyDictionary()
@@ -135,6 +153,9 @@ class OffloadedLayer:
                for i in range(0, b * t, MAX_BATCH)]
         for _ in out:  # each launch reads the selected rows once
             self._count(locs, self.neuron_bytes)
+        # Dynamic slots (if any) now hold this step's host rows; the copy reads them from
+        # the host once more, which the count says.
+        self.read += self.rows.admit(idx) * self.neuron_bytes
         return torch.cat(out).view(b, t, c)
 
     def attention(self, attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
@@ -172,6 +193,8 @@ class OffloadedLayer:
                 self._count(locs, self.head_bytes)
         if batch.sparse is not None:
             batch.sparse.stats.layer(layer_id).kv_recomputed += recomputed
+        # After the op, whose locations had to stay valid throughout; counted as in mlp.
+        self.read += self.rows.admit_heads(idx) * self.head_bytes
         return out
 
     def _fill_missing(self, cache_k: Tensor, cache_v: Tensor, xs: Tensor, valid: Tensor,
@@ -235,14 +258,77 @@ def offload_layers(model: OPTModel, layer_ids: list[int], *, device: torch.devic
                     torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
 
 
+def _stays(name: str) -> bool:
+    return name not in BIG
+
+
+def spare_bytes(model: OPTModel, layer_ids: list[int], budget_bytes: int,
+                reserved_bytes: int) -> int:
+    """Bytes of the budget that are left once ``layer_ids`` are offloaded: the budget less
+    ``reserved_bytes``, every weight that stays on the GPU and, per offloaded layer, the
+    small tensors its rows keep on the GPU (norms and biases, once more in the
+    ResidentLayer) and its two location maps. May be negative."""
+    off = set(layer_ids)
+    used = 0
+    for layer in model.layers():
+        for name, p in layer.named_parameters():
+            if layer.layer_id not in off:
+                used += _nbytes([p])
+            elif _stays(name):
+                used += 2 * _nbytes([p])
+        if layer.layer_id in off:
+            used += 4 * (model.config.ffn_dim + model.config.num_attention_heads)
+    layer_params = {id(p) for layer in model.layers() for p in layer.parameters()}
+    used += _nbytes(p for p in model.parameters() if id(p) not in layer_params)
+    return budget_bytes - reserved_bytes - used
+
+
+def cache_placements(layout: RecordLayout, element_size: int, layer_ids: list[int],
+                     cache_bytes: int,
+                     freqs: dict[int, LayerFrequencies] | None = None
+                     ) -> dict[int, LayerPlacement]:
+    """Row caches for offloaded layers ``layer_ids`` within ``cache_bytes`` (the spare
+    budget, ``CACHE_MARGIN`` already kept back by the caller). With ``freqs`` (one per layer):
+    ``plan_placement``'s hot rows plus ``DYNAMIC_FRACTION`` of dynamic neuron slots. Without:
+    an even share per layer, as dynamic slots for neurons and heads in the proportion of
+    their bytes in the layer (a share that holds every neuron gives the rest to heads)."""
+    none = torch.empty(0, dtype=torch.long)
+    if not layer_ids or cache_bytes <= 0:
+        return {}
+    if freqs is not None:
+        missing = [lid for lid in layer_ids if lid not in freqs]
+        if missing:
+            raise PlacementError(f"frequencies for offloaded layers {missing} are missing")
+        plan = plan_placement(layout, [freqs[lid] for lid in layer_ids], layer_ids,
+                              budget_bytes=cache_bytes, reserved_bytes=0,
+                              element_size=element_size, dynamic_fraction=DYNAMIC_FRACTION)
+        return {p.layer_id: p for p in plan.layers}
+    nb, hb = layout.neuron_len * element_size, layout.head_len * element_size
+    share = cache_bytes // len(layer_ids)
+    heads = min(layout.heads, share * layout.heads * hb // layout.layer_bytes(element_size) // hb)
+    neurons = min(layout.ffn, (share - heads * hb) // nb)
+    heads = min(layout.heads, (share - neurons * nb) // hb)  # what a full neuron cache leaves
+    return {lid: LayerPlacement(lid, none, none, False, dynamic_neurons=neurons,
+                                dynamic_heads=heads) for lid in layer_ids}
+
+
 def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str,
-               reserved_bytes: int = 0) -> list[int]:
+               reserved_bytes: int = 0, freqs: dict[int, LayerFrequencies] | None = None,
+               caches: bool = True) -> list[int]:
     """Hold ``model`` within ``budget_bytes`` of ``device`` memory: offload the layers that
-    do not fit (``plan_offload``), then move the rest of the model to ``device``. Load the
-    model on the CPU first, so that offloaded layers never occupy the GPU. Returns the
-    offloaded layer ids (run the engine with an ``OffloadSelector`` over them)."""
+    do not fit (``plan_offload``), give what the budget has left to their row caches
+    (``cache_placements``; ``caches=False``: none), then move the rest of the model to
+    ``device``. Load the model on the CPU first, so that offloaded layers never occupy the
+    GPU. Returns the offloaded layer ids (run the engine with an ``OffloadSelector`` over
+    them)."""
     layers = plan_offload(model, budget_bytes, reserved_bytes)
-    offload_layers(model, layers, device=device)
+    placements = {}
+    if caches and layers:
+        spare = spare_bytes(model, layers, budget_bytes, reserved_bytes)
+        e = next(model.parameters()).element_size()
+        placements = cache_placements(RecordLayout.of(model.config), e, layers,
+                                      spare - int(spare * CACHE_MARGIN), freqs)
+    offload_layers(model, layers, device=device, placements=placements)
     move_resident(model, device)
     return layers
 
@@ -330,25 +416,47 @@ def expected_density(selector, layer_id: int, config) -> tuple[float, float]:
 def budget_report(model: OPTModel, offloaded: list[int], selector, *, budget_bytes: int,
                   reserved_bytes: int) -> dict[str, float | int]:
     """What a budgeted model expects before running (weight_store's ``Placement.report`` at
-    batch 1): GPU bytes (resident weights + ``reserved_bytes``), host record bytes and host
-    bytes read per token at the selector's densities."""
+    batch 1): GPU bytes (resident weights + ``reserved_bytes`` + the offloaded layers' row
+    caches, small tensors and location maps), host record bytes and host bytes read per
+    token at the selector's densities (static hot rows counted, dynamic slots not: an upper
+    bound)."""
     config = model.config
     e = next(p for p in model.parameters() if not p.is_meta).element_size()
     layout = RecordLayout.of(config)
     gpu = _nbytes(p for p in model.parameters() if not p.is_meta) + reserved_bytes
+    placements = {}
+    for layer in model.layers():
+        if (ops := _HELD.get(layer)) is not None:
+            r = ops.rows
+            gpu += _nbytes(r.small.values()) + _nbytes([r.neuron_loc, r.head_loc])
+            placements[layer.layer_id] = LayerPlacement(
+                layer.layer_id, _hot(r.neuron_loc, r.n_hot), _hot(r.head_loc, r.n_hot_heads),
+                False, dynamic_neurons=r.cache_neurons.shape[0] - r.n_hot,
+                dynamic_heads=r.cache_heads.shape[0] - r.n_hot_heads)
     densities = {lid: expected_density(selector, lid, config) for lid in offloaded}
-    report = uniform_placement(layout, e, densities, gpu_bytes=gpu,
-                               budget_bytes=budget_bytes).report(1)
+    report = uniform_placement(layout, e, densities, gpu_bytes=gpu, budget_bytes=budget_bytes,
+                               placements=placements).report(1)
     report["offloaded_layers"] = len(offloaded)
     report["resident_layers"] = len(model.layers()) - len(offloaded)
     report["host_record_bytes"] = len(offloaded) * layout.layer_bytes(e)
     return report
 
 
+def _hot(loc_map: Tensor, n_hot: int) -> Tensor:
+    """Ids of the static hot rows: those whose location is one of the first ``n_hot``
+    cache rows."""
+    loc = loc_map.cpu().long()
+    return torch.nonzero((loc >= 0) & (loc < n_hot)).flatten()
+
+
 def describe_report(report: dict[str, float | int]) -> str:
     mib = 2**20
     return (f"{report['resident_layers']} layer(s) resident, {report['offloaded_layers']} "
             f"offloaded ({report['host_record_bytes'] / mib:.1f} MiB in host memory); "
-            f"expected GPU memory {report['gpu_bytes'] / mib:.1f} MiB of a "
-            f"{report['budget_bytes'] / mib:.1f} MiB budget; expected host bytes read per "
-            f"token (batch 1): {report['host_bytes_per_step'] / mib:.3f} MiB")
+            f"expected GPU memory {report['gpu_bytes'] / mib:.1f} MiB (row caches "
+            f"{report['row_cache_bytes'] / mib:.1f} MiB: {report['dynamic_neuron_slots']} "
+            f"dynamic neuron slots, {report['dynamic_head_slots']} dynamic head slots) of a "
+            f"{report['budget_bytes'] / mib:.1f} MiB budget; "
+            f"expected host bytes read per token (batch 1): "
+            f"{report['host_bytes_per_step'] / mib:.3f} MiB (an upper bound: rows the dynamic "
+            f"slots hold are not subtracted)")

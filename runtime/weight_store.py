@@ -14,7 +14,9 @@ byte. A row of frequency f and size s saves f*s host bytes per token for s bytes
 memory, so the best static cache is simply the highest-frequency rows over all layers
 (the same order for any batch, since 1-(1-f)^B grows with f). A layer whose every row is
 kept is dense-resident. Optionally a fraction of the budget becomes dynamic neuron slots per
-layer, filled with the cold rows recent tokens used (LRU; ``ResidentLayer.admit``).
+layer, filled with the cold rows recent tokens used (LRU; ``ResidentLayer.admit``); heads
+can have dynamic slots too (``admit_heads``; runtime/offload.py uses them when it has no
+frequencies).
 
 Cold rows are read either in place (mapped pinned memory, zero-copy) or staged (gathered
 on the CPU into a pinned buffer, copied on a copy stream); ``measure_cold_paths`` times
@@ -197,6 +199,7 @@ class LayerPlacement:
     hot_heads: Tensor
     dense_resident: bool
     dynamic_neurons: int = 0  # GPU slots for recently used cold neurons (ResidentLayer.admit)
+    dynamic_heads: int = 0  # the same for heads (ResidentLayer.admit_heads)
 
 
 @dataclass
@@ -211,7 +214,8 @@ class Placement:
     def cache_bytes(self) -> int:
         lay, e = self.layout, self.element_size
         return sum(((p.hot_neurons.numel() + p.dynamic_neurons) * lay.neuron_len
-                    + p.hot_heads.numel() * lay.head_len) * e for p in self.layers)
+                    + (p.hot_heads.numel() + p.dynamic_heads) * lay.head_len) * e
+                   for p in self.layers)
 
     def gpu_bytes(self) -> int:
         return self.cache_bytes() + self.reserved_bytes
@@ -240,6 +244,7 @@ class Placement:
             "reserved_bytes": self.reserved_bytes,
             "dense_resident_layers": sum(p.dense_resident for p in self.layers),
             "dynamic_neuron_slots": sum(p.dynamic_neurons for p in self.layers),
+            "dynamic_head_slots": sum(p.dynamic_heads for p in self.layers),
             "layers": len(self.layers),
             "batch": batch,
             "host_bytes_per_step": moved["host_bytes"],
@@ -312,15 +317,18 @@ def plan_placement(layout: RecordLayout, freqs: list[LayerFrequencies], layer_id
 
 def uniform_placement(layout: RecordLayout, element_size: int,
                       densities: dict[int, tuple[float, float]], *, gpu_bytes: int,
-                      budget_bytes: int) -> Placement:
-    """The placement of layers held wholly in host records with no hot-row cache (what
-    runtime/offload.py's ``fit_budget`` builds), for ``Placement.report``: layer id ->
-    (MLP, head) density, each row taken to be selected on that fraction of tokens (1.0 when
-    running dense). ``gpu_bytes``: everything the worker keeps on its GPU."""
+                      budget_bytes: int,
+                      placements: dict[int, LayerPlacement] | None = None) -> Placement:
+    """The placement of layers held in host records (what runtime/offload.py's
+    ``fit_budget`` builds), for ``Placement.report``: layer id -> (MLP, head) density, each
+    row taken to be selected on that fraction of tokens (1.0 when running dense), with the
+    row caches of ``placements`` (default: none). ``gpu_bytes``: everything the worker keeps
+    on its GPU besides those caches."""
     none = torch.empty(0, dtype=torch.long)
     layers, freqs = [], []
     for layer_id, (mlp, heads) in sorted(densities.items()):
-        layers.append(LayerPlacement(layer_id, none, none, False))
+        layers.append((placements or {}).get(layer_id, LayerPlacement(layer_id, none, none,
+                                                                      False)))
         freqs.append(LayerFrequencies(torch.full((layout.ffn,), float(mlp)),
                                       torch.full((layout.heads,), float(heads))))
     return Placement(layout, element_size, layers, freqs, gpu_bytes, budget_bytes)
@@ -348,7 +356,13 @@ class ResidentLayer:
         self.n_hot = n_hot
         self.dynamic: OrderedDict[int, int] = OrderedDict()  # neuron id -> slot, LRU first
         self.free_slots = list(range(n_hot, n_hot + placement.dynamic_neurons))
-        self.cache_heads = host.heads[placement.hot_heads].to(device)
+        n_hot_heads = placement.hot_heads.numel()
+        self.cache_heads = torch.empty((n_hot_heads + placement.dynamic_heads, layout.head_len),
+                                       dtype=host.heads.dtype, device=device)
+        self.cache_heads[:n_hot_heads] = host.heads[placement.hot_heads].to(device)
+        self.n_hot_heads = n_hot_heads
+        self.dynamic_heads: OrderedDict[int, int] = OrderedDict()
+        self.free_head_slots = list(range(n_hot_heads, n_hot_heads + placement.dynamic_heads))
         self.neuron_loc = _loc_map(layout.ffn, placement.hot_neurons).to(device)
         self.head_loc = _loc_map(layout.heads, placement.hot_heads).to(device)
         on_gpu = torch.device(device).type == "cuda"
@@ -371,33 +385,13 @@ class ResidentLayer:
         (evicting the least recently used), so that following tokens, which tend to reuse
         them, read them from GPU memory. Returns how many rows were copied. Reads the
         selection on the host (a synchronisation): call it off the critical path."""
-        if self.cache_neurons.shape[0] == self.n_hot:
-            return 0
-        ids = torch.unique(neurons.detach().long().cpu()).tolist()
-        loc = self.neuron_loc.cpu()
-        fresh = []
-        for n in ids:
-            if n in self.dynamic:
-                self.dynamic.move_to_end(n)
-            elif int(loc[n]) < 0:
-                fresh.append(n)
-        fresh = fresh[: self.cache_neurons.shape[0] - self.n_hot]  # at most every slot
-        slots = []
-        for n in fresh:
-            if self.free_slots:
-                slot = self.free_slots.pop()
-            else:
-                old, slot = self.dynamic.popitem(last=False)
-                loc[old] = -old - 1
-            self.dynamic[n] = slot
-            loc[n] = slot
-            slots.append(slot)
-        if fresh:
-            rows = self.host.neurons[torch.tensor(fresh)]
-            self.cache_neurons[torch.tensor(slots, device=self.cache_neurons.device)] = rows.to(
-                self.cache_neurons.device, non_blocking=True)
-            self.neuron_loc.copy_(loc)
-        return len(fresh)
+        return _admit(neurons, self.neuron_loc, self.cache_neurons, self.host.neurons,
+                      self.n_hot, self.dynamic, self.free_slots)
+
+    def admit_heads(self, heads: Tensor) -> int:
+        """``admit`` for heads (their dynamic slots, ``LayerPlacement.dynamic_heads``)."""
+        return _admit(heads, self.head_loc, self.cache_heads, self.host.heads,
+                      self.n_hot_heads, self.dynamic_heads, self.free_head_slots)
 
     def head_locs(self, heads: Tensor) -> Tensor:
         return self.head_loc[heads.long()]
@@ -425,6 +419,38 @@ class ResidentLayer:
                          **kernel_args)
         return out if self.host.pre_ln else F.layer_norm(out, (c,), sm.get("ln2_w"),
                                                          sm.get("ln2_b"))
+
+
+def _admit(ids: Tensor, loc_map: Tensor, cache: Tensor, host: Tensor, n_hot: int,
+           lru: OrderedDict[int, int], free: list[int]) -> int:
+    """Copy the rows ``ids`` that are neither hot nor already cached into the dynamic slots
+    of ``cache`` (rows from ``n_hot`` on), evicting the least recently used, and point
+    ``loc_map`` at them (in place: the kernels' tables stay valid). Returns rows copied."""
+    if cache.shape[0] == n_hot:
+        return 0
+    loc = loc_map.cpu()
+    fresh = []
+    for n in torch.unique(ids.detach().long().cpu()).tolist():
+        if n in lru:
+            lru.move_to_end(n)
+        elif int(loc[n]) < 0:
+            fresh.append(n)
+    fresh = fresh[: cache.shape[0] - n_hot]  # at most every slot
+    slots = []
+    for n in fresh:
+        if free:
+            slot = free.pop()
+        else:
+            old, slot = lru.popitem(last=False)
+            loc[old] = -old - 1
+        lru[n] = slot
+        loc[n] = slot
+        slots.append(slot)
+    if fresh:
+        rows = host[torch.tensor(fresh)]
+        cache[torch.tensor(slots, device=cache.device)] = rows.to(cache.device, non_blocking=True)
+        loc_map.copy_(loc)
+    return len(fresh)
 
 
 def _loc_map(n: int, hot: Tensor) -> Tensor:
