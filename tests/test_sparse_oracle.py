@@ -160,11 +160,13 @@ def test_oracle_refuses_bad_settings():
 def test_merge_rows_replaces_appends_and_refuses_other_text():
     row = lambda name, sel, bpb, tokens=100: {"config": name, "selector": sel,  # noqa: E731
                                               "bits_per_byte": bpb, "tokens": tokens}
-    saved = {"meta": {"m": 1}, "rows": [row("dense", "dense", 1.5), row("a", "predictor", 1.6)]}
+    saved = {"meta": {"m": 1}, "rows": [row("dense", "dense", 1.5) | {"piqa_acc": 0.5},
+                                        row("a", "predictor", 1.6)]}
     merged = merge_rows(saved, [row("dense", "dense", 1.5), row("a", "predictor", 1.7),
                                 row("oracle-norm mlp=1 heads=0.5", "oracle-norm", 1.55)])
     assert [r["config"] for r in merged["rows"]] == ["dense", "a", "oracle-norm mlp=1 heads=0.5"]
     assert merged["rows"][1]["bits_per_byte"] == 1.7 and merged["meta"] == {"m": 1}
+    assert merged["rows"][0]["piqa_acc"] == 0.5  # kept from the saved row
     with pytest.raises(SystemExit, match="dense bits per byte"):
         merge_rows(saved, [row("dense", "dense", 1.51)])
     with pytest.raises(SystemExit, match="tokens"):
@@ -211,3 +213,48 @@ def test_sweep_oracle_points():
     assert oracle["bits_per_byte"] != dense["bits_per_byte"]
     assert rnd["head_density"] == pytest.approx(0.5)
     assert "| oracle-norm mlp=1 heads=0.5 | 1.000 | 0.500 |" in markdown([dense, oracle], "h")
+
+
+def test_zeroshot_runs_pair_rows_and_match_random_density(tmp_path):
+    """run_task scores the same rows three times: a sparse run that selects every neuron
+    changes no row, and random selection runs at the density the sparse run measured."""
+    import json
+
+    from dejavu.runtime.predictors import PredictorSet
+    from dejavu.runtime.selection import PredictorSelector, SelectionConfig
+    from dejavu.tools.sparsity_zeroshot import run_task
+
+    class Chars:
+        bos_id = 2
+
+        def encode(self, text: str, add_bos: bool = True) -> list[int]:
+            return [4 + ord(ch) % 40 for ch in text]
+
+    rows = [{"query": f"Question: what is {i}?\n", "choices": ["a cat", f"dog {i}"],
+             "gold": i % 2} for i in range(12)]
+    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tiny_model()
+    preds = PredictorSet.create(model, 4, 4)
+    c = model.config
+
+    def run(mlp_density):
+        sel = PredictorSelector(preds, SelectionConfig(mlp_density=mlp_density,
+                                                       head_density=1.0))
+        seen = []
+
+        def make_random(mlp, head):
+            seen.append((mlp, head))
+            return RandomSelector(c.ffn_dim, c.num_attention_heads, mlp, head, seed=0)
+
+        out = run_task("piqa", model, Chars(), sel, make_random, limit=10,
+                       eval_dir=tmp_path, batch_size=4, device="cpu")
+        return out, seen
+
+    full, seen = run(1.0)
+    assert full["n"] == 10 and seen == [(1.0, 1.0)]
+    assert full["sparse_acc"] == full["dense_acc"] and full["sparse_changed"] == 0
+    assert full["sparse_diff_se"] == 0.0
+    assert full["dense_se"] == pytest.approx(std_err(full["dense_acc"], 10))
+    part, seen = run(0.25)
+    assert seen[0][0] == pytest.approx(part["sparse_mlp_density"])
+    assert part["random_mlp_density"] == pytest.approx(part["sparse_mlp_density"], abs=0.01)

@@ -103,6 +103,8 @@ def run_task(name: str, model, tok, sparse_selector, make_random, *, limit: int 
 
 def markdown(saved: dict) -> str:
     meta, rows = saved["meta"], saved["rows"]
+    reruns = "".join(f" {r['tasks']} rescored {r['date']} on the first "
+                     f"{r['limits'] or r['limit']} rows." for r in meta.get("reruns", []))
     pts = lambda x: f"{100 * x:+.1f}"  # noqa: E731 (accuracy points)
     lines = [
         f"Zero-shot accuracy on {meta['model']}, {meta['hardware']}, {meta['date']}: dense vs "
@@ -111,7 +113,8 @@ def markdown(saved: dict) -> str:
         "`acc` as in eval_tasks (LAMBADA: greedy last word). "
         "se = sqrt(p(1-p)/n) of the dense accuracy; diff ± paired se = the difference in "
         "accuracy points with the standard error of the per-row difference; changed = rows "
-        "whose correctness differs from dense.",
+        "whose correctness differs from dense; MLP density = measured over every scored "
+        "position (batch padding included)." + reruns,
         "",
         "| task | n | dense acc (se) | sparse acc | sparse − dense (paired se) | changed | "
         "MLP density | random acc | random − dense (paired se) |",
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="zeroshot", help="output stem (.json, .md)")
     p.add_argument("--replot", action="store_true", help="only redo the .md from the .json")
+    p.add_argument("--merge", action="store_true",
+                   help="replace these tasks' rows in an existing .json (e.g. more rows)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.replot:
@@ -166,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
             "limit": args.limit, "limits": limits, "random_seed": 0}
     out.mkdir(parents=True, exist_ok=True)
     saved = {"meta": meta, "rows": []}
+    if args.merge:
+        saved = json.loads((out / f"{args.name}.json").read_text())
+        saved["meta"].setdefault("reruns", []).append(
+            {k: meta[k] for k in ("date", "sparse", "limit", "limits")} | {"tasks": args.tasks})
     for name in args.tasks.split(","):
         def make_random(mlp: float, head: float) -> RandomSelector:
             return RandomSelector(c.ffn_dim, c.num_attention_heads, mlp, head, seed=0)
@@ -173,7 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         row = run_task(name, model, tok, sparse, make_random,
                        limit=limits.get(name, args.limit), eval_dir=args.eval_dir,
                        batch_size=args.batch_size, device="cpu")
-        saved["rows"].append(row)
+        rows = saved["rows"]
+        same = [i for i, r in enumerate(rows) if r["task"] == row["task"]]
+        if same:
+            rows[same[0]] = row
+        else:
+            rows.append(row)
         # Written after every task: a run cut short keeps what it measured.
         (out / f"{args.name}.json").write_text(json.dumps(saved, indent=1) + "\n")
         (out / f"{args.name}.md").write_text(markdown(saved))
