@@ -373,6 +373,9 @@ class ResidentLayer:
             raise PlacementError("host records must be pinned to be read from a GPU")
         else:  # CPU (tests, interpreter): the "host table" is the same memory
             host_neurons, host_heads = host.neurons, host.heads
+        # What admission copies from: on a GPU the mapped view, so that the copy is a gather
+        # on the GPU over PCIe, not a CPU gather into pageable memory and a slow copy.
+        self.host_neurons, self.host_heads = host_neurons, host_heads
         c, d = layout.hidden, layout.head_dim
         self.neuron_tables = (neuron_rows(self.cache_neurons, c), neuron_rows(host_neurons, c))
         self.head_tables = (head_rows(self.cache_heads, c, d), head_rows(host_heads, c, d))
@@ -385,12 +388,12 @@ class ResidentLayer:
         (evicting the least recently used), so that following tokens, which tend to reuse
         them, read them from GPU memory. Returns how many rows were copied. Reads the
         selection on the host (a synchronisation): call it off the critical path."""
-        return _admit(neurons, self.neuron_loc, self.cache_neurons, self.host.neurons,
+        return _admit(neurons, self.neuron_loc, self.cache_neurons, self.host_neurons,
                       self.n_hot, self.dynamic, self.free_slots)
 
     def admit_heads(self, heads: Tensor) -> int:
         """``admit`` for heads (their dynamic slots, ``LayerPlacement.dynamic_heads``)."""
-        return _admit(heads, self.head_loc, self.cache_heads, self.host.heads,
+        return _admit(heads, self.head_loc, self.cache_heads, self.host_heads,
                       self.n_hot_heads, self.dynamic_heads, self.free_head_slots)
 
     def head_locs(self, heads: Tensor) -> Tensor:
@@ -425,7 +428,8 @@ def _admit(ids: Tensor, loc_map: Tensor, cache: Tensor, host: Tensor, n_hot: int
            lru: OrderedDict[int, int], free: list[int]) -> int:
     """Copy the rows ``ids`` that are neither hot nor already cached into the dynamic slots
     of ``cache`` (rows from ``n_hot`` on), evicting the least recently used, and point
-    ``loc_map`` at them (in place: the kernels' tables stay valid). Returns rows copied."""
+    ``loc_map`` at them (in place: the kernels' tables stay valid). ``host``: the records as
+    the cache's device reads them (a mapped view on a GPU). Returns rows copied."""
     if cache.shape[0] == n_hot:
         return 0
     loc = loc_map.cpu()
@@ -447,8 +451,8 @@ def _admit(ids: Tensor, loc_map: Tensor, cache: Tensor, host: Tensor, n_hot: int
         loc[n] = slot
         slots.append(slot)
     if fresh:
-        rows = host[torch.tensor(fresh)]
-        cache[torch.tensor(slots, device=cache.device)] = rows.to(cache.device, non_blocking=True)
+        cache[torch.tensor(slots, device=cache.device)] = \
+            host[torch.tensor(fresh, device=host.device)].to(cache.device)
         loc_map.copy_(loc)
     return len(fresh)
 
