@@ -6,8 +6,10 @@
 HTTP server: ``generate`` yields ``Event``s, ``abort``, ``health``.
 
 Nothing waits forever: when the scheduler has been silent for ``silence_s`` while requests
-are open, the client asks for health, and after ``dead_s`` of silence it raises
-``SchedulerGone``.
+are open, the client asks for health (again every ``silence_s``: one lost query or answer
+must not pass for a dead scheduler), and after ``dead_s`` of silence it raises
+``SchedulerGone``. A scheduler that stops says so (``Health(state="stopped")``, with why):
+the client then raises at once, with that reason.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class PipelineConnection:
         self.dead_s = dead_s
         self.open: set[str] = set()
         self._health: wire.Health | None = None
+        self._stopped: str | None = None  # the reason a stopping scheduler gave
         self._stash: list[Event] = []  # events that arrived while waiting for health
         self._heard = False
         self._ids = itertools.count()
@@ -104,28 +107,35 @@ class PipelineConnection:
             return stash
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_heard = time.monotonic()
-        asked = False
+        asked_at: float | None = None
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return []
             wait = min(0.5, deadline - now) if deadline is not None else 0.5
             got = self._recv(wait)
-            if got or self._heard:
-                last_heard, asked = time.monotonic(), False
-                if got:
-                    return got
+            if got:
+                return got
+            if self._stopped is not None and self.open:
+                raise SchedulerGone(f"the pipeline at {self.address} stopped: {self._stopped}; "
+                                    f"{len(self.open)} request(s) lost")
+            if self._heard:
+                last_heard, asked_at = time.monotonic(), None
                 continue
-            silent = time.monotonic() - last_heard
+            now = time.monotonic()
+            silent = now - last_heard
             if self.open and silent > self.dead_s:
                 raise SchedulerGone(f"the scheduler at {self.address} has not answered for "
                                     f"{silent:.1f} s; {len(self.open)} request(s) lost")
-            if self.open and silent > self.silence_s and not asked:
+            # Ask again while the silence lasts: a query or answer lost once (a send refused
+            # while reconnecting, a loaded machine) must not end a live connection.
+            if self.open and silent > self.silence_s and (
+                    asked_at is None or now - asked_at >= self.silence_s):
                 try:
                     self.sock.send(wire.encode(wire.HealthQuery()), zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # not connected: the silence check above will give up
-                asked = True
+                asked_at = now
 
     def _recv(self, timeout_s: float) -> list[Event]:
         self._heard = False
@@ -140,6 +150,8 @@ class PipelineConnection:
             self._heard = True
             if isinstance(msg, wire.Health):
                 self._health = msg
+                self._stopped = ((msg.detail or "the cluster stopped") if msg.state == "stopped"
+                                 else None)
             else:
                 for event in msg.events:
                     if event.finished:
