@@ -334,15 +334,17 @@ def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str
 
 
 def fit_gib(model: OPTModel, gpu_memory_gib: float, *, device: torch.device | str, slots: int,
-            max_len: int) -> tuple[list[int], int]:
+            max_len: int, caches: bool = False) -> tuple[list[int], int]:
     """``fit_budget`` for a worker or engine of ``slots`` sequences of ``max_len`` positions
     with a ``gpu_memory_gib`` budget, reserving the layer planner's figures (KV cache with
     attention inputs, activation margin), so that what it offloads is what the plan said.
-    Returns (offloaded layer ids, reserved bytes)."""
+    ``caches``: give the budget left after whole layers to row caches ([pipeline]
+    offload_cache; off by default until a GPU run shows that LRU admission, which reads a
+    missed row twice, gains). Returns (offloaded layer ids, reserved bytes)."""
     e = next(model.parameters()).element_size()
     reserved = offload_reserved_bytes(model.config, len(model.layer_ids), slots, max_len, e)
-    return fit_budget(model, gib(gpu_memory_gib), device=device,
-                      reserved_bytes=reserved), reserved
+    return fit_budget(model, gib(gpu_memory_gib), device=device, reserved_bytes=reserved,
+                      caches=caches), reserved
 
 
 def move_resident(model: OPTModel, device: torch.device | str) -> None:

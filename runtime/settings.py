@@ -124,6 +124,10 @@ class PipelineSettings:
         "not fit stay in pinned host memory and only their selected rows are read; needs "
         "[model] dtype float16 or bfloat16; absent = no limit", low=0.0, high=1e6,
         low_open=True)
+    offload_cache: bool = setting(
+        False, "with gpu_memory_gib: the budget left after whole layers caches recently read "
+        "rows of offloaded layers (LRU); off by default: a miss reads its row twice, and no "
+        "GPU run has yet shown a net gain")
 
 
 @dataclass

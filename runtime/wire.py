@@ -163,6 +163,7 @@ class Setup(_Msg):
     # GPU memory budget in GiB ([pipeline] gpu_memory_gib): the layers that do not fit are
     # offloaded to pinned host memory. None: no limit.
     gpu_memory_gib: float | None = None
+    offload_cache: bool = False  # [pipeline] offload_cache
 
 
 class RunStep(_Msg):

@@ -47,6 +47,9 @@ class PipelineConfig:
     # GPU memory per worker in GiB; layers beyond it are offloaded to pinned host memory
     # (runtime/offload.py). None = no limit, every layer on the GPU.
     gpu_memory_gib: float | None = None
+    # The budget left after whole layers caches recent rows of offloaded layers (off: a
+    # miss reads its row twice; runtime/offload.py cache_placements).
+    offload_cache: bool = False
     threads: int = 0  # torch CPU threads per worker; 0 = cores / workers
     # Contextual sparsity ([sparsity] of dejavu.toml): sparse is True (--sparse), False
     # (--dense) or None (sparse when enabled and predictors are found).
@@ -123,7 +126,7 @@ _SETTING_KEYS = ("workers", "slots", "max_len", "micro_batches", "run_dir", "con
                  "client_address", "keys_dir", "spawn", "heartbeat_s", "watchdog_s",
                  "handshake_timeout_s", "startup_timeout_s", "scheduler_timeout_s",
                  "drain_timeout_s", "restart", "max_restarts", "memory_budget_gb", "threads",
-                 "gpu_memory_gib")
+                 "gpu_memory_gib", "offload_cache")
 
 
 def from_settings(settings: Any, **overrides: Any) -> PipelineConfig:

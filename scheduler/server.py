@@ -345,7 +345,8 @@ class PipelineServer:
             self.config.slots, self.max_len, w.data_in, w.data_out, self.epoch,
             self.config.heartbeat_s, self.config.watchdog_s, self.config.scheduler_timeout_s,
             self.max_data_bytes, self.token, threads if w.device == "cpu" else 0,
-            self.sparsity, faults, gpu_memory_gib=self.config.gpu_memory_gib))
+            self.sparsity, faults, gpu_memory_gib=self.config.gpu_memory_gib,
+            offload_cache=self.config.offload_cache))
 
     def _send_worker(self, identity: bytes, message) -> bool:
         try:

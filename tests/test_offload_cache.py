@@ -214,7 +214,8 @@ def test_budgeted_launch_with_caches_equals_the_engine_and_reports_them(tmp_path
     fixed = offload_reserved_bytes(TINY, 2, SLOTS, MAX_LEN, 2) + embed_bytes(TINY, 2)
     total = fixed + layer + layer // 2
     with cluster(path, 2, dtype="float16", slots=SLOTS, max_len=MAX_LEN,
-                 gpu_memory_gib=total / GiB) as c, PipelineConnection(c.address) as conn:
+                 gpu_memory_gib=total / GiB, offload_cache=True) as c, \
+            PipelineConnection(c.address) as conn:
         got = conn.run(LAUNCH_PROMPTS, LAUNCH_GREEDY)
         health = conn.health()
         log = read_log(c)
@@ -228,3 +229,30 @@ def test_budgeted_launch_with_caches_equals_the_engine_and_reports_them(tmp_path
     assert budget_bytes - w0.expected_gpu_bytes < layer // 4
     assert health.paged_bytes[0] > 0
     assert "dynamic neuron slots" in log and "an upper bound" in log
+
+
+@CPU_KERNELS
+def test_row_caches_are_opt_in(tmp_path):
+    """[pipeline] offload_cache is off unless set (LRU admission reads a missed row twice;
+    no GPU run has shown a net gain yet), and the setting reaches the pipeline config and
+    fit_gib (what workers, generate and serve call)."""
+    from dejavu.runtime.offload import fit_gib
+    from dejavu.runtime.settings import load_settings
+    from dejavu.scheduler.config import PipelineConfig, from_settings
+
+    assert PipelineConfig(model="m").offload_cache is False
+    toml = tmp_path / "dejavu.toml"
+    toml.write_text("[pipeline]\noffload_cache = true\n")
+    assert from_settings(load_settings(toml)).offload_cache is True
+    reserved = offload_reserved_bytes(CFG, CFG.num_hidden_layers, 2, 16, 2)
+    gib = (other_bytes(tiny_model(torch.float16, "cpu")) + reserved
+           + layer_bytes(tiny_model(torch.float16, "cpu")) * 3 // 2) / GiB
+    cached = {}
+    for caches in (False, True):
+        model = tiny_model(torch.float16, "cpu")
+        kw = {"caches": True} if caches else {}
+        layers, _ = fit_gib(model, gib, device=DEVICE, slots=2, max_len=16, **kw)
+        assert layers == [1]
+        rows = rows_of(model, 1)
+        cached[caches] = rows.cache_neurons.numel() + rows.cache_heads.numel()
+    assert cached[False] == 0 and cached[True] > 0

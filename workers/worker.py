@@ -116,7 +116,8 @@ class Worker:
             from dejavu.runtime.offload import fit_gib
 
             offloaded, reserved = fit_gib(model, setup.gpu_memory_gib, device=setup.device,
-                                          slots=setup.slots, max_len=setup.max_len)
+                                          slots=setup.slots, max_len=setup.max_len,
+                                          caches=setup.offload_cache)
         selector = None
         if setup.sparsity is not None:
             from dejavu.runtime.selection import selector_from_settings
