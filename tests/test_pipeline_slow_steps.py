@@ -158,3 +158,27 @@ def test_a_killed_scheduler_is_still_declared_gone_within_dead_s(tiny):
                     conn.events()
             elapsed = time.monotonic() - started
         assert elapsed < DEAD_S + 1.0, f"took {elapsed:.1f} s"
+
+
+def test_after_a_watchdog_stops_the_cluster_the_next_request_fails_at_once_naming_it(tiny):
+    """What a loaded 2-core box did to ``bench_pipeline`` (Triton interpreter): the warm-up
+    prefill outlived the step watchdog, the worker exited, the cluster stopped (restart
+    "never") and told its clients why. The next request must fail at once with that
+    reason, not after dead_s of silence blamed on the scheduler."""
+    faults = [wire.Fault("sleep", worker=0, seconds=5.0, request="slow")]
+    dead_s = 10.0
+    with cluster(tiny, 2, faults=faults, restart="never", watchdog_s=1.0) as c:
+        with PipelineConnection(c.address, silence_s=SILENCE_S, dead_s=dead_s) as conn:
+            rid = conn.submit(PROMPTS[1], GREEDY, request_id="slow")
+            final = None
+            while final is None:
+                final = next((e for e in conn.events() if e.finished), None)
+            assert final.request_id == rid and "past the 1 s watchdog" in final.error
+            assert c.proc.wait(timeout=10) == 3  # the cluster stopped
+            conn.submit(PROMPTS[0], GREEDY)
+            started = time.monotonic()
+            with pytest.raises(SchedulerGone, match="stopped: worker died: worker 0") as info:
+                conn.events()
+            elapsed = time.monotonic() - started
+    assert elapsed < 2.0, f"took {elapsed:.1f} s"
+    assert "watchdog" in str(info.value)
