@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -210,9 +211,12 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
     row: dict = {"workers": workers, "streams": streams, "select": select,
                  "gpu_memory_gib": gpu_memory_gib}
     # One cache slot per stream: with a GPU budget, unused slots would crowd out layers.
+    # Kernels interpreted on a CPU (TRITON_INTERPRET=1) make an offloaded prefill take
+    # minutes; the default 60 s step watchdog would stop the cluster mid-run.
+    watchdog = {"watchdog_s": 3600.0} if os.environ.get("TRITON_INTERPRET") == "1" else {}
     config = PipelineConfig(model=str(model), workers=workers, dtype=dtype, slots=streams,
                             max_len=prompt_len + max(tokens, WARMUP),
-                            gpu_memory_gib=gpu_memory_gib,
+                            gpu_memory_gib=gpu_memory_gib, **watchdog,
                             **parse_select(select))
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     prompts = [[2] + [(17 * i + 5 * j) % 1000 + 3 for j in range(prompt_len - 1)]
@@ -222,7 +226,10 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
         with Cluster(config).start(timeout_s=900, log=log) as cluster, \
                 PipelineConnection(cluster.address) as conn:
             start = sum(conn.health().paged_bytes)
-            conn.run(prompts, SamplingParams(max_new_tokens=WARMUP, ignore_eos=True))
+            warm = conn.run(prompts, SamplingParams(max_new_tokens=WARMUP, ignore_eos=True))
+            failed = [c.error for c in warm if c.error]
+            if failed:  # a cluster that failed its warm-up would time nothing real
+                return row | {"error": f"warm-up failed: {failed[0]}"}
             before = sum(conn.health().paged_bytes)
             with GpuUtilization() as util:
                 started = time.perf_counter()
