@@ -300,14 +300,10 @@ def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor) -> Tensor
                             f"({x.dtype}, {x.shape[0] * x.shape[1]} rows, "
                             f"{sparse_backend.backend_of(layer)} backend)")
     from ..kernels.select import threshold_select
-    from ..kernels.sparse_mlp import sparse_mlp as kernel
 
-    b, t, c = x.shape
-    flags = neurons.reshape(b * t, -1).to(x.dtype)  # 1.0 where selected
+    flags = neurons.reshape(-1, neurons.shape[-1]).to(x.dtype)  # 1.0 where selected
     idx, count = threshold_select(flags, 0.5, capacity=flags.shape[1])
-    out = kernel(x.reshape(b * t, c).contiguous(), sparse_backend.mlp_rows(layer), idx,
-                 bias2=layer.fc2.bias, count=count, **sparse_backend.MLP_ARGS)
-    return out.view(b, t, c)
+    return sparse_backend.mlp_gather(layer, x, idx, count)
 
 
 # --- the attention op ----------------------------------------------------------------------

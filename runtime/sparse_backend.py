@@ -240,17 +240,22 @@ def mlp_kernel_applies(layer: OPTDecoderLayer, x: Tensor) -> bool:
             and 1 <= x.shape[0] * x.shape[1] <= MAX_BATCH)
 
 
-def mlp_gather(layer: OPTDecoderLayer, x: Tensor, idx: Tensor) -> Tensor:
+def mlp_gather(layer: OPTDecoderLayer, x: Tensor, idx: Tensor,
+               count: Tensor | None = None) -> Tensor:
     """fc2(relu(fc1(x))) over neurons ``idx`` (the batch's union) through the kernel.
-    x: [B, T, C] with B*T <= MAX_BATCH. Returns [B, T, C], fc2's bias included."""
+    x: [B, T, C] with B*T <= MAX_BATCH. ``count``: [1] int32 on the device, the valid
+    entries at the front of ``idx`` (a union compacted on the device; resident layers only).
+    Returns [B, T, C], fc2's bias included."""
     offloaded = _OFFLOADED.get(layer)
     if offloaded is not None:
+        if count is not None:
+            raise BackendError("an offloaded layer takes its selection as indices, not a count")
         return offloaded.mlp(x, idx)
     from ..kernels.sparse_mlp import sparse_mlp as kernel
 
     b, t, c = x.shape
     out = kernel(x.reshape(b * t, c).contiguous(), mlp_rows(layer), idx,
-                 bias2=layer.fc2.bias, **MLP_ARGS)
+                 bias2=layer.fc2.bias, count=count, **MLP_ARGS)
     return out.view(b, t, c)
 
 
