@@ -2,6 +2,11 @@ import typer
 
 app = typer.Typer(no_args_is_help=True)
 
+# One definition for the commands that take a GPU budget (generate, launch, chat, serve).
+GPU_MEMORY_GIB = typer.Option(None, "--gpu-memory-gib",
+                              help="GPU memory per worker (GiB); layers beyond it are "
+                              "offloaded to host memory (float16/bfloat16)")
+
 
 @app.command()
 def version() -> None:
@@ -38,9 +43,7 @@ def generate(
                                 help="run through a pipeline of N worker processes"),
     connect: str = typer.Option(None, "--connect",
                                 help="run through a running launch at this client address"),
-    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
-                                         help="GPU memory per worker (GiB); layers beyond it "
-                                         "are offloaded to host memory (float16/bfloat16)"),
+    gpu_memory_gib: float = GPU_MEMORY_GIB,
 ) -> None:
     """Generate a continuation of one prompt (streams text; --json prints one object)."""
     from dejavu.runtime.settings import load_settings
@@ -182,9 +185,7 @@ def serve(
     served_model_name: str = typer.Option(None, "--served-model-name",
                                           help="the model name clients use (default --model)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
-    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
-                                         help="GPU memory per worker (GiB); layers beyond it "
-                                         "are offloaded to host memory (float16/bfloat16)"),
+    gpu_memory_gib: float = GPU_MEMORY_GIB,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, metrics)."""
     from dejavu.runtime.checkpoint import CheckpointError
@@ -291,9 +292,7 @@ def launch(
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
     debug_fault: list[str] = typer.Option(None, "--debug-fault", hidden=True,
                                           help="tests only: worker=W,action=A[,step=K]..."),
-    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
-                                         help="GPU memory per worker (GiB); layers beyond it "
-                                         "are offloaded to host memory (float16/bfloat16)"),
+    gpu_memory_gib: float = GPU_MEMORY_GIB,
 ) -> None:
     """Start the scheduler and N workers in the foreground (Ctrl-C stops them cleanly)."""
     import sys
@@ -341,9 +340,7 @@ def chat(
     temperature: float = typer.Option(None, "--temperature", help="0 = greedy"),
     seed: int = typer.Option(None, "--seed"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
-    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
-                                         help="GPU memory per worker (GiB); layers beyond it "
-                                         "are offloaded to host memory (float16/bfloat16)"),
+    gpu_memory_gib: float = GPU_MEMORY_GIB,
 ) -> None:
     """Chat in the terminal, streaming answers from the pipeline (/reset, /stats, /quit)."""
     from dejavu.runtime.settings import load_settings
