@@ -41,7 +41,7 @@ else
 fi
 timeout $((BUDGET + 90)) python3 - <<PY 2>&1 | tee "$OUT/bench.log"
 from pathlib import Path
-from dejavu.tools.bench import BenchOptions, main
+from dejavu.bench.bench import BenchOptions, main
 main(BenchOptions(out_dir=Path("$OUT"), time_budget_s=$BUDGET, $ONLY_ARGS$ARGS,
                   command="bash bench/run_gpu.sh  (= dejavu-run bench --time-budget $BUDGET$CMD_ONLY)"))
 PY

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Every backend but cuDNN's: its fused attention builds an execution plan per new key
 # length, which a decode step changes every time; that cost 2-3.5 ms of host time per call
-# on an H100 (torch 2.11), 60-85 ms per step of a 24-layer model (tools/profile_step.py).
+# on an H100 (torch 2.11), 60-85 ms per step of a 24-layer model (bench/profile_step.py).
 _MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -9,8 +9,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from dejavu.scheduler.core import Event, Scheduler, SchedulerConfig
-
+from ..scheduler.core import Event, Scheduler, SchedulerConfig
 from .model import OPTModel
 from .sampling import SamplingParams
 from .stage import Stage, allocate_cache

@@ -49,11 +49,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dejavu.scheduler.planner import offload_reserved_bytes
-from dejavu.scheduler.planner import size as human_size
-
 from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
 from ..kernels.sparse_mlp import MAX_BATCH, sparse_mlp
+from ..scheduler.planner import offload_reserved_bytes
+from ..scheduler.planner import size as human_size
 from . import sparse_backend
 from .model import Batch, OPTAttention, OPTModel
 from .sparse import Selection

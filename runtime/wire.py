@@ -27,8 +27,7 @@ import warnings
 import msgspec
 import torch
 
-from dejavu.scheduler.core import Event
-
+from ..scheduler.core import Event
 from .sampling import SamplingParams
 from .step import Step, StepResult
 

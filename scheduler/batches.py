@@ -18,9 +18,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from dejavu.runtime.sampling import SamplingParams
-from dejavu.runtime.step import Step, StepResult
-
+from ..runtime.sampling import SamplingParams
+from ..runtime.step import Step, StepResult
 from .core import Detokenizer, Event, Phase, RequestError, Scheduler, SchedulerConfig
 
 

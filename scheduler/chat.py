@@ -22,8 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TextIO
 
-from dejavu.runtime.sampling import SamplingParams
-
+from ..runtime.sampling import SamplingParams
 from .zmq_client import PipelineConnection
 
 

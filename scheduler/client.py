@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dejavu.runtime.engine import Engine
-from dejavu.runtime.sampling import SamplingParams
-
+from ..runtime.engine import Engine
+from ..runtime.sampling import SamplingParams
 from .core import Event
 
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dejavu.runtime.wire import Fault
+from ..runtime.wire import Fault
 
 RESTART_POLICIES = ("never", "on-failure")
 

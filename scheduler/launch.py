@@ -22,10 +22,9 @@ from pathlib import Path
 
 import msgspec
 
-from dejavu.runtime import wire
-from dejavu.runtime.checkpoint import CheckpointError, inspect_checkpoint, resolve_model_dir
-from dejavu.runtime.opt_config import ConfigError, OPTConfig
-
+from ..runtime import wire
+from ..runtime.checkpoint import CheckpointError, inspect_checkpoint, resolve_model_dir
+from ..runtime.opt_config import ConfigError, OPTConfig
 from .config import PipelineConfig, PipelineConfigError
 from .logs import setup_logging
 from .planner import GiB, PlanError, plan_layers
@@ -82,7 +81,7 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
              else "dense")
     tokenizer = None
     try:
-        from dejavu.runtime.tokenizer import load_tokenizer
+        from ..runtime.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model_dir)
     except Exception as exc:  # noqa: BLE001 - token ids still work without text
@@ -95,7 +94,7 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
 def resolve_sparsity(config: PipelineConfig, model_dir: Path) -> wire.Sparsity | None:
     """What every worker runs: dense, or sparse with these predictors (the same rule as the
     in-process engine: --sparse needs predictors, neither flag follows [sparsity])."""
-    from dejavu.runtime.predictors import find_predictors
+    from ..runtime.predictors import find_predictors
 
     if config.sparse is False or (config.sparse is None and not config.sparsity_enabled):
         return None

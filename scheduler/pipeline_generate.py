@@ -14,8 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-from dejavu.runtime.checkpoint import resolve_model_dir
-
+from ..runtime.checkpoint import resolve_model_dir
 from .config import from_settings
 from .launch import Cluster
 from .zmq_client import PipelineConnection
@@ -26,7 +25,7 @@ class PipelineGenerateError(ValueError):
 
 
 def _prompt_ids(settings, request) -> list[int]:
-    from dejavu.tools.generate import GenerateError, parse_prompt_ids
+    from ..tools.generate import GenerateError, parse_prompt_ids
 
     if (request.prompt is None) == (request.prompt_ids is None):
         raise GenerateError("give exactly one of --prompt TEXT or --prompt-ids 2,133,...")
@@ -34,7 +33,7 @@ def _prompt_ids(settings, request) -> list[int]:
         return parse_prompt_ids(request.prompt_ids)
     if request.prompt == "":
         raise GenerateError("--prompt: empty prompt; give some text")
-    from dejavu.runtime.tokenizer import load_tokenizer
+    from ..runtime.tokenizer import load_tokenizer
 
     return load_tokenizer(resolve_model_dir(settings.model_path())).encode(request.prompt)
 
@@ -59,7 +58,7 @@ def connection(settings, *, connect: str | None, workers: int | None,
 
 def run_pipeline_generate(settings, request, *, workers: int | None, connect: str | None,
                           as_json: bool, out: TextIO | None = None) -> dict:
-    from dejavu.tools.generate import GenerateError, finish_output, print_stream, sampling_params
+    from ..tools.generate import GenerateError, finish_output, print_stream, sampling_params
 
     out = out or sys.stdout
     params = sampling_params(settings, request.stop)
@@ -76,13 +75,12 @@ def run_pipeline_generate(settings, request, *, workers: int | None, connect: st
 def start_chat(settings, *, connect: str | None, workers: int | None,
                template: str | None) -> int:
     """Connect to ``connect`` (or start a launch with ``workers``) and chat until EOF."""
-    from dejavu.runtime.tokenizer import load_tokenizer
-
+    from ..runtime.tokenizer import load_tokenizer
     from .chat import ChatTemplate, run_chat
 
     chat_template = ChatTemplate.from_file(template) if template else ChatTemplate()
     tokenizer = load_tokenizer(resolve_model_dir(settings.model_path()))
-    from dejavu.tools.generate import sampling_params
+    from ..tools.generate import sampling_params
 
     params = sampling_params(settings)
     with connection(settings, connect=connect, workers=workers, announce=True) as conn:
@@ -90,12 +88,11 @@ def start_chat(settings, *, connect: str | None, workers: int | None,
 
 
 def _errors() -> tuple[type[Exception], ...]:
-    from dejavu.runtime.checkpoint import CheckpointError
-    from dejavu.runtime.sampling import SamplingError
-    from dejavu.runtime.settings import SettingsError
-    from dejavu.runtime.tokenizer import TokenizerError
-    from dejavu.tools.generate import GenerateError
-
+    from ..runtime.checkpoint import CheckpointError
+    from ..runtime.sampling import SamplingError
+    from ..runtime.settings import SettingsError
+    from ..runtime.tokenizer import TokenizerError
+    from ..tools.generate import GenerateError
     from .chat import ChatError
     from .config import PipelineConfigError
     from .launch import LaunchError

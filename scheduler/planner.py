@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dejavu.runtime.opt_config import POSITION_OFFSET, OPTConfig
+from ..runtime.opt_config import POSITION_OFFSET, OPTConfig
 
 GiB = 1024**3
 

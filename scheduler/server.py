@@ -31,9 +31,8 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from dejavu.runtime import wire
-from dejavu.runtime.opt_config import OPTConfig
-
+from ..runtime import wire
+from ..runtime.opt_config import OPTConfig
 from .batches import MicroBatches
 from .config import PipelineConfig
 from .core import Event, RequestError, SchedulerConfig
@@ -50,7 +49,7 @@ from .transport import (
 )
 
 if TYPE_CHECKING:
-    from dejavu.workers.spawn import WorkerProcess
+    from ..workers.spawn import WorkerProcess
 
 log = logging.getLogger("dejavu.scheduler")
 
@@ -205,7 +204,7 @@ class PipelineServer:
         if not self.config.spawn:
             log.info("waiting for worker %d to connect to %s", w.index, self.control_address)
             return
-        from dejavu.workers.spawn import WorkerProcess
+        from ..workers.spawn import WorkerProcess
 
         argv = ["--index", str(w.index), "--control", self.control_address,
                 "--handshake-timeout", str(self.config.handshake_timeout_s)]

@@ -24,10 +24,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import zmq
 import zmq.asyncio
 
-from dejavu.runtime import wire
-from dejavu.runtime.engine import Completion, fold_event, submit_all
-from dejavu.runtime.sampling import SamplingParams
-
+from ..runtime import wire
+from ..runtime.engine import Completion, fold_event, submit_all
+from ..runtime.sampling import SamplingParams
 from .core import Event, RequestError, Scheduler, SchedulerConfig
 from .transport import CLIENT_MAX_BYTES, load_curve, make_socket
 

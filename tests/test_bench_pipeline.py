@@ -1,4 +1,4 @@
-"""tools/bench_pipeline.py's streamed random checkpoint: one shard per layer plus one for the
+"""bench/bench_pipeline.py's streamed random checkpoint: one shard per layer plus one for the
 embeddings, OPT's initialisation in the requested dtype, readable span by span by the
 loader (which opens only the span's shards), and reused only when it is the same shape."""
 
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from dejavu.bench.bench_pipeline import SHAPES, parse_select, random_checkpoint, shape_config
 from dejavu.runtime.checkpoint import INDEX_NAME, inspect_checkpoint, load_model
-from dejavu.tools.bench_pipeline import SHAPES, parse_select, random_checkpoint, shape_config
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from dejavu.bench.sparsity_sweep import Point, make_selector, markdown, merge_rows
+from dejavu.bench.sparsity_zeroshot import paired_std_err, std_err
 from dejavu.runtime.model import Batch, OPTModel, full_positions
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.selection import (
@@ -19,8 +21,6 @@ from dejavu.runtime.selection import (
 )
 from dejavu.tools.eval_tasks import Request, Scored, row_correct
 from dejavu.tools.sparse_eval import sparse_logits_fn
-from dejavu.tools.sparsity_sweep import Point, make_selector, markdown, merge_rows
-from dejavu.tools.sparsity_zeroshot import paired_std_err, std_err
 
 CFG = OPTConfig(vocab_size=48, hidden_size=48, num_hidden_layers=3, ffn_dim=96,
                 num_attention_heads=6, max_position_embeddings=32, word_embed_proj_dim=48)
@@ -192,8 +192,8 @@ def test_sweep_oracle_points():
     """The sweep's oracle rows: density 1 scores exactly as dense, half the heads change the
     score, densities are measured. (Bits per byte of a random-weight model say nothing about
     quality: the KL test above compares oracle and random.)"""
+    from dejavu.bench.sparsity_sweep import run_sweep
     from dejavu.runtime.predictors import PredictorSet
-    from dejavu.tools.sparsity_sweep import run_sweep
 
     class Chars:
         bos_id = 2
@@ -220,9 +220,9 @@ def test_zeroshot_runs_pair_rows_and_match_random_density(tmp_path):
     changes no row, and random selection runs at the density the sparse run measured."""
     import json
 
+    from dejavu.bench.sparsity_zeroshot import run_task
     from dejavu.runtime.predictors import PredictorSet
     from dejavu.runtime.selection import PredictorSelector, SelectionConfig
-    from dejavu.tools.sparsity_zeroshot import run_task
 
     class Chars:
         bos_id = 2

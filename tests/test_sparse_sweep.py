@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from dejavu.bench.sparsity_sweep import Point, markdown, run_sweep
 from dejavu.runtime.model import OPTModel
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.predictors import PredictorSet
-from dejavu.tools.sparsity_sweep import Point, markdown, run_sweep
 
 CFG = OPTConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                 num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32)

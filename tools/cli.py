@@ -46,8 +46,8 @@ def generate(
     gpu_memory_gib: float = GPU_MEMORY_GIB,
 ) -> None:
     """Generate a continuation of one prompt (streams text; --json prints one object)."""
-    from dejavu.runtime.settings import load_settings
-    from dejavu.tools.generate import USER_ERRORS, GenerateRequest, run_generate
+    from ..runtime.settings import load_settings
+    from .generate import USER_ERRORS, GenerateRequest, run_generate
 
     try:
         settings = load_settings(config, {
@@ -58,7 +58,7 @@ def generate(
         })
         request = GenerateRequest(prompt, prompt_ids, tuple(stop or ()))
         if workers is not None or connect is not None:  # the pipeline (scheduler/)
-            from dejavu.scheduler.pipeline_generate import PIPELINE_ERRORS, run_pipeline_generate
+            from ..scheduler.pipeline_generate import PIPELINE_ERRORS, run_pipeline_generate
 
             try:
                 run_pipeline_generate(settings, request, workers=workers, connect=connect,
@@ -80,8 +80,8 @@ def convert(
     dst: str = typer.Argument(..., help="new directory for the safetensors checkpoint"),
 ) -> None:
     """Convert a PyTorch .bin checkpoint to safetensors (weights-only loading)."""
-    from dejavu.runtime.checkpoint import CheckpointError
-    from dejavu.tools.convert import convert as run_convert
+    from ..runtime.checkpoint import CheckpointError
+    from .convert import convert as run_convert
 
     try:
         out = run_convert(src, dst)
@@ -99,7 +99,7 @@ def config_show(
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
 ) -> None:
     """Print the effective settings and where each value came from."""
-    from dejavu.runtime.settings import SettingsError, load_settings, render
+    from ..runtime.settings import SettingsError, load_settings, render
 
     try:
         typer.echo(render(load_settings(config)), nl=False)
@@ -117,7 +117,7 @@ def config_show(
 def train_model(ctx: typer.Context) -> None:
     """Train the small default OPT model (options: `dejavu-run train-model --help`; they are
     tools/train_model.py's, e.g. --corpus --tokenizer --out --steps N | --time-budget S)."""
-    from dejavu.tools.train_model import main as train_main
+    from .train_model import main as train_main
 
     try:
         train_main(list(ctx.args))
@@ -148,14 +148,14 @@ def eval_command(
                                 "when predictors exist); sparse adds measured densities"),
 ) -> None:
     """Perplexity / bits per byte of text (sliding window) and zero-shot task accuracy."""
-    from dejavu.runtime.checkpoint import CheckpointError
-    from dejavu.runtime.predictors import PredictorError
-    from dejavu.runtime.selection import SelectionError
-    from dejavu.runtime.settings import SettingsError, load_settings
-    from dejavu.runtime.tokenizer import TokenizerError
-    from dejavu.tools.eval import EvalOptions
-    from dejavu.tools.sparse_eval import run_eval
-    from dejavu.tools.textdata import TextDataError
+    from ..runtime.checkpoint import CheckpointError
+    from ..runtime.predictors import PredictorError
+    from ..runtime.selection import SelectionError
+    from ..runtime.settings import SettingsError, load_settings
+    from ..runtime.tokenizer import TokenizerError
+    from .eval import EvalOptions
+    from .sparse_eval import run_eval
+    from .textdata import TextDataError
 
     try:
         settings = load_settings(config, {"model.path": model, "model.device": device,
@@ -188,10 +188,10 @@ def serve(
     gpu_memory_gib: float = GPU_MEMORY_GIB,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, metrics)."""
-    from dejavu.runtime.checkpoint import CheckpointError
-    from dejavu.runtime.settings import SettingsError, load_settings
-    from dejavu.runtime.tokenizer import TokenizerError
-    from dejavu.scheduler.serve import ServeError, options_from_settings, run_server
+    from ..runtime.checkpoint import CheckpointError
+    from ..runtime.settings import SettingsError, load_settings
+    from ..runtime.tokenizer import TokenizerError
+    from ..scheduler.serve import ServeError, options_from_settings, run_server
 
     try:
         settings = load_settings(config, {"model.path": model, "serve.host": host,
@@ -232,11 +232,11 @@ def train_predictors(
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
 ) -> None:
     """Train per-layer DejaVu predictors (MLP neurons and heads) for a model."""
-    from dejavu.runtime.checkpoint import CheckpointError
-    from dejavu.runtime.settings import SettingsError, load_settings
-    from dejavu.runtime.tokenizer import TokenizerError
-    from dejavu.tools.collect_labels import CalibrationDataError
-    from dejavu.tools.train_predictors import TrainConfig, run
+    from ..runtime.checkpoint import CheckpointError
+    from ..runtime.settings import SettingsError, load_settings
+    from ..runtime.tokenizer import TokenizerError
+    from .collect_labels import CalibrationDataError
+    from .train_predictors import TrainConfig, run
 
     try:
         settings = load_settings(config, {"model.path": model})
@@ -275,7 +275,7 @@ def bench(
         if not small:
             raise _user_error(ValueError("bench needs a CUDA GPU; use --small for a CPU dry run"))
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    from dejavu.tools.bench import BenchOptions, main
+    from ..bench.bench import BenchOptions, main
 
     main(BenchOptions(out_dir=Path(out), small=small, time_budget_s=time_budget,
                       offload_layers=offload_layers, only=tuple(only or ()),
@@ -297,11 +297,11 @@ def launch(
     """Start the scheduler and N workers in the foreground (Ctrl-C stops them cleanly)."""
     import sys
 
-    from dejavu.runtime.settings import SettingsError, load_settings
-    from dejavu.scheduler.config import PipelineConfigError, from_settings
-    from dejavu.scheduler.launch import launch as run_launch
-    from dejavu.scheduler.logs import setup_logging
-    from dejavu.workers.faults import parse_fault
+    from ..runtime.settings import SettingsError, load_settings
+    from ..scheduler.config import PipelineConfigError, from_settings
+    from ..scheduler.launch import launch as run_launch
+    from ..scheduler.logs import setup_logging
+    from ..workers.faults import parse_fault
 
     try:
         settings = load_settings(config, {"model.path": model, "pipeline.workers": workers,
@@ -324,7 +324,7 @@ def worker(
     """Run one worker that connects to a launch on another host ([pipeline] spawn = false)."""
     import sys
 
-    from dejavu.workers.main import main as worker_main
+    from ..workers.main import main as worker_main
 
     argv = ["--index", str(index), "--control", control]
     sys.exit(worker_main(argv + (["--keys-dir", keys_dir] if keys_dir else [])))
@@ -343,8 +343,8 @@ def chat(
     gpu_memory_gib: float = GPU_MEMORY_GIB,
 ) -> None:
     """Chat in the terminal, streaming answers from the pipeline (/reset, /stats, /quit)."""
-    from dejavu.runtime.settings import load_settings
-    from dejavu.scheduler.pipeline_generate import PIPELINE_ERRORS, start_chat
+    from ..runtime.settings import load_settings
+    from ..scheduler.pipeline_generate import PIPELINE_ERRORS, start_chat
 
     try:
         settings = load_settings(config, {
@@ -362,7 +362,7 @@ def keys(
     directory: str = typer.Argument(..., help="new directory for the cluster's CURVE keys"),
 ) -> None:
     """Create CURVE keys for a multi-host cluster (set [pipeline] keys_dir to the directory)."""
-    from dejavu.scheduler.transport import TransportError, create_keys
+    from ..scheduler.transport import TransportError, create_keys
 
     try:
         out = create_keys(directory)

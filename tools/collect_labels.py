@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dejavu.runtime.model import Batch, OPTModel, full_positions
-from dejavu.runtime.sparse import Selection, SparseContext
-from dejavu.tools.textdata import iter_documents as iter_texts  # noqa: F401 (re-exported)
+from ..runtime.model import Batch, OPTModel, full_positions
+from ..runtime.sparse import Selection, SparseContext
+from .textdata import iter_documents as iter_texts  # noqa: F401 (re-exported)
 
 
 class CalibrationDataError(ValueError):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dejavu.runtime.checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError, inspect_checkpoint
+from ..runtime.checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError, inspect_checkpoint
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"

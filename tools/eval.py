@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dejavu.runtime.model import OPTModel
-from dejavu.tools.eval_tasks import ZERO_SHOT, canonical, evaluate_task
-from dejavu.tools.eval_text import (
+from ..runtime.model import OPTModel
+from .eval_tasks import ZERO_SHOT, canonical, evaluate_task
+from .eval_text import (
     EvalDataError,
     LogitsFn,
     TextScore,
@@ -168,8 +168,8 @@ def to_json(results: list[dict]) -> str:
 def run_cli(model_path: str, dtype: str, device: str, opts: EvalOptions,
             as_json: bool) -> str:
     """Load the checkpoint and its tokenizer, evaluate, return what the CLI prints."""
-    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
-    from dejavu.runtime.tokenizer import load_tokenizer
+    from ..runtime.checkpoint import load_model, resolve_model_dir
+    from ..runtime.tokenizer import load_tokenizer
 
     if device == "cuda" and not torch.cuda.is_available():
         raise EvalDataError("--device cuda: no CUDA device is available")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from dejavu.tools.eval_text import EvalDataError, LogitsFn, progress
-from dejavu.tools.textdata import json_lines
+from .eval_text import EvalDataError, LogitsFn, progress
+from .textdata import json_lines
 
 # task name -> (file stem in the eval directory, kind, continuation delimiter)
 TASKS: dict[str, tuple[str, str, str]] = {

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dejavu.runtime.model import Batch, OPTModel, full_positions
-from dejavu.tools.textdata import TextDataError, iter_documents
+from ..runtime.model import Batch, OPTModel, full_positions
+from .textdata import TextDataError, iter_documents
 
 # Token ids [B, T] (on the scoring device) -> logits [B, T, V].
 LogitsFn = Callable[[Tensor], Tensor]

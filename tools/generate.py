@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
-from dejavu.runtime.checkpoint import CheckpointError, load_model, resolve_model_dir
-from dejavu.runtime.opt_config import ConfigError, OPTConfig
-from dejavu.runtime.predictors import PredictorError
-from dejavu.runtime.sampling import SamplingError, SamplingParams
-from dejavu.runtime.selection import SelectionError, selector_from_settings
-from dejavu.runtime.settings import Settings, SettingsError
-from dejavu.runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from ..runtime.checkpoint import CheckpointError, load_model, resolve_model_dir
+from ..runtime.opt_config import ConfigError, OPTConfig
+from ..runtime.predictors import PredictorError
+from ..runtime.sampling import SamplingError, SamplingParams
+from ..runtime.selection import SelectionError, selector_from_settings
+from ..runtime.settings import Settings, SettingsError
+from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 if TYPE_CHECKING:
-    from dejavu.scheduler.core import Event
+    from ..scheduler.core import Event
 
 
 class GenerateError(ValueError):
@@ -39,7 +39,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     PredictorError, SelectionError,
 )
 try:  # the scheduler's admission errors, when it is importable
-    from dejavu.scheduler.core import RequestError
+    from ..scheduler.core import RequestError
 
     USER_ERRORS += (RequestError,)
 except ImportError:  # pragma: no cover
@@ -138,7 +138,7 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         ids = parse_prompt_ids(request.prompt_ids)
     check_prompt(ids, config, params.max_new_tokens)
 
-    from dejavu.runtime.engine import Engine  # the engine pulls in the scheduler
+    from ..runtime.engine import Engine  # the engine pulls in the scheduler
 
     budget = settings.pipeline.gpu_memory_gib  # the in-process engine is one worker
     max_len = len(ids) + params.max_new_tokens
@@ -147,8 +147,8 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
                        device="cpu" if budget is not None else device,
                        progress=_progress_bar(err))
     if budget is not None:
-        from dejavu.runtime.offload import fit_gib
-        from dejavu.runtime.weight_store import PlacementError
+        from ..runtime.offload import fit_gib
+        from ..runtime.weight_store import PlacementError
 
         try:
             offloaded, reserved = fit_gib(model, budget, device=device, slots=1,
@@ -161,8 +161,8 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
                                       device=device)
     offload = None
     if budget is not None:
-        from dejavu.runtime.offload import budget_report, describe_report, offload_selector
-        from dejavu.runtime.weight_store import gib
+        from ..runtime.offload import budget_report, describe_report, offload_selector
+        from ..runtime.weight_store import gib
 
         selector = offload_selector(selector, offloaded, model.config)
         offload = budget_report(model, offloaded, selector, budget_bytes=gib(budget),
@@ -176,7 +176,7 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         result["sparsity"] = {"mlp_density": stats.mlp_density,
                               "head_density": stats.head_density}
     if offload is not None:
-        from dejavu.runtime.offload import host_bytes_read
+        from ..runtime.offload import host_bytes_read
 
         result["offload"] = {"offloaded_layers": offload["offloaded_layers"],
                              "expected_gpu_bytes": offload["gpu_bytes"],

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dejavu.runtime.model import OPTModel
-from dejavu.tools.eval_text import LogitsFn, dense_logits_fn
+from ..runtime.model import OPTModel
+from .eval_text import LogitsFn, dense_logits_fn
 
 
 @torch.no_grad()

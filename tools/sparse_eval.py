@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from dejavu.runtime.model import Batch, OPTModel, full_positions
-from dejavu.runtime.sparse import Selector, SparseContext, SparseStats
+from ..runtime.model import Batch, OPTModel, full_positions
+from ..runtime.sparse import Selector, SparseContext, SparseStats
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -50,10 +50,10 @@ def run_eval(model_path: str, dtype: str, device: str, opts, as_json: bool, *, s
     mlp_density / head_density (and predictor time) to its metrics."""
     import torch
 
-    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
-    from dejavu.runtime.selection import selector_from_settings
-    from dejavu.runtime.tokenizer import load_tokenizer
-    from dejavu.tools.eval import (
+    from ..runtime.checkpoint import load_model, resolve_model_dir
+    from ..runtime.selection import selector_from_settings
+    from ..runtime.tokenizer import load_tokenizer
+    from .eval import (
         EvalDataError,
         EvalOptions,
         evaluate,

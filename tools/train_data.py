@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from dejavu.tools.train_tokenizer import iter_documents
+from .train_tokenizer import iter_documents
 
 
 def unwrap_lines(text: str, min_len: int = 50) -> str:

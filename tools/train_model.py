@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from dejavu.runtime.model import Batch, OPTModel, full_positions
-from dejavu.runtime.opt_config import OPTConfig
+from ..runtime.model import Batch, OPTModel, full_positions
+from ..runtime.opt_config import OPTConfig
 
 _T0 = time.perf_counter()  # process start (near enough), for --time-budget
 BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s, the vendors' figures
@@ -141,8 +141,8 @@ def log(msg: str) -> None:
 def train(cfg: TrainConfig, t0: float | None = None) -> dict:
     """Train, save and evaluate. ``t0`` is when the time budget started (perf_counter;
     default: now; the command line passes the process start)."""
-    from dejavu.runtime.checkpoint import save_model
-    from dejavu.tools.train_data import WindowSampler, tokenize_corpus
+    from ..runtime.checkpoint import save_model
+    from .train_data import WindowSampler, tokenize_corpus
 
     t0 = time.perf_counter() if t0 is None else t0
     device = torch.device(cfg.device)
@@ -284,7 +284,7 @@ def _validation_batch(cfg: TrainConfig, tokenizer: Tokenizer, eos: int, device):
     """A fixed held-out batch (8 windows) for a cheap loss curve during training."""
     if not cfg.heldout:
         return None, None
-    from dejavu.tools.train_data import tokenize_corpus
+    from .train_data import tokenize_corpus
 
     stream, _ = tokenize_corpus(cfg.heldout, tokenizer, separator_id=eos, max_bytes=400_000)
     n = min(8, (stream.size - 1) // cfg.seq_len)
@@ -310,15 +310,15 @@ def _val_loss(model, ids, labels, autocast) -> float | None:
 def evaluate_checkpoint(model_dir: Path, tokenizer: Tokenizer, cfg: TrainConfig) -> dict:
     """Held-out bits per byte, WikiText-2 and MLP activation statistics of the saved
     float16 checkpoint (read back through the project's loader)."""
-    from dejavu.runtime.checkpoint import load_model
-    from dejavu.tools.eval_text import (
+    from ..runtime.checkpoint import load_model
+    from .eval_text import (
         TextScore,
         dense_logits_fn,
         read_documents,
         score_token_ids,
         wikitext_documents,
     )
-    from dejavu.tools.mlp_stats import firing_counts, stream_windows, summarize
+    from .mlp_stats import firing_counts, stream_windows, summarize
 
     device = torch.device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -364,8 +364,8 @@ def evaluate_checkpoint(model_dir: Path, tokenizer: Tokenizer, cfg: TrainConfig)
         result["summary"]["top10_share"] = [round(r["top10_share"], 4) for r in layers]
         log(f"mlp activation: {result['summary']}")
     if cfg.eval_dir:
-        from dejavu.runtime.tokenizer import load_tokenizer
-        from dejavu.tools.eval import EvalOptions, evaluate, markdown_table
+        from ..runtime.tokenizer import load_tokenizer
+        from .eval import EvalOptions, evaluate, markdown_table
 
         t = time.perf_counter()
         opts = EvalOptions(tasks=["zero-shot"], eval_dir=cfg.eval_dir,

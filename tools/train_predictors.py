@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dejavu.runtime.predictors import LowRankClassifier, OperatingPoint, PredictorSet
-from dejavu.runtime.selection import count, topk_mask
-from dejavu.tools.collect_labels import (
+from ..runtime.predictors import LowRankClassifier, OperatingPoint, PredictorSet
+from ..runtime.selection import count, topk_mask
+from .collect_labels import (
     Collected,
     calibration_windows,
     collect,
@@ -283,8 +283,8 @@ def markdown_report(report: dict, model_name: str) -> str:
 
 def run(model_path: str, data: str, out: str, cfg: TrainConfig, *, device: str = "cpu",
         dtype: str = "float32", log=print) -> Path:
-    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
-    from dejavu.runtime.tokenizer import load_tokenizer
+    from ..runtime.checkpoint import load_model, resolve_model_dir
+    from ..runtime.tokenizer import load_tokenizer
 
     dev = torch.device(device)
     model_dir = resolve_model_dir(model_path)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dejavu.tools.textdata import TextDataError as CorpusError  # noqa: F401 (re-exported)
-from dejavu.tools.textdata import iter_documents
+from .textdata import TextDataError as CorpusError  # noqa: F401 (re-exported)
+from .textdata import iter_documents
 
 # OPT's special tokens, in id order.
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from dejavu.runtime.step import Step
-from dejavu.runtime.wire import Fault
+from ..runtime.step import Step
+from ..runtime.wire import Fault
 
 log = logging.getLogger("dejavu.worker")
 

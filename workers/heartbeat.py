@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import zmq
 
-from dejavu.runtime import wire
-from dejavu.scheduler.transport import CONTROL_MAX_BYTES, Curve, make_socket
+from ..runtime import wire
+from ..scheduler.transport import CONTROL_MAX_BYTES, Curve, make_socket
 
 log = logging.getLogger("dejavu.worker")
 

@@ -15,9 +15,8 @@ import os
 import signal
 import sys
 
-from dejavu.scheduler.logs import setup_logging
-from dejavu.scheduler.transport import TransportError, load_curve
-
+from ..scheduler.logs import setup_logging
+from ..scheduler.transport import TransportError, load_curve
 from .worker import run_worker
 
 

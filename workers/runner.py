@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dejavu.runtime.stage import Stage
-from dejavu.runtime.step import Step, StepResult
-
+from ..runtime.stage import Stage
+from ..runtime.step import Step, StepResult
 from .faults import FaultHook
 
 

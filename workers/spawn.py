@@ -20,7 +20,7 @@ import subprocess
 
 
 def _run(argv: list[str]) -> None:
-    from dejavu.workers.main import exit_now, main
+    from .main import exit_now, main
 
     exit_now(main([*argv, "--parent-pid", str(os.getppid())]))
 

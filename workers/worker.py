@@ -30,12 +30,11 @@ from types import SimpleNamespace
 import torch
 import zmq
 
-from dejavu.runtime import wire
-from dejavu.runtime.checkpoint import load_model
-from dejavu.runtime.stage import Stage, allocate_cache
-from dejavu.runtime.step import Step, StepResult
-from dejavu.scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
-
+from ..runtime import wire
+from ..runtime.checkpoint import load_model
+from ..runtime.stage import Stage, allocate_cache
+from ..runtime.step import Step, StepResult
+from ..scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
 from .faults import FaultHook
 from .heartbeat import HeartbeatThread
 from .runner import StageRunner, StepOOM
@@ -113,14 +112,14 @@ class Worker:
         self.config = model.config
         offloaded: list[int] = []
         if budgeted:  # the planner's reserve for cache and activations: plan and worker agree
-            from dejavu.runtime.offload import fit_gib
+            from ..runtime.offload import fit_gib
 
             offloaded, reserved = fit_gib(model, setup.gpu_memory_gib, device=setup.device,
                                           slots=setup.slots, max_len=setup.max_len,
                                           caches=setup.offload_cache)
         selector = None
         if setup.sparsity is not None:
-            from dejavu.runtime.selection import selector_from_settings
+            from ..runtime.selection import selector_from_settings
 
             s = setup.sparsity
             selector = selector_from_settings(
@@ -130,8 +129,8 @@ class Worker:
                 model, setup.model, sparse=True, device=setup.device)
         report = None
         if budgeted:
-            from dejavu.runtime.offload import budget_report, describe_report, offload_selector
-            from dejavu.runtime.weight_store import gib
+            from ..runtime.offload import budget_report, describe_report, offload_selector
+            from ..runtime.weight_store import gib
 
             selector = offload_selector(selector, offloaded, model.config)
             report = budget_report(model, offloaded, selector,
@@ -280,7 +279,7 @@ class Worker:
         """Host bytes the offloaded layers read since the previous step (0 without any)."""
         if not self.offloaded:
             return 0
-        from dejavu.runtime.offload import host_bytes_read
+        from ..runtime.offload import host_bytes_read
 
         total = host_bytes_read(self.model)
         step, self.paged_total = total - self.paged_total, total

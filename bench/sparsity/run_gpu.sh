@@ -23,7 +23,7 @@ run(model, f"{data}/calib.jsonl.xz", f"{out}/predictors",
                 batch_size=512),
     device=device)
 PY
-python3 -m dejavu.tools.sparsity_sweep --model "$model" --predictors "$out/predictors" \
+python3 -m dejavu.bench.sparsity_sweep --model "$model" --predictors "$out/predictors" \
     --data "$data/heldout.jsonl.xz" --docs 24 --chars 60000 --out "$out/sweep" \
     --device "$device" --eval-dir "$data/eval" \
     --tasks piqa,winogrande,arc_easy,arc_challenge,copa,openbook_qa,lambada --limit 1000 \

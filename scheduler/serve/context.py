@@ -13,9 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from dejavu.runtime.sampling import SamplingError, SamplingParams
-from dejavu.scheduler.client import EngineClient, Health
-
+from ...runtime.sampling import SamplingError, SamplingParams
+from ..client import EngineClient, Health
 from .errors import ApiError, short
 from .jobs import Choice, Runner, request_error
 from .metrics import ServerMetrics

@@ -16,10 +16,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from dejavu.runtime.sampling import SamplingError, SamplingParams
-from dejavu.scheduler.client import EngineClient, EngineDeadError
-from dejavu.scheduler.core import Event, RequestError
-
+from ...runtime.sampling import SamplingError, SamplingParams
+from ..client import EngineClient, EngineDeadError
+from ..core import Event, RequestError
 from .errors import ApiError
 from .metrics import ServerMetrics
 

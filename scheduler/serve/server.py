@@ -60,13 +60,13 @@ def build_client(settings, options: ServeOptions):
     else a pipeline of `workers` processes started here (stopped with the client), or a
     running `launch` at `connect`. The tokenizer is always loaded here: the HTTP layer turns
     text into ids and ids into token text itself."""
-    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
-    from dejavu.runtime.tokenizer import load_tokenizer
+    from ...runtime.checkpoint import load_model, resolve_model_dir
+    from ...runtime.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(settings.model_path())
     tokenizer = load_tokenizer(model_dir)
     if options.connect:
-        from dejavu.scheduler.zmq_client import PipelineClient
+        from ..zmq_client import PipelineClient
 
         keys = getattr(settings.pipeline, "keys_dir", "") or None
         try:
@@ -74,17 +74,17 @@ def build_client(settings, options: ServeOptions):
         except TimeoutError as exc:
             raise ServeError(f"--connect {options.connect}: no answer ({exc})") from None
     if options.workers > 1:
-        from dejavu.scheduler.config import PipelineConfigError, from_settings
-        from dejavu.scheduler.launch import LaunchError
-        from dejavu.scheduler.zmq_client import PipelineClient
+        from ..config import PipelineConfigError, from_settings
+        from ..launch import LaunchError
+        from ..zmq_client import PipelineClient
 
         try:
             config = from_settings(settings, workers=options.workers, slots=options.max_batch)
             return PipelineClient.launch(config), tokenizer
         except (PipelineConfigError, LaunchError, TimeoutError) as exc:
             raise ServeError(f"--workers {options.workers}: {exc}") from None
-    from dejavu.runtime.engine import Engine
-    from dejavu.scheduler.client import LocalClient
+    from ...runtime.engine import Engine
+    from ..client import LocalClient
 
     budget = getattr(settings.pipeline, "gpu_memory_gib", None)
     device = settings.model.device
@@ -92,8 +92,8 @@ def build_client(settings, options: ServeOptions):
                        device="cpu" if budget is not None else device)
     selector = None
     if budget is not None:  # offload the layers that do not fit (runtime/offload.py)
-        from dejavu.runtime.offload import fit_gib, offload_selector
-        from dejavu.runtime.weight_store import PlacementError
+        from ...runtime.offload import fit_gib, offload_selector
+        from ...runtime.weight_store import PlacementError
 
         try:
             offloaded, _ = fit_gib(model, budget, device=device, slots=options.max_batch,

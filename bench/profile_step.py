@@ -1,7 +1,7 @@
 """Where one decode step's time goes, in process: ``Stage.run`` vs the model's forward alone
 vs the bare layer matmuls, and a torch-profiler table of the step.
 
-    python -m dejavu.tools.profile_step --shape opt-1.3b --batch 1,8 --out /tmp/prof
+    python -m dejavu.bench.profile_step --shape opt-1.3b --batch 1,8 --out /tmp/prof
 
 A random-weight model of the named shape is built on the device; each batch row gets a
 32-token prompt, then ``--steps`` decode steps are timed (after a warm-up), with the device
@@ -17,7 +17,7 @@ synchronised around each timed loop. Three numbers per batch size:
 ``--mlp-density D`` makes the stages sparse (random neurons at density D, every head).
 
 What this does not measure: sockets, the scheduler, or several processes
-(tools/bench_pipeline.py does).
+(bench/bench_pipeline.py does).
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-from dejavu.runtime.model import OPTModel
-from dejavu.runtime.opt_config import OPTConfig
-from dejavu.runtime.sampling import SamplingParams
-from dejavu.runtime.selection import RandomSelector
-from dejavu.runtime.stage import Stage, allocate_cache
-from dejavu.runtime.step import Row, Step
-
+from ..runtime.model import OPTModel
+from ..runtime.opt_config import OPTConfig
+from ..runtime.sampling import SamplingParams
+from ..runtime.selection import RandomSelector
+from ..runtime.stage import Stage, allocate_cache
+from ..runtime.step import Row, Step
 from .bench_pipeline import SHAPES
 
 PROMPT = 32

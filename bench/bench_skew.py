@@ -5,7 +5,7 @@ its skew with a real model's: per layer, the share of all firings taken by the 1
 frequently firing neurons, and the host bytes per token that the placement plans for the
 OPT-30B shape under each law (PCIe floor at a given in-place read rate). CPU only.
 
-    python -m dejavu.tools.bench_skew models/opt-gutenberg-31m \
+    python -m dejavu.bench.bench_skew models/opt-gutenberg-31m \
         ../shared/data/gutenberg/heldout.jsonl.xz
 """
 

@@ -6,7 +6,7 @@ held-out windows, takes each token's selection from the configured predictors (e
 a one-token decode step would select), and reports the mean union density of B tokens drawn
 from B different windows, per layer and averaged over layers.
 
-    python -m dejavu.tools.sparsity_union --model M --data heldout.jsonl.xz --out DIR
+    python -m dejavu.bench.sparsity_union --model M --data heldout.jsonl.xz --out DIR
 
 What this module does not know: timing (the union's cost depends on the backend).
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dejavu.runtime.model import Batch, full_positions
-from dejavu.runtime.selection import PredictorSelector, SelectionConfig
-from dejavu.runtime.sparse import SparseContext
+from ..runtime.model import Batch, full_positions
+from ..runtime.selection import PredictorSelector, SelectionConfig
+from ..runtime.sparse import SparseContext
 
 BATCHES = (1, 2, 4, 8, 16, 32)
 
@@ -62,10 +62,10 @@ def union_densities(model, selector, windows: torch.Tensor, *, draws: int = 200,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
-    from dejavu.runtime.predictors import PredictorSet, find_predictors
-    from dejavu.runtime.tokenizer import load_tokenizer
-    from dejavu.tools.collect_labels import calibration_windows, iter_texts
+    from ..runtime.checkpoint import load_model, resolve_model_dir
+    from ..runtime.predictors import PredictorSet, find_predictors
+    from ..runtime.tokenizer import load_tokenizer
+    from ..tools.collect_labels import calibration_windows, iter_texts
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)

@@ -9,7 +9,7 @@ sqrt(p(1-p)/n) the table gives the paired standard error of each difference (the
 deviation of the per-row difference over sqrt(n)), which is what says whether a gap of
 one point is resolved by n rows.
 
-    python -m dejavu.tools.sparsity_zeroshot --model models/M --out bench/sparsity \\
+    python -m dejavu.bench.sparsity_zeroshot --model models/M --out bench/sparsity \\
         --tasks piqa,copa --limit 200 [--limits copa=100,boolq=80]
 
 What this module does not know: how tasks are scored (eval_tasks) or how selections are
@@ -24,7 +24,7 @@ import math
 import time
 from pathlib import Path
 
-from dejavu.tools.eval_tasks import (
+from ..tools.eval_tasks import (
     ZERO_SHOT,
     build_requests,
     read_rows,
@@ -62,8 +62,8 @@ def parse_limits(text: str) -> dict[str, int]:
 def run_task(name: str, model, tok, sparse_selector, make_random, *, limit: int | None,
              eval_dir: str, batch_size: int, device: str) -> dict:
     """One task, three runs over the same rows."""
-    from dejavu.tools.eval_text import dense_logits_fn
-    from dejavu.tools.sparse_eval import density_metrics, sparse_logits_fn
+    from ..tools.eval_text import dense_logits_fn
+    from ..tools.sparse_eval import density_metrics, sparse_logits_fn
 
     rows = read_rows(task_file(eval_dir, name), limit)
     groups, info = build_requests(name, rows, lambda t: tok.encode(t, add_bos=False),
@@ -132,10 +132,10 @@ def markdown(saved: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
-    from dejavu.runtime.selection import RandomSelector, selector_from_settings
-    from dejavu.runtime.settings import load_settings
-    from dejavu.runtime.tokenizer import load_tokenizer
+    from ..runtime.checkpoint import load_model, resolve_model_dir
+    from ..runtime.selection import RandomSelector, selector_from_settings
+    from ..runtime.settings import load_settings
+    from ..runtime.tokenizer import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="models/opt-gutenberg-31m")

@@ -2,8 +2,8 @@
 with per-stage compute and per-hop transfer times, on whatever devices the machine has;
 optionally with a GPU budget per worker that offloads layers to pinned host memory.
 
-    python -m dejavu.tools.bench_pipeline --shape opt-1.3b --workers 1,2,4 --out bench/results
-    python -m dejavu.tools.bench_pipeline --shape opt-30b --workers 4 --gpu-memory-gib 10 \\
+    python -m dejavu.bench.bench_pipeline --shape opt-1.3b --workers 1,2,4 --out bench/results
+    python -m dejavu.bench.bench_pipeline --shape opt-30b --workers 4 --gpu-memory-gib 10 \\
         --dtype float16 --select random:0.1,dense --checkpoint-dir /dev/shm/opt-30b
 
 A random-weight checkpoint of the named OPT shape is written layer by layer (one
@@ -49,12 +49,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dejavu.runtime.checkpoint import INDEX_NAME, expected_shapes
-from dejavu.runtime.opt_config import OPTConfig
-from dejavu.runtime.sampling import SamplingParams
-from dejavu.scheduler.config import PipelineConfig
-from dejavu.scheduler.launch import Cluster, LaunchError
-from dejavu.scheduler.zmq_client import PipelineConnection
+from ..runtime.checkpoint import INDEX_NAME, expected_shapes
+from ..runtime.opt_config import OPTConfig
+from ..runtime.sampling import SamplingParams
+from ..scheduler.config import PipelineConfig
+from ..scheduler.launch import Cluster, LaunchError
+from ..scheduler.zmq_client import PipelineConnection
 
 # Hugging Face facebook/opt-* config.json values (hidden, layers, ffn, heads); the others
 # keep OPTConfig's defaults (vocab 50272, 2048 positions).
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model, "dtype": args.dtype, "tokens": args.tokens,
             "prompt_len": args.prompt_len, "gpu_memory_gib": args.gpu_memory_gib,
             "select": args.select, "checkpoint_write_s": None, "torch": torch.__version__,
-            "command": "python -m dejavu.tools.bench_pipeline " + " ".join(
+            "command": "python -m dejavu.bench.bench_pipeline " + " ".join(
                 sys.argv[1:] if argv is None else argv)}
     rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))

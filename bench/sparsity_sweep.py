@@ -10,7 +10,7 @@ measured densities next to each number. Writes sweep.json, sweep.md (table) and 
 heads that matter most, chosen from the true outputs, MLP dense) to an existing sweep.json:
 the bound that no head predictor can beat at that density.
 
-    python -m dejavu.tools.sparsity_sweep --model models/M --data heldout.jsonl.xz \
+    python -m dejavu.bench.sparsity_sweep --model models/M --data heldout.jsonl.xz \
         --out bench/sparsity [--docs 8 --chars 40000] [--device cuda]
 
 What this module does not know: how the tasks are scored (``tasks`` is a callable), or how
@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from dejavu.runtime.selection import (
+from ..runtime.selection import (
     AdaptiveOracleHeadSelector,
     OracleHeadSelector,
     PredictorSelector,
     RandomSelector,
     SelectionConfig,
 )
-from dejavu.tools.eval_text import dense_logits_fn, score_documents
-from dejavu.tools.sparse_eval import density_metrics, sparse_logits_fn
+from ..tools.eval_text import dense_logits_fn, score_documents
+from ..tools.sparse_eval import density_metrics, sparse_logits_fn
 
 # (mlp density, head density); None = the layer's trained operating point.
 MLP_SWEEP = (0.5, 0.3, 0.2, 0.15, 0.1, 0.05)
@@ -184,7 +184,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def plot(rows: list[dict], path: Path, zeroshot: list[dict] | None = None) -> None:
-    """``zeroshot``: rows of zeroshot.json (tools/sparsity_zeroshot.py); when given, the
+    """``zeroshot``: rows of zeroshot.json (bench/sparsity_zeroshot.py); when given, the
     third panel shows them (all tasks, with standard errors) instead of the sweep rows'
     accuracies."""
     import matplotlib
@@ -262,10 +262,10 @@ def plot(rows: list[dict], path: Path, zeroshot: list[dict] | None = None) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dejavu.runtime.checkpoint import load_model, resolve_model_dir
-    from dejavu.runtime.predictors import PredictorSet, find_predictors
-    from dejavu.runtime.tokenizer import load_tokenizer
-    from dejavu.tools.collect_labels import iter_texts
+    from ..runtime.checkpoint import load_model, resolve_model_dir
+    from ..runtime.predictors import PredictorSet, find_predictors
+    from ..runtime.tokenizer import load_tokenizer
+    from ..tools.collect_labels import iter_texts
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None)
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     window = min(args.window, model.config.max_position_embeddings)
     tasks = None
     if args.tasks:
-        from dejavu.tools.eval_tasks import evaluate_task
+        from ..tools.eval_tasks import evaluate_task
 
         def tasks(logits_fn) -> dict[str, float]:
             out = {}
