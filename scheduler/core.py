@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from dejavu.runtime.sampling import SamplingParams
-from dejavu.runtime.step import Row, Step, StepResult, TokenResult
+from ..runtime.sampling import SamplingParams
+from ..runtime.step import Row, Step, StepResult, TokenResult
 
 
 class RequestError(ValueError):
@@ -198,8 +198,6 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             req = self.requests[self.waiting.popleft()]
-            if req.phase is Phase.FINISHED:  # aborted while waiting
-                continue
             req.slot = self.free_slots.pop()
             req.phase = Phase.RUNNING
 
@@ -301,6 +299,10 @@ class Scheduler:
         return out
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> Event:
+        # Valid in every phase: a request that never got a slot leaves the queue here, so
+        # forget() may drop its record at once and admission never meets a stale id.
+        if req.phase is Phase.WAITING:
+            self.waiting.remove(req.request_id)
         req.phase = Phase.FINISHED
         req.finish_reason = reason
         text = self._take_text(req, hold=0) if reason != "error" else ""

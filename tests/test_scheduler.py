@@ -181,3 +181,24 @@ def test_zero_new_tokens_scores_the_prompt_and_samples_nothing():
     assert s.requests["a"].output == []
     assert sum(len(e.prompt_logprobs or []) for e in events) == 5
     assert events[-1].finished and events[-1].finish_reason == "length"
+
+
+def test_abort_and_forget_while_waiting_leave_the_queue_whole():
+    # One slot: "b" and "c" wait behind "a". A client gives up on "b" (abort, then forget, as
+    # the front ends do when a connection drops): admission must go on with "c".
+    s = make(max_slots=1)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for rid in "abc":
+        s.add(rid, [5, 6], params)
+    step = s.schedule()
+    assert [r.request_id for r in step.rows] == ["a"]
+    assert s.abort("b").finish_reason == "abort"
+    s.forget("b")
+    assert "b" not in s.requests and list(s.waiting) == ["c"]
+    while s.has_work():
+        answer(s, step, lambda r: 7)
+        step = s.schedule()
+        while step is None and s.has_work():
+            step = s.schedule()
+    assert s.requests["c"].output == [7, 7]
+    assert s.requests["a"].output == [7, 7]
