@@ -52,6 +52,7 @@ from safetensors.torch import save_file
 from ..runtime.checkpoint import INDEX_NAME, expected_shapes
 from ..runtime.opt_config import OPTConfig
 from ..runtime.sampling import SamplingParams
+from ..runtime.settings import make_settings
 from ..scheduler.config import PipelineConfig
 from ..scheduler.launch import Cluster, LaunchError
 from ..scheduler.zmq_client import PipelineConnection
@@ -157,11 +158,11 @@ def random_checkpoint(shape: str, out: Path, dtype: torch.dtype, log=print) -> t
 
 
 def parse_select(text: str) -> dict:
-    """"dense" | "random:M" | "random:M:H" -> PipelineConfig sparsity fields: random neurons
-    at density M and every head, or heads at density H too. (Every head is the shipped
-    model's default, and the steps a CUDA graph can capture: runtime/graphs.py.)"""
+    """"dense" | "random:M" | "random:M:H" -> [sparsity] settings: random neurons at density
+    M and every head, or heads at density H too. (Every head is the shipped model's
+    default, and the steps a CUDA graph can capture: runtime/graphs.py.)"""
     if text == "dense":
-        return {"sparse": False}
+        return {"sparsity.enabled": False}
     kind, *values = text.split(":")
     try:
         densities = [float(v) for v in values]
@@ -171,8 +172,9 @@ def parse_select(text: str) -> dict:
             0.0 < d <= 1.0 for d in densities):
         raise SystemExit(f"--select {text!r}: expected dense, random:M or random:M:H with "
                          "densities in (0, 1]")
-    return {"sparse": True, "selector": "random", "mlp_density": densities[0],
-            "head_density": densities[1] if len(densities) == 2 else 1.0}
+    return {"sparsity.enabled": True, "sparsity.selector": "random",
+            "sparsity.mlp_density": densities[0],
+            "sparsity.head_density": densities[1] if len(densities) == 2 else 1.0}
 
 
 class GpuUtilization:
@@ -214,10 +216,11 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
     # Kernels interpreted on a CPU (TRITON_INTERPRET=1) make an offloaded prefill take
     # minutes; the default 60 s step watchdog would stop the cluster mid-run.
     watchdog = {"watchdog_s": 3600.0} if os.environ.get("TRITON_INTERPRET") == "1" else {}
-    config = PipelineConfig(model=str(model), workers=workers, dtype=dtype, slots=streams,
-                            max_len=prompt_len + max(tokens, WARMUP),
-                            gpu_memory_gib=gpu_memory_gib, **watchdog,
-                            **parse_select(select))
+    settings = make_settings({"model.path": str(model), "model.dtype": dtype,
+                              "pipeline.gpu_memory_gib": gpu_memory_gib,
+                              **parse_select(select)})
+    config = PipelineConfig(settings, workers=workers, slots=streams,
+                            max_len=prompt_len + max(tokens, WARMUP), **watchdog)
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     prompts = [[2] + [(17 * i + 5 * j) % 1000 + 3 for j in range(prompt_len - 1)]
                for i in range(streams)]

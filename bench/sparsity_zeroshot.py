@@ -132,8 +132,9 @@ def markdown(saved: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from ..runtime.checkpoint import load_model, resolve_model_dir
-    from ..runtime.selection import RandomSelector, selector_from_settings
+    from ..runtime.build import build_model, resolve
+    from ..runtime.checkpoint import resolve_model_dir
+    from ..runtime.selection import RandomSelector
     from ..runtime.settings import load_settings
     from ..runtime.tokenizer import load_tokenizer
 
@@ -157,11 +158,12 @@ def main(argv: list[str] | None = None) -> None:
         (out / f"{args.name}.md").write_text(markdown(saved))
         return
     limits = parse_limits(args.limits)
-    settings = load_settings(args.config)
-    model_dir = resolve_model_dir(args.model)
-    model = load_model(model_dir, device="cpu")
+    settings = resolve(load_settings(args.config, {"model.path": args.model,
+                                                   "model.device": "cpu"}), sparse=True)
+    model_dir = resolve_model_dir(settings.model.path)
+    built = build_model(settings)
+    model, sparse = built.model, built.selector
     tok = load_tokenizer(model_dir)
-    sparse = selector_from_settings(settings.sparsity, model, model_dir, sparse=True)
     c = model.config
     sp = settings.sparsity
     meta = {"model": model_dir.name, "hardware": "cpu", "threads": torch.get_num_threads(),

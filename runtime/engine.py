@@ -28,18 +28,35 @@ class Completion:
 
 
 class Engine:
+    """The scheduler driving one ``Stage`` of every layer. Products build the stage with
+    runtime/build.py and call ``from_stage``; the constructor takes a model and selector
+    directly (tests, analyses)."""
+
     def __init__(self, model: OPTModel, tokenizer=None, *, max_batch: int = 8,
                  max_len: int | None = None, prefill_chunk: int = 512,
                  selector=None) -> None:
+        max_len = max_len or model.config.max_position_embeddings
+        # selector: contextual sparsity (runtime/selection.py); None runs dense.
+        cache = allocate_cache(model, max_batch, max_len, keep_inputs=selector is not None)
+        self._start(Stage(model, cache, selector), tokenizer, prefill_chunk)
+
+    @classmethod
+    def from_stage(cls, stage: Stage, tokenizer=None, *, prefill_chunk: int = 512) -> Engine:
+        """An engine over a built stage: its cache's slots are the batch, its length the
+        longest sequence."""
+        engine = cls.__new__(cls)
+        engine._start(stage, tokenizer, prefill_chunk)
+        return engine
+
+    def _start(self, stage: Stage, tokenizer, prefill_chunk: int) -> None:
+        model = stage.model
         if not (model.is_first and model.is_last):
             raise ValueError("the in-process engine needs every layer of the model")
         config = model.config
         self.model = model
         self.tokenizer = tokenizer
-        max_len = max_len or config.max_position_embeddings
-        # selector: contextual sparsity (runtime/selection.py); None runs dense.
-        cache = allocate_cache(model, max_batch, max_len, keep_inputs=selector is not None)
-        self.stage = Stage(model, cache, selector)
+        self.stage = stage
+        max_batch, max_len = stage.cache.slots, stage.cache.max_len
         eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
         factory = tokenizer.detokenizer if tokenizer is not None else None
         self.scheduler = Scheduler(

@@ -24,7 +24,6 @@ from torch import Tensor
 
 from .predictors import PredictorSet
 from .sparse import Selection
-from .sparse_backend import BackendError, use_backend
 
 
 class SelectionError(ValueError):
@@ -350,61 +349,3 @@ def parse_layers(text: str) -> frozenset[int]:
                 raise SelectionError(f"[sparsity] dense_layers = {text!r}: expected "
                                      "comma-separated layer ids such as \"0,1\"") from None
     return frozenset(out)
-
-
-def selector_from_settings(sparsity, model, model_dir, *, sparse: bool | None = None,
-                           device: torch.device | str = "cpu"
-                           ) -> PredictorSelector | RandomSelector | None:
-    """The selector a command runs with, or None for dense.
-
-    ``sparse`` is the command line's --sparse (True) / --dense (False) / neither (None).
-    With neither, sparse runs when [sparsity] enabled is true and predictors are found; an
-    explicit --sparse without predictors is an error, as is a configured path that does
-    not exist. ``sparsity`` is runtime.settings.SparsitySettings."""
-    from pathlib import Path
-
-    from .predictors import find_predictors
-
-    if sparse is False or (sparse is None and not sparsity.enabled):
-        return None
-    if getattr(sparsity, "selector", "predictors") == "random":
-        return _random_from_settings(sparsity, model)
-    if sparsity.predictors:
-        path: Path | None = Path(sparsity.predictors)
-    else:
-        path = find_predictors(model_dir)
-        if path is None:
-            if sparse:
-                raise SelectionError(f"--sparse: {model_dir} has no predictors/ directory; "
-                                     "train them with `dejavu-run train-predictors` or set "
-                                     "[sparsity] predictors")
-            return None
-    preds = PredictorSet.load(path, model, device=device)
-    param = next(p for p in model.parameters() if not p.is_meta)  # not an offloaded weight
-    preds.to(param.device, param.dtype)
-    recall = getattr(sparsity, "mlp_recall", None)
-    config = SelectionConfig(mlp_density=sparsity.mlp_density,
-                             head_density=sparsity.head_density,
-                             dense_layers=parse_layers(sparsity.dense_layers),
-                             mlp_select="threshold" if recall is not None else None,
-                             mlp_recall=recall)
-    try:  # who computes the selected rows (runtime/sparse_backend.py)
-        use_backend(model, getattr(sparsity, "backend", "auto"))
-    except BackendError as exc:
-        raise SelectionError(str(exc)) from None
-    return PredictorSelector(preds, config)
-
-
-def _random_from_settings(sparsity, model) -> RandomSelector:
-    """[sparsity] selector = "random": uniform rows at the configured densities, a benchmark
-    baseline (random-weight models have no predictors)."""
-    if sparsity.mlp_density is None or sparsity.head_density is None:
-        raise SelectionError("[sparsity] selector = \"random\" needs mlp_density and "
-                             "head_density (the fractions it draws per token)")
-    try:
-        use_backend(model, getattr(sparsity, "backend", "auto"))
-    except BackendError as exc:
-        raise SelectionError(str(exc)) from None
-    c = model.config
-    return RandomSelector(c.ffn_dim, c.num_attention_heads, sparsity.mlp_density,
-                          sparsity.head_density, dense_layers=parse_layers(sparsity.dense_layers))

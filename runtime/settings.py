@@ -149,8 +149,9 @@ class Settings:
     serve: ServeSettings = field(default_factory=ServeSettings)
     # "section.key" -> "default" | "<path to dejavu.toml>" | "command line"
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-    # Directory that a relative path from the config file is relative to.
-    config_dir: Path | None = field(default=None, compare=False, repr=False)
+    # Directory that a relative path from the config file is relative to (a str: the
+    # settings cross process boundaries whole, runtime/wire.py).
+    config_dir: str | None = field(default=None, compare=False, repr=False)
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)
@@ -162,12 +163,26 @@ class Settings:
         unchanged (a Hugging Face id, or a path the loader will report as missing)."""
         value = self.model.path
         source = self.sources.get("model.path", "default")
+        if Path(value).is_absolute():
+            return value
         if source == "default":  # the shipped model, wherever the command runs from
             return str(REPO_ROOT / value)
-        base = self.config_dir if source != "command line" else None
-        if base is not None and not Path(value).is_absolute() and (base / value).is_dir():
+        base = Path(self.config_dir) if self.config_dir and source != "command line" else None
+        if base is not None and (base / value).is_dir():
             return str(base / value)
         return value
+
+    def predictors_path(self) -> Path | None:
+        """[sparsity] predictors as a path: a relative one from dejavu.toml is relative to
+        that file's directory, one from the command line to the working directory; None
+        when unset (then <model dir>/predictors is looked for)."""
+        value = self.sparsity.predictors
+        if not value:
+            return None
+        source = self.sources.get("sparsity.predictors", "default")
+        if Path(value).is_absolute() or not self.config_dir or source == "command line":
+            return Path(value)
+        return Path(self.config_dir) / value
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -258,22 +273,30 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}:{line}:{col}: invalid TOML: {reason}") from None
 
 
+def make_settings(values: dict[str, Any]) -> Settings:
+    """Defaults, then ``values`` ({"section.key": value}), validated as command-line
+    options are; no file is read (benchmarks, tests, embedding)."""
+    return load_settings(None, values, find_file=False)
+
+
 def load_settings(path: str | Path | None = None,
-                  overrides: dict[str, Any] | None = None) -> Settings:
-    """Defaults, then the config file (``path``; or ./dejavu.toml when it exists), then
-    ``overrides`` ({"section.key": value}; a None value means "not given")."""
+                  overrides: dict[str, Any] | None = None, *,
+                  find_file: bool = True) -> Settings:
+    """Defaults, then the config file (``path``; or ./dejavu.toml when it exists and
+    ``find_file``), then ``overrides`` ({"section.key": value}; a None value means "not
+    given")."""
     settings = Settings()
     for section_name, section in settings.sections().items():
         for f in fields(section):
             settings.sources[f"{section_name}.{f.name}"] = "default"
             if f.default is MISSING:  # pragma: no cover - every setting has a default
                 raise SettingsError(f"[{section_name}] {f.name} has no default")
-    if path is None and Path(CONFIG_NAME).is_file():
+    if path is None and find_file and Path(CONFIG_NAME).is_file():
         path = Path(CONFIG_NAME)
     if path is not None:
         path = Path(path)
         _apply(settings, read_toml(path), str(path))
-        settings.config_dir = path.resolve().parent
+        settings.config_dir = str(path.resolve().parent)
     sections = settings.sections()
     for dotted, value in (overrides or {}).items():
         if value is None:

@@ -128,6 +128,11 @@ class SparseStats:
     def head_density(self) -> float:
         return self._mean("heads_computed")
 
+    def per_layer(self) -> list[tuple[int, float, float]]:
+        """(layer id, fraction of neurons, fraction of heads computed per token), by layer."""
+        return [(i, s.mlp_computed / s.tokens, s.heads_computed / s.tokens)
+                for i, s in sorted(self.layers.items()) if s.tokens]
+
     def as_dict(self) -> dict:
         return {
             "mlp_density": self.mlp_density,

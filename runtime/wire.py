@@ -29,6 +29,7 @@ import torch
 
 from ..scheduler.core import Event
 from .sampling import SamplingParams
+from .settings import Settings
 from .step import Step, StepResult
 
 PROTOCOL = 1
@@ -43,6 +44,10 @@ class _Msg(msgspec.Struct, tag=True, tag_field="kind", forbid_unknown_fields=Tru
 
 
 # --- control plane: worker -> scheduler ----------------------------------------------------
+
+# (layer id, fraction of MLP neurons, fraction of heads) computed per token, averaged over
+# the tokens a worker's layer has run (runtime/sparse.py SparseStats.per_layer).
+LayerDensity = tuple[int, float, float]
 
 
 class Hello(_Msg):
@@ -81,6 +86,7 @@ class StepDone(_Msg):
     stage_s: list[float] = []
     hop_s: list[float] = []
     densities: list[tuple[float, float]] = []  # per sparse stage: (MLP, heads) fractions
+    layer_densities: list[LayerDensity] = []  # per sparse layer, since the worker started
     paged_bytes: list[int] = []  # per stage: bytes its offloaded layers read from the host
 
 
@@ -128,21 +134,14 @@ class Fault(msgspec.Struct, forbid_unknown_fields=True):
     request: str | None = None
 
 
-class Sparsity(msgspec.Struct, forbid_unknown_fields=True):
-    """Contextual sparsity for a worker: its predictors and operating point (see
-    runtime/selection.py; None densities mean each layer's trained point)."""
-
-    predictors: str
-    mlp_density: float | None = None
-    head_density: float | None = None
-    dense_layers: str = ""
-    selector: str = "predictors"  # or "random": uniform at the densities (benchmarks)
-
-
 class Setup(_Msg):
-    model: str
+    """Scheduler -> worker: what to build and where. ``settings`` are the cluster's whole
+    settings, resolved once by the launch (runtime/build.py ``resolve``: the checkpoint
+    directory, dense or sparse and the predictor file); the worker builds its stage from
+    them exactly as the in-process engine does."""
+
+    settings: Settings
     layers: tuple[int, int]
-    dtype: str
     device: str
     slots: int
     max_len: int
@@ -157,12 +156,7 @@ class Setup(_Msg):
     # it, so a stray or forged frame can never run a step (or write a KV cache).
     token: str = ""
     threads: int = 0  # torch CPU threads (0: torch's default)
-    sparsity: Sparsity | None = None
     faults: list[Fault] = []
-    # GPU memory budget in GiB ([pipeline] gpu_memory_gib): the layers that do not fit are
-    # offloaded to pinned host memory. None: no limit.
-    gpu_memory_gib: float | None = None
-    offload_cache: bool = False  # [pipeline] offload_cache
 
 
 class RunStep(_Msg):
@@ -214,6 +208,7 @@ class Activations(_Msg):
     stage_s: list[float] = []
     hop_s: list[float] = []
     densities: list[tuple[float, float]] = []  # per stage so far: (MLP, heads) computed
+    layer_densities: list[LayerDensity] = []  # per sparse layer of the stages so far
     paged_bytes: list[int] = []  # per stage so far: bytes read from host memory
     sent_at: float = 0.0  # time.time() of the sender, for per-hop latency
 
@@ -273,6 +268,7 @@ class Health(_Msg):
     vocab_size: int = 0
     tokenizer: bool = False  # text, stop strings and detokenisation are available
     densities: list[tuple[float, float]] = []  # per sparse stage: (MLP, heads) fractions
+    layer_densities: list[LayerDensity] = []  # per sparse layer, since the start
     paged_bytes: list[int] = []  # per stage: bytes read from host memory since the start
     detail: str = ""  # why the cluster stopped (state "stopped": sent to clients on exit)
 

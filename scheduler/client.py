@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..runtime.build import density_report
 from ..runtime.engine import Engine
 from ..runtime.sampling import SamplingParams
 from .core import Event
@@ -98,7 +99,11 @@ class LocalClient:
         return Health(alive, self._dead or "", [{"worker": 0, "alive": alive}])
 
     def stats(self) -> dict:
-        return dict(self._stats, running=len(self._streams))
+        out = dict(self._stats, running=len(self._streams))
+        stage = self.engine.stage
+        if stage.selector is not None:  # measured densities, as generate --json has them
+            out["sparsity"] = density_report(stage.sparse_stats.per_layer())
+        return out
 
     async def close(self) -> None:
         self._commands.put(("stop",))

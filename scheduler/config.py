@@ -1,7 +1,10 @@
-"""Typed configuration of a pipeline cluster (``launch``), built once from dejavu.toml's
-[model] and [pipeline] sections plus command-line overrides, and validated here.
+"""Typed configuration of a pipeline cluster (``launch``): the whole ``Settings`` (what
+every worker's engine is built from, runtime/build.py) plus how the cluster runs: its
+processes, sockets, timeouts and batching, from dejavu.toml's [pipeline] section and the
+command line.
 
-What this module does not know: how the settings are read from disk (``runtime.settings``).
+What this module does not know: how the settings are read from disk (``runtime.settings``)
+or what they build.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..runtime.settings import Settings
 from ..runtime.wire import Fault
 
 RESTART_POLICIES = ("never", "on-failure")
@@ -21,9 +25,10 @@ class PipelineConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    model: str
+    # Every worker builds its stage from these, whole ([model], [sparsity], the GPU budget);
+    # the launch resolves them once (runtime/build.py ``resolve``) before they travel.
+    settings: Settings
     workers: int = 1
-    dtype: str = "float32"
     devices: list[str] | None = None  # default: cuda:i per worker when there are GPUs, else cpu
     slots: int = 8  # KV-cache slots per worker: sequences in flight at once
     max_len: int = 0  # positions per slot; 0 = the model's max_position_embeddings
@@ -43,23 +48,9 @@ class PipelineConfig:
     drain_timeout_s: float = 30.0
     restart: str = "never"
     max_restarts: int = 3
-    memory_budget_gb: float = 0.0  # per worker; 0 = no limit
-    # GPU memory per worker in GiB; layers beyond it are offloaded to pinned host memory
-    # (runtime/offload.py). None = no limit, every layer on the GPU.
-    gpu_memory_gib: float | None = None
-    # The budget left after whole layers caches recent rows of offloaded layers (off: a
-    # miss reads its row twice; runtime/offload.py cache_placements).
-    offload_cache: bool = False
     threads: int = 0  # torch CPU threads per worker; 0 = cores / workers
-    # Contextual sparsity ([sparsity] of dejavu.toml): sparse is True (--sparse), False
-    # (--dense) or None (sparse when enabled and predictors are found).
+    # The command line's --sparse (True) / --dense (False); None follows [sparsity].
     sparse: bool | None = None
-    sparsity_enabled: bool = True
-    predictors: str = ""  # "" = <model dir>/predictors
-    mlp_density: float | None = None
-    head_density: float | None = None
-    dense_layers: str = ""
-    selector: str = "predictors"  # or "random" (uniform at the densities; benchmarks)
     faults: list[Fault] = field(default_factory=list)  # tests only (wire.Fault)
 
     def __post_init__(self) -> None:
@@ -72,7 +63,7 @@ class PipelineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise bad(key, f"expected an integer >= {low}")
         for key in ("heartbeat_s", "watchdog_s", "handshake_timeout_s", "startup_timeout_s",
-                    "scheduler_timeout_s", "drain_timeout_s", "memory_budget_gb"):
+                    "scheduler_timeout_s", "drain_timeout_s"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise bad(key, "expected a finite number >= 0")
@@ -80,38 +71,15 @@ class PipelineConfig:
             raise PipelineConfigError("[pipeline] heartbeat_s and watchdog_s must be > 0")
         if self.restart not in RESTART_POLICIES:
             raise bad("restart", f"expected one of {', '.join(RESTART_POLICIES)}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise bad("dtype", "expected float32, float16 or bfloat16")
-        self._check_offload()
         if self.devices is not None and len(self.devices) != self.workers:
             raise bad("devices", f"expected one device per worker ({self.workers})")
         if self.data_addresses and len(self.data_addresses) != self.workers - 1:
             raise bad("data_addresses", f"expected one address per worker after the first "
                                         f"({self.workers - 1})")
 
-    def _check_offload(self) -> None:
-        budget = self.gpu_memory_gib
-        if budget is not None:
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
-                    or not math.isfinite(budget) or budget <= 0:
-                raise PipelineConfigError(f"[pipeline] gpu_memory_gib = {budget!r}: expected a "
-                                          "number of GiB > 0 (absent = no limit)")
-            if self.dtype == "float32":
-                raise PipelineConfigError(
-                    f"[pipeline] gpu_memory_gib = {budget!r} needs [model] dtype = \"float16\" "
-                    "or \"bfloat16\": layers that do not fit run on the Triton kernels, which "
-                    "support only those (dtype is \"float32\")")
-            if self.memory_budget_gb:
-                raise PipelineConfigError(
-                    "[pipeline] gpu_memory_gib and memory_budget_gb are both set; "
-                    "gpu_memory_gib (offload what does not fit) replaces memory_budget_gb "
-                    "(refuse what does not fit): set memory_budget_gb = 0")
-        if self.selector not in ("predictors", "random"):
-            raise PipelineConfigError(f"[sparsity] selector = {self.selector!r}: expected "
-                                      "\"predictors\" or \"random\"")
-        if self.selector == "random" and (self.mlp_density is None or self.head_density is None):
-            raise PipelineConfigError("[sparsity] selector = \"random\" needs mlp_density and "
-                                      "head_density")
+    @property
+    def model(self) -> str:
+        return self.settings.model.path
 
     @property
     def batches(self) -> int:
@@ -124,26 +92,18 @@ class PipelineConfig:
 # [pipeline] keys of dejavu.toml that map one to one onto PipelineConfig fields.
 _SETTING_KEYS = ("workers", "slots", "max_len", "micro_batches", "run_dir", "control_address",
                  "client_address", "keys_dir", "spawn", "heartbeat_s", "watchdog_s",
-                 "handshake_timeout_s", "startup_timeout_s", "scheduler_timeout_s",
-                 "drain_timeout_s", "restart", "max_restarts", "memory_budget_gb", "threads",
-                 "gpu_memory_gib", "offload_cache")
+                 "handshake_timeout_s", "startup_timeout_s", "drain_timeout_s", "restart",
+                 "max_restarts")
 
 
-def from_settings(settings: Any, **overrides: Any) -> PipelineConfig:
-    """PipelineConfig from ``runtime.settings.Settings`` (fields that a given version of the
-    settings does not have keep their defaults), then non-None ``overrides``."""
+def from_settings(settings: Settings, **overrides: Any) -> PipelineConfig:
+    """PipelineConfig of ``settings`` (carried whole) with its [pipeline] keys, then
+    non-None ``overrides``."""
     pipeline = settings.pipeline
-    values: dict[str, Any] = {"model": settings.model_path(), "dtype": settings.model.dtype}
-    sparsity = getattr(settings, "sparsity", None)
-    if sparsity is not None:
-        values.update(sparsity_enabled=sparsity.enabled, predictors=sparsity.predictors or "",
-                      mlp_density=sparsity.mlp_density, head_density=sparsity.head_density,
-                      dense_layers=sparsity.dense_layers,
-                      selector=getattr(sparsity, "selector", "predictors"))
+    values: dict[str, Any] = {"settings": settings}
     for key in _SETTING_KEYS:
-        if hasattr(pipeline, key):
-            values[key] = getattr(pipeline, key)
-    addresses = getattr(pipeline, "data_addresses", "")
+        values[key] = getattr(pipeline, key)
+    addresses = pipeline.data_addresses
     if addresses:
         values["data_addresses"] = [a.strip() for a in addresses.split(",") if a.strip()]
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -18,16 +18,19 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import msgspec
 
-from ..runtime import wire
-from ..runtime.checkpoint import CheckpointError, inspect_checkpoint, resolve_model_dir
+from ..runtime.build import resolve
+from ..runtime.checkpoint import CheckpointError, inspect_checkpoint
 from ..runtime.opt_config import ConfigError, OPTConfig
+from ..runtime.selection import SelectionError
+from ..runtime.weight_store import gib
 from .config import PipelineConfig, PipelineConfigError
 from .logs import setup_logging
-from .planner import GiB, PlanError, plan_layers
+from .planner import PlanError, plan_layers
 from .rundir import RunDir, RunDirError
 from .server import PipelineServer
 from .transport import TransportError, load_curve
@@ -53,7 +56,7 @@ def launch(config: PipelineConfig, *, parent_pid: int | None = None) -> int:
         try:
             server, model_dir = _build(config, run_dir)
         except (CheckpointError, ConfigError, PlanError, TransportError, RunDirError,
-                PipelineConfigError) as exc:
+                PipelineConfigError, SelectionError) as exc:
             log.error("cannot launch: %s", exc)
             return EXIT_CANNOT_START
         # Full validation of the weights' headers runs while the workers start.
@@ -64,21 +67,23 @@ def launch(config: PipelineConfig, *, parent_pid: int | None = None) -> int:
 
 
 def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Path]:
-    model_dir = resolve_model_dir(config.model)
+    # Resolved once, here: every worker then builds from the same settings, no lookups.
+    settings = resolve(config.settings, config.sparse)
+    config = replace(config, settings=settings)
+    model_dir = Path(settings.model.path)
     model_config = OPTConfig.from_file(model_dir / "config.json")
-    config = config.with_overrides(model=str(model_dir))
     max_len = config.max_len or model_config.max_position_embeddings
-    budget = int(config.memory_budget_gb * GiB) if config.memory_budget_gb else None
-    gpu_budget = None if config.gpu_memory_gib is None else int(config.gpu_memory_gib * GiB)
-    plan = plan_layers(model_config, config.workers, dtype_bytes=_DTYPE_BYTES[config.dtype],
-                       slots=config.slots, max_len=max_len, budgets=[budget] * config.workers,
-                       gpu_budget=gpu_budget)
+    budget = settings.pipeline.gpu_memory_gib
+    plan = plan_layers(model_config, config.workers,
+                       dtype_bytes=_DTYPE_BYTES[settings.model.dtype], slots=config.slots,
+                       max_len=max_len, gpu_budget=None if budget is None else gib(budget))
     for line in plan.describe().splitlines():
         log.info("%s", line)
     curve = load_curve(config.keys_dir) if config.keys_dir else None
-    sparsity = resolve_sparsity(config, model_dir)
-    log.info("execution: %s", f"sparse, predictors {sparsity.predictors}" if sparsity
-             else "dense")
+    sparsity = settings.sparsity
+    log.info("execution: %s", "dense" if not sparsity.enabled else
+             f"sparse, {sparsity.selector} selector" if sparsity.selector == "random" else
+             f"sparse, predictors {sparsity.predictors}")
     tokenizer = None
     try:
         from ..runtime.tokenizer import load_tokenizer
@@ -88,28 +93,7 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
         log.info("no tokenizer in %s (%s): streaming token ids without text", model_dir,
                  type(exc).__name__)
     return PipelineServer(config, plan, model_config, run_dir, tokenizer=tokenizer,
-                          curve=curve, sparsity=sparsity), model_dir
-
-
-def resolve_sparsity(config: PipelineConfig, model_dir: Path) -> wire.Sparsity | None:
-    """What every worker runs: dense, or sparse with these predictors (the same rule as the
-    in-process engine: --sparse needs predictors, neither flag follows [sparsity])."""
-    from ..runtime.predictors import find_predictors
-
-    if config.sparse is False or (config.sparse is None and not config.sparsity_enabled):
-        return None
-    if config.selector == "random":  # a benchmark baseline: no predictors needed
-        return wire.Sparsity("", config.mlp_density, config.head_density,
-                             config.dense_layers, selector="random")
-    path = Path(config.predictors) if config.predictors else find_predictors(model_dir)
-    if path is None or not path.exists():
-        if config.sparse or config.predictors:
-            raise PipelineConfigError(
-                f"sparse execution needs predictors: {path or model_dir / 'predictors'} does "
-                "not exist; train them with `dejavu-run train-predictors` or run --dense")
-        return None
-    return wire.Sparsity(str(path), config.mlp_density, config.head_density,
-                         config.dense_layers)
+                          curve=curve), model_dir
 
 
 # --- a launch as a child process -------------------------------------------------------------

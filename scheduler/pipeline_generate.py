@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
+from ..runtime.build import density_report
 from ..runtime.checkpoint import resolve_model_dir
 from .config import from_settings
 from .launch import Cluster
@@ -40,14 +41,15 @@ def _prompt_ids(settings, request) -> list[int]:
 
 @contextlib.contextmanager
 def connection(settings, *, connect: str | None, workers: int | None,
-               announce: bool = False) -> Iterator[PipelineConnection]:
+               announce: bool = False, sparse: bool | None = None
+               ) -> Iterator[PipelineConnection]:
     """A connection to the launch at ``connect``, or to one started here with ``workers``
     (stopped when the connection closes)."""
     with contextlib.ExitStack() as stack:
         if connect:
             address, keys = connect, settings.pipeline.keys_dir or None
         else:
-            cluster = Cluster(from_settings(settings, workers=workers))
+            cluster = Cluster(from_settings(settings, workers=workers, sparse=sparse))
             stack.callback(cluster.stop)
             if announce:
                 sys.stderr.write(f"starting {cluster.config.workers} worker(s)...\n")
@@ -57,17 +59,25 @@ def connection(settings, *, connect: str | None, workers: int | None,
 
 
 def run_pipeline_generate(settings, request, *, workers: int | None, connect: str | None,
-                          as_json: bool, out: TextIO | None = None) -> dict:
+                          as_json: bool, out: TextIO | None = None,
+                          sparse: bool | None = None) -> dict:
+    """``sparse`` (--sparse/--dense) applies to a cluster started here; a running one at
+    ``connect`` keeps its own. The result's ``sparsity`` (a sparse cluster) holds the
+    densities its workers measured since they started: this request's alone when the
+    cluster was started for it."""
     from ..tools.generate import GenerateError, finish_output, print_stream, sampling_params
 
     out = out or sys.stdout
     params = sampling_params(settings, request.stop)
     ids = _prompt_ids(settings, request)
-    with connection(settings, connect=connect, workers=workers) as conn:
+    with connection(settings, connect=connect, workers=workers, sparse=sparse) as conn:
         try:
             result = print_stream(conn.stream(ids, params), ids, out, as_json=as_json)
         except GenerateError as exc:
             raise PipelineGenerateError(str(exc)) from None
+        health = conn.health()
+    if health.layer_densities:
+        result["sparsity"] = density_report(health.layer_densities)
     finish_output(result, out, as_json=as_json)
     return result
 

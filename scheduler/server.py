@@ -89,10 +89,9 @@ def describe_exit(returncode: int) -> str:
 
 class PipelineServer:
     def __init__(self, config: PipelineConfig, plan: Plan, model_config: OPTConfig,
-                 run_dir: RunDir, *, tokenizer=None, curve: Curve | None = None,
-                 sparsity: wire.Sparsity | None = None) -> None:
-        self.sparsity = sparsity
+                 run_dir: RunDir, *, tokenizer=None, curve: Curve | None = None) -> None:
         self.densities: list[tuple[float, float]] = []
+        self.layer_densities: list[wire.LayerDensity] = []
         self.config = config
         self.plan = plan
         self.model_config = model_config
@@ -304,6 +303,7 @@ class PipelineServer:
             if msg.epoch == self.epoch:
                 self._record_timings(msg.stage_s, msg.hop_s)
                 self.densities = msg.densities or self.densities
+                self.layer_densities = msg.layer_densities or self.layer_densities
                 self._add_paged(msg.paged_bytes)
                 self._emit(self.batches.update(msg.result))
         elif isinstance(msg, wire.StepFailed):
@@ -340,12 +340,10 @@ class PipelineServer:
                   and (not w.restarts or f.request is not None)]
         threads = self.config.threads or max(1, (os.cpu_count() or 1) // self.config.workers)
         self._send_worker(identity, wire.Setup(
-            self.config.model, (w.layers.start, w.layers.stop), self.config.dtype, w.device,
+            self.config.settings, (w.layers.start, w.layers.stop), w.device,
             self.config.slots, self.max_len, w.data_in, w.data_out, self.epoch,
             self.config.heartbeat_s, self.config.watchdog_s, self.config.scheduler_timeout_s,
-            self.max_data_bytes, self.token, threads if w.device == "cpu" else 0,
-            self.sparsity, faults, gpu_memory_gib=self.config.gpu_memory_gib,
-            offload_cache=self.config.offload_cache))
+            self.max_data_bytes, self.token, threads if w.device == "cpu" else 0, faults))
 
     def _send_worker(self, identity: bytes, message) -> bool:
         try:
@@ -512,7 +510,8 @@ class PipelineServer:
             self.batches.running(), self.batches.queued(), self.tokens_out,
             time.monotonic() - self.started, rate, list(self.stage_s), list(self.hop_s),
             self.config.model, self.max_len, self.model_config.vocab_size,
-            self.has_tokenizer, list(self.densities), list(self.paged_bytes))
+            self.has_tokenizer, list(self.densities), list(self.layer_densities),
+            list(self.paged_bytes))
 
     def _bad_frame(self, what: str) -> None:
         self.bad_frames += 1

@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from ..runtime import wire
+from ..runtime.build import density_report
 from ..runtime.engine import Completion, fold_event, submit_all
 from ..runtime.sampling import SamplingParams
 from .core import Event, RequestError, Scheduler, SchedulerConfig
@@ -352,8 +353,11 @@ class PipelineClient:
 
     def stats(self) -> dict:
         h = self._health
-        return dict(self._stats, running=len(self.queues), tokens_per_s=h.tokens_per_s,
-                    stage_ms=[s * 1000 for s in h.stage_s], hop_ms=[s * 1000 for s in h.hop_s])
+        out = dict(self._stats, running=len(self.queues), tokens_per_s=h.tokens_per_s,
+                   stage_ms=[s * 1000 for s in h.stage_s], hop_ms=[s * 1000 for s in h.hop_s])
+        if h.layer_densities:  # measured densities, as generate --json has them
+            out["sparsity"] = density_report(h.layer_densities)
+        return out
 
     async def close(self) -> None:
         if self._reader is not None:

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from dejavu.runtime.checkpoint import save_model
 from dejavu.runtime.model import OPTModel
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.sampling import SamplingParams
+from dejavu.runtime.settings import Settings, make_settings
 from dejavu.scheduler.config import PipelineConfig
 from dejavu.scheduler.launch import Cluster
 
@@ -50,8 +52,17 @@ def short_dir() -> Path:
 
 
 def config(model: Path, workers: int, run_dir: Path, **kw) -> PipelineConfig:
+    """A cluster's config: keyword arguments that are PipelineConfig fields go there, the
+    others are settings keys (dtype, gpu_memory_gib, mlp_density, ...) of whichever
+    section of dejavu.toml has them."""
     kw = {"slots": 8, "max_len": 128, "heartbeat_s": 0.3, "threads": 1, "sparse": False} | kw
-    return PipelineConfig(model=str(model), workers=workers, run_dir=str(run_dir), **kw)
+    flat = {f.name for f in fields(PipelineConfig)}
+    sections = Settings().sections()
+    values = {"model.path": str(model)}
+    for key in [k for k in kw if k not in flat]:
+        section = next(n for n, sec in sections.items() if hasattr(sec, key))
+        values[f"{section}.{key}"] = kw.pop(key)
+    return PipelineConfig(make_settings(values), workers=workers, run_dir=str(run_dir), **kw)
 
 
 @contextmanager

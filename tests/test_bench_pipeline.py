@@ -44,10 +44,11 @@ def test_shapes_are_the_published_opt_configs_and_select_is_checked():
         assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.ffn_dim,
                 cfg.num_attention_heads, cfg.vocab_size) == (c, layers, f, h, 50272), name
     assert set(SHAPES) >= {"tiny", "opt-1.3b", "opt-13b", "opt-30b", "opt-66b"}
-    assert parse_select("random:0.1") == {"sparse": True, "selector": "random",
-                                          "mlp_density": 0.1, "head_density": 1.0}
-    assert parse_select("random:0.1:0.5")["head_density"] == 0.5
-    assert parse_select("dense") == {"sparse": False}
+    assert parse_select("random:0.1") == {
+        "sparsity.enabled": True, "sparsity.selector": "random", "sparsity.mlp_density": 0.1,
+        "sparsity.head_density": 1.0}
+    assert parse_select("random:0.1:0.5")["sparsity.head_density"] == 0.5
+    assert parse_select("dense") == {"sparsity.enabled": False}
     for bad in ("random:0", "random:x", "topk:0.5", "random:0.1:2", "random:0.1:0.5:1"):
         with pytest.raises(SystemExit, match="--select"):
             parse_select(bad)

@@ -29,9 +29,8 @@ from dejavu.runtime.engine import Engine  # noqa: E402
 from dejavu.runtime.model import OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
-from dejavu.runtime.settings import SettingsError, load_settings  # noqa: E402
+from dejavu.runtime.settings import SettingsError, load_settings, make_settings  # noqa: E402
 from dejavu.scheduler.chat import format_stats  # noqa: E402
-from dejavu.scheduler.config import PipelineConfig, PipelineConfigError  # noqa: E402
 from dejavu.scheduler.planner import (  # noqa: E402
     GiB,
     PlanError,
@@ -184,13 +183,14 @@ def test_bad_budget_and_selector_settings_name_the_key(overrides, needles):
         assert needle in str(info.value), str(info.value)
 
 
-def test_bad_budget_in_a_pipeline_config_and_a_plan_that_cannot_hold_the_cache(tiny16):
-    with pytest.raises(PipelineConfigError, match="gpu_memory_gib.*float16"):
-        PipelineConfig(model="m", dtype="float32", gpu_memory_gib=8.0)
-    with pytest.raises(PipelineConfigError, match="gpu_memory_gib = 0"):
-        PipelineConfig(model="m", dtype="float16", gpu_memory_gib=0)
-    with pytest.raises(PipelineConfigError, match="selector"):
-        PipelineConfig(model="m", selector="random", mlp_density=0.5)
+def test_bad_budget_in_settings_and_a_plan_that_cannot_hold_the_cache(tiny16):
+    # Validated once, where the settings are read; the pipeline config carries them whole.
+    with pytest.raises(SettingsError, match="gpu_memory_gib.*float16"):
+        make_settings({"model.dtype": "float32", "pipeline.gpu_memory_gib": 8.0})
+    with pytest.raises(SettingsError, match="gpu_memory_gib = 0"):
+        make_settings({"model.dtype": "float16", "pipeline.gpu_memory_gib": 0})
+    with pytest.raises(SettingsError, match="selector"):
+        make_settings({"sparsity.selector": "random", "sparsity.mlp_density": 0.5})
     fine = load_settings(None, {"pipeline.gpu_memory_gib": 2.5, "model.dtype": "bfloat16"})
     assert fine.pipeline.gpu_memory_gib == 2.5
     with pytest.raises(PlanError, match=r"gpu_memory_gib = .*worker of layers \[0, 2\).*"

@@ -118,8 +118,9 @@ SHIPPED_PROMPTS = ["It was a dark and stormy night", "The old man looked at the 
                     reason="the shipped model's weights are not in this checkout")
 @pytest.mark.parametrize("workers,sparse", [(1, False), (2, False), (3, False), (3, True)])
 def test_shipped_model_through_launch_equals_the_in_process_engine(workers, sparse):
-    from dejavu.runtime.predictors import PredictorSet, find_predictors
-    from dejavu.runtime.selection import PredictorSelector, SelectionConfig
+    from dejavu.runtime.build import build_stage, resolve
+    from dejavu.runtime.predictors import find_predictors
+    from dejavu.runtime.settings import make_settings
     from dejavu.runtime.tokenizer import load_tokenizer
 
     if sparse and find_predictors(SHIPPED) is None:
@@ -127,12 +128,9 @@ def test_shipped_model_through_launch_equals_the_in_process_engine(workers, spar
     tok = load_tokenizer(SHIPPED)
     prompts = [tok.encode(p) for p in SHIPPED_PROMPTS]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    model = load_model(SHIPPED)
-    selector = None
-    if sparse:
-        selector = PredictorSelector(PredictorSet.load(find_predictors(SHIPPED), model),
-                                     SelectionConfig())
-    engine = Engine(model, tok, max_batch=8, max_len=256, selector=selector)
+    # The in-process engine as generate builds it, from the same (default) settings.
+    settings = resolve(make_settings({"model.path": str(SHIPPED)}), sparse)
+    engine = Engine.from_stage(build_stage(settings, slots=8, max_len=256).stage, tok)
     want = [engine.generate(p, params).tokens for p in prompts]
     with cluster(SHIPPED, workers, max_len=256, sparse=sparse) as c, \
             PipelineConnection(c.address) as conn:

@@ -172,26 +172,34 @@ def test_selector_settings_and_measured_density():
     assert ctx.stats.head_density == 0.5
 
 
-def test_selector_from_settings(tmp_path):
-    from dejavu.runtime.selection import SelectionError, selector_from_settings
-    from dejavu.runtime.settings import SparsitySettings
+def test_the_builder_resolves_and_applies_sparsity_settings(tmp_path):
+    """runtime/build.py: --sparse/--dense/[sparsity] decide dense or sparse once
+    (``resolve``), and the built selector has the configured densities and dense layers."""
+    from dejavu.runtime.build import build_model, resolve
+    from dejavu.runtime.checkpoint import save_model
+    from dejavu.runtime.selection import SelectionError
+    from dejavu.runtime.settings import make_settings
 
     model = tiny_model()
-    on = SparsitySettings()
-    assert selector_from_settings(on, model, tmp_path) is None  # no predictors: dense
+    save_model(model, tmp_path)
+
+    def settings(**sparsity):
+        return make_settings({"model.path": str(tmp_path)} |
+                             {f"sparsity.{k}": v for k, v in sparsity.items()})
+
+    on = settings()
+    assert build_model(resolve(on)).selector is None  # no predictors: dense
     with pytest.raises(SelectionError, match="no predictors"):
-        selector_from_settings(on, model, tmp_path, sparse=True)
+        resolve(on, sparse=True)
     PredictorSet.create(model, 4, 4).save(tmp_path / "predictors")
-    sel = selector_from_settings(SparsitySettings(mlp_density=0.25, dense_layers="0, 2"),
-                                 model, tmp_path)
+    sel = build_model(resolve(settings(mlp_density=0.25, dense_layers="0, 2"))).selector
     assert sel.ks(1) == (21, 4) and sel.config.dense_layers == {0, 2}
-    assert selector_from_settings(on, model, tmp_path, sparse=False) is None
-    assert selector_from_settings(SparsitySettings(enabled=False), model, tmp_path) is None
+    assert build_model(resolve(on, sparse=False)).selector is None
+    assert build_model(resolve(settings(enabled=False))).selector is None
     with pytest.raises(SelectionError, match="dense_layers"):
-        selector_from_settings(SparsitySettings(dense_layers="one"), model, tmp_path)
-    with pytest.raises(PredictorError, match="no such predictor file"):
-        selector_from_settings(SparsitySettings(predictors=str(tmp_path / "nope")), model,
-                               tmp_path)
+        build_model(resolve(settings(dense_layers="one")))
+    with pytest.raises(SelectionError, match="does not exist"):
+        resolve(settings(predictors=str(tmp_path / "nope")))
 
 
 def test_threshold_selection_keeps_what_the_predictor_scores_above_it(tmp_path):

@@ -250,21 +250,27 @@ def test_backend_setting_is_validated(tmp_path):
         load_settings(path)
 
 
-def test_selector_from_settings_applies_the_backend(tmp_path):
+def test_the_builder_applies_the_backend(tmp_path):
+    from dejavu.runtime.build import build_model, resolve
+    from dejavu.runtime.checkpoint import save_model
     from dejavu.runtime.predictors import PredictorSet
-    from dejavu.runtime.selection import SelectionError, selector_from_settings
-    from dejavu.runtime.settings import SparsitySettings
+    from dejavu.runtime.selection import SelectionError
+    from dejavu.runtime.settings import make_settings
 
-    model = tiny_model(torch.float16)
+    model = tiny_model(torch.float16, "cpu")
+    save_model(model, tmp_path)
     PredictorSet.create(model, 4, 4).save(tmp_path / "predictors")
-    selector_from_settings(SparsitySettings(backend="triton"), model, tmp_path)
-    assert sparse_backend.backend_of(model.layers()[1]) == "triton"
-    selector_from_settings(SparsitySettings(backend="torch"), model, tmp_path)
-    assert sparse_backend.backend_of(model.layers()[1].self_attn) == "torch"
+
+    def build(backend, dtype="float16"):
+        return build_model(resolve(make_settings({
+            "model.path": str(tmp_path), "model.dtype": dtype, "model.device": DEVICE,
+            "sparsity.backend": backend}))).model
+
+    assert sparse_backend.backend_of(build("triton").layers()[1]) == "triton"
+    assert sparse_backend.backend_of(build("torch").layers()[1].self_attn) == "torch"
     # A backend that cannot run is the user's error, named as such (the CLI reports it).
     with pytest.raises(SelectionError, match=r"backend = 'triton'.*float32"):
-        selector_from_settings(SparsitySettings(backend="triton"), tiny_model(torch.float32),
-                               tmp_path)
+        build("triton", "float32")
 
 
 # --- on a GPU ---------------------------------------------------------------------------------

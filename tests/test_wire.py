@@ -13,6 +13,7 @@ import torch
 
 from dejavu.runtime import wire
 from dejavu.runtime.sampling import SamplingParams
+from dejavu.runtime.settings import make_settings
 from dejavu.runtime.step import Row, Step, StepResult, TokenResult
 from dejavu.scheduler.core import Event
 
@@ -33,13 +34,17 @@ def test_every_message_round_trips_through_its_own_socket_decoder():
                    wire.Fatal(1, "watchdog")]
     for m in worker_msgs:
         assert wire.decode_worker(wire.encode(m)) == m
+    # The settings travel whole and typed, non-default values included.
+    settings = make_settings({"model.path": "/m", "sparsity.mlp_recall": 0.95,
+                              "sparsity.dense_layers": "0", "sparsity.backend": "torch"})
     sched_msgs = [wire.RunStep(1, step()), wire.SetEpoch(3), wire.HeartbeatAck(9),
                   wire.Shutdown("bye"),
-                  wire.Setup("m", (0, 2), "float32", "cpu", 8, 128, None, "ipc:///x", 0, 1.0,
+                  wire.Setup(settings, (0, 2), "cpu", 8, 128, None, "ipc:///x", 0, 1.0,
                              60.0, 30.0, 1 << 20, token="t", threads=1,
                              faults=[wire.Fault("raise", 1, 2, request="r1")])]
     for m in sched_msgs:
         assert wire.decode_scheduler(wire.encode(m)) == m
+    assert wire.decode_scheduler(wire.encode(sched_msgs[-1])).settings.sparsity.mlp_recall == 0.95
     client_msgs = [wire.Generate("x", [1, 2], SamplingParams(stop=("a",))), wire.Abort("x"),
                    wire.HealthQuery()]
     for m in client_msgs:

@@ -62,7 +62,7 @@ def generate(
 
             try:
                 run_pipeline_generate(settings, request, workers=workers, connect=connect,
-                                      as_json=as_json)
+                                      as_json=as_json, sparse=sparse)
             except PIPELINE_ERRORS as exc:
                 raise _user_error(exc) from None
             return
@@ -148,6 +148,7 @@ def eval_command(
                                 "when predictors exist); sparse adds measured densities"),
 ) -> None:
     """Perplexity / bits per byte of text (sliding window) and zero-shot task accuracy."""
+    from ..runtime.build import BuildError
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.predictors import PredictorError
     from ..runtime.selection import SelectionError
@@ -162,10 +163,9 @@ def eval_command(
                                           "model.dtype": dtype})
         opts = EvalOptions(tasks=task or (), data=data or (), eval_dir=eval_dir, limit=limit,
                            batch_size=batch_size, window=window, stride=stride)
-        typer.echo(run_eval(settings.model_path(), settings.model.dtype, settings.model.device,
-                            opts, as_json, sparsity=settings.sparsity, sparse=sparse))
+        typer.echo(run_eval(settings, opts, as_json, sparse=sparse))
     except (TextDataError, SettingsError, CheckpointError, TokenizerError, OSError,
-            PredictorError, SelectionError) as exc:
+            PredictorError, SelectionError, BuildError) as exc:
         raise _user_error(exc) from None
 
 

@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..runtime.model import OPTModel
 from .eval_tasks import ZERO_SHOT, canonical, evaluate_task
 from .eval_text import (
@@ -163,18 +161,3 @@ def to_json(results: list[dict]) -> str:
     """One object for one item, a list for several (the CLI's --json)."""
     clean = [{"task": r["task"], "metrics": r["metrics"], "n": r["n"]} for r in results]
     return json.dumps(clean[0] if len(clean) == 1 else clean)
-
-
-def run_cli(model_path: str, dtype: str, device: str, opts: EvalOptions,
-            as_json: bool) -> str:
-    """Load the checkpoint and its tokenizer, evaluate, return what the CLI prints."""
-    from ..runtime.checkpoint import load_model, resolve_model_dir
-    from ..runtime.tokenizer import load_tokenizer
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EvalDataError("--device cuda: no CUDA device is available")
-    model_dir = resolve_model_dir(model_path)
-    model = load_model(model_dir, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_dir)
-    results = evaluate(model, tokenizer, opts)
-    return to_json(results) if as_json else markdown_table(results)

@@ -13,20 +13,21 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import torch
 
-from ..runtime.checkpoint import CheckpointError, load_model, resolve_model_dir
+from ..runtime.build import BuildError, build_stage, offload_report, resolve, sparsity_report
+from ..runtime.checkpoint import CheckpointError
+from ..runtime.engine import Engine
+from ..runtime.offload import describe_report
 from ..runtime.opt_config import ConfigError, OPTConfig
 from ..runtime.predictors import PredictorError
 from ..runtime.sampling import SamplingError, SamplingParams
-from ..runtime.selection import SelectionError, selector_from_settings
+from ..runtime.selection import SelectionError
 from ..runtime.settings import Settings, SettingsError
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
-
-if TYPE_CHECKING:
-    from ..scheduler.core import Event
+from ..scheduler.core import Event, RequestError
 
 
 class GenerateError(ValueError):
@@ -36,14 +37,8 @@ class GenerateError(ValueError):
 # Errors a user can cause and fix; the CLI prints them as one line, without a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError, ConfigError, TokenizerError, SettingsError, SamplingError, GenerateError,
-    PredictorError, SelectionError,
+    PredictorError, SelectionError, BuildError, RequestError,
 )
-try:  # the scheduler's admission errors, when it is importable
-    from ..scheduler.core import RequestError
-
-    USER_ERRORS += (RequestError,)
-except ImportError:  # pragma: no cover
-    pass
 
 
 @dataclass
@@ -84,12 +79,6 @@ def check_prompt(ids: list[int], config: OPTConfig, max_new_tokens: int) -> None
         )
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GenerateError("--device cuda: CUDA is not available on this machine; use cpu")
-    return torch.device(name)
-
-
 def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
     """A one-line bar on a terminal; nothing when stderr is a pipe or a file."""
     if not stream.isatty():
@@ -110,7 +99,8 @@ def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
 def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
                  out: TextIO | None = None, err: TextIO | None = None,
                  sparse: bool | None = None) -> dict:
-    """Validate, load, generate. Returns the JSON-shaped result (also printed)."""
+    """Validate, build (runtime/build.py), generate. Returns the JSON-shaped result (also
+    printed)."""
     out = out or sys.stdout  # looked up per call: tests and callers swap sys.stdout
     err = err or sys.stderr
     if (request.prompt is None) == (request.prompt_ids is None):
@@ -118,10 +108,10 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
     if request.prompt == "":
         raise GenerateError("--prompt: empty prompt; give some text")
     params = sampling_params(settings, request.stop)
-    device = _device(settings.model.device)
-    model_dir = resolve_model_dir(settings.model_path())
+    settings = resolve(settings, sparse)  # --sparse / --dense / neither ([sparsity])
+    model_dir = Path(settings.model.path)
     try:
-        config = OPTConfig.from_file(Path(model_dir) / "config.json")
+        config = OPTConfig.from_file(model_dir / "config.json")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
 
@@ -138,50 +128,19 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         ids = parse_prompt_ids(request.prompt_ids)
     check_prompt(ids, config, params.max_new_tokens)
 
-    from ..runtime.engine import Engine  # the engine pulls in the scheduler
-
-    budget = settings.pipeline.gpu_memory_gib  # the in-process engine is one worker
-    max_len = len(ids) + params.max_new_tokens
-    # With a budget the weights are read into host memory first; what fits then moves.
-    model = load_model(model_dir, dtype=settings.model.dtype,
-                       device="cpu" if budget is not None else device,
-                       progress=_progress_bar(err))
-    if budget is not None:
-        from ..runtime.offload import fit_gib
-        from ..runtime.weight_store import PlacementError
-
-        try:
-            offloaded, reserved = fit_gib(model, budget, device=device, slots=1,
-                                          max_len=max_len,
-                                          caches=settings.pipeline.offload_cache)
-        except PlacementError as exc:
-            raise GenerateError(f"--gpu-memory-gib: {exc}") from None
-    # --sparse / --dense / neither (then [sparsity]: sparse when predictors are found).
-    selector = selector_from_settings(settings.sparsity, model, model_dir, sparse=sparse,
-                                      device=device)
-    offload = None
-    if budget is not None:
-        from ..runtime.offload import budget_report, describe_report, offload_selector
-        from ..runtime.weight_store import gib
-
-        selector = offload_selector(selector, offloaded, model.config)
-        offload = budget_report(model, offloaded, selector, budget_bytes=gib(budget),
-                                reserved_bytes=reserved)
-        err.write(f"gpu_memory_gib {budget:g}: {describe_report(offload)}\n")
-    engine = Engine(model, tokenizer, max_batch=1, max_len=max_len, selector=selector)
+    built = build_stage(settings, slots=1, max_len=len(ids) + params.max_new_tokens,
+                        progress=_progress_bar(err))
+    if built.report is not None:
+        err.write(f"gpu_memory_gib {settings.pipeline.gpu_memory_gib:g}: "
+                  f"{describe_report(built.report)}\n")
+    engine = Engine.from_stage(built.stage, tokenizer)
     with torch.inference_mode():
         result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
-    if selector is not None:
-        stats = engine.stage.sparse_stats
-        result["sparsity"] = {"mlp_density": stats.mlp_density,
-                              "head_density": stats.head_density}
+    if built.selector is not None:
+        result["sparsity"] = sparsity_report(built.stage.sparse_stats)
+    offload = offload_report(built)
     if offload is not None:
-        from ..runtime.offload import host_bytes_read
-
-        result["offload"] = {"offloaded_layers": offload["offloaded_layers"],
-                             "expected_gpu_bytes": offload["gpu_bytes"],
-                             "expected_host_bytes_per_token": offload["host_bytes_per_step"],
-                             "host_bytes_read": host_bytes_read(model)}
+        result["offload"] = offload
     finish_output(result, out, as_json=as_json)
     return result
 

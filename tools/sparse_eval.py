@@ -43,36 +43,23 @@ def density_metrics(stats: SparseStats) -> dict[str, float]:
             "predictor_s": total_s}
 
 
-def run_eval(model_path: str, dtype: str, device: str, opts, as_json: bool, *, sparsity,
-             sparse: bool | None = None) -> str:
-    """``dejavu-run eval`` with ``--sparse/--dense``: dense exactly as tools/eval.run_cli;
-    sparse runs each task and file with its own statistics and adds the measured
-    mlp_density / head_density (and predictor time) to its metrics."""
-    import torch
-
-    from ..runtime.checkpoint import load_model, resolve_model_dir
-    from ..runtime.selection import selector_from_settings
+def run_eval(settings, opts, as_json: bool, *, sparse: bool | None = None) -> str:
+    """``dejavu-run eval``: the model as runtime/build.py builds it for these settings and
+    ``--sparse/--dense``. Dense scores as tools/eval.evaluate does; sparse runs each task
+    and file with its own statistics and adds the measured mlp_density / head_density (and
+    predictor time) to its metrics."""
+    from ..runtime.build import build_model, resolve
     from ..runtime.tokenizer import load_tokenizer
-    from .eval import (
-        EvalDataError,
-        EvalOptions,
-        evaluate,
-        expand_tasks,
-        markdown_table,
-        run_cli,
-        to_json,
-    )
+    from .eval import EvalOptions, evaluate, expand_tasks, markdown_table, to_json
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EvalDataError("--device cuda: no CUDA device is available")
-    model_dir = resolve_model_dir(model_path)
-    if sparse is False or (sparse is None and not sparsity.enabled):
-        return run_cli(model_path, dtype, device, opts, as_json)
-    model = load_model(model_dir, dtype=dtype, device=device)
-    selector = selector_from_settings(sparsity, model, model_dir, sparse=sparse, device=device)
-    if selector is None:  # no predictors and none asked for explicitly: dense
-        return run_cli(model_path, dtype, device, opts, as_json)
-    tokenizer = load_tokenizer(model_dir)
+    settings = resolve(settings, sparse)
+    # No stage: scoring runs whole windows from position 0, without a KV cache.
+    built = build_model(settings)
+    model, selector = built.model, built.selector
+    tokenizer = load_tokenizer(settings.model.path)
+    if selector is None:
+        results = evaluate(model, tokenizer, opts)
+        return to_json(results) if as_json else markdown_table(results)
     items = [EvalOptions(**{**opts.__dict__, "tasks": [t], "data": ()})
              for t in expand_tasks(opts.tasks)]
     items += [EvalOptions(**{**opts.__dict__, "tasks": (), "data": [d]}) for d in opts.data]

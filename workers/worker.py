@@ -25,14 +25,13 @@ import os
 import signal
 import socket
 import time
-from types import SimpleNamespace
 
 import torch
 import zmq
 
 from ..runtime import wire
-from ..runtime.checkpoint import load_model
-from ..runtime.stage import Stage, allocate_cache
+from ..runtime.build import build_stage
+from ..runtime.offload import describe_report
 from ..runtime.step import Step, StepResult
 from ..scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
 from .faults import FaultHook
@@ -102,46 +101,23 @@ class Worker:
             # map on it: make it this worker's GPU, not cuda:0.
             torch.cuda.set_device(device)
         layers = range(*setup.layers)
-        log.info("worker %d loading layers [%d, %d) of %s on %s", self.index, layers.start,
-                 layers.stop, setup.model, setup.device)
-        budgeted = setup.gpu_memory_gib is not None
-        # With a budget the span is read into host memory first, so that offloaded layers
-        # never occupy the GPU.
-        model = load_model(setup.model, layers=layers, dtype=setup.dtype,
-                           device="cpu" if budgeted else setup.device)
+        settings = setup.settings
+        log.info("worker %d loading layers [%d, %d) of %s on %s (%s)", self.index,
+                 layers.start, layers.stop, settings.model.path, setup.device,
+                 "sparse" if settings.sparsity.enabled else "dense")
+        # The same builder as the in-process engine (runtime/build.py): equal settings, equal
+        # stage. The planner reserved what fit_gib reserves, so plan and worker agree.
+        built = build_stage(settings, layers=layers, device=setup.device, slots=setup.slots,
+                            max_len=setup.max_len)
+        model, report = built.model, built.report
         self.config = model.config
-        offloaded: list[int] = []
-        if budgeted:  # the planner's reserve for cache and activations: plan and worker agree
-            from ..runtime.offload import fit_gib
-
-            offloaded, reserved = fit_gib(model, setup.gpu_memory_gib, device=setup.device,
-                                          slots=setup.slots, max_len=setup.max_len,
-                                          caches=setup.offload_cache)
-        selector = None
-        if setup.sparsity is not None:
-            from ..runtime.selection import selector_from_settings
-
-            s = setup.sparsity
-            selector = selector_from_settings(
-                SimpleNamespace(enabled=True, predictors=s.predictors,
-                                mlp_density=s.mlp_density, head_density=s.head_density,
-                                dense_layers=s.dense_layers, selector=s.selector),
-                model, setup.model, sparse=True, device=setup.device)
-        report = None
-        if budgeted:
-            from ..runtime.offload import budget_report, describe_report, offload_selector
-            from ..runtime.weight_store import gib
-
-            selector = offload_selector(selector, offloaded, model.config)
-            report = budget_report(model, offloaded, selector,
-                                   budget_bytes=gib(setup.gpu_memory_gib),
-                                   reserved_bytes=reserved)
+        if report is not None:
             log.info("worker %d: %s", self.index, describe_report(report))
         self.model = model
-        self.offloaded = offloaded
+        self.offloaded = built.offloaded
         self.paged_total = 0
-        cache = allocate_cache(model, setup.slots, setup.max_len, keep_inputs=selector is not None)
-        self.runner = StageRunner(Stage(model, cache, selector), FaultHook(setup.faults))
+        cache = built.stage.cache
+        self.runner = StageRunner(built.stage, FaultHook(setup.faults))
         self.setup = setup
         self.epoch = setup.epoch
         max_data = setup.max_data_bytes
@@ -161,7 +137,7 @@ class Worker:
                      if not p.is_meta)
         extra = {}
         if report is not None:
-            extra = dict(offloaded_layers=len(offloaded),
+            extra = dict(offloaded_layers=len(built.offloaded),
                          host_bytes=int(report["host_record_bytes"]),
                          expected_gpu_bytes=int(report["gpu_bytes"]),
                          expected_paged_per_token=float(report["host_bytes_per_step"]))
@@ -218,9 +194,9 @@ class Worker:
                 frames[2].buffer if len(frames) == 3 else None)
             if not hmac.compare_digest(msg.token, self.setup.token):
                 raise wire.WireError("activations without this cluster's token")
-            if msg.dtype != self.setup.dtype:
-                raise wire.WireError(f"activations in {msg.dtype}, this worker runs "
-                                     f"{self.setup.dtype}")
+            dtype = self.setup.settings.model.dtype
+            if msg.dtype != dtype:
+                raise wire.WireError(f"activations in {msg.dtype}, this worker runs {dtype}")
         except wire.WireError as exc:
             self._bad_frame("data", exc)
             return
@@ -255,20 +231,23 @@ class Worker:
             self.busy = None
         stage_s = upstream.stage_s + [time.perf_counter() - started]
         hop_s = upstream.hop_s
-        densities = upstream.densities
+        densities, layer_densities = upstream.densities, upstream.layer_densities
         stats = self.runner.stage.sparse_stats
         if self.runner.stage.selector is not None:
             densities = densities + [(stats.mlp_density, stats.head_density)]
+            layer_densities = layer_densities + stats.per_layer()
         paged = upstream.paged_bytes + [self._paged_since_last()]
         if step_out is None:  # every row failed here: tell the scheduler directly
             self._send(wire.StepDone(self.epoch, StepResult(step.step_id, [], errors),
-                                     stage_s, hop_s, densities, paged))
+                                     stage_s, hop_s, densities, layer_densities, paged))
         elif isinstance(out, StepResult):
-            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s, densities, paged))
+            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s, densities,
+                                     layer_densities, paged))
         else:
-            header = wire.Activations(self.epoch, step_out, self.setup.dtype,
+            header = wire.Activations(self.epoch, step_out, self.setup.settings.model.dtype,
                                       tuple(out.shape), self.setup.token, carry_out is not None,
-                                      errors, stage_s, hop_s, densities, paged_bytes=paged,
+                                      errors, stage_s, hop_s, densities, layer_densities,
+                                      paged_bytes=paged,
                                       sent_at=time.time())
             frames = [wire.encode(header), wire.tensor_frame(out)]
             if carry_out is not None:

@@ -56,11 +56,14 @@ def options_from_settings(settings, *, api_key: str | None = None, max_batch: in
 
 
 def build_client(settings, options: ServeOptions):
-    """(client, tokenizer) for the configured model: the in-process engine for one worker,
-    else a pipeline of `workers` processes started here (stopped with the client), or a
-    running `launch` at `connect`. The tokenizer is always loaded here: the HTTP layer turns
-    text into ids and ids into token text itself."""
-    from ...runtime.checkpoint import load_model, resolve_model_dir
+    """(client, tokenizer) for the configured model: the in-process engine for one worker
+    (built by runtime/build.py, as every worker's is), else a pipeline of `workers`
+    processes started here (stopped with the client), or a running `launch` at `connect`.
+    The tokenizer is always loaded here: the HTTP layer turns text into ids and ids into
+    token text itself."""
+    from ...runtime.build import BuildError, build_stage, resolve
+    from ...runtime.checkpoint import resolve_model_dir
+    from ...runtime.selection import SelectionError
     from ...runtime.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(settings.model_path())
@@ -68,7 +71,7 @@ def build_client(settings, options: ServeOptions):
     if options.connect:
         from ..zmq_client import PipelineClient
 
-        keys = getattr(settings.pipeline, "keys_dir", "") or None
+        keys = settings.pipeline.keys_dir or None
         try:
             return PipelineClient(options.connect, keys_dir=keys), tokenizer
         except TimeoutError as exc:
@@ -86,24 +89,11 @@ def build_client(settings, options: ServeOptions):
     from ...runtime.engine import Engine
     from ..client import LocalClient
 
-    budget = getattr(settings.pipeline, "gpu_memory_gib", None)
-    device = settings.model.device
-    model = load_model(model_dir, dtype=settings.model.dtype,
-                       device="cpu" if budget is not None else device)
-    selector = None
-    if budget is not None:  # offload the layers that do not fit (runtime/offload.py)
-        from ...runtime.offload import fit_gib, offload_selector
-        from ...runtime.weight_store import PlacementError
-
-        try:
-            offloaded, _ = fit_gib(model, budget, device=device, slots=options.max_batch,
-                                   max_len=model.config.max_position_embeddings,
-                                   caches=getattr(settings.pipeline, "offload_cache", False))
-        except PlacementError as exc:
-            raise ServeError(f"--gpu-memory-gib: {exc}") from None
-        selector = offload_selector(None, offloaded, model.config)
-    return LocalClient(Engine(model, tokenizer, max_batch=options.max_batch,
-                              selector=selector)), tokenizer
+    try:
+        built = build_stage(resolve(settings), slots=options.max_batch)
+    except (BuildError, SelectionError) as exc:
+        raise ServeError(str(exc)) from None
+    return LocalClient(Engine.from_stage(built.stage, tokenizer)), tokenizer
 
 
 def make_app(client, tokenizer, options: ServeOptions, model_name: str, *,
