@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .bench_common import GIB_BYTES, Shape
+from ..runtime.weight_store import GIB
+from .bench_common import Shape
 
 
 def accelerate_case(s: Shape, device: str, *, budget_gib: float, gpu_layers: int = 1,
@@ -36,7 +37,7 @@ def accelerate_case(s: Shape, device: str, *, budget_gib: float, gpu_layers: int
     with init_empty_weights():
         meta = OPTForCausalLM(config(s.layers)).to(torch.float16)
     full_map = infer_auto_device_map(
-        meta, max_memory={0: int(budget_gib * GIB_BYTES), "cpu": 4096 * GIB_BYTES},
+        meta, max_memory={0: int(budget_gib * GIB), "cpu": 4096 * GIB},
         no_split_module_classes=["OPTDecoderLayer"], dtype=torch.float16)
     layer_dev = [full_map.get(f"model.decoder.layers.{i}", _parent(full_map, i))
                  for i in range(s.layers)]

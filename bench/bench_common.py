@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-GIB_BYTES = 1 << 30
-
 
 @dataclass(frozen=True)
 class Shape:

@@ -117,8 +117,6 @@ class PipelineSettings:
     restart: str = setting("never", "when a worker dies: stop the cluster, or restart it",
                            choices=("never", "on-failure"))
     max_restarts: int = setting(3, "restarts per worker before the cluster stops", low=0)
-    memory_budget_gb: float = setting(0.0, "memory per worker for weights + KV cache; 0 = no "
-                                      "limit", low=0.0)
     gpu_memory_gib: float | None = setting(
         None, "GPU memory per worker in GiB (weights, KV cache, activations); layers that do "
         "not fit stay in pinned host memory and only their selected rows are read; needs "
@@ -330,12 +328,6 @@ def _check_combinations(settings: Settings) -> None:
             f"fit run on the Triton kernels, which support only those), but dtype is "
             f"\"float32\" (from {_where(settings, 'model.dtype')}); set [model] dtype = "
             "\"float16\" in dejavu.toml (generate: --dtype float16) or remove gpu_memory_gib")
-    if budget is not None and settings.pipeline.memory_budget_gb:
-        raise SettingsError(
-            f"{_where(settings, 'pipeline.gpu_memory_gib')}: [pipeline] gpu_memory_gib and "
-            "memory_budget_gb are both set; gpu_memory_gib (layers that do not fit are "
-            "offloaded) replaces memory_budget_gb (layers that do not fit are refused): "
-            "set memory_budget_gb = 0")
     sparsity = settings.sparsity
     if sparsity.selector == "random" and (sparsity.mlp_density is None
                                           or sparsity.head_density is None):

@@ -23,8 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..runtime.opt_config import POSITION_OFFSET, OPTConfig
-
-GiB = 1024**3
+from ..runtime.weight_store import GIB
 
 
 class PlanError(ValueError):
@@ -72,7 +71,7 @@ class Plan:
 
 def size(n: float) -> str:
     """Bytes in the largest unit that keeps them >= 1 (GiB, MiB or KiB)."""
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20)):
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
         if n >= scale:
             return f"{n / scale:.3f} {unit}"
     return f"{n / 1024:.1f} KiB"
@@ -145,8 +144,8 @@ def offloaded_layers(config: OPTConfig, span: range, budget: int, *, dtype_bytes
     if left < 0:
         parts = ", ".join(p for p, on in (("embeddings", first), ("LM head", last)) if on)
         raise PlanError(
-            f"[pipeline] gpu_memory_gib = {budget / GiB:.4g}: the worker of layers "
-            f"[{span.start}, {span.stop}) needs {fixed / GiB:.4g} GiB on its GPU before any "
+            f"[pipeline] gpu_memory_gib = {budget / GIB:.4g}: the worker of layers "
+            f"[{span.start}, {span.stop}) needs {fixed / GIB:.4g} GiB on its GPU before any "
             f"layer ({parts + ', ' if parts else ''}KV cache of {slots} slots x {max_len} "
             "positions, activations); raise gpu_memory_gib or lower [pipeline] slots / "
             "max_len")
@@ -163,8 +162,8 @@ def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots:
     are chosen by cost and each stage says how many of its layers are offloaded."""
     if gpu_budget is not None:
         if budgets is not None and any(b is not None for b in budgets):
-            raise PlanError("a GPU budget (gpu_memory_gib) replaces memory budgets "
-                            "(memory_budget_gb): give one of them")
+            raise PlanError("a GPU budget (gpu_memory_gib) offloads what does not fit; "
+                            "per-worker budgets refuse it: give one of them")
         plan = plan_layers(config, workers, dtype_bytes=dtype_bytes, slots=slots,
                            max_len=max_len)
         stages = []
@@ -235,8 +234,7 @@ def _explain(config: OPTConfig, workers: int, budgets: list[int | None], stage) 
     need = sum(stage(i, 0, 0)[0] for i in range(workers)) + \
         (stage(0, 0, config.num_hidden_layers)[0] - stage(0, 0, 0)[0])
     have = sum(b for b in budgets if b is not None)
-    small = [f"worker {i}: {b / GiB:.2f} GiB" for i, b in enumerate(budgets) if b is not None]
-    return (f"the model does not fit: about {need / GiB:.2f} GiB needed in total, budgets "
-            f"give {have / GiB:.2f} GiB ({', '.join(small)}); raise [pipeline] "
-            "memory_budget_gb, add workers, lower max_len/slots, or set gpu_memory_gib "
-            "instead to offload the layers that do not fit")
+    small = [f"worker {i}: {b / GIB:.2f} GiB" for i, b in enumerate(budgets) if b is not None]
+    return (f"the model does not fit: about {need / GIB:.2f} GiB needed in total, budgets "
+            f"give {have / GIB:.2f} GiB ({', '.join(small)}); add workers, lower "
+            "max_len/slots, or set gpu_memory_gib to offload the layers that do not fit")

@@ -35,8 +35,8 @@ from dejavu.runtime.offload import (  # noqa: E402
 )
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.sparse import Selection  # noqa: E402
-from dejavu.runtime.weight_store import LayerFrequencies, RecordLayout  # noqa: E402
-from dejavu.scheduler.planner import GiB, embed_bytes, offload_reserved_bytes  # noqa: E402
+from dejavu.runtime.weight_store import GIB, LayerFrequencies, RecordLayout  # noqa: E402
+from dejavu.scheduler.planner import embed_bytes, offload_reserved_bytes  # noqa: E402
 from dejavu.scheduler.planner import layer_bytes as pipeline_layer_bytes  # noqa: E402
 from dejavu.scheduler.zmq_client import PipelineConnection  # noqa: E402
 
@@ -214,7 +214,7 @@ def test_budgeted_launch_with_caches_equals_the_engine_and_reports_them(tmp_path
     fixed = offload_reserved_bytes(TINY, 2, SLOTS, MAX_LEN, 2) + embed_bytes(TINY, 2)
     total = fixed + layer + layer // 2
     with cluster(path, 2, dtype="float16", slots=SLOTS, max_len=MAX_LEN,
-                 gpu_memory_gib=total / GiB, offload_cache=True) as c, \
+                 gpu_memory_gib=total / GIB, offload_cache=True) as c, \
             PipelineConnection(c.address) as conn:
         got = conn.run(LAUNCH_PROMPTS, LAUNCH_GREEDY)
         health = conn.health()
@@ -222,7 +222,7 @@ def test_budgeted_launch_with_caches_equals_the_engine_and_reports_them(tmp_path
     assert [g.tokens for g in got] == [r.tokens for r in ref]
     w0 = health.workers[0]
     assert w0.offloaded_layers == 1
-    budget_bytes = int(total / GiB * GiB)
+    budget_bytes = int(total / GIB * GIB)
     for w in health.workers:
         assert w.expected_gpu_bytes <= budget_bytes
     # Without caches worker 0 would leave about half a layer unused.
@@ -244,7 +244,7 @@ def test_row_caches_are_opt_in(tmp_path):
     assert load_settings(toml).pipeline.offload_cache is True
     reserved = offload_reserved_bytes(CFG, CFG.num_hidden_layers, 2, 16, 2)
     gib = (other_bytes(tiny_model(torch.float16, "cpu")) + reserved
-           + layer_bytes(tiny_model(torch.float16, "cpu")) * 3 // 2) / GiB
+           + layer_bytes(tiny_model(torch.float16, "cpu")) * 3 // 2) / GIB
     cached = {}
     for caches in (False, True):
         model = tiny_model(torch.float16, "cpu")

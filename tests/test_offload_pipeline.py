@@ -30,9 +30,9 @@ from dejavu.runtime.model import OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.settings import SettingsError, load_settings, make_settings  # noqa: E402
+from dejavu.runtime.weight_store import GIB  # noqa: E402
 from dejavu.scheduler.chat import format_stats  # noqa: E402
 from dejavu.scheduler.planner import (  # noqa: E402
-    GiB,
     PlanError,
     embed_bytes,
     layer_bytes,
@@ -72,7 +72,7 @@ def first_worker_budget(resident_layers: int) -> float:
     """GiB that leave worker 0 of two (layers [0, 2)) exactly ``resident_layers`` layers
     resident; worker 1 (smaller LM head than embeddings) keeps at most one more."""
     fixed = offload_reserved_bytes(TINY, 2, SLOTS, MAX_LEN, 2) + embed_bytes(TINY, 2)
-    return (fixed + resident_layers * layer_bytes(TINY, 2) + 1) / GiB
+    return (fixed + resident_layers * layer_bytes(TINY, 2) + 1) / GIB
 
 
 @CPU_KERNELS
@@ -80,7 +80,7 @@ def first_worker_budget(resident_layers: int) -> float:
 def test_budgeted_launch_equals_the_unbudgeted_engine(tiny16, reference, resident):
     budget = first_worker_budget(resident)
     plan = plan_layers(TINY, 2, dtype_bytes=2, slots=SLOTS, max_len=MAX_LEN,
-                       gpu_budget=int(budget * GiB))
+                       gpu_budget=int(budget * GIB))
     planned = [s.offloaded for s in plan.stages]
     assert planned[0] == 2 - resident and planned[1] >= 1  # both workers offload
     with cluster(tiny16, 2, dtype="float16", slots=SLOTS, max_len=MAX_LEN,
@@ -108,18 +108,18 @@ def test_budgeted_launch_equals_the_unbudgeted_engine(tiny16, reference, residen
 def test_the_plan_offloads_the_last_layers_that_do_not_fit():
     opt30b = OPTConfig(hidden_size=7168, num_hidden_layers=48, ffn_dim=28672,
                        num_attention_heads=56, word_embed_proj_dim=7168)
-    plan = plan_layers(opt30b, 4, dtype_bytes=2, slots=8, max_len=160, gpu_budget=8 * GiB)
+    plan = plan_layers(opt30b, 4, dtype_bytes=2, slots=8, max_len=160, gpu_budget=8 * GIB)
     spans = plan.spans()
     assert spans[0].start == 0 and spans[-1].stop == 48 and plan.offload
     layer = layer_bytes(opt30b, 2)
     for s in plan.stages:
         resident = len(s.layers) - s.offloaded
         assert 0 < s.offloaded < len(s.layers)
-        assert s.memory_bytes <= 8 * GiB < s.memory_bytes + layer  # one more would not fit
+        assert s.memory_bytes <= 8 * GIB < s.memory_bytes + layer  # one more would not fit
         assert s.host_bytes == s.offloaded * layer
         assert f"{resident} resident, {s.offloaded} offloaded" in plan.describe()
     # A budget that holds everything offloads nothing; the budget is a GPU one.
-    roomy = plan_layers(opt30b, 4, dtype_bytes=2, slots=8, max_len=160, gpu_budget=40 * GiB)
+    roomy = plan_layers(opt30b, 4, dtype_bytes=2, slots=8, max_len=160, gpu_budget=40 * GIB)
     assert [s.offloaded for s in roomy.stages] == [0, 0, 0, 0]
     assert "GPU budget 40.000 GiB" in roomy.describe()
 
@@ -132,7 +132,7 @@ def test_the_worker_offloads_what_the_planner_predicts(tiny16):
     for resident in range(3):
         budget = first_worker_budget(resident)
         plan = plan_layers(TINY, 2, dtype_bytes=2, slots=SLOTS, max_len=MAX_LEN,
-                           gpu_budget=int(budget * GiB))
+                           gpu_budget=int(budget * GIB))
         for stage in plan.stages:
             model = load_model(tiny16, layers=stage.layers, dtype=torch.float16)
             offloaded, _ = fit_gib(model, budget, device="cpu", slots=SLOTS, max_len=MAX_LEN)
@@ -150,7 +150,7 @@ def test_generate_with_a_budget_equals_generate_without(tiny16):
     assert plain.exit_code == 0, plain.output
     # Room for the embeddings/head, the reserve and one layer of four.
     fixed = offload_reserved_bytes(TINY, 4, 1, 10, 2) + embed_bytes(TINY, 2)
-    budget = (fixed + layer_bytes(TINY, 2) + 1) / GiB
+    budget = (fixed + layer_bytes(TINY, 2) + 1) / GIB
     offl = CliRunner().invoke(app, args + ["--gpu-memory-gib", repr(budget)])
     assert offl.exit_code == 0, offl.output
     want, got = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (plain, offl))
@@ -170,8 +170,6 @@ def test_generate_with_a_budget_equals_generate_without(tiny16):
     ({"pipeline.gpu_memory_gib": "8"}, ["gpu_memory_gib = '8'", "wrong type"]),
     ({"pipeline.gpu_memory_gib": 8.0}, ["gpu_memory_gib = 8.0", "dtype", "float16",
                                         "\"float32\""]),
-    ({"pipeline.gpu_memory_gib": 8.0, "model.dtype": "float16",
-      "pipeline.memory_budget_gb": 4.0}, ["memory_budget_gb", "both set"]),
     ({"sparsity.selector": "random", "sparsity.mlp_density": 0.1},
      ["selector = \"random\"", "head_density"]),
     ({"sparsity.selector": "oracle"}, ["selector = 'oracle'", "'predictors', 'random'"]),

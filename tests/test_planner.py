@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dejavu.runtime.opt_config import OPTConfig
+from dejavu.runtime.weight_store import GIB
 from dejavu.scheduler.planner import (
-    GiB,
     PlanError,
     embed_bytes,
     head_bytes,
@@ -60,7 +60,7 @@ def test_budgets_move_layers_off_a_small_worker():
 
 def test_an_impossible_budget_names_the_shortfall():
     with pytest.raises(PlanError, match="does not fit.*GiB"):
-        plan_layers(OPT_1_3B, 2, dtype_bytes=2, budgets=[GiB // 4, GiB // 4])
+        plan_layers(OPT_1_3B, 2, dtype_bytes=2, budgets=[GIB // 4, GIB // 4])
 
 
 def test_more_workers_than_layers_is_refused():
