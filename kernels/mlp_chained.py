@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparse_mlp import _rows_of
+from .rows import rows_of
 
 SYNC_ALIGN = 32  # int32 slots; keeps pre/acc 128-byte aligned behind the counters
 MIN_BLOCK = 16  # smallest block the sizing below allows (also tl.dot's minimum)
@@ -59,7 +59,7 @@ def _fc1_tile(t, x_ptr, locs_ptr, w1_dev_ptr, w1_host_ptr, grp_ptr, pre_ptr, B, 
     nb = t // NC1
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < K
-    rows = _rows_of(locs_ptr, offs_n, n_mask, w1_dev_ptr, w1_host_ptr, stride_w, HAS_HOST)
+    rows = rows_of(locs_ptr, offs_n, n_mask, w1_dev_ptr, w1_host_ptr, stride_w, HAS_HOST)
     offs_c = (t % NC1) * SPLIT_C + tl.arange(0, SPLIT_C)
     c_mask = offs_c < C
     w = tl.load(rows[:, None] + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :],
@@ -100,8 +100,8 @@ def _fc2_tile(u, locs_ptr, w2_dev_ptr, b1_dev_ptr, w2_host_ptr, b1_host_ptr, bia
     cc = u % NC2
     offs_n = g * BLOCK_N2 + tl.arange(0, BLOCK_N2)
     n_mask = offs_n < K
-    w_rows = _rows_of(locs_ptr, offs_n, n_mask, w2_dev_ptr, w2_host_ptr, stride_w, HAS_HOST)
-    b_rows = _rows_of(locs_ptr, offs_n, n_mask, b1_dev_ptr, b1_host_ptr, stride_b1, HAS_HOST)
+    w_rows = rows_of(locs_ptr, offs_n, n_mask, w2_dev_ptr, w2_host_ptr, stride_w, HAS_HOST)
+    b_rows = rows_of(locs_ptr, offs_n, n_mask, b1_dev_ptr, b1_host_ptr, stride_b1, HAS_HOST)
     bias = tl.load(b_rows, mask=n_mask, other=0.0).to(tl.float32)
     offs_c = cc * SPLIT_C2 + tl.arange(0, SPLIT_C2)
     c_mask = offs_c < C

@@ -29,6 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .mlp_chained import launch_chained
+from .rows import rows_of
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_BATCH = 16
 
@@ -129,17 +132,6 @@ def _sparse_mlp_kernel(
 
 
 @triton.jit
-def _rows_of(locs_ptr, offs_n, n_mask, dev_ptr, host_ptr, stride, HAS_HOST: tl.constexpr):
-    """Row pointers [BLOCK_N] of the selected neurons in the resident or the host table."""
-    loc = tl.load(locs_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-    if HAS_HOST:
-        on_host = loc < 0
-        row = tl.where(on_host, -loc - 1, loc)
-        return tl.where(on_host, host_ptr + row * stride, dev_ptr + row * stride)
-    return dev_ptr + loc * stride
-
-
-@triton.jit
 def _mlp_up_kernel(
     x_ptr,  # [B, C] input rows
     locs_ptr,  # [K] row locations, as in _sparse_mlp_kernel
@@ -162,7 +154,7 @@ def _mlp_up_kernel(
     if HAS_COUNT:  # K is then the capacity of locs; a larger count was truncated
         K = tl.minimum(tl.load(count_ptr), K)
     n_mask = offs_n < K
-    w_rows = _rows_of(locs_ptr, offs_n, n_mask, w1_dev_ptr, w1_host_ptr, stride_w, HAS_HOST)
+    w_rows = rows_of(locs_ptr, offs_n, n_mask, w1_dev_ptr, w1_host_ptr, stride_w, HAS_HOST)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     offs_b = tl.arange(0, BLOCK_B)
@@ -198,8 +190,8 @@ def _mlp_down_kernel(
     if HAS_COUNT:  # K is then the capacity of locs; a larger count was truncated
         K = tl.minimum(tl.load(count_ptr), K)
     n_mask = offs_n < K
-    w_rows = _rows_of(locs_ptr, offs_n, n_mask, w2_dev_ptr, w2_host_ptr, stride_w, HAS_HOST)
-    b_rows = _rows_of(locs_ptr, offs_n, n_mask, b1_dev_ptr, b1_host_ptr, stride_b1, HAS_HOST)
+    w_rows = rows_of(locs_ptr, offs_n, n_mask, w2_dev_ptr, w2_host_ptr, stride_w, HAS_HOST)
+    b_rows = rows_of(locs_ptr, offs_n, n_mask, b1_dev_ptr, b1_host_ptr, stride_b1, HAS_HOST)
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     pre = tl.load(pre_ptr + offs_b[:, None] * stride_preb + offs_n[None, :],
@@ -333,7 +325,6 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
 
     k = locs.numel()
     if chained and k:
-        from .mlp_chained import launch_chained
         sc = split_c or block_c
         return launch_chained(x, rows, locs, host, bias2, residual, count, block_n=block_n,
                               split_c=sc, block_n2=block_n2 or block_n,

@@ -51,10 +51,10 @@ from torch import Tensor
 
 from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
 from ..kernels.sparse_mlp import MAX_BATCH, sparse_mlp
-from ..scheduler.planner import offload_reserved_bytes
-from ..scheduler.planner import size as human_size
 from . import sparse_backend
 from .model import Batch, OPTAttention, OPTModel
+from .sizes import offload_reserved_bytes
+from .sizes import size as human_size
 from .sparse import Selection
 from .weight_store import (
     LayerFrequencies,

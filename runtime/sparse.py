@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import sparse_backend
 from .attention import masked_attention
+from .lazy_kv import fill_missing_kv, head_rows
 
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
@@ -314,17 +315,6 @@ def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor) -> Tensor
 # --- the attention op ----------------------------------------------------------------------
 
 
-def _head_rows(proj: torch.nn.Linear, heads: Tensor, head_dim: int) -> tuple[Tensor,
-                                                                             Tensor | None]:
-    """The output rows (and bias entries) of q/k/v_proj that produce ``heads``."""
-    c = proj.weight.shape[1]
-    w = proj.weight.view(-1, head_dim, c).index_select(0, heads).reshape(-1, c)
-    b = None
-    if proj.bias is not None:
-        b = proj.bias.view(-1, head_dim).index_select(0, heads).reshape(-1)
-    return w, b
-
-
 def sparse_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
                      heads: Tensor, gather: bool) -> Tensor:
     """Attention over the selected heads only; x is the block's (post-LN) input [B, T, C],
@@ -337,13 +327,13 @@ def sparse_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
         return sparse_backend.attention_gather(attn, x, layer_id, batch, idx)
     b, t, _ = x.shape
     d = attn.head_dim
-    wq, bq = _head_rows(attn.q_proj, idx, d)
+    wq, bq = head_rows(attn.q_proj, idx, d)
     q = (F.linear(x, wq, bq) * attn.scaling).view(b, t, -1, d).transpose(1, 2)  # [B, h, T, D]
     if batch.cache is None:
         # Whole windows: every position's input is here, so the selected heads' K/V are
         # exact for the full prefix.
-        k = F.linear(x, *_head_rows(attn.k_proj, idx, d)).view(b, t, -1, d).transpose(1, 2)
-        v = F.linear(x, *_head_rows(attn.v_proj, idx, d)).view(b, t, -1, d).transpose(1, 2)
+        k = F.linear(x, *head_rows(attn.k_proj, idx, d)).view(b, t, -1, d).transpose(1, 2)
+        v = F.linear(x, *head_rows(attn.v_proj, idx, d)).view(b, t, -1, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
     else:
         out = _gathered_cached_attention(attn, x, q, idx, layer_id, batch)
@@ -381,13 +371,13 @@ def _gathered_cached_attention(attn: OPTAttention, x: Tensor, q: Tensor, idx: Te
         xs, valid = cache.layer_inputs(layer_id)  # [S, L, C], [S, H, L]
         xs[rows, pos] = x.to(xs.dtype)
         valid[rows, :, pos] = False  # this position's other heads are now stale
-        k = F.linear(x, *_head_rows(attn.k_proj, idx, d)).view(b, t, -1, d)  # [B, T, h, D]
-        v = F.linear(x, *_head_rows(attn.v_proj, idx, d)).view(b, t, -1, d)
+        k = F.linear(x, *head_rows(attn.k_proj, idx, d)).view(b, t, -1, d)  # [B, T, h, D]
+        v = F.linear(x, *head_rows(attn.v_proj, idx, d)).view(b, t, -1, d)
         r3, p3 = rows[..., None], pos[..., None]  # broadcast against idx: [B, T, h]
         cache_k[r3, idx, p3] = k.to(cache_k.dtype)
         cache_v[r3, idx, p3] = v.to(cache_v.dtype)
         valid[r3, idx, p3] = True
-        recomputed = _fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
+        recomputed = fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
         if batch.sparse is not None:
             batch.sparse.stats.layer(layer_id).kv_recomputed += recomputed
     length = batch.attended_length()
@@ -405,31 +395,5 @@ def complete_kv(attn: OPTAttention, layer_id: int, batch: Batch) -> int:
     cache_k, cache_v = cache.layer(layer_id)
     xs, valid = cache.layer_inputs(layer_id)
     every = torch.arange(attn.num_heads, device=valid.device)
-    return _fill_missing_kv(attn, cache_k, cache_v, xs, valid, every, batch.slots,
+    return fill_missing_kv(attn, cache_k, cache_v, xs, valid, every, batch.slots,
                             batch.positions)
-
-
-def _fill_missing_kv(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Tensor,
-                     valid: Tensor, idx: Tensor, slots: Tensor, pos: Tensor) -> int:
-    """Recompute K/V of the selected heads at every visible position where they were
-    skipped, from the stored inputs. Returns how many (position, head) pairs it computed."""
-    length = int(pos.max()) + 1
-    last = pos.max(dim=1).values  # [B]: each row sees positions 0..last
-    need = torch.arange(length, device=pos.device)[None, None, :] <= last[:, None, None]
-    missing = need & ~valid[slots[:, None], idx[None, :], :length]  # [B, h, L]
-    if not bool(missing.any()):
-        return 0
-    bi, hi, pi = missing.nonzero(as_tuple=True)
-    d = attn.head_dim
-    for j in hi.unique().tolist():
-        head = idx[j : j + 1]
-        sel = hi == j
-        s, p = slots[bi[sel]], pi[sel]
-        xin = xs[s, p]  # [M, C]
-        k = F.linear(xin.to(attn.k_proj.weight.dtype), *_head_rows(attn.k_proj, head, d))
-        v = F.linear(xin.to(attn.v_proj.weight.dtype), *_head_rows(attn.v_proj, head, d))
-        h = int(head)
-        cache_k[s, h, p] = k.to(cache_k.dtype)
-        cache_v[s, h, p] = v.to(cache_v.dtype)
-        valid[s, h, p] = True
-    return int(bi.numel())

@@ -12,7 +12,7 @@ hands the op over:
   steps (one token per row) on a cache that keeps attention inputs. The lazy K/V scheme
   stays exact: this step's input is stored and the step's position marked stale for every
   head before the kernel writes the selected heads' K/V, and heads skipped earlier get
-  their missing K/V recomputed (sparse.py's ``_fill_missing_kv``) before attending.
+  their missing K/V recomputed (lazy_kv.py's ``fill_missing_kv``) before attending.
 
 The backend is chosen per model with ``use_backend`` ([sparsity] backend in dejavu.toml):
 "torch", "triton", or "auto" (the default, also for a model never configured): Triton on
@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
+
+from .lazy_kv import fill_missing_kv
 
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
@@ -281,7 +283,6 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
     if offloaded is not None:
         return offloaded.attention(attn, x, layer_id, batch, idx)
     from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
-    from .sparse import _fill_missing_kv
 
     cache, slots, pos = batch.cache, batch.slots, batch.positions
     assert cache is not None and slots is not None
@@ -300,7 +301,7 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
     q = qkv_projection(x2, table, heads, heads, cache_k, cache_v, slots, p,
                        split_c=ATTENTION_ARGS["qkv_split_c"])  # [B, h, D], k/v into the cache
     valid[slots[:, None], idx[None, :], p[:, None]] = True
-    recomputed = _fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
+    recomputed = fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
     if batch.sparse is not None:
         batch.sparse.stats.layer(lid).kv_recomputed += recomputed
     out = decode_attention(q, heads, cache_k, cache_v, slots, p,

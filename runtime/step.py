@@ -8,6 +8,8 @@ validated msgpack (the wire schema imports them; no second copy).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgspec
 
 from .sampling import SamplingParams
@@ -56,3 +58,21 @@ class StepResult(msgspec.Struct):
     results: list[TokenResult]
     # request_id -> message, for rows that failed without failing the whole step.
     errors: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+# The client's view of a request, step by step: what the scheduler emits, the in-process
+# client yields and the pipeline's client API carries (runtime/wire.py).
+@dataclass
+class Event:
+    """What a client sees of one step of one request."""
+
+    request_id: str
+    token: int | None = None
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    prompt_logprobs: list[float] | None = None
+    prompt_top: list[list[tuple[int, float]]] | None = None

@@ -27,10 +27,9 @@ import warnings
 import msgspec
 import torch
 
-from ..scheduler.core import Event
 from .sampling import SamplingParams
 from .settings import Settings
-from .step import Step, StepResult
+from .step import Event, Step, StepResult
 
 PROTOCOL = 1
 

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Protocol
 
 from ..runtime.sampling import SamplingParams
-from ..runtime.step import Row, Step, StepResult, TokenResult
+from ..runtime.step import Event, Row, Step, StepResult, TokenResult
 
 
 class RequestError(ValueError):
@@ -39,22 +39,6 @@ class Phase(Enum):
     WAITING = "waiting"  # no slot yet
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class Event:
-    """What a client sees of one step of one request."""
-
-    request_id: str
-    token: int | None = None
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-    prompt_logprobs: list[float] | None = None
-    prompt_top: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass

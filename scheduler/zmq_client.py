@@ -215,8 +215,8 @@ class PipelineConnection:
 
 class PipelineClient:
     """The engine-client protocol (``scheduler.client.EngineClient``) over a running
-    cluster, for asyncio front ends such as the HTTP server. ``PipelineClient.launch``
-    starts the cluster too and stops it on ``close``."""
+    cluster, for asyncio front ends such as the HTTP server. Given the ``cluster``
+    (scheduler/launch.py) it started, it watches that process and stops it on ``close``."""
 
     def __init__(self, address: str, *, keys_dir: str | None = None, dead_s: float = 10.0,
                  cluster=None, timeout_s: float = 10.0) -> None:
@@ -241,18 +241,6 @@ class PipelineClient:
         self._last_heard = time.monotonic()
         self._dead: str | None = None
         self._stats = {"requests": 0, "tokens": 0, "failures": 0, "started": time.time()}
-
-    @classmethod
-    def launch(cls, config, *, timeout_s: float = 600.0) -> PipelineClient:
-        from .launch import Cluster
-
-        cluster = Cluster(config)
-        cluster.start(timeout_s=timeout_s)
-        try:
-            return cls(cluster.address, keys_dir=config.keys_dir or None, cluster=cluster)
-        except BaseException:
-            cluster.stop()
-            raise
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():

@@ -23,7 +23,7 @@ from dejavu.runtime.sampling import SamplingParams
 from dejavu.runtime.tokenizer import load_tokenizer
 from dejavu.runtime.wire import Fault
 from dejavu.scheduler.serve import ServeOptions, make_app, serve_in_thread
-from dejavu.scheduler.zmq_client import PipelineClient
+from dejavu.scheduler.serve.server import launch_client
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def served(model_dir):
     # Worker 0 stalls for 20 s at its 20th step (the stream below is then mid-answer), so
     # the kill always lands while a request is in flight, however fast this machine is.
     stall = Fault("sleep", worker=0, at_step=20, seconds=20.0)
-    client = PipelineClient.launch(config(model_dir, 2, run / "run", max_len=96, slots=4,
+    client = launch_client(config(model_dir, 2, run / "run", max_len=96, slots=4,
                                           faults=[stall]))
     app = make_app(client, tok, ServeOptions(), "tiny-opt", close_client=True)
     try:

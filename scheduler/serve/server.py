@@ -79,11 +79,10 @@ def build_client(settings, options: ServeOptions):
     if options.workers > 1:
         from ..config import PipelineConfigError, from_settings
         from ..launch import LaunchError
-        from ..zmq_client import PipelineClient
 
         try:
             config = from_settings(settings, workers=options.workers, slots=options.max_batch)
-            return PipelineClient.launch(config), tokenizer
+            return launch_client(config), tokenizer
         except (PipelineConfigError, LaunchError, TimeoutError) as exc:
             raise ServeError(f"--workers {options.workers}: {exc}") from None
     from ...runtime.engine import Engine
@@ -94,6 +93,21 @@ def build_client(settings, options: ServeOptions):
     except (BuildError, SelectionError) as exc:
         raise ServeError(str(exc)) from None
     return LocalClient(Engine.from_stage(built.stage, tokenizer)), tokenizer
+
+
+def launch_client(config, *, timeout_s: float = 600.0):
+    """A pipeline started here for ``config`` and its ``PipelineClient``, which stops it on
+    ``close``."""
+    from ..launch import Cluster
+    from ..zmq_client import PipelineClient
+
+    cluster = Cluster(config).start(timeout_s=timeout_s)
+    try:
+        return PipelineClient(cluster.address, keys_dir=config.keys_dir or None,
+                              cluster=cluster)
+    except BaseException:
+        cluster.stop()
+        raise
 
 
 def make_app(client, tokenizer, options: ServeOptions, model_name: str, *,

@@ -1,0 +1,54 @@
+"""Lazy K/V, the torch reference: the q/k/v rows of selected heads, and the K/V of heads
+skipped earlier recomputed from the attention inputs the cache keeps (runtime/sparse.py
+explains the scheme; runtime/sparse_backend.py's kernels path calls the same recompute).
+
+What this module does not know: which heads are selected or how the cache is batched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .model import OPTAttention
+
+
+def head_rows(proj: torch.nn.Linear, heads: Tensor, head_dim: int) -> tuple[Tensor,
+                                                                             Tensor | None]:
+    """The output rows (and bias entries) of q/k/v_proj that produce ``heads``."""
+    c = proj.weight.shape[1]
+    w = proj.weight.view(-1, head_dim, c).index_select(0, heads).reshape(-1, c)
+    b = None
+    if proj.bias is not None:
+        b = proj.bias.view(-1, head_dim).index_select(0, heads).reshape(-1)
+    return w, b
+
+
+def fill_missing_kv(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Tensor,
+                     valid: Tensor, idx: Tensor, slots: Tensor, pos: Tensor) -> int:
+    """Recompute K/V of the selected heads at every visible position where they were
+    skipped, from the stored inputs. Returns how many (position, head) pairs it computed."""
+    length = int(pos.max()) + 1
+    last = pos.max(dim=1).values  # [B]: each row sees positions 0..last
+    need = torch.arange(length, device=pos.device)[None, None, :] <= last[:, None, None]
+    missing = need & ~valid[slots[:, None], idx[None, :], :length]  # [B, h, L]
+    if not bool(missing.any()):
+        return 0
+    bi, hi, pi = missing.nonzero(as_tuple=True)
+    d = attn.head_dim
+    for j in hi.unique().tolist():
+        head = idx[j : j + 1]
+        sel = hi == j
+        s, p = slots[bi[sel]], pi[sel]
+        xin = xs[s, p]  # [M, C]
+        k = F.linear(xin.to(attn.k_proj.weight.dtype), *head_rows(attn.k_proj, head, d))
+        v = F.linear(xin.to(attn.v_proj.weight.dtype), *head_rows(attn.v_proj, head, d))
+        h = int(head)
+        cache_k[s, h, p] = k.to(cache_k.dtype)
+        cache_v[s, h, p] = v.to(cache_v.dtype)
+        valid[s, h, p] = True
+    return int(bi.numel())
