@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..runtime.build import density_report
-from ..runtime.engine import Engine
 from ..runtime.sampling import SamplingParams
 from .core import Event
+from .engine import Engine
 
 
 class EngineDeadError(RuntimeError):

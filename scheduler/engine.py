@@ -9,10 +9,10 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ..scheduler.core import Event, Scheduler, SchedulerConfig
-from .model import OPTModel
-from .sampling import SamplingParams
-from .stage import Stage, allocate_cache
+from ..runtime.model import OPTModel
+from ..runtime.sampling import SamplingParams
+from ..runtime.stage import Stage, allocate_cache
+from .core import Event, Scheduler, SchedulerConfig
 
 
 @dataclass

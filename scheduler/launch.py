@@ -31,8 +31,8 @@ from ..runtime.weight_store import gib
 from .config import PipelineConfig, PipelineConfigError
 from .logs import setup_logging
 from .planner import PlanError, plan_layers
+from .process import PipelineServer
 from .rundir import RunDir, RunDirError
-from .server import PipelineServer
 from .transport import TransportError, load_curve
 
 log = logging.getLogger("dejavu.scheduler")

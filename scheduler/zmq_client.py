@@ -26,9 +26,9 @@ import zmq.asyncio
 
 from ..runtime import wire
 from ..runtime.build import density_report
-from ..runtime.engine import Completion, fold_event, submit_all
 from ..runtime.sampling import SamplingParams
 from .core import Event, RequestError, Scheduler, SchedulerConfig
+from .engine import Completion, fold_event, submit_all
 from .transport import CLIENT_MAX_BYTES, load_curve, make_socket
 
 SEND_TIMEOUT_MS = 5000

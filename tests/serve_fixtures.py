@@ -90,9 +90,9 @@ def start(model_dir: Path, *, api_key: str | None = None, max_pending: int = 256
 
     import httpx
 
-    from dejavu.runtime.engine import Engine
     from dejavu.runtime.tokenizer import load_tokenizer
     from dejavu.scheduler.client import LocalClient
+    from dejavu.scheduler.engine import Engine
     from dejavu.scheduler.serve import ServeLimits, ServeOptions, make_app, serve_in_thread
 
     @contextlib.contextmanager

@@ -19,11 +19,11 @@ from pipeline_fixtures import short_dir, wait_until
 from serve_fixtures import make_checkpoint
 
 from dejavu.runtime.checkpoint import load_model
-from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.runtime.tokenizer import load_tokenizer
 from dejavu.scheduler.chat import ChatError, ChatSession, ChatTemplate
 from dejavu.scheduler.core import RequestError
+from dejavu.scheduler.engine import Engine
 from dejavu.scheduler.zmq_client import PipelineClient, PipelineConnection
 
 CLI = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]

@@ -9,12 +9,12 @@ import asyncio
 import pytest
 import torch
 
-from dejavu.runtime.engine import Engine
 from dejavu.runtime.model import OPTModel
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.scheduler.client import LocalClient
 from dejavu.scheduler.core import RequestError
+from dejavu.scheduler.engine import Engine
 
 transformers = pytest.importorskip("transformers")
 

@@ -142,8 +142,8 @@ def test_lm_eval_bits_per_byte_equals_the_eval_scorer(evaluated):
 
 def test_lm_eval_generations_are_the_engines_greedy_continuations(evaluated):
     from dejavu.runtime.checkpoint import load_model
-    from dejavu.runtime.engine import Engine
     from dejavu.runtime.sampling import SamplingParams
+    from dejavu.scheduler.engine import Engine
 
     model_dir, tok, results = evaluated
     engine = Engine(load_model(model_dir), tok, max_batch=1)

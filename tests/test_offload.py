@@ -24,7 +24,6 @@ from test_sparse_backend import (  # noqa: E402
 )
 
 from dejavu.runtime import sparse_backend  # noqa: E402
-from dejavu.runtime.engine import Engine  # noqa: E402
 from dejavu.runtime.offload import (  # noqa: E402
     OffloadSelector,
     fit_budget,
@@ -36,6 +35,7 @@ from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.selection import RandomSelector  # noqa: E402
 from dejavu.runtime.sparse import Selection  # noqa: E402
 from dejavu.runtime.weight_store import LayerPlacement, PlacementError, gib  # noqa: E402
+from dejavu.scheduler.engine import Engine  # noqa: E402
 
 
 def layer_bytes(model):

@@ -21,7 +21,6 @@ from test_sparse_backend import CFG, DEVICE, selector, tiny_model  # noqa: E402
 
 from dejavu.runtime import sparse_backend  # noqa: E402
 from dejavu.runtime.checkpoint import load_model, save_model  # noqa: E402
-from dejavu.runtime.engine import Engine  # noqa: E402
 from dejavu.runtime.model import OPTModel  # noqa: E402
 from dejavu.runtime.offload import (  # noqa: E402
     _HELD,
@@ -36,6 +35,7 @@ from dejavu.runtime.offload import (  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.sparse import Selection  # noqa: E402
 from dejavu.runtime.weight_store import GIB, LayerFrequencies, RecordLayout  # noqa: E402
+from dejavu.scheduler.engine import Engine  # noqa: E402
 from dejavu.scheduler.planner import embed_bytes, offload_reserved_bytes  # noqa: E402
 from dejavu.scheduler.planner import layer_bytes as pipeline_layer_bytes  # noqa: E402
 from dejavu.scheduler.zmq_client import PipelineConnection  # noqa: E402

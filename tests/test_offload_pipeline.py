@@ -25,13 +25,13 @@ from pipeline_fixtures import TINY, cluster, read_log  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from dejavu.runtime.checkpoint import load_model, save_model  # noqa: E402
-from dejavu.runtime.engine import Engine  # noqa: E402
 from dejavu.runtime.model import OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.settings import SettingsError, load_settings, make_settings  # noqa: E402
 from dejavu.runtime.weight_store import GIB  # noqa: E402
 from dejavu.scheduler.chat import format_stats  # noqa: E402
+from dejavu.scheduler.engine import Engine  # noqa: E402
 from dejavu.scheduler.planner import (  # noqa: E402
     PlanError,
     embed_bytes,

@@ -66,8 +66,8 @@ def test_decode_through_kv_cache_matches_and_greedy_agrees(pair):
 @torch.no_grad()
 def test_greedy_generate_matches_transformers(pair):
     """The engine's greedy continuation equals transformers' generate token for token."""
-    from dejavu.runtime.engine import Engine
     from dejavu.runtime.sampling import SamplingParams
+    from dejavu.scheduler.engine import Engine
 
     hf, ours = pair
     ids = prompt(ours.config.vocab_size, length=7, seed=5)[0]

@@ -10,8 +10,8 @@ import torch
 from pipeline_fixtures import GREEDY, PROMPTS, add_predictors, cluster, make_tiny_model
 
 from dejavu.runtime.checkpoint import load_model
-from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
+from dejavu.scheduler.engine import Engine
 from dejavu.scheduler.zmq_client import PipelineConnection
 
 SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=1234,

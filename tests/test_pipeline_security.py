@@ -14,8 +14,8 @@ from pipeline_fixtures import GREEDY, PROMPTS, cluster, config, make_tiny_model,
 
 from dejavu.runtime import wire
 from dejavu.runtime.checkpoint import load_model
-from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
+from dejavu.scheduler.engine import Engine
 from dejavu.scheduler.launch import launch
 from dejavu.scheduler.transport import (
     CLIENT_MAX_BYTES,

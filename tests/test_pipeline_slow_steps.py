@@ -22,8 +22,8 @@ from pipeline_fixtures import GREEDY, PROMPTS, cluster, make_tiny_model, read_lo
 
 from dejavu.runtime import wire
 from dejavu.runtime.checkpoint import load_model
-from dejavu.runtime.engine import Engine
 from dejavu.scheduler.core import Event
+from dejavu.scheduler.engine import Engine
 from dejavu.scheduler.zmq_client import PipelineConnection, SchedulerGone
 
 SLEEP_S = 4.0  # the slow step: longer than the client's dead_s below

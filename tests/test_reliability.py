@@ -19,9 +19,9 @@ from pipeline_fixtures import GREEDY, PROMPTS, alive, cluster, make_tiny_model, 
 
 from dejavu.runtime import wire
 from dejavu.runtime.checkpoint import load_model
-from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.runtime.step import Row, Step, StepResult
+from dejavu.scheduler.engine import Engine
 from dejavu.scheduler.zmq_client import PipelineConnection
 
 LONG = SamplingParams(max_new_tokens=110, ignore_eos=True)

@@ -12,8 +12,8 @@ import pytest
 from serve_fixtures import make_checkpoint, reference_logprobs, start
 
 from dejavu.runtime.checkpoint import load_model
-from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
+from dejavu.scheduler.engine import Engine
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from pipeline_fixtures import config, short_dir
 from serve_fixtures import make_checkpoint, reference_logprobs
 
 from dejavu.runtime.checkpoint import load_model
-from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.runtime.tokenizer import load_tokenizer
 from dejavu.runtime.wire import Fault
+from dejavu.scheduler.engine import Engine
 from dejavu.scheduler.serve import ServeOptions, make_app, serve_in_thread
 from dejavu.scheduler.serve.server import launch_client
 

@@ -17,13 +17,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dejavu.runtime import sparse_backend  # noqa: E402
-from dejavu.runtime.engine import Engine  # noqa: E402
 from dejavu.runtime.model import Batch, KVCache, OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.selection import RandomSelector  # noqa: E402
 from dejavu.runtime.settings import SettingsError, load_settings  # noqa: E402
 from dejavu.runtime.sparse import SparseContext, SparseStats  # noqa: E402
+from dejavu.scheduler.engine import Engine  # noqa: E402
 
 # 4 heads of 8, an ffn of 72 (not a multiple of the kernels' 32-neuron blocks), a prime vocab.
 CFG = OPTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, ffn_dim=72,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from dejavu.runtime.engine import Engine
 from dejavu.runtime.model import Batch, OPTModel, full_positions
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.predictors import PredictorSet
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.runtime.selection import PredictorSelector, SelectionConfig
 from dejavu.runtime.sparse import SparseContext
+from dejavu.scheduler.engine import Engine
 
 CFG = OPTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=3, ffn_dim=64,
                 num_attention_heads=4, max_position_embeddings=48, word_embed_proj_dim=32)

@@ -3,7 +3,7 @@
 Everything a user can get wrong is checked before the weights are read: the prompt (text
 or ids) is non-empty and inside the vocabulary, prompt + max_new_tokens fits the model's
 positions, sampling parameters are in range and finite. Each failure is one line naming the
-option. The generation loop itself is the engine's (runtime/engine.py).
+option. The generation loop itself is the engine's (scheduler/engine.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 
 from ..runtime.build import BuildError, build_stage, offload_report, resolve, sparsity_report
 from ..runtime.checkpoint import CheckpointError
-from ..runtime.engine import Engine
 from ..runtime.offload import describe_report
 from ..runtime.opt_config import ConfigError, OPTConfig
 from ..runtime.predictors import PredictorError
@@ -28,6 +27,7 @@ from ..runtime.selection import SelectionError
 from ..runtime.settings import Settings, SettingsError
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from ..scheduler.core import Event, RequestError
+from ..scheduler.engine import Engine
 
 
 class GenerateError(ValueError):

@@ -85,8 +85,8 @@ def build_client(settings, options: ServeOptions):
             return launch_client(config), tokenizer
         except (PipelineConfigError, LaunchError, TimeoutError) as exc:
             raise ServeError(f"--workers {options.workers}: {exc}") from None
-    from ...runtime.engine import Engine
     from ..client import LocalClient
+    from ..engine import Engine
 
     try:
         built = build_stage(resolve(settings), slots=options.max_batch)
