@@ -2,8 +2,8 @@
 bench/results/<date>-<gpu>.json and .md with the hardware and software they ran on.
 
 Scenarios run in priority order under a wall-clock budget; one that fails or does not fit
-the budget is recorded with the reason, and the rest still run. The top-level keys of
-issue 5 are filled from the measured scenarios, or null with a reason in ``missing``.
+the budget is recorded with the reason, and the rest still run. The top-level target keys
+are filled from the measured scenarios, or null with a reason in ``missing``.
 
 ``--small`` is the dry run: tiny shapes, on the CPU through Triton's interpreter (or on a
 GPU), to check that the whole script works. Its numbers mean nothing.

@@ -35,6 +35,7 @@ from ..runtime.selection import (
     RandomSelector,
     SelectionConfig,
 )
+from ..tools.eval import DEFAULT_EVAL_DIR
 from ..tools.eval_text import dense_logits_fn, score_documents
 from ..tools.sparse_eval import density_metrics, sparse_logits_fn
 
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="which points: full (GPU), cpu (a reduced grid), quick")
     p.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated (eval_tasks)")
     p.add_argument("--limit", type=int, default=None, help="rows per zero-shot task")
-    p.add_argument("--eval-dir", default="../shared/data/eval")
+    p.add_argument("--eval-dir", default=DEFAULT_EVAL_DIR)
     p.add_argument("--only", default="", help="run only these points (names, '|'-separated)")
     p.add_argument("--replot", action="store_true", help="only redo sweep.md/png from --out")
     p.add_argument("--oracle-heads", action="store_true",

@@ -1,5 +1,5 @@
 """Zero-shot accuracy dense vs sparse vs random selection, with the sampling error next to
-every difference (issue 4: "each zero-shot accuracy within 1 point of dense").
+every difference (the target: each zero-shot accuracy within 1 point of dense).
 
 Per task, the same first ``limit`` rows are scored three times: dense; sparse with the
 selector that ``dejavu.toml``'s [sparsity] section gives (the shipped default); and
@@ -24,6 +24,7 @@ import math
 import time
 from pathlib import Path
 
+from ..tools.eval import DEFAULT_EVAL_DIR
 from ..tools.eval_tasks import (
     ZERO_SHOT,
     build_requests,
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", default=",".join(ZERO_SHOT))
     p.add_argument("--limit", type=int, default=None, help="rows per task")
     p.add_argument("--limits", default="", help="per-task rows, e.g. copa=100,boolq=80")
-    p.add_argument("--eval-dir", default="../shared/data/eval")
+    p.add_argument("--eval-dir", default=DEFAULT_EVAL_DIR)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="zeroshot", help="output stem (.json, .md)")

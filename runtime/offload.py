@@ -338,8 +338,8 @@ def fit_gib(model: OPTModel, gpu_memory_gib: float, *, device: torch.device | st
     with a ``gpu_memory_gib`` budget, reserving the layer planner's figures (KV cache with
     attention inputs, activation margin), so that what it offloads is what the plan said.
     ``caches``: give the budget left after whole layers to row caches ([pipeline]
-    offload_cache; off by default until a GPU run shows that LRU admission, which reads a
-    missed row twice, gains). Returns (offloaded layer ids, reserved bytes)."""
+    offload_cache; off by default: LRU admission reads a missed row twice, so it gains
+    only where selections repeat often enough). Returns (offloaded layer ids, reserved bytes)."""
     e = next(model.parameters()).element_size()
     reserved = offload_reserved_bytes(model.config, len(model.layer_ids), slots, max_len, e)
     return fit_budget(model, gib(gpu_memory_gib), device=device, reserved_bytes=reserved,

@@ -24,6 +24,9 @@ from typing import Any
 # The repository root (for the shipped default model and the default config file).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_NAME = "dejavu.toml"
+# The project's shared data (evaluation tasks, training text), beside the repository: data
+# paths resolve here, never against the working directory.
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_MODEL = "models/opt-gutenberg-31m"
 
 

@@ -57,10 +57,6 @@ POLL_MS = 50
 EXIT_WORKER_DIED = 3
 
 
-class WorkerDied(RuntimeError):
-    """Prefix of the error of every request a worker's death ended."""
-
-
 @dataclass
 class WorkerHandle:
     index: int

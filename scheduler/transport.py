@@ -225,7 +225,3 @@ class HandshakeWatcher(threading.Thread):
             except zmq.ZMQError:
                 pass
             mon.close(linger=0)
-
-
-def ipc_path(address: str) -> Path | None:
-    return Path(address[len("ipc://"):]) if address.startswith("ipc://") else None

@@ -10,7 +10,9 @@ GPU_MEMORY_GIB = typer.Option(None, "--gpu-memory-gib",
 
 @app.command()
 def version() -> None:
-    print("0.1.0")
+    from .. import __version__
+
+    print(__version__)
 
 
 # --- foundation: generate, convert, config show -------------------------------------------
@@ -139,8 +141,9 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
     window: int = typer.Option(1024, "--window", help="text: tokens per window"),
     stride: int = typer.Option(512, "--stride", help="text: new tokens scored per window"),
-    eval_dir: str = typer.Option("../shared/data/eval", "--eval-dir",
-                                 help="folder of the task files"),
+    eval_dir: str = typer.Option(None, "--eval-dir",
+                                 help="folder of the task files (default: the shared "
+                                 "data's eval/, beside the repository)"),
     as_json: bool = typer.Option(False, "--json", help="JSON: one object per task (a list "
                                  "for several)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
@@ -154,14 +157,15 @@ def eval_command(
     from ..runtime.selection import SelectionError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
-    from .eval import EvalOptions
+    from .eval import DEFAULT_EVAL_DIR, EvalOptions
     from .sparse_eval import run_eval
     from .textdata import TextDataError
 
     try:
         settings = load_settings(config, {"model.path": model, "model.device": device,
                                           "model.dtype": dtype})
-        opts = EvalOptions(tasks=task or (), data=data or (), eval_dir=eval_dir, limit=limit,
+        opts = EvalOptions(tasks=task or (), data=data or (),
+                           eval_dir=eval_dir or DEFAULT_EVAL_DIR, limit=limit,
                            batch_size=batch_size, window=window, stride=stride)
         typer.echo(run_eval(settings, opts, as_json, sparse=sparse))
     except (TextDataError, SettingsError, CheckpointError, TokenizerError, OSError,

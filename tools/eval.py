@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.model import OPTModel
+from ..runtime.settings import DATA_DIR
 from .eval_tasks import ZERO_SHOT, canonical, evaluate_task
 from .eval_text import (
     EvalDataError,
@@ -32,7 +33,7 @@ from .eval_text import (
 )
 
 TEXT_TASKS = {"wikitext2": "wikitext2_test.txt"}
-DEFAULT_EVAL_DIR = "../shared/data/eval"
+DEFAULT_EVAL_DIR = str(DATA_DIR / "eval")
 
 
 @dataclass

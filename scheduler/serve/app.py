@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ... import __version__
 from . import chat, completions
 from .context import Context
 from .errors import ApiError, error_body, short
@@ -76,7 +77,7 @@ class Gate:
 
 
 def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="dejavu-run", version="0.1.0",
+    app = FastAPI(title="dejavu-run", version=__version__,
                   description="OpenAI-compatible API of the dejavu-run engine")
     app.state.ctx = ctx
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=ctx.limits.max_body_bytes,
