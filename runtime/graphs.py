@@ -17,14 +17,15 @@ Sparse steps are captured too when the selector keeps every head (the shipped de
 and says so (``keeps_every_head``, which the predictor and random selectors have):
 predictors and top-k or thresholds run in the graph, the batch's union of neurons is
 compacted on the device and the sparse MLP kernel reads its count there
-(``sparse.device_only``). Two things differ from the eager sparse path, both documented
-where they are: a union above ``dense_above`` is not switched to the dense MLP (that
-decision reads the device), and the per-layer predictor time is not measured. Densities
-are: the graph writes each layer's union density to an output buffer the stage folds into
-its statistics after the replay. A selector that skips heads is not captured (lazy K/V
-recomputation reads the device); its steps stay eager. A random selector's draws advance
-in the graph (its generators are registered with it), but capture's warm-up draws too, so
-a captured random baseline does not repeat an eager run's selections.
+(``selected_mlp(device_only=True)``, which ``Batch.fixed_shape`` asks for). Two things
+differ from the eager sparse path, both documented where they are: a union above
+``dense_above`` is not switched to the dense MLP (that decision reads the device), and
+the per-layer predictor time is not measured. Densities are: the graph writes each
+layer's union density to an output buffer the stage folds into its statistics after the
+replay. A selector that skips heads is not captured (lazy K/V recomputation reads the
+device); its steps stay eager. A random selector's draws advance in the graph (its
+generators are registered with it), but capture's warm-up draws too, so a captured
+random baseline does not repeat an eager run's selections.
 
 Rows beyond the step's batch (padding up to the bucket) repeat the first row: they write
 the same keys and values at the same place and select the same rows, so they change
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .model import Batch, KVCache, OPTDecoderLayer, OPTModel
-from .sparse import NotCapturable, Selection, Selector, SparseContext, SparseStats, device_only
+from .sparse import NotCapturable, Selection, Selector, SparseContext, SparseStats
 from .step import Step
 
 log = logging.getLogger("dejavu.graphs")
@@ -115,8 +116,7 @@ class _Captured:
         if self.sparse is None:
             return self.model.run_layers(h, batch)
         self.sparse.begin()
-        with device_only():
-            out = self.model.run_layers(h, batch)
+        out = self.model.run_layers(h, batch)  # fixed_shape: the sparse MLP stays on device
         self.carry_out = self.sparse.carry_out
         return out
 

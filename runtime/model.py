@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .attention import decode_attention_in_place, masked_attention
 from .opt_config import POSITION_OFFSET, OPTConfig
-from .sparse import complete_kv, sparse_attention, sparse_mlp
+from .sparse import complete_kv, selected_attention, selected_mlp
 
 if TYPE_CHECKING:
     from .sparse import SparseContext
@@ -121,6 +121,13 @@ class OPTAttention(nn.Module):
         self.k_proj = nn.Linear(c, c, bias=bias)
         self.v_proj = nn.Linear(c, c, bias=bias)
         self.out_proj = nn.Linear(c, c, bias=bias)
+        # Owned for the sparse ops (runtime/sparse_backend.py): who computes the selected
+        # rows ("torch" | "triton"; None: "auto" from the weights), the kernels' weight table
+        # (key of its source parameters, table), and, for a layer held in host memory
+        # (runtime/offload.py), the ops over its records.
+        self.sparse_backend: str | None = None
+        self.kernel_table: tuple | None = None
+        self.offloaded = None
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
         b, t, _ = x.shape
@@ -130,7 +137,7 @@ class OPTAttention(nn.Module):
                 heads: Tensor | None = None) -> Tensor:
         if heads is not None:  # [B, T, H] bool: only these heads (runtime/sparse.py)
             assert batch.sparse is not None
-            return sparse_attention(self, x, layer_id, batch, heads, batch.sparse.gather(batch))
+            return selected_attention(self, x, layer_id, batch, heads, batch.sparse.gather(batch))
         return self.merge_heads(self.head_outputs(x, layer_id, batch))
 
     def merge_heads(self, out: Tensor) -> Tensor:
@@ -189,6 +196,13 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+        # Owned for the sparse ops (runtime/sparse_backend.py): who computes the selected
+        # rows ("torch" | "triton"; None: "auto" from the weights), the kernels' weight table
+        # (key of its source parameters, table), and, for a layer held in host memory
+        # (runtime/offload.py), the ops over its records.
+        self.sparse_backend: str | None = None
+        self.kernel_table: tuple | None = None
+        self.offloaded = None
 
     def attention_block(self, h: Tensor, batch: Batch, heads: Tensor | None = None) -> Tensor:
         x = self.self_attn_layer_norm(h) if self.pre_ln else h
@@ -196,12 +210,12 @@ class OPTDecoderLayer(nn.Module):
         return h if self.pre_ln else self.self_attn_layer_norm(h)
 
     def mlp_block(self, h: Tensor, neurons: Tensor | None = None,
-                  gather: bool = False) -> Tensor:
+                  gather: bool = False, device_only: bool = False) -> Tensor:
         x = self.final_layer_norm(h) if self.pre_ln else h
         if neurons is None:
             h = h + self.fc2(F.relu(self.fc1(x)))
         else:  # [B, T, F] bool: only these neurons (runtime/sparse.py)
-            h = h + sparse_mlp(self, x, neurons, gather)
+            h = h + selected_mlp(self, x, neurons, gather, device_only=device_only)
         return h if self.pre_ln else self.final_layer_norm(h)
 
     def forward(self, h: Tensor, batch: Batch) -> Tensor:
@@ -210,7 +224,9 @@ class OPTDecoderLayer(nn.Module):
         sel = batch.sparse.select(self, h, batch)
         h = self.attention_block(h, batch, sel.heads)
         batch.sparse.lookahead(self.layer_id, h)  # next layer's predictor input (wiring)
-        return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch))
+        # A fixed-shape (CUDA-graph captured) step must not read the device from the host.
+        return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch),
+                              device_only=batch.fixed_shape)
 
 
 class OPTModel(nn.Module):

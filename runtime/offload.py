@@ -43,7 +43,6 @@ come from (nothing measures them at startup yet; a caller passes them).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -81,8 +80,6 @@ CACHE_MARGIN = 1 / 16
 # the measured hot rows (design.md: hot rows "plus a dynamic part").
 DYNAMIC_FRACTION = 0.25
 
-# Offloaded decoder layer -> its OffloadedLayer (for the byte counts below).
-_HELD: weakref.WeakKeyDictionary[torch.nn.Module, OffloadedLayer] = weakref.WeakKeyDictionary()
 
 
 def _nbytes(params) -> int:
@@ -247,7 +244,6 @@ def offload_layers(model: OPTModel, layer_ids: list[int], *, device: torch.devic
         bias = layer.fc2.bias, layer.self_attn.out_proj.bias
         ops = OffloadedLayer(rows, *bias)
         sparse_backend.register_offloaded(layer, ops)
-        _HELD[layer] = ops
         for name in BIG:
             module_name, _, pname = name.rpartition(".")
             module = layer.get_submodule(module_name)
@@ -395,7 +391,7 @@ def offload_selector(inner: Callable[[int, Tensor], Selection] | None, offloaded
 def host_bytes_read(model: OPTModel) -> int:
     """Bytes the model's offloaded layers have read from host records so far."""
     return sum(ops.host_bytes_read() for layer in model.layers()
-               if (ops := _HELD.get(layer)) is not None)
+               if (ops := layer.offloaded) is not None)
 
 
 def expected_density(selector, layer_id: int, config) -> tuple[float, float]:
@@ -427,7 +423,7 @@ def budget_report(model: OPTModel, offloaded: list[int], selector, *, budget_byt
     gpu = _nbytes(p for p in model.parameters() if not p.is_meta) + reserved_bytes
     placements = {}
     for layer in model.layers():
-        if (ops := _HELD.get(layer)) is not None:
+        if (ops := layer.offloaded) is not None:
             r = ops.rows
             gpu += _nbytes(r.small.values()) + _nbytes([r.neuron_loc, r.head_loc])
             placements[layer.layer_id] = LayerPlacement(

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -265,28 +264,15 @@ class NotCapturable(SparsityError):
     """A sparse step that cannot run without reading the device from the host."""
 
 
-# Set while runtime/graphs.py warms up and captures a sparse decode step.
-_DEVICE_ONLY = False
-
-
-@contextmanager
-def device_only():
-    """Inside: the sparse ops never read the device from the host (CUDA-graph capture).
-    The MLP's union is compacted on the device, and the kernel reads its count there."""
-    global _DEVICE_ONLY
-    before, _DEVICE_ONLY = _DEVICE_ONLY, True
-    try:
-        yield
-    finally:
-        _DEVICE_ONLY = before
-
-
-def sparse_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool) -> Tensor:
-    """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F]."""
+def selected_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool, *,
+               device_only: bool = False) -> Tensor:
+    """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F].
+    ``device_only`` (a step runtime/graphs.py captures): never read the device from the
+    host; the union is compacted on the device and the kernel reads its count there."""
     fc1, fc2 = layer.fc1, layer.fc2
     if not gather:
         return fc2(F.relu(fc1(x)) * neurons.to(x.dtype))
-    if _DEVICE_ONLY:
+    if device_only:
         return _compacted_mlp(layer, x, neurons)
     idx = union_index(neurons)
     if sparse_backend.mlp_kernel_applies(layer, x):  # Triton kernel; the code below is its twin
@@ -315,7 +301,7 @@ def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor) -> Tensor
 # --- the attention op ----------------------------------------------------------------------
 
 
-def sparse_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
+def selected_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
                      heads: Tensor, gather: bool) -> Tensor:
     """Attention over the selected heads only; x is the block's (post-LN) input [B, T, C],
     heads a [B, T, H] bool mask. Equals dense attention with unselected heads' outputs

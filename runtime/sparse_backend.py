@@ -41,7 +41,6 @@ layer's rows live (runtime/offload.py, runtime/weight_store.py).
 from __future__ import annotations
 
 import os
-import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -69,27 +68,25 @@ class BackendError(ValueError):
     """A backend that cannot run this model here; the message names the setting and fix."""
 
 
-# Per decoder layer and per attention module: the chosen backend ("torch" | "triton"), and
-# the prepared weights (MLP tables on the layer, head tables on its attention module).
-_CHOICE: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
-# A table is (key of its source parameters, the kernels' NeuronRows or HeadRows).
-_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, Any]] = (
-    weakref.WeakKeyDictionary())
-
-
-# Layers held in host records (runtime/offload.py): layer and attention module -> an object
-# with ``mlp(x, idx)`` and ``attention(attn, x, layer_id, batch, idx)``. Their sparse ops
-# always go there, whatever the backend: the module's own weights are gone.
-_OFFLOADED: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+# The state is the layer's own (runtime/model.py): each decoder layer and its attention
+# module hold ``sparse_backend`` (the chosen one), ``kernel_table`` (the prepared weights:
+# MLP tables on the layer, head tables on its attention module) and ``offloaded``.
 
 
 def register_offloaded(layer: OPTDecoderLayer, ops: Any) -> None:
-    _OFFLOADED[layer] = ops
-    _OFFLOADED[layer.self_attn] = ops
+    """A layer held in host records (runtime/offload.py): ``ops`` has ``mlp(x, idx)`` and
+    ``attention(attn, x, layer_id, batch, idx)``, and its sparse ops always go there,
+    whatever the backend: the module's own weights are gone."""
+    layer.offloaded = ops
+    layer.self_attn.offloaded = ops
 
 
-def is_offloaded(module: torch.nn.Module) -> bool:
-    return module in _OFFLOADED
+def is_offloaded(module: OPTDecoderLayer | OPTAttention) -> bool:
+    return module.offloaded is not None
+
+
+def _layers(model: torch.nn.Module) -> list[OPTDecoderLayer]:
+    return [m for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "self_attn")]
 
 
 def _interpreting() -> bool:
@@ -120,26 +117,26 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
 def use_backend(model: torch.nn.Module, backend: str) -> str:
     """Run ``model``'s sparse ops on ``backend``; returns the resolved one. ``model`` is an
     OPTModel (every layer) or a single OPTDecoderLayer."""
-    layers = [m for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "self_attn")]
+    layers = _layers(model)
     if not layers:
         raise BackendError(f"{type(model).__name__} has no decoder layers to configure")
-    resident = [m for m in layers if m not in _OFFLOADED]
+    resident = [m for m in layers if m.offloaded is None]
     if not resident:  # every layer runs on the kernels' host path anyway
         return "triton"
     w = resident[0].fc1.weight
     chosen = resolve(backend, w.device, w.dtype)
     for layer in layers:
         for module in (layer, layer.self_attn):
-            _CHOICE[module] = chosen
+            module.sparse_backend = chosen
             if chosen == "torch":
-                _PREPARED.pop(module, None)
+                module.kernel_table = None
     return chosen
 
 
 def backend_of(module: torch.nn.Module) -> str:
     """A layer's (or attention module's) configured backend, else "auto" resolved from its
     weights."""
-    chosen = _CHOICE.get(module)
+    chosen = module.sparse_backend
     if chosen is None:
         w = next(module.parameters())
         chosen = resolve("auto", w.device, w.dtype)
@@ -157,7 +154,7 @@ def _key(params: list[Tensor | None]) -> tuple:
 
 def _cached(module: torch.nn.Module, params: list[Tensor | None]) -> Any:
     """``module``'s table if its source parameters are still the ones it was built from."""
-    entry = _PREPARED.get(module)
+    entry = module.kernel_table
     return entry[1] if entry is not None and entry[0] == _key(params) else None
 
 
@@ -193,7 +190,7 @@ def mlp_rows(layer: OPTDecoderLayer):
             w1 = fc1.weight.detach()
             b1 = fc1.bias.detach() if fc1.bias is not None else w1.new_zeros(w1.shape[0])
             rows = NeuronRows(w1, w2t, b1)
-        _PREPARED[layer] = (_key(params), rows)
+        layer.kernel_table = (_key(params), rows)
     return rows
 
 
@@ -220,15 +217,15 @@ def head_table(attn: OPTAttention):
                     _adopt(p.bias, bqkv[i].view(c))
             _adopt(attn.out_proj.weight, wo.view(c, c).t())
             table = HeadRows(wqkv, bqkv, wo)
-        _PREPARED[attn] = (_key(params), table)
+        attn.kernel_table = (_key(params), table)
     return table
 
 
 def release(model: torch.nn.Module) -> None:
     """Forget the tables of ``model``'s modules (rebuilt on next use; the parameters keep
     the kernel layout, which every other path reads through strides)."""
-    for m in model.modules():
-        _PREPARED.pop(m, None)
+    for layer in _layers(model):
+        layer.kernel_table = layer.self_attn.kernel_table = None
 
 
 # --- the ops ----------------------------------------------------------------------------------
@@ -236,7 +233,7 @@ def release(model: torch.nn.Module) -> None:
 
 def mlp_kernel_applies(layer: OPTDecoderLayer, x: Tensor) -> bool:
     """Whether ``mlp_gather`` takes this gather-mode MLP. x: [B, T, C]."""
-    if layer in _OFFLOADED:
+    if layer.offloaded is not None:
         return True
     return (backend_of(layer) == "triton" and x.dtype in KERNEL_DTYPES
             and 1 <= x.shape[0] * x.shape[1] <= MAX_BATCH)
@@ -248,7 +245,7 @@ def mlp_gather(layer: OPTDecoderLayer, x: Tensor, idx: Tensor,
     x: [B, T, C] with B*T <= MAX_BATCH. ``count``: [1] int32 on the device, the valid
     entries at the front of ``idx`` (a union compacted on the device; resident layers only).
     Returns [B, T, C], fc2's bias included."""
-    offloaded = _OFFLOADED.get(layer)
+    offloaded = layer.offloaded
     if offloaded is not None:
         if count is not None:
             raise BackendError("an offloaded layer takes its selection as indices, not a count")
@@ -266,7 +263,7 @@ def attention_kernel_applies(attn: OPTAttention, x: Tensor, batch: Batch) -> boo
     token per row, at most MAX_BATCH rows) on a cache that keeps attention inputs (the lazy
     K/V scheme; without stored inputs every head's K/V is computed, which the kernels do not
     do)."""
-    if attn in _OFFLOADED:
+    if attn.offloaded is not None:
         return True
     cache = batch.cache
     return (backend_of(attn) == "triton" and cache is not None
@@ -279,7 +276,7 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
                      idx: Tensor) -> Tensor:
     """Attention of heads ``idx`` (sorted, the batch's union) for a decode step, through the
     kernels, out_proj (with its bias) included. x: [B, 1, C] (post-LN). Returns [B, 1, C]."""
-    offloaded = _OFFLOADED.get(attn)
+    offloaded = attn.offloaded
     if offloaded is not None:
         return offloaded.attention(attn, x, layer_id, batch, idx)
     from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection

@@ -6,25 +6,23 @@ kernel, reading the cache in place) runs eagerly in Triton's interpreter; the ca
 replay themselves are GPU tests.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dejavu.runtime.graphs import DecodeGraphs, bucket  # noqa: E402
 from dejavu.runtime.model import Batch, OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.selection import RandomSelector  # noqa: E402
-from dejavu.runtime.sparse import Selection, device_only, sparse_mlp  # noqa: E402
+from dejavu.runtime.sparse import Selection, selected_mlp  # noqa: E402
 from dejavu.runtime.sparse_backend import use_backend  # noqa: E402
 from dejavu.runtime.stage import Stage, allocate_cache  # noqa: E402
 from dejavu.runtime.step import Row, Step  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=64, ignore_eos=True)
+# The kernels run where the interpreter is (tests/conftest.py): on the CPU without CUDA,
+# on the GPU with it.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tiny(dtype, device="cpu", *, pre_ln=True, seed=0):
@@ -49,7 +47,7 @@ def test_bucket():
 def test_fixed_shape_forward_equals_eager(dtype, pre_ln):
     """Rows at different positions (one a reused slot with stale entries beyond its own
     length): the in-place decode attention equals the gathered, masked one."""
-    model = tiny(dtype, pre_ln=pre_ln)
+    model = tiny(dtype, DEVICE, pre_ln=pre_ln)
     config = model.config
     eager_cache = allocate_cache(model, 4, 32)
     g = torch.Generator().manual_seed(3)
@@ -59,9 +57,9 @@ def test_fixed_shape_forward_equals_eager(dtype, pre_ln):
     fixed_cache = allocate_cache(model, 4, 32)
     fixed_cache.k.copy_(eager_cache.k)
     fixed_cache.v.copy_(eager_cache.v)
-    slots = torch.tensor([2, 0, 3])
-    positions = torch.tensor([[5], [17], [0]])
-    h = torch.randn(3, 1, config.hidden_size, generator=g).to(dtype)
+    slots = torch.tensor([2, 0, 3], device=DEVICE)
+    positions = torch.tensor([[5], [17], [0]], device=DEVICE)
+    h = torch.randn(3, 1, config.hidden_size, generator=g).to(DEVICE, dtype)
     with torch.inference_mode():
         want = model.run_layers(h, Batch(positions, slots, eager_cache))
         got = model.run_layers(h, Batch(positions, slots, fixed_cache, fixed_shape=True))
@@ -76,16 +74,15 @@ def test_fixed_shape_forward_equals_eager(dtype, pre_ln):
 def test_device_only_mlp_equals_union_gather(rows):
     """The capturable sparse MLP (union compacted on the device, count read by the kernel)
     computes the same as the eager gather over the sorted union."""
-    model = tiny(torch.float16)
+    model = tiny(torch.float16, DEVICE)
     assert use_backend(model, "triton") == "triton"
     layer = model.layers()[0]
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(rows, 1, model.config.hidden_size, generator=g).to(torch.float16)
-    neurons = torch.rand(rows, 1, model.config.ffn_dim, generator=g) < 0.2
+    x = torch.randn(rows, 1, model.config.hidden_size, generator=g).to(DEVICE, torch.float16)
+    neurons = (torch.rand(rows, 1, model.config.ffn_dim, generator=g) < 0.2).to(DEVICE)
     with torch.inference_mode():
-        want = sparse_mlp(layer, x, neurons, True)
-        with device_only():
-            got = sparse_mlp(layer, x, neurons, True)
+        want = selected_mlp(layer, x, neurons, True)
+        got = selected_mlp(layer, x, neurons, True, device_only=True)
         dense_rows = layer.fc2(torch.relu(layer.fc1(x.float().to(torch.float16))))
     assert float((got.float() - want.float()).norm() / want.float().norm()) < 3e-3
     assert not torch.allclose(got.float(), dense_rows.float(), rtol=1e-2)  # really sparse

@@ -4,13 +4,8 @@ model's own cached attention (runtime/model.py) when every head is selected.
 Without a GPU the kernels run in Triton's interpreter (tiny shapes); GPU tests are marked.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dejavu.kernels.sparse_attention import (  # noqa: E402
     decode_attention,

@@ -5,13 +5,8 @@ triton is imported); shapes stay tiny there. GPU tests (marked) use OPT-like siz
 rows from mapped pinned host memory too.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dejavu.kernels.mlp_chained import mlp_workspace  # noqa: E402
 from dejavu.kernels.sparse_mlp import NeuronRows, sparse_mlp, sparse_mlp_reference  # noqa: E402

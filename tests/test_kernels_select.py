@@ -1,12 +1,7 @@
 """GPU threshold selection (compaction with a device-side count) vs plain PyTorch."""
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dejavu.kernels.select import (  # noqa: E402
     lowrank_scores_reference,

@@ -5,14 +5,8 @@ that its rows really came from the records. Without a GPU the kernels run in Tri
 interpreter (TRITON_INTERPRET=1, set before triton is imported) over CPU "host" records.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from test_sparse_backend import (  # noqa: E402
     CFG,
     DEVICE,

@@ -7,14 +7,8 @@ Without a GPU the kernels run in Triton's interpreter over CPU "host" records
 (TRITON_INTERPRET=1, set before triton is imported, inherited by worker processes).
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from pipeline_fixtures import TINY, cluster, read_log  # noqa: E402
 from test_offload import layer_bytes, other_bytes  # noqa: E402
 from test_sparse_backend import CFG, DEVICE, selector, tiny_model  # noqa: E402
@@ -23,7 +17,6 @@ from dejavu.runtime import sparse_backend  # noqa: E402
 from dejavu.runtime.checkpoint import load_model, save_model  # noqa: E402
 from dejavu.runtime.model import OPTModel  # noqa: E402
 from dejavu.runtime.offload import (  # noqa: E402
-    _HELD,
     CACHE_MARGIN,
     OffloadSelector,
     budget_report,
@@ -59,7 +52,7 @@ def budget(extra: int) -> int:
 
 
 def rows_of(model, lid):
-    return _HELD[model.layers()[lid]].rows
+    return model.layers()[lid].offloaded.rows
 
 
 def gpu_bytes_held(model) -> int:
@@ -67,7 +60,7 @@ def gpu_bytes_held(model) -> int:
     and each offloaded layer's caches, small tensors and location maps."""
     total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     for layer in model.layers():
-        if (ops := _HELD.get(layer)) is not None:
+        if (ops := layer.offloaded) is not None:
             r = ops.rows
             total += sum(t.numel() * t.element_size() for t in
                          [r.cache_neurons, r.cache_heads, r.neuron_loc, r.head_loc,

@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from pipeline_fixtures import TINY, cluster, read_log  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 

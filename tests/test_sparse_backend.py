@@ -8,13 +8,8 @@ rounding. Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRE
 before triton is imported): shapes stay tiny. GPU-marked tests repeat this on CUDA.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dejavu.runtime import sparse_backend  # noqa: E402
 from dejavu.runtime.model import Batch, KVCache, OPTModel  # noqa: E402

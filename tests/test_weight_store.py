@@ -2,13 +2,9 @@
 an offloaded layer (hot rows cached, the rest on the host) against the model's own blocks.
 """
 
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # the kernels run in Triton's interpreter on a CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dejavu.runtime.model import Batch, KVCache, OPTDecoderLayer  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402

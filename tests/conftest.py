@@ -1,0 +1,27 @@
+"""Shared by every test file, loaded before any of them imports triton.
+
+- Triton's interpreter: without CUDA the kernels run on CPU tensors through
+  ``TRITON_INTERPRET=1`` (worker processes inherit it). Triton reads it when a kernel is
+  defined, so it is set here, once, not per file. With CUDA it stays off: tests that run
+  kernels then use the GPU (tests decide their device from ``torch.cuda.is_available()``).
+- ``@pytest.mark.gpu``: the test needs CUDA; without it the test is skipped, never failed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
