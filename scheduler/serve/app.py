@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 
 from ... import __version__
-from . import chat, completions
+from . import chat_completions, completions
 from .context import Context
 from .errors import ApiError, error_body, short
 from .schema import ChatRequest, CompletionRequest
@@ -118,11 +118,12 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
     @_guard(ctx)
     async def create_chat_completion(body: ChatRequest, request: Request) -> Response:
         request_id = ctx.new_id("chatcmpl")
-        choices = chat.plan(ctx, body, request_id)
+        choices = chat_completions.plan(ctx, body, request_id)
         if body.stream:
-            return _streaming(ctx, chat.stream(ctx, body, request_id, choices), len(choices))
+            events = chat_completions.stream(ctx, body, request_id, choices)
+            return _streaming(ctx, events, len(choices))
         await _run(ctx, request, choices, "chat")
-        return JSONResponse(chat.response(ctx, body, request_id, choices))
+        return JSONResponse(chat_completions.response(ctx, body, request_id, choices))
 
     return app
 
