@@ -26,7 +26,9 @@ class EngineDeadError(RuntimeError):
 
 
 @dataclass
-class Health:
+class EngineHealth:
+    """What a front end reports on /health: whether the engine serves, and why not."""
+
     ok: bool
     detail: str = ""
     workers: list[dict] = field(default_factory=list)
@@ -45,7 +47,7 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    def health(self) -> Health: ...
+    def health(self) -> EngineHealth: ...
 
     def stats(self) -> dict: ...
 
@@ -94,9 +96,9 @@ class LocalClient:
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    def health(self) -> Health:
+    def health(self) -> EngineHealth:
         alive = self._thread.is_alive() and self._dead is None
-        return Health(alive, self._dead or "", [{"worker": 0, "alive": alive}])
+        return EngineHealth(alive, self._dead or "", [{"worker": 0, "alive": alive}])
 
     def stats(self) -> dict:
         out = dict(self._stats, running=len(self._streams))

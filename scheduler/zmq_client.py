@@ -220,8 +220,6 @@ class PipelineClient:
 
     def __init__(self, address: str, *, keys_dir: str | None = None, dead_s: float = 10.0,
                  cluster=None, timeout_s: float = 10.0) -> None:
-        from .client import Health  # noqa: F401 - the protocol's type, checked at import
-
         self.address = address
         self.keys_dir = keys_dir
         self.dead_s = dead_s
@@ -330,14 +328,14 @@ class PipelineClient:
             pass  # not connected: nothing runs for this request anyway
 
     def health(self):
-        from .client import Health
+        from .client import EngineHealth
 
         h = self._health
         workers = [{"worker": w.index, "alive": w.state == "ready", "restarts": w.restarts,
                     "pid": w.pid, "layers": list(w.layers), "device": w.device}
                    for w in h.workers]
         ok = self._dead is None and h.state == "ready"
-        return Health(ok, self._dead or h.state, workers)
+        return EngineHealth(ok, self._dead or h.state, workers)
 
     def stats(self) -> dict:
         h = self._health

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 from ...runtime.sampling import SamplingError, SamplingParams
-from ..client import EngineClient, Health
+from ..client import EngineClient, EngineHealth
 from .errors import ApiError, short
 from .jobs import Choice, Runner, request_error
 from .metrics import ServerMetrics
@@ -48,7 +48,7 @@ class Context:
     def vocab_size(self) -> int:
         return self.client.vocab_size
 
-    def health(self) -> Health:
+    def health(self) -> EngineHealth:
         """The client's verdict, and for a cluster this process started (on this host) a
         direct look at each worker process: a killed worker is seen at once, not when the
         scheduler's next health report arrives."""
@@ -63,7 +63,7 @@ class Context:
         workers = [dict(w, alive=w not in gone and w.get("alive", False))
                    for w in health.workers]
         detail = "; ".join(f"worker {w.get('worker')} (pid {w['pid']}) is gone" for w in gone)
-        return Health(False, detail, workers)
+        return EngineHealth(False, detail, workers)
 
     # --- requests -----------------------------------------------------------------------------
 

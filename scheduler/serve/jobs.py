@@ -74,7 +74,7 @@ class Runner:
     def __init__(self, client: EngineClient, metrics: ServerMetrics, max_pending: int,
                  health=None) -> None:
         self.client = client
-        self.health = health or client.health  # () -> Health
+        self.health = health or client.health  # () -> EngineHealth
         self.metrics = metrics
         self.max_pending = max_pending
         self.pending = 0  # engine requests admitted and not yet finished
