@@ -130,8 +130,9 @@ class SparseStats:
 
     def per_layer(self) -> list[tuple[int, float, float]]:
         """(layer id, fraction of neurons, fraction of heads computed per token), by layer."""
+        # A copy first (atomic): a front end may read while the engine's thread adds layers.
         return [(i, s.mlp_computed / s.tokens, s.heads_computed / s.tokens)
-                for i, s in sorted(self.layers.items()) if s.tokens]
+                for i, s in sorted(self.layers.copy().items()) if s.tokens]
 
     def as_dict(self) -> dict:
         return {

@@ -53,7 +53,10 @@ def run_eval(settings, opts, as_json: bool, *, sparse: bool | None = None) -> st
     from .eval import EvalOptions, evaluate, expand_tasks, markdown_table, to_json
 
     settings = resolve(settings, sparse)
-    # No stage: scoring runs whole windows from position 0, without a KV cache.
+    # No stage: scoring runs whole windows from position 0, without a KV cache, which
+    # offloaded layers need (their attention completes skipped heads from it); so the
+    # whole model is loaded on the device, whatever [pipeline] gpu_memory_gib says.
+    settings.pipeline.gpu_memory_gib = None
     built = build_model(settings)
     model, selector = built.model, built.selector
     tokenizer = load_tokenizer(settings.model.path)
