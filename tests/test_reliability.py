@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 
 import msgspec
 import pytest
@@ -38,18 +39,23 @@ def greedy(tiny):
     return [engine.generate(p, GREEDY).tokens for p in PROMPTS]
 
 
-def start_three(conn: PipelineConnection) -> list[str]:
-    """Three long requests, returned once each has streamed a token (so all are in flight)."""
-    rids = [conn.submit(PROMPTS[i], LONG) for i in range(3)]
-    seen: set[str] = set()
-    while seen != set(rids):
-        for e in conn.events(timeout_s=10):
-            assert not e.finished, e
-            seen.add(e.request_id)
-    return rids
+def start_three(conn: PipelineConnection, timeout_s: float = 60.0) -> dict[str, int]:
+    """Three long requests, returned once each has streamed a token (so all are in flight),
+    as request id -> tokens read so far: on a loaded machine one request may stream several
+    tokens before another starts, and a caller that counts tokens must start from these.
+    Events of other requests (late ones of an earlier test) are not theirs and are skipped."""
+    tokens = {conn.submit(PROMPTS[i], LONG): 0 for i in range(3)}
+    deadline = time.monotonic() + timeout_s
+    while not all(tokens.values()):
+        assert time.monotonic() < deadline, f"requests not all started in {timeout_s} s"
+        for e in conn.events(timeout_s=1.0):
+            if e.request_id in tokens:
+                assert not e.finished, e
+                tokens[e.request_id] += e.token is not None
+    return tokens
 
 
-def collect_errors(conn: PipelineConnection, rids: list[str], timeout_s: float) -> dict:
+def collect_errors(conn: PipelineConnection, rids: Collection[str], timeout_s: float) -> dict:
     """request id -> (seconds until its final event, its error)."""
     start = time.monotonic()
     done = {}
@@ -343,9 +349,11 @@ def test_sigterm_while_streaming_drains_and_exits_0_leaving_nothing(tiny, greedy
         assert wait_until(lambda: conn.health().state == "draining", 5) is not None
         late = conn.run([PROMPTS[3]], GREEDY)[0]  # refused: draining
         done = {}
-        tokens = {rid: 1 for rid in rids}  # start_three read one token of each
+        tokens = dict(rids)  # what start_three read already
         while len(done) < 3:
             for e in conn.events(timeout_s=10):
+                if e.request_id not in tokens:
+                    continue
                 tokens[e.request_id] += e.token is not None
                 if e.finished:
                     done[e.request_id] = e
