@@ -11,16 +11,17 @@ registers the layer with runtime/sparse_backend.py, so that the model's sparse o
 its rows from there. Norms and the out_proj/fc2 biases stay on the module.
 
 Every token of an offloaded layer is sparse: ``OffloadSelector`` turns "dense" (no mask)
-into "every row" for those layers, since their dense weights are gone. The kernels take one
-token per batch row; a prefill runs them token by token (exact, since each token attends
-to the positions written before it), reading the selected rows once per token: correct,
-not fast. Streaming a whole layer up once per prefill would be the faster prefill; not
-done here.
+into "every row" for those layers, since their dense weights are gone. Decode steps (one
+token per batch row, at most ``MAX_BATCH`` rows) run the kernels, which read the selected
+rows in place. Multi-token steps (prefill chunks) bring each offloaded layer to the device
+once per chunk instead, through a double buffer whose next copy overlaps this layer's
+compute (runtime/row_stream.py), and run ordinary torch math over it; a budget keeps room
+for that buffer (``plan_streaming``) or, too small for it, prefills token by token.
 
 K/V stay exact as in runtime/sparse.py: each step stores its attention input and marks
 its position stale for every head; the selected heads' K/V are written by the projection
-kernel, and a selected head missing at earlier positions is recomputed from the stored
-inputs by the same kernel over the host rows.
+kernel (a streamed prefill writes every head's), and a selected head missing at earlier
+positions is recomputed from the stored inputs by the same kernel over the host rows.
 
 A worker or the in-process engine with a ``gpu_memory_gib`` budget loads its span on the
 CPU, calls ``fit_budget``, wraps its selector with ``offload_selector`` (a dense run gets
@@ -43,6 +44,7 @@ come from (nothing measures them at startup yet; a caller passes them).
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 
@@ -51,10 +53,11 @@ from torch import Tensor
 
 from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
 from ..kernels.sparse_mlp import MAX_BATCH, sparse_mlp
-from ..scheduler.planner import offload_reserved_bytes
+from ..scheduler.planner import offload_reserved_bytes, stream_buffer_bytes
 from ..scheduler.planner import size as human_size
-from . import sparse_backend
+from . import row_stream, sparse_backend
 from .model import Batch, OPTAttention, OPTModel
+from .row_stream import RowStream
 from .sparse import Selection
 from .weight_store import (
     LayerFrequencies,
@@ -67,6 +70,8 @@ from .weight_store import (
     plan_placement,
     uniform_placement,
 )
+
+log = logging.getLogger("dejavu.offload")
 
 # The weights that move to the host records (norms and out_proj/fc2 biases stay).
 BIG = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
@@ -111,15 +116,44 @@ def plan_offload(model: OPTModel, budget_bytes: int, reserved_bytes: int = 0) ->
     return out
 
 
+def plan_streaming(model: OPTModel, budget_bytes: int,
+                   reserved_bytes: int = 0) -> tuple[list[int], bool]:
+    """``plan_offload`` for a model whose prefill streams offloaded layers: once anything
+    is offloaded the budget also holds the double buffer (``stream_bytes``), which may push
+    more layers out. Returns (offloaded layer ids, whether the buffer fits): a budget that
+    cannot hold it even with every layer offloaded runs prefill token by token instead
+    (correct, slow; fit_budget logs it). scheduler/planner.py's ``offloaded_layers``
+    computes the same count."""
+    out = plan_offload(model, budget_bytes, reserved_bytes)
+    if not out:
+        return out, False
+    try:
+        return plan_offload(model, budget_bytes, reserved_bytes + stream_bytes(model)), True
+    except PlacementError:
+        return out, False
+
+
+def stream_bytes(model: OPTModel) -> int:
+    """Device bytes of the double buffer that multi-token steps stream offloaded layers
+    through (row_stream.RowStream: two layers' records)."""
+    return stream_buffer_bytes(model.config, next(model.parameters()).element_size())
+
+
 class OffloadedLayer:
     """One layer's rows in host records (+ hot rows on the GPU), and the sparse ops over
     them, called by runtime/sparse_backend.py."""
 
     def __init__(self, rows: ResidentLayer, fc2_bias: Tensor | None,
-                 out_proj_bias: Tensor | None) -> None:
+                 out_proj_bias: Tensor | None, stream: RowStream | None = None,
+                 slot: int = 0) -> None:
         self.rows = rows
         self.fc2_bias = fc2_bias
         self.out_proj_bias = out_proj_bias
+        # Multi-token steps: the shared double buffer, this layer's slot in it, and the
+        # next offloaded layer of the model (whose copy this layer's blocks start).
+        self.stream = stream
+        self.slot = slot
+        self.next: OffloadedLayer | None = None
         # Host bytes read. With no GPU row cache every selected row is a host row and the
         # count needs no look at the locations (no device synchronisation per op).
         e = rows.host.neurons.element_size()
@@ -141,8 +175,60 @@ class OffloadedLayer:
         extra = 0 if self._read_on_device is None else int(self._read_on_device)
         return self.read + extra
 
+    def streams(self, x: Tensor) -> bool:
+        """Whether a step of x [B, T, C] brings this layer to the device once (prefill
+        chunks) instead of reading its rows per token through the decode kernels."""
+        return self.stream is not None and (x.shape[1] > 1 or x.shape[0] > MAX_BATCH)
+
+    def _bring(self, kind: str, ids: Tensor) -> tuple[Tensor, bool]:
+        """This layer's ``kind`` ("neurons" | "heads") records for rows ``ids`` on the
+        device: (buffer, whole). Whole: every row in id order; else the union's rows in
+        the order of ``ids``. Starts the next offloaded layer's whole copy when this one's
+        union was wide enough that a whole copy is the cheaper choice."""
+        st = self.stream
+        host = self.rows.host.neurons if kind == "neurons" else self.rows.host.heads
+        wide = ids.numel() >= row_stream.UNION_BELOW * host.shape[0]
+        whole = st.holds_whole(self, self.slot, kind) or wide
+        if whole:
+            self.read += st.prefetch_whole(self, self.slot, kind, host)
+        else:
+            view = self.rows.host_neurons if kind == "neurons" else self.rows.host_heads
+            self.read += st.gather(self, self.slot, kind, view, ids)
+        nxt = self.next
+        if wide and nxt is not None and nxt.slot != self.slot:
+            nhost = nxt.rows.host.neurons if kind == "neurons" else nxt.rows.host.heads
+            nxt.read += st.prefetch_whole(nxt, nxt.slot, kind, nhost)
+        return st.acquire(self.slot, kind), whole
+
+    def _streamed_mlp(self, x: Tensor, idx: Tensor) -> Tensor:
+        records, whole = self._bring("neurons", idx)
+        if not whole:  # the union's rows, gathered to the front
+            records, idx = records[:idx.numel()], None
+        elif idx.numel() == records.shape[0]:  # the union is every row
+            idx = None
+        out = row_stream.streamed_mlp(records, self.rows.layout.hidden, x, idx, self.fc2_bias)
+        self.stream.release(self.slot, "neurons")
+        return out
+
+    def _streamed_attention(self, x: Tensor, layer_id: int, batch: Batch,
+                            idx: Tensor) -> Tensor:
+        cache = batch.cache
+        cache_k, cache_v = cache.layer(layer_id)
+        xs, valid = cache.layer_inputs(layer_id)
+        records, whole = self._bring("heads", idx)
+        out, recomputed = row_stream.streamed_attention(
+            records, self.rows.layout, x, idx, idx if whole else None, whole, cache_k, cache_v,
+            xs, valid, batch.slots, batch.positions, batch.attended_length(),
+            self.out_proj_bias)
+        self.stream.release(self.slot, "heads")
+        if batch.sparse is not None:
+            batch.sparse.stats.layer(layer_id).kv_recomputed += recomputed
+        return out
+
     def mlp(self, x: Tensor, idx: Tensor) -> Tensor:
         """fc2(relu(fc1(x))) over neurons ``idx``; x [B, T, C], any number of rows."""
+        if self.streams(x):
+            return self._streamed_mlp(x, idx)
         b, t, c = x.shape
         flat = x.reshape(b * t, c).contiguous()
         resident, host = self.rows.neuron_tables
@@ -166,6 +252,8 @@ class OffloadedLayer:
             raise sparse_backend.BackendError(
                 f"layer {layer_id} is offloaded: its attention needs a KV cache that keeps "
                 "attention inputs (KVCache(keep_inputs=True)), to complete skipped heads")
+        if self.streams(x):
+            return self._streamed_attention(x, layer_id, batch, idx)
         cache_k, cache_v = cache.layer(layer_id)
         xs, valid = cache.layer_inputs(layer_id)
         heads = idx.to(torch.int32)
@@ -223,10 +311,13 @@ class OffloadedLayer:
 
 def offload_layers(model: OPTModel, layer_ids: list[int], *, device: torch.device | str,
                    pin: bool | None = None,
-                   placements: dict[int, LayerPlacement] | None = None) -> None:
+                   placements: dict[int, LayerPlacement] | None = None,
+                   stream: bool = True) -> None:
     """Move layers ``layer_ids`` of ``model`` to host records (pinned when ``pin``, default:
     on a CUDA device) with the hot rows of ``placements`` (default: none) cached on
-    ``device``, and route their sparse ops there."""
+    ``device``, and route their sparse ops there. ``stream``: multi-token steps bring each
+    layer to the device once through a double buffer (row_stream.py; ``stream_bytes`` of
+    device memory), else they read rows token by token."""
     device = torch.device(device)
     pin = device.type == "cuda" if pin is None else pin
     dtype = next(model.parameters()).dtype
@@ -239,13 +330,20 @@ def offload_layers(model: OPTModel, layer_ids: list[int], *, device: torch.devic
     for lid in layer_ids:
         if lid not in by_id:
             raise ValueError(f"layer {lid} is not in this model's span {model.layer_ids}")
+    # One double buffer for the model's multi-token steps (row_stream.py).
+    buffer = RowStream(layout, dtype, device) if layer_ids and stream else None
+    previous: OffloadedLayer | None = None
+    for k, lid in enumerate(sorted(layer_ids)):
         layer = by_id[lid]
         host = host_layer_from_module(layer, layout, dtype=dtype, pin=pin)
         none = torch.empty(0, dtype=torch.long)
         place = (placements or {}).get(lid, LayerPlacement(lid, none, none, False))
         rows = ResidentLayer(host, place, layout, device)
         bias = layer.fc2.bias, layer.self_attn.out_proj.bias
-        ops = OffloadedLayer(rows, *bias)
+        ops = OffloadedLayer(rows, *bias, stream=buffer, slot=k % row_stream.SLOTS)
+        if previous is not None:
+            previous.next = ops
+        previous = ops
         sparse_backend.register_offloaded(layer, ops)
         _HELD[layer] = ops
         for name in BIG:
@@ -320,14 +418,19 @@ def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str
     ``device``. Load the model on the CPU first, so that offloaded layers never occupy the
     GPU. Returns the offloaded layer ids (run the engine with an ``OffloadSelector`` over
     them)."""
-    layers = plan_offload(model, budget_bytes, reserved_bytes)
+    layers, stream = plan_streaming(model, budget_bytes, reserved_bytes)
+    if layers and not stream:
+        log.warning("gpu_memory_gib: %s leaves no room for the %s buffer that prefill streams "
+                    "offloaded layers through: prefill reads their rows token by token",
+                    human_size(budget_bytes), human_size(stream_bytes(model)))
     placements = {}
     if caches and layers:
-        spare = spare_bytes(model, layers, budget_bytes, reserved_bytes)
+        reserved = reserved_bytes + (stream_bytes(model) if stream else 0)
+        spare = spare_bytes(model, layers, budget_bytes, reserved)
         e = next(model.parameters()).element_size()
         placements = cache_placements(RecordLayout.of(model.config), e, layers,
                                       spare - int(spare * CACHE_MARGIN), freqs)
-    offload_layers(model, layers, device=device, placements=placements)
+    offload_layers(model, layers, device=device, placements=placements, stream=stream)
     move_resident(model, device)
     return layers
 
@@ -426,8 +529,12 @@ def budget_report(model: OPTModel, offloaded: list[int], selector, *, budget_byt
     layout = RecordLayout.of(config)
     gpu = _nbytes(p for p in model.parameters() if not p.is_meta) + reserved_bytes
     placements = {}
+    streams = set()
     for layer in model.layers():
         if (ops := _HELD.get(layer)) is not None:
+            if ops.stream is not None and id(ops.stream) not in streams:
+                streams.add(id(ops.stream))
+                gpu += ops.stream.nbytes()
             r = ops.rows
             gpu += _nbytes(r.small.values()) + _nbytes([r.neuron_loc, r.head_loc])
             placements[layer.layer_id] = LayerPlacement(

@@ -73,7 +73,11 @@ def test_offloaded_layers_equal_resident_prefill_and_decode(offloaded, batch):
         assert rel_err(out[step], ref[step]) < TOL[dtype], f"step {step}"
     assert tokens == ref_tokens
     recomputed = [s.kv_recomputed for s in stats.layers.values()]
-    assert recomputed == [s.kv_recomputed for s in ref_stats.layers.values()]
+    ref_recomputed = [s.kv_recomputed for s in ref_stats.layers.values()]
+    # A streamed prefill writes every head's K/V (the whole layer is on the device), so
+    # offloaded layers complete fewer heads later; resident layers exactly as often.
+    for lid, (n, ref_n) in enumerate(zip(recomputed, ref_recomputed, strict=True)):
+        assert n <= ref_n if lid in offloaded else n == ref_n
     assert sum(recomputed[i] for i in offloaded) > 0
 
 
