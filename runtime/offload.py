@@ -66,6 +66,7 @@ from .weight_store import (
     RecordLayout,
     ResidentLayer,
     gib,
+    head_rows,
     host_layer_from_module,
     plan_placement,
     uniform_placement,
@@ -162,6 +163,7 @@ class OffloadedLayer:
         self.all_host = rows.cache_neurons.shape[0] == 0 and rows.cache_heads.shape[0] == 0
         self.read = 0
         self._read_on_device: Tensor | None = None
+        self._recomputed: Tensor | None = None  # K/V pairs staged decode completed
 
     def _count(self, locs: Tensor, record_bytes: int) -> None:
         if self.all_host:
@@ -222,8 +224,49 @@ class OffloadedLayer:
             self.out_proj_bias)
         self.stream.release(self.slot, "heads")
         if batch.sparse is not None:
-            batch.sparse.stats.layer(layer_id).kv_recomputed += recomputed
+            batch.sparse.stats.layer(layer_id).kv_recomputed += int(recomputed)
         return out
+
+    def _staged_attention(self, x: Tensor, layer_id: int, batch: Batch, idx: Tensor) -> Tensor:
+        """A decode step's attention (x [B, 1, C], B <= MAX_BATCH) with the selected heads'
+        records on the device first: gathered into the stream buffer once (or the whole
+        block, if a prefill left it there), so that the projection kernels and the K/V of
+        heads skipped earlier (completed for every selected head at once, row_stream's
+        ``complete_kv``) read them from device memory, never twice over the link. Nothing
+        here reads the device from the host: the recomputed count stays on the device
+        (``kv_recomputed``)."""
+        cache, slots, pos = batch.cache, batch.slots, batch.positions
+        cache_k, cache_v = cache.layer(layer_id)
+        xs, valid = cache.layer_inputs(layer_id)
+        st, layout = self.stream, self.rows.layout
+        if st.holds_whole(self, self.slot, "heads"):
+            rows = idx
+        else:
+            self.read += st.gather(self, self.slot, "heads", self.rows.host_heads, idx)
+            rows = torch.arange(idx.numel(), device=idx.device)
+        records = st.acquire(self.slot, "heads")
+        table = head_rows(records, layout.hidden, layout.head_dim)
+        heads, locs = idx.to(torch.int32), rows.to(torch.int32)
+        p, x2 = pos[:, 0].contiguous(), x[:, 0].contiguous()
+        r2 = slots[:, None]
+        xs[r2, pos] = x.to(xs.dtype)
+        valid[r2, :, pos] = False  # this position's other heads are now stale
+        q = qkv_projection(x2, table, heads, locs, cache_k, cache_v, slots, p,
+                           split_c=sparse_backend.ATTENTION_ARGS["qkv_split_c"])
+        valid[r2, idx[None, :], pos] = True
+        n = row_stream.complete_kv(table, rows, idx, cache_k, cache_v, xs, valid, slots, pos,
+                                   batch.attended_length())
+        self._recomputed = n if self._recomputed is None else self._recomputed + n
+        a = decode_attention(q, heads, cache_k, cache_v, slots, p,
+                             chunk=sparse_backend.ATTENTION_ARGS["chunk"])
+        out = out_projection(a, table, locs, bias=self.out_proj_bias)
+        st.release(self.slot, "heads")
+        return out[:, None, :]
+
+    def kv_recomputed(self) -> int:
+        """(position, head) K/V pairs staged decode steps completed (read from the device
+        here, outside the steps)."""
+        return 0 if self._recomputed is None else int(self._recomputed)
 
     def mlp(self, x: Tensor, idx: Tensor) -> Tensor:
         """fc2(relu(fc1(x))) over neurons ``idx``; x [B, T, C], any number of rows."""
@@ -254,6 +297,11 @@ class OffloadedLayer:
                 "attention inputs (KVCache(keep_inputs=True)), to complete skipped heads")
         if self.streams(x):
             return self._streamed_attention(x, layer_id, batch, idx)
+        if self.stream is not None and self.rows.cache_heads.shape[0] == 0:
+            return self._staged_attention(x, layer_id, batch, idx)
+        # The reference decode path (no stream buffer, or GPU head caches, whose rows the
+        # gather would not use): the kernels read host rows in place, per token, and heads
+        # skipped earlier are completed one head at a time.
         cache_k, cache_v = cache.layer(layer_id)
         xs, valid = cache.layer_inputs(layer_id)
         heads = idx.to(torch.int32)
@@ -499,6 +547,13 @@ def host_bytes_read(model: OPTModel) -> int:
     """Bytes the model's offloaded layers have read from host records so far."""
     return sum(ops.host_bytes_read() for layer in model.layers()
                if (ops := _HELD.get(layer)) is not None)
+
+
+def kv_recomputed(model: OPTModel) -> dict[int, int]:
+    """Per offloaded layer: K/V (position, head) pairs its staged decode steps completed,
+    which they count on the device (the steps' statistics hold the other paths')."""
+    return {layer.layer_id: ops.kv_recomputed() for layer in model.layers()
+            if (ops := _HELD.get(layer)) is not None}
 
 
 def expected_density(selector, layer_id: int, config) -> tuple[float, float]:

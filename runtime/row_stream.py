@@ -162,7 +162,7 @@ def streamed_attention(records: Tensor, layout: RecordLayout, x: Tensor, heads: 
                        table_idx: Tensor | None, kv_every_head: bool, cache_k: Tensor,
                        cache_v: Tensor, xs: Tensor, valid: Tensor, slots: Tensor,
                        positions: Tensor, length: int, out_bias: Tensor | None
-                       ) -> tuple[Tensor, int]:
+                       ) -> tuple[Tensor, Tensor]:
     """Attention of heads ``heads`` (sorted ids) for a chunk x [B, T, C] (post-LN), out_proj
     and its bias included, from head records in ``records``: row ``table_idx[j]`` holds head
     ``heads[j]`` (None: row j). ``kv_every_head``: ``records`` holds every head in id order;
@@ -214,8 +214,9 @@ def complete_kv(table, rows: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Te
                 length: int) -> int:
     """K/V of ``heads`` (rows ``rows`` of ``table``) at every position up to each row's
     last where they are missing, from the stored inputs, in one pass over the prefix (no
-    loop per head; the heads' rows are on the device, so only compute is spent). Returns
-    the (position, head) pairs filled (read back once: the step's statistics)."""
+    loop per head, no host synchronisation; the heads' rows are on the device, so only
+    compute is spent: every prefix position of every given head is computed and kept where
+    it was missing). Returns the (position, head) pairs filled, a device scalar."""
     last = positions.max(dim=1).values  # [B]
     need = torch.arange(length, device=xs.device)[None, None, :] <= last[:, None, None]
     s2 = slots[:, None]
@@ -232,4 +233,4 @@ def complete_kv(table, rows: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Te
     cache_k[s3, h3, p3] = torch.where(m, k.to(cache_k.dtype), old_k)
     cache_v[s3, h3, p3] = torch.where(m, v.to(cache_v.dtype), old_v)
     valid[s3, h3, p3] = valid[s3, h3, p3] | missing
-    return int(missing.sum())
+    return missing.sum()

@@ -192,6 +192,9 @@ def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots:
             gpu = s.memory_bytes - host + offload_reserved_bytes(
                 config, len(s.layers), slots, max_len, dtype_bytes) - len(s.layers) * \
                 kv_bytes_per_layer(config, slots, max_len, dtype_bytes)
+            buffer = stream_buffer_bytes(config, dtype_bytes)
+            if off and gpu + buffer <= gpu_budget:  # the prefill's double buffer fits
+                gpu += buffer
             stages.append(StagePlan(s.index, s.layers, gpu, s.cost, gpu_budget, off, host))
         return Plan(stages, plan.num_layers, offload=True)
     n = config.num_hidden_layers
