@@ -38,8 +38,9 @@ counted by ``host_bytes_read``), least recently used evicted; with a
 ``DYNAMIC_FRACTION`` of dynamic neuron slots. The report's host bytes per token count the
 static rows only (the dynamic ones depend on the text): an upper bound.
 
-What this module does not know: which rows are selected (selectors) or where frequencies
-come from (nothing measures them at startup yet; a caller passes them).
+What this module does not know: which rows are selected (selectors) or how frequencies are
+measured (train-predictors writes them; ``fit_gib`` reads them through
+runtime/placement_stats.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -57,6 +59,7 @@ from ..scheduler.planner import offload_reserved_bytes, stream_buffer_bytes
 from ..scheduler.planner import size as human_size
 from . import row_stream, sparse_backend
 from .model import Batch, OPTAttention, OPTModel
+from .placement_stats import find_frequencies, read_frequencies
 from .row_stream import RowStream
 from .sparse import Selection
 from .weight_store import (
@@ -430,11 +433,12 @@ def spare_bytes(model: OPTModel, layer_ids: list[int], budget_bytes: int,
 
 def cache_placements(layout: RecordLayout, element_size: int, layer_ids: list[int],
                      cache_bytes: int,
-                     freqs: dict[int, LayerFrequencies] | None = None
-                     ) -> dict[int, LayerPlacement]:
+                     freqs: dict[int, LayerFrequencies] | None = None,
+                     dynamic: bool = True) -> dict[int, LayerPlacement]:
     """Row caches for offloaded layers ``layer_ids`` within ``cache_bytes`` (the spare
     budget, ``CACHE_MARGIN`` already kept back by the caller). With ``freqs`` (one per layer):
-    ``plan_placement``'s hot rows plus ``DYNAMIC_FRACTION`` of dynamic neuron slots. Without:
+    ``plan_placement``'s hot rows plus ``DYNAMIC_FRACTION`` of dynamic neuron slots (none
+    when not ``dynamic``: static hot rows only). Without:
     an even share per layer, as dynamic slots for neurons and heads in the proportion of
     their bytes in the layer (a share that holds every neuron gives the rest to heads)."""
     none = torch.empty(0, dtype=torch.long)
@@ -446,7 +450,8 @@ def cache_placements(layout: RecordLayout, element_size: int, layer_ids: list[in
             raise PlacementError(f"frequencies for offloaded layers {missing} are missing")
         plan = plan_placement(layout, [freqs[lid] for lid in layer_ids], layer_ids,
                               budget_bytes=cache_bytes, reserved_bytes=0,
-                              element_size=element_size, dynamic_fraction=DYNAMIC_FRACTION)
+                              element_size=element_size,
+                              dynamic_fraction=DYNAMIC_FRACTION if dynamic else 0.0)
         return {p.layer_id: p for p in plan.layers}
     nb, hb = layout.neuron_len * element_size, layout.head_len * element_size
     share = cache_bytes // len(layer_ids)
@@ -459,7 +464,7 @@ def cache_placements(layout: RecordLayout, element_size: int, layer_ids: list[in
 
 def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str,
                reserved_bytes: int = 0, freqs: dict[int, LayerFrequencies] | None = None,
-               caches: bool = True) -> list[int]:
+               caches: bool = True, dynamic: bool = True) -> list[int]:
     """Hold ``model`` within ``budget_bytes`` of ``device`` memory: offload the layers that
     do not fit (``plan_offload``), give what the budget has left to their row caches
     (``cache_placements``; ``caches=False``: none), then move the rest of the model to
@@ -477,24 +482,38 @@ def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str
         spare = spare_bytes(model, layers, budget_bytes, reserved)
         e = next(model.parameters()).element_size()
         placements = cache_placements(RecordLayout.of(model.config), e, layers,
-                                      spare - int(spare * CACHE_MARGIN), freqs)
+                                      spare - int(spare * CACHE_MARGIN), freqs, dynamic)
     offload_layers(model, layers, device=device, placements=placements, stream=stream)
     move_resident(model, device)
     return layers
 
 
 def fit_gib(model: OPTModel, gpu_memory_gib: float, *, device: torch.device | str, slots: int,
-            max_len: int, caches: bool = False) -> tuple[list[int], int]:
+            max_len: int, caches: bool = False,
+            model_dir: str | Path | None = None) -> tuple[list[int], int]:
     """``fit_budget`` for a worker or engine of ``slots`` sequences of ``max_len`` positions
     with a ``gpu_memory_gib`` budget, reserving the layer planner's figures (KV cache with
     attention inputs, activation margin), so that what it offloads is what the plan said.
-    ``caches``: give the budget left after whole layers to row caches ([pipeline]
-    offload_cache; off by default until a GPU run shows that LRU admission, which reads a
-    missed row twice, gains). Returns (offloaded layer ids, reserved bytes)."""
+    ``model_dir``: where the checkpoint's firing statistics may be
+    (placement_stats.find_frequencies); with them, the budget left after whole layers holds
+    the offloaded layers' most frequently firing neurons (static hot rows). ``caches``:
+    (also) dynamic LRU row caches ([pipeline] offload_cache; off by default until a GPU run
+    shows that LRU admission, which reads a missed row twice, gains). Returns (offloaded
+    layer ids, reserved bytes)."""
     e = next(model.parameters()).element_size()
     reserved = offload_reserved_bytes(model.config, len(model.layer_ids), slots, max_len, e)
+    freqs = None
+    path = find_frequencies(model_dir)
+    if path is not None:  # read while the weights are all here (their hashes are checked)
+        # Heads stay out of the static rows: decode gathers a step's heads to the device
+        # once (their records are large and few), and a layer with hot heads would fall
+        # back to the in-place path.
+        freqs = {lid: LayerFrequencies(f.neurons, torch.zeros_like(f.heads))
+                 for lid, f in read_frequencies(path, model).items()}
+        log.info("placing hot rows of offloaded layers from %s", path)
     return fit_budget(model, gib(gpu_memory_gib), device=device, reserved_bytes=reserved,
-                      caches=caches), reserved
+                      freqs=freqs, caches=caches or freqs is not None,
+                      dynamic=caches), reserved
 
 
 def move_resident(model: OPTModel, device: torch.device | str) -> None:
