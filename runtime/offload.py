@@ -253,10 +253,12 @@ class OffloadedLayer:
         p, x2 = pos[:, 0].contiguous(), x[:, 0].contiguous()
         r2 = slots[:, None]
         xs[r2, pos] = x.to(xs.dtype)
-        valid[r2, :, pos] = False  # this position's other heads are now stale
+        # Device scalars, not Python bools: a host value would be a copy into the step.
+        no, yes = (torch.full((), v, dtype=torch.bool, device=valid.device) for v in (0, 1))
+        valid[r2, :, pos] = no  # this position's other heads are now stale
         q = qkv_projection(x2, table, heads, locs, cache_k, cache_v, slots, p,
                            split_c=sparse_backend.ATTENTION_ARGS["qkv_split_c"])
-        valid[r2, idx[None, :], pos] = True
+        valid[r2, idx[None, :], pos] = yes
         n = row_stream.complete_kv(table, rows, idx, cache_k, cache_v, xs, valid, slots, pos,
                                    batch.attended_length())
         self._recomputed = n if self._recomputed is None else self._recomputed + n
