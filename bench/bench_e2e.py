@@ -12,6 +12,8 @@ host-to-device bandwidth measured in the same run) and the fraction of it reache
 - ``engine``: the in-process engine as ``generate --gpu-memory-gib`` builds it (checkpoint
   read into host memory, ``fit_gib``, the selector wrapped by ``offload_selector``), once
   per selection: random 10% of neurons with every head, and with Deja Vu's 50% of heads;
+  and once more with the decode MLP's rows gathered to the device before the kernel
+  instead of read in place (``OffloadedLayer.stage_neurons``);
   the time to first token also against its bound (offloaded record bytes / bandwidth + the
   resident layers' own prefill time, timed per layer in the same prefill);
 - ``launch``: ``launch --workers 1`` with the same budget, through a client;
@@ -217,7 +219,11 @@ def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: tor
     record_bytes = sum(ops.rows.layout.layer_bytes(dtype.itemsize) for ops in held)
     timer = LayerTimer(model)
     rows = []
-    for select in SELECTS:
+    # The default cold path (the MLP kernel reads host rows in place), Deja Vu's head
+    # density, and the MLP's rows gathered to the device first (the other cold path).
+    for select, staged in ((SELECTS[0], False), (SELECTS[1], False), (SELECTS[0], True)):
+        for ops in held:
+            ops.stage_neurons = staged
         s = parse_select(select)
         sel = offload_selector(RandomSelector(config.ffn_dim, config.num_attention_heads,
                                               s["mlp_density"], s["head_density"], seed=0),
@@ -226,6 +232,7 @@ def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: tor
         report = budget_report(model, offloaded, sel, budget_bytes=gib(budget),
                                reserved_bytes=reserved)
         row: dict[str, Any] = {"path": "engine", "select": select, "gpu_memory_gib": budget,
+                               "mlp_cold_rows": "staged" if staged else "in place",
                                "offloaded_layers": len(offloaded),
                                "resident_layers": config.num_hidden_layers - len(offloaded),
                                "load_s": round(load_s, 1),
@@ -248,7 +255,7 @@ def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: tor
                         lambda m=model: host_bytes_read(m))
             row[_key(streams)] = _with_bound(d, streams, h2d)
         rows.append(row)
-        log(f"engine {select}: {json.dumps(_short(row))}")
+        log(f"engine {select} {row['mlp_cold_rows']}: {json.dumps(_short(row))}")
         del engine
         gc.collect()
     timer.remove()
@@ -552,17 +559,19 @@ def run_e2e(opts: E2EOptions, log=lambda m: print(m, file=sys.stderr, flush=True
     return res
 
 
-def _row(res: dict[str, Any], path: str, select: str | None = None) -> dict[str, Any]:
+def _row(res: dict[str, Any], path: str, select: str | None = None,
+         **match: Any) -> dict[str, Any]:
     for r in res["rows"]:
         if r.get("path") == path and (select is None or r.get("select") == select) \
-                and "error" not in r:
+                and "error" not in r and all(r.get(k) == v for k, v in match.items()):
             return r
     return {}
 
 
 def headline(res: dict[str, Any], opts: E2EOptions) -> dict[str, Any]:
     """The issue's keys for the batch-1, every-head case (None where not measured)."""
-    eng, acc = _row(res, "engine", SELECTS[0]), _row(res, "accelerate")
+    eng, acc = _row(res, "engine", SELECTS[0], mlp_cold_rows="in place"), \
+        _row(res, "accelerate")
     resident = _row(res, "resident")
     out = {"e2e_offload_link_fraction": eng.get("b1", {}).get("link_fraction"),
            "e2e_offload_speedup_vs_accelerate": None,
@@ -621,7 +630,8 @@ def markdown(res: dict[str, Any]) -> str:
                           k.endswith("_s") and k[4:-2].isdigit())
         mb = b1.get("host_bytes_per_token")
         lines.append(
-            f"| {r['path']} | {r.get('select', '')} | {_f(b1.get('tokens_per_s'))} | "
+            f"| {r['path']} | {r.get('select', '')} {r.get('mlp_cold_rows', '')} | "
+            f"{_f(b1.get('tokens_per_s'))} | "
             f"{_f(b8.get('tokens_per_s'))} | {ttft} | {_f(mb / 1e6 if mb else None)} | "
             f"{_f(b1.get('link_bound_tokens_per_s'))} | {_f(b1.get('link_fraction'))} | "
             f"{_f(r.get('ttft_bound_s'))} |")

@@ -71,6 +71,7 @@ from .weight_store import (
     gib,
     head_rows,
     host_layer_from_module,
+    neuron_rows,
     plan_placement,
     uniform_placement,
 )
@@ -158,6 +159,10 @@ class OffloadedLayer:
         self.stream = stream
         self.slot = slot
         self.next: OffloadedLayer | None = None
+        # Decode MLP: gather the selected neurons to the device before the kernel (True) or
+        # let the kernel read them in place from mapped host memory (False, the default
+        # until a GPU run says which is faster; bench_e2e measures both).
+        self.stage_neurons = False
         # Host bytes read. With no GPU row cache every selected row is a host row and the
         # count needs no look at the locations (no device synchronisation per op).
         e = rows.host.neurons.element_size()
@@ -279,6 +284,9 @@ class OffloadedLayer:
             return self._streamed_mlp(x, idx)
         b, t, c = x.shape
         flat = x.reshape(b * t, c).contiguous()
+        if self.stage_neurons and self.stream is not None and \
+                self.rows.cache_neurons.shape[0] == 0:
+            return self._staged_mlp(flat, idx).view(b, t, c)
         resident, host = self.rows.neuron_tables
         locs = self.rows.neuron_locs(idx)
         out = [sparse_mlp(flat[i:i + MAX_BATCH], resident, locs, host=host,
@@ -290,6 +298,20 @@ class OffloadedLayer:
         # the host once more, which the count says.
         self.read += self.rows.admit(idx) * self.neuron_bytes
         return torch.cat(out).view(b, t, c)
+
+    def _staged_mlp(self, flat: Tensor, idx: Tensor) -> Tensor:
+        """The decode MLP with the selected neurons' records gathered to the device first
+        (one read of each over the link, by a copy kernel), then the sparse kernel over
+        device memory: the other cold path, against the kernel's in-place host reads."""
+        st = self.stream
+        self.read += st.gather(self, self.slot, "neurons", self.rows.host_neurons, idx)
+        records = st.acquire(self.slot, "neurons")[:idx.numel()]
+        table = neuron_rows(records, self.rows.layout.hidden)
+        locs = torch.arange(idx.numel(), dtype=torch.int32, device=flat.device)
+        out = [sparse_mlp(flat[i:i + MAX_BATCH], table, locs, bias2=self.fc2_bias,
+                          **sparse_backend.MLP_ARGS) for i in range(0, flat.shape[0], MAX_BATCH)]
+        st.release(self.slot, "neurons")
+        return torch.cat(out)
 
     def attention(self, attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
                   idx: Tensor) -> Tensor:

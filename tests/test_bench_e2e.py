@@ -25,7 +25,11 @@ def test_e2e_dry_run_measures_every_row(tmp_path):
     jpath, mpath = main(opts)
     res = json.loads(jpath.read_text())
     assert jpath.name.endswith("-e2e-small.json") and mpath.read_text().startswith("# End")
-    rows = {(r["path"], r.get("select")): r for r in res["rows"]}
+    rows = {(r["path"], r.get("select")): r for r in res["rows"]
+            if r.get("mlp_cold_rows") != "staged"}
+    staged = [r for r in res["rows"] if r.get("mlp_cold_rows") == "staged"]
+    assert len(staged) == 1 and staged[0]["b1"]["host_bytes_per_token"] == \
+        rows[("engine", "random:0.1")]["b1"]["host_bytes_per_token"]  # the same rows, once
     for select in ("random:0.1", "random:0.1:0.5"):
         eng = rows[("engine", select)]
         assert eng["offloaded_layers"] >= 0.6 * 8  # at least 60% of the layers on the host

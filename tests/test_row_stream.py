@@ -19,6 +19,7 @@ from test_sparse_backend import CFG, DEVICE, TOL, decode_run, rel_err, tiny_mode
 from dejavu.runtime import row_stream, sparse_backend  # noqa: E402
 from dejavu.runtime.model import Batch, KVCache  # noqa: E402
 from dejavu.runtime.offload import (  # noqa: E402
+    _HELD,
     OffloadSelector,
     host_bytes_read,
     kv_recomputed,
@@ -80,7 +81,6 @@ def test_streamed_prefill_and_decode_equal_resident(dtype, union, monkeypatch):
 
 
 def _streams(model):
-    from dejavu.runtime.offload import _HELD
     return {_HELD[layer].stream for layer in model.layers() if layer in _HELD}
 
 
@@ -240,12 +240,15 @@ def decode_steps(model, config, offloaded, cache, start, steps, seed=5):
     return torch.stack(out), rows
 
 
-@pytest.mark.parametrize("staged", [True, False])
-def test_decode_reads_each_selected_row_once_per_step(staged):
+@pytest.mark.parametrize("staged,neurons_staged", [(True, False), (True, True),
+                                                    (False, False)])
+def test_decode_reads_each_selected_row_once_per_step(staged, neurons_staged):
     """After a prefill, a decode step of an offloaded layer reads each selected head's and
     neuron's record once, K/V of heads skipped earlier included (staged on the device);
     the reference path (no stream buffer: in-place kernels, heads completed one by one)
-    reads the recomputed heads' records again. Both compute what the resident model does."""
+    reads the recomputed heads' records again. ``neurons_staged``: the MLP's selected rows
+    are gathered to the device too, instead of read in place. All compute what the resident
+    model does."""
     dtype, offloaded, n = torch.float16, [1], 6
     layout = RecordLayout.of(CFG)
     ref_model = tiny_model(dtype)
@@ -255,6 +258,7 @@ def test_decode_reads_each_selected_row_once_per_step(staged):
     model = tiny_model(dtype, "cpu")
     offload_layers(model, offloaded, device=DEVICE, stream=staged)
     move_resident(model, DEVICE)
+    _HELD[model.layers()[1]].stage_neurons = neurons_staged
     _, cache = prefill(model, CFG, n, heads=0.25)
     if staged:  # as if other layers had used the buffer since: the heads are gathered
         for slot in next(iter(_streams(model))).slots:
@@ -278,8 +282,6 @@ def test_decode_reads_each_selected_row_once_per_step(staged):
 def test_staged_decode_attention_never_synchronises():
     """The offloaded layer's decode attention, K/V completion included, runs with CUDA's
     sync debug mode set to error: no .item(), nonzero or host copy inside."""
-    from dejavu.runtime.offload import _HELD
-
     model = offloaded_model(torch.float16, [1])
     _, cache = prefill(model, CFG, 6, heads=0.25)
     layer = model.layers()[1]
