@@ -539,6 +539,10 @@ def run_e2e(opts: E2EOptions, log=lambda m: print(m, file=sys.stderr, flush=True
         except Exception as exc:  # noqa: BLE001 (a failed row is recorded, the rest run)
             res["rows"].append({"path": name, "error": f"{type(exc).__name__}: {exc}"[:800]})
             log(f"{name} failed: {exc!r}")
+        # After every row: a run stopped by a time limit keeps what it measured.
+        res.update(headline(res, opts))
+        res["total_s"] = round(time.perf_counter() - start, 1)
+        write_results(res, opts.out_dir)
 
     attempt("engine", lambda: engine_rows(model_dir, opts, h2d, dtype, log))
     resident = next((r["resident_layers"] for r in res["rows"] if "resident_layers" in r), 0)

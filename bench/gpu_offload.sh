@@ -8,10 +8,13 @@ set -uo pipefail
 out=${OUT:-gpu_offload_out}; mkdir -p "$out"
 source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-[ -n "${SKIP_TESTS:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider \
+[ -n "${SKIP_TESTS:-}" ] || timeout 100 python3 -m pytest -q -p no:cacheprovider \
     tests/test_row_stream.py tests/test_offload.py tests/test_placement_stats.py \
     2>&1 | tee "$out/pytest-gpu.log" | tail -15
+# At most 470 s (the results file is rewritten after every row, so a cut run keeps them);
+# rows that would start after BUDGET seconds are skipped with the reason.
 timeout ${E2E_TIMEOUT:-470} python3 -m dejavu.bench.bench_e2e --shape ${SHAPE:-opt-13b} \
     --gpu-memory-gib ${GIB:-8} --checkpoint-dir /dev/shm/dejavu-e2e-${SHAPE:-opt-13b} \
-    --time-budget-s ${BUDGET:-400} --out "$out" 2>&1 | tee "$out/e2e.log" | tail -40
+    --tokens ${TOKENS:-12} --time-budget-s ${BUDGET:-380} --out "$out" 2>&1 \
+    | tee "$out/e2e.log" | tail -40
 rm -rf /dev/shm/dejavu-e2e-${SHAPE:-opt-13b}
