@@ -103,6 +103,25 @@ def small_budget_gib(config, dtype_bytes: int, slots: int, max_len: int) -> floa
     return (fixed + int(0.4 * n) * layer_bytes(config, dtype_bytes) + 1) / 2**30
 
 
+def gather_bandwidth(rows: int = 49152, length: int = 10256) -> dict[str, float]:
+    """Bytes/s of gathering half the rows (neuron records of the OPT-13B shape) of a pinned
+    host table into device memory: kernels/gather_rows.py against torch.index_select, both
+    reading the mapped table in place (what staged decode reads at)."""
+    from ..kernels.gather_rows import gather_rows
+    from ..kernels.host_memory import device_view
+    from .bench_common import time_eager
+
+    host = torch.empty((rows, length), dtype=torch.float16, pin_memory=True)
+    view = device_view(host)
+    ids = torch.randperm(rows, device="cuda")[: rows // 2].sort().values
+    out = torch.empty((rows // 2, length), dtype=torch.float16, device="cuda")
+    nbytes = out.numel() * out.element_size()
+    t_kernel = time_eager(lambda: gather_rows(view, ids, out), reps=3)
+    t_torch = time_eager(lambda: torch.index_select(view, 0, ids, out=out), reps=3)
+    return {"gather_rows_bytes_per_s": nbytes / t_kernel,
+            "index_select_bytes_per_s": nbytes / t_torch}
+
+
 # --- the in-process engine (what `generate --gpu-memory-gib` runs) ---------------------------
 
 
@@ -516,6 +535,10 @@ def run_e2e(opts: E2EOptions, log=lambda m: print(m, file=sys.stderr, flush=True
                            "skipped": {}}
     h2d = h2d_bandwidth()
     res["h2d_pinned_bytes_per_s"] = h2d
+    try:
+        res["gather_from_host"] = gather_bandwidth() if _cuda() else None
+    except Exception as exc:  # noqa: BLE001 (a probe, not a row: recorded, the run goes on)
+        res["gather_from_host"] = {"error": repr(exc)[:300]}
     where = opts.checkpoint_dir
     if where is None:
         shm = Path("/dev/shm")
@@ -610,7 +633,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"GPU {env.get('gpu')} (driver {env.get('driver')}), torch {env['torch']}, triton "
              f"{env.get('triton')}, transformers {env.get('transformers')}, accelerate "
              f"{env.get('accelerate')}. Budget {_f(res.get('gpu_memory_gib'))} GiB; pinned "
-             f"host-to-device {_f(h2d / 1e9 if h2d else None)} GB/s measured in this run. "
+             f"host-to-device {_f(h2d / 1e9 if h2d else None)} GB/s measured in this run "
+             f"(gathers from mapped host rows: {res.get('gather_from_host')}). "
              f"Command: `{res['command']}`. Total {res.get('total_s')} s.", ""]
     if res["small_dry_run"]:
         lines += ["**Dry run (--small): tiny shapes on the CPU, numbers are meaningless.**", ""]

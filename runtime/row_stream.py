@@ -34,6 +34,7 @@ from (runtime/weight_store.py), or when a step is a prefill (runtime/offload.py 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,12 @@ class RowStream:
         if self.cuda and block.free is not None:
             torch.cuda.current_stream().wait_event(block.free)
         n = ids.numel()
-        torch.index_select(host_view, 0, ids.to(host_view.device), out=block.buffer[:n])
+        ids = ids.to(host_view.device)
+        if self.cuda or _interpreting():  # 16-byte reads per thread (kernels/gather_rows.py)
+            from ..kernels.gather_rows import gather_rows
+            gather_rows(host_view, ids, block.buffer)
+        else:
+            torch.index_select(host_view, 0, ids, out=block.buffer[:n])
         block.owner, block.whole, block.rows, block.ready = owner, False, n, None
         nbytes = n * block.buffer.shape[1] * block.buffer.element_size()
         self.copied_bytes += nbytes
@@ -142,6 +148,10 @@ class RowStream:
     def holds_whole(self, owner, slot: int, kind: str) -> bool:
         block = self.slots[slot][kind]
         return block.owner is owner and block.whole
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --- the math over the buffers' tables ----------------------------------------------------
