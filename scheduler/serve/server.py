@@ -48,8 +48,12 @@ def options_from_settings(settings, *, api_key: str | None = None, max_batch: in
     if max_batch < 1:
         raise ServeError(f"--max-batch {max_batch}: expected at least 1")
     serve = settings.serve
-    limits = ServeLimits(max_pending=getattr(serve, "max_pending", ServeLimits.max_pending),
-                         max_body_bytes=getattr(serve, "max_body_kib", 4096) * 1024)
+    limits = ServeLimits(
+        max_pending=serve.max_pending, max_body_bytes=serve.max_body_kib * 1024,
+        chat_max_tokens=serve.chat_max_tokens, max_connections=serve.max_connections,
+        idle_timeout_s=serve.idle_timeout_s, header_timeout_s=serve.header_timeout_s,
+        body_timeout_s=serve.body_timeout_s, tokenize_threads=serve.tokenize_threads,
+        tokenize_queue=serve.tokenize_queue)
     return ServeOptions(host=serve.host, port=serve.port, api_key=api_key or None,
                         workers=settings.pipeline.workers, max_batch=max_batch,
                         model_name=model_name, connect=connect, limits=limits)
@@ -119,6 +123,7 @@ def make_app(client, tokenizer, options: ServeOptions, model_name: str, *,
         if callable(start_reader):
             start_reader()
         yield
+        ctx.close()
         if close_client:
             await client.close()
 
