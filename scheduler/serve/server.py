@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import sys
@@ -18,9 +19,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .app import create_app
+from .connections import fit_file_limit, guarded_protocol, install_repeat_filter
 from .context import Context, ServeLimits
 
 
@@ -47,6 +49,9 @@ def options_from_settings(settings, *, api_key: str | None = None, max_batch: in
     command line) plus the options that only the command line has."""
     if max_batch < 1:
         raise ServeError(f"--max-batch {max_batch}: expected at least 1")
+    if api_key is not None and not api_key.strip():
+        raise ServeError("the API key is empty (--api-key, --api-key-file or DEJAVU_API_KEY): "
+                         "give a key, or none of them to serve without authentication")
     serve = settings.serve
     limits = ServeLimits(
         max_pending=serve.max_pending, max_body_bytes=serve.max_body_kib * 1024,
@@ -54,9 +59,30 @@ def options_from_settings(settings, *, api_key: str | None = None, max_batch: in
         idle_timeout_s=serve.idle_timeout_s, header_timeout_s=serve.header_timeout_s,
         body_timeout_s=serve.body_timeout_s, tokenize_threads=serve.tokenize_threads,
         tokenize_queue=serve.tokenize_queue)
-    return ServeOptions(host=serve.host, port=serve.port, api_key=api_key or None,
+    return ServeOptions(host=serve.host, port=serve.port, api_key=api_key,
                         workers=settings.pipeline.workers, max_batch=max_batch,
                         model_name=model_name, connect=connect, limits=limits)
+
+
+def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
+    """The key from --api-key (or DEJAVU_API_KEY, which the command line reads into it) or
+    from --api-key-file (its first line; a file keeps the key out of `ps` and of the
+    environment of child processes). Both at once is an error: which one wins would be a
+    guess."""
+    if api_key_file is None:
+        return api_key
+    if api_key is not None:
+        raise ServeError("--api-key-file and --api-key (or DEJAVU_API_KEY) are both given: "
+                         "keep one")
+    try:
+        with open(api_key_file, encoding="utf-8") as f:
+            key = f.readline(4096).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServeError(f"--api-key-file {api_key_file}: cannot read it: {exc}") from None
+    if not key:
+        raise ServeError(f"--api-key-file {api_key_file}: the file holds no key (its first "
+                         "line is empty)")
+    return key
 
 
 def build_client(settings, options: ServeOptions):
@@ -141,6 +167,10 @@ def run_server(settings, options: ServeOptions) -> None:
     # signal it caught; this handler turns that (or a signal during loading) into exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
+    limits = options.limits
+    fitted = fit_file_limit(limits.max_connections)
+    if fitted != limits.max_connections:
+        options = replace(options, limits=replace(limits, max_connections=fitted))
     sock = bind(options.host, options.port)  # a taken port fails before any loading
     try:
         client, tokenizer = build_client(settings, options)
@@ -148,10 +178,26 @@ def run_server(settings, options: ServeOptions) -> None:
         app = make_app(client, tokenizer, options, name, close_client=True)
         print(f"serving {name} on http://{options.host}:{sock.getsockname()[1]}",
               file=sys.stderr)
-        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10,
+                                **uvicorn_options(options.limits))
+        # After uvicorn.Config, which sets up its loggers: the connection guard's lines go
+        # out like uvicorn's own, and no logger repeats one line without bound.
+        guard_log = logging.getLogger("dejavu.serve")
+        guard_log.handlers = list(logging.getLogger("uvicorn").handlers)
+        guard_log.setLevel(logging.INFO)
+        guard_log.propagate = False
+        install_repeat_filter()
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+
+
+def uvicorn_options(limits: ServeLimits) -> dict:
+    """uvicorn.Config arguments for the connection limits: the guarded protocol (cap,
+    header and body deadlines) and the keep-alive timeout."""
+    return {"http": guarded_protocol(limits.max_connections, limits.header_timeout_s,
+                                     limits.body_timeout_s),
+            "timeout_keep_alive": limits.idle_timeout_s}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -188,8 +234,10 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 10.0) -> Iter
 
     sock = bind(host, 0)
     port = sock.getsockname()[1]
+    ctx = getattr(app.state, "ctx", None)
+    limits = ctx.limits if ctx is not None else ServeLimits()
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
-                            lifespan="on")
+                            lifespan="on", **uvicorn_options(limits))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
                               name="uvicorn", daemon=True)
