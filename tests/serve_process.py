@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -26,6 +27,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _limit_files(soft: int) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @dataclass
 class ServeProcess:
     url: str
@@ -41,15 +47,19 @@ class ServeProcess:
 
 @contextlib.contextmanager
 def serve_process(args: list[str], cwd: Path, *, env: dict | None = None,
-                  timeout: float = 120.0) -> Iterator[ServeProcess]:
+                  timeout: float = 120.0, open_files: int | None = None
+                  ) -> Iterator[ServeProcess]:
     """Start `dejavu-run serve ARGS`, wait until /health answers 200, yield it; SIGTERM on
-    exit (and the exit code must be 0: the server survived whatever the test did)."""
+    exit (and the exit code must be 0: the server survived whatever the test did).
+    `open_files` sets the process's soft limit on open files (the hard one stays)."""
     port = free_port()
     log = cwd / f"serve-{port}.log"
     environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log, "wb") as out:
         proc = subprocess.Popen(CLI + ["serve", "--port", str(port), *args], cwd=cwd,
-                                env=environ, stdout=out, stderr=subprocess.STDOUT)
+                                env=environ, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=None if open_files is None else
+                                (lambda: _limit_files(open_files)))
     served = ServeProcess(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + timeout

@@ -175,9 +175,9 @@ def eval_command(
 def serve(
     host: str = typer.Option(None, "--host", help="address to bind (default 127.0.0.1)"),
     port: int = typer.Option(None, "--port", help="TCP port (default 8000)"),
-    api_key: str = typer.Option(None, "--api-key", envvar="DEJAVU_API_KEY",
+    api_key: str = typer.Option(None, "--api-key",
                                 help="require 'Authorization: Bearer KEY' (all but /health); "
-                                "never empty"),
+                                "never empty; default: $DEJAVU_API_KEY"),
     api_key_file: str = typer.Option(None, "--api-key-file",
                                      help="read the API key from this file's first line"),
     workers: int = typer.Option(None, "--workers", help="worker processes (1 = in-process)"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -64,16 +65,21 @@ def options_from_settings(settings, *, api_key: str | None = None, max_batch: in
                         model_name=model_name, connect=connect, limits=limits)
 
 
-def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
-    """The key from --api-key (or DEJAVU_API_KEY, which the command line reads into it) or
-    from --api-key-file (its first line; a file keeps the key out of `ps` and of the
-    environment of child processes). Both at once is an error: which one wins would be a
-    guess."""
+API_KEY_ENV = "DEJAVU_API_KEY"
+
+
+def read_api_key(api_key: str | None, api_key_file: str | None,
+                 environ=os.environ) -> str | None:
+    """The key from --api-key, from --api-key-file (its first line), or from DEJAVU_API_KEY
+    when neither is given; a file or the variable keeps the key out of `ps`. Both options at
+    once is an error (which one wins would be a guess). A variable that is set but empty is
+    returned as it is, for options_from_settings to refuse: it must not mean "no key"."""
+    if api_key is None and api_key_file is None:
+        return environ.get(API_KEY_ENV)
     if api_key_file is None:
         return api_key
     if api_key is not None:
-        raise ServeError("--api-key-file and --api-key (or DEJAVU_API_KEY) are both given: "
-                         "keep one")
+        raise ServeError("--api-key-file and --api-key are both given: keep one")
     try:
         with open(api_key_file, encoding="utf-8") as f:
             key = f.readline(4096).strip()
