@@ -198,7 +198,7 @@ def hostile_bodies() -> list[tuple[str, bytes, dict]]:
         (chat, b'{"messages": []}', js),
         (chat, b'{"messages": [{"role": "wizard", "content": "x"}]}', js),
         (chat, b'{"messages": [{"role": "user"}], "max_tokens": 0}', js),
-        (c, b'{"prompt": "a"}', {**js, "content-length": "-1"}),
+        (c, b'{"prompt": "a"}', {**js, "content-length": "+15"}),
     ]
     return out
 

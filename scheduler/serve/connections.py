@@ -7,9 +7,11 @@ but not one that never sends a byte, trickles its headers or stalls in its body;
 are open, idle or not. Here, per server (``guarded_protocol``):
 
 - a connection waiting for its request (new, keep-alive, or headers still arriving) is
-  *idle*; at ``max_connections`` a new connection closes the longest-idle one, so a flood
-  of idle sockets cannot crowd out a real request; only when every connection has a
-  request in progress is the new one refused (503, Retry-After);
+  *idle*; at ``max_connections`` a new connection closes an idle one: the oldest of those
+  that never completed a request, else the longest-idle keep-alive one. A flood of silent
+  sockets then churns among itself and cannot crowd out real clients (their keep-alive
+  connections have served a request); only when every connection has a request in
+  progress is the new one refused (503, Retry-After);
 - headers must arrive within ``header_timeout_s`` of the connection or of their first
   byte after a keep-alive pause, and the body within ``body_timeout_s`` of the headers;
   a late client gets 408 and the connection is closed (the app sees a disconnect);
@@ -56,7 +58,17 @@ class Guard:
                  body_timeout_s: float) -> None:
         self.max_connections = max_connections
         self.header_timeout_s, self.body_timeout_s = header_timeout_s, body_timeout_s
-        self.idle: dict[GuardedH11Protocol, None] = {}  # insertion order = idle since
+        # Idle connections, oldest first (dicts keep insertion order): those that never
+        # completed a request, and keep-alive ones that did (evicted only after the first).
+        self.fresh: dict[GuardedH11Protocol, None] = {}
+        self.kept: dict[GuardedH11Protocol, None] = {}
+
+    def oldest_idle(self) -> GuardedH11Protocol | None:
+        return next(iter(self.fresh), None) or next(iter(self.kept), None)
+
+    def busy(self, conn: GuardedH11Protocol) -> None:
+        self.fresh.pop(conn, None)
+        self.kept.pop(conn, None)
         self.counts = {"evicted": 0, "refused": 0, "timed_out": 0}
 
 
@@ -69,7 +81,7 @@ class GuardedH11Protocol(H11Protocol):
         self._refused = False
         guard = self.guard
         if len(self.connections) >= guard.max_connections:
-            victim = next(iter(guard.idle), None)
+            victim = guard.oldest_idle()
             if victim is None:
                 self._refused = True
                 guard.counts["refused"] += 1
@@ -79,18 +91,18 @@ class GuardedH11Protocol(H11Protocol):
                 transport.close()
                 return
             guard.counts["evicted"] += 1
-            log.info("closed the longest-idle connection to make room for a new one "
+            log.info("closed an idle connection to make room for a new one "
                      "([serve] max_connections = %d)", guard.max_connections)
             victim._drop()
         super().connection_made(transport)
-        guard.idle[self] = None
+        guard.fresh[self] = None
         self._arm("headers", guard.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:
             return
         self._disarm()
-        self.guard.idle.pop(self, None)
+        self.guard.busy(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -102,19 +114,19 @@ class GuardedH11Protocol(H11Protocol):
             if self._phase != "headers":
                 self._arm("headers", self.guard.header_timeout_s)
         elif state is h11.SEND_BODY:
-            self.guard.idle.pop(self, None)
+            self.guard.busy(self)
             if self._phase != "body":
                 self._arm("body", self.guard.body_timeout_s)
         else:  # the whole request is in: the app has it
-            self.guard.idle.pop(self, None)
+            self.guard.busy(self)
             self._disarm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # arms uvicorn's keep-alive timer (idle_timeout_s)
         if not self.transport.is_closing():
             self._disarm()
-            self.guard.idle.pop(self, None)
-            self.guard.idle[self] = None  # idle again, since now
+            self.guard.busy(self)
+            self.guard.kept[self] = None  # idle again, since now
 
     def _arm(self, phase: str, seconds: float) -> None:
         self._disarm()
@@ -140,7 +152,7 @@ class GuardedH11Protocol(H11Protocol):
         """Close now; the connection stops counting at once (its fd is freed on the loop's
         next turn)."""
         self._disarm()
-        self.guard.idle.pop(self, None)
+        self.guard.busy(self)
         self.connections.discard(self)
         self.transport.close()
 
