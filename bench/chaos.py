@@ -15,7 +15,8 @@ Cases (each bounded in count and time; loopback only):
 
 Per case: requests, answers by status code ("conn" = no HTTP answer), p50/p99 latency,
 /health polled from a separate process every 0.1 s (answered 200 / polls, worst latency),
-the server's RSS and open file descriptors before and after (from /proc/PID), what the
+the server's RSS and open file descriptors before and after (and the most seen while
+polling), from /proc/PID, what the
 case added to the server's log (--log FILE), and whether
 a plain completion succeeds afterwards. Not a CI test: it takes minutes and loads the host.
 
@@ -77,10 +78,12 @@ def proc_stats(pid: int | None) -> tuple[float, int] | None:
 
 # --- /health, polled from its own process (the load's GIL and loop do not skew it) -------
 
-def _poll_health(url: str, stop, out) -> None:
-    polls, ok, worst = 0, 0, 0.0
+def _poll_health(url: str, pid: int | None, stop, out) -> None:
+    polls, ok, worst, peak_fds = 0, 0, 0.0, 0
     with httpx.Client(timeout=2.0) as http:
         while not stop.is_set():
+            stats = proc_stats(pid)
+            peak_fds = max(peak_fds, stats[1] if stats else 0)
             t0 = time.perf_counter()
             try:
                 good = http.get(url + "/health").status_code == 200
@@ -89,13 +92,14 @@ def _poll_health(url: str, stop, out) -> None:
             worst = max(worst, time.perf_counter() - t0)
             polls, ok = polls + 1, ok + good
             stop.wait(0.1)
-    out.put((polls, ok, worst))
+    out.put((polls, ok, worst, peak_fds))
 
 
 class HealthWatch:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pid: int | None) -> None:
         self.stop, self.out = mp.Event(), mp.Queue()
-        self.proc = mp.Process(target=_poll_health, args=(url, self.stop, self.out),
+        self.peak_fds = 0
+        self.proc = mp.Process(target=_poll_health, args=(url, pid, self.stop, self.out),
                                daemon=True)
 
     def __enter__(self) -> HealthWatch:
@@ -105,7 +109,7 @@ class HealthWatch:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         try:
-            polls, ok, worst = self.out.get(timeout=10)
+            polls, ok, worst, self.peak_fds = self.out.get(timeout=10)
             self.result = f"{ok}/{polls}, worst {worst * 1000:.0f} ms"
         except Exception:  # the poller died: say so rather than guess
             self.result = "poller lost"
@@ -198,7 +202,6 @@ def hostile_bodies() -> list[tuple[str, bytes, dict]]:
         (chat, b'{"messages": []}', js),
         (chat, b'{"messages": [{"role": "wizard", "content": "x"}]}', js),
         (chat, b'{"messages": [{"role": "user"}], "max_tokens": 0}', js),
-        (c, b'{"prompt": "a"}', {**js, "content-length": "+15"}),
     ]
     return out
 
@@ -232,13 +235,14 @@ async def case_huge(args, row: Row) -> None:
         await asyncio.gather(*(one(http) for _ in range(8)))
 
 
-def _open_idle(host: str, port: int, count: int, hold_s: float, out) -> None:
-    """A child process: open up to `count` sockets that never send a byte, hold them."""
+def _open_idle(host: str, port: int, count: int, open_s: float, hold_s: float, out) -> None:
+    """A child process: open up to `count` sockets that never send a byte (for at most
+    `open_s` seconds), then hold them `hold_s` seconds more."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     count = min(count, hard - 64)
     socks, failed = [], 0
-    deadline = time.monotonic() + hold_s
+    deadline = time.monotonic() + open_s
     for _ in range(count):
         if time.monotonic() > deadline:
             break
@@ -246,7 +250,7 @@ def _open_idle(host: str, port: int, count: int, hold_s: float, out) -> None:
             socks.append(socket.create_connection((host, port), timeout=1.0))
         except OSError:
             failed += 1
-    time.sleep(max(0.0, deadline - time.monotonic()))
+    time.sleep(hold_s)
     closed = 0
     for s in socks:  # how many the server has closed meanwhile (recv gives EOF at once)
         s.setblocking(False)
@@ -267,19 +271,20 @@ def _host_port(url: str) -> tuple[str, int]:
 
 async def case_idle(args, row: Row) -> None:
     host, port = _host_port(args.url)
-    per_child = 9_000  # below a 10k-ish file limit per process
+    per_child = 5_000  # several children connect in parallel, each below its file limit
     children, out = [], mp.Queue()
     left = args.idle
     while left > 0:
         n = min(per_child, left)
-        children.append(mp.Process(target=_open_idle, args=(host, port, n, args.hold, out)))
+        children.append(mp.Process(target=_open_idle,
+                                   args=(host, port, n, args.open_s, args.hold, out)))
         left -= n
     for p in children:
         p.start()
-    await _requests_during(args, row, args.hold)
+    await _requests_during(args, row, args.open_s / 2 + args.hold)
     opened = failed = closed = 0
     for _ in children:
-        o, f, c = out.get(timeout=args.hold + 60)
+        o, f, c = out.get(timeout=args.open_s + args.hold + 60)
         opened, failed, closed = opened + o, failed + f, closed + c
     for p in children:
         p.join(10)
@@ -369,7 +374,7 @@ def run_case(args, name: str) -> Row:
     before = proc_stats(args.pid)
     log_before = _size(args.log)
     t0 = time.perf_counter()
-    with HealthWatch(args.url) as watch:
+    with HealthWatch(args.url, args.pid) as watch:
         try:
             asyncio.run(globals()[f"case_{name}"](args, row))
         except Exception as exc:  # the case itself broke: say so in its row
@@ -379,7 +384,7 @@ def run_case(args, name: str) -> Row:
     after = proc_stats(args.pid)
     if before and after:
         row.rss = f"{before[0]:.0f} -> {after[0]:.0f}"
-        row.fds = f"{before[1]} -> {after[1]}"
+        row.fds = f"{before[1]} -> {after[1]} (peak {watch.peak_fds})"
     row.after = serving(args)
     if args.log:
         row.log = f"{(_size(args.log) - log_before) / 1024:.0f}"
@@ -422,8 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated, in order")
     p.add_argument("--slots", type=int, default=8, help="the server's --max-batch")
     p.add_argument("--idle", type=int, default=20_000, help="idle sockets to open")
+    p.add_argument("--open-s", type=float, default=60.0,
+                   help="seconds at most to open the idle sockets")
     p.add_argument("--hold", type=float, default=20.0,
-                   help="seconds idle and slow sockets are held")
+                   help="seconds idle sockets are held once open, and slow ones trickle")
     args = p.parse_args(argv)
     host, _ = _host_port(args.url)
     if host not in ("127.0.0.1", "localhost", "::1"):
