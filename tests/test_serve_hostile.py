@@ -72,7 +72,8 @@ def tiny(tmp_path_factory):
     where = tmp_path_factory.mktemp("tiny")
     model = make_checkpoint(where / "tiny")
     (where / "dejavu.toml").write_text(
-        "[serve]\nmax_pending = 4\nheader_timeout_s = 1.0\nbody_timeout_s = 1.0\n")
+        "[serve]\nmax_pending = 4\nheader_timeout_s = 1.0\nbody_timeout_s = 1.0\n"
+        "max_connections = 100\n")
     with serve_process(["--model", str(model), "--max-batch", "1"], where) as s:
         yield s
 
@@ -194,6 +195,35 @@ def test_slow_or_silent_clients_get_408_within_the_deadline(tiny, partial):
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert 0.9 < waited < 3.0
     assert httpx.get(tiny.url + "/health").status_code == 200
+
+
+def _get_health(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock.recv(65536)
+
+
+def test_a_flood_of_silent_sockets_does_not_close_a_keep_alive_client(tiny):
+    # At the cap, silent connections are closed before a keep-alive connection that has
+    # served a request: the flood churns among itself.
+    host, port = tiny.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as client:
+        assert _get_health(client).startswith(b"HTTP/1.1 200")
+        flood = [socket.create_connection((host, int(port)), timeout=5) for _ in range(300)]
+        try:
+            time.sleep(0.3)
+            assert tiny.open_fds() < 100 + 64
+            assert _get_health(client).startswith(b"HTTP/1.1 200")  # the same connection
+            closed = 0
+            for sock in flood:
+                sock.setblocking(False)
+                try:
+                    closed += sock.recv(1) == b""
+                except BlockingIOError:
+                    pass
+            assert closed >= 200  # the oldest silent ones made room
+        finally:
+            for sock in flood:
+                sock.close()
 
 
 def test_n_beyond_the_queue_is_400_and_a_full_queue_says_when_to_retry(tiny):
