@@ -30,7 +30,7 @@ from .logs import setup_logging
 from .planner import GiB, PlanError, plan_layers
 from .rundir import KEYS_NAME, RunDir, RunDirError, reclaim_stale
 from .server import PipelineServer
-from .transport import TransportError, load_curve
+from .transport import TransportError, is_local, load_curve
 
 log = logging.getLogger("dejavu.scheduler")
 
@@ -74,6 +74,11 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
     model_config = OPTConfig.from_file(model_dir / "config.json")
     config = config.with_overrides(model=str(model_dir))
     max_len = config.max_len or model_config.max_position_embeddings
+    if max_len > model_config.max_position_embeddings:  # else every worker fails to start
+        raise PipelineConfigError(
+            f"[pipeline] max_len = {max_len}: the model has "
+            f"{model_config.max_position_embeddings} positions; set max_len at most that "
+            "(0 = all of them)")
     budget = int(config.memory_budget_gb * GiB) if config.memory_budget_gb else None
     gpu_budget = None if config.gpu_memory_gib is None else int(config.gpu_memory_gib * GiB)
     plan = plan_layers(model_config, config.workers, dtype_bytes=_DTYPE_BYTES[config.dtype],
@@ -105,8 +110,12 @@ def needs_own_keys(config: PipelineConfig, run_dir: RunDir) -> bool:
     is not an ipc socket in the private run directory. Such an address (tcp://127.0.0.1
     above all) is open to every local user, so then every socket authenticates, with keys
     only this user can read."""
-    explicit = [config.control_address, config.client_address, *config.data_addresses]
-    return not config.keys_dir and any(a and not run_dir.holds(a) for a in explicit)
+    explicit = [a for a in (config.control_address, config.client_address,
+                            *config.data_addresses) if a]
+    # Addresses other machines can reach need keys made by hand (keys_dir): those are
+    # refused with that advice, not given keys that no other host has.
+    return (not config.keys_dir and all(is_local(a) for a in explicit)
+            and any(not run_dir.holds(a) for a in explicit))
 
 
 def resolve_sparsity(config: PipelineConfig, model_dir: Path) -> wire.Sparsity | None:
