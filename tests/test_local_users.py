@@ -133,6 +133,18 @@ def test_loopback_tcp_without_keys_dir_lets_no_peer_without_the_keys_in(tiny, gr
             health = conn.health()
             assert [w.pid for w in health.workers] == pids
             assert all(w.state == "ready" for w in health.workers)
+        # The command line finds the keys through [pipeline] run_dir.
+        toml = c.run_dir.parent / "dejavu.toml"
+        toml.write_text(f'[pipeline]\nrun_dir = "{c.run_dir}"\n')
+        cli = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
+        ids = ",".join(map(str, PROMPTS[2]))
+        gen = subprocess.run([*cli, "generate", "--config", str(toml), "--model", str(tiny),
+                              "--connect", c.address, "--prompt-ids", ids,
+                              "--max-new-tokens", "5", "--json"],
+                             capture_output=True, text=True, timeout=120)
+        assert gen.returncode == 0, gen.stderr
+        tokens = json.loads(gen.stdout)["tokens"]
+        assert tokens and tokens == greedy[2][:len(tokens)]
         # Without the keys a client of this user is refused too.
         with PipelineConnection(c.address, run_dir=str(short_dir())) as keyless:
             assert keyless.curve is None
