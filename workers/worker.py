@@ -31,9 +31,14 @@ import torch
 import zmq
 
 from ..runtime import wire
-from ..runtime.checkpoint import load_model
+from ..runtime.checkpoint import CheckpointError, load_model
+from ..runtime.opt_config import ConfigError
+from ..runtime.predictors import PredictorError
+from ..runtime.selection import SelectionError
+from ..runtime.sparse_backend import BackendError
 from ..runtime.stage import Stage, allocate_cache
 from ..runtime.step import Step, StepResult
+from ..runtime.weight_store import PlacementError
 from ..scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
 from .faults import FaultHook
 from .heartbeat import HeartbeatThread
@@ -44,21 +49,9 @@ log = logging.getLogger("dejavu.worker")
 EXIT_HANDSHAKE = 2
 EXIT_CANNOT_LOAD = 2
 
-
-def _load_errors() -> tuple[type[Exception], ...]:
-    from ..runtime.checkpoint import CheckpointError
-    from ..runtime.opt_config import ConfigError
-    from ..runtime.predictors import PredictorError
-    from ..runtime.selection import SelectionError
-    from ..runtime.sparse_backend import BackendError
-    from ..runtime.weight_store import PlacementError
-
-    return (CheckpointError, ConfigError, PredictorError, SelectionError, BackendError,
-            PlacementError)
-
-
 # What a user can fix in the inputs (weights, predictors, budget): one line, not a crash.
-LOAD_ERRORS = _load_errors()
+LOAD_ERRORS = (CheckpointError, ConfigError, PredictorError, SelectionError, BackendError,
+               PlacementError)
 
 
 class HandshakeError(RuntimeError):
