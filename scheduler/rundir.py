@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .transport import Curve, create_keys, load_curve
+
 # sockaddr_un's sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_IPC_PATH = 107
 KEYS_NAME = "curve"  # per-cluster CURVE keys, made by launch when an address needs them
@@ -134,8 +136,6 @@ class RunDir:
 
     def make_keys(self) -> Path:
         """Fresh CURVE keys for this cluster in ``<run dir>/curve`` (0700, secrets 0600)."""
-        from .transport import create_keys
-
         self._remove_keys()
         os.mkdir(KEYS_NAME, 0o700, dir_fd=self._fd)
         return create_keys(self.path / KEYS_NAME)
@@ -185,6 +185,20 @@ def cluster_keys(directory: Path) -> Path | None:
         return None
     keys = directory / KEYS_NAME
     return keys if (keys / "client.key_secret").is_file() else None
+
+
+def find_curve(address: str, keys_dir: str | None, run_dir: str | None) -> Curve | None:
+    """The keys to reach a cluster at ``address``: ``keys_dir`` when given; else those its
+    launch made in its run directory (the ipc address's own directory, then ``run_dir`` or
+    the default one); else none (a cluster of ipc sockets in its private directory)."""
+    if keys_dir:
+        return load_curve(keys_dir)
+    places = [Path(address[len("ipc://"):]).parent] if address.startswith("ipc://") else []
+    places.append(Path(run_dir) if run_dir else default_run_dir())
+    for place in places:
+        if (keys := cluster_keys(place)) is not None:
+            return load_curve(keys)
+    return None
 
 
 def reclaim_stale(base: Path, prefix: str, *, min_age_s: float = 120.0) -> list[Path]:

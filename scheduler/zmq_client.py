@@ -31,7 +31,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -41,8 +40,8 @@ from ..runtime import wire
 from ..runtime.engine import Completion, fold_event, submit_all
 from ..runtime.sampling import SamplingParams
 from .core import Event, RequestError, Scheduler, SchedulerConfig
-from .rundir import cluster_keys, default_run_dir
-from .transport import CLIENT_MAX_BYTES, Curve, TransportError, load_curve, make_socket
+from .rundir import find_curve
+from .transport import CLIENT_MAX_BYTES, Curve, TransportError, make_socket
 
 SEND_TIMEOUT_MS = 5000
 log = logging.getLogger("dejavu.client")
@@ -50,17 +49,6 @@ log = logging.getLogger("dejavu.client")
 
 class SchedulerGone(ConnectionError):
     """The scheduler stopped answering; open requests will never finish."""
-
-
-def find_curve(address: str, keys_dir: str | None, run_dir: str | None) -> Curve | None:
-    if keys_dir:
-        return load_curve(keys_dir)
-    places = [Path(address[len("ipc://"):]).parent] if address.startswith("ipc://") else []
-    places.append(Path(run_dir) if run_dir else default_run_dir())
-    for place in places:
-        if (keys := cluster_keys(place)) is not None:
-            return load_curve(keys)
-    return None
 
 
 def _socket(ctx: zmq.Context, address: str, curve: Curve | None) -> zmq.Socket:

@@ -119,8 +119,9 @@ def test_kill_9_of_serve_leaves_nothing_and_a_stale_dir_is_reclaimed(model_dir, 
     directory is gone. One left by a cluster killed whole is removed by the next start."""
     env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
     port = free_port()
+    log = open(tmp_path.parent / f"{tmp_path.name}-serve.log", "w")  # noqa: SIM115
     serve = subprocess.Popen([*CLI, "serve", "--workers", "2", "--model", str(model_dir),
-                              "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+                              "--port", str(port)], env=env, stdout=log, stderr=log)
     try:
         health = None
         deadline = time.monotonic() + 180
@@ -128,7 +129,7 @@ def test_kill_9_of_serve_leaves_nothing_and_a_stale_dir_is_reclaimed(model_dir, 
             try:
                 health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
             except httpx.HTTPError:
-                assert serve.poll() is None, serve.stderr.read()
+                assert serve.poll() is None, Path(log.name).read_text()[-3000:]
                 time.sleep(0.5)
         assert health and health["status"] == "ok", health
         (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("dejavu-run-")]
@@ -142,6 +143,7 @@ def test_kill_9_of_serve_leaves_nothing_and_a_stale_dir_is_reclaimed(model_dir, 
     finally:
         if serve.poll() is None:
             serve.kill()
+        log.close()
     print(f"\nkill -9 of serve: run directory gone after {took}s, processes after "
           f"{time.monotonic() - killed:.2f} s")
     assert took is not None and gone is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -18,13 +19,22 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import GREEDY, PROMPTS, cluster, config, make_tiny_model, read_log, short_dir
+from pipeline_fixtures import (
+    GREEDY,
+    PROMPTS,
+    cluster,
+    config,
+    make_tiny_model,
+    read_log,
+    short_dir,
+    wait_until,
+)
 
 from dejavu.runtime import wire
 from dejavu.runtime.checkpoint import load_model
 from dejavu.runtime.engine import Engine
 from dejavu.runtime.sampling import SamplingParams
-from dejavu.scheduler.launch import launch
+from dejavu.scheduler.launch import Cluster, launch
 from dejavu.scheduler.rundir import RunDir, RunDirError
 from dejavu.scheduler.zmq_client import PipelineConnection
 
@@ -240,3 +250,32 @@ def test_a_run_dir_others_can_write_to_is_refused(tmp_path):
     with pytest.raises(RunDirError, match="writable by other users"):
         RunDir(shared).acquire()
     assert stat.S_IMODE(shared.stat().st_mode) == 0o777
+
+
+def test_a_worker_started_by_hand_finds_a_loopback_launchs_keys(tiny, greedy):
+    """spawn = false on loopback TCP: `launch` makes the keys when it starts, and a worker
+    started by hand without --keys-dir finds them in the run directory."""
+    import threading
+
+    control = f"tcp://127.0.0.1:{free_port()}"
+    run = short_dir()
+    c = Cluster(config(tiny, 1, run / "run", spawn=False, control_address=control,
+                       client_address=f"tcp://127.0.0.1:{free_port()}"))
+    starting = threading.Thread(target=c.start, kwargs={"timeout_s": 120,
+                                                        "log": run / "launch.log"})
+    starting.start()
+    worker = None
+    try:
+        assert wait_until(lambda: (c.run_dir / "curve" / "client.key_secret").exists(), 60)
+        worker = subprocess.Popen([sys.executable, "-m", "dejavu.workers.main", "--index", "0",
+                                   "--control", control, "--run-dir", str(c.run_dir)],
+                                  stdin=subprocess.DEVNULL)
+        starting.join(120)
+        with PipelineConnection(c.address, run_dir=str(c.run_dir)) as conn:
+            assert [w.pid for w in conn.health().workers] == [worker.pid]
+            assert conn.run(PROMPTS[:1], GREEDY)[0].tokens == greedy[0]
+    finally:
+        c.stop()
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        shutil.rmtree(run, ignore_errors=True)
