@@ -142,10 +142,12 @@ class RunDir:
 
     def _remove_keys(self) -> None:
         try:
-            shutil.rmtree(KEYS_NAME, dir_fd=self._fd)
+            info = os.lstat(KEYS_NAME, dir_fd=self._fd)
         except FileNotFoundError:
-            pass
-        except NotADirectoryError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(KEYS_NAME, dir_fd=self._fd)
+        else:  # whatever it is (a link too), it goes itself, not what it points to
             os.unlink(KEYS_NAME, dir_fd=self._fd)
 
     def release(self, *, remove: bool = False) -> None:
