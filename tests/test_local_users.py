@@ -39,6 +39,7 @@ from dejavu.scheduler.rundir import RunDir, RunDirError
 from dejavu.scheduler.zmq_client import PipelineConnection
 
 NOBODY = 65534
+CLI = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
 
 
 def _other_user_can_run_python() -> bool:
@@ -146,9 +147,8 @@ def test_loopback_tcp_without_keys_dir_lets_no_peer_without_the_keys_in(tiny, gr
         # The command line finds the keys through [pipeline] run_dir.
         toml = c.run_dir.parent / "dejavu.toml"
         toml.write_text(f'[pipeline]\nrun_dir = "{c.run_dir}"\n')
-        cli = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
         ids = ",".join(map(str, PROMPTS[2]))
-        gen = subprocess.run([*cli, "generate", "--config", str(toml), "--model", str(tiny),
+        gen = subprocess.run([*CLI, "generate", "--config", str(toml), "--model", str(tiny),
                               "--connect", c.address, "--prompt-ids", ids,
                               "--max-new-tokens", "5", "--json"],
                              capture_output=True, text=True, timeout=120)
@@ -213,8 +213,7 @@ def test_a_planted_symlink_as_the_default_run_dir_is_refused_and_left_alone(tmp_
     link = tmp / f"dejavu-run-{os.getuid()}"
     link.symlink_to(victim)
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"TMPDIR": str(tmp)}
-    cli = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
-    proc = subprocess.run([*cli, "launch", "--workers", "1"], env=env, capture_output=True,
+    proc = subprocess.run([*CLI, "launch", "--workers", "1"], env=env, capture_output=True,
                           text=True, timeout=120)
     errors = [ln for ln in proc.stderr.splitlines() if "ERROR" in ln]
     assert proc.returncode == 2, proc.stderr
@@ -267,7 +266,7 @@ def test_a_worker_started_by_hand_finds_a_loopback_launchs_keys(tiny, greedy):
     worker = None
     try:
         assert wait_until(lambda: (c.run_dir / "curve" / "client.key_secret").exists(), 60)
-        worker = subprocess.Popen([sys.executable, "-m", "dejavu.workers.main", "--index", "0",
+        worker = subprocess.Popen([*CLI, "worker", "--index", "0",
                                    "--control", control, "--run-dir", str(c.run_dir)],
                                   stdin=subprocess.DEVNULL)
         starting.join(120)
