@@ -105,8 +105,9 @@ def build_client(settings, options: ServeOptions):
         from ..zmq_client import PipelineClient
 
         keys = getattr(settings.pipeline, "keys_dir", "") or None
+        run_dir = getattr(settings.pipeline, "run_dir", "") or None
         try:
-            return PipelineClient(options.connect, keys_dir=keys), tokenizer
+            return PipelineClient(options.connect, keys_dir=keys, run_dir=run_dir), tokenizer
         except TimeoutError as exc:
             raise ServeError(f"--connect {options.connect}: no answer ({exc})") from None
     if options.workers > 1:
