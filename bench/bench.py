@@ -11,11 +11,7 @@ GPU), to check that the whole script works. Its numbers mean nothing.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -29,6 +25,7 @@ from .bench_common import (
     SHAPES,
     TINY,
     cuda,
+    environment,
     gb,
     h2d_bandwidth,
     hbm_copy_bandwidth,
@@ -70,43 +67,6 @@ class BenchOptions:
     offload_layers: int = 4  # decoder layers built in pinned memory for the offload runs
     only: tuple[str, ...] = ()  # scenario names to run (empty: all)
     command: str = field(default_factory=lambda: " ".join(sys.argv))
-
-
-def environment() -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "host": platform.machine(), "cpu_count": os.cpu_count(),
-    }
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
-    if cuda():
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                   sm_count=p.multi_processor_count, cuda=torch.version.cuda)
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            env["driver"] = None
-    else:
-        env.update(gpu=None, driver=None)
-    try:
-        import accelerate
-        env["accelerate"] = accelerate.__version__
-    except ImportError:
-        env["accelerate"] = None
-    try:
-        import transformers
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        env["transformers"] = None
-    return env
 
 
 def _plan(opts: BenchOptions) -> list[tuple[str, str, dict[str, Any]]]:
@@ -306,6 +266,17 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 
 def main(opts: BenchOptions) -> tuple[Path, Path]:
+    if "e2e" in opts.only:  # its own run and files (bench_e2e.py): the product's paths
+        from .bench_e2e import E2EOptions
+        from .bench_e2e import main as e2e_main
+
+        e2e = E2EOptions.dry_run(opts.out_dir) if opts.small else E2EOptions(
+            out_dir=opts.out_dir, time_budget_s=opts.time_budget_s)
+        e2e.command = opts.command
+        paths = e2e_main(e2e)
+        if opts.only == ("e2e",):
+            return paths
+        opts.only = tuple(o for o in opts.only if o != "e2e")
     res = run_bench(opts)
     paths = write_results(res, opts.out_dir)
     print(json.dumps({k: res.get(k) for k in KEYS}, indent=1))

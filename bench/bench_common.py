@@ -9,10 +9,15 @@ the results say so.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -168,3 +173,40 @@ def frequencies(selections: Tensor, n: int) -> Tensor:
 
 def gb(x: float | None) -> float | None:
     return None if x is None else round(x / 1e9, 2)
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "host": platform.machine(), "cpu_count": os.cpu_count(),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
+    if cuda():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   sm_count=p.multi_processor_count, cuda=torch.version.cuda)
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    else:
+        env.update(gpu=None, driver=None)
+    try:
+        import accelerate
+        env["accelerate"] = accelerate.__version__
+    except ImportError:
+        env["accelerate"] = None
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    return env

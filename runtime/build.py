@@ -122,7 +122,7 @@ def build_model(settings: Settings, *, layers: range | None = None, device: str 
             offloaded, reserved = fit_gib(
                 model, budget, device=dev, slots=slots,
                 max_len=max_len or model.config.max_position_embeddings,
-                caches=settings.pipeline.offload_cache)
+                caches=settings.pipeline.offload_cache, model_dir=settings.model.path)
         except PlacementError as exc:
             raise BuildError(f"[pipeline] gpu_memory_gib = {budget:g}: {exc}") from None
     selector = _selector(settings, model, dev)

@@ -28,6 +28,16 @@ def layer_bytes(config: OPTConfig, dtype_bytes: int) -> int:
     return (weights + biases + norms) * dtype_bytes
 
 
+def stream_buffer_bytes(config: OPTConfig, dtype_bytes: int) -> int:
+    """GPU bytes of the double buffer that prefill chunks stream offloaded layers through
+    (runtime/row_stream.py: two layers in host-record layout, rows padded to 16 elements),
+    kept by any worker that offloads a layer."""
+    c, d = config.hidden_size, config.hidden_size // config.num_attention_heads
+    neuron = -(-(2 * c + 1) // 16) * 16
+    head = -(-(4 * d * c + 3 * d) // 16) * 16
+    return 2 * (config.ffn_dim * neuron + config.num_attention_heads * head) * dtype_bytes
+
+
 def kv_bytes_per_layer(config: OPTConfig, slots: int, max_len: int, dtype_bytes: int) -> int:
     return 2 * slots * max_len * config.hidden_size * dtype_bytes
 

@@ -30,6 +30,7 @@ from ..runtime.sizes import (
     layer_bytes,
     offload_reserved_bytes,
     size,
+    stream_buffer_bytes,
 )
 from ..runtime.weight_store import GIB
 
@@ -100,7 +101,14 @@ def offloaded_layers(config: OPTConfig, span: range, budget: int, *, dtype_bytes
             f"layer ({parts + ', ' if parts else ''}KV cache of {slots} slots x {max_len} "
             "positions, activations); raise gpu_memory_gib or lower [pipeline] slots / "
             "max_len")
-    return max(0, len(span) - left // layer_bytes(config, dtype_bytes))
+    off = max(0, len(span) - left // layer_bytes(config, dtype_bytes))
+    # An offloading worker also holds the double buffer prefill streams layers through,
+    # unless even offloading every layer leaves no room for it (runtime/offload.py's
+    # plan_streaming; prefill then reads rows token by token).
+    with_buffer = left - stream_buffer_bytes(config, dtype_bytes)
+    if off and with_buffer >= 0:
+        off = max(0, len(span) - with_buffer // layer_bytes(config, dtype_bytes))
+    return off
 
 
 def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots: int = 8,
@@ -125,6 +133,9 @@ def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots:
             gpu = s.memory_bytes - host + offload_reserved_bytes(
                 config, len(s.layers), slots, max_len, dtype_bytes) - len(s.layers) * \
                 kv_bytes_per_layer(config, slots, max_len, dtype_bytes)
+            buffer = stream_buffer_bytes(config, dtype_bytes)
+            if off and gpu + buffer <= gpu_budget:  # the prefill's double buffer fits
+                gpu += buffer
             stages.append(StagePlan(s.index, s.layers, gpu, s.cost, gpu_budget, off, host))
         return Plan(stages, plan.num_layers, offload=True)
     n = config.num_hidden_layers

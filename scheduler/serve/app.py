@@ -107,7 +107,7 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
     @_guard(ctx)
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         request_id = ctx.new_id("cmpl")
-        choices, max_tokens = completions.plan(ctx, body, request_id)
+        choices, max_tokens = await completions.plan(ctx, body, request_id)
         if body.stream:
             events = completions.stream(ctx, body, request_id, choices, max_tokens)
             return _streaming(ctx, events, len(choices))
@@ -118,7 +118,7 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
     @_guard(ctx)
     async def create_chat_completion(body: ChatRequest, request: Request) -> Response:
         request_id = ctx.new_id("chatcmpl")
-        choices = chat_completions.plan(ctx, body, request_id)
+        choices = await chat_completions.plan(ctx, body, request_id)
         if body.stream:
             events = chat_completions.stream(ctx, body, request_id, choices)
             return _streaming(ctx, events, len(choices))
