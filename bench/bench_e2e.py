@@ -245,9 +245,9 @@ def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: tor
         for ops in held:
             ops.stage_neurons = staged
         s = parse_select(select)
-        sel = offload_selector(RandomSelector(config.ffn_dim, config.num_attention_heads,
-                                              s["mlp_density"], s["head_density"], seed=0),
-                               offloaded, config)
+        rnd = RandomSelector(config.ffn_dim, config.num_attention_heads,
+                             s["sparsity.mlp_density"], s["sparsity.head_density"], seed=0)
+        sel = offload_selector(rnd, offloaded, config)
         engine = Engine(model, max_batch=opts.streams, max_len=max_len, selector=sel)
         report = budget_report(model, offloaded, sel, budget_bytes=gib(budget),
                                reserved_bytes=reserved)
