@@ -15,14 +15,14 @@ S cache slots, L cached positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import decode_attention_in_place, masked_attention
+from .attention import decode_attention_in_place, gathered_attention, prefix_attention
 from .opt_config import POSITION_OFFSET, OPTConfig
 from .sparse import complete_kv, sparse_attention, sparse_mlp
 
@@ -103,11 +103,20 @@ class Batch:
     # Under CUDA-graph capture (runtime/graphs.py): one token per row, and nothing may
     # depend on the data's values on the host, so attention reads the cache in place.
     fixed_shape: bool = False
+    _rows: tuple[list[int], list[int]] | None = field(default=None, repr=False)
 
     def attended_length(self) -> int:
         if self.length is None:
             self.length = int(self.positions.max()) + 1
         return self.length
+
+    def rows_on_host(self) -> tuple[list[int], list[int]]:
+        """Each row's slot and attended length (its last position + 1) as host ints, read
+        once per step (a host copy; CPU attention reads each row's prefix in place)."""
+        if self._rows is None:
+            assert self.slots is not None
+            self._rows = (self.slots.tolist(), (self.positions.max(1).values + 1).tolist())
+        return self._rows
 
 
 class OPTAttention(nn.Module):
@@ -166,13 +175,10 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, layer_id: int, batch: Batc
     cache_v[rows, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
     if batch.fixed_shape:
         return decode_attention_in_place(q, cache_k, cache_v, batch.slots, pos)
-    length = batch.attended_length()
-    keys = cache_k[batch.slots, :, :length]  # [B, H, L, D]
-    values = cache_v[batch.slots, :, :length]
-    # Key j is visible to a query at position p iff j <= p: causal within the step and
-    # blind to whatever a slot's previous owner left beyond this sequence's length.
-    visible = torch.arange(length, device=pos.device)[None, None, :] <= pos[:, :, None]
-    return masked_attention(q, keys.to(q.dtype), values.to(q.dtype), visible[:, None])
+    if q.device.type == "cpu":
+        slots, lengths = batch.rows_on_host()
+        return prefix_attention(q, cache_k, cache_v, slots, lengths, pos)
+    return gathered_attention(q, cache_k, cache_v, batch.slots, pos, batch.attended_length())
 
 
 class OPTDecoderLayer(nn.Module):
@@ -189,6 +195,9 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+        # fc2 transposed, made on first use by a CPU sparse step (fc2_rows): not a parameter
+        # or buffer, so checkpoints and dense runs never see it.
+        self._fc2_rows: tuple[tuple, Tensor] | None = None
 
     def attention_block(self, h: Tensor, batch: Batch, heads: Tensor | None = None) -> Tensor:
         x = self.self_attn_layer_norm(h) if self.pre_ln else h
@@ -203,6 +212,20 @@ class OPTDecoderLayer(nn.Module):
         else:  # [B, T, F] bool: only these neurons (runtime/sparse.py)
             h = h + sparse_mlp(self, x, neurons, gather)
         return h if self.pre_ln else self.final_layer_norm(h)
+
+    def fc2_rows(self) -> Tensor:
+        """fc2.weight transposed and contiguous [F, C]: a neuron's fc2 column as one row,
+        which the CPU sparse MLP (runtime/cpu_ops.py) reads whole. Made once, and again if
+        fc2 is moved, cast or written to. Costs fc2's size in memory once a CPU sparse
+        step has run (none when fc2 is already stored transposed)."""
+        w = self.fc2.weight
+        # Weights made under inference_mode have no version counter; they cannot be written
+        # in place outside it either, so their address tells every change.
+        version = None if w.is_inference() else w._version
+        key = (w.data_ptr(), version, w.device, w.dtype, w.stride())
+        if self._fc2_rows is None or self._fc2_rows[0] != key:
+            self._fc2_rows = (key, w.detach().t().contiguous())
+        return self._fc2_rows[1]
 
     def forward(self, h: Tensor, batch: Batch) -> Tensor:
         if batch.sparse is None:

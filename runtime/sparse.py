@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import sparse_backend
+from . import cpu_ops, sparse_backend
 from .attention import masked_attention
 
 if TYPE_CHECKING:
@@ -247,6 +247,14 @@ def _computed(mask: Tensor | None, tokens: int, gather: bool, what: str,
     return float(mask.double().mean(-1).sum())
 
 
+def needs_kv_inputs(selector: Selector | None) -> bool:
+    """Whether a cache must keep attention inputs (``KVCache(keep_inputs=True)``): only
+    where some step may skip a head whose K/V a later step then recomputes. A selector that
+    keeps every head says so (``keeps_every_head``); storing and checking inputs for it
+    would only cost every layer of every step."""
+    return selector is not None and not getattr(selector, "keeps_every_head", False)
+
+
 def union_index(mask: Tensor) -> Tensor:
     """[..., n] bool -> sorted indices of the entries selected by any token."""
     return mask.reshape(-1, mask.shape[-1]).any(0).nonzero().squeeze(1)
@@ -283,8 +291,19 @@ def sparse_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool)
     if _DEVICE_ONLY:
         return _compacted_mlp(layer, x, neurons)
     idx = union_index(neurons)
-    if sparse_backend.mlp_kernel_applies(layer, x):  # Triton kernel; the code below is its twin
+    # Fast paths, each with gathered_mlp_reference as its twin: the Triton kernel (GPU) and
+    # whole-row gathers of fc2 transposed (CPU: the reference's strided column gather cost
+    # more there than the dense product).
+    if sparse_backend.mlp_kernel_applies(layer, x):
         return sparse_backend.mlp_gather(layer, x, idx)
+    if x.device.type == "cpu":
+        return cpu_ops.gathered_mlp(x, fc1.weight, fc1.bias, layer.fc2_rows(), fc2.bias, idx)
+    return gathered_mlp_reference(layer, x, idx)
+
+
+def gathered_mlp_reference(layer: OPTDecoderLayer, x: Tensor, idx: Tensor) -> Tensor:
+    """fc2(relu(fc1(x))) over neurons ``idx`` [n] only, in plain torch: x [..., C]."""
+    fc1, fc2 = layer.fc1, layer.fc2
     w1 = fc1.weight.index_select(0, idx)  # [n, C]: the neurons' fc1 rows
     b1 = fc1.bias.index_select(0, idx) if fc1.bias is not None else None
     w2 = fc2.weight.index_select(1, idx)  # [C, n]: their fc2 columns

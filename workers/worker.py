@@ -32,6 +32,7 @@ import zmq
 
 from ..runtime import wire
 from ..runtime.checkpoint import load_model
+from ..runtime.sparse import needs_kv_inputs
 from ..runtime.stage import Stage, allocate_cache
 from ..runtime.step import Step, StepResult
 from ..scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
@@ -140,7 +141,8 @@ class Worker:
         self.model = model
         self.offloaded = offloaded
         self.paged_total = 0
-        cache = allocate_cache(model, setup.slots, setup.max_len, keep_inputs=selector is not None)
+        cache = allocate_cache(model, setup.slots, setup.max_len,
+                               keep_inputs=needs_kv_inputs(selector))
         self.runner = StageRunner(Stage(model, cache, selector), FaultHook(setup.faults))
         self.setup = setup
         self.epoch = setup.epoch
