@@ -1,4 +1,5 @@
-"""CPU fast paths of the sparse MLP: read only the selected neurons' rows, copy little.
+"""CPU fast paths: the sparse MLP reading only the selected neurons' rows, and how many
+threads a CPU stage computes with.
 
 On a CPU a decode step is bound by the bytes it reads from memory, so the sparse MLP is
 worth only what it does not read. Its reference (``sparse.gathered_mlp_reference``) gathers fc2's
@@ -12,6 +13,12 @@ by ``OPTDecoderLayer.fc2_rows``), so:
   activations, reading each row in place with no gathered copy; for more token rows, the
   rows are gathered once and multiplied (a GEMM reads them once for every token).
 
+Threads (``stage_threads``): a CPU stage leaves one core to everything else (the
+scheduler, detokenizing, a chat client, other users). Torch's OpenMP threads meet at a
+barrier after every op, so when one of them loses its core the whole op waits a scheduler
+time slice: on the 2-core machine, with other processes running, a decode step of the
+shipped model took 400-650 ms with 2 threads and 25-40 ms with 1 (bench/NOTES.md).
+
 What this module does not know: which neurons are selected or why (runtime/sparse.py), and
 any device but the CPU (GPU steps use the Triton kernels, runtime/sparse_backend.py).
 
@@ -20,6 +27,9 @@ Shapes: M token rows, C hidden, F ffn dim, n selected neurons.
 
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -46,3 +56,14 @@ def gathered_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2_rows: Tensor,
     if b2 is not None:
         out = out + b2
     return out.view(shape)
+
+
+def stage_threads(cores: int | None = None, current: int | None = None) -> int:
+    """Intra-op threads for a CPU stage: one fewer than the cores this process may run on,
+    at least one, and never more than torch would use (``current``, default: now)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    if current is None:
+        current = torch.get_num_threads()
+    return max(1, min(current, cores - 1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .cpu_ops import stage_threads
 from .graphs import DecodeGraphs
 from .model import Batch, KVCache, OPTModel
 from .sampling import new_generator, sample, top_logprobs
@@ -26,6 +27,8 @@ class Stage:
         self.cache = cache
         # Offloaded layers' big weights are meta tensors (runtime/offload.py): skip them.
         self.device = next(p for p in model.parameters() if not p.is_meta).device
+        if self.device.type == "cpu":  # one core left to the rest (cpu_ops.stage_threads)
+            torch.set_num_threads(stage_threads())
         self.generators: dict[str, torch.Generator] = {}
         # Contextual sparsity (runtime/sparse.py): None runs dense. ``carry_out`` is what the
         # next stage's first predictor reads; a later stage gets it as ``forward(carry=)``.

@@ -154,3 +154,21 @@ def test_sparse_engine_decodes_as_the_reference_path(monkeypatch):
     monkeypatch.setattr(cpu_ops, "gathered_mlp", column_gather)
     want, _ = run()
     assert got == want
+
+
+def test_stage_threads_leave_one_core_to_the_rest():
+    assert cpu_ops.stage_threads(cores=2, current=2) == 1
+    assert cpu_ops.stage_threads(cores=1, current=1) == 1
+    assert cpu_ops.stage_threads(cores=16, current=16) == 15
+    assert cpu_ops.stage_threads(cores=16, current=4) == 4  # never more than asked for
+
+
+def test_a_cpu_stage_computes_with_stage_threads():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(before, 2))
+        want = cpu_ops.stage_threads()
+        Engine(tiny_model(), max_batch=1, max_len=8)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
