@@ -67,3 +67,101 @@ def stage_threads(cores: int | None = None, current: int | None = None) -> int:
     if current is None:
         current = torch.get_num_threads()
     return max(1, min(current, cores - 1))
+
+
+# --- greedy decoding without reading all of the LM head in float32 -------------------------
+
+# The approximate logits' error bound is taken this many times over (float32 accumulation,
+# rounding of the bound's own terms), and checked at construction to hold with room to spare.
+SCREEN_SAFETY = 2.0
+# More candidates than this (near-uniform logits) are not worth gathering: the full product.
+SCREEN_MAX_CANDIDATES = 512
+
+
+class GreedyHead:
+    """argmax(head @ x), exactly, reading the head mostly as int8 (a quarter of the bytes).
+
+    The reference is the full float32 product and its argmax. Here an int8 copy of the head
+    (per-row scales, torch's weight-only int8 GEMM) gives approximate logits ``a`` and, per
+    token v, a bound ``b_v >= |a_v - l_v|`` on the distance to the float32 logit ``l_v``:
+
+        |a_v - l_v| <= ||w'_v|| ||x' - x|| + ||w'_v - w_v|| ||x|| + |rounding of a_v|
+
+    with w' the dequantized row (its error ||w'_v - w_v|| computed exactly once) and x' the
+    input rounded to bfloat16. Whatever token has the largest ``l`` satisfies
+    ``a_v + b_v >= max_u (a_u - b_u)``; the few tokens that do are the candidates, their
+    logits are computed again in float32 from their rows, and the largest wins. So the
+    token equals the reference's (both up to float32 rounding of near-ties).
+
+    The bound assumes the int8 product accumulates in float32, as torch's CPU kernel does;
+    ``exact_only`` is set, and every call takes the reference path, if the kernel is missing
+    or a check on random inputs at construction finds an error outside the bound.
+    """
+
+    def __init__(self, weight: Tensor) -> None:  # weight [V, E] float32 or float64
+        self.key = tensor_key(weight)
+        w = weight.detach().double()
+        scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        self.scales = scale.to(torch.bfloat16)  # [V]
+        self.q = torch.round(w / self.scales.double()[:, None]).clamp_(-127, 127).to(torch.int8)
+        dequant = self.q.double() * self.scales.double()[:, None]  # [V, E]: w'
+        self.norms = dequant.norm(dim=1).float()  # ||w'_v||
+        self.errors = (dequant - w).norm(dim=1).float()  # ||w'_v - w_v||
+        try:
+            self.exact_only = not self._bound_holds(weight.detach())
+        except (RuntimeError, NotImplementedError):  # no int8 kernel in this build
+            self.exact_only = True
+
+    def matches(self, weight: Tensor) -> bool:
+        return self.key == tensor_key(weight)
+
+    def _approx(self, x: Tensor, safety: float) -> tuple[Tensor, Tensor]:
+        """Approximate logits a [M, V] and their bounds b [M, V] for x [M, E]."""
+        xr = x.to(torch.bfloat16)
+        a = torch._weight_int8pack_mm(xr, self.q, self.scales).float()
+        x64 = x.double()
+        dx = (xr.double() - x64).norm(dim=-1, keepdim=True)  # [M, 1]
+        # float32 accumulation over E terms: at most E * 2^-24 of sum |w'||x'|.
+        dx += x.shape[-1] * 2.0**-24 * xr.double().norm(dim=-1, keepdim=True)
+        xn = x64.norm(dim=-1, keepdim=True)
+        b = self.norms * (safety * dx).float() + self.errors * (safety * xn).float()
+        return a, b.add_(a.abs(), alpha=safety * 2.0**-8)  # + the bfloat16 output's rounding
+
+    def _bound_holds(self, weight: Tensor) -> bool:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4, weight.shape[1], generator=g, dtype=torch.float64).to(weight.dtype)
+        a, b = self._approx(x, 1.0)
+        exact = F.linear(x.double(), weight.double())
+        return bool(((a.double() - exact).abs() <= b.double() / 2).all())
+
+    def __call__(self, weight: Tensor, x: Tensor) -> Tensor:
+        """x [M, E] -> the greedy token of each row [M] (int64)."""
+        if self.exact_only:
+            return F.linear(x, weight).argmax(-1)
+        a, b = self._approx(x, SCREEN_SAFETY)
+        floor = (a - b).amax(-1, keepdim=True)  # [M, 1]: some token's logit is at least this
+        tokens = []
+        for row in range(x.shape[0]):
+            cand = (a[row] + b[row] >= floor[row]).nonzero().squeeze(1)  # sorted ids
+            if cand.numel() > SCREEN_MAX_CANDIDATES:
+                tokens.append(F.linear(x[row], weight).argmax())
+                continue
+            exact = F.linear(x[row], weight.index_select(0, cand))
+            tokens.append(cand[exact.argmax()])
+        return torch.stack(tokens)
+
+
+def tensor_key(t: Tensor) -> tuple:
+    """What changes when a tensor is moved, cast, replaced or written in place."""
+    # Tensors made under inference_mode have no version counter; they cannot be written in
+    # place outside it either, so their address tells every change.
+    version = None if t.is_inference() else t._version
+    return (t.data_ptr(), version, t.device, t.dtype, t.shape, t.stride())
+
+
+def greedy_screen_applies(weight: Tensor) -> bool:
+    """A CPU head stored in float32 or float64, where int8 reads a quarter of the bytes. Its
+    width must be a multiple of 16: torch 2.13's CPU int8 kernel returns garbage or crashes
+    on other widths (every OPT's is)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
+            and weight.shape[1] % 16 == 0)

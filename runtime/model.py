@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import decode_attention_in_place, gathered_attention, prefix_attention
+from .cpu_ops import GreedyHead, greedy_screen_applies, tensor_key
 from .opt_config import POSITION_OFFSET, OPTConfig
 from .sparse import complete_kv, sparse_attention, sparse_mlp
 
@@ -205,12 +206,12 @@ class OPTDecoderLayer(nn.Module):
         return h if self.pre_ln else self.self_attn_layer_norm(h)
 
     def mlp_block(self, h: Tensor, neurons: Tensor | None = None,
-                  gather: bool = False) -> Tensor:
+                  gather: bool = False, index: Tensor | None = None) -> Tensor:
         x = self.final_layer_norm(h) if self.pre_ln else h
         if neurons is None:
             h = h + self.fc2(F.relu(self.fc1(x)))
         else:  # [B, T, F] bool: only these neurons (runtime/sparse.py)
-            h = h + sparse_mlp(self, x, neurons, gather)
+            h = h + sparse_mlp(self, x, neurons, gather, index)
         return h if self.pre_ln else self.final_layer_norm(h)
 
     def fc2_rows(self) -> Tensor:
@@ -219,10 +220,7 @@ class OPTDecoderLayer(nn.Module):
         fc2 is moved, cast or written to. Costs fc2's size in memory once a CPU sparse
         step has run (none when fc2 is already stored transposed)."""
         w = self.fc2.weight
-        # Weights made under inference_mode have no version counter; they cannot be written
-        # in place outside it either, so their address tells every change.
-        version = None if w.is_inference() else w._version
-        key = (w.data_ptr(), version, w.device, w.dtype, w.stride())
+        key = tensor_key(w)
         if self._fc2_rows is None or self._fc2_rows[0] != key:
             self._fc2_rows = (key, w.detach().t().contiguous())
         return self._fc2_rows[1]
@@ -233,7 +231,7 @@ class OPTDecoderLayer(nn.Module):
         sel = batch.sparse.select(self, h, batch)
         h = self.attention_block(h, batch, sel.heads)
         batch.sparse.lookahead(self.layer_id, h)  # next layer's predictor input (wiring)
-        return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch))
+        return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch), sel.neuron_index)
 
 
 class OPTModel(nn.Module):
@@ -268,6 +266,7 @@ class OPTModel(nn.Module):
             if config.has_projections:
                 decoder.project_out = nn.Linear(c, e, bias=False)
         self.decoder = decoder
+        self._greedy_head: GreedyHead | None = None  # made on first use (greedy_tokens)
         if self.is_last:
             self.lm_head = nn.Linear(e, config.vocab_size, bias=False)
             if config.tie_word_embeddings and self.is_first:
@@ -293,12 +292,29 @@ class OPTModel(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """[..., C] residual stream -> [..., vocab] logits."""
+        return self.lm_head(self.head_input(h))
+
+    def head_input(self, h: Tensor) -> Tensor:
+        """[..., C] residual stream -> [..., E], what the LM head multiplies."""
         d = self.decoder
         if self.config.has_final_layer_norm:
             h = d.final_layer_norm(h)
         if self.config.has_projections:
             h = d.project_out(h)
-        return self.lm_head(h)
+        return h
+
+    def greedy_tokens(self, h: Tensor) -> Tensor:
+        """[M, C] residual stream -> [M] int64: each row's most likely next token, the
+        argmax of ``logits(h)`` (the reference). A float32 head on a CPU reads most of
+        itself in bfloat16 instead, exactly (cpu_ops.GreedyHead): the head is the biggest
+        single read of a small model's decode step (the shipped model: 32 of 116 MB)."""
+        x = self.head_input(h)
+        weight = self.lm_head.weight
+        if not greedy_screen_applies(weight):
+            return self.lm_head(x).argmax(-1)
+        if self._greedy_head is None or not self._greedy_head.matches(weight):
+            self._greedy_head = GreedyHead(weight)
+        return self._greedy_head(weight, x)
 
     def forward(self, x: Tensor, batch: Batch) -> Tensor:
         """Token ids [B, T] on the first stage, else hidden [B, T, C]. Returns logits

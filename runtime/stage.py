@@ -119,6 +119,10 @@ class Stage:
             last = None
         if not row.sample:
             return result
+        if params.temperature < 1e-5 and params.logprobs is None:  # greedy, as sample() is
+            # The argmax without every logit in float32 (OPTModel.greedy_tokens).
+            result.token = int(self.model.greedy_tokens(hidden[-1:])[0])
+            return result
         logits = self.model.logits(hidden[-1]).float()
         generator = self.generators.get(row.request_id)
         if generator is None:

@@ -172,3 +172,82 @@ def test_a_cpu_stage_computes_with_stage_threads():
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
+
+
+# --- greedy decoding through the int8 screen ---------------------------------------------
+
+
+def head_and_inputs(v: int, e: int, rows: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(v, e, generator=g) * 0.05).to(dtype)
+    x = (torch.randn(rows, e, generator=g) * 3.0).to(dtype)
+    return weight, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("v,e,rows", [(1, 16, 1), (7, 48, 3), (997, 64, 1), (4099, 512, 2)])
+def test_greedy_head_matches_argmax(dtype, v, e, rows):
+    weight, x = head_and_inputs(v, e, rows, dtype, seed=v + e)
+    head = cpu_ops.GreedyHead(weight)
+    assert not head.exact_only  # the screen itself runs
+    assert torch.equal(head(weight, x), torch.nn.functional.linear(x, weight).argmax(-1))
+
+
+def test_greedy_head_separates_near_ties():
+    """Two tokens 1e-3 apart, far inside the int8 copy's error: the float32 rows decide."""
+    weight, x = head_and_inputs(2000, 64, 1, torch.float32, seed=7)
+    best = int(torch.nn.functional.linear(x, weight).argmax())
+    other = (best + 1000) % 2000
+    direction = x[0] / x[0].norm() ** 2
+    for margin in (1e-3, -1e-3):
+        w = weight.clone()
+        w[other] = w[best] + margin * direction  # logit(other) = logit(best) + margin
+        want = torch.nn.functional.linear(x, w).argmax(-1)
+        assert int(want) == (other if margin > 0 else best)
+        assert torch.equal(cpu_ops.GreedyHead(w)(w, x), want)
+
+
+def test_greedy_head_with_many_candidates_takes_the_full_product():
+    weight = torch.ones(3000, 32) + 1e-7 * torch.randn(3000, 32)
+    x = torch.randn(1, 32)
+    head = cpu_ops.GreedyHead(weight)
+    assert torch.equal(head(weight, x), torch.nn.functional.linear(x, weight).argmax(-1))
+
+
+def test_greedy_head_without_the_int8_kernel_is_exact(monkeypatch):
+    def missing(*args):
+        raise RuntimeError("no int8 kernel here")
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", missing)
+    weight, x = head_and_inputs(300, 32, 2, torch.float32, seed=1)
+    head = cpu_ops.GreedyHead(weight)
+    assert head.exact_only
+    assert torch.equal(head(weight, x), torch.nn.functional.linear(x, weight).argmax(-1))
+
+
+def test_greedy_screen_applies_to_float_heads_of_width_16k():
+    assert cpu_ops.greedy_screen_applies(torch.zeros(5, 48))
+    assert not cpu_ops.greedy_screen_applies(torch.zeros(5, 40))  # the int8 kernel's limit
+    assert not cpu_ops.greedy_screen_applies(torch.zeros(5, 48, dtype=torch.bfloat16))
+
+
+def test_engine_greedy_tokens_equal_the_full_logits_path():
+    """Greedy decoding (screened head) and the same requests asking for log-probabilities
+    (every logit computed) give the same tokens; a changed head is picked up."""
+    cfg = OPTConfig(vocab_size=503, hidden_size=48, num_hidden_layers=2, ffn_dim=80,
+                    num_attention_heads=3, max_position_embeddings=64, word_embed_proj_dim=48)
+    torch.manual_seed(3)
+    model = OPTModel(cfg)
+    model.init_weights(std=0.15)
+    model.eval()
+    engine = Engine(model, max_batch=2, max_len=40)
+    prompts = [[2, 17, 33, 4, 90], [2, 8, 400]]
+    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    full = SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=0)
+    got = [c.tokens for c in engine.run(prompts, greedy)]
+    assert model._greedy_head is not None and not model._greedy_head.exact_only
+    assert got == [c.tokens for c in engine.run(prompts, full)]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # tied to the embeddings: a different model
+    assert [c.tokens for c in engine.run(prompts, greedy)] == \
+        [c.tokens for c in engine.run(prompts, full)]
