@@ -251,3 +251,18 @@ def test_engine_greedy_tokens_equal_the_full_logits_path():
         model.lm_head.weight.mul_(-1.0)  # tied to the embeddings: a different model
     assert [c.tokens for c in engine.run(prompts, greedy)] == \
         [c.tokens for c in engine.run(prompts, full)]
+
+
+def test_store_for_gemv_keeps_values_and_changes_only_tall_weights():
+    torch.manual_seed(0)
+    tall, wide = torch.nn.Linear(13, 97), torch.nn.Linear(97, 13)
+    before_tall, before_wide = tall.weight.detach().clone(), wide.weight.detach().clone()
+    x = torch.randn(3, 13)
+    want = tall(x)
+    cpu_ops.store_for_gemv(tall)
+    cpu_ops.store_for_gemv(wide)
+    assert tall.weight.shape == (97, 13) and tall.weight.stride() == (1, 97)
+    assert torch.equal(tall.weight, before_tall)
+    assert torch.allclose(tall(x), want, rtol=1e-6, atol=1e-6)
+    assert wide.weight.is_contiguous() and torch.equal(wide.weight, before_wide)
+    assert "weight" in dict(tall.named_parameters())  # still a parameter of the module
