@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import sparse_backend
 from .attention import decode_attention_in_place, gathered_attention, prefix_attention
-from .cpu_ops import GreedyHead, greedy_screen_applies, tensor_key
+from .cpu_ops import GreedyHead, fuse_projections, greedy_screen_applies, is_fused, tensor_key
 from .opt_config import POSITION_OFFSET, OPTConfig
 from .sparse import complete_kv, sparse_attention, sparse_mlp
 
@@ -131,6 +132,8 @@ class OPTAttention(nn.Module):
         self.k_proj = nn.Linear(c, c, bias=bias)
         self.v_proj = nn.Linear(c, c, bias=bias)
         self.out_proj = nn.Linear(c, c, bias=bias)
+        # On a CPU, q/k/v stored side by side and their product taken at once (project_qkv).
+        self._fused_qkv: tuple[Tensor, Tensor | None] | None = None
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
         b, t, _ = x.shape
@@ -148,12 +151,26 @@ class OPTAttention(nn.Module):
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, C] -> q (scaled), k, v [B, T, C]. The reference is three products; on a
+        CPU, for frozen weights (a model in training keeps its parameter objects: an
+        optimizer holds them), resident and not on the Triton backend (whose tables own the
+        layout), one product over q/k/v stored side by side (cpu_ops.fuse_projections)."""
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        if x.device.type == "cpu" and not self.q_proj.weight.requires_grad \
+                and not sparse_backend.is_offloaded(self) \
+                and sparse_backend.backend_of(self) != "triton":
+            if self._fused_qkv is None or not is_fused(projections, *self._fused_qkv):
+                self._fused_qkv = fuse_projections(projections)
+            if self._fused_qkv is not None:
+                q, k, v = F.linear(x, *self._fused_qkv).split(self.q_proj.out_features, -1)
+                return q * self.scaling, k, v
+        return self.q_proj(x) * self.scaling, self.k_proj(x), self.v_proj(x)
+
     def head_outputs(self, x: Tensor, layer_id: int, batch: Batch) -> Tensor:
         """Every head's attention output [B, H, T, D] (before out_proj); with a cache, this
         step's keys/values are written into it first."""
-        q = self._split(self.q_proj(x) * self.scaling)
-        k = self._split(self.k_proj(x))
-        v = self._split(self.v_proj(x))
+        q, k, v = (self._split(t) for t in self.project_qkv(x))
         if batch.cache is None:
             # Whole windows from position 0: plain causal attention, the training path.
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)

@@ -266,3 +266,37 @@ def test_store_for_gemv_keeps_values_and_changes_only_tall_weights():
     assert torch.allclose(tall(x), want, rtol=1e-6, atol=1e-6)
     assert wide.weight.is_contiguous() and torch.equal(wide.weight, before_wide)
     assert "weight" in dict(tall.named_parameters())  # still a parameter of the module
+
+
+def test_fused_qkv_matches_three_products_and_follows_replaced_weights():
+    cfg = OPTConfig(vocab_size=50, hidden_size=48, num_hidden_layers=1, ffn_dim=64,
+                    num_attention_heads=3, max_position_embeddings=16, word_embed_proj_dim=48)
+    torch.manual_seed(2)
+    attn = OPTDecoderLayer(cfg, 0).self_attn
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        torch.nn.init.normal_(lin.bias)
+    attn.requires_grad_(False)  # frozen, as load_model returns weights
+    x = torch.randn(2, 5, 48)
+    want = (attn.q_proj(x) * attn.scaling, attn.k_proj(x), attn.v_proj(x))
+    with torch.no_grad():
+        got = attn.project_qkv(x)
+    assert attn._fused_qkv is not None  # the fused product ran
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) <= TOL[torch.float32]
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(3.0)  # in place: the table is the same storage
+        assert rel_err(attn.project_qkv(x)[1], attn.k_proj(x)) <= TOL[torch.float32]
+        attn.to(torch.float64)  # replaced: fused again
+        got = attn.project_qkv(x.double())
+    assert got[0].dtype == torch.float64
+    assert rel_err(got[2], attn.v_proj(x.double())) <= TOL[torch.float64]
+
+
+def test_training_keeps_its_parameter_objects():
+    layer = layer_of(32, 40, torch.float32)
+    attn = layer.self_attn
+    before = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    with torch.no_grad():  # an evaluation inside training: weights still trainable
+        attn.project_qkv(torch.randn(1, 3, 32))
+    assert [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight] == before
+    assert attn._fused_qkv is None
