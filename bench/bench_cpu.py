@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(threads)
     stats = engines["sparse"].stage.sparse_stats
     report = {
-        "machine": env, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": env, "command": " ".join(["python -m dejavu.bench.bench_cpu", *sys.argv[1:]]),
         "model": str(model_dir), "prompt": args.prompt, "prompt_tokens": len(ids),
         "new_tokens": n, "rounds": args.rounds,
         "sparse_density": {"mlp": stats.mlp_density, "heads": stats.head_density},
