@@ -141,8 +141,10 @@ class Stage:
                 slots = torch.tensor([step.rows[b].slot for b in rows]).to(self.device)
                 penalized = self.penalties.apply(raw, slots)
         # A row of a request without penalties reads its raw logits (see SlotPenalties.apply).
-        use = torch.tensor([step.rows[b].params.penalized for b in rows]).to(self.device)
-        chosen = torch.where(use.unsqueeze(1), penalized, raw)
+        use = [step.rows[b].params.penalized for b in rows]
+        chosen = penalized if all(use) else raw
+        if any(use) and not all(use):
+            chosen = torch.where(torch.tensor(use).to(self.device).unsqueeze(1), penalized, raw)
         best = chosen.argmax(dim=-1).tolist()  # one device read for every greedy row
         return {b: (raw[i], chosen[i], best[i]) for i, b in enumerate(rows)}
 
