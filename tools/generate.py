@@ -153,7 +153,8 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         try:
             offloaded, reserved = fit_gib(model, budget, device=device, slots=1,
                                           max_len=max_len,
-                                          caches=settings.pipeline.offload_cache)
+                                          caches=settings.pipeline.offload_cache,
+                                          model_dir=model_dir)
         except PlacementError as exc:
             raise GenerateError(f"--gpu-memory-gib: {exc}") from None
     # --sparse / --dense / neither (then [sparsity]: sparse when predictors are found).
