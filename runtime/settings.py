@@ -57,7 +57,7 @@ class GenerationSettings:
                                high=2**63 - 1)
     repetition_penalty: float = setting(
         1.0, "divide positive / multiply negative logits of tokens already in the prompt or "
-        "output (Hugging Face, vLLM); 1 = off", low=0.0, high=10.0, low_open=True)
+        "output (Hugging Face, vLLM); 1 = off", low=0.1, high=10.0)
     frequency_penalty: float = setting(
         0.0, "subtract this x how often a token was generated (OpenAI); 0 = off",
         low=-2.0, high=2.0)

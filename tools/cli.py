@@ -9,8 +9,8 @@ GPU_MEMORY_GIB = typer.Option(None, "--gpu-memory-gib",
 # One definition of the penalty options for the commands that sample (generate, chat);
 # unset, [generation] in dejavu.toml decides.
 REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", help="divide the logits of "
-                                  "tokens seen in the prompt or output (>1 repeats less; "
-                                  "default 1 = off)")
+                                  "tokens seen in the prompt or output, 0.1..10 (>1 repeats "
+                                  "less; default 1 = off)")
 FREQUENCY_PENALTY = typer.Option(None, "--frequency-penalty", help="-2..2: subtract this x "
                                  "times generated (default 0 = off)")
 PRESENCE_PENALTY = typer.Option(None, "--presence-penalty", help="-2..2: subtract this once "
