@@ -35,7 +35,7 @@ from .selection import (
     parse_layers,
 )
 from .settings import Settings
-from .sparse import Selector, SparseStats
+from .sparse import Selector, SparseStats, needs_kv_inputs
 from .sparse_backend import BackendError, use_backend
 from .stage import Stage, allocate_cache
 from .weight_store import PlacementError, gib
@@ -167,12 +167,13 @@ def build_stage(settings: Settings, *, layers: range | None = None, device: str 
                 slots: int, max_len: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> Built:
     """``build_model``, then a KV cache of ``slots`` x ``max_len`` positions (keeping
-    attention inputs when sparse, for lazy K/V) and the ``Stage`` that runs steps on it."""
+    attention inputs when a step may skip heads, for lazy K/V) and the ``Stage`` that runs
+    steps on it."""
     built = build_model(settings, layers=layers, device=device, slots=slots, max_len=max_len,
                         progress=progress)
     model, selector = built.model, built.selector
     max_len = max_len or model.config.max_position_embeddings
-    cache = allocate_cache(model, slots, max_len, keep_inputs=selector is not None)
+    cache = allocate_cache(model, slots, max_len, keep_inputs=needs_kv_inputs(selector))
     built.stage = Stage(model, cache, selector)
     return built
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..runtime.model import OPTModel
 from ..runtime.sampling import SamplingParams
+from ..runtime.sparse import needs_kv_inputs
 from ..runtime.stage import Stage, allocate_cache
 from .core import Event, Scheduler, SchedulerConfig
 
@@ -37,7 +38,7 @@ class Engine:
                  selector=None) -> None:
         max_len = max_len or model.config.max_position_embeddings
         # selector: contextual sparsity (runtime/selection.py); None runs dense.
-        cache = allocate_cache(model, max_batch, max_len, keep_inputs=selector is not None)
+        cache = allocate_cache(model, max_batch, max_len, keep_inputs=needs_kv_inputs(selector))
         self._start(Stage(model, cache, selector), tokenizer, prefill_chunk)
 
     @classmethod
