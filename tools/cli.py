@@ -227,11 +227,20 @@ def train_predictors(
                                help="MLP selection: topk (k per token) or threshold"),
     window: int = typer.Option(None, "--window", help="tokens per calibration sequence "
                                "(default: the model's positions)"),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    device: str = typer.Option(None, "--device", help="cpu | cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="model dtype while collecting"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
+                                         help="GPU memory for one layer, its forward batches "
+                                         "and fitting (GiB; default: what is free)"),
+    host_memory_gib: float = typer.Option(None, "--host-memory-gib",
+                                          help="host memory for activations (GiB; default: "
+                                          "what is available); beyond it they go to disk"),
+    debug_stall_in_layer: int = typer.Option(None, "--debug-stall-in-layer", hidden=True,
+                                             help="tests only: block inside this layer"),
 ) -> None:
-    """Train per-layer DejaVu predictors (MLP neurons and heads) for a model."""
+    """Train per-layer DejaVu predictors (MLP neurons and heads) for a model, one layer in
+    memory at a time; rerun the same command to resume after an interruption."""
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
@@ -239,12 +248,16 @@ def train_predictors(
     from .train_predictors import TrainConfig, run
 
     try:
-        settings = load_settings(config, {"model.path": model})
+        settings = load_settings(config, {"model.path": model, "model.device": device})
         cfg = TrainConfig(tokens=tokens, window=window, mlp_rank=rank, head_rank=head_rank,
                           epochs=epochs, mlp_recall=mlp_recall, mlp_density=mlp_density,
                           mlp_select=select,
                           head_density=head_density, head_point=head_point)
-        run(settings.model_path(), data, out, cfg, device=device, dtype=dtype)
+        if gpu_memory_gib is None:
+            gpu_memory_gib = settings.pipeline.gpu_memory_gib
+        run(settings.model_path(), data, out, cfg, device=settings.model.device, dtype=dtype,
+            gpu_memory_gib=gpu_memory_gib, host_memory_gib=host_memory_gib,
+            stall_in_layer=debug_stall_in_layer)
     except (SettingsError, CheckpointError, TokenizerError, CalibrationDataError,
             ValueError) as exc:
         raise _user_error(exc) from None
