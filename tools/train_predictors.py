@@ -127,10 +127,12 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
     steps = cfg.epochs * math.ceil(idx.numel() / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
                                                 pct_start=0.1)
-    loss_sum, n = 0.0, 0
+    # The loss is summed on the device: reading it every step would make the host wait for
+    # the GPU step by step instead of queueing steps ahead.
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for epoch in range(cfg.epochs):
         order = idx[torch.randperm(idx.numel(), generator=g).to(idx.device)]
-        loss_sum, n = 0.0, 0
+        loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, order.numel(), cfg.batch_size):
             rows = order[start:start + cfg.batch_size]
             xb = x[rows].to(device, torch.float32)
@@ -140,12 +142,12 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum, n = loss_sum + float(loss.detach()) * rows.numel(), n + rows.numel()
+            loss_sum, n = loss_sum + loss.detach().double() * rows.numel(), n + rows.numel()
             if progress is not None:
                 progress()
         del epoch
     clf.eval()
-    return loss_sum / max(n, 1)
+    return float(loss_sum) / max(n, 1)
 
 
 @torch.no_grad()
@@ -154,13 +156,15 @@ def _scores(clf: LowRankClassifier, x: Tensor, idx: Tensor, device: torch.device
                       for s in range(0, idx.numel(), 4096)])
 
 
-def hits_at_k(scores: Tensor, labels: Tensor) -> Tensor:
+def hits_at_k(scores: Tensor, labels: Tensor, chunk: int = 2048) -> Tensor:
     """Summed over tokens, how many labelled entries the top-k contains, for every k:
-    [n + 1] with entry k for top-k."""
-    order = scores.argsort(dim=-1, descending=True)
-    ranked = labels.gather(-1, order).double()
-    zero = torch.zeros(1, dtype=torch.float64, device=ranked.device)
-    return torch.cat([zero, ranked.cumsum(-1).sum(0)]).cpu()
+    [n + 1] with entry k for top-k. Row chunks bound the sort's memory (counts are whole
+    numbers: float64 sums of them are exact in any order)."""
+    total = torch.zeros(scores.shape[-1] + 1, dtype=torch.float64, device=scores.device)
+    for s in range(0, scores.shape[0], chunk):
+        order = scores[s:s + chunk].argsort(dim=-1, descending=True)
+        total[1:] += labels[s:s + chunk].gather(-1, order).double().cumsum(-1).sum(0)
+    return total.cpu()
 
 
 def head_targets(norms: Tensor, k: int) -> Tensor:
