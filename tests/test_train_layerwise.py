@@ -209,3 +209,33 @@ def test_shipped_model_layerwise_equals_whole_model(tmp_path):
     ref = reference(SHIPPED, text, cfg)
     train_layerwise(str(SHIPPED), str(text), str(tmp_path / "p"), cfg, log=lambda *_: None)
     assert_same(tmp_path / "p", SHIPPED, ref)
+
+
+class _Tty:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_bar_only_on_a_terminal():
+    from dejavu.tools.progress import Progress
+
+    tty, pipe = _Tty(True), _Tty(False)
+    for stream in (tty, pipe):
+        bar = Progress(stream, every_s=0.0)
+        bar.start("layer 2/4 forward", 1000, "tok")
+        time.sleep(0.01)
+        bar.advance(250)
+        bar.close()
+    assert pipe.text == ""
+    last = tty.text.split("\r")[-2]  # the line drawn after 250 of 1000
+    assert "layer 2/4 forward [######..................] 250/1000" in last
+    assert " tok/s ETA 0:" in last

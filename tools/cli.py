@@ -227,6 +227,8 @@ def train_predictors(
                                help="MLP selection: topk (k per token) or threshold"),
     window: int = typer.Option(None, "--window", help="tokens per calibration sequence "
                                "(default: the model's positions)"),
+    per_doc: int = typer.Option(4096, "--per-doc", help="calibration tokens from one document "
+                                "at most (fewer: more documents, a wider sample)"),
     device: str = typer.Option(None, "--device", help="cpu | cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="model dtype while collecting"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
@@ -249,7 +251,8 @@ def train_predictors(
 
     try:
         settings = load_settings(config, {"model.path": model, "model.device": device})
-        cfg = TrainConfig(tokens=tokens, window=window, mlp_rank=rank, head_rank=head_rank,
+        cfg = TrainConfig(tokens=tokens, window=window, per_doc=per_doc, mlp_rank=rank,
+                          head_rank=head_rank,
                           epochs=epochs, mlp_recall=mlp_recall, mlp_density=mlp_density,
                           mlp_select=select,
                           head_density=head_density, head_point=head_point)

@@ -44,7 +44,7 @@ from .collect_labels import (
 )
 
 # Recall targets whose thresholds every layer stores besides its own operating point.
-RECALLS = (0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
+RECALLS = (0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.975, 0.99)
 
 
 @dataclass(frozen=True)
