@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-gib", type=float, default=12.0)
     p.add_argument("--tokens", type=int, default=100_000)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=256, help="tokens per fitting step")
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--window", type=int, default=None,
                    help="tokens per calibration window (default: the model's positions)")
     p.add_argument("--data", default=None, help="calibration text (default: synthetic)")
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = model_dir / "predictors"
     cmd = ["train-predictors", "--model", str(model_dir), "--data", str(data), "--out",
-           str(out), "--tokens", str(args.tokens), "--epochs", str(args.epochs), "--device",
+           str(out), "--tokens", str(args.tokens), "--epochs", str(args.epochs),
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device",
            device, "--dtype", dtype_name, "--select", "threshold", "--window", str(window),
            *budget]
     t0 = time.perf_counter()

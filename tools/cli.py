@@ -223,6 +223,8 @@ def train_predictors(
     head_point: float = typer.Option(1.0, "--head-point",
                                      help="heads kept per token at the default operating point"),
     epochs: int = typer.Option(8, "--epochs"),
+    batch_size: int = typer.Option(256, "--batch-size", help="tokens per fitting step"),
+    lr: float = typer.Option(5e-3, "--lr", help="peak learning rate of the fitting"),
     select: str = typer.Option("topk", "--select",
                                help="MLP selection: topk (k per token) or threshold"),
     window: int = typer.Option(None, "--window", help="tokens per calibration sequence "
@@ -253,7 +255,8 @@ def train_predictors(
         settings = load_settings(config, {"model.path": model, "model.device": device})
         cfg = TrainConfig(tokens=tokens, window=window, per_doc=per_doc, mlp_rank=rank,
                           head_rank=head_rank,
-                          epochs=epochs, mlp_recall=mlp_recall, mlp_density=mlp_density,
+                          epochs=epochs, batch_size=batch_size, lr=lr,
+                          mlp_recall=mlp_recall, mlp_density=mlp_density,
                           mlp_select=select,
                           head_density=head_density, head_point=head_point)
         if gpu_memory_gib is None:

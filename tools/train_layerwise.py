@@ -440,7 +440,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         row = train_layer(data, layer, split, preds, cfg, dev, tables=tables,
                           progress=bar.advance)
         freq.mlp[layer], freq.heads[layer] = layer_frequencies(
-            bufs.bits, bufs.norms, c.ffn_dim, head_k)
+            bufs.bits, bufs.norms, c.ffn_dim, head_k, dev)
         t3 = time.perf_counter()
         bar.close()
         row.update(read_s=t1 - t0, forward_s=t2 - t1, fit_s=t3 - t2)

@@ -178,17 +178,19 @@ def fit_steps(cfg: TrainConfig, train_tokens: int) -> int:
 
 
 @torch.no_grad()
-def layer_frequencies(bits: Tensor, norms: Tensor, ffn_dim: int,
-                      head_k: int) -> tuple[Tensor, Tensor]:
+def layer_frequencies(bits: Tensor, norms: Tensor, ffn_dim: int, head_k: int,
+                      device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Per-neuron firing and per-head top-``head_k`` fractions over all tokens of one
-    layer's labels (``Frequencies``): [F] and [H] float32."""
-    mlp = torch.zeros(ffn_dim, dtype=torch.float64)
-    heads = torch.zeros(norms.shape[1], dtype=torch.float64)
+    layer's labels (``Frequencies``): [F] and [H] float32 on the CPU. Counted on ``device``
+    in row chunks (unpacked, a layer's labels are tokens x F bytes)."""
+    mlp = torch.zeros(ffn_dim, dtype=torch.int64, device=device)
+    heads = torch.zeros(norms.shape[1], dtype=torch.int64, device=device)
     n = bits.shape[0]
     for s in range(0, n, 8192):
-        mlp += unpack_bits(bits[s:s + 8192], ffn_dim).sum(0).cpu()
-        heads += head_targets(norms[s:s + 8192], head_k).sum(0).cpu()
-    return (mlp / max(n, 1)).float(), (heads / max(n, 1)).float()
+        mlp += unpack_bits(bits[s:s + 8192].to(device), ffn_dim).sum(0)
+        heads += head_targets(norms[s:s + 8192].to(device), head_k).sum(0)
+    return ((mlp.double() / max(n, 1)).float().cpu(),
+            (heads.double() / max(n, 1)).float().cpu())
 
 
 def point_rows(scores: Tensor, labels: Tensor, thresholds: dict[str, float]) -> dict:
