@@ -93,12 +93,34 @@ def config_hash(config: OPTConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def _weights(layer: nn.Module) -> dict[str, Tensor]:
+    """The layer's parameters by name. An offloaded layer (runtime/offload.py) keeps its big
+    weights as meta tensors on the module and their values in host records: those are read
+    back from the records, so that the layer hashes as it did before it was offloaded."""
+    params = dict(layer.named_parameters())
+    if not any(p.is_meta for p in params.values()):
+        return params
+    from .sparse_backend import offloaded_ops
+    from .weight_store import unpack_heads, unpack_neurons
+
+    host = offloaded_ops(layer).rows.host
+    c, d = layer.fc1.weight.shape[1], layer.self_attn.head_dim  # type: ignore[union-attr]
+    fc1_w, fc1_b, fc2_w = unpack_neurons(host.neurons, c)
+    heads = unpack_heads(host.heads, c, d)
+    back = {"fc1.weight": fc1_w, "fc1.bias": fc1_b, "fc2.weight": fc2_w,
+            "self_attn.out_proj.weight": heads["o_w"]}
+    for x in ("q", "k", "v"):
+        back[f"self_attn.{x}_proj.weight"] = heads[f"{x}_w"]
+        back[f"self_attn.{x}_proj.bias"] = heads[f"{x}_b"]
+    return {name: back[name] if p.is_meta else p for name, p in params.items()}
+
+
 @torch.no_grad()
 def layer_hash(layer: nn.Module) -> str:
     """A hash of a fixed sample of one decoder layer's weights rounded to float16 (the
     names are the layer's own, so a layer loaded alone hashes as it does in the model)."""
     h = hashlib.sha256()
-    for name, p in sorted(layer.named_parameters()):
+    for name, p in sorted(_weights(layer).items()):
         flat = p.detach().reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()))
         sample = flat[idx.long().to(flat.device)].to("cpu", torch.float16)

@@ -90,6 +90,11 @@ def is_offloaded(module: torch.nn.Module) -> bool:
     return module in _OFFLOADED
 
 
+def offloaded_ops(module: torch.nn.Module) -> Any:
+    """The ops (and host rows) registered for an offloaded layer; KeyError if it is not."""
+    return _OFFLOADED[module]
+
+
 def _interpreting() -> bool:
     # Triton's CPU interpreter (tests): the kernels then run on CPU tensors.
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

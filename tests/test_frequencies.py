@@ -64,3 +64,17 @@ def test_a_span_gets_its_layers(tmp_path):
     span.load_state_dict({k: v for k, v in model.state_dict().items()
                           if k in span.state_dict()})
     assert sorted(load_frequencies(tmp_path, span).mlp) == [1, 2]
+
+
+def test_offloaded_layers_hash_as_before(tmp_path):
+    """Offloading moves a layer's big weights into host records (meta on the module): the
+    fingerprint reads them back, so predictors still load for it."""
+    from dejavu.runtime.offload import offload_layers
+
+    model = tiny_model().half()
+    before = fingerprint(model)
+    PredictorSet.create(model, 4, 4).save(tmp_path)
+    offload_layers(model, [1], device="cpu")
+    assert model.decoder.layers["1"].fc1.weight.is_meta
+    assert fingerprint(model) == before
+    assert PredictorSet.load(tmp_path, model).layer_ids == [0, 1, 2]
