@@ -46,6 +46,7 @@ def connection(settings, *, connect: str | None, workers: int | None,
     with contextlib.ExitStack() as stack:
         if connect:
             address, keys = connect, settings.pipeline.keys_dir or None
+            run_dir = settings.pipeline.run_dir or None
         else:
             cluster = Cluster(from_settings(settings, workers=workers))
             stack.callback(cluster.stop)
@@ -53,7 +54,8 @@ def connection(settings, *, connect: str | None, workers: int | None,
                 sys.stderr.write(f"starting {cluster.config.workers} worker(s)...\n")
             cluster.start(log=cluster.run_dir / "launch.log")
             address, keys = cluster.address, cluster.config.keys_dir or None
-        yield stack.enter_context(PipelineConnection(address, keys_dir=keys))
+            run_dir = str(cluster.run_dir)
+        yield stack.enter_context(PipelineConnection(address, keys_dir=keys, run_dir=run_dir))
 
 
 def run_pipeline_generate(settings, request, *, workers: int | None, connect: str | None,

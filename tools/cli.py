@@ -176,7 +176,10 @@ def serve(
     host: str = typer.Option(None, "--host", help="address to bind (default 127.0.0.1)"),
     port: int = typer.Option(None, "--port", help="TCP port (default 8000)"),
     api_key: str = typer.Option(None, "--api-key",
-                                help="require 'Authorization: Bearer KEY' (all but /health)"),
+                                help="require 'Authorization: Bearer KEY' (all but /health); "
+                                "never empty; default: $DEJAVU_API_KEY"),
+    api_key_file: str = typer.Option(None, "--api-key-file",
+                                     help="read the API key from this file's first line"),
     workers: int = typer.Option(None, "--workers", help="worker processes (1 = in-process)"),
     connect: str = typer.Option(None, "--connect",
                                 help="serve a running launch at this client address"),
@@ -191,14 +194,15 @@ def serve(
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
-    from ..scheduler.serve import ServeError, options_from_settings, run_server
+    from ..scheduler.serve import ServeError, options_from_settings, read_api_key, run_server
 
     try:
         settings = load_settings(config, {"model.path": model, "serve.host": host,
                                           "serve.port": port, "pipeline.workers": workers,
                                           "pipeline.gpu_memory_gib": gpu_memory_gib})
         run_server(settings, options_from_settings(
-            settings, api_key=api_key, max_batch=max_batch, model_name=served_model_name,
+            settings, api_key=read_api_key(api_key, api_key_file), max_batch=max_batch,
+            model_name=served_model_name,
             connect=connect))
     except (SettingsError, CheckpointError, TokenizerError, ServeError) as exc:
         raise _user_error(exc) from None
@@ -339,6 +343,8 @@ def worker(
     index: int = typer.Option(..., "--index", help="this worker's place in the pipeline"),
     control: str = typer.Option(..., "--control", help="the scheduler's control address"),
     keys_dir: str = typer.Option(None, "--keys-dir", help="CURVE keys (dejavu-run keys)"),
+    run_dir: str = typer.Option(None, "--run-dir",
+                                help="run directory of a local launch, whose keys to use"),
 ) -> None:
     """Run one worker that connects to a launch on another host ([pipeline] spawn = false)."""
     import sys
@@ -346,7 +352,8 @@ def worker(
     from ..workers.main import main as worker_main
 
     argv = ["--index", str(index), "--control", control]
-    sys.exit(worker_main(argv + (["--keys-dir", keys_dir] if keys_dir else [])))
+    argv += ["--keys-dir", keys_dir] if keys_dir else []
+    sys.exit(worker_main(argv + (["--run-dir", run_dir] if run_dir else [])))
 
 
 @app.command()
