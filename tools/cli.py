@@ -6,6 +6,25 @@ app = typer.Typer(no_args_is_help=True)
 GPU_MEMORY_GIB = typer.Option(None, "--gpu-memory-gib",
                               help="GPU memory per worker (GiB); layers beyond it are "
                               "offloaded to host memory (float16/bfloat16)")
+# One definition of the penalty options for the commands that sample (generate, chat);
+# unset, [generation] in dejavu.toml decides.
+REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", help="divide the logits of "
+                                  "tokens seen in the prompt or output (>1 repeats less; "
+                                  "default 1 = off)")
+FREQUENCY_PENALTY = typer.Option(None, "--frequency-penalty", help="-2..2: subtract this x "
+                                 "times generated (default 0 = off)")
+PRESENCE_PENALTY = typer.Option(None, "--presence-penalty", help="-2..2: subtract this once "
+                                "a token was generated (default 0 = off)")
+MIN_P = typer.Option(None, "--min-p", help="0..1: when sampling, drop tokens below min-p x "
+                     "the top probability (default 0 = off)")
+
+
+def _penalties(repetition: float | None, frequency: float | None, presence: float | None,
+               min_p: float | None) -> dict[str, float | None]:
+    """The penalty options as settings overrides (None: not given)."""
+    return {"generation.repetition_penalty": repetition,
+            "generation.frequency_penalty": frequency,
+            "generation.presence_penalty": presence, "generation.min_p": min_p}
 
 
 @app.command()
@@ -44,6 +63,10 @@ def generate(
     connect: str = typer.Option(None, "--connect",
                                 help="run through a running launch at this client address"),
     gpu_memory_gib: float = GPU_MEMORY_GIB,
+    repetition_penalty: float = REPETITION_PENALTY,
+    frequency_penalty: float = FREQUENCY_PENALTY,
+    presence_penalty: float = PRESENCE_PENALTY,
+    min_p: float = MIN_P,
 ) -> None:
     """Generate a continuation of one prompt (streams text; --json prints one object)."""
     from ..runtime.settings import load_settings
@@ -55,6 +78,7 @@ def generate(
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
             "generation.top_p": top_p, "generation.top_k": top_k, "generation.seed": seed,
             "pipeline.gpu_memory_gib": gpu_memory_gib,
+            **_penalties(repetition_penalty, frequency_penalty, presence_penalty, min_p),
         })
         request = GenerateRequest(prompt, prompt_ids, tuple(stop or ()))
         if workers is not None or connect is not None:  # the pipeline (scheduler/)
@@ -367,6 +391,10 @@ def chat(
     seed: int = typer.Option(None, "--seed"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
     gpu_memory_gib: float = GPU_MEMORY_GIB,
+    repetition_penalty: float = REPETITION_PENALTY,
+    frequency_penalty: float = FREQUENCY_PENALTY,
+    presence_penalty: float = PRESENCE_PENALTY,
+    min_p: float = MIN_P,
 ) -> None:
     """Chat in the terminal, streaming answers from the pipeline (/reset, /stats, /quit)."""
     from ..runtime.settings import load_settings
@@ -376,7 +404,8 @@ def chat(
         settings = load_settings(config, {
             "model.path": model, "pipeline.workers": workers,
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
-            "generation.seed": seed, "pipeline.gpu_memory_gib": gpu_memory_gib})
+            "generation.seed": seed, "pipeline.gpu_memory_gib": gpu_memory_gib,
+            **_penalties(repetition_penalty, frequency_penalty, presence_penalty, min_p)})
         code = start_chat(settings, connect=connect, workers=workers, template=template)
     except PIPELINE_ERRORS as exc:
         raise _user_error(exc) from None
