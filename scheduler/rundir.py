@@ -2,11 +2,14 @@
 
 A second ``launch`` on the same directory is refused (an exclusive ``flock`` held for the
 scheduler's lifetime; the kernel drops it if the scheduler dies, so a crash never leaves a
-stale lock). On a clean stop the socket files are removed.
+stale lock). The launch writes its client address to ``client.address`` there, so that
+``chat``, ``generate`` and ``serve`` can find it (``running_launch``). On a clean stop the
+socket files and the address file are removed.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -15,6 +18,7 @@ from pathlib import Path
 
 # sockaddr_un's sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_IPC_PATH = 107
+ADDRESS_FILE = "client.address"
 
 
 class RunDirError(RuntimeError):
@@ -61,10 +65,35 @@ class RunDir:
                               "choose a shorter [pipeline] run_dir")
         return f"ipc://{path}"
 
+    def publish(self, client_address: str) -> None:
+        """Tell clients on this host where the launch holding the lock listens."""
+        tmp = self.path / f".{ADDRESS_FILE}.{os.getpid()}"
+        tmp.write_text(client_address + "\n")
+        tmp.replace(self.path / ADDRESS_FILE)  # readers never see a half-written file
+
     def release(self) -> None:
         for sock in self.path.glob("*.sock"):
             sock.unlink(missing_ok=True)
+        (self.path / ADDRESS_FILE).unlink(missing_ok=True)
         if self._lock_fd is not None:
             (self.path / "lock").unlink(missing_ok=True)
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def running_launch(path: str | Path | None = None) -> tuple[str, int] | None:
+    """(client address, pid) of the launch holding the run directory ``path`` (default:
+    ``default_run_dir()``), or None when no launch holds it. The lock file names the pid;
+    a pid that is gone means a launch that died without cleaning up."""
+    run_dir = Path(path) if path else default_run_dir()
+    try:
+        pid = int((run_dir / "lock").read_text().strip())
+        address = (run_dir / ADDRESS_FILE).read_text().strip()
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        if exc.errno != errno.EPERM:  # EPERM: alive, another user's (its dir is 0700 anyway)
+            return None
+    return (address, pid) if address else None
