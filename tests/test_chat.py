@@ -93,7 +93,7 @@ def test_chat_over_a_pipe_streams_answers_and_keeps_history(launched, model, eng
     _, address, _, _ = launched
     script = "the cat sat\n/stats\na dog ran\n/reset\n/quit\nnever read\n"
     out = cli("chat", "--connect", address, "--model", str(model), "--max-new-tokens", "6",
-              input=script)
+              "--temperature", "0", input=script)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     # The first answer is what the engine writes for the same transcript, greedy.
