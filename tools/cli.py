@@ -248,7 +248,13 @@ def serve(
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
     from ..scheduler.discover import JoinError, choose
-    from ..scheduler.serve import ServeError, options_from_settings, run_server
+
+    try:
+        from ..scheduler.serve import ServeError, options_from_settings, run_server
+    except ModuleNotFoundError as exc:  # a runtime-only install
+        raise _user_error(RuntimeError(
+            f"serve needs {exc.name}, which the [serve] extra installs: "
+            "pip install -e '.[serve]' (or 'dejavu-run[serve]')")) from None
 
     try:
         settings = load_settings(config, {"model.path": model, "serve.host": host,
