@@ -192,8 +192,8 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
     window: int = typer.Option(1024, "--window", help="text: tokens per window"),
     stride: int = typer.Option(512, "--stride", help="text: new tokens scored per window"),
-    eval_dir: str = typer.Option("../shared/data/eval", "--eval-dir",
-                                 help="folder of the task files"),
+    eval_dir: str = typer.Option(None, "--eval-dir", help="folder of the task files "
+                                 "[default: shared/data/eval beside the repository]"),
     as_json: bool = typer.Option(False, "--json", help="JSON: one object per task (a list "
                                  "for several)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
@@ -213,7 +213,8 @@ def eval_command(
     try:
         settings = load_settings(config, {"model.path": model, "model.device": device,
                                           "model.dtype": dtype})
-        opts = EvalOptions(tasks=task or (), data=data or (), eval_dir=eval_dir, limit=limit,
+        opts = EvalOptions(tasks=task or (), data=data or (),
+                           eval_dir=eval_dir or EvalOptions.eval_dir, limit=limit,
                            batch_size=batch_size, window=window, stride=stride)
         typer.echo(run_eval(settings.model_path(), settings.model.dtype, settings.model.device,
                             opts, as_json, sparsity=settings.sparsity, sparse=sparse))

@@ -24,6 +24,7 @@ from ..runtime.sampling import SamplingError, SamplingParams
 from ..runtime.selection import SelectionError, selector_from_settings
 from ..runtime.settings import Settings, SettingsError
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from .progress import Bar
 
 if TYPE_CHECKING:
     from ..scheduler.core import Event
@@ -94,15 +95,12 @@ def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
     """A one-line bar on a terminal; nothing when stderr is a pipe or a file."""
     if not stream.isatty():
         return None
+    bars: list[Bar] = []
 
     def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        stream.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] "
-                     f"{done}/{total}")
-        if done == total:
-            stream.write("\n")
-        stream.flush()
+        if not bars:
+            bars.append(Bar("loading weights", total, "tensors", stream))
+        bars[0].update(done)
 
     return show
 
