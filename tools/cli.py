@@ -322,7 +322,9 @@ def train_predictors(
 
 @app.command()
 def bench(
-    out: str = typer.Option("bench/results", "--out", help="directory for <date>-<gpu>.json/.md"),
+    out: str = typer.Option(None, "--out", help="directory for <date>-<gpu>.json/.md "
+                            "[default: the repository's bench/results; with --small a new "
+                            "temporary directory]"),
     small: bool = typer.Option(False, "--small",
                                help="dry run: tiny shapes (on a CPU through TRITON_INTERPRET)"),
     time_budget: float = typer.Option(480.0, "--time-budget",
@@ -343,11 +345,25 @@ def bench(
         if not small:
             raise _user_error(ValueError("bench needs a CUDA GPU; use --small for a CPU dry run"))
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    from ..bench.bench import BenchOptions, main
+    import tempfile
 
-    main(BenchOptions(out_dir=Path(out), small=small, time_budget_s=time_budget,
-                      offload_layers=offload_layers, only=tuple(only or ()),
-                      command="dejavu-run bench " + " ".join(sys.argv[2:])))
+    from ..bench.bench import BenchOptions, main
+    from ..runtime.settings import REPO_ROOT
+
+    if out is None:  # a dry run's meaningless numbers never land in the repository
+        out = (tempfile.mkdtemp(prefix="dejavu-bench-") if small
+               else str(REPO_ROOT / "bench" / "results"))
+    try:
+        failed = main(BenchOptions(out_dir=Path(out), small=small, time_budget_s=time_budget,
+                                   offload_layers=offload_layers, only=tuple(only or ()),
+                                   command="dejavu-run bench " + " ".join(sys.argv[2:])))
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        typer.echo(f"error: bench failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if failed:
+        typer.echo(f"error: {len(failed)} scenario(s) failed: {', '.join(failed)} (the results "
+                   "file names each error)", err=True)
+        raise typer.Exit(1)
 
 
 # --- pipeline: launch, worker, chat, keys ----------------------------------------------------
