@@ -216,6 +216,8 @@ def print_stream(events: Iterable[Event], ids: list[int], out: TextIO, *,
                 raise GenerateError(f"generation failed: {event.error}")
             if event.token is not None:
                 tokens.append(event.token)
+            if event.stop_tokens:  # as the text, the tokens end before the stop string
+                del tokens[len(tokens) - event.stop_tokens:]
             if event.text:
                 text += event.text
                 if not as_json:
