@@ -6,12 +6,7 @@
 # Usage on the device: bash bench/gpu_check.sh   (logs under $OUT, or ./gpu_check_out)
 set -uo pipefail
 out=${OUT:-gpu_check_out}; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || true
-export PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 [ -n "${SKIP_TESTS:-}" ] || timeout 300 python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_sparse_backend.py tests/test_offload.py tests/test_kernels_mlp.py \

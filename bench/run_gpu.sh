@@ -2,9 +2,8 @@
 # One device call for the kernels engineer's checks and numbers, in this order:
 #   1. the marked GPU tests of the kernels (correctness against the references);
 #   2. `dejavu-run bench` (also re-checks every kernel at the benchmarked shapes);
-# logs and results land in $OUT. The package is made importable as `dejavu` through a
-# namespace folder of symlinks, so nothing is installed; pytest comes from carried wheels
-# (.carry/kwhl) when the machine lacks it.
+# logs and results land in $OUT. bench/gpu_env.sh makes the checkout importable as `dejavu`
+# (nothing is installed) and installs the carried wheels (.whl/, pytest among them).
 #   on the device:  bash bench/run_gpu.sh            (BUDGET=seconds for the bench, default 330;
 #                                                     SKIP_TESTS=1 skips step 1;
 #                                                     ONLY="tune kernels" limits the scenarios)
@@ -13,15 +12,7 @@ set -u
 OUT=${OUT:-/tmp/bench-out}
 BUDGET=${BUDGET:-330}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-ns=$(mktemp -d)
-mkdir -p "$ns/dejavu"
-for d in runtime kernels tools workers scheduler; do ln -s "$PWD/$d" "$ns/dejavu/$d"; done
-if ! python3 -c "import pytest" 2>/dev/null && ls .carry/kwhl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/kwhl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
+source bench/gpu_env.sh
 (nvidia-smi; nvidia-smi -q | grep -E "Product Name|Driver Version|CUDA Version|Max Clocks" -A0) > "$OUT/nvidia-smi.txt" 2>&1
 ONLY_ARGS=""
 CMD_ONLY=""

@@ -144,6 +144,22 @@ class ServeSettings:
                                "429", low=1, high=1_000_000)
     max_body_kib: int = setting(4096, "largest request body in KiB; a larger one gets 413",
                                 low=1, high=1 << 20)
+    chat_max_tokens: int = setting(256, "tokens a chat completion without max_tokens may "
+                                   "generate (fewer when the context has less room left)",
+                                   low=1, high=1 << 20)
+    max_connections: int = setting(1024, "open HTTP connections at most; at the cap a new "
+                                   "one closes the longest-idle connection, else gets 503",
+                                   low=1, high=1_000_000)
+    idle_timeout_s: float = setting(5.0, "seconds a keep-alive connection may wait for its "
+                                    "next request", low=0.0, high=3600.0, low_open=True)
+    header_timeout_s: float = setting(10.0, "seconds a request's headers may take to arrive",
+                                      low=0.0, high=3600.0, low_open=True)
+    body_timeout_s: float = setting(30.0, "seconds a request's body may take to arrive",
+                                    low=0.0, high=3600.0, low_open=True)
+    tokenize_threads: int = setting(1, "threads that tokenise long prompts off the event loop",
+                                    low=1, high=64)
+    tokenize_queue: int = setting(8, "long prompts being tokenised or waiting for a thread; "
+                                  "more get 503 with Retry-After", low=1, high=4096)
 
 
 @dataclass

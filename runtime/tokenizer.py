@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import tokenizers
@@ -65,9 +65,17 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         # The backend's own post-processor is bypassed so that BOS is added exactly once,
-        # whatever tokenizer.json says.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # whatever tokenizer.json says. encode_batch, not encode: it releases the GIL while
+        # it works (encode holds it, tokenizers 0.23), so a thread tokenising a long text
+        # leaves the other threads (an HTTP server's event loop) running.
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         return [self.bos_id, *ids] if add_bos else ids
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for: a text of more than ``n *
+        max_token_bytes`` bytes has more than n tokens, known without tokenising it."""
+        return max((len(self.token_bytes(i)) for i in range(self.vocab_size)), default=1)
 
     def decode(self, ids: list[int], *, skip_special: bool = True) -> str:
         self._check_ids(ids)

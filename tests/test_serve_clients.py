@@ -117,9 +117,11 @@ def test_serve_options_come_from_dejavu_toml_then_the_command_line(tmp_path):
     path.write_text("[serve]\nport = 9001\nmax_pending = 3\nmax_body_kib = 2\n"
                     "[pipeline]\nworkers = 2\n")
     settings = load_settings(path, {"serve.port": 9002, "serve.host": None})
-    options = options_from_settings(settings, api_key="", max_batch=4)
+    options = options_from_settings(settings, max_batch=4)
     assert (options.port, options.host, options.workers, options.api_key) == (
         9002, "127.0.0.1", 2, None)
+    with pytest.raises(ServeError, match="API key is empty"):  # not "authentication off"
+        options_from_settings(settings, api_key="", max_batch=4)
     assert (options.limits.max_pending, options.limits.max_body_bytes) == (3, 2048)
     with pytest.raises(ServeError, match="max-batch"):
         options_from_settings(settings, max_batch=0)

@@ -230,7 +230,10 @@ def serve(
     host: str = typer.Option(None, "--host", help="address to bind (default 127.0.0.1)"),
     port: int = typer.Option(None, "--port", help="TCP port (default 8000)"),
     api_key: str = typer.Option(None, "--api-key",
-                                help="require 'Authorization: Bearer KEY' (all but /health)"),
+                                help="require 'Authorization: Bearer KEY' (all but /health); "
+                                "never empty; default: $DEJAVU_API_KEY"),
+    api_key_file: str = typer.Option(None, "--api-key-file",
+                                     help="read the API key from this file's first line"),
     workers: int = typer.Option(None, "--workers", help="start a launch of N worker "
                                 "processes (1 = in-process) [default: join a running launch, "
                                 "else [pipeline] workers]"),
@@ -251,7 +254,12 @@ def serve(
     from ..scheduler.discover import JoinError, choose
 
     try:
-        from ..scheduler.serve import ServeError, options_from_settings, run_server
+        from ..scheduler.serve import (
+            ServeError,
+            options_from_settings,
+            read_api_key,
+            run_server,
+        )
     except ModuleNotFoundError as exc:  # a runtime-only install
         raise _user_error(RuntimeError(
             f"serve needs {exc.name}, which the [serve] extra installs: "
@@ -266,8 +274,9 @@ def serve(
         if target.note:
             typer.echo(target.note, err=True)
         run_server(settings, options_from_settings(
-            settings, api_key=api_key, max_batch=max_batch, model_name=served_model_name,
-            connect=target.address or None, workers=target.workers))
+            settings, api_key=read_api_key(api_key, api_key_file), max_batch=max_batch,
+            model_name=served_model_name, connect=target.address or None,
+            workers=target.workers))
     except (SettingsError, CheckpointError, TokenizerError, ServeError, JoinError) as exc:
         raise _user_error(exc) from None
 

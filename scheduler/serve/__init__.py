@@ -12,9 +12,10 @@ from .server import (
     ServeOptions,
     make_app,
     options_from_settings,
+    read_api_key,
     run_server,
     serve_in_thread,
 )
 
 __all__ = ["Context", "ServeError", "ServeLimits", "ServeOptions", "create_app", "make_app",
-           "options_from_settings", "run_server", "serve_in_thread"]
+           "options_from_settings", "read_api_key", "run_server", "serve_in_thread"]

@@ -106,7 +106,7 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
     @_guard(ctx)
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         request_id = ctx.new_id("cmpl")
-        choices, max_tokens = completions.plan(ctx, body, request_id)
+        choices, max_tokens = await completions.plan(ctx, body, request_id)
         if body.stream:
             events = completions.stream(ctx, body, request_id, choices, max_tokens)
             return _streaming(ctx, events, len(choices))
@@ -117,7 +117,7 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
     @_guard(ctx)
     async def create_chat_completion(body: ChatRequest, request: Request) -> Response:
         request_id = ctx.new_id("chatcmpl")
-        choices = chat.plan(ctx, body, request_id)
+        choices = await chat.plan(ctx, body, request_id)
         if body.stream:
             return _streaming(ctx, chat.stream(ctx, body, request_id, choices), len(choices))
         await _run(ctx, request, choices, "chat")

@@ -20,13 +20,15 @@ from .jobs import Choice
 from .schema import ChatRequest
 
 
-def plan(ctx: Context, req: ChatRequest, request_id: str) -> list[Choice]:
+async def plan(ctx: Context, req: ChatRequest, request_id: str) -> list[Choice]:
     ctx.check_model(req.model)
-    prompt = ctx.encode(render_chat(req.messages))
+    prompt = await ctx.encode(render_chat(req.messages), field="messages")
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    # Unset: as many as the model's positions leave.
-    max_tokens = asked if asked is not None else max(1, ctx.max_len - len(prompt))
+    # Unset: a bounded default, or what the model's positions leave if that is less (a
+    # client that forgets max_tokens must not hold a slot for the whole context).
+    max_tokens = asked if asked is not None else max(
+        1, min(ctx.limits.chat_max_tokens, ctx.max_len - len(prompt)))
     ctx.check_prompt(prompt, max_tokens, field="messages", tokens_field=field)
     top_k = req.top_k or 0
     top = req.top_logprobs if req.top_logprobs is not None else 0

@@ -26,24 +26,25 @@ from .schema import CompletionRequest
 Generated = tuple[int, float | None, list[tuple[int, float]]]  # token, logprob, top
 
 
-def prompts_of(ctx: Context, req: CompletionRequest) -> list[list[int]]:
+async def prompts_of(ctx: Context, req: CompletionRequest) -> list[list[int]]:
     p = req.prompt
     if isinstance(p, str):
-        return [ctx.encode(p)]
+        return [await ctx.encode(p)]
     if not p:
         return [[]]  # an empty token list: check_prompt names it
     if isinstance(p[0], int):
         return [list(p)]
     if isinstance(p[0], str):
-        return [ctx.encode(s) for s in p]
+        return [await ctx.encode(s) for s in p]
     return [list(ids) for ids in p]
 
 
-def plan(ctx: Context, req: CompletionRequest, request_id: str) -> tuple[list[Choice], int]:
+async def plan(ctx: Context, req: CompletionRequest,
+               request_id: str) -> tuple[list[Choice], int]:
     """Validate against the model and build the engine requests; returns (choices,
     max_tokens as asked)."""
     ctx.check_model(req.model)
-    prompts = prompts_of(ctx, req)
+    prompts = await prompts_of(ctx, req)
     if len(prompts) * req.n > 64:
         raise ApiError(400, f"{len(prompts)} prompts x n={req.n} = {len(prompts) * req.n} "
                        "choices; at most 64 per request", param="n")

@@ -7,25 +7,40 @@ Token text for log-probabilities is spelled as OpenAI spells it: the token's own
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ...runtime.sampling import SamplingError, SamplingParams
 from ..client import EngineClient, Health
 from .errors import ApiError, short
-from .jobs import Choice, Runner, request_error
+from .jobs import RETRY_AFTER_S, Choice, Runner, request_error
 from .metrics import ServerMetrics
 
 SAMPLING_EPS = 1e-5
+# Texts up to this many characters tokenise in well under a millisecond: on the event loop,
+# where a thread hop would cost more than the work.
+INLINE_CHARS = 4096
 
 
 @dataclass(frozen=True)
 class ServeLimits:
+    """What one client may take; dejavu.toml's [serve] documents each."""
+
     max_pending: int = 256  # engine requests accepted at once (running + waiting); 429 beyond
     max_body_bytes: int = 4 << 20  # 413 beyond
+    chat_max_tokens: int = 256  # a chat completion without max_tokens
+    max_connections: int = 1024
+    idle_timeout_s: float = 5.0  # keep-alive, between requests
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    tokenize_threads: int = 1
+    tokenize_queue: int = 8  # long prompts tokenising or waiting; 503 beyond
 
 
 class Context:
@@ -39,6 +54,14 @@ class Context:
         self.runner = Runner(client, self.metrics, limits.max_pending, self.health)
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
+        self._tokenize_pool = ThreadPoolExecutor(limits.tokenize_threads,
+                                                 thread_name_prefix="tokenize")
+        self._tokenizing = 0  # long prompts submitted to the pool and not yet done
+        self._tokenizing_lock = threading.Lock()
+        # A byte-level BPE token stands for at most max_token_bytes bytes, and a character
+        # is at least one byte: a longer text has more tokens than the model has positions.
+        self._max_text_chars = (self.max_len * tokenizer.max_token_bytes
+                                if getattr(tokenizer, "byte_level", False) else None)
 
     @property
     def max_len(self) -> int:
@@ -72,10 +95,39 @@ class Context:
             raise ApiError(404, f"model {short(name)} is not served here; this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")
 
-    def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, field: str = "prompt") -> list[int]:
+        """Token ids of a text prompt. A text too long for the model's positions is refused
+        without tokenising it; a long one is tokenised on the tokenizer threads (bounded:
+        beyond ``tokenize_queue`` at once, 503), so the event loop goes on serving."""
         if not text:
-            raise ApiError(400, "prompt is empty: give some text or token ids", param="prompt")
-        return self.tokenizer.encode(text)
+            raise ApiError(400, f"{field} is empty: give some text or token ids", param=field)
+        if self._max_text_chars is not None and len(text) > self._max_text_chars:
+            raise ApiError(400, f"{field} is {len(text)} characters; the model's {self.max_len} "
+                           f"positions hold at most {self._max_text_chars} (a token is at most "
+                           f"{self.tokenizer.max_token_bytes} bytes): shorten it", param=field)
+        if len(text) <= INLINE_CHARS:
+            return self.tokenizer.encode(text)
+        with self._tokenizing_lock:
+            busy = self._tokenizing >= self.limits.tokenize_queue
+            if not busy:
+                self._tokenizing += 1
+        if busy:
+            self.metrics.failures.inc(1, "tokenizer_busy")
+            raise ApiError(503, f"server busy: {self.limits.tokenize_queue} long prompts are "
+                           "being tokenised; retry later", code="tokenizer_busy",
+                           retry_after=RETRY_AFTER_S)
+        job = self._tokenize_pool.submit(self.tokenizer.encode, text)
+        # Counted down when the thread is done (or the job never started), not when this
+        # coroutine is cancelled: a client that leaves does not stop a tokenisation running.
+        job.add_done_callback(self._tokenized)
+        return await asyncio.wrap_future(job)
+
+    def _tokenized(self, _job) -> None:
+        with self._tokenizing_lock:
+            self._tokenizing -= 1
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def check_prompt(self, ids: list[int], max_tokens: int, field: str = "prompt",
                      tokens_field: str = "max_tokens") -> None:

@@ -22,6 +22,10 @@ from ..core import Event, RequestError
 from .errors import ApiError
 from .metrics import ServerMetrics
 
+# What a busy server asks a refused client to wait (Retry-After): requests here finish in
+# seconds, and a fixed short wait lets clients with backoff come back soon without a storm.
+RETRY_AFTER_S = 1
+
 
 @dataclass
 class Choice:
@@ -66,7 +70,7 @@ def request_error(exc: Exception) -> ApiError:
     elif message.startswith("prompt"):
         param = "prompt"
     elif message.startswith("queue full"):
-        return ApiError(429, message, code="queue_full")
+        return ApiError(429, message, code="queue_full", retry_after=RETRY_AFTER_S)
     return ApiError(400, message, param=param)
 
 
@@ -86,10 +90,16 @@ class Runner:
             self.metrics.failures.inc(1, "engine_dead")
             raise ApiError(503, f"the engine is not available: {health.detail}",
                            code="engine_dead")
+        if count > self.max_pending:  # would wait forever: no retry can make it fit
+            self.metrics.failures.inc(1, "invalid")
+            raise ApiError(400, f"this request needs {count} engine requests (prompts x n) "
+                           f"but the server queues at most {self.max_pending}: lower n or "
+                           "send fewer prompts", param="n")
         if self.pending + count > self.max_pending:
             self.metrics.failures.inc(1, "queue_full")
             raise ApiError(429, f"server busy: {self.pending} requests pending, the queue "
-                           f"holds {self.max_pending}; retry later", code="queue_full")
+                           f"holds {self.max_pending}; retry later", code="queue_full",
+                           retry_after=RETRY_AFTER_S)
         self.pending += count
 
     def release(self, count: int) -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationInfo,
@@ -28,8 +30,23 @@ MAX_STOP_CHARS = 256
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_TOKENS_CAP = 1 << 20  # static bound; the model's positions give the real one
 
+
+
+def _utf8(text: str) -> str:
+    # JSON can carry a lone UTF-16 surrogate ("\\ud800"): a Python str, but no UTF-8 text,
+    # so the tokenizer (and every response that echoes it) would fail on it later.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone UTF-16 surrogate at character {exc.start}; "
+                         "send valid Unicode text") from None
+    return text
+
+
+# Every string of a request body: exactly a str (no coercion) that is valid Unicode.
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
-StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
 
 
@@ -40,21 +57,21 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(_Body):
-    model: StrictStr | None = None
+    model: Text | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1, le=1 << 20)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     stop: Stop = None
     seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
-    stream: bool = False
+    stream: StrictBool = False  # "yes" or 1 is a 400, not true
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    user: StrictStr | None = None
+    ignore_eos: StrictBool = False
+    user: Text | None = None
     presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
@@ -66,9 +83,9 @@ class _Sampling(_Body):
 
 
 Prompt = (
-    StrictStr
+    Text
     | Annotated[list[TokenId], Field(max_length=1 << 20)]
-    | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_CHOICES)]
+    | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
     | Annotated[list[list[TokenId]], Field(min_length=1, max_length=MAX_CHOICES)]
 )
 
@@ -76,11 +93,11 @@ Prompt = (
 class CompletionRequest(_Sampling):
     prompt: Prompt
     max_tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS_CAP)] | None = 16
-    echo: bool = False
+    echo: StrictBool = False
     # The number of most likely alternatives to return per token (0 = only the chosen one).
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
-    suffix: Annotated[StrictStr, Field(max_length=0)] | None = None
+    suffix: Annotated[Text, Field(max_length=0)] | None = None
 
     @field_validator("best_of")
     @classmethod
@@ -93,13 +110,13 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | Annotated[list[TextPart], Field(max_length=256)] | None = None
-    name: StrictStr | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=256)] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -113,5 +130,5 @@ class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None

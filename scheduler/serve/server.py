@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import signal
 import socket
 import sys
@@ -18,9 +20,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .app import create_app
+from .connections import fit_file_limit, guarded_protocol, install_repeat_filter
 from .context import Context, ServeLimits
 
 
@@ -47,12 +50,45 @@ def options_from_settings(settings, *, api_key: str | None = None, max_batch: in
     command line) plus the options that only the command line has."""
     if max_batch < 1:
         raise ServeError(f"--max-batch {max_batch}: expected at least 1")
+    if api_key is not None and not api_key.strip():
+        raise ServeError("the API key is empty (--api-key, --api-key-file or DEJAVU_API_KEY): "
+                         "give a key, or none of them to serve without authentication")
     serve = settings.serve
-    limits = ServeLimits(max_pending=getattr(serve, "max_pending", ServeLimits.max_pending),
-                         max_body_bytes=getattr(serve, "max_body_kib", 4096) * 1024)
-    return ServeOptions(host=serve.host, port=serve.port, api_key=api_key or None,
+    limits = ServeLimits(
+        max_pending=serve.max_pending, max_body_bytes=serve.max_body_kib * 1024,
+        chat_max_tokens=serve.chat_max_tokens, max_connections=serve.max_connections,
+        idle_timeout_s=serve.idle_timeout_s, header_timeout_s=serve.header_timeout_s,
+        body_timeout_s=serve.body_timeout_s, tokenize_threads=serve.tokenize_threads,
+        tokenize_queue=serve.tokenize_queue)
+    return ServeOptions(host=serve.host, port=serve.port, api_key=api_key,
                         workers=workers or settings.pipeline.workers, max_batch=max_batch,
                         model_name=model_name, connect=connect, limits=limits)
+
+
+API_KEY_ENV = "DEJAVU_API_KEY"
+
+
+def read_api_key(api_key: str | None, api_key_file: str | None,
+                 environ=os.environ) -> str | None:
+    """The key from --api-key, from --api-key-file (its first line), or from DEJAVU_API_KEY
+    when neither is given; a file or the variable keeps the key out of `ps`. Both options at
+    once is an error (which one wins would be a guess). A variable that is set but empty is
+    returned as it is, for options_from_settings to refuse: it must not mean "no key"."""
+    if api_key is None and api_key_file is None:
+        return environ.get(API_KEY_ENV)
+    if api_key_file is None:
+        return api_key
+    if api_key is not None:
+        raise ServeError("--api-key-file and --api-key are both given: keep one")
+    try:
+        with open(api_key_file, encoding="utf-8") as f:
+            key = f.readline(4096).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServeError(f"--api-key-file {api_key_file}: cannot read it: {exc}") from None
+    if not key:
+        raise ServeError(f"--api-key-file {api_key_file}: the file holds no key (its first "
+                         "line is empty)")
+    return key
 
 
 def build_client(settings, options: ServeOptions):
@@ -124,6 +160,7 @@ def make_app(client, tokenizer, options: ServeOptions, model_name: str, *,
         if callable(start_reader):
             start_reader()
         yield
+        ctx.close()
         if close_client:
             await client.close()
 
@@ -141,6 +178,10 @@ def run_server(settings, options: ServeOptions) -> None:
     # signal it caught; this handler turns that (or a signal during loading) into exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
+    limits = options.limits
+    fitted = fit_file_limit(limits.max_connections)
+    if fitted != limits.max_connections:
+        options = replace(options, limits=replace(limits, max_connections=fitted))
     sock = bind(options.host, options.port)  # a taken port fails before any loading
     try:
         client, tokenizer = build_client(settings, options)
@@ -148,10 +189,26 @@ def run_server(settings, options: ServeOptions) -> None:
         app = make_app(client, tokenizer, options, name, close_client=True)
         print(f"serving {name} on http://{options.host}:{sock.getsockname()[1]}",
               file=sys.stderr)
-        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10,
+                                **uvicorn_options(options.limits))
+        # After uvicorn.Config, which sets up its loggers: the connection guard's lines go
+        # out like uvicorn's own, and no logger repeats one line without bound.
+        guard_log = logging.getLogger("dejavu.serve")
+        guard_log.handlers = list(logging.getLogger("uvicorn").handlers)
+        guard_log.setLevel(logging.INFO)
+        guard_log.propagate = False
+        install_repeat_filter()
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+
+
+def uvicorn_options(limits: ServeLimits) -> dict:
+    """uvicorn.Config arguments for the connection limits: the guarded protocol (cap,
+    header and body deadlines) and the keep-alive timeout."""
+    return {"http": guarded_protocol(limits.max_connections, limits.header_timeout_s,
+                                     limits.body_timeout_s),
+            "timeout_keep_alive": limits.idle_timeout_s}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -188,8 +245,10 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 10.0) -> Iter
 
     sock = bind(host, 0)
     port = sock.getsockname()[1]
+    ctx = getattr(app.state, "ctx", None)
+    limits = ctx.limits if ctx is not None else ServeLimits()
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
-                            lifespan="on")
+                            lifespan="on", **uvicorn_options(limits))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
                               name="uvicorn", daemon=True)
