@@ -8,7 +8,8 @@ Everything is validated from the safetensors headers before any tensor is read: 
 tensor the config implies is present exactly once with the right shape and one float
 dtype (the one config.json declares, when it declares one); nothing unexpected is there;
 the files are whole. Then only the tensors of the requested layer span are read, one key at
-a time through ``safe_open`` (memory-mapped), so a pipeline worker never touches the rest.
+a time through ``safe_open`` (memory-mapped), so a pipeline worker never touches the rest;
+each tensor read is checked to hold only finite values (in the dtype it is loaded in).
 
 What this module does not know: tokenizers (``tokenizer``), predictors, and how a model is
 executed. ``.bin`` checkpoints are refused here; ``tools/convert.py`` turns them into
@@ -394,6 +395,7 @@ def load_model(
                     handles[entry.file] = safe_open(str(entry.file), framework="pt")
                 tensor = handles[entry.file].get_tensor(entry.key)
                 by_entry[where] = tensor.to(device=device, dtype=dtype)
+                _check_finite(entry, tensor, by_entry[where])
             loaded[name] = by_entry[where]
             if progress is not None:
                 progress(done, len(names))
@@ -409,6 +411,25 @@ def load_model(
         module.lm_head.weight = module.decoder.embed_tokens.weight
     module.requires_grad_(False)
     return module.eval()
+
+
+def _check_finite(entry: TensorEntry, stored: torch.Tensor, loaded: torch.Tensor) -> None:
+    """One NaN or inf in a weight turns every output into NaN, silently: refuse it at load.
+    One reduction over the tensor where it now lives: a NaN or inf anywhere makes the sum
+    NaN or inf, and a float32 sum of finite weights cannot overflow (3e38); only a
+    non-finite sum pays for the exact elementwise check."""
+    if math.isfinite(loaded.sum(dtype=torch.float32).item()):
+        return
+    if bool(torch.isfinite(loaded).all()):
+        return
+    where = f"{entry.file.name}: tensor {entry.key!r}"
+    if bool(torch.isfinite(stored).all()):  # fine as stored: too large for the dtype asked
+        raise CheckpointError(f"{where} overflows {str(loaded.dtype).removeprefix('torch.')} "
+                              "(values beyond its range become inf); load it in a wider "
+                              "dtype")
+    bad = int((~torch.isfinite(stored)).sum())
+    raise CheckpointError(f"{where} holds {bad} NaN or infinite value(s); the checkpoint is "
+                          "corrupt or was saved from a diverged run")
 
 
 # --- writing ---------------------------------------------------------------------------------

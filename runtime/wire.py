@@ -104,10 +104,13 @@ class Heartbeat(_Msg):
 
 
 class Fatal(_Msg):
-    """A worker is about to exit on its own (watchdog, lost scheduler); says why."""
+    """A worker is about to exit on its own (watchdog, lost scheduler); says why.
+    ``cannot_start``: its inputs are bad (weights, predictors, a budget that cannot fit),
+    so the cluster cannot start either; not a crash."""
 
     index: int
     reason: str
+    cannot_start: bool = False
 
 
 WorkerMessage = Hello | Ready | StepDone | StepFailed | Heartbeat | Fatal

@@ -51,7 +51,7 @@ def choose(settings, *, connect: str | None = None, run_dir: str | None = None) 
     found = running_launch(where)
     note = ""
     if found is not None:
-        note = _other_model(settings, found[0])
+        note = _other_model(settings, found[0], where)
         if not note:
             return Target("connect", address=found[0], found_in=where)
     if workers > 1:
@@ -59,13 +59,14 @@ def choose(settings, *, connect: str | None = None, run_dir: str | None = None) 
     return Target("local", note=note)
 
 
-def _other_model(settings, address: str) -> str:
+def _other_model(settings, address: str, found_in: str) -> str:
     """Why the launch at ``address`` does not fit a ``--model`` given on the command line
     ("" when it does, or when no model was given: then any launch will do)."""
     if settings.sources.get("model.path") != "command line":
         return ""
     try:
-        with join(address, timeout_s=5.0) as conn:
+        with join(address, keys_dir=settings.pipeline.keys_dir or None,
+                  run_dir=found_in, timeout_s=5.0) as conn:
             running = conn.health().model
     except JoinError:
         return ""  # gone meanwhile: the caller's join reports it
@@ -93,11 +94,13 @@ def check_address(address: str) -> None:
         raise JoinError(f"no launch at {address}: {path} is not a socket")
 
 
-def join(address: str, *, keys_dir: str | None = None,
+def join(address: str, *, keys_dir: str | None = None, run_dir: str | None = None,
          timeout_s: float = 5.0) -> PipelineConnection:
-    """A connection to the launch at ``address`` that has answered a health query."""
+    """A connection to the launch at ``address`` that has answered a health query (keys as
+    ``PipelineConnection`` finds them: ``keys_dir``, else the launch's own in its run
+    directory)."""
     check_address(address)
-    conn = PipelineConnection(address, keys_dir=keys_dir)
+    conn = PipelineConnection(address, keys_dir=keys_dir, run_dir=run_dir)
     try:
         conn.health(timeout_s=timeout_s)
     except TimeoutError:

@@ -28,9 +28,9 @@ from ..runtime.opt_config import ConfigError, OPTConfig
 from .config import PipelineConfig, PipelineConfigError
 from .logs import setup_logging
 from .planner import GiB, PlanError, plan_layers
-from .rundir import RunDir, RunDirError
+from .rundir import KEYS_NAME, RunDir, RunDirError, reclaim_stale
 from .server import PipelineServer
-from .transport import TransportError, load_curve
+from .transport import TransportError, is_local, load_curve
 
 log = logging.getLogger("dejavu.scheduler")
 
@@ -42,13 +42,17 @@ class LaunchError(RuntimeError):
     pass
 
 
-def launch(config: PipelineConfig, *, parent_pid: int | None = None) -> int:
-    """Run a cluster until it stops; returns the process exit code."""
+def launch(config: PipelineConfig, *, parent_pid: int | None = None,
+           owns_run_dir: bool = False) -> int:
+    """Run a cluster until it stops; returns the process exit code. ``owns_run_dir``: the
+    run directory was made for this cluster alone; if the parent that made it is gone
+    when the cluster stops (killed), nobody else will remove it, so this process does."""
     try:
         run_dir = RunDir(config.run_dir or None).acquire()
     except RunDirError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_START
+    orphaned = False
     try:
         try:
             server, model_dir = _build(config, run_dir)
@@ -58,9 +62,11 @@ def launch(config: PipelineConfig, *, parent_pid: int | None = None) -> int:
             return EXIT_CANNOT_START
         # Full validation of the weights' headers runs while the workers start.
         server.parent_pid = parent_pid
-        return server.run(preflight=lambda: inspect_checkpoint(model_dir))
+        code = server.run(preflight=lambda: inspect_checkpoint(model_dir))
+        orphaned = parent_pid is not None and os.getppid() != parent_pid
+        return code
     finally:
-        run_dir.release()
+        run_dir.release(remove=owns_run_dir and orphaned)
 
 
 def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Path]:
@@ -68,6 +74,11 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
     model_config = OPTConfig.from_file(model_dir / "config.json")
     config = config.with_overrides(model=str(model_dir))
     max_len = config.max_len or model_config.max_position_embeddings
+    if max_len > model_config.max_position_embeddings:  # else every worker fails to start
+        raise PipelineConfigError(
+            f"[pipeline] max_len = {max_len}: the model has "
+            f"{model_config.max_position_embeddings} positions; set max_len at most that "
+            "(0 = all of them)")
     budget = int(config.memory_budget_gb * GiB) if config.memory_budget_gb else None
     gpu_budget = None if config.gpu_memory_gib is None else int(config.gpu_memory_gib * GiB)
     plan = plan_layers(model_config, config.workers, dtype_bytes=_DTYPE_BYTES[config.dtype],
@@ -75,6 +86,9 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
                        gpu_budget=gpu_budget)
     for line in plan.describe().splitlines():
         log.info("%s", line)
+    if needs_own_keys(config, run_dir):
+        config = config.with_overrides(keys_dir=str(run_dir.make_keys()))
+        log.info("CURVE keys for this cluster in %s", config.keys_dir)
     curve = load_curve(config.keys_dir) if config.keys_dir else None
     sparsity = resolve_sparsity(config, model_dir)
     log.info("execution: %s", f"sparse, predictors {sparsity.predictors}" if sparsity
@@ -89,6 +103,19 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
                  type(exc).__name__)
     return PipelineServer(config, plan, model_config, run_dir, tokenizer=tokenizer,
                           curve=curve, sparsity=sparsity), model_dir
+
+
+def needs_own_keys(config: PipelineConfig, run_dir: RunDir) -> bool:
+    """Whether ``launch`` makes CURVE keys for this cluster: no keys_dir, and some address
+    is not an ipc socket in the private run directory. Such an address (tcp://127.0.0.1
+    above all) is open to every local user, so then every socket authenticates, with keys
+    only this user can read."""
+    explicit = [a for a in (config.control_address, config.client_address,
+                            *config.data_addresses) if a]
+    # Addresses other machines can reach need keys made by hand (keys_dir): those are
+    # refused with that advice, not given keys that no other host has.
+    return (not config.keys_dir and all(is_local(a) for a in explicit)
+            and any(not run_dir.holds(a) for a in explicit))
 
 
 def resolve_sparsity(config: PipelineConfig, model_dir: Path) -> wire.Sparsity | None:
@@ -116,14 +143,19 @@ def resolve_sparsity(config: PipelineConfig, model_dir: Path) -> wire.Sparsity |
 
 
 class Cluster:
-    """A ``launch`` in a child process; ``address`` is its client API once ``start`` returns."""
+    """A ``launch`` in a child process; ``address`` is its client API once ``start`` returns.
+
+    Without a configured run directory it gets one of its own, removed when it stops (by
+    ``stop``, by the launch if this process was killed, or, if both were, by the next
+    ``Cluster`` that starts: ``reclaim_stale``)."""
 
     def __init__(self, config: PipelineConfig) -> None:
         self._owns_dir = not config.run_dir
         if not config.run_dir:
             base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
-            config = config.with_overrides(
-                run_dir=str(base / f"dejavu-run-{os.getuid()}-{uuid.uuid4().hex[:8]}"))
+            prefix = f"dejavu-run-{os.getuid()}-"
+            reclaim_stale(base, prefix)
+            config = config.with_overrides(run_dir=str(base / f"{prefix}{uuid.uuid4().hex[:8]}"))
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.address = config.client_address or f"ipc://{self.run_dir / 'client.sock'}"
@@ -138,7 +170,10 @@ class Cluster:
         cmd = [sys.executable, "-m", "dejavu.scheduler.launch", "--config-json",
                msgspec.json.encode(self.config).decode()]
         if self._owns_dir:
-            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cmd.append("--owns-run-dir")
+            # A fresh name: it must not exist yet (nothing planted can be in it).
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700)
         self.log = log
         stderr = open(log, "ab") if log is not None else None  # noqa: SIM115
         try:
@@ -151,19 +186,45 @@ class Cluster:
             if stderr is not None:
                 stderr.close()
         deadline = time.monotonic() + timeout_s
-        with PipelineConnection(self.address, keys_dir=self.config.keys_dir or None) as conn:
+        conn, keys = None, None
+        try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise LaunchError(f"the launch exited with code {self.proc.returncode} "
                                       f"before it was ready: {self._log_tail()}")
+                # The launch makes this cluster's keys once it has started: connect with
+                # them (again, if a crashed launch's keys were there before).
+                if conn is None or keys != self._keys_stamp():
+                    keys = self._keys_stamp()
+                    if keys is None and needs_own_keys(self.config, RunDir(self.run_dir)):
+                        time.sleep(0.05)
+                        continue
+                    if conn is not None:
+                        conn.close()
+                    conn = PipelineConnection(self.address,
+                                              keys_dir=self.config.keys_dir or None,
+                                              run_dir=str(self.run_dir))
                 try:
                     if conn.health(timeout_s=0.5).state == "ready":
                         return self
                 except TimeoutError:
                     pass
-        tail = self._log_tail()
-        self.stop()
-        raise LaunchError(f"the cluster was not ready within {timeout_s:g} s: {tail}")
+            raise LaunchError(f"the cluster was not ready within {timeout_s:g} s: "
+                              f"{self._log_tail()}")
+        except BaseException:
+            self.stop()  # a failed start leaves neither processes nor a run directory
+            raise
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _keys_stamp(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.run_dir / KEYS_NAME / "client.key_secret")
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+        return (self.run_dir / KEYS_NAME / "client.key_secret").exists()
 
     def _log_tail(self) -> str:
         if self.log is None:
@@ -201,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True)
     parser.add_argument("--exit-with-parent", type=int, default=None,
                         help="stop (draining) when this process is no longer the parent")
+    parser.add_argument("--owns-run-dir", action="store_true",
+                        help="the run directory was made for this launch alone")
     args = parser.parse_args(argv)
     setup_logging("scheduler")
     try:
@@ -208,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         log.error("bad pipeline config: %s", exc)
         return EXIT_CANNOT_START
-    return launch(config, parent_pid=args.exit_with_parent)
+    return launch(config, parent_pid=args.exit_with_parent, owns_run_dir=args.owns_run_dir)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def connection(settings, target: Target, *, announce: bool = True,
     keys = settings.pipeline.keys_dir or None
     with contextlib.ExitStack() as stack:
         if target.kind == "connect":
-            conn = stack.enter_context(join(target.address, keys_dir=keys))
+            run_dir = target.found_in or settings.pipeline.run_dir or None
+            conn = stack.enter_context(join(target.address, keys_dir=keys, run_dir=run_dir))
             if announce:
                 err.write(describe(conn.health(), target.address)
                           + (f" (found in {target.found_in})" if target.found_in else "")
@@ -62,7 +63,9 @@ def connection(settings, target: Target, *, announce: bool = True,
         if announce:
             err.write(f"starting a launch of {cluster.config.workers} worker(s)...\n")
         cluster.start(log=cluster.run_dir / "launch.log")
-        yield stack.enter_context(PipelineConnection(cluster.address, keys_dir=keys))
+        yield stack.enter_context(PipelineConnection(
+            cluster.address, keys_dir=cluster.config.keys_dir or None,
+            run_dir=str(cluster.run_dir)))
 
 
 def run_pipeline_generate(settings, request, *, target: Target, as_json: bool,

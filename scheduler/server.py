@@ -222,12 +222,7 @@ class PipelineServer:
         poller.register(self.clients, zmq.POLLIN)
         ready = dict(poller.poll(POLL_MS))
         if self.control in ready:
-            for _ in range(1000):  # bounded so clients are never starved
-                try:
-                    frames = self.control.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_control(frames)
+            self._read_control()
         if self.clients in ready:
             for _ in range(1000):
                 try:
@@ -239,6 +234,16 @@ class PipelineServer:
         self._check_stop()
         if self.state in ("ready", "draining"):
             self._pump()
+
+    def _read_control(self, wait_ms: int = 0) -> None:
+        if wait_ms and not self.control.poll(wait_ms):
+            return
+        for _ in range(1000):  # bounded so clients are never starved
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_control(frames)
 
     def _check_stop(self) -> None:
         now = time.monotonic()
@@ -313,6 +318,11 @@ class PipelineServer:
                     msg.step_id, f"step failed on worker {msg.index}: {msg.message}"))
         elif isinstance(msg, wire.Fatal):
             w.fatal = msg.reason
+            if msg.cannot_start and self.state not in ("stopping", "stopped"):
+                # Bad weights or predictors, as in one process: one line and exit code 2.
+                log.error("cannot launch: worker %d: %s", w.index, msg.reason)
+                self.exit_code, self.stop_reason = 2, f"worker {w.index}: {msg.reason}"
+                self.state = "stopped"
 
     def _worker_of(self, identity: bytes) -> tuple[WorkerHandle | None, bool]:
         name = identity.decode("ascii", errors="replace")
@@ -362,6 +372,10 @@ class PipelineServer:
                 continue
             reason = None
             if w.proc is not None and (rc := w.proc.poll()) is not None:
+                if w.fatal is None and rc > 0:  # it chose to exit: its last words (Fatal)
+                    self._read_control(wait_ms=100)  # may not have been read yet
+                if self.state == "stopped":  # they said it cannot start: not a death
+                    return
                 reason = w.fatal or describe_exit(rc)
             elif w.state == "ready" and now - w.last_beat > 3 * self.config.heartbeat_s:
                 reason = w.fatal or (

@@ -6,8 +6,13 @@
   defaults. Anything else reaches other machines, so it is refused unless CURVE keys are
   configured, and then every socket of the cluster authenticates and encrypts.
 - Keys: ``create_keys(dir)`` writes one server and one client key pair (``dejavu-run
-  keys``); copy the directory to every host. A ZAP handler on each binding process lets
-  in only the client public keys in ``authorized/`` and logs every refusal.
+  keys``); copy the directory to every host. Without a keys directory, ``launch`` makes a
+  fresh pair per cluster in its private run directory whenever some address is not an
+  ipc socket inside that directory (tcp://127.0.0.1 is open to every local user), so no
+  address of a cluster takes a peer without a key. A ZAP handler on each binding process
+  lets in only the client public keys in ``authorized/``; refusals are logged, at most one
+  line per ``REFUSAL_LOG_S`` for each kind (a peer that keeps reconnecting cannot flood
+  the log).
 
 What this module does not know: what travels on the sockets (``runtime.wire``).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,6 +36,7 @@ log = logging.getLogger("dejavu.transport")
 CONTROL_MAX_BYTES = 64 * 1024 * 1024  # a step header: token ids of a full prefill batch
 CLIENT_MAX_BYTES = 4 * 1024 * 1024  # a request: 2048 token ids and parameters fit easily
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+REFUSAL_LOG_S = 10.0
 
 
 class TransportError(ValueError):
@@ -131,6 +138,25 @@ def load_curve(directory: str | Path) -> Curve:
     return Curve(server_public, server_secret, client_public, client_secret, authorized)
 
 
+class RepeatedWarning:
+    """A warning logged at most once per ``every_s``; the lines held back are counted and
+    reported with the next one."""
+
+    def __init__(self, every_s: float = REFUSAL_LOG_S) -> None:
+        self.every_s = every_s
+        self.last = float("-inf")
+        self.held = 0
+
+    def __call__(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.held += 1
+            return
+        more = f" ({self.held} more since the last such line)" if self.held else ""
+        log.warning(message + "%s", *args, more)
+        self.last, self.held = now, 0
+
+
 class ZapHandler(threading.Thread):
     """ZeroMQ's authentication hook (RFC 27) for this process: CURVE peers whose public
     key is authorized get in, everyone else is refused and logged."""
@@ -142,6 +168,7 @@ class ZapHandler(threading.Thread):
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("inproc://zeromq.zap.01")
         self.refused = 0
+        self._warn = RepeatedWarning()
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -169,8 +196,8 @@ class ZapHandler(threading.Thread):
             return [version, request_id, b"200", b"OK", b"", b""]
         self.refused += 1
         who = key.decode() if key is not None else "-"
-        log.warning("refused a %s peer from %s (public key %s): not authorized",
-                    mechanism.decode(errors="replace"), address.decode(errors="replace"), who)
+        self._warn("refused a %s peer from %s (public key %s): not authorized",
+                   mechanism.decode(errors="replace"), address.decode(errors="replace"), who)
         return [version, request_id, b"400", b"not authorized", b"", b""]
 
     def stop(self) -> None:
@@ -191,6 +218,7 @@ class HandshakeWatcher(threading.Thread):
         super().__init__(name="handshakes", daemon=True)
         self.monitors: list[tuple[zmq.Socket, zmq.Socket, str]] = []
         self.failures = 0
+        self._warn = RepeatedWarning()
         self._halt = threading.Event()
 
     def watch(self, sock: zmq.Socket, name: str) -> None:
@@ -211,9 +239,9 @@ class HandshakeWatcher(threading.Thread):
                 except zmq.ZMQError:
                     continue
                 self.failures += 1
-                log.warning("refused a peer on the %s socket (%s): security handshake failed "
-                            "(no CURVE, wrong keys or not authorized)", names[mon],
-                            event.get("endpoint", b"").decode(errors="replace"))
+                self._warn("refused a peer on the %s socket (%s): security handshake failed "
+                           "(no CURVE, wrong keys or not authorized)", names[mon],
+                           event.get("endpoint", b"").decode(errors="replace"))
 
     def stop(self) -> None:
         self._halt.set()

@@ -5,6 +5,16 @@
 ``PipelineClient`` is the asyncio implementation of the engine-client protocol used by the
 HTTP server: ``generate`` yields ``Event``s, ``abort``, ``health``.
 
+Keys: ``keys_dir`` when given; else the per-cluster keys that ``launch`` made in its run
+directory (the ipc address's own directory, then ``run_dir`` or the default one), if it
+made any; else none (a cluster of ipc sockets in its private directory needs none).
+
+``PipelineClient`` outlives the cluster it serves when it did not start it (``serve
+--connect``): when the connection closes, the scheduler says it stops, or it falls silent,
+open requests fail, ``health`` says so (not ok, no worker alive), and it reconnects once a
+second (with the keys found anew: a restarted launch makes new ones) until a ready
+scheduler answers.
+
 Nothing waits forever: when the scheduler has been silent for ``silence_s`` while requests
 are open, the client asks for health (again every ``silence_s``: one lost query or answer
 must not pass for a dead scheduler), and after ``dead_s`` of silence it raises
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 import uuid
@@ -23,22 +34,24 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from ..runtime import wire
 from ..runtime.engine import Completion, fold_event, submit_all
 from ..runtime.sampling import SamplingParams
 from .core import Event, RequestError, Scheduler, SchedulerConfig
-from .transport import CLIENT_MAX_BYTES, load_curve, make_socket
+from .rundir import find_curve
+from .transport import CLIENT_MAX_BYTES, Curve, TransportError, make_socket
 
 SEND_TIMEOUT_MS = 5000
+log = logging.getLogger("dejavu.client")
 
 
 class SchedulerGone(ConnectionError):
     """The scheduler stopped answering; open requests will never finish."""
 
 
-def _socket(ctx: zmq.Context, address: str, keys_dir: str | None) -> zmq.Socket:
-    curve = load_curve(keys_dir) if keys_dir else None
+def _socket(ctx: zmq.Context, address: str, curve: Curve | None) -> zmq.Socket:
     sock = make_socket(ctx, zmq.DEALER, CLIENT_MAX_BYTES, curve=curve)
     # With no connected scheduler (not started, gone, or our keys refused) a send would
     # block forever: give up after a while instead (zmq.Again -> SchedulerGone).
@@ -48,11 +61,12 @@ def _socket(ctx: zmq.Context, address: str, keys_dir: str | None) -> zmq.Socket:
 
 
 class PipelineConnection:
-    def __init__(self, address: str, *, keys_dir: str | None = None, silence_s: float = 3.0,
-                 dead_s: float = 15.0) -> None:
+    def __init__(self, address: str, *, keys_dir: str | None = None, run_dir: str | None = None,
+                 silence_s: float = 3.0, dead_s: float = 15.0) -> None:
         self.address = address
+        self.curve = find_curve(address, keys_dir, run_dir)
         self.ctx = zmq.Context()
-        self.sock = _socket(self.ctx, address, keys_dir)
+        self.sock = _socket(self.ctx, address, self.curve)
         self.silence_s = silence_s
         self.dead_s = dead_s
         self.open: set[str] = set()
@@ -217,15 +231,16 @@ class PipelineClient:
     cluster, for asyncio front ends such as the HTTP server. ``PipelineClient.launch``
     starts the cluster too and stops it on ``close``."""
 
-    def __init__(self, address: str, *, keys_dir: str | None = None, dead_s: float = 10.0,
-                 cluster=None, timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, *, keys_dir: str | None = None, run_dir: str | None = None,
+                 dead_s: float = 10.0, cluster=None, timeout_s: float = 10.0) -> None:
         from .client import Health  # noqa: F401 - the protocol's type, checked at import
 
         self.address = address
         self.keys_dir = keys_dir
+        self.run_dir = run_dir
         self.dead_s = dead_s
         self.cluster = cluster
-        with PipelineConnection(address, keys_dir=keys_dir) as probe:
+        with PipelineConnection(address, keys_dir=keys_dir, run_dir=run_dir) as probe:
             first = probe.health(timeout_s=timeout_s)
         self._health = first
         self.max_len = first.max_len
@@ -234,11 +249,14 @@ class PipelineClient:
             SchedulerConfig(max_slots=1, max_len=first.max_len, vocab_size=first.vocab_size),
             detokenizer_factory=(lambda: None) if first.tokenizer else None)
         self.ctx = zmq.asyncio.Context()
-        self.sock = _socket(self.ctx, address, keys_dir)
+        self.sock: zmq.asyncio.Socket
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._connect()
         self.queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
         self._last_heard = time.monotonic()
-        self._dead: str | None = None
+        self._dead: str | None = None  # for good: the cluster this client started is gone
+        self._down: str | None = None  # for now: reconnecting to a cluster started elsewhere
         self._stats = {"requests": 0, "tokens": 0, "failures": 0, "started": time.time()}
 
     @classmethod
@@ -248,7 +266,8 @@ class PipelineClient:
         cluster = Cluster(config)
         cluster.start(timeout_s=timeout_s)
         try:
-            return cls(cluster.address, keys_dir=config.keys_dir or None, cluster=cluster)
+            return cls(cluster.address, keys_dir=config.keys_dir or None,
+                       run_dir=str(cluster.run_dir), cluster=cluster)
         except BaseException:
             cluster.stop()
             raise
@@ -257,11 +276,32 @@ class PipelineClient:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
 
+    def _connect(self) -> None:
+        """A fresh socket (what the old one still held is dropped with it) and a monitor
+        that reports its connection closing."""
+        if self._monitor is not None:
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self.sock.close(linger=0)
+        try:
+            curve = find_curve(self.address, self.keys_dir, self.run_dir)
+        except TransportError:
+            if self._monitor is None:
+                raise
+            curve = None  # keys half written by a launch starting now: the next try reads them
+        self.sock = _socket(self.ctx, self.address, curve)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.asyncio.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+
     async def _read(self) -> None:
         next_probe = 0.0
         while self._dead is None:
             now = time.monotonic()
             if now >= next_probe:  # health once a second: liveness and fresh stats
+                if self._down is not None:
+                    self._connect()
                 try:
                     self.sock.send(wire.encode(wire.HealthQuery()), zmq.NOBLOCK)
                 except zmq.ZMQError:
@@ -270,11 +310,16 @@ class PipelineClient:
             if self.cluster is not None and self.cluster.proc.poll() is not None:
                 self._die(f"the pipeline exited with code {self.cluster.proc.returncode}")
                 return
-            if now - self._last_heard > self.dead_s:
-                self._die(f"the scheduler at {self.address} has not answered for "
-                          f"{now - self._last_heard:.1f} s")
-                return
-            if not await self.sock.poll(200):
+            if self._down is None and now - self._last_heard > self.dead_s:
+                self._lost(f"it has not answered for {now - self._last_heard:.1f} s")
+                continue
+            ready = dict(await self._poller.poll(200))
+            if self._monitor in ready:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED and self._down is None:
+                    self._lost("the connection closed")
+                continue
+            if self.sock not in ready:
                 continue
             try:
                 msg = wire.decode_reply(await self.sock.recv())
@@ -283,9 +328,11 @@ class PipelineClient:
             self._last_heard = time.monotonic()
             if isinstance(msg, wire.Health):
                 self._health = msg
-                if msg.state == "stopped":
-                    self._die(f"the pipeline stopped: {msg.detail}")
-                    return
+                if msg.state == "stopped" and self._down is None:
+                    self._lost(f"it stopped: {msg.detail}")
+                elif self._down is not None and msg.state == "ready":
+                    log.warning("reconnected to the pipeline at %s", self.address)
+                    self._down = None
                 continue
             for event in msg.events:
                 if event.token is not None:
@@ -295,6 +342,20 @@ class PipelineClient:
                 queue = self.queues.get(event.request_id)
                 if queue is not None:
                     queue.put_nowait(event)
+
+    def _lost(self, why: str) -> None:
+        """The scheduler is gone: for good if this client started it, else until it (or a
+        new launch on the same address) answers again."""
+        message = f"lost the pipeline at {self.address}: {why}"
+        if self.cluster is not None:
+            return self._die(message)
+        from .client import EngineDeadError
+
+        log.warning("%s; reconnecting", message)
+        self._down = message
+        self._connect()  # nothing the old connection still holds may pass for the new one
+        for queue in self.queues.values():
+            queue.put_nowait(EngineDeadError(message))
 
     def _die(self, message: str) -> None:
         from .client import EngineDeadError
@@ -307,8 +368,8 @@ class PipelineClient:
                        request_id: str) -> AsyncIterator[Event]:
         from .client import EngineDeadError
 
-        if self._dead:
-            raise EngineDeadError(self._dead)
+        if self._dead or self._down:
+            raise EngineDeadError(self._dead or self._down)
         self._validator.validate(list(prompt), params)  # RequestError: nothing is sent
         if request_id in self.queues:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -344,11 +405,12 @@ class PipelineClient:
         from .client import Health
 
         h = self._health
-        workers = [{"worker": w.index, "alive": w.state == "ready", "restarts": w.restarts,
-                    "pid": w.pid, "layers": list(w.layers), "device": w.device}
-                   for w in h.workers]
-        ok = self._dead is None and h.state == "ready"
-        return Health(ok, self._dead or h.state, workers)
+        gone = self._dead or self._down
+        workers = [{"worker": w.index, "alive": w.state == "ready" and not gone,
+                    "restarts": w.restarts, "pid": w.pid, "layers": list(w.layers),
+                    "device": w.device} for w in h.workers]
+        ok = gone is None and h.state == "ready"
+        return Health(ok, gone or h.state, workers)
 
     def stats(self) -> dict:
         h = self._health
@@ -358,6 +420,8 @@ class PipelineClient:
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        self.sock.disable_monitor()
+        self._monitor.close(linger=0)
         self.sock.close(linger=0)
         self.ctx.term()
         if self.cluster is not None:

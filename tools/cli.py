@@ -413,6 +413,8 @@ def worker(
     index: int = typer.Option(..., "--index", help="this worker's place in the pipeline"),
     control: str = typer.Option(..., "--control", help="the scheduler's control address"),
     keys_dir: str = typer.Option(None, "--keys-dir", help="CURVE keys (dejavu-run keys)"),
+    run_dir: str = typer.Option(None, "--run-dir",
+                                help="run directory of a local launch, whose keys to use"),
 ) -> None:
     """Run one worker that connects to a launch on another host ([pipeline] spawn = false)."""
     import sys
@@ -420,7 +422,8 @@ def worker(
     from ..workers.main import main as worker_main
 
     argv = ["--index", str(index), "--control", control]
-    sys.exit(worker_main(argv + (["--keys-dir", keys_dir] if keys_dir else [])))
+    argv += ["--keys-dir", keys_dir] if keys_dir else []
+    sys.exit(worker_main(argv + (["--run-dir", run_dir] if run_dir else [])))
 
 
 @app.command()

@@ -16,7 +16,8 @@ import signal
 import sys
 
 from ..scheduler.logs import setup_logging
-from ..scheduler.transport import TransportError, load_curve
+from ..scheduler.rundir import find_curve
+from ..scheduler.transport import TransportError
 from .worker import run_worker
 
 
@@ -26,12 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", required=True, help="the scheduler's control address")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--keys-dir", default=None)
+    parser.add_argument("--run-dir", default=None,
+                        help="where a local launch made its keys (default: the default run dir)")
     parser.add_argument("--handshake-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     setup_logging(f"worker{args.index}")
     faulthandler.register(signal.SIGUSR1)  # stack dump on demand
     try:
-        curve = load_curve(args.keys_dir) if args.keys_dir else None
+        # Without --keys-dir, a launch of this user on loopback TCP made keys in its run
+        # directory: find them there as its clients do.
+        curve = find_curve(args.control, args.keys_dir, args.run_dir)
     except TransportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,9 +31,14 @@ import torch
 import zmq
 
 from ..runtime import wire
-from ..runtime.checkpoint import load_model
+from ..runtime.checkpoint import CheckpointError, load_model
+from ..runtime.opt_config import ConfigError
+from ..runtime.predictors import PredictorError
+from ..runtime.selection import SelectionError
+from ..runtime.sparse_backend import BackendError
 from ..runtime.stage import Stage, allocate_cache
 from ..runtime.step import Step, StepResult
+from ..runtime.weight_store import PlacementError
 from ..scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
 from .faults import FaultHook
 from .heartbeat import HeartbeatThread
@@ -42,6 +47,11 @@ from .runner import StageRunner, StepOOM
 log = logging.getLogger("dejavu.worker")
 
 EXIT_HANDSHAKE = 2
+EXIT_CANNOT_LOAD = 2
+
+# What a user can fix in the inputs (weights, predictors, budget): one line, not a crash.
+LOAD_ERRORS = (CheckpointError, ConfigError, PredictorError, SelectionError, BackendError,
+               PlacementError)
 
 
 class HandshakeError(RuntimeError):
@@ -69,6 +79,7 @@ class Worker:
         self.busy: tuple[int, float] | None = None
         self.bad_frames = 0
         self._last_bad_log = 0.0
+        self.control_linger_ms = 0
 
     # --- startup ---------------------------------------------------------------------------
 
@@ -296,12 +307,16 @@ class Worker:
             log.warning("worker %d dropped a bad %s frame (%d so far): %s", self.index, where,
                         self.bad_frames, exc)
 
+    def cannot_start(self, reason: str) -> None:
+        self._send(wire.Fatal(self.index, reason, cannot_start=True))
+        self.control_linger_ms = 2000  # the reason must leave before the process does
+
     def close(self) -> None:
         if getattr(self, "heartbeat", None) is not None:
             self.heartbeat.stop()
         for sock in (self.control, self.data_in, self.data_out):
             if sock is not None:
-                sock.close(linger=0)
+                sock.close(linger=self.control_linger_ms if sock is self.control else 0)
         if self.zap:
             self.zap.stop()
         self.ctx.term()
@@ -320,7 +335,14 @@ def run_worker(index: int, control: str, *, parent_pid: int | None, curve: Curve
         except HandshakeError as exc:
             log.error("worker %d: %s", index, exc)
             return EXIT_HANDSHAKE
-        worker.load(setup)
+        try:
+            worker.load(setup)
+        except LOAD_ERRORS as exc:
+            # Bad input, as in one process: the scheduler prints the one line and stops
+            # the launch with exit code 2; this is no crash, so no traceback and no ERROR.
+            log.info("worker %d cannot load: %s", index, exc)
+            worker.cannot_start(str(exc))
+            return EXIT_CANNOT_LOAD
         reason = worker.serve()
         log.info("worker %d stopping: %s", index, reason)
         return 0

@@ -106,11 +106,12 @@ def build_client(settings, options: ServeOptions):
         from ..zmq_client import PipelineClient
 
         keys = getattr(settings.pipeline, "keys_dir", "") or None
+        run_dir = getattr(settings.pipeline, "run_dir", "") or None
         try:
-            with join(options.connect, keys_dir=keys) as probe:  # fails at once if absent
+            with join(options.connect, keys_dir=keys, run_dir=run_dir) as probe:
                 print(describe(probe.health(), options.connect), file=sys.stderr)
-            return PipelineClient(options.connect, keys_dir=keys), tokenizer
-        except JoinError as exc:
+            return PipelineClient(options.connect, keys_dir=keys, run_dir=run_dir), tokenizer
+        except JoinError as exc:  # no socket there, or no answer: at once, naming it
             raise ServeError(str(exc)) from None
         except TimeoutError as exc:
             raise ServeError(f"--connect {options.connect}: no answer ({exc})") from None
