@@ -169,3 +169,20 @@ def test_serve_joins_the_running_launch(launched, model):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_killed_launch_is_not_found(tmp_path):
+    """The address file outlives a SIGKILLed launch; its lock does not: nothing is found."""
+    run_dir = short_dir() / "run"
+    code = ("import sys, time\nfrom dejavu.scheduler.rundir import RunDir\n"
+            f"d = RunDir({str(run_dir)!r}).acquire()\nd.publish('ipc://somewhere')\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert running_launch(run_dir) == ("ipc://somewhere", proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert (run_dir / "client.address").exists()
+    assert running_launch(run_dir) is None
