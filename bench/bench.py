@@ -308,6 +308,17 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 def main(opts: BenchOptions) -> list[str]:
     """Run, write the results; returns the scenarios that failed."""
+    if "e2e" in opts.only:  # its own run and files (bench_e2e.py): the product's paths
+        from .bench_e2e import E2EOptions
+        from .bench_e2e import main as e2e_main
+
+        e2e = E2EOptions.dry_run(opts.out_dir) if opts.small else E2EOptions(
+            out_dir=opts.out_dir, time_budget_s=opts.time_budget_s)
+        e2e.command = opts.command
+        e2e_main(e2e)
+        if opts.only == ("e2e",):
+            return []
+        opts.only = tuple(o for o in opts.only if o != "e2e")
     res = run_bench(opts)
     paths = write_results(res, opts.out_dir)
     print(json.dumps({k: res.get(k) for k in KEYS}, indent=1))

@@ -11,16 +11,17 @@ registers the layer with runtime/sparse_backend.py, so that the model's sparse o
 its rows from there. Norms and the out_proj/fc2 biases stay on the module.
 
 Every token of an offloaded layer is sparse: ``OffloadSelector`` turns "dense" (no mask)
-into "every row" for those layers, since their dense weights are gone. The kernels take one
-token per batch row; a prefill runs them token by token (exact, since each token attends
-to the positions written before it), reading the selected rows once per token: correct,
-not fast. Streaming a whole layer up once per prefill would be the faster prefill; not
-done here.
+into "every row" for those layers, since their dense weights are gone. Decode steps (one
+token per batch row, at most ``MAX_BATCH`` rows) run the kernels, which read the selected
+rows in place. Multi-token steps (prefill chunks) bring each offloaded layer to the device
+once per chunk instead, through a double buffer whose next copy overlaps this layer's
+compute (runtime/row_stream.py), and run ordinary torch math over it; a budget keeps room
+for that buffer (``plan_streaming``) or, too small for it, prefills token by token.
 
 K/V stay exact as in runtime/sparse.py: each step stores its attention input and marks
 its position stale for every head; the selected heads' K/V are written by the projection
-kernel, and a selected head missing at earlier positions is recomputed from the stored
-inputs by the same kernel over the host rows.
+kernel (a streamed prefill writes every head's), and a selected head missing at earlier
+positions is recomputed from the stored inputs by the same kernel over the host rows.
 
 A worker or the in-process engine with a ``gpu_memory_gib`` budget loads its span on the
 CPU, calls ``fit_budget``, wraps its selector with ``offload_selector`` (a dense run gets
@@ -37,24 +38,29 @@ counted by ``host_bytes_read``), least recently used evicted; with a
 ``DYNAMIC_FRACTION`` of dynamic neuron slots. The report's host bytes per token count the
 static rows only (the dynamic ones depend on the text): an upper bound.
 
-What this module does not know: which rows are selected (selectors) or where frequencies
-come from (nothing measures them at startup yet; a caller passes them).
+What this module does not know: which rows are selected (selectors) or how frequencies are
+measured (train-predictors writes them; ``fit_gib`` reads them through
+runtime/placement_stats.py).
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
 from ..kernels.sparse_mlp import MAX_BATCH, sparse_mlp
-from ..scheduler.planner import offload_reserved_bytes
+from ..scheduler.planner import offload_reserved_bytes, stream_buffer_bytes
 from ..scheduler.planner import size as human_size
-from . import sparse_backend
+from . import row_stream, sparse_backend
 from .model import Batch, OPTAttention, OPTModel
+from .placement_stats import find_frequencies, read_frequencies
+from .row_stream import RowStream
 from .sparse import Selection
 from .weight_store import (
     LayerFrequencies,
@@ -63,10 +69,14 @@ from .weight_store import (
     RecordLayout,
     ResidentLayer,
     gib,
+    head_rows,
     host_layer_from_module,
+    neuron_rows,
     plan_placement,
     uniform_placement,
 )
+
+log = logging.getLogger("dejavu.offload")
 
 # The weights that move to the host records (norms and out_proj/fc2 biases stay).
 BIG = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
@@ -111,15 +121,48 @@ def plan_offload(model: OPTModel, budget_bytes: int, reserved_bytes: int = 0) ->
     return out
 
 
+def plan_streaming(model: OPTModel, budget_bytes: int,
+                   reserved_bytes: int = 0) -> tuple[list[int], bool]:
+    """``plan_offload`` for a model whose prefill streams offloaded layers: once anything
+    is offloaded the budget also holds the double buffer (``stream_bytes``), which may push
+    more layers out. Returns (offloaded layer ids, whether the buffer fits): a budget that
+    cannot hold it even with every layer offloaded runs prefill token by token instead
+    (correct, slow; fit_budget logs it). scheduler/planner.py's ``offloaded_layers``
+    computes the same count."""
+    out = plan_offload(model, budget_bytes, reserved_bytes)
+    if not out:
+        return out, False
+    try:
+        return plan_offload(model, budget_bytes, reserved_bytes + stream_bytes(model)), True
+    except PlacementError:
+        return out, False
+
+
+def stream_bytes(model: OPTModel) -> int:
+    """Device bytes of the double buffer that multi-token steps stream offloaded layers
+    through (row_stream.RowStream: two layers' records)."""
+    return stream_buffer_bytes(model.config, next(model.parameters()).element_size())
+
+
 class OffloadedLayer:
     """One layer's rows in host records (+ hot rows on the GPU), and the sparse ops over
     them, called by runtime/sparse_backend.py."""
 
     def __init__(self, rows: ResidentLayer, fc2_bias: Tensor | None,
-                 out_proj_bias: Tensor | None) -> None:
+                 out_proj_bias: Tensor | None, stream: RowStream | None = None,
+                 slot: int = 0) -> None:
         self.rows = rows
         self.fc2_bias = fc2_bias
         self.out_proj_bias = out_proj_bias
+        # Multi-token steps: the shared double buffer, this layer's slot in it, and the
+        # next offloaded layer of the model (whose copy this layer's blocks start).
+        self.stream = stream
+        self.slot = slot
+        self.next: OffloadedLayer | None = None
+        # Decode MLP: gather the selected neurons to the device before the kernel (True) or
+        # let the kernel read them in place from mapped host memory (False, the default
+        # until a GPU run says which is faster; bench_e2e measures both).
+        self.stage_neurons = False
         # Host bytes read. With no GPU row cache every selected row is a host row and the
         # count needs no look at the locations (no device synchronisation per op).
         e = rows.host.neurons.element_size()
@@ -128,6 +171,7 @@ class OffloadedLayer:
         self.all_host = rows.cache_neurons.shape[0] == 0 and rows.cache_heads.shape[0] == 0
         self.read = 0
         self._read_on_device: Tensor | None = None
+        self._recomputed: Tensor | None = None  # K/V pairs staged decode completed
 
     def _count(self, locs: Tensor, record_bytes: int) -> None:
         if self.all_host:
@@ -141,10 +185,108 @@ class OffloadedLayer:
         extra = 0 if self._read_on_device is None else int(self._read_on_device)
         return self.read + extra
 
+    def streams(self, x: Tensor) -> bool:
+        """Whether a step of x [B, T, C] brings this layer to the device once (prefill
+        chunks) instead of reading its rows per token through the decode kernels."""
+        return self.stream is not None and (x.shape[1] > 1 or x.shape[0] > MAX_BATCH)
+
+    def _bring(self, kind: str, ids: Tensor) -> tuple[Tensor, bool]:
+        """This layer's ``kind`` ("neurons" | "heads") records for rows ``ids`` on the
+        device: (buffer, whole). Whole: every row in id order; else the union's rows in
+        the order of ``ids``. Starts the next offloaded layer's whole copy when this one's
+        union was wide enough that a whole copy is the cheaper choice."""
+        st = self.stream
+        host = self.rows.host.neurons if kind == "neurons" else self.rows.host.heads
+        wide = ids.numel() >= row_stream.UNION_BELOW * host.shape[0]
+        whole = st.holds_whole(self, self.slot, kind) or wide
+        if whole:
+            self.read += st.prefetch_whole(self, self.slot, kind, host)
+        else:
+            view = self.rows.host_neurons if kind == "neurons" else self.rows.host_heads
+            self.read += st.gather(self, self.slot, kind, view, ids)
+        nxt = self.next
+        if wide and nxt is not None and nxt.slot != self.slot:
+            nhost = nxt.rows.host.neurons if kind == "neurons" else nxt.rows.host.heads
+            nxt.read += st.prefetch_whole(nxt, nxt.slot, kind, nhost)
+        return st.acquire(self.slot, kind), whole
+
+    def _streamed_mlp(self, x: Tensor, idx: Tensor) -> Tensor:
+        records, whole = self._bring("neurons", idx)
+        if not whole:  # the union's rows, gathered to the front
+            records, idx = records[:idx.numel()], None
+        elif idx.numel() == records.shape[0]:  # the union is every row
+            idx = None
+        out = row_stream.streamed_mlp(records, self.rows.layout.hidden, x, idx, self.fc2_bias)
+        self.stream.release(self.slot, "neurons")
+        return out
+
+    def _streamed_attention(self, x: Tensor, layer_id: int, batch: Batch,
+                            idx: Tensor) -> Tensor:
+        cache = batch.cache
+        cache_k, cache_v = cache.layer(layer_id)
+        xs, valid = cache.layer_inputs(layer_id)
+        records, whole = self._bring("heads", idx)
+        out, recomputed = row_stream.streamed_attention(
+            records, self.rows.layout, x, idx, idx if whole else None, whole, cache_k, cache_v,
+            xs, valid, batch.slots, batch.positions, batch.attended_length(),
+            self.out_proj_bias)
+        self.stream.release(self.slot, "heads")
+        if batch.sparse is not None:
+            batch.sparse.stats.layer(layer_id).kv_recomputed += int(recomputed)
+        return out
+
+    def _staged_attention(self, x: Tensor, layer_id: int, batch: Batch, idx: Tensor) -> Tensor:
+        """A decode step's attention (x [B, 1, C], B <= MAX_BATCH) with the selected heads'
+        records on the device first: gathered into the stream buffer once (or the whole
+        block, if a prefill left it there), so that the projection kernels and the K/V of
+        heads skipped earlier (completed for every selected head at once, row_stream's
+        ``complete_kv``) read them from device memory, never twice over the link. Nothing
+        here reads the device from the host: the recomputed count stays on the device
+        (``kv_recomputed``)."""
+        cache, slots, pos = batch.cache, batch.slots, batch.positions
+        cache_k, cache_v = cache.layer(layer_id)
+        xs, valid = cache.layer_inputs(layer_id)
+        st, layout = self.stream, self.rows.layout
+        if st.holds_whole(self, self.slot, "heads"):
+            rows = idx
+        else:
+            self.read += st.gather(self, self.slot, "heads", self.rows.host_heads, idx)
+            rows = torch.arange(idx.numel(), device=idx.device)
+        records = st.acquire(self.slot, "heads")
+        table = head_rows(records, layout.hidden, layout.head_dim)
+        heads, locs = idx.to(torch.int32), rows.to(torch.int32)
+        p, x2 = pos[:, 0].contiguous(), x[:, 0].contiguous()
+        r2 = slots[:, None]
+        xs[r2, pos] = x.to(xs.dtype)
+        # Device scalars, not Python bools: a host value would be a copy into the step.
+        no, yes = (torch.full((), v, dtype=torch.bool, device=valid.device) for v in (0, 1))
+        valid[r2, :, pos] = no  # this position's other heads are now stale
+        q = qkv_projection(x2, table, heads, locs, cache_k, cache_v, slots, p,
+                           split_c=sparse_backend.ATTENTION_ARGS["qkv_split_c"])
+        valid[r2, idx[None, :], pos] = yes
+        n = row_stream.complete_kv(table, rows, idx, cache_k, cache_v, xs, valid, slots, pos,
+                                   batch.attended_length())
+        self._recomputed = n if self._recomputed is None else self._recomputed + n
+        a = decode_attention(q, heads, cache_k, cache_v, slots, p,
+                             chunk=sparse_backend.ATTENTION_ARGS["chunk"])
+        out = out_projection(a, table, locs, bias=self.out_proj_bias)
+        st.release(self.slot, "heads")
+        return out[:, None, :]
+
+    def kv_recomputed(self) -> int:
+        """(position, head) K/V pairs staged decode steps completed (read from the device
+        here, outside the steps)."""
+        return 0 if self._recomputed is None else int(self._recomputed)
+
     def mlp(self, x: Tensor, idx: Tensor) -> Tensor:
         """fc2(relu(fc1(x))) over neurons ``idx``; x [B, T, C], any number of rows."""
+        if self.streams(x):
+            return self._streamed_mlp(x, idx)
         b, t, c = x.shape
         flat = x.reshape(b * t, c).contiguous()
+        if self.stage_neurons and self.stream is not None and \
+                self.rows.cache_neurons.shape[0] == 0:
+            return self._staged_mlp(flat, idx).view(b, t, c)
         resident, host = self.rows.neuron_tables
         locs = self.rows.neuron_locs(idx)
         out = [sparse_mlp(flat[i:i + MAX_BATCH], resident, locs, host=host,
@@ -157,6 +299,20 @@ class OffloadedLayer:
         self.read += self.rows.admit(idx) * self.neuron_bytes
         return torch.cat(out).view(b, t, c)
 
+    def _staged_mlp(self, flat: Tensor, idx: Tensor) -> Tensor:
+        """The decode MLP with the selected neurons' records gathered to the device first
+        (one read of each over the link, by a copy kernel), then the sparse kernel over
+        device memory: the other cold path, against the kernel's in-place host reads."""
+        st = self.stream
+        self.read += st.gather(self, self.slot, "neurons", self.rows.host_neurons, idx)
+        records = st.acquire(self.slot, "neurons")[:idx.numel()]
+        table = neuron_rows(records, self.rows.layout.hidden)
+        locs = torch.arange(idx.numel(), dtype=torch.int32, device=flat.device)
+        out = [sparse_mlp(flat[i:i + MAX_BATCH], table, locs, bias2=self.fc2_bias,
+                          **sparse_backend.MLP_ARGS) for i in range(0, flat.shape[0], MAX_BATCH)]
+        st.release(self.slot, "neurons")
+        return torch.cat(out)
+
     def attention(self, attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
                   idx: Tensor) -> Tensor:
         """Attention of heads ``idx`` (the batch's union), out_proj and its bias included;
@@ -166,6 +322,13 @@ class OffloadedLayer:
             raise sparse_backend.BackendError(
                 f"layer {layer_id} is offloaded: its attention needs a KV cache that keeps "
                 "attention inputs (KVCache(keep_inputs=True)), to complete skipped heads")
+        if self.streams(x):
+            return self._streamed_attention(x, layer_id, batch, idx)
+        if self.stream is not None and self.rows.cache_heads.shape[0] == 0:
+            return self._staged_attention(x, layer_id, batch, idx)
+        # The reference decode path (no stream buffer, or GPU head caches, whose rows the
+        # gather would not use): the kernels read host rows in place, per token, and heads
+        # skipped earlier are completed one head at a time.
         cache_k, cache_v = cache.layer(layer_id)
         xs, valid = cache.layer_inputs(layer_id)
         heads = idx.to(torch.int32)
@@ -223,10 +386,13 @@ class OffloadedLayer:
 
 def offload_layers(model: OPTModel, layer_ids: list[int], *, device: torch.device | str,
                    pin: bool | None = None,
-                   placements: dict[int, LayerPlacement] | None = None) -> None:
+                   placements: dict[int, LayerPlacement] | None = None,
+                   stream: bool = True) -> None:
     """Move layers ``layer_ids`` of ``model`` to host records (pinned when ``pin``, default:
     on a CUDA device) with the hot rows of ``placements`` (default: none) cached on
-    ``device``, and route their sparse ops there."""
+    ``device``, and route their sparse ops there. ``stream``: multi-token steps bring each
+    layer to the device once through a double buffer (row_stream.py; ``stream_bytes`` of
+    device memory), else they read rows token by token."""
     device = torch.device(device)
     pin = device.type == "cuda" if pin is None else pin
     dtype = next(model.parameters()).dtype
@@ -239,13 +405,20 @@ def offload_layers(model: OPTModel, layer_ids: list[int], *, device: torch.devic
     for lid in layer_ids:
         if lid not in by_id:
             raise ValueError(f"layer {lid} is not in this model's span {model.layer_ids}")
+    # One double buffer for the model's multi-token steps (row_stream.py).
+    buffer = RowStream(layout, dtype, device) if layer_ids and stream else None
+    previous: OffloadedLayer | None = None
+    for k, lid in enumerate(sorted(layer_ids)):
         layer = by_id[lid]
         host = host_layer_from_module(layer, layout, dtype=dtype, pin=pin)
         none = torch.empty(0, dtype=torch.long)
         place = (placements or {}).get(lid, LayerPlacement(lid, none, none, False))
         rows = ResidentLayer(host, place, layout, device)
         bias = layer.fc2.bias, layer.self_attn.out_proj.bias
-        ops = OffloadedLayer(rows, *bias)
+        ops = OffloadedLayer(rows, *bias, stream=buffer, slot=k % row_stream.SLOTS)
+        if previous is not None:
+            previous.next = ops
+        previous = ops
         sparse_backend.register_offloaded(layer, ops)
         _HELD[layer] = ops
         for name in BIG:
@@ -284,11 +457,12 @@ def spare_bytes(model: OPTModel, layer_ids: list[int], budget_bytes: int,
 
 def cache_placements(layout: RecordLayout, element_size: int, layer_ids: list[int],
                      cache_bytes: int,
-                     freqs: dict[int, LayerFrequencies] | None = None
-                     ) -> dict[int, LayerPlacement]:
+                     freqs: dict[int, LayerFrequencies] | None = None,
+                     dynamic: bool = True) -> dict[int, LayerPlacement]:
     """Row caches for offloaded layers ``layer_ids`` within ``cache_bytes`` (the spare
     budget, ``CACHE_MARGIN`` already kept back by the caller). With ``freqs`` (one per layer):
-    ``plan_placement``'s hot rows plus ``DYNAMIC_FRACTION`` of dynamic neuron slots. Without:
+    ``plan_placement``'s hot rows plus ``DYNAMIC_FRACTION`` of dynamic neuron slots (none
+    when not ``dynamic``: static hot rows only). Without:
     an even share per layer, as dynamic slots for neurons and heads in the proportion of
     their bytes in the layer (a share that holds every neuron gives the rest to heads)."""
     none = torch.empty(0, dtype=torch.long)
@@ -300,7 +474,8 @@ def cache_placements(layout: RecordLayout, element_size: int, layer_ids: list[in
             raise PlacementError(f"frequencies for offloaded layers {missing} are missing")
         plan = plan_placement(layout, [freqs[lid] for lid in layer_ids], layer_ids,
                               budget_bytes=cache_bytes, reserved_bytes=0,
-                              element_size=element_size, dynamic_fraction=DYNAMIC_FRACTION)
+                              element_size=element_size,
+                              dynamic_fraction=DYNAMIC_FRACTION if dynamic else 0.0)
         return {p.layer_id: p for p in plan.layers}
     nb, hb = layout.neuron_len * element_size, layout.head_len * element_size
     share = cache_bytes // len(layer_ids)
@@ -313,37 +488,56 @@ def cache_placements(layout: RecordLayout, element_size: int, layer_ids: list[in
 
 def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str,
                reserved_bytes: int = 0, freqs: dict[int, LayerFrequencies] | None = None,
-               caches: bool = True) -> list[int]:
+               caches: bool = True, dynamic: bool = True) -> list[int]:
     """Hold ``model`` within ``budget_bytes`` of ``device`` memory: offload the layers that
     do not fit (``plan_offload``), give what the budget has left to their row caches
     (``cache_placements``; ``caches=False``: none), then move the rest of the model to
     ``device``. Load the model on the CPU first, so that offloaded layers never occupy the
     GPU. Returns the offloaded layer ids (run the engine with an ``OffloadSelector`` over
     them)."""
-    layers = plan_offload(model, budget_bytes, reserved_bytes)
+    layers, stream = plan_streaming(model, budget_bytes, reserved_bytes)
+    if layers and not stream:
+        log.warning("gpu_memory_gib: %s leaves no room for the %s buffer that prefill streams "
+                    "offloaded layers through: prefill reads their rows token by token",
+                    human_size(budget_bytes), human_size(stream_bytes(model)))
     placements = {}
     if caches and layers:
-        spare = spare_bytes(model, layers, budget_bytes, reserved_bytes)
+        reserved = reserved_bytes + (stream_bytes(model) if stream else 0)
+        spare = spare_bytes(model, layers, budget_bytes, reserved)
         e = next(model.parameters()).element_size()
         placements = cache_placements(RecordLayout.of(model.config), e, layers,
-                                      spare - int(spare * CACHE_MARGIN), freqs)
-    offload_layers(model, layers, device=device, placements=placements)
+                                      spare - int(spare * CACHE_MARGIN), freqs, dynamic)
+    offload_layers(model, layers, device=device, placements=placements, stream=stream)
     move_resident(model, device)
     return layers
 
 
 def fit_gib(model: OPTModel, gpu_memory_gib: float, *, device: torch.device | str, slots: int,
-            max_len: int, caches: bool = False) -> tuple[list[int], int]:
+            max_len: int, caches: bool = False,
+            model_dir: str | Path | None = None) -> tuple[list[int], int]:
     """``fit_budget`` for a worker or engine of ``slots`` sequences of ``max_len`` positions
     with a ``gpu_memory_gib`` budget, reserving the layer planner's figures (KV cache with
     attention inputs, activation margin), so that what it offloads is what the plan said.
-    ``caches``: give the budget left after whole layers to row caches ([pipeline]
-    offload_cache; off by default until a GPU run shows that LRU admission, which reads a
-    missed row twice, gains). Returns (offloaded layer ids, reserved bytes)."""
+    ``model_dir``: where the checkpoint's firing statistics may be
+    (placement_stats.find_frequencies); with them, the budget left after whole layers holds
+    the offloaded layers' most frequently firing neurons (static hot rows). ``caches``:
+    (also) dynamic LRU row caches ([pipeline] offload_cache; off by default until a GPU run
+    shows that LRU admission, which reads a missed row twice, gains). Returns (offloaded
+    layer ids, reserved bytes)."""
     e = next(model.parameters()).element_size()
     reserved = offload_reserved_bytes(model.config, len(model.layer_ids), slots, max_len, e)
+    freqs = None
+    path = find_frequencies(model_dir)
+    if path is not None:  # read while the weights are all here (their hashes are checked)
+        # Heads stay out of the static rows: decode gathers a step's heads to the device
+        # once (their records are large and few), and a layer with hot heads would fall
+        # back to the in-place path.
+        freqs = {lid: LayerFrequencies(f.neurons, torch.zeros_like(f.heads))
+                 for lid, f in read_frequencies(path, model).items()}
+        log.info("placing hot rows of offloaded layers from %s", path)
     return fit_budget(model, gib(gpu_memory_gib), device=device, reserved_bytes=reserved,
-                      caches=caches), reserved
+                      freqs=freqs, caches=caches or freqs is not None,
+                      dynamic=caches), reserved
 
 
 def move_resident(model: OPTModel, device: torch.device | str) -> None:
@@ -398,6 +592,13 @@ def host_bytes_read(model: OPTModel) -> int:
                if (ops := _HELD.get(layer)) is not None)
 
 
+def kv_recomputed(model: OPTModel) -> dict[int, int]:
+    """Per offloaded layer: K/V (position, head) pairs its staged decode steps completed,
+    which they count on the device (the steps' statistics hold the other paths')."""
+    return {layer.layer_id: ops.kv_recomputed() for layer in model.layers()
+            if (ops := _HELD.get(layer)) is not None}
+
+
 def expected_density(selector, layer_id: int, config) -> tuple[float, float]:
     """(MLP, head) fraction a selector computes per token at a layer, as far as it says:
     PredictorSelector its operating point (``ks``), RandomSelector its k; else dense."""
@@ -426,8 +627,12 @@ def budget_report(model: OPTModel, offloaded: list[int], selector, *, budget_byt
     layout = RecordLayout.of(config)
     gpu = _nbytes(p for p in model.parameters() if not p.is_meta) + reserved_bytes
     placements = {}
+    streams = set()
     for layer in model.layers():
         if (ops := _HELD.get(layer)) is not None:
+            if ops.stream is not None and id(ops.stream) not in streams:
+                streams.add(id(ops.stream))
+                gpu += ops.stream.nbytes()
             r = ops.rows
             gpu += _nbytes(r.small.values()) + _nbytes([r.neuron_loc, r.head_loc])
             placements[layer.layer_id] = LayerPlacement(

@@ -86,6 +86,16 @@ def layer_bytes(config: OPTConfig, dtype_bytes: int) -> int:
     return (weights + biases + norms) * dtype_bytes
 
 
+def stream_buffer_bytes(config: OPTConfig, dtype_bytes: int) -> int:
+    """GPU bytes of the double buffer that prefill chunks stream offloaded layers through
+    (runtime/row_stream.py: two layers in host-record layout, rows padded to 16 elements),
+    kept by any worker that offloads a layer."""
+    c, d = config.hidden_size, config.hidden_size // config.num_attention_heads
+    neuron = -(-(2 * c + 1) // 16) * 16
+    head = -(-(4 * d * c + 3 * d) // 16) * 16
+    return 2 * (config.ffn_dim * neuron + config.num_attention_heads * head) * dtype_bytes
+
+
 def kv_bytes_per_layer(config: OPTConfig, slots: int, max_len: int, dtype_bytes: int) -> int:
     return 2 * slots * max_len * config.hidden_size * dtype_bytes
 
@@ -150,7 +160,14 @@ def offloaded_layers(config: OPTConfig, span: range, budget: int, *, dtype_bytes
             f"layer ({parts + ', ' if parts else ''}KV cache of {slots} slots x {max_len} "
             "positions, activations); raise gpu_memory_gib or lower [pipeline] slots / "
             "max_len")
-    return max(0, len(span) - left // layer_bytes(config, dtype_bytes))
+    off = max(0, len(span) - left // layer_bytes(config, dtype_bytes))
+    # An offloading worker also holds the double buffer prefill streams layers through,
+    # unless even offloading every layer leaves no room for it (runtime/offload.py's
+    # plan_streaming; prefill then reads rows token by token).
+    with_buffer = left - stream_buffer_bytes(config, dtype_bytes)
+    if off and with_buffer >= 0:
+        off = max(0, len(span) - with_buffer // layer_bytes(config, dtype_bytes))
+    return off
 
 
 def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots: int = 8,
@@ -175,6 +192,9 @@ def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots:
             gpu = s.memory_bytes - host + offload_reserved_bytes(
                 config, len(s.layers), slots, max_len, dtype_bytes) - len(s.layers) * \
                 kv_bytes_per_layer(config, slots, max_len, dtype_bytes)
+            buffer = stream_buffer_bytes(config, dtype_bytes)
+            if off and gpu + buffer <= gpu_budget:  # the prefill's double buffer fits
+                gpu += buffer
             stages.append(StagePlan(s.index, s.layers, gpu, s.cost, gpu_budget, off, host))
         return Plan(stages, plan.num_layers, offload=True)
     n = config.num_hidden_layers

@@ -28,6 +28,7 @@ from dejavu.runtime.engine import Engine  # noqa: E402
 from dejavu.runtime.offload import (  # noqa: E402
     OffloadSelector,
     fit_budget,
+    kv_recomputed,
     move_resident,
     offload_layers,
     plan_offload,
@@ -72,8 +73,13 @@ def test_offloaded_layers_equal_resident_prefill_and_decode(offloaded, batch):
     for step in range(out.shape[0]):
         assert rel_err(out[step], ref[step]) < TOL[dtype], f"step {step}"
     assert tokens == ref_tokens
-    recomputed = [s.kv_recomputed for s in stats.layers.values()]
-    assert recomputed == [s.kv_recomputed for s in ref_stats.layers.values()]
+    staged = kv_recomputed(model)  # decode steps of offloaded layers count on the device
+    recomputed = [s.kv_recomputed + staged.get(lid, 0) for lid, s in stats.layers.items()]
+    ref_recomputed = [s.kv_recomputed for s in ref_stats.layers.values()]
+    # A streamed prefill writes every head's K/V (the whole layer is on the device), so
+    # offloaded layers complete fewer heads later; resident layers exactly as often.
+    for lid, (n, ref_n) in enumerate(zip(recomputed, ref_recomputed, strict=True)):
+        assert n <= ref_n if lid in offloaded else n == ref_n
     assert sum(recomputed[i] for i in offloaded) > 0
 
 

@@ -178,7 +178,8 @@ def build_engine(settings: Settings, model_dir: Path, tokenizer: Tokenizer | Non
         try:
             offloaded, reserved = fit_gib(model, budget, device=device, slots=max_batch,
                                           max_len=max_len,
-                                          caches=settings.pipeline.offload_cache)
+                                          caches=settings.pipeline.offload_cache,
+                                          model_dir=model_dir)
         except PlacementError as exc:
             raise GenerateError(f"--gpu-memory-gib: {exc}") from None
     # --sparse / --dense / neither (then [sparsity]: sparse when predictors are found).

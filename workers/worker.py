@@ -127,7 +127,7 @@ class Worker:
 
             offloaded, reserved = fit_gib(model, setup.gpu_memory_gib, device=setup.device,
                                           slots=setup.slots, max_len=setup.max_len,
-                                          caches=setup.offload_cache)
+                                          caches=setup.offload_cache, model_dir=setup.model)
         selector = None
         if setup.sparsity is not None:
             from ..runtime.selection import selector_from_settings

@@ -140,7 +140,8 @@ def build_client(settings, options: ServeOptions):
         try:
             offloaded, _ = fit_gib(model, budget, device=device, slots=options.max_batch,
                                    max_len=model.config.max_position_embeddings,
-                                   caches=getattr(settings.pipeline, "offload_cache", False))
+                                   caches=getattr(settings.pipeline, "offload_cache", False),
+                                   model_dir=model_dir)
         except PlacementError as exc:
             raise ServeError(f"--gpu-memory-gib: {exc}") from None
         selector = offload_selector(None, offloaded, model.config)
