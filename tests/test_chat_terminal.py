@@ -157,3 +157,16 @@ def test_turns_get_different_seeds_and_a_seeded_session_replays(model):
     # --temperature 0 is greedy: the same prompt, the same answer, every turn.
     greedy = session("--temperature", "0")
     assert greedy[0] == greedy[1]
+
+
+def test_chat_sampling_fills_only_what_the_command_line_left_out():
+    from dejavu.runtime.sampling import SamplingParams
+    from dejavu.runtime.settings import CHAT_SAMPLING
+    from dejavu.scheduler.chat import chat_params
+
+    chosen = chat_params(SamplingParams(temperature=0.0, top_k=5, seed=4), {"top_k"})
+    assert chosen.top_k == 5 and chosen.seed == 4  # given on the command line: kept
+    for key, value in CHAT_SAMPLING.items():
+        if key != "top_k" and hasattr(chosen, key):  # keys the engine has: the chat's own
+            assert getattr(chosen, key) == value, key
+    assert chosen.temperature > 0  # never greedy by default
