@@ -33,6 +33,7 @@ from ..runtime.model import OPTModel
 from ..runtime.opt_config import OPTConfig
 from ..runtime.sampling import SamplingParams
 from ..runtime.selection import RandomSelector
+from ..runtime.sparse import needs_kv_inputs
 from ..runtime.stage import Stage, allocate_cache
 from ..runtime.step import Row, Step
 from .bench_pipeline import SHAPES
@@ -80,7 +81,7 @@ def _stage_loop(model: OPTModel, batch: int, steps: int, device: torch.device, *
     if mlp_density is not None:
         c = model.config
         selector = RandomSelector(c.ffn_dim, c.num_attention_heads, mlp_density, 1.0)
-    cache = allocate_cache(model, batch, max_len, keep_inputs=selector is not None)
+    cache = allocate_cache(model, batch, max_len, keep_inputs=needs_kv_inputs(selector))
     stage = Stage(model, cache, selector, cuda_graphs=graphs)
     params = SamplingParams(max_new_tokens=max_len, ignore_eos=True)
     rows = [Row(f"r{b}", b, [2] + [(7 * b + j) % 1000 + 3 for j in range(PROMPT - 1)], 0,

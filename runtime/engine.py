@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..scheduler.core import Event, Scheduler, SchedulerConfig
 from .model import OPTModel
 from .sampling import SamplingParams
+from .sparse import needs_kv_inputs
 from .stage import Stage, allocate_cache
 
 
@@ -38,7 +39,7 @@ class Engine:
         self.tokenizer = tokenizer
         max_len = max_len or config.max_position_embeddings
         # selector: contextual sparsity (runtime/selection.py); None runs dense.
-        cache = allocate_cache(model, max_batch, max_len, keep_inputs=selector is not None)
+        cache = allocate_cache(model, max_batch, max_len, keep_inputs=needs_kv_inputs(selector))
         self.stage = Stage(model, cache, selector)
         eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
         factory = tokenizer.detokenizer if tokenizer is not None else None

@@ -30,11 +30,16 @@ Rows beyond the step's batch (padding up to the bucket) repeat the first row: th
 the same keys and values at the same place and select the same rows, so they change
 nothing.
 
+On the last stage the graph goes on to the logits of each row's token and the penalties
+(runtime/penalties.py): it counts the fed tokens in the per-slot counts and writes both the
+raw and the penalized logits to output buffers. Warm-up runs with zero counting weights, so
+capturing a step counts its tokens once, in the replay that follows.
+
 Used only where all of this holds: CUDA, float16 or bfloat16, no offloaded layers, one new
 token per row without prompt scoring. Any other step runs eagerly, unchanged.
 
-What this module does not know: sampling (the stage does it on the graph's output) or
-where steps come from.
+What this module does not know: the random draw (the stage makes it on the host from the
+graph's logits) or where steps come from.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .model import Batch, KVCache, OPTDecoderLayer, OPTModel
+from .penalties import SlotPenalties
 from .sparse import NotCapturable, Selection, Selector, SparseContext, SparseStats, device_only
 from .step import Step
 
@@ -93,14 +99,17 @@ class _Captured:
     """One graph: static inputs, the captured forward, its outputs."""
 
     def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None, rows: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.model, self.cache = model, cache
+                 device: torch.device, dtype: torch.dtype,
+                 penalties: SlotPenalties | None = None) -> None:
+        self.model, self.cache, self.penalties = model, cache, penalties
         c = model.config.hidden_size
         self.ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.hidden = torch.zeros((rows, 1, c), dtype=dtype, device=device)
         self.carry = torch.zeros((rows, 1, c), dtype=dtype, device=device)
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.slots = torch.zeros(rows, dtype=torch.long, device=device)
+        # Last stage: whether each row's token counts as a prompt / output token (0 or 1).
+        self.weights = torch.zeros((2, rows, 1), dtype=torch.float32, device=device)
         self.sparse = None
         if selector is not None:
             carry = None if model.is_first else self.carry
@@ -108,8 +117,18 @@ class _Captured:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
         self.carry_out: Tensor | None = None
+        self.logits: Tensor | None = None  # [R, V] float32, last stage
+        self.penalized: Tensor | None = None
 
     def _forward(self) -> Tensor:
+        out = self._layers()
+        if self.penalties is not None:
+            self.penalties.record(self.slots, self.ids, self.weights[0], self.weights[1])
+            self.logits = self.model.logits(out[:, -1]).float()
+            self.penalized = self.penalties.apply(self.logits, self.slots)
+        return out
+
+    def _layers(self) -> Tensor:
         batch = Batch(self.positions, self.slots, self.cache, self.sparse, fixed_shape=True)
         h = self.model.embed(self.ids, self.positions) if self.model.is_first else self.hidden
         if self.sparse is None:
@@ -124,12 +143,15 @@ class _Captured:
         """Warm up on a side stream (kernel compilation, cuBLAS workspaces, the kernels'
         weight tables), then capture. The inputs must already hold a real step: warm-up
         writes its keys and values, exactly what running that step writes."""
+        weights = self.weights.clone()
+        self.weights.zero_()  # warm-up must not count this step's tokens: the replay does
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
+        self.weights.copy_(weights)
         graph = torch.cuda.CUDAGraph()
         # A selector's own CUDA generators (random baselines) advance inside the graph.
         for generator in getattr(getattr(self.sparse, "selector", None), "generators",
@@ -148,12 +170,15 @@ class _Captured:
 
 class DecodeGraphs:
     def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None = None,
-                 stats: SparseStats | None = None) -> None:
-        self.model, self.cache, self.selector = model, cache, selector
+                 stats: SparseStats | None = None, penalties: SlotPenalties | None = None
+                 ) -> None:
+        self.model, self.cache, self.selector, self.penalties = model, cache, selector, penalties
         self.stats = stats if stats is not None else SparseStats()
         self.graphs: dict[int, _Captured] = {}
         self._enabled: bool | None = None  # decided at the first step: the model is final
         self.carry_out: Tensor | None = None
+        # Last stage: the replayed step's (raw, penalized) logits [n, V].
+        self.logits: tuple[Tensor, Tensor] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -180,10 +205,11 @@ class DecodeGraphs:
                 and all(len(r.tokens) == 1 and not r.score for r in step.rows))
 
     @torch.inference_mode()
-    def forward(self, step: Step, hidden: Tensor | None, carry: Tensor | None = None
-                ) -> Tensor | None:
+    def forward(self, step: Step, hidden: Tensor | None, carry: Tensor | None = None,
+                weights: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
         """This span's output hidden [B, 1, C] for a decode step, or None when this step
-        cannot be captured (it then runs eagerly; graphs stay off from then on)."""
+        cannot be captured (it then runs eagerly; graphs stay off from then on).
+        ``weights``: the (prompt, output) counting weights [B, 1] of SlotPenalties.plan."""
         n = len(step.rows)
         rows = min(bucket(n), self.cache.slots)
         order = list(range(n)) + [0] * (rows - n)  # padding repeats row 0
@@ -192,14 +218,20 @@ class DecodeGraphs:
         g = self.graphs.get(rows)
         fresh = g is None
         if g is None:
-            g = _Captured(self.model, self.cache, self.selector, rows, device, dtype)
-        host = torch.tensor([[step.rows[i].slot, step.rows[i].start, step.rows[i].tokens[0]]
-                             for i in order], dtype=torch.long).to(device)
+            g = _Captured(self.model, self.cache, self.selector, rows, device, dtype,
+                          self.penalties if self.model.is_last else None)
+        prompt_w = output_w = [0] * n
+        if weights is not None:
+            prompt_w, output_w = (w[:, 0].long().tolist() for w in weights)
+        # Padding rows count nothing: they repeat row 0, whose token is counted once.
+        host = torch.tensor([[step.rows[i].slot, step.rows[i].start, step.rows[i].tokens[0],
+                              prompt_w[i] if k < n else 0, output_w[i] if k < n else 0]
+                             for k, i in enumerate(order)], dtype=torch.long).to(device)
         g.slots.copy_(host[:, 0])
         g.positions.copy_(host[:, 1:2])
-        if self.model.is_first:
-            g.ids.copy_(host[:, 2:3])
-        else:
+        g.ids.copy_(host[:, 2:3])  # the last stage counts them (a first stage embeds them)
+        g.weights.copy_(host[:, 3:5].T.unsqueeze(-1))
+        if not self.model.is_first:
             if hidden is None:
                 raise ValueError("a stage without the embeddings needs the previous hidden state")
             _fill(g.hidden, hidden.to(device, dtype), n)
@@ -222,6 +254,8 @@ class DecodeGraphs:
             self.graphs[rows] = g
         out = g.replay()[:n].clone()
         self.carry_out = None if g.carry_out is None else g.carry_out[:n].clone()
+        self.logits = None if g.logits is None else (g.logits[:n].clone(),
+                                                     g.penalized[:n].clone())
         if g.sparse is not None:
             self._fold_stats(g.sparse, n)
         return out

@@ -15,14 +15,16 @@ S cache slots, L cached positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import decode_attention_in_place, masked_attention
+from . import sparse_backend
+from .attention import decode_attention_in_place, gathered_attention, prefix_attention
+from .cpu_ops import GreedyHead, fuse_projections, greedy_screen_applies, is_fused, tensor_key
 from .opt_config import POSITION_OFFSET, OPTConfig
 from .sparse import complete_kv, sparse_attention, sparse_mlp
 
@@ -103,11 +105,20 @@ class Batch:
     # Under CUDA-graph capture (runtime/graphs.py): one token per row, and nothing may
     # depend on the data's values on the host, so attention reads the cache in place.
     fixed_shape: bool = False
+    _rows: tuple[list[int], list[int]] | None = field(default=None, repr=False)
 
     def attended_length(self) -> int:
         if self.length is None:
             self.length = int(self.positions.max()) + 1
         return self.length
+
+    def rows_on_host(self) -> tuple[list[int], list[int]]:
+        """Each row's slot and attended length (its last position + 1) as host ints, read
+        once per step (a host copy; CPU attention reads each row's prefix in place)."""
+        if self._rows is None:
+            assert self.slots is not None
+            self._rows = (self.slots.tolist(), (self.positions.max(1).values + 1).tolist())
+        return self._rows
 
 
 class OPTAttention(nn.Module):
@@ -121,6 +132,8 @@ class OPTAttention(nn.Module):
         self.k_proj = nn.Linear(c, c, bias=bias)
         self.v_proj = nn.Linear(c, c, bias=bias)
         self.out_proj = nn.Linear(c, c, bias=bias)
+        # On a CPU, q/k/v stored side by side and their product taken at once (project_qkv).
+        self._fused_qkv: tuple[Tensor, Tensor | None] | None = None
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
         b, t, _ = x.shape
@@ -138,12 +151,26 @@ class OPTAttention(nn.Module):
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, C] -> q (scaled), k, v [B, T, C]. The reference is three products; on a
+        CPU, for frozen weights (a model in training keeps its parameter objects: an
+        optimizer holds them), resident and not on the Triton backend (whose tables own the
+        layout), one product over q/k/v stored side by side (cpu_ops.fuse_projections)."""
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        if x.device.type == "cpu" and not self.q_proj.weight.requires_grad \
+                and not sparse_backend.is_offloaded(self) \
+                and sparse_backend.backend_of(self) != "triton":
+            if self._fused_qkv is None or not is_fused(projections, *self._fused_qkv):
+                self._fused_qkv = fuse_projections(projections)
+            if self._fused_qkv is not None:
+                q, k, v = F.linear(x, *self._fused_qkv).split(self.q_proj.out_features, -1)
+                return q * self.scaling, k, v
+        return self.q_proj(x) * self.scaling, self.k_proj(x), self.v_proj(x)
+
     def head_outputs(self, x: Tensor, layer_id: int, batch: Batch) -> Tensor:
         """Every head's attention output [B, H, T, D] (before out_proj); with a cache, this
         step's keys/values are written into it first."""
-        q = self._split(self.q_proj(x) * self.scaling)
-        k = self._split(self.k_proj(x))
-        v = self._split(self.v_proj(x))
+        q, k, v = (self._split(t) for t in self.project_qkv(x))
         if batch.cache is None:
             # Whole windows from position 0: plain causal attention, the training path.
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
@@ -166,13 +193,10 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, layer_id: int, batch: Batc
     cache_v[rows, :, pos] = v.transpose(1, 2).to(cache_v.dtype)
     if batch.fixed_shape:
         return decode_attention_in_place(q, cache_k, cache_v, batch.slots, pos)
-    length = batch.attended_length()
-    keys = cache_k[batch.slots, :, :length]  # [B, H, L, D]
-    values = cache_v[batch.slots, :, :length]
-    # Key j is visible to a query at position p iff j <= p: causal within the step and
-    # blind to whatever a slot's previous owner left beyond this sequence's length.
-    visible = torch.arange(length, device=pos.device)[None, None, :] <= pos[:, :, None]
-    return masked_attention(q, keys.to(q.dtype), values.to(q.dtype), visible[:, None])
+    if q.device.type == "cpu":
+        slots, lengths = batch.rows_on_host()
+        return prefix_attention(q, cache_k, cache_v, slots, lengths, pos)
+    return gathered_attention(q, cache_k, cache_v, batch.slots, pos, batch.attended_length())
 
 
 class OPTDecoderLayer(nn.Module):
@@ -189,6 +213,9 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+        # fc2 transposed, made on first use by a CPU sparse step (fc2_rows): not a parameter
+        # or buffer, so checkpoints and dense runs never see it.
+        self._fc2_rows: tuple[tuple, Tensor] | None = None
 
     def attention_block(self, h: Tensor, batch: Batch, heads: Tensor | None = None) -> Tensor:
         x = self.self_attn_layer_norm(h) if self.pre_ln else h
@@ -196,13 +223,24 @@ class OPTDecoderLayer(nn.Module):
         return h if self.pre_ln else self.self_attn_layer_norm(h)
 
     def mlp_block(self, h: Tensor, neurons: Tensor | None = None,
-                  gather: bool = False) -> Tensor:
+                  gather: bool = False, index: Tensor | None = None) -> Tensor:
         x = self.final_layer_norm(h) if self.pre_ln else h
         if neurons is None:
             h = h + self.fc2(F.relu(self.fc1(x)))
         else:  # [B, T, F] bool: only these neurons (runtime/sparse.py)
-            h = h + sparse_mlp(self, x, neurons, gather)
+            h = h + sparse_mlp(self, x, neurons, gather, index)
         return h if self.pre_ln else self.final_layer_norm(h)
+
+    def fc2_rows(self) -> Tensor:
+        """fc2.weight transposed and contiguous [F, C]: a neuron's fc2 column as one row,
+        which the CPU sparse MLP (runtime/cpu_ops.py) reads whole. Made once, and again if
+        fc2 is moved, cast or written to. Costs fc2's size in memory once a CPU sparse
+        step has run (none when fc2 is already stored transposed)."""
+        w = self.fc2.weight
+        key = tensor_key(w)
+        if self._fc2_rows is None or self._fc2_rows[0] != key:
+            self._fc2_rows = (key, w.detach().t().contiguous())
+        return self._fc2_rows[1]
 
     def forward(self, h: Tensor, batch: Batch) -> Tensor:
         if batch.sparse is None:
@@ -210,7 +248,7 @@ class OPTDecoderLayer(nn.Module):
         sel = batch.sparse.select(self, h, batch)
         h = self.attention_block(h, batch, sel.heads)
         batch.sparse.lookahead(self.layer_id, h)  # next layer's predictor input (wiring)
-        return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch))
+        return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch), sel.neuron_index)
 
 
 class OPTModel(nn.Module):
@@ -245,6 +283,7 @@ class OPTModel(nn.Module):
             if config.has_projections:
                 decoder.project_out = nn.Linear(c, e, bias=False)
         self.decoder = decoder
+        self._greedy_head: GreedyHead | None = None  # made on first use (greedy_tokens)
         if self.is_last:
             self.lm_head = nn.Linear(e, config.vocab_size, bias=False)
             if config.tie_word_embeddings and self.is_first:
@@ -270,12 +309,29 @@ class OPTModel(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """[..., C] residual stream -> [..., vocab] logits."""
+        return self.lm_head(self.head_input(h))
+
+    def head_input(self, h: Tensor) -> Tensor:
+        """[..., C] residual stream -> [..., E], what the LM head multiplies."""
         d = self.decoder
         if self.config.has_final_layer_norm:
             h = d.final_layer_norm(h)
         if self.config.has_projections:
             h = d.project_out(h)
-        return self.lm_head(h)
+        return h
+
+    def greedy_tokens(self, h: Tensor) -> Tensor:
+        """[M, C] residual stream -> [M] int64: each row's most likely next token, the
+        argmax of ``logits(h)`` (the reference). A float32 head on a CPU reads most of
+        itself in bfloat16 instead, exactly (cpu_ops.GreedyHead): the head is the biggest
+        single read of a small model's decode step (the shipped model: 32 of 116 MB)."""
+        x = self.head_input(h)
+        weight = self.lm_head.weight
+        if not greedy_screen_applies(weight):
+            return self.lm_head(x).argmax(-1)
+        if self._greedy_head is None or not self._greedy_head.matches(weight):
+            self._greedy_head = GreedyHead(weight)
+        return self._greedy_head(weight, x)
 
     def forward(self, x: Tensor, batch: Batch) -> Tensor:
         """Token ids [B, T] on the first stage, else hidden [B, T, C]. Returns logits

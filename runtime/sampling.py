@@ -5,6 +5,9 @@ Randomness is per request: each request owns a CPU ``torch.Generator`` seeded fr
 the CPU in float32. So a request samples the same tokens whether the last layer runs
 in-process or in the last worker of a pipeline, on any device, whatever else is batched
 with it.
+
+The penalties and min-p are applied before ``sample`` sees a row, batched on the device
+(runtime/penalties.py); ``sample`` does temperature, top-k, top-p and the draw.
 """
 
 from __future__ import annotations
@@ -35,12 +38,26 @@ class SamplingParams:
     # Return, for every prompt token after the first, its log-probability given the prefix
     # (and the top `logprobs` alternatives): what lm-evaluation-harness needs.
     prompt_logprobs: bool = False
+    # Hugging Face / vLLM: a token seen in the prompt or the output has its logit divided
+    # by this when positive, multiplied when negative (1 = off).
+    repetition_penalty: float = 1.0
+    # OpenAI: subtract frequency_penalty x (times the token was generated) and
+    # presence_penalty x (whether it was) from its logit; prompt tokens do not count.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # vLLM: drop tokens whose probability (after temperature) is below min_p x the most
+    # likely one's (0 = off). Greedy decoding ignores it: the most likely token always stays.
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 0, None)
         _check_float("temperature", self.temperature, 0.0, 100.0)
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_int("top_k", self.top_k, 0, None)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.logprobs is not None:
@@ -55,6 +72,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits need runtime/penalties.py before ``sample``."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0 or (self.min_p > 0.0 and not self.near_greedy))
+
+    @property
+    def near_greedy(self) -> bool:
+        # Below 1e-5 the tempered distribution is the argmax to float32 precision, and
+        # dividing by such a temperature would overflow (inf/NaN probabilities).
+        return self.temperature < 1e-5
 
 
 def _check_int(name: str, value: object, low: int, high: int | None) -> None:
@@ -84,9 +113,7 @@ def new_generator(seed: int) -> torch.Generator:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from one row of logits [V]."""
-    # Below 1e-5 the tempered distribution is the argmax to float32 precision, and dividing
-    # by such a temperature would overflow (inf/NaN probabilities): take the limit.
-    if params.greedy or params.temperature < 1e-5:
+    if params.near_greedy:  # the limit: see SamplingParams.near_greedy
         return int(torch.argmax(logits))
     logits = logits.detach().float().cpu()
     logits = (logits - logits.max()) / params.temperature  # shifted: nothing overflows up

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .cpu_ops import store_for_gemv
 from .predictors import PredictorSet
 from .sparse import Selection
 from .sparse_backend import BackendError, use_backend
@@ -77,6 +78,8 @@ class PredictorSelector:
     def __init__(self, predictors: PredictorSet, config: SelectionConfig | None = None) -> None:
         self.predictors = predictors
         self.config = config or SelectionConfig()
+        for classifier in predictors.mlp.values():  # a CPU reads [F, r] faster transposed
+            store_for_gemv(classifier.up)
         n = predictors.config.num_hidden_layers
         bad = [i for i in self.config.dense_layers if not 0 <= i < n]
         if bad:

@@ -55,6 +55,17 @@ class GenerationSettings:
     top_k: int = setting(0, "sample among the k most likely tokens, 0 = no cut", low=0)
     seed: int | None = setting(None, "random seed (absent = a fresh seed per request)", low=0,
                                high=2**63 - 1)
+    repetition_penalty: float = setting(
+        1.0, "divide positive / multiply negative logits of tokens already in the prompt or "
+        "output (Hugging Face, vLLM); 1 = off", low=0.0, high=10.0, low_open=True)
+    frequency_penalty: float = setting(
+        0.0, "subtract this x how often a token was generated (OpenAI); 0 = off",
+        low=-2.0, high=2.0)
+    presence_penalty: float = setting(
+        0.0, "subtract this from every token already generated (OpenAI); 0 = off",
+        low=-2.0, high=2.0)
+    min_p: float = setting(0.0, "when sampling, drop tokens less likely than min_p x the most "
+                           "likely one (vLLM); 0 = off", low=0.0, high=1.0)
 
 
 # `chat`'s sampling wherever its command line says nothing ([generation] is for requests):

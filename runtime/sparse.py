@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import sparse_backend
+from . import cpu_ops, sparse_backend
 from .attention import masked_attention
 
 if TYPE_CHECKING:
@@ -91,6 +91,9 @@ class Selection:
 
     heads: Tensor | None = None
     neurons: Tensor | None = None
+    # Gather mode: the neurons' union as sorted indices [n], found once by the context for
+    # its density and handed to the MLP op (which would otherwise find it again).
+    neuron_index: Tensor | None = None
 
 
 # A selector maps (layer id, predictor input [B, T, C]) to that layer's Selection.
@@ -188,12 +191,19 @@ class SparseContext:
         tokens = h.shape[0] * h.shape[1]
         stats.tokens += tokens
         gather = self.gather(batch)
+        _check_mask(sel.neurons, "neurons", h.shape)
+        _check_mask(sel.heads, "heads", h.shape)
+        if not gather:
+            stats.mlp_computed += _masked_fraction(sel.neurons, tokens)
+            stats.heads_computed += _masked_fraction(sel.heads, tokens)
+            return sel
         # An offloaded layer has no dense weights on the device: it always gathers.
-        if gather and not sparse_backend.is_offloaded(layer):
-            sel = Selection(heads=self._or_dense(sel.heads), neurons=self._or_dense(sel.neurons))
-        stats.mlp_computed += _computed(sel.neurons, tokens, gather, "neurons", h.shape)
-        stats.heads_computed += _computed(sel.heads, tokens, gather, "heads", h.shape)
-        return sel
+        offloaded = sparse_backend.is_offloaded(layer)
+        neurons, neuron_index, mlp_union = self._union(sel.neurons, offloaded)
+        heads, _, head_union = self._union(sel.heads, offloaded)
+        stats.mlp_computed += tokens * mlp_union  # each token computes the batch's union
+        stats.heads_computed += tokens * head_union
+        return Selection(heads=heads, neurons=neurons, neuron_index=neuron_index)
 
     def source(self, lid: int, h: Tensor) -> Tensor:
         """Layer ``lid``'s predictor input (the wiring of ``predictor_source``); ``h`` is
@@ -218,11 +228,17 @@ class SparseContext:
             )
         return source
 
-    def _or_dense(self, mask: Tensor | None) -> Tensor | None:
-        if mask is None or mask.dtype != torch.bool:
-            return mask
-        union = float(mask.reshape(-1, mask.shape[-1]).any(0).double().mean())
-        return None if union >= self.dense_above else mask
+    def _union(self, mask: Tensor | None, offloaded: bool
+               ) -> tuple[Tensor | None, Tensor | None, float]:
+        """A gather-mode mask -> (the mask, or None to run dense; its union's indices; the
+        fraction computed). One host read: the union's size."""
+        if mask is None:
+            return None, None, 1.0
+        index = union_index(mask)
+        union = index.numel() / mask.shape[-1]
+        if union >= self.dense_above and not offloaded:
+            return None, None, 1.0
+        return mask, index, union
 
     def lookahead(self, layer_id: int, h: Tensor) -> None:
         """``h`` enters layer ``layer_id``'s MLP block: it is layer ``layer_id + 1``'s
@@ -231,20 +247,26 @@ class SparseContext:
         self.carry_out = h
 
 
-def _computed(mask: Tensor | None, tokens: int, gather: bool, what: str,
-              shape: torch.Size) -> float:
-    """Sum over tokens of the fraction computed (each token computes the batch's union when
-    gathering)."""
-    if mask is None:
-        return float(tokens)
-    if mask.dtype != torch.bool or tuple(mask.shape[:2]) != tuple(shape[:2]):
+def _check_mask(mask: Tensor | None, what: str, shape: torch.Size) -> None:
+    if mask is not None and (mask.dtype != torch.bool
+                             or tuple(mask.shape[:2]) != tuple(shape[:2])):
         raise SparsityError(
             f"{what} selection must be a bool mask [B, T, n] matching the hidden state "
             f"{tuple(shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
         )
-    if gather:
-        return tokens * float(mask.reshape(-1, mask.shape[-1]).any(0).double().mean())
-    return float(mask.double().mean(-1).sum())
+
+
+def _masked_fraction(mask: Tensor | None, tokens: int) -> float:
+    """Mask mode: the sum over tokens of the fraction each computes."""
+    return float(tokens) if mask is None else float(mask.double().mean(-1).sum())
+
+
+def needs_kv_inputs(selector: Selector | None) -> bool:
+    """Whether a cache must keep attention inputs (``KVCache(keep_inputs=True)``): only
+    where some step may skip a head whose K/V a later step then recomputes. A selector that
+    keeps every head says so (``keeps_every_head``); storing and checking inputs for it
+    would only cost every layer of every step."""
+    return selector is not None and not getattr(selector, "keeps_every_head", False)
 
 
 def union_index(mask: Tensor) -> Tensor:
@@ -275,16 +297,29 @@ def device_only():
         _DEVICE_ONLY = before
 
 
-def sparse_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool) -> Tensor:
-    """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F]."""
+def sparse_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool,
+               index: Tensor | None = None) -> Tensor:
+    """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F];
+    ``index``: their union's indices when already known (``Selection.neuron_index``)."""
     fc1, fc2 = layer.fc1, layer.fc2
     if not gather:
         return fc2(F.relu(fc1(x)) * neurons.to(x.dtype))
     if _DEVICE_ONLY:
         return _compacted_mlp(layer, x, neurons)
-    idx = union_index(neurons)
-    if sparse_backend.mlp_kernel_applies(layer, x):  # Triton kernel; the code below is its twin
+    idx = index if index is not None else union_index(neurons)
+    # Fast paths, each with gathered_mlp_reference as its twin: the Triton kernel (GPU) and
+    # whole-row gathers of fc2 transposed (CPU: the reference's strided column gather cost
+    # more there than the dense product).
+    if sparse_backend.mlp_kernel_applies(layer, x):
         return sparse_backend.mlp_gather(layer, x, idx)
+    if x.device.type == "cpu":
+        return cpu_ops.gathered_mlp(x, fc1.weight, fc1.bias, layer.fc2_rows(), fc2.bias, idx)
+    return gathered_mlp_reference(layer, x, idx)
+
+
+def gathered_mlp_reference(layer: OPTDecoderLayer, x: Tensor, idx: Tensor) -> Tensor:
+    """fc2(relu(fc1(x))) over neurons ``idx`` [n] only, in plain torch: x [..., C]."""
+    fc1, fc2 = layer.fc1, layer.fc2
     w1 = fc1.weight.index_select(0, idx)  # [n, C]: the neurons' fc1 rows
     b1 = fc1.bias.index_select(0, idx) if fc1.bias is not None else None
     w2 = fc2.weight.index_select(1, idx)  # [C, n]: their fc2 columns

@@ -204,3 +204,59 @@ def test_head_selecting_stage_stays_eager():
     eager = _decode(stage(False), prompts, 6)
     for want, got in zip(eager, graphed, strict=True):
         assert float((got - want).norm() / want.norm()) < 1e-3
+
+
+PENALIZED = [SamplingParams(max_new_tokens=64, ignore_eos=True, repetition_penalty=1.3),
+             SamplingParams(max_new_tokens=64, ignore_eos=True, frequency_penalty=0.8,
+                            presence_penalty=0.5),
+             SamplingParams(max_new_tokens=64, ignore_eos=True),
+             SamplingParams(max_new_tokens=64, ignore_eos=True, temperature=0.9, seed=3,
+                            repetition_penalty=0.8, frequency_penalty=-1.0)]
+
+
+def _penalized_decode(stage: Stage, prompts: list[list[int]], steps: int):
+    """Teacher-forced decode with penalties: each step's penalized logits of every row, then
+    the per-slot counts the stage kept."""
+    stage.run(Step(0, [Row(f"r{i}", i, p, 0, True, PENALIZED[i]) for i, p in
+                       enumerate(prompts)]))
+    fed: list[list[int]] = [[] for _ in prompts]
+    outs = []
+    for s in range(steps):
+        live = [i for i in range(len(prompts)) if s < steps - 2 * i]  # buckets 4, 2, 1
+        rows = []
+        for i in live:
+            token = (5 + s * (i + 1)) % 11  # repeats, so counts go above 1
+            fed[i].append(token)
+            rows.append(Row(f"r{i}", i, [token], len(prompts[i]) + s, True, PENALIZED[i]))
+        step = Step(s + 1, rows)
+        out = stage.forward(step)
+        logits = stage._sampling_logits(step, out)
+        outs.append(torch.stack([logits[b][1] for b in range(len(rows))]))
+        stage.finish(step, out)
+    return outs, stage.penalties, fed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_penalized_graph_decode_equals_eager_and_counts_each_token_once():
+    """The captured last stage counts fed tokens (not warm-up's, not padding rows') and
+    penalizes its logits as the eager stage does."""
+    model = tiny(torch.float16, "cuda")
+    prompts = [[2, 7, 9, 11], [2, 5], [2, 8, 8, 8, 8, 8, 1], [2, 3, 4]]
+    eager, eager_pen, fed = _penalized_decode(
+        Stage(model, allocate_cache(model, 4, 48), cuda_graphs=False), prompts, 14)
+    stage = Stage(model, allocate_cache(model, 4, 48))
+    graphed, pen, _ = _penalized_decode(stage, prompts, 14)
+    assert stage.graphs.enabled and set(stage.graphs.graphs) == {1, 2, 4}
+    for i, prompt in enumerate(prompts):
+        want_prompt = torch.bincount(torch.tensor(prompt), minlength=300).float()
+        want_output = torch.bincount(torch.tensor(fed[i]), minlength=300).float()
+        if not PENALIZED[i].penalized:  # nothing to count for
+            want_prompt, want_output = torch.zeros(300), torch.zeros(300)
+        for p in (pen, eager_pen):
+            assert torch.equal(p.prompt[i].cpu(), want_prompt), i
+            assert torch.equal(p.output[i].cpu(), want_output), i
+    for want, got in zip(eager, graphed, strict=True):
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        finite = ~torch.isinf(want)
+        assert float((got[finite] - want[finite]).norm() / want[finite].norm()) < 5e-3

@@ -50,7 +50,11 @@ COMPLETION_CASES = [
     ({"logprobs": 21}, "logprobs"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**64}, "seed"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 11}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
     ({"best_of": 3}, "best_of"),
     ({"model": "gpt-4"}, "model"),
     ({"tempreature": 0.5}, "tempreature"),
@@ -78,6 +82,9 @@ def test_bad_completion_is_a_400_naming_the_field(served, change, field):
     ('{"prompt": "a", "top_p": NaN}', "top_p"),
     ('{"prompt": "a", "max_tokens": NaN}', "max_tokens"),
     ('{"prompt": "a", "max_tokens": 1e400}', "max_tokens"),
+    ('{"prompt": "a", "frequency_penalty": NaN}', "frequency_penalty"),
+    ('{"prompt": "a", "repetition_penalty": Infinity}', "repetition_penalty"),
+    ('{"prompt": "a", "min_p": NaN}', "min_p"),
 ])
 def test_nan_and_infinity_are_refused(served, raw, field):
     r = served.http.post("/v1/completions", content=raw,
@@ -98,6 +105,10 @@ CHAT_CASES = [
     ({"top_logprobs": 25}, "top_logprobs"),
     ({"n": 0}, "n"),
     ({"stop": [""]}, "stop"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"min_p": -0.5}, "min_p"),
 ]
 
 

@@ -46,6 +46,25 @@ RUN_DIR = typer.Option(None, "--run-dir", help="run directory of the launch to j
 GPU_MEMORY_GIB = typer.Option(None, "--gpu-memory-gib",
                               help="GPU memory per worker (GiB); layers beyond it are "
                               "offloaded to host memory (float16/bfloat16)")
+# One definition of the penalty options for the commands that sample (generate, chat);
+# unset, [generation] in dejavu.toml decides.
+REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", help="divide the logits of "
+                                  "tokens seen in the prompt or output (>1 repeats less; "
+                                  "default 1 = off)")
+FREQUENCY_PENALTY = typer.Option(None, "--frequency-penalty", help="-2..2: subtract this x "
+                                 "times generated (default 0 = off)")
+PRESENCE_PENALTY = typer.Option(None, "--presence-penalty", help="-2..2: subtract this once "
+                                "a token was generated (default 0 = off)")
+MIN_P = typer.Option(None, "--min-p", help="0..1: when sampling, drop tokens below min-p x "
+                     "the top probability (default 0 = off)")
+
+
+def _penalties(repetition: float | None, frequency: float | None, presence: float | None,
+               min_p: float | None) -> dict[str, float | None]:
+    """The penalty options as settings overrides (None: not given)."""
+    return {"generation.repetition_penalty": repetition,
+            "generation.frequency_penalty": frequency,
+            "generation.presence_penalty": presence, "generation.min_p": min_p}
 
 
 @app.command()
@@ -90,6 +109,10 @@ def generate(
                                 help="run through the launch at this client address"),
     run_dir: str = RUN_DIR,
     gpu_memory_gib: float = GPU_MEMORY_GIB,
+    repetition_penalty: float = REPETITION_PENALTY,
+    frequency_penalty: float = FREQUENCY_PENALTY,
+    presence_penalty: float = PRESENCE_PENALTY,
+    min_p: float = MIN_P,
 ) -> None:
     """Generate a continuation of one prompt (streams text; --json prints one object).
 
@@ -106,6 +129,7 @@ def generate(
             "generation.top_p": top_p, "generation.top_k": top_k, "generation.seed": seed,
             "pipeline.gpu_memory_gib": gpu_memory_gib, "pipeline.workers": workers,
             "pipeline.run_dir": run_dir,
+            **_penalties(repetition_penalty, frequency_penalty, presence_penalty, min_p),
         })
         request = GenerateRequest(prompt, prompt_ids, tuple(stop or ()))
         target = choose(settings, connect=connect, run_dir=run_dir)
@@ -447,6 +471,13 @@ def chat(
                                 "sparsity (default: when predictors exist)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
     gpu_memory_gib: float = GPU_MEMORY_GIB,
+    repetition_penalty: float = typer.Option(
+        None, "--repetition-penalty", help="divide the logits of tokens seen in the "
+        "conversation or answer (>1 repeats less; 1 = off) "
+        f"[default: {CHAT_DEFAULTS['repetition_penalty']}]"),
+    frequency_penalty: float = FREQUENCY_PENALTY,
+    presence_penalty: float = PRESENCE_PENALTY,
+    min_p: float = MIN_P,
 ) -> None:
     """Chat in the terminal, streaming answers (/help, /reset, /stats, /quit).
 
@@ -461,7 +492,8 @@ def chat(
             "model.path": model, "pipeline.workers": workers, "pipeline.run_dir": run_dir,
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
             "generation.top_p": top_p, "generation.top_k": top_k,
-            "generation.seed": seed, "pipeline.gpu_memory_gib": gpu_memory_gib})
+            "generation.seed": seed, "pipeline.gpu_memory_gib": gpu_memory_gib,
+            **_penalties(repetition_penalty, frequency_penalty, presence_penalty, min_p)})
         target = choose(settings, connect=connect, run_dir=run_dir)
         code = start_chat(settings, target=target, template=template, sparse=sparse)
     except PIPELINE_ERRORS as exc:

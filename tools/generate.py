@@ -202,7 +202,10 @@ def sampling_params(settings: Settings, stop: tuple[str, ...] = ()) -> SamplingP
     """The request's sampling from the effective [generation] settings."""
     g = settings.generation
     return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                          top_p=g.top_p, top_k=g.top_k, seed=g.seed, stop=tuple(stop))
+                          top_p=g.top_p, top_k=g.top_k, seed=g.seed, stop=tuple(stop),
+                          repetition_penalty=g.repetition_penalty,
+                          frequency_penalty=g.frequency_penalty,
+                          presence_penalty=g.presence_penalty, min_p=g.min_p)
 
 
 def print_stream(events: Iterable[Event], ids: list[int], out: TextIO, *,

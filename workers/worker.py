@@ -35,6 +35,7 @@ from ..runtime.checkpoint import CheckpointError, load_model
 from ..runtime.opt_config import ConfigError
 from ..runtime.predictors import PredictorError
 from ..runtime.selection import SelectionError
+from ..runtime.sparse import needs_kv_inputs
 from ..runtime.sparse_backend import BackendError
 from ..runtime.stage import Stage, allocate_cache
 from ..runtime.step import Step, StepResult
@@ -151,7 +152,8 @@ class Worker:
         self.model = model
         self.offloaded = offloaded
         self.paged_total = 0
-        cache = allocate_cache(model, setup.slots, setup.max_len, keep_inputs=selector is not None)
+        cache = allocate_cache(model, setup.slots, setup.max_len,
+                               keep_inputs=needs_kv_inputs(selector))
         self.runner = StageRunner(Stage(model, cache, selector), FaultHook(setup.faults))
         self.setup = setup
         self.epoch = setup.epoch

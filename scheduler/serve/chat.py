@@ -38,7 +38,7 @@ async def plan(ctx: Context, req: ChatRequest, request_id: str) -> list[Choice]:
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=0 if top_k < 0 else top_k,
         seed=req.seed, stop=tuple(dict.fromkeys(req.stop_strings() + STOP)),
-        ignore_eos=req.ignore_eos, logprobs=top if req.logprobs else None,
+        ignore_eos=req.ignore_eos, **req.penalties(), logprobs=top if req.logprobs else None,
     )
     return ctx.choices([prompt], req.n, params, request_id)
 

@@ -59,6 +59,7 @@ async def plan(ctx: Context, req: CompletionRequest,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=0 if top_k < 0 else top_k,
         seed=req.seed, stop=req.stop_strings(), ignore_eos=req.ignore_eos,
+        **req.penalties(),
         logprobs=req.logprobs,
         prompt_logprobs=req.echo and req.logprobs is not None,
     )

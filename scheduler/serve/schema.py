@@ -4,9 +4,10 @@ Static checks live here (types, ranges, NaN/infinity, unknown fields), so that t
 schema documents them and a bad request is a 400 naming the field before anything is
 queued. Checks that need the model (vocabulary, positions) are made in ``context.py``.
 
-Beyond OpenAI's fields: ``top_k`` and ``ignore_eos`` (as vLLM has them). Fields OpenAI has
-but this server cannot honour (penalties, logit_bias, best_of != n, suffix) are accepted
-only at their neutral value and refused otherwise, rather than silently ignored.
+Beyond OpenAI's fields: ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos`` (as
+vLLM has them). Fields OpenAI has but this server cannot honour (logit_bias, best_of != n,
+suffix) are accepted only at their neutral value and refused otherwise, rather than
+silently ignored.
 """
 
 from __future__ import annotations
@@ -72,14 +73,29 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     user: Text | None = None
-    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
+    # OpenAI's ranges; repetition_penalty and min_p as vLLM takes them (SamplingParams'
+    # own bounds: a value it would refuse never gets past the door).
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+
+    def penalties(self) -> dict[str, float]:
+        """The penalty fields as SamplingParams arguments (unset: neutral)."""
+        return {"repetition_penalty": _or(self.repetition_penalty, 1.0),
+                "frequency_penalty": _or(self.frequency_penalty, 0.0),
+                "presence_penalty": _or(self.presence_penalty, 0.0),
+                "min_p": _or(self.min_p, 0.0)}
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 Prompt = (
