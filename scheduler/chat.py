@@ -180,8 +180,13 @@ def run_chat(conn: PipelineConnection, tokenizer, *, template: ChatTemplate,
             continue
         turn_params = dataclasses.replace(params, seed=turn_seed(params.seed, turn))
         turn += 1
-        with _no_echo(stdin if interactive else None):
-            answer, n, seconds, error = _answer(conn, session.prompt(text), turn_params, out)
+        try:
+            with _no_echo(stdin if interactive else None):
+                answer, n, seconds, error = _answer(conn, session.prompt(text), turn_params,
+                                                    out)
+        except KeyboardInterrupt:  # Ctrl-C before the answer began: nothing to keep
+            out.write(" [cancelled]\n")
+            continue
         last = {"tokens": n, "seconds": seconds}
         if error:
             out.write(f"\n[error: {error}]\n")

@@ -10,6 +10,7 @@ synchronous pipeline connection.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import queue
 import threading
@@ -177,6 +178,7 @@ class LocalConnection:
         self.tokens_out = 0
         self.step_s = 0.0  # mean seconds per step of the last answer
         self._recent = (0, 0.0)  # (tokens, seconds) of the last answer
+        self._ids = itertools.count()
 
     def health(self, timeout_s: float = 0.0):
         from ..runtime import wire
@@ -197,10 +199,11 @@ class LocalConnection:
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
         """One request's events as they come; closing the iterator early aborts it."""
-        rid = self.engine.add(prompt, params)
         scheduler = self.engine.scheduler
         started, steps, tokens, finished = time.monotonic(), 0, 0, False
+        rid = f"chat-{next(self._ids)}"
         try:
+            self.engine.add(prompt, params, request_id=rid)
             while not finished:
                 events = self._step()
                 steps += 1
