@@ -130,6 +130,9 @@ def test_commands_no_echo_while_streaming_and_ctrl_c(model, template):
         mark = len(term.seen)
         term.type("visible\n")
         assert term.until(r"visible", start=mark)  # echo is back: typed text shows
+        deadline = time.monotonic() + 60
+        while term.echo_on() and time.monotonic() < deadline:  # its answer streams
+            term.read(0.005)
         term.type("\x03")
         assert term.until(r"\n> $", start=mark), term.seen[mark:]
         term.type("\x04")  # Ctrl-D: leave
