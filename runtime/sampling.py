@@ -54,7 +54,9 @@ class SamplingParams:
         _check_float("temperature", self.temperature, 0.0, 100.0)
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_int("top_k", self.top_k, 0, None)
-        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+        # [1/10, 10]: a boost as strong as the strongest penalty. Far smaller divisors send
+        # logits to infinity and the probabilities to NaN.
+        _check_float("repetition_penalty", self.repetition_penalty, 0.1, 10.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("min_p", self.min_p, 0.0, 1.0)

@@ -57,7 +57,7 @@ class GenerationSettings:
                                high=2**63 - 1)
     repetition_penalty: float = setting(
         1.0, "divide positive / multiply negative logits of tokens already in the prompt or "
-        "output (Hugging Face, vLLM); 1 = off", low=0.0, high=10.0, low_open=True)
+        "output (Hugging Face, vLLM); 1 = off", low=0.1, high=10.0)
     frequency_penalty: float = setting(
         0.0, "subtract this x how often a token was generated (OpenAI); 0 = off",
         low=-2.0, high=2.0)
@@ -66,6 +66,12 @@ class GenerationSettings:
         low=-2.0, high=2.0)
     min_p: float = setting(0.0, "when sampling, drop tokens less likely than min_p x the most "
                            "likely one (vLLM); 0 = off", low=0.0, high=1.0)
+
+
+# `chat`'s sampling wherever its command line says nothing ([generation] is for requests):
+# greedy decoding repeats itself on a small base model ("Absolutely." ten times) and the
+# repeat carries into later turns. A key the engine's SamplingParams lacks is skipped.
+CHAT_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1}
 
 
 @dataclass

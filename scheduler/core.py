@@ -55,6 +55,11 @@ class Event:
     top: list[tuple[int, float]] | None = None
     prompt_logprobs: list[float] | None = None
     prompt_top: list[list[tuple[int, float]]] | None = None
+    # On the event that matched a stop string: how many of the request's last tokens (this
+    # one included) reach into the stop string. The text ends before the stop; dropping
+    # these makes the tokens end there too (a token that straddles the stop's start is
+    # dropped whole).
+    stop_tokens: int = 0
 
 
 @dataclass
@@ -71,6 +76,8 @@ class Request:
     in_flight: bool = False
     text: str = ""  # detokenised output, including text held back for stop matching
     emitted: int = 0  # characters of `text` already sent to the client
+    text_ends: list[int] = field(default_factory=list)  # len(text) after each output token
+    stop_tokens: int = 0  # see Event.stop_tokens
     finish_reason: str | None = None
     forgotten: bool = False  # the caller is done with it: drop the record once it is free
 
@@ -267,6 +274,7 @@ class Scheduler:
         reason = None
         if req.detok is not None:
             req.text += req.detok.push(token)
+            req.text_ends.append(len(req.text))
             reason = self._match_stop(req)
         if reason is None:
             if token == self.config.eos_id and not req.params.ignore_eos:
@@ -278,6 +286,7 @@ class Scheduler:
         if reason is not None:
             final = self._finish(req, reason)
             event.text, event.finished, event.finish_reason = final.text, True, reason
+            event.stop_tokens = req.stop_tokens
             return event
         event.text = self._take_text(req, hold=max((len(s) for s in req.params.stop),
                                                    default=1) - 1)
@@ -288,6 +297,7 @@ class Scheduler:
             at = req.text.find(stop, max(0, req.emitted - len(stop)))
             if at >= 0:
                 req.text = req.text[:at]
+                req.stop_tokens = sum(1 for end in req.text_ends if end > at)
                 return "stop"
         return None
 

@@ -217,7 +217,8 @@ def test_repetition_penalty_equals_transformers():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", 11.0),
+    [("repetition_penalty", 0.0), ("repetition_penalty", 5e-324), ("repetition_penalty", 0.09),
+     ("repetition_penalty", -1.0), ("repetition_penalty", 11.0),
      ("repetition_penalty", math.nan), ("frequency_penalty", 2.5),
      ("frequency_penalty", -2.01), ("frequency_penalty", math.inf),
      ("presence_penalty", -3.0), ("presence_penalty", math.nan), ("min_p", -0.1),

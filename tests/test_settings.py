@@ -50,7 +50,7 @@ def test_precedence_and_sources(tmp_path):
     ("[serve]\nport = 70000\n", ["port = 70000", "[1, 65535]"]),
     ("[generation]\nfrequency_penalty = 2.5\n", ["frequency_penalty = 2.5", "[-2.0, 2.0]"]),
     ("[generation]\npresence_penalty = nan\n", ["presence_penalty = nan", "finite"]),
-    ("[generation]\nrepetition_penalty = 0\n", ["repetition_penalty = 0", "(0.0, 10.0]"]),
+    ("[generation]\nrepetition_penalty = 0\n", ["repetition_penalty = 0", "[0.1, 10.0]"]),
     ("[generation]\nmin_p = 1.5\n", ["min_p = 1.5", "[0.0, 1.0]"]),
     ("[model]\ndtype = 'fp8'\n", ["dtype = 'fp8'", "'float32', 'float16', 'bfloat16'"]),
     ("generation = 3\n", ["should be a section [generation]"]),

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.model import OPTModel
+from ..runtime.settings import REPO_ROOT
 from .eval_tasks import ZERO_SHOT, canonical, evaluate_task
 from .eval_text import (
     EvalDataError,
@@ -34,7 +35,8 @@ from .eval_text import (
 )
 
 TEXT_TASKS = {"wikitext2": "wikitext2_test.txt"}
-DEFAULT_EVAL_DIR = "../shared/data/eval"
+# Beside the repository (its ../shared/data/eval), wherever the command runs from.
+DEFAULT_EVAL_DIR = str(REPO_ROOT.parent / "shared" / "data" / "eval")
 
 
 @dataclass

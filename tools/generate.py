@@ -24,6 +24,7 @@ from ..runtime.sampling import SamplingError, SamplingParams
 from ..runtime.selection import SelectionError, selector_from_settings
 from ..runtime.settings import Settings, SettingsError
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from .progress import Bar
 
 if TYPE_CHECKING:
     from ..scheduler.core import Event
@@ -94,15 +95,12 @@ def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
     """A one-line bar on a terminal; nothing when stderr is a pipe or a file."""
     if not stream.isatty():
         return None
+    bars: list[Bar] = []
 
     def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        stream.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] "
-                     f"{done}/{total}")
-        if done == total:
-            stream.write("\n")
-        stream.flush()
+        if not bars:
+            bars.append(Bar("loading weights", total, "tensors", stream))
+        bars[0].update(done)
 
     return show
 
@@ -118,7 +116,7 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
     if request.prompt == "":
         raise GenerateError("--prompt: empty prompt; give some text")
     params = sampling_params(settings, request.stop)
-    device = _device(settings.model.device)
+    _device(settings.model.device)  # before anything is read
     model_dir = resolve_model_dir(settings.model_path())
     try:
         config = OPTConfig.from_file(Path(model_dir) / "config.json")
@@ -138,10 +136,37 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         ids = parse_prompt_ids(request.prompt_ids)
     check_prompt(ids, config, params.max_new_tokens)
 
+    engine, offload = build_engine(settings, model_dir, tokenizer, max_len=len(ids)
+                                   + params.max_new_tokens, sparse=sparse, err=err)
+    selector = engine.stage.selector
+    model = engine.model
+    with torch.inference_mode():
+        result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
+    if selector is not None:
+        stats = engine.stage.sparse_stats
+        result["sparsity"] = {"mlp_density": stats.mlp_density,
+                              "head_density": stats.head_density}
+    if offload is not None:
+        from ..runtime.offload import host_bytes_read
+
+        result["offload"] = {"offloaded_layers": offload["offloaded_layers"],
+                             "expected_gpu_bytes": offload["gpu_bytes"],
+                             "expected_host_bytes_per_token": offload["host_bytes_per_step"],
+                             "host_bytes_read": host_bytes_read(model)}
+    finish_output(result, out, as_json=as_json)
+    return result
+
+
+def build_engine(settings: Settings, model_dir: Path, tokenizer: Tokenizer | None, *,
+                 max_len: int, sparse: bool | None = None, max_batch: int = 1,
+                 err: TextIO | None = None):
+    """(engine, offload report or None): the in-process engine for ``settings``' model, dtype,
+    device, GPU budget and sparsity; ``max_len`` positions per sequence."""
     from ..runtime.engine import Engine  # the engine pulls in the scheduler
 
+    err = err or sys.stderr
+    device = _device(settings.model.device)
     budget = settings.pipeline.gpu_memory_gib  # the in-process engine is one worker
-    max_len = len(ids) + params.max_new_tokens
     # With a budget the weights are read into host memory first; what fits then moves.
     model = load_model(model_dir, dtype=settings.model.dtype,
                        device="cpu" if budget is not None else device,
@@ -151,7 +176,7 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         from ..runtime.weight_store import PlacementError
 
         try:
-            offloaded, reserved = fit_gib(model, budget, device=device, slots=1,
+            offloaded, reserved = fit_gib(model, budget, device=device, slots=max_batch,
                                           max_len=max_len,
                                           caches=settings.pipeline.offload_cache,
                                           model_dir=model_dir)
@@ -169,22 +194,8 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         offload = budget_report(model, offloaded, selector, budget_bytes=gib(budget),
                                 reserved_bytes=reserved)
         err.write(f"gpu_memory_gib {budget:g}: {describe_report(offload)}\n")
-    engine = Engine(model, tokenizer, max_batch=1, max_len=max_len, selector=selector)
-    with torch.inference_mode():
-        result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
-    if selector is not None:
-        stats = engine.stage.sparse_stats
-        result["sparsity"] = {"mlp_density": stats.mlp_density,
-                              "head_density": stats.head_density}
-    if offload is not None:
-        from ..runtime.offload import host_bytes_read
-
-        result["offload"] = {"offloaded_layers": offload["offloaded_layers"],
-                             "expected_gpu_bytes": offload["gpu_bytes"],
-                             "expected_host_bytes_per_token": offload["host_bytes_per_step"],
-                             "host_bytes_read": host_bytes_read(model)}
-    finish_output(result, out, as_json=as_json)
-    return result
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, selector=selector)
+    return engine, offload
 
 
 def sampling_params(settings: Settings, stop: tuple[str, ...] = ()) -> SamplingParams:
@@ -209,6 +220,8 @@ def print_stream(events: Iterable[Event], ids: list[int], out: TextIO, *,
                 raise GenerateError(f"generation failed: {event.error}")
             if event.token is not None:
                 tokens.append(event.token)
+            if event.stop_tokens:  # as the text, the tokens end before the stop string
+                del tokens[len(tokens) - event.stop_tokens:]
             if event.text:
                 text += event.text
                 if not as_json:

@@ -1,63 +1,54 @@
-"""A one-line progress bar with rate and ETA, drawn only on a terminal.
-
-``bar = Progress(); bar.start("layer 3/40 forward", total=100_000, unit="tok")``, then
-``bar.advance(n)`` as work is done and ``bar.close()``. When the stream is not a terminal
-(a log file, a pipe, a test) nothing is drawn: callers log their own summary lines.
-
-What this module does not know: what the work is.
-"""
+"""A one-line progress bar on stderr, with rate and time left; drawn only on a terminal
+(redirected to a file or a pipe, stderr gets no carriage-return redraws)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from typing import TextIO
+
+
+class Bar:
+    """``update(done)`` redraws the line (at most ~50 times, and never faster than 10 Hz);
+    the last update ends it with a newline."""
+
+    def __init__(self, desc: str, total: int, unit: str = "it",
+                 stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.desc, self.total, self.unit = desc, max(total, 1), unit
+        self.started = time.monotonic()
+        self._every = max(1, total // 50)
+        self._drawn = 0.0
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        last = done >= self.total
+        if not last and (done % self._every or now - self._drawn < 0.1):
+            return
+        self._drawn = now
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - done) / rate if rate > 0 else 0.0
+        bar = "#" * (30 * done // self.total)
+        timing = f"{elapsed:.0f}s" if last else f"{_clock(elapsed)}<{_clock(left)}"
+        self.stream.write(f"\r{self.desc} [{bar:<30}] {done}/{self.total} "
+                          f"{rate:.1f} {self.unit}/s {timing}" + ("\n" if last else ""))
+        self.stream.flush()
 
 
 def _clock(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes:02d}:{secs:02d}"
 
 
-class Progress:
-    def __init__(self, stream=None, enabled: bool | None = None, width: int = 24,
-                 every_s: float = 0.1) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", None)
-        self.enabled = bool(isatty and isatty()) if enabled is None else enabled
-        self.width, self.every_s = width, every_s
-        self.label, self.total, self.unit = "", 0, ""
-        self.done, self.t0, self.drawn_at = 0, 0.0, 0.0
-
-    def start(self, label: str, total: int, unit: str = "") -> None:
-        self.label, self.total, self.unit = label, max(int(total), 1), unit
-        self.done, self.t0, self.drawn_at = 0, time.perf_counter(), 0.0
-        self._draw(force=True)
-
-    def advance(self, n: int = 1) -> None:
-        self.done = min(self.done + n, self.total)
-        self._draw(force=self.done == self.total)
-
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self.t0
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        filled = self.width * self.done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        eta_text = _clock(eta) if eta == eta else "?"  # NaN before the first step
-        return (f"{self.label} [{bar}] {self.done}/{self.total} {rate:,.1f} {self.unit}/s "
-                f"ETA {eta_text}")
-
-    def _draw(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if force or now - self.drawn_at >= self.every_s:
-            self.drawn_at = now
-            self.stream.write("\r\x1b[2K" + self.line())
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
+def progress(iterable: Iterable, total: int, desc: str, enabled: bool = True) -> Iterator:
+    """``iterable``'s items, with a Bar over them when ``enabled`` and on a terminal."""
+    bar = Bar(desc, total) if enabled else None
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if bar is not None:
+            bar.update(i)

@@ -59,7 +59,7 @@ from ..runtime.predictors import (
 from ..runtime.selection import count
 from ..runtime.sparse import predictor_source
 from .collect_labels import Collected, calibration_windows, iter_texts, label_hooks
-from .progress import Progress
+from .progress import Bar
 from .train_predictors import (
     TrainConfig,
     _split,
@@ -306,7 +306,7 @@ def run_key(c: OPTConfig, cfg: TrainConfig, dtype: torch.dtype, windows: Tensor,
 
 @torch.no_grad()
 def forward_layer(span, layer_id: int, windows: Tensor, bufs: Buffers, chunk: int,
-                  labels: bool, bar: Progress | None = None) -> None:
+                  labels: bool, bar: Phases | None = None) -> None:
     """Run layer ``layer_id`` (the only layer of ``span``) over every window: read its
     input from the parity buffers (the embeddings for layer 0), write its output and the
     next layer's predictor input to the other parity, and with ``labels`` fill the label
@@ -359,10 +359,26 @@ def _flat(x: Tensor) -> Tensor:
 # --- the run -----------------------------------------------------------------------------------
 
 
+class Phases:
+    """One progress bar per phase of a layer (read, forward, fit), advanced step by step;
+    drawn only on a terminal (tools/progress.Bar)."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream, self.bar, self.done = stream, None, 0
+
+    def start(self, desc: str, total: int, unit: str) -> None:
+        self.bar, self.done = Bar(desc, total, unit, self.stream), 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.done)
+
+
 def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
                     device: str = "cpu", dtype: str = "float32", log=print,
                     host_memory_gib: float | None = None, gpu_memory_gib: float | None = None,
-                    progress: Progress | None = None, stall_in_layer: int | None = None) -> Path:
+                    progress: Phases | None = None, stall_in_layer: int | None = None) -> Path:
     """Train, write OUT/{predictors,frequencies}.safetensors and OUT/report.{json,md};
     returns the predictors' path. ``stall_in_layer`` (tests only) blocks inside that layer,
     after its forward pass and before its fit, for a test to kill the run there."""
@@ -404,7 +420,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     # Activations an interrupted run spilled are used as they are, whatever the plan says.
     spilled = start > 0 and (work.path / "resid-0.bin").is_file()
     bufs = Buffers(n, c, dt, work.path if plan.spill or spilled else None)
-    bar = progress if progress is not None else Progress()
+    bar = progress if progress is not None else Phases()
     tables = dev if plan.tables_on_device else torch.device("cpu")
     if start and not spilled:
         log(f"resuming after layer {start - 1}: running layers 0..{start - 1} forward again "
@@ -442,7 +458,6 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         freq.mlp[layer], freq.heads[layer] = layer_frequencies(
             bufs.bits, bufs.norms, c.ffn_dim, head_k, dev)
         t3 = time.perf_counter()
-        bar.close()
         row.update(read_s=t1 - t0, forward_s=t2 - t1, fit_s=t3 - t2)
         rows.append(row)
         preds.fingerprint.layer_hashes[layer] = lhash

@@ -77,7 +77,7 @@ class _Sampling(_Body):
     # own bounds: a value it would refuse never gets past the door).
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.1, le=10.0)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
 
