@@ -87,28 +87,53 @@ class Fingerprint:
         return h.hexdigest()
 
 
-def _config_hash(config: OPTConfig) -> str:
+def config_hash(config: OPTConfig) -> str:
     fields = asdict(config)
     fields.pop("torch_dtype")  # the storage dtype does not change the model
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def _weights(layer: nn.Module) -> dict[str, Tensor]:
+    """The layer's parameters by name. An offloaded layer (runtime/offload.py) keeps its big
+    weights as meta tensors on the module and their values in host records: those are read
+    back from the records, so that the layer hashes as it did before it was offloaded."""
+    params = dict(layer.named_parameters())
+    if not any(p.is_meta for p in params.values()):
+        return params
+    from .sparse_backend import offloaded_ops
+    from .weight_store import unpack_heads, unpack_neurons
+
+    host = offloaded_ops(layer).rows.host
+    c, d = layer.fc1.weight.shape[1], layer.self_attn.head_dim  # type: ignore[union-attr]
+    fc1_w, fc1_b, fc2_w = unpack_neurons(host.neurons, c)
+    heads = unpack_heads(host.heads, c, d)
+    back = {"fc1.weight": fc1_w, "fc1.bias": fc1_b, "fc2.weight": fc2_w,
+            "self_attn.out_proj.weight": heads["o_w"]}
+    for x in ("q", "k", "v"):
+        back[f"self_attn.{x}_proj.weight"] = heads[f"{x}_w"]
+        back[f"self_attn.{x}_proj.bias"] = heads[f"{x}_b"]
+    return {name: back[name] if p.is_meta else p for name, p in params.items()}
+
+
 @torch.no_grad()
+def layer_hash(layer: nn.Module) -> str:
+    """A hash of a fixed sample of one decoder layer's weights rounded to float16 (the
+    names are the layer's own, so a layer loaded alone hashes as it does in the model)."""
+    h = hashlib.sha256()
+    for name, p in sorted(_weights(layer).items()):
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()))
+        sample = flat[idx.long().to(flat.device)].to("cpu", torch.float16)
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(model: nn.Module) -> Fingerprint:
-    """Config hash and, for every layer the model (span) holds, a hash of a fixed sample of
-    its weights rounded to float16."""
+    """Config hash and, for every layer the model (span) holds, ``layer_hash``."""
     config: OPTConfig = model.config  # type: ignore[assignment]
-    hashes: dict[int, str] = {}
-    for layer in model.layers():  # type: ignore[operator]
-        h = hashlib.sha256()
-        for name, p in sorted(layer.named_parameters()):
-            flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()))
-            sample = flat[idx.long().to(flat.device)].to("cpu", torch.float16)
-            h.update(name.encode())
-            h.update(sample.numpy().tobytes())
-        hashes[layer.layer_id] = h.hexdigest()
-    return Fingerprint(_config_hash(config), hashes)
+    hashes = {layer.layer_id: layer_hash(layer) for layer in model.layers()}  # type: ignore
+    return Fingerprint(config_hash(config), hashes)
 
 
 @dataclass
@@ -250,3 +275,120 @@ def find_predictors(model_dir: str | Path) -> Path | None:
     """The predictors shipped next to a checkpoint (``<model>/predictors/``), if any."""
     path = Path(model_dir) / "predictors" / FILE_NAME
     return path if path.is_file() else None
+
+
+# --- firing frequencies (what placement reads) -----------------------------------------------
+
+FREQUENCIES_FORMAT = "dejavu-frequencies/1"
+FREQUENCIES_FILE = "frequencies.safetensors"
+
+
+@dataclass
+class Frequencies:
+    """How often each neuron and head of each layer is needed, over the calibration tokens
+    the predictors were trained on (all of them: train, calibrate and report splits).
+
+    ``mlp[i]`` [F] float32: the fraction of tokens on which neuron j of layer i fires (fc1
+    pre-activation > 0, the MLP predictor's label). ``heads[i]`` [H] float32: the fraction of
+    tokens on which head h is among the ``head_k`` heads with the largest contribution to
+    the residual, ||out_proj[:, h] o_h|| (the head predictor's label, scored as the oracle
+    of the sparsity studies scores heads). ``model_hash`` is the hash the predictors carry
+    (``Fingerprint.model_hash``)."""
+
+    mlp: dict[int, Tensor]
+    heads: dict[int, Tensor]
+    tokens: int
+    head_k: int
+    fingerprint: Fingerprint
+
+    @property
+    def model_hash(self) -> str:
+        return self.fingerprint.model_hash
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (a directory gets frequencies.safetensors inside)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / FREQUENCIES_FILE
+        tensors = {f"layers.{i}.mlp": t.detach().to("cpu", torch.float32).contiguous()
+                   for i, t in self.mlp.items()}
+        tensors.update({f"layers.{i}.heads": t.detach().to("cpu", torch.float32).contiguous()
+                        for i, t in self.heads.items()})
+        meta = {
+            "format": FREQUENCIES_FORMAT,
+            "model_hash": self.model_hash,
+            "config_hash": self.fingerprint.config_hash,
+            "layer_hashes": json.dumps(
+                {str(k): v for k, v in self.fingerprint.layer_hashes.items()}),
+            "tokens": str(self.tokens),
+            "head_k": str(self.head_k),
+            "mlp": "fraction of calibration tokens on which the neuron fires (fc1 > 0)",
+            "heads": "fraction of calibration tokens on which the head is among the head_k "
+                     "heads with the largest ||out_proj[:, h] o_h||",
+        }
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+
+def load_frequencies(path: str | Path, model: nn.Module | None = None, *,
+                     model_hash: str | None = None) -> Frequencies:
+    """Read ``frequencies.safetensors`` (or the predictors directory holding it).
+
+    Pass the model (or a span of it: its layers' weights are checked one by one) or the
+    ``model_hash`` its predictors carry; a file made for another model is refused, naming
+    what differs. With neither, nothing can be checked, so that is refused too."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FREQUENCIES_FILE
+    if model is None and model_hash is None:
+        raise PredictorError(f"{path}: pass the model or its hash, to check the file is its")
+    if not path.is_file():
+        raise PredictorError(f"{path}: no such frequencies file "
+                             "(`dejavu-run train-predictors` writes it beside the predictors)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise PredictorError(f"{path}: not a readable safetensors file: {exc}") from None
+    if meta.get("format") != FREQUENCIES_FORMAT:
+        raise PredictorError(f"{path}: format {meta.get('format')!r}, expected "
+                             f"{FREQUENCIES_FORMAT!r}")
+    try:
+        theirs = {int(k): v for k, v in json.loads(meta["layer_hashes"]).items()}
+        fp = Fingerprint(meta["config_hash"], theirs)
+        tokens, head_k = int(meta["tokens"]), int(meta["head_k"])
+    except (KeyError, ValueError) as exc:
+        raise PredictorError(f"{path}: corrupt metadata ({exc})") from None
+    if fp.model_hash != meta.get("model_hash"):
+        raise PredictorError(f"{path}: corrupt metadata (its model hash does not match its "
+                             "layer hashes)")
+    if model_hash is not None and model_hash != fp.model_hash:
+        raise PredictorError(f"{path}: frequencies of another model (hash "
+                             f"{fp.model_hash[:12]}, expected {model_hash[:12]}); train "
+                             "predictors for this model")
+    layers = sorted(theirs)
+    if model is not None:
+        mine = fingerprint(model)
+        if mine.config_hash != fp.config_hash:
+            raise PredictorError(f"{path}: frequencies of another model (config hash "
+                                 "differs); train predictors for this model")
+        for i, h in mine.layer_hashes.items():
+            if theirs.get(i) != h:
+                raise PredictorError(f"{path}: frequencies of another model: layer {i}'s "
+                                     "weights differ from this model's")
+        layers = sorted(mine.layer_hashes)
+    try:
+        mlp = {i: tensors[f"layers.{i}.mlp"] for i in layers}
+        heads = {i: tensors[f"layers.{i}.heads"] for i in layers}
+    except KeyError as exc:
+        raise PredictorError(f"{path}: missing tensor {exc.args[0]}") from None
+    if model is not None:
+        c: OPTConfig = model.config  # type: ignore[assignment]
+        for i in layers:
+            if (mlp[i].shape, heads[i].shape) != ((c.ffn_dim,), (c.num_attention_heads,)):
+                raise PredictorError(f"{path}: layer {i} has {tuple(mlp[i].shape)} neuron and "
+                                     f"{tuple(heads[i].shape)} head frequencies, the model "
+                                     f"({c.ffn_dim},) and ({c.num_attention_heads},)")
+    return Frequencies(mlp, heads, tokens, head_k, fp)

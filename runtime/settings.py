@@ -71,6 +71,12 @@ class GenerationSettings:
                            "likely one (vLLM); 0 = off", low=0.0, high=1.0)
 
 
+# `chat`'s sampling wherever its command line says nothing ([generation] is for requests):
+# greedy decoding repeats itself on a small base model ("Absolutely." ten times) and the
+# repeat carries into later turns. A key the engine's SamplingParams lacks is skipped.
+CHAT_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1}
+
+
 @dataclass
 class SparsitySettings:
     enabled: bool = setting(True, "run sparse when predictors are found (the predictors key, "

@@ -89,6 +89,13 @@ def _layers(model: torch.nn.Module) -> list[OPTDecoderLayer]:
     return [m for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "self_attn")]
 
 
+def offloaded_ops(module: torch.nn.Module) -> Any:
+    """The ops (and host rows) registered for an offloaded layer; KeyError if it is not."""
+    if module.offloaded is None:
+        raise KeyError(f"{type(module).__name__} is not offloaded")
+    return module.offloaded
+
+
 def _interpreting() -> bool:
     # Triton's CPU interpreter (tests): the kernels then run on CPU tensors.
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -51,6 +51,11 @@ class TokenResult(msgspec.Struct):
     # One entry per scored prompt token of this row (see Row.score_next).
     prompt_logprobs: list[float] | None = None
     prompt_top: list[list[tuple[int, float]]] | None = None
+    # On the event that matched a stop string: how many of the request's last tokens (this
+    # one included) reach into the stop string. The text ends before the stop; dropping
+    # these makes the tokens end there too (a token that straddles the stop's start is
+    # dropped whole).
+    stop_tokens: int = 0
 
 
 class StepResult(msgspec.Struct):
@@ -76,3 +81,8 @@ class Event:
     top: list[tuple[int, float]] | None = None
     prompt_logprobs: list[float] | None = None
     prompt_top: list[list[tuple[int, float]]] | None = None
+    # On the event that matched a stop string: how many of the request's last tokens (this
+    # one included) reach into the stop string. The text ends before the stop; dropping
+    # these makes the tokens end there too (a token that straddles the stop's start is
+    # dropped whole).
+    stop_tokens: int = 0

@@ -1,33 +1,71 @@
-"""``dejavu-run chat``: a streaming terminal chat against a running cluster (or one it
-starts with ``--workers N``).
+"""``dejavu-run chat``: a streaming terminal chat against a running cluster, one it starts
+with ``--workers N``, or the in-process engine (scheduler/discover.py picks).
 
 - Base OPT models have no chat format, so a chat is a transcript the model continues
   (``ChatTemplate``: "User: ...\\nAssistant: ..."), with the next user marker as a stop
   string. A TOML file with the same fields overrides it (``--template``).
 - History is kept within the context window: the oldest turns are dropped until the prompt
   plus the answer's ``max_new_tokens`` fits the model's positions.
+- Sampling has its own defaults (``CHAT_SAMPLING``: greedy decoding loops on small base
+  models); command-line flags override them. Turn i samples with a seed derived from
+  ``--seed`` and i, so turns differ while a session with the same inputs repeats exactly.
 - ``/reset`` clears the history, ``/stats`` prints throughput and per-stage timings,
-  ``/quit`` (or Ctrl-D) exits; Ctrl-C cancels the answer being written.
+  ``/help`` lists the commands, ``/quit`` (or Ctrl-D) exits; any other ``/word`` is answered
+  here, never sent to the model. Ctrl-C cancels the answer being written.
+- On a terminal, echo is off while an answer streams (and what was typed meanwhile is
+  dropped), so keystrokes never land inside the answer; restored after, Ctrl-C included.
 - Without a terminal on stdin, every line is one user turn and answers go to stdout.
 
-What this module does not know: how the cluster runs; it speaks the client API only.
+What this module does not know: how the engine runs; it speaks the client API only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TextIO
 
 from ..runtime.sampling import SamplingParams
+from ..runtime.settings import CHAT_SAMPLING
 from .zmq_client import PipelineConnection
 
 
 class ChatError(ValueError):
     """A chat option that cannot be used; names it."""
+
+
+COMMANDS = {
+    "/help": "this list",
+    "/reset": "forget the conversation so far",
+    "/stats": "tokens/s of the last answer, per-stage compute and hop latency, densities",
+    "/quit": "leave (Ctrl-D too); Ctrl-C stops the answer being written",
+}
+
+
+def chat_params(params: SamplingParams, given: set[str]) -> SamplingParams:
+    """``params`` with ``CHAT_SAMPLING`` for each key not in ``given`` (the sampling keys
+    named on the command line)."""
+    known = {f.name for f in fields(SamplingParams)}
+    chosen = {key: value for key, value in CHAT_SAMPLING.items()
+              if key in known and key not in given}
+    return dataclasses.replace(params, **chosen)
+
+
+def turn_seed(seed: int | None, turn: int) -> int | None:
+    """Turn ``turn``'s seed: distinct per turn, the same for the same (seed, turn)
+    (a splitmix64 step, kept within the 63 bits a seed may use)."""
+    if seed is None:
+        return None
+    z = (seed + (turn + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
 
 
 @dataclass(frozen=True)
@@ -112,12 +150,13 @@ def run_chat(conn: PipelineConnection, tokenizer, *, template: ChatTemplate,
     interactive = stdin.isatty()
     health = conn.health()
     stop = tuple(dict.fromkeys(params.stop + template.stop))
-    params = SamplingParams(**{**params.__dict__, "stop": stop})
+    params = dataclasses.replace(params, stop=stop)
     session = ChatSession(tokenizer, template, health.max_len, params.max_new_tokens)
     last = {"tokens": 0, "seconds": 0.0}
+    turn = 0
     if interactive:
         out.write(f"chat with {health.model} ({len(health.workers)} worker(s)); "
-                  "/reset, /stats, /quit; Ctrl-C stops an answer, Ctrl-D exits\n")
+                  "/help for commands; Ctrl-C stops an answer, Ctrl-D exits\n")
     while True:
         if interactive:
             out.write("\n> ")
@@ -134,22 +173,63 @@ def run_chat(conn: PipelineConnection, tokenizer, *, template: ChatTemplate,
         text = line.strip()
         if not text:
             continue
-        if text == "/quit":
-            return 0
-        if text == "/reset":
-            session.reset()
-            out.write("(history cleared)\n")
+        if text.startswith("/") and " " not in text:
+            if text == "/quit":
+                return 0
+            out.write(_command(text, conn, last, session) + "\n")
             continue
-        if text == "/stats":
-            out.write(format_stats(conn.health(), last, session) + "\n")
+        turn_params = dataclasses.replace(params, seed=turn_seed(params.seed, turn))
+        turn += 1
+        try:
+            with _no_echo(stdin if interactive else None):
+                answer, n, seconds, error = _answer(conn, session.prompt(text), turn_params,
+                                                    out)
+        except KeyboardInterrupt:  # Ctrl-C before the answer began: nothing to keep
+            out.write(" [cancelled]\n")
             continue
-        answer, n, seconds, error = _answer(conn, session.prompt(text), params, out)
         last = {"tokens": n, "seconds": seconds}
         if error:
             out.write(f"\n[error: {error}]\n")
         else:
             session.answered(text, answer)
         out.flush()
+
+
+def _command(text: str, conn, last: dict, session: ChatSession) -> str:
+    """The reply to a /command other than /quit; nothing here reaches the model."""
+    if text == "/reset":
+        session.reset()
+        return "(history cleared)"
+    if text == "/stats":
+        return format_stats(conn.health(), last, session)
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())
+    if text == "/help":
+        return "commands:\n" + listing
+    return f"unknown command {text}; commands:\n{listing}"
+
+
+@contextlib.contextmanager
+def _no_echo(stdin: TextIO | None) -> Iterator[None]:
+    """Terminal echo off while an answer streams; restored (and what was typed meanwhile
+    dropped) when it ends, however it ends. Nothing happens without a terminal."""
+    try:
+        import termios
+
+        fd = stdin.fileno() if stdin is not None else -1
+        saved = termios.tcgetattr(fd) if fd >= 0 else None
+    except (ImportError, OSError, ValueError, AttributeError):
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHONL)  # lflags; ISIG stays: Ctrl-C still works
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
 
 
 def _answer(conn: PipelineConnection, ids: list[int], params: SamplingParams,

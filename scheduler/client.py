@@ -2,16 +2,20 @@
 
 Two implementations share the protocol: ``LocalClient`` here, which runs the in-process
 ``Engine`` on a background thread, and the pipeline client, which speaks to a running
-``launch`` over ZeroMQ. Front ends are written once against the protocol.
+``launch`` over ZeroMQ. Front ends are written once against the protocol. The terminal chat
+is synchronous: ``LocalConnection`` gives it the in-process engine with the surface of the
+synchronous pipeline connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -162,3 +166,93 @@ class LocalClient:
         if target is not None:
             loop, events = target
             loop.call_soon_threadsafe(events.put_nowait, item)
+
+
+class LocalConnection:
+    """The in-process engine behind the synchronous surface of ``PipelineConnection`` that
+    ``chat`` uses (``health``, ``stream``), so a chat runs the same way with no launch.
+
+    Ctrl-C while a step runs is held until that step is done (the step then finishes, the
+    request is aborted, and KeyboardInterrupt is raised): stopping a step half-way would
+    leave the scheduler's slot bookkeeping behind the cache's.
+    """
+
+    def __init__(self, engine: Engine, model_name: str, device: str = "cpu") -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.device = device
+        self.started = time.monotonic()
+        self.tokens_out = 0
+        self.step_s = 0.0  # mean seconds per step of the last answer
+        self._recent = (0, 0.0)  # (tokens, seconds) of the last answer
+        self._ids = itertools.count()
+
+    def health(self, timeout_s: float = 0.0):
+        from ..runtime import wire
+
+        config = self.engine.model.config
+        stats = self.engine.stage.sparse_stats if self.engine.stage.selector else None
+        tokens, seconds = self._recent
+        return wire.Health(
+            "ready", [wire.WorkerInfo(0, os.getpid(), (0, config.num_hidden_layers),
+                                      self.device, "ready")],
+            running=0, waiting=0, tokens_out=self.tokens_out,
+            uptime_s=time.monotonic() - self.started,
+            tokens_per_s=tokens / seconds if seconds else 0.0,
+            stage_s=[self.step_s] if self.step_s else [], model=self.model_name,
+            max_len=self.engine.scheduler.config.max_len, vocab_size=config.vocab_size,
+            tokenizer=self.engine.tokenizer is not None,
+            densities=[(stats.mlp_density, stats.head_density)] if stats else [])
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
+        """One request's events as they come; closing the iterator early aborts it."""
+        scheduler = self.engine.scheduler
+        started, steps, tokens, finished = time.monotonic(), 0, 0, False
+        rid = f"chat-{next(self._ids)}"
+        try:
+            self.engine.add(prompt, params, request_id=rid)
+            while not finished:
+                events = self._step()
+                steps += 1
+                for event in events:
+                    if event.request_id == rid:
+                        tokens += event.token is not None
+                        finished = finished or event.finished
+                        yield event
+        finally:
+            if not finished:
+                scheduler.abort(rid)
+            scheduler.forget(rid)
+            seconds = time.monotonic() - started
+            self.tokens_out += tokens
+            self._recent = (tokens, seconds)
+            self.step_s = seconds / max(steps, 1)
+
+    def _step(self) -> list[Event]:
+        """One engine step with Ctrl-C held until it is done (then raised)."""
+        import signal
+
+        import torch
+
+        interrupted: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+        try:
+            with torch.inference_mode():
+                events = self.engine.step()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            raise KeyboardInterrupt
+        return events
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LocalConnection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -55,6 +55,8 @@ class Request:
     in_flight: bool = False
     text: str = ""  # detokenised output, including text held back for stop matching
     emitted: int = 0  # characters of `text` already sent to the client
+    text_ends: list[int] = field(default_factory=list)  # len(text) after each output token
+    stop_tokens: int = 0  # see Event.stop_tokens
     finish_reason: str | None = None
     forgotten: bool = False  # the caller is done with it: drop the record once it is free
 
@@ -251,6 +253,7 @@ class Scheduler:
         reason = None
         if req.detok is not None:
             req.text += req.detok.push(token)
+            req.text_ends.append(len(req.text))
             reason = self._match_stop(req)
         if reason is None:
             if token == self.config.eos_id and not req.params.ignore_eos:
@@ -262,6 +265,7 @@ class Scheduler:
         if reason is not None:
             final = self._finish(req, reason)
             event.text, event.finished, event.finish_reason = final.text, True, reason
+            event.stop_tokens = req.stop_tokens
             return event
         event.text = self._take_text(req, hold=max((len(s) for s in req.params.stop),
                                                    default=1) - 1)
@@ -272,6 +276,7 @@ class Scheduler:
             at = req.text.find(stop, max(0, req.emitted - len(stop)))
             if at >= 0:
                 req.text = req.text[:at]
+                req.stop_tokens = sum(1 for end in req.text_ends if end > at)
                 return "stop"
         return None
 

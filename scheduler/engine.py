@@ -138,6 +138,9 @@ def fold_event(completion: Completion, event: Event) -> None:
     if event.prompt_logprobs:
         completion.prompt_logprobs.extend(event.prompt_logprobs)
     completion.text += event.text
+    if event.stop_tokens:  # the tokens end where the text does: before the stop string
+        del completion.tokens[len(completion.tokens) - event.stop_tokens:]
+        del completion.logprobs[len(completion.tokens):]
     if event.finished:
         completion.finish_reason = event.finish_reason
         completion.error = event.error

@@ -1,6 +1,6 @@
-"""``dejavu-run generate --workers N`` and ``--connect ADDRESS``: one prompt through the
-pipeline, printed exactly as the in-process ``generate`` prints it (streamed text, or one
-JSON object with ``--json``).
+"""``dejavu-run generate`` and ``chat`` through a pipeline (a running launch, or one started
+with ``--workers N``; scheduler/discover.py picks): one prompt printed exactly as the
+in-process ``generate`` prints it (streamed text, or one JSON object with ``--json``).
 
 The prompt is checked and tokenised here with the model's own tokenizer (the cluster
 refuses bad requests too, naming the field); the text comes back from the scheduler's
@@ -17,6 +17,7 @@ from typing import TextIO
 from ..runtime.build import density_report
 from ..runtime.checkpoint import resolve_model_dir
 from .config import from_settings
+from .discover import Target, describe, join
 from .launch import Cluster
 from .zmq_client import PipelineConnection
 
@@ -40,39 +41,48 @@ def _prompt_ids(settings, request) -> list[int]:
 
 
 @contextlib.contextmanager
-def connection(settings, *, connect: str | None, workers: int | None,
-               announce: bool = False, sparse: bool | None = None
+def connection(settings, target: Target, *, announce: bool = True,
+               err: TextIO | None = None, sparse: bool | None = None
                ) -> Iterator[PipelineConnection]:
-    """A connection to the launch at ``connect``, or to one started here with ``workers``
-    (stopped when the connection closes)."""
+    """A connection to the running launch of ``target``, or to one started here (stopped
+    when the connection closes; ``sparse`` is its --sparse/--dense). ``announce`` says on
+    ``err`` which cluster it is."""
+    err = err or sys.stderr
+    if target.note and announce:
+        err.write(target.note + "\n")
+    keys = settings.pipeline.keys_dir or None
     with contextlib.ExitStack() as stack:
-        if connect:
-            address, keys = connect, settings.pipeline.keys_dir or None
-            run_dir = settings.pipeline.run_dir or None
-        else:
-            cluster = Cluster(from_settings(settings, workers=workers, sparse=sparse))
-            stack.callback(cluster.stop)
+        if target.kind == "connect":
+            run_dir = target.found_in or settings.pipeline.run_dir or None
+            conn = stack.enter_context(join(target.address, keys_dir=keys, run_dir=run_dir))
             if announce:
-                sys.stderr.write(f"starting {cluster.config.workers} worker(s)...\n")
-            cluster.start(log=cluster.run_dir / "launch.log")
-            address, keys = cluster.address, cluster.config.keys_dir or None
-            run_dir = str(cluster.run_dir)
-        yield stack.enter_context(PipelineConnection(address, keys_dir=keys, run_dir=run_dir))
+                err.write(describe(conn.health(), target.address)
+                          + (f" (found in {target.found_in})" if target.found_in else "")
+                          + "\n")
+            yield conn
+            return
+        cluster = Cluster(from_settings(settings, workers=target.workers, sparse=sparse))
+        stack.callback(cluster.stop)
+        if announce:
+            err.write(f"starting a launch of {cluster.config.workers} worker(s)...\n")
+        cluster.start(log=cluster.run_dir / "launch.log")
+        yield stack.enter_context(PipelineConnection(
+            cluster.address, keys_dir=cluster.config.keys_dir or None,
+            run_dir=str(cluster.run_dir)))
 
 
-def run_pipeline_generate(settings, request, *, workers: int | None, connect: str | None,
-                          as_json: bool, out: TextIO | None = None,
-                          sparse: bool | None = None) -> dict:
-    """``sparse`` (--sparse/--dense) applies to a cluster started here; a running one at
-    ``connect`` keeps its own. The result's ``sparsity`` (a sparse cluster) holds the
-    densities its workers measured since they started: this request's alone when the
-    cluster was started for it."""
+def run_pipeline_generate(settings, request, *, target: Target, as_json: bool,
+                          out: TextIO | None = None, sparse: bool | None = None) -> dict:
+    """``sparse`` (--sparse/--dense) applies to a cluster started here; a running one keeps
+    its own. The result's ``sparsity`` (a sparse cluster) holds the densities its workers
+    measured since they started: this request's alone when the cluster was started for
+    it."""
     from ..tools.generate import GenerateError, finish_output, print_stream, sampling_params
 
     out = out or sys.stdout
     params = sampling_params(settings, request.stop)
     ids = _prompt_ids(settings, request)
-    with connection(settings, connect=connect, workers=workers, sparse=sparse) as conn:
+    with connection(settings, target, sparse=sparse) as conn:
         try:
             result = print_stream(conn.stream(ids, params), ids, out, as_json=as_json)
         except GenerateError as exc:
@@ -84,18 +94,36 @@ def run_pipeline_generate(settings, request, *, workers: int | None, connect: st
     return result
 
 
-def start_chat(settings, *, connect: str | None, workers: int | None,
-               template: str | None) -> int:
-    """Connect to ``connect`` (or start a launch with ``workers``) and chat until EOF."""
+def start_chat(settings, *, target: Target, template: str | None,
+               sparse: bool | None = None) -> int:
+    """Chat until EOF with the engine ``target`` names: a running launch, one started
+    here, or the in-process engine."""
     from ..runtime.tokenizer import load_tokenizer
-    from .chat import ChatTemplate, run_chat
+    from .chat import ChatTemplate, chat_params, run_chat
 
     chat_template = ChatTemplate.from_file(template) if template else ChatTemplate()
-    tokenizer = load_tokenizer(resolve_model_dir(settings.model_path()))
+    model_dir = resolve_model_dir(settings.model_path())
+    tokenizer = load_tokenizer(model_dir)
     from ..tools.generate import sampling_params
 
-    params = sampling_params(settings)
-    with connection(settings, connect=connect, workers=workers, announce=True) as conn:
+    given = {key.split(".", 1)[1] for key, source in settings.sources.items()
+             if key.startswith("generation.") and source == "command line"}
+    params = chat_params(sampling_params(settings), given)
+    if target.kind != "local":
+        with connection(settings, target, sparse=sparse) as conn:
+            return run_chat(conn, tokenizer, template=chat_template, params=params)
+    from ..runtime.build import resolve
+    from ..runtime.opt_config import OPTConfig
+    from ..tools.generate import build_engine
+    from .client import LocalConnection
+
+    if target.note:
+        sys.stderr.write(target.note + "\n")
+    max_len = OPTConfig.from_file(model_dir / "config.json").max_position_embeddings
+    engine, _ = build_engine(resolve(settings, sparse), tokenizer, max_len=max_len)
+    sys.stderr.write(f"no launch running: chatting with {model_dir} in this process "
+                     f"({settings.model.device})\n")
+    with LocalConnection(engine, str(model_dir), settings.model.device) as conn:
         return run_chat(conn, tokenizer, template=chat_template, params=params)
 
 
@@ -104,16 +132,17 @@ def _errors() -> tuple[type[Exception], ...]:
     from ..runtime.sampling import SamplingError
     from ..runtime.settings import SettingsError
     from ..runtime.tokenizer import TokenizerError
-    from ..tools.generate import GenerateError
+    from ..tools.generate import USER_ERRORS, GenerateError
     from .chat import ChatError
     from .config import PipelineConfigError
+    from .discover import JoinError
     from .launch import LaunchError
     from .transport import TransportError
     from .zmq_client import SchedulerGone
 
     return (PipelineGenerateError, GenerateError, CheckpointError, SamplingError,
             SettingsError, TokenizerError, ChatError, PipelineConfigError, LaunchError,
-            TransportError, SchedulerGone, TimeoutError)
+            TransportError, SchedulerGone, TimeoutError, JoinError, *USER_ERRORS)
 
 
 # Errors a user can cause and fix: the CLI prints them as one line.

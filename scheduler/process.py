@@ -128,6 +128,7 @@ class PipelineServer:
         self.clients = make_socket(self.ctx, zmq.ROUTER, CLIENT_MAX_BYTES, curve=curve,
                                    server=True)
         self.clients.bind(self.client_address)
+        run_dir.publish(self.client_address)
         self.handshakes = HandshakeWatcher() if curve else None
         if self.handshakes:
             self.handshakes.watch(self.control, "control")

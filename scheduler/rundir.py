@@ -12,7 +12,9 @@ addresses too.
 
 A second ``launch`` on the same directory is refused (an exclusive ``flock`` held for the
 scheduler's lifetime; the kernel drops it if the scheduler dies, so a crash never leaves a
-stale lock). On a clean stop the socket files and keys are removed; a directory made for
+stale lock). The launch writes its client address to ``client.address`` there, so that
+``chat``, ``generate`` and ``serve`` can find it (``running_launch``). On a clean stop the
+socket files, that address and the keys are removed; a directory made for
 one cluster (``Cluster``) is removed whole by whoever outlives the other, and one left by a
 killed cluster is reclaimed (``reclaim_stale``) when the next one starts.
 """
@@ -33,6 +35,7 @@ from .transport import Curve, create_keys, load_curve
 # sockaddr_un's sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_IPC_PATH = 107
 KEYS_NAME = "curve"  # per-cluster CURVE keys, made by launch when an address needs them
+ADDRESS_FILE = "client.address"  # the running launch's client address, for clients to find
 
 log = logging.getLogger("dejavu.scheduler")
 
@@ -150,13 +153,26 @@ class RunDir:
         else:  # whatever it is (a link too), it goes itself, not what it points to
             os.unlink(KEYS_NAME, dir_fd=self._fd)
 
+    def publish(self, client_address: str) -> None:
+        """Tell clients on this host where the launch holding the lock listens."""
+        tmp = f".{ADDRESS_FILE}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self._fd)
+        try:
+            os.write(fd, (client_address + "\n").encode())
+        finally:
+            os.close(fd)
+        # Readers never see a half-written file.
+        os.replace(tmp, ADDRESS_FILE, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+
     def release(self, *, remove: bool = False) -> None:
-        """Unlock; remove the sockets and keys, and with ``remove`` (a directory made for
-        this cluster alone) everything in it and the directory itself."""
+        """Unlock; remove the sockets, the published address and the keys, and with
+        ``remove`` (a directory made for this cluster alone) everything in it and the
+        directory itself."""
         if self._fd is None:
             return
         for name in os.listdir(self._fd):
-            if remove or name.endswith(".sock"):
+            if remove or name.endswith(".sock") or name == ADDRESS_FILE:
                 try:
                     os.unlink(name, dir_fd=self._fd)
                 except (FileNotFoundError, IsADirectoryError):
@@ -176,6 +192,39 @@ class RunDir:
                 os.rmdir(self.path)
             except OSError as exc:
                 log.warning("could not remove the run directory %s: %s", self.path, exc.strerror)
+
+
+def running_launch(path: str | Path | None = None) -> tuple[str, int] | None:
+    """(client address, pid) of the launch holding the run directory ``path`` (default:
+    ``default_run_dir()``), or None when none does: no such private directory of ours, no
+    published address, or a lock nobody holds (a launch that was killed)."""
+    try:
+        fd = open_private_dir(Path(path) if path else default_run_dir(), create=False,
+                              repair=False)
+    except RunDirError:
+        return None
+    try:
+        lock = os.open("lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            # A shared lock taken at once means no launch holds it: give it back at once.
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            pid = int(os.pread(lock, 32, 0).decode().strip() or 0)
+        finally:
+            os.close(lock)
+        address_fd = os.open(ADDRESS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=fd)
+        try:
+            address = os.read(address_fd, 4096).decode().strip()
+        finally:
+            os.close(address_fd)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+    return (address, pid) if address else None
 
 
 def cluster_keys(directory: Path) -> Path | None:

@@ -5,11 +5,17 @@
   defined, so it is set here, once, not per file. With CUDA it stays off: tests that run
   kernels then use the GPU (tests decide their device from ``torch.cuda.is_available()``).
 - ``@pytest.mark.gpu``: the test needs CUDA; without it the test is skipped, never failed.
+- Session-wide isolation: commands that look for a running `launch` in the default run
+  directory ($XDG_RUNTIME_DIR/dejavu-run) must not find one that someone else on this
+  machine started; each test session gets a private XDG_RUNTIME_DIR (subprocesses inherit
+  it).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -25,3 +31,18 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_runtime_dir():
+    path = tempfile.mkdtemp(prefix="dj-xdg-")  # short: ipc paths must fit 107 bytes
+    saved = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = path
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = saved
+        shutil.rmtree(path, ignore_errors=True)

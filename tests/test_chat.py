@@ -93,7 +93,7 @@ def test_chat_over_a_pipe_streams_answers_and_keeps_history(launched, model, eng
     _, address, _, _ = launched
     script = "the cat sat\n/stats\na dog ran\n/reset\n/quit\nnever read\n"
     out = cli("chat", "--connect", address, "--model", str(model), "--max-new-tokens", "6",
-              input=script)
+              "--temperature", "0", "--repetition-penalty", "1", input=script)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     # The first answer is what the engine writes for the same transcript, greedy.
@@ -207,7 +207,7 @@ def test_zz_launch_logs_role_and_pid_and_stops_cleanly_on_ctrl_c(launched):
 
 def test_chat_workers_starts_its_own_cluster_and_dies_with_it(model):
     out = cli("chat", "--workers", "2", "--model", str(model), "--max-new-tokens", "4",
-              input="hello\n")
+              "--temperature", "0", "--repetition-penalty", "1", input="hello\n")
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 1
     # Nothing left behind: no launch or worker process of this test still runs.

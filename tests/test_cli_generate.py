@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -95,7 +96,14 @@ def test_generate_streams_text_and_json_agrees(text_model):
     stop = text[len(text) // 2:len(text) // 2 + 2]
     stopped = cli(*common, "--json", "--stop", stop)
     assert stopped.exit_code == 0, stopped.output
-    assert json.loads(stopped.stdout)["text"] == text[:text.index(stop)]
+    cut = json.loads(stopped.stdout)
+    assert cut["text"] == text[:text.index(stop)]
+    # The tokens end there too: those wholly before the stop string, none of it (as the
+    # OpenAI API leaves the stop out); the next token would reach into the stop.
+    kept = cut["tokens"]
+    assert kept == result["tokens"][:len(kept)]
+    assert cut["text"].startswith(tok.decode(kept))
+    assert stop[0] in tok.decode(result["tokens"][:len(kept) + 1])[len(tok.decode(kept)):]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -263,7 +271,7 @@ def test_progress_bar_only_on_a_terminal(hf_pair):
     run_generate(settings, request, as_json=True, out=out, err=pipe)
     total = len(load_model(hf_pair[1]).state_dict())
     assert "loading weights" in term.getvalue()
-    assert term.getvalue().rstrip().endswith(f"{total}/{total}")
+    assert re.search(rf"{total}/{total} [\d.]+ tensors/s \d+s$", term.getvalue().rstrip())
     assert pipe.getvalue() == ""
     assert [json.loads(line)["prompt_tokens"] for line in out.getvalue().splitlines()] == [
         [2, 5], [2, 5]]

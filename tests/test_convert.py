@@ -94,3 +94,39 @@ def test_convert_cli_refuses_existing_destination(tmp_path):
     assert ok.exit_code == 0, ok.output
     again = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
     assert again.exit_code == 2 and "already holds safetensors" in again.stderr
+
+
+def test_a_converted_checkpoint_has_the_usual_file_modes(tmp_path):
+    bin_checkpoint(tmp_path / "src")
+    old = os.umask(0o022)
+    try:
+        ok = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+    finally:
+        os.umask(old)
+    assert ok.exit_code == 0, ok.output
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "dst").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("content", [b"garbage text, not a checkpoint", bytes(range(256)) * 8])
+def test_a_garbage_bin_is_named_as_such_and_nothing_is_left_behind(tmp_path, content):
+    bin_checkpoint(tmp_path / "src")
+    (tmp_path / "src" / "pytorch_model.bin").write_bytes(content)
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+    assert result.exit_code == 2
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "not a PyTorch checkpoint" in err, err
+    assert "mmap" not in err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_failed_convert_into_an_existing_directory_removes_only_what_it_wrote(tmp_path):
+    bin_checkpoint(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["hidden_size"] = 48  # the tensors no longer match: the final check fails
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+    assert result.exit_code == 2, result.output
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["notes.txt"]

@@ -29,6 +29,8 @@ SCHEDULER = {
     # the pipeline's processes: the scheduler process, launch, sockets, its configuration
     "process": PROCESSES, "server": PROCESSES, "launch": PROCESSES, "transport": PROCESSES,
     "rundir": PROCESSES, "logs": PROCESSES, "config": PROCESSES, "zmq_client": PROCESSES,
+    # which engine a command joins or starts: a running launch (its socket) or a new one
+    "discover": PROCESSES,
     # front ends
     "chat": FRONT, "pipeline_generate": FRONT,
 }

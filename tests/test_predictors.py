@@ -135,7 +135,7 @@ def test_training_learns_better_than_random_and_meets_calibrated_recall():
     docs = torch.arange(60) // 3  # 20 documents of 3 windows
     cfg = TrainConfig(mlp_rank=16, head_rank=8, epochs=6, batch_size=128, lr=1e-2,
                       mlp_recall=0.9, head_density=0.5, head_point=0.5)
-    preds, report = train_predictors(model, ids, docs, cfg, device=torch.device("cpu"),
+    preds, report, _ = train_predictors(model, ids, docs, cfg, device=torch.device("cpu"),
                                      log=lambda *_: None)
     for row in report["layers"]:
         # A random choice of k neurons recalls k/F of the firing ones; heads: 0.5.

@@ -198,8 +198,24 @@ def test_slow_or_silent_clients_get_408_within_the_deadline(tiny, partial):
 
 
 def _get_health(sock: socket.socket) -> bytes:
+    """One whole response on a kept-alive connection: headers, then Content-Length bytes (a
+    single recv may stop after the headers and leave the body to the next call)."""
     sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    return sock.recv(65536)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def test_a_flood_of_silent_sockets_does_not_close_a_keep_alive_client(tiny):

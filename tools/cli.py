@@ -1,6 +1,43 @@
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from ..runtime.settings import CHAT_SAMPLING as CHAT_DEFAULTS
+from ..runtime.settings import GenerationSettings
+
+# Plain help text: with rich markup "[pipeline]" in a help string is read as a style tag
+# and vanishes ("( spawn = false)").
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__  # the installed package's metadata
+
+        typer.echo(f"dejavu-run {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit"),
+) -> None:
+    """Inference runtime for OPT models with Deja Vu contextual sparsity."""
+
+
+def _default(key: str) -> str:
+    """" [default: X]" for a [generation] key: the built-in value, which dejavu.toml's
+    [generation] section may change."""
+    return f" [default: {getattr(GenerationSettings(), key)}, or [generation] {key}]"
+
+
+# Sampling options, one definition each (generate and chat).
+MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", help="tokens generated at most"
+                              + _default("max_new_tokens"))
+SEED = typer.Option(None, "--seed", help="random seed for sampling [default: a fresh seed "
+                    "per request, or [generation] seed]")
+RUN_DIR = typer.Option(None, "--run-dir", help="run directory of the launch to join "
+                       "[default: [pipeline] run_dir, else $XDG_RUNTIME_DIR/dejavu-run or "
+                       "/tmp/dejavu-run-<uid>]")
 
 # One definition for the commands that take a GPU budget (generate, launch, chat, serve).
 GPU_MEMORY_GIB = typer.Option(None, "--gpu-memory-gib",
@@ -29,9 +66,8 @@ def _penalties(repetition: float | None, frequency: float | None, presence: floa
 
 @app.command()
 def version() -> None:
-    from .. import __version__
-
-    print(__version__)
+    """Print the version (as --version does)."""
+    _version(True)
 
 
 # --- foundation: generate, convert, config show -------------------------------------------
@@ -48,12 +84,16 @@ def generate(
     prompt: str = typer.Option(None, "--prompt", help="prompt text (BOS is added)"),
     prompt_ids: str = typer.Option(None, "--prompt-ids", help="prompt token ids: 2,133,44"),
     model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens"),
-    temperature: float = typer.Option(None, "--temperature", help="0 = greedy"),
-    top_p: float = typer.Option(None, "--top-p"),
-    top_k: int = typer.Option(None, "--top-k", help="0 = no cut"),
-    seed: int = typer.Option(None, "--seed"),
-    stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = typer.Option(None, "--temperature",
+                                      help="0 = greedy" + _default("temperature")),
+    top_p: float = typer.Option(None, "--top-p", help="nucleus sampling: keep the most "
+                                "likely tokens up to this probability mass" + _default("top_p")),
+    top_k: int = typer.Option(None, "--top-k", help="sample among the k most likely tokens, "
+                              "0 = no cut" + _default("top_k")),
+    seed: int = SEED,
+    stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable); the text "
+                                   "and the tokens end before it"),
     device: str = typer.Option(None, "--device", help="cpu | cuda"),
     dtype: str = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
@@ -61,17 +101,22 @@ def generate(
     sparse: bool = typer.Option(None, "--sparse/--dense",
                                 help="contextual sparsity (default: when predictors exist)"),
     workers: int = typer.Option(None, "--workers",
-                                help="run through a pipeline of N worker processes"),
+                                help="start a launch of N worker processes for this prompt"),
     connect: str = typer.Option(None, "--connect",
-                                help="run through a running launch at this client address"),
+                                help="run through the launch at this client address"),
+    run_dir: str = RUN_DIR,
     gpu_memory_gib: float = GPU_MEMORY_GIB,
     repetition_penalty: float = REPETITION_PENALTY,
     frequency_penalty: float = FREQUENCY_PENALTY,
     presence_penalty: float = PRESENCE_PENALTY,
     min_p: float = MIN_P,
 ) -> None:
-    """Generate a continuation of one prompt (streams text; --json prints one object)."""
+    """Generate a continuation of one prompt (streams text; --json prints one object).
+
+    Runs through a launch that is running (found through its run directory), else in this
+    process; --workers N starts a launch for this prompt, --connect names one."""
     from ..runtime.settings import load_settings
+    from ..scheduler.discover import choose
     from .generate import USER_ERRORS, GenerateRequest, run_generate
 
     try:
@@ -79,19 +124,23 @@ def generate(
             "model.path": model, "model.device": device, "model.dtype": dtype,
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
             "generation.top_p": top_p, "generation.top_k": top_k, "generation.seed": seed,
-            "pipeline.gpu_memory_gib": gpu_memory_gib,
+            "pipeline.gpu_memory_gib": gpu_memory_gib, "pipeline.workers": workers,
+            "pipeline.run_dir": run_dir,
             **_penalties(repetition_penalty, frequency_penalty, presence_penalty, min_p),
         })
         request = GenerateRequest(prompt, prompt_ids, tuple(stop or ()))
-        if workers is not None or connect is not None:  # the pipeline (scheduler/)
+        target = choose(settings, connect=connect, run_dir=run_dir)
+        if target.kind != "local":  # the pipeline (scheduler/)
             from ..scheduler.pipeline_generate import PIPELINE_ERRORS, run_pipeline_generate
 
             try:
-                run_pipeline_generate(settings, request, workers=workers, connect=connect,
-                                      as_json=as_json, sparse=sparse)
+                run_pipeline_generate(settings, request, target=target, as_json=as_json,
+                                      sparse=sparse)
             except PIPELINE_ERRORS as exc:
                 raise _user_error(exc) from None
             return
+        if target.note:
+            typer.echo(target.note, err=True)
         run_generate(settings, request, as_json=as_json, sparse=sparse)
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
@@ -165,9 +214,8 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
     window: int = typer.Option(1024, "--window", help="text: tokens per window"),
     stride: int = typer.Option(512, "--stride", help="text: new tokens scored per window"),
-    eval_dir: str = typer.Option(None, "--eval-dir",
-                                 help="folder of the task files (default: the shared "
-                                 "data's eval/, beside the repository)"),
+    eval_dir: str = typer.Option(None, "--eval-dir", help="folder of the task files "
+                                 "[default: shared/data/eval beside the repository]"),
     as_json: bool = typer.Option(False, "--json", help="JSON: one object per task (a list "
                                  "for several)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
@@ -181,7 +229,7 @@ def eval_command(
     from ..runtime.selection import SelectionError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
-    from .eval import DEFAULT_EVAL_DIR, EvalOptions
+    from .eval import EvalOptions
     from .sparse_eval import run_eval
     from .textdata import TextDataError
 
@@ -189,7 +237,7 @@ def eval_command(
         settings = load_settings(config, {"model.path": model, "model.device": device,
                                           "model.dtype": dtype})
         opts = EvalOptions(tasks=task or (), data=data or (),
-                           eval_dir=eval_dir or DEFAULT_EVAL_DIR, limit=limit,
+                           eval_dir=eval_dir or EvalOptions.eval_dir, limit=limit,
                            batch_size=batch_size, window=window, stride=stride)
         typer.echo(run_eval(settings, opts, as_json, sparse=sparse))
     except (TextDataError, SettingsError, CheckpointError, TokenizerError, OSError,
@@ -208,9 +256,12 @@ def serve(
                                 "never empty; default: $DEJAVU_API_KEY"),
     api_key_file: str = typer.Option(None, "--api-key-file",
                                      help="read the API key from this file's first line"),
-    workers: int = typer.Option(None, "--workers", help="worker processes (1 = in-process)"),
+    workers: int = typer.Option(None, "--workers", help="start a launch of N worker "
+                                "processes (1 = in-process) [default: join a running launch, "
+                                "else [pipeline] workers]"),
     connect: str = typer.Option(None, "--connect",
-                                help="serve a running launch at this client address"),
+                                help="serve the launch at this client address"),
+    run_dir: str = RUN_DIR,
     model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
     max_batch: int = typer.Option(8, "--max-batch", help="sequences decoded together"),
     served_model_name: str = typer.Option(None, "--served-model-name",
@@ -222,17 +273,33 @@ def serve(
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
-    from ..scheduler.serve import ServeError, options_from_settings, read_api_key, run_server
+    from ..scheduler.discover import JoinError, choose
+
+    try:
+        from ..scheduler.serve import (
+            ServeError,
+            options_from_settings,
+            read_api_key,
+            run_server,
+        )
+    except ModuleNotFoundError as exc:  # a runtime-only install
+        raise _user_error(RuntimeError(
+            f"serve needs {exc.name}, which the [serve] extra installs: "
+            "pip install -e '.[serve]' (or 'dejavu-run[serve]')")) from None
 
     try:
         settings = load_settings(config, {"model.path": model, "serve.host": host,
                                           "serve.port": port, "pipeline.workers": workers,
-                                          "pipeline.gpu_memory_gib": gpu_memory_gib})
+                                          "pipeline.gpu_memory_gib": gpu_memory_gib,
+                                          "pipeline.run_dir": run_dir})
+        target = choose(settings, connect=connect, run_dir=run_dir)
+        if target.note:
+            typer.echo(target.note, err=True)
         run_server(settings, options_from_settings(
             settings, api_key=read_api_key(api_key, api_key_file), max_batch=max_batch,
-            model_name=served_model_name,
-            connect=connect))
-    except (SettingsError, CheckpointError, TokenizerError, ServeError) as exc:
+            model_name=served_model_name, connect=target.address or None,
+            workers=target.workers))
+    except (SettingsError, CheckpointError, TokenizerError, ServeError, JoinError) as exc:
         raise _user_error(exc) from None
 
 
@@ -255,28 +322,48 @@ def train_predictors(
     head_point: float = typer.Option(1.0, "--head-point",
                                      help="heads kept per token at the default operating point"),
     epochs: int = typer.Option(8, "--epochs"),
+    batch_size: int = typer.Option(256, "--batch-size", help="tokens per fitting step"),
+    lr: float = typer.Option(5e-3, "--lr", help="peak learning rate of the fitting"),
     select: str = typer.Option("topk", "--select",
                                help="MLP selection: topk (k per token) or threshold"),
     window: int = typer.Option(None, "--window", help="tokens per calibration sequence "
                                "(default: the model's positions)"),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    per_doc: int = typer.Option(4096, "--per-doc", help="calibration tokens from one document "
+                                "at most (fewer: more documents, a wider sample)"),
+    device: str = typer.Option(None, "--device", help="cpu | cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="model dtype while collecting"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
+                                         help="GPU memory for one layer, its forward batches "
+                                         "and fitting (GiB; default: what is free)"),
+    host_memory_gib: float = typer.Option(None, "--host-memory-gib",
+                                          help="host memory for activations (GiB; default: "
+                                          "what is available); beyond it they go to disk"),
+    debug_stall_in_layer: int = typer.Option(None, "--debug-stall-in-layer", hidden=True,
+                                             help="tests only: block inside this layer"),
 ) -> None:
-    """Train per-layer DejaVu predictors (MLP neurons and heads) for a model."""
+    """Train per-layer DejaVu predictors (MLP neurons and heads) for a model, one layer in
+    memory at a time; rerun the same command to resume after an interruption."""
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
     from .collect_labels import CalibrationDataError
-    from .train_predictors import TrainConfig, run
+    from .train_layerwise import train_layerwise
+    from .train_predictors import TrainConfig
 
     try:
-        settings = load_settings(config, {"model.path": model})
-        cfg = TrainConfig(tokens=tokens, window=window, mlp_rank=rank, head_rank=head_rank,
-                          epochs=epochs, mlp_recall=mlp_recall, mlp_density=mlp_density,
+        settings = load_settings(config, {"model.path": model, "model.device": device})
+        cfg = TrainConfig(tokens=tokens, window=window, per_doc=per_doc, mlp_rank=rank,
+                          head_rank=head_rank,
+                          epochs=epochs, batch_size=batch_size, lr=lr,
+                          mlp_recall=mlp_recall, mlp_density=mlp_density,
                           mlp_select=select,
                           head_density=head_density, head_point=head_point)
-        run(settings.model_path(), data, out, cfg, device=device, dtype=dtype)
+        if gpu_memory_gib is None:
+            gpu_memory_gib = settings.pipeline.gpu_memory_gib
+        train_layerwise(settings.model_path(), data, out, cfg, device=settings.model.device,
+                        dtype=dtype, gpu_memory_gib=gpu_memory_gib,
+                        host_memory_gib=host_memory_gib, stall_in_layer=debug_stall_in_layer)
     except (SettingsError, CheckpointError, TokenizerError, CalibrationDataError,
             ValueError) as exc:
         raise _user_error(exc) from None
@@ -286,7 +373,9 @@ def train_predictors(
 
 @app.command()
 def bench(
-    out: str = typer.Option("bench/results", "--out", help="directory for <date>-<gpu>.json/.md"),
+    out: str = typer.Option(None, "--out", help="directory for <date>-<gpu>.json/.md "
+                            "[default: the repository's bench/results; with --small a new "
+                            "temporary directory]"),
     small: bool = typer.Option(False, "--small",
                                help="dry run: tiny shapes (on a CPU through TRITON_INTERPRET)"),
     time_budget: float = typer.Option(480.0, "--time-budget",
@@ -307,11 +396,25 @@ def bench(
         if not small:
             raise _user_error(ValueError("bench needs a CUDA GPU; use --small for a CPU dry run"))
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    from ..bench.bench import BenchOptions, main
+    import tempfile
 
-    main(BenchOptions(out_dir=Path(out), small=small, time_budget_s=time_budget,
-                      offload_layers=offload_layers, only=tuple(only or ()),
-                      command="dejavu-run bench " + " ".join(sys.argv[2:])))
+    from ..bench.bench import BenchOptions, main
+    from ..runtime.settings import REPO_ROOT
+
+    if out is None:  # a dry run's meaningless numbers never land in the repository
+        out = (tempfile.mkdtemp(prefix="dejavu-bench-") if small
+               else str(REPO_ROOT / "bench" / "results"))
+    try:
+        failed = main(BenchOptions(out_dir=Path(out), small=small, time_budget_s=time_budget,
+                                   offload_layers=offload_layers, only=tuple(only or ()),
+                                   command="dejavu-run bench " + " ".join(sys.argv[2:])))
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        typer.echo(f"error: bench failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if failed:
+        typer.echo(f"error: {len(failed)} scenario(s) failed: {', '.join(failed)} (the results "
+                   "file names each error)", err=True)
+        raise typer.Exit(1)
 
 
 # --- pipeline: launch, worker, chat, keys ----------------------------------------------------
@@ -368,30 +471,49 @@ def worker(
 @app.command()
 def chat(
     connect: str = typer.Option(None, "--connect", help="client address of a running launch"),
-    workers: int = typer.Option(None, "--workers", help="start a launch with N workers"),
+    workers: int = typer.Option(None, "--workers", help="start a launch of N workers for "
+                                "this chat"),
+    run_dir: str = RUN_DIR,
     model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
     template: str = typer.Option(None, "--template", help="chat template TOML file"),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens"),
-    temperature: float = typer.Option(None, "--temperature", help="0 = greedy"),
-    seed: int = typer.Option(None, "--seed"),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = typer.Option(None, "--temperature", help="0 = greedy "
+                                      f"[default: {CHAT_DEFAULTS['temperature']}]"),
+    top_p: float = typer.Option(None, "--top-p", help="nucleus sampling mass "
+                                f"[default: {CHAT_DEFAULTS['top_p']}]"),
+    top_k: int = typer.Option(None, "--top-k", help="sample among the k most likely tokens, "
+                              f"0 = no cut [default: {CHAT_DEFAULTS['top_k']}]"),
+    seed: int = typer.Option(None, "--seed", help="turn i samples with a seed made from this "
+                             "and i: a session replays exactly [default: fresh seeds]"),
+    sparse: bool = typer.Option(None, "--sparse/--dense", help="in-process chat: contextual "
+                                "sparsity (default: when predictors exist)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
     gpu_memory_gib: float = GPU_MEMORY_GIB,
-    repetition_penalty: float = REPETITION_PENALTY,
+    repetition_penalty: float = typer.Option(
+        None, "--repetition-penalty", help="divide the logits of tokens seen in the "
+        "conversation or answer (>1 repeats less; 1 = off) "
+        f"[default: {CHAT_DEFAULTS['repetition_penalty']}]"),
     frequency_penalty: float = FREQUENCY_PENALTY,
     presence_penalty: float = PRESENCE_PENALTY,
     min_p: float = MIN_P,
 ) -> None:
-    """Chat in the terminal, streaming answers from the pipeline (/reset, /stats, /quit)."""
+    """Chat in the terminal, streaming answers (/help, /reset, /stats, /quit).
+
+    Joins a launch that is running (found through its run directory), else runs the model
+    in this process; --workers N starts a launch for this chat, --connect names one."""
     from ..runtime.settings import load_settings
+    from ..scheduler.discover import choose
     from ..scheduler.pipeline_generate import PIPELINE_ERRORS, start_chat
 
     try:
         settings = load_settings(config, {
-            "model.path": model, "pipeline.workers": workers,
+            "model.path": model, "pipeline.workers": workers, "pipeline.run_dir": run_dir,
             "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
+            "generation.top_p": top_p, "generation.top_k": top_k,
             "generation.seed": seed, "pipeline.gpu_memory_gib": gpu_memory_gib,
             **_penalties(repetition_penalty, frequency_penalty, presence_penalty, min_p)})
-        code = start_chat(settings, connect=connect, workers=workers, template=template)
+        target = choose(settings, connect=connect, run_dir=run_dir)
+        code = start_chat(settings, target=target, template=template, sparse=sparse)
     except PIPELINE_ERRORS as exc:
         raise _user_error(exc) from None
     raise typer.Exit(code)

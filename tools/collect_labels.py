@@ -125,16 +125,9 @@ def collect(model: OPTModel, windows: Tensor, *, batch_size: int = 8,
     hooks = []
     for layer in model.layers():
         i = layer.layer_id
-        hooks.append(layer.fc1.register_forward_hook(
-            lambda mod, inp, pre, i=i: out.neuron_bits[i].__setitem__(
-                slice(*cursor), pack_bits((pre > 0).reshape(-1, c.ffn_dim)).cpu())))
-        # Gram matrices of out_proj's per-head column blocks: ||o_h W_h^T||^2 = o_h G_h o_h.
-        w = layer.self_attn.out_proj.weight.float().view(c.hidden_size, c.num_attention_heads,
-                                                         c.head_dim)
-        gram = torch.einsum("chd,che->hde", w, w)
-        hooks.append(layer.self_attn.out_proj.register_forward_pre_hook(
-            lambda mod, args, i=i, gram=gram: out.head_norms[i].__setitem__(
-                slice(*cursor), _head_norms(args[0], gram).cpu())))
+        hooks += label_hooks(
+            layer, lambda b, i=i: out.neuron_bits[i].__setitem__(slice(*cursor), b.cpu()),
+            lambda n, i=i: out.head_norms[i].__setitem__(slice(*cursor), n.cpu()))
     try:
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start:start + batch_size].to(device)
@@ -148,6 +141,24 @@ def collect(model: OPTModel, windows: Tensor, *, batch_size: int = 8,
         for h in hooks:
             h.remove()
     return out
+
+
+def label_hooks(layer, on_bits, on_norms) -> list:
+    """Hooks on one decoder layer that hand each forward pass's labels to the callbacks:
+    ``on_bits([N, ceil(F/8)] uint8)`` (fc1 pre-activation > 0, packed) and
+    ``on_norms([N, H] float16)`` (each head's contribution norm). Remove them when done."""
+    attn = layer.self_attn
+    c, h, d = attn.out_proj.weight.shape[0], attn.num_heads, attn.head_dim
+    f = layer.fc1.weight.shape[0]
+    # Gram matrices of out_proj's per-head column blocks: ||o_h W_h^T||^2 = o_h G_h o_h.
+    w = attn.out_proj.weight.float().view(c, h, d)
+    gram = torch.einsum("chd,che->hde", w, w)
+    return [
+        layer.fc1.register_forward_hook(
+            lambda mod, inp, pre: on_bits(pack_bits((pre > 0).reshape(-1, f)))),
+        attn.out_proj.register_forward_pre_hook(
+            lambda mod, args: on_norms(_head_norms(args[0], gram))),
+    ]
 
 
 def _head_norms(o: Tensor, gram: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ and every other shared tensor is written as its own copy.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -30,8 +31,20 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # torch.save writes a zip archive (mapped, not read, here); before PyTorch 1.6 a bare
+    # pickle (protocol 2+, first byte 0x80). Anything else is no PyTorch file at all, and
+    # torch.load's own message for it is about mmap.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip "
+                              f"archive; this file starts with {head!r})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True,
+                           mmap=head == b"PK\x03\x04")
     except Exception as exc:  # a malicious or broken pickle: refused, one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot read as a weights-only PyTorch file: "
@@ -72,7 +85,23 @@ def convert(src: str | Path, dst: str | Path) -> Path:
         raise CheckpointError(f"{dst}: already holds safetensors files; choose an empty "
                               "destination")
     tied = _tied(src)
+    made = not dst.exists()
+    before = set() if made else set(dst.iterdir())
     dst.mkdir(parents=True, exist_ok=True)
+    try:
+        _convert(src, dst, tied)
+        inspect_checkpoint(dst)  # the result must pass the loader's own checks
+    except BaseException:  # leave nothing half-written behind (Ctrl-C included)
+        if made:
+            shutil.rmtree(dst, ignore_errors=True)
+        else:
+            for path in set(dst.iterdir()) - before:
+                path.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _convert(src: Path, dst: Path, tied: bool) -> None:
     metadata = {"format": "pt"}
     if (src / BIN_INDEX).is_file():
         try:
@@ -100,5 +129,8 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     for name in COPIED:
         if (src / name).is_file() and src.resolve() != dst.resolve():
             shutil.copyfile(src / name, dst / name)
-    inspect_checkpoint(dst)  # the result must pass the loader's own checks
-    return dst
+    # safetensors creates its files 0600; give them the modes any new file gets here.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in dst.glob("*.safetensors"):
+        path.chmod(0o666 & ~umask)

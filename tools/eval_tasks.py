@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .eval_text import EvalDataError, LogitsFn, progress
+from .eval_text import EvalDataError, LogitsFn
+from .progress import progress
 from .textdata import json_lines
 
 # task name -> (file stem in the eval directory, kind, continuation delimiter)
@@ -77,8 +78,9 @@ def task_file(eval_dir: str | Path, name: str) -> Path:
         path = Path(eval_dir) / f"{stem}{suffix}"
         if path.is_file():
             return path
-    raise EvalDataError(f"{Path(eval_dir) / (stem + '.jsonl')}: no such file "
-                        "(point --eval-dir at ../shared/data/eval)")
+    raise EvalDataError(f"{Path(eval_dir) / (stem + '.jsonl')}: no such file; --eval-dir "
+                        "names the folder that holds the task files (lambada.jsonl, "
+                        "piqa.jsonl, ...: its README lists them)")
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[dict]:

@@ -19,8 +19,7 @@ sparse execution passes its own function through the same seam.
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..runtime.model import Batch, OPTModel, full_positions
+from .progress import progress
 from .textdata import TextDataError, iter_documents
 
 # Token ids [B, T] (on the scoring device) -> logits [B, T, V].
@@ -111,20 +111,6 @@ class TextScore:
         return {"perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
                 "bits_per_token": self.bits_per_token, "tokens": self.tokens,
                 "bytes": self.bytes}
-
-
-def progress(iterable, total: int, desc: str, enabled: bool) -> Iterator:
-    """A minimal progress bar on stderr (no dependency), redrawn at most ~50 times."""
-    if not enabled:
-        yield from iterable
-        return
-    every = max(1, total // 50)
-    for i, item in enumerate(iterable, 1):
-        yield item
-        if i % every == 0 or i == total:
-            bar = "#" * (30 * i // max(total, 1))
-            print(f"\r{desc} [{bar:<30}] {i}/{total}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr, flush=True)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from ..runtime.settings import Settings, SettingsError
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from ..scheduler.core import Event, RequestError
 from ..scheduler.engine import Engine
+from .progress import Bar
 
 
 class GenerateError(ValueError):
@@ -83,15 +84,12 @@ def _progress_bar(stream: TextIO) -> Callable[[int, int], None] | None:
     """A one-line bar on a terminal; nothing when stderr is a pipe or a file."""
     if not stream.isatty():
         return None
+    bars: list[Bar] = []
 
     def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        stream.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] "
-                     f"{done}/{total}")
-        if done == total:
-            stream.write("\n")
-        stream.flush()
+        if not bars:
+            bars.append(Bar("loading weights", total, "tensors", stream))
+        bars[0].update(done)
 
     return show
 
@@ -128,21 +126,30 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         ids = parse_prompt_ids(request.prompt_ids)
     check_prompt(ids, config, params.max_new_tokens)
 
-    built = build_stage(settings, slots=1, max_len=len(ids) + params.max_new_tokens,
+    engine, report = build_engine(settings, tokenizer, max_len=len(ids) + params.max_new_tokens,
+                                  err=err)
+    with torch.inference_mode():
+        result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
+    if engine.stage.selector is not None:
+        result["sparsity"] = sparsity_report(engine.stage.sparse_stats)
+    if report is not None:
+        result["offload"] = report
+    finish_output(result, out, as_json=as_json)
+    return result
+
+
+def build_engine(settings: Settings, tokenizer: Tokenizer | None, *, max_len: int,
+                 max_batch: int = 1, err: TextIO | None = None):
+    """(engine, offload report or None): the in-process engine of resolved ``settings``
+    (runtime/build.py ``resolve``), built as every engine is, for ``max_batch`` sequences
+    of ``max_len`` positions; the budget's plan goes to ``err``."""
+    err = err or sys.stderr
+    built = build_stage(settings, slots=max_batch, max_len=max_len,
                         progress=_progress_bar(err))
     if built.report is not None:
         err.write(f"gpu_memory_gib {settings.pipeline.gpu_memory_gib:g}: "
                   f"{describe_report(built.report)}\n")
-    engine = Engine.from_stage(built.stage, tokenizer)
-    with torch.inference_mode():
-        result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
-    if built.selector is not None:
-        result["sparsity"] = sparsity_report(built.stage.sparse_stats)
-    offload = offload_report(built)
-    if offload is not None:
-        result["offload"] = offload
-    finish_output(result, out, as_json=as_json)
-    return result
+    return Engine.from_stage(built.stage, tokenizer), offload_report(built)
 
 
 def sampling_params(settings: Settings, stop: tuple[str, ...] = ()) -> SamplingParams:
@@ -167,6 +174,8 @@ def print_stream(events: Iterable[Event], ids: list[int], out: TextIO, *,
                 raise GenerateError(f"generation failed: {event.error}")
             if event.token is not None:
                 tokens.append(event.token)
+            if event.stop_tokens:  # as the text, the tokens end before the stop string
+                del tokens[len(tokens) - event.stop_tokens:]
             if event.text:
                 text += event.text
                 if not as_json:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,19 +28,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..runtime.predictors import LowRankClassifier, OperatingPoint, PredictorSet
+from ..runtime.predictors import (
+    Frequencies,
+    LowRankClassifier,
+    OperatingPoint,
+    PredictorSet,
+    fingerprint,
+)
 from ..runtime.selection import count, topk_mask
 from .collect_labels import (
     Collected,
-    calibration_windows,
     collect,
-    iter_texts,
     planned_bytes,
     unpack_bits,
 )
 
 # Recall targets whose thresholds every layer stores besides its own operating point.
-RECALLS = (0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
+RECALLS = (0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.975, 0.99)
 
 
 @dataclass(frozen=True)
@@ -102,20 +105,34 @@ def _split(docs: Tensor, window: int) -> dict[str, Tensor]:
             "report": idx[token_key % 10 == 9]}
 
 
+def init_layer(config, layer: int, cfg: TrainConfig) -> tuple[LowRankClassifier,
+                                                              LowRankClassifier]:
+    """Layer ``layer``'s untrained (MLP, head) predictors. Seeded per layer, so that a run
+    that trains one layer at a time, or resumes at layer l, starts layer l from the same
+    weights as a run over the whole model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1_000_003 + layer)
+        return (LowRankClassifier(config.hidden_size, cfg.mlp_rank, config.ffn_dim),
+                LowRankClassifier(config.hidden_size, cfg.head_rank,
+                                  config.num_attention_heads))
+
+
 def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig,
-        device: torch.device) -> float:
+        device: torch.device, progress=None) -> float:
     """Binary cross-entropy over ``idx`` tokens; ``target(rows)`` gives [n, out] bool.
-    Returns the last epoch's mean loss."""
+    Returns the last epoch's mean loss. ``progress()`` is called after every step."""
     clf.to(device).train()
     opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     steps = cfg.epochs * math.ceil(idx.numel() / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
                                                 pct_start=0.1)
-    loss_sum, n = 0.0, 0
+    # The loss is summed on the device: reading it every step would make the host wait for
+    # the GPU step by step instead of queueing steps ahead.
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for epoch in range(cfg.epochs):
         order = idx[torch.randperm(idx.numel(), generator=g).to(idx.device)]
-        loss_sum, n = 0.0, 0
+        loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, order.numel(), cfg.batch_size):
             rows = order[start:start + cfg.batch_size]
             xb = x[rows].to(device, torch.float32)
@@ -125,10 +142,12 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum, n = loss_sum + float(loss.detach()) * rows.numel(), n + rows.numel()
+            loss_sum, n = loss_sum + loss.detach().double() * rows.numel(), n + rows.numel()
+            if progress is not None:
+                progress()
         del epoch
     clf.eval()
-    return loss_sum / max(n, 1)
+    return float(loss_sum) / max(n, 1)
 
 
 @torch.no_grad()
@@ -137,13 +156,15 @@ def _scores(clf: LowRankClassifier, x: Tensor, idx: Tensor, device: torch.device
                       for s in range(0, idx.numel(), 4096)])
 
 
-def hits_at_k(scores: Tensor, labels: Tensor) -> Tensor:
+def hits_at_k(scores: Tensor, labels: Tensor, chunk: int = 2048) -> Tensor:
     """Summed over tokens, how many labelled entries the top-k contains, for every k:
-    [n + 1] with entry k for top-k."""
-    order = scores.argsort(dim=-1, descending=True)
-    ranked = labels.gather(-1, order).double()
-    zero = torch.zeros(1, dtype=torch.float64, device=ranked.device)
-    return torch.cat([zero, ranked.cumsum(-1).sum(0)]).cpu()
+    [n + 1] with entry k for top-k. Row chunks bound the sort's memory (counts are whole
+    numbers: float64 sums of them are exact in any order)."""
+    total = torch.zeros(scores.shape[-1] + 1, dtype=torch.float64, device=scores.device)
+    for s in range(0, scores.shape[0], chunk):
+        order = scores[s:s + chunk].argsort(dim=-1, descending=True)
+        total[1:] += labels[s:s + chunk].gather(-1, order).double().cumsum(-1).sum(0)
+    return total.cpu()
 
 
 def head_targets(norms: Tensor, k: int) -> Tensor:
@@ -151,25 +172,61 @@ def head_targets(norms: Tensor, k: int) -> Tensor:
     return topk_mask(norms.float(), k)
 
 
+def fit_steps(cfg: TrainConfig, train_tokens: int) -> int:
+    """Optimizer steps ``train_layer`` takes (both predictors), for a progress bar."""
+    return 2 * cfg.epochs * math.ceil(train_tokens / cfg.batch_size)
+
+
+@torch.no_grad()
+def layer_frequencies(bits: Tensor, norms: Tensor, ffn_dim: int, head_k: int,
+                      device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Per-neuron firing and per-head top-``head_k`` fractions over all tokens of one
+    layer's labels (``Frequencies``): [F] and [H] float32 on the CPU. Counted on ``device``
+    in row chunks (unpacked, a layer's labels are tokens x F bytes)."""
+    mlp = torch.zeros(ffn_dim, dtype=torch.int64, device=device)
+    heads = torch.zeros(norms.shape[1], dtype=torch.int64, device=device)
+    n = bits.shape[0]
+    for s in range(0, n, 8192):
+        mlp += unpack_bits(bits[s:s + 8192].to(device), ffn_dim).sum(0)
+        heads += head_targets(norms[s:s + 8192].to(device), head_k).sum(0)
+    return ((mlp.double() / max(n, 1)).float().cpu(),
+            (heads.double() / max(n, 1)).float().cpu())
+
+
+def point_rows(scores: Tensor, labels: Tensor, thresholds: dict[str, float]) -> dict:
+    """Density, recall and precision on held-out tokens at each calibrated threshold."""
+    out = {}
+    active = max(float(labels.sum()), 1.0)
+    for key, t in thresholds.items():
+        chosen = scores > t
+        hit = float((chosen & labels).sum())
+        out[key] = {"mlp_density": float(chosen.double().mean()), "mlp_recall": hit / active,
+                    "mlp_precision": hit / max(float(chosen.sum()), 1.0)}
+    return out
+
+
 def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: PredictorSet,
-                cfg: TrainConfig, device: torch.device) -> dict:
-    """Fit one layer's two predictors, set its operating point, return its report row."""
-    # On a GPU the layer's whole table moves once (rows are then gathered there).
-    x, f = data.inputs[layer].to(device), data.ffn_dim
-    bits, norms_all = data.neuron_bits[layer].to(device), data.head_norms[layer].to(device)
-    split = {k: v.to(device) for k, v in split.items()}
+                cfg: TrainConfig, device: torch.device, *, tables: torch.device | None = None,
+                progress=None) -> dict:
+    """Fit one layer's two predictors, set its operating point, return its report row.
+    ``tables``: where the layer's inputs and labels sit while fitting (default ``device``:
+    on a GPU the whole table moves once and rows are gathered there)."""
+    tables = device if tables is None else tables
+    x, f = data.inputs[layer].to(tables), data.ffn_dim
+    bits, norms_all = data.neuron_bits[layer].to(tables), data.head_norms[layer].to(tables)
+    split = {k: v.to(tables) for k, v in split.items()}
     h = norms_all.shape[1]
     head_k = count(cfg.head_density, h)
     neurons = lambda rows: unpack_bits(bits[rows], f)  # noqa: E731
     heads = lambda rows: head_targets(norms_all[rows], head_k)  # noqa: E731
     t0 = time.perf_counter()
-    mlp_loss = fit(preds.mlp[layer], x, neurons, split["train"], cfg, device)
-    head_loss = fit(preds.heads[layer], x, heads, split["train"], cfg, device)
+    mlp_loss = fit(preds.mlp[layer], x, neurons, split["train"], cfg, device, progress)
+    head_loss = fit(preds.heads[layer], x, heads, split["train"], cfg, device, progress)
     seconds = time.perf_counter() - t0
 
     # Operating point on the calibration split.
     cal = split["calibrate"]
-    cal_labels = neurons(cal)
+    cal_labels = neurons(cal).to(device)
     threshold, table = None, None
     if cfg.mlp_density is not None:
         mlp_k = count(cfg.mlp_density, f)
@@ -187,14 +244,14 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
 
     # Report on unseen documents.
     rep = split["report"]
-    labels = neurons(rep)
+    labels = neurons(rep).to(device)
     rep_scores = _scores(preds.mlp[layer], x, rep, device)
     use_threshold = threshold is not None and cfg.mlp_select == "threshold"
     chosen = rep_scores > threshold if use_threshold else topk_mask(rep_scores, mlp_k)
     hit = float((chosen & labels).sum())
     active = float(labels.sum())
     density = float(chosen.double().mean())
-    norms = norms_all[rep].float()
+    norms = norms_all[rep].to(device).float()
     head_chosen = topk_mask(_scores(preds.heads[layer], x, rep, device), head_k)
     head_hit = float((head_chosen & head_targets(norms, head_k)).sum())
     mass = float((norms * head_chosen).sum() / norms.sum().clamp_min(1e-12))
@@ -211,11 +268,17 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
         "default_head_k": point.head_k,
         "head_recall": point.head_recall, "head_norm_mass": mass,
         "mlp_loss": mlp_loss, "head_loss": head_loss, "train_s": seconds,
+        # Every stored recall point, measured on the report tokens (threshold selection).
+        "points": point_rows(rep_scores, labels, table) if table else {},
     }
 
 
 def train_predictors(model, windows: Tensor, docs: Tensor, cfg: TrainConfig, *,
-                     device: torch.device, log=print) -> tuple[PredictorSet, dict]:
+                     device: torch.device, log=print
+                     ) -> tuple[PredictorSet, dict, Frequencies]:
+    """Collect labels over the whole model at once, then fit layer by layer: the reference
+    for ``tools/train_layerwise.py`` (the CLI's entry), which needs only one layer in
+    memory at a time."""
     need = planned_bytes(model, windows.numel())
     if need > cfg.max_memory_gb * 2**30:
         raise ValueError(f"collecting {windows.numel()} tokens needs {need / 2**30:.1f} GiB "
@@ -226,26 +289,53 @@ def train_predictors(model, windows: Tensor, docs: Tensor, cfg: TrainConfig, *,
     data = collect(model, windows)
     collect_s = time.perf_counter() - t0
     split = _split(docs, windows.shape[1])
-    torch.manual_seed(cfg.seed)
-    preds = PredictorSet.create(model, cfg.mlp_rank, cfg.head_rank)
+    c = model.config
+    preds = PredictorSet(c, fingerprint(model), cfg.mlp_rank, cfg.head_rank)
+    head_k = count(cfg.head_density, c.num_attention_heads)
+    freq = Frequencies({}, {}, windows.numel(), head_k, preds.fingerprint)
     rows = []
     for layer in model.layer_ids:
+        preds.mlp[layer], preds.heads[layer] = init_layer(c, layer, cfg)
         rows.append(train_layer(data, layer, split, preds, cfg, device))
-        r = rows[-1]
-        log(f"layer {layer}: mlp k={r['mlp_k']} recall={r['mlp_recall']:.3f} "
-            f"precision={r['mlp_precision']:.3f} | heads k={r['head_k']} "
-            f"recall={r['head_recall']:.3f} ({r['train_s']:.0f} s)")
-    preds.mlp_select = cfg.mlp_select
-    report = {
+        freq.mlp[layer], freq.heads[layer] = layer_frequencies(
+            data.neuron_bits[layer], data.head_norms[layer], c.ffn_dim, head_k)
+        log(layer_line(rows[-1]))
+    report = make_report(cfg, split, docs, device, rows)
+    report["collect_s"] = collect_s
+    finish(preds, cfg, report)
+    return preds.to("cpu"), report, freq
+
+
+def layer_line(r: dict) -> str:
+    return (f"layer {r['layer']}: mlp k={r['mlp_k']} recall={r['mlp_recall']:.3f} "
+            f"precision={r['mlp_precision']:.3f} density={r['mlp_density']:.3f} | heads "
+            f"k={r['head_k']} recall={r['head_recall']:.3f} ({r['train_s']:.0f} s)")
+
+
+def make_report(cfg: TrainConfig, split: dict[str, Tensor], docs: Tensor,
+                device: torch.device, rows: list[dict]) -> dict:
+    return {
         "config": asdict(cfg), "tokens": {k: int(v.numel()) for k, v in split.items()},
-        "documents": int(docs.unique().numel()), "collect_s": collect_s,
-        "device": str(device), "layers": rows,
+        "documents": int(docs.unique().numel()), "device": str(device), "layers": rows,
         "mean": {key: sum(r[key] for r in rows) / len(rows)
                  for key in ("firing", "mlp_density", "mlp_recall", "mlp_precision",
                              "head_density", "head_recall", "head_norm_mass")},
     }
+
+
+def finish(preds: PredictorSet, cfg: TrainConfig, report: dict) -> None:
+    preds.mlp_select = cfg.mlp_select
     preds.report = report
-    return preds.to("cpu"), report
+
+
+def write_outputs(out_dir: Path, preds: PredictorSet, freq: Frequencies, report: dict,
+                  model_name: str) -> Path:
+    """predictors.safetensors, frequencies.safetensors, report.json and report.md."""
+    path = preds.save(out_dir)
+    freq.save(out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "report.md").write_text(markdown_report(report, model_name))
+    return path
 
 
 def markdown_report(report: dict, model_name: str) -> str:
@@ -278,29 +368,19 @@ def markdown_report(report: dict, model_name: str) -> str:
         "top-k heads by output norm that the predicted top-k contains; head norm mass: share "
         "of the summed head output norms that the predicted heads carry.", "",
     ]
+    keys = sorted({k for r in report["layers"] for k in r.get("points", {})}, key=float)
+    if keys:
+        lines += [
+            "Every calibrated recall point (threshold selection; thresholds set on the "
+            "calibration tokens), measured on the report tokens: MLP density / recall / "
+            "precision per layer.", "",
+            "| layer | " + " | ".join(f"recall {k}" for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for r in report["layers"]:
+            cells = [r["points"].get(k) for k in keys]
+            lines.append(f"| {r['layer']} | " + " | ".join(
+                f"{p['mlp_density']:.3f} / {p['mlp_recall']:.3f} / {p['mlp_precision']:.3f}"
+                if p else "" for p in cells) + " |")
+        lines.append("")
     return "\n".join(lines)
-
-
-def run(model_path: str, data: str, out: str, cfg: TrainConfig, *, device: str = "cpu",
-        dtype: str = "float32", log=print) -> Path:
-    from ..runtime.checkpoint import load_model, resolve_model_dir
-    from ..runtime.tokenizer import load_tokenizer
-
-    dev = torch.device(device)
-    model_dir = resolve_model_dir(model_path)
-    model = load_model(model_dir, dtype=dtype, device=dev)
-    tok = load_tokenizer(model_dir)
-    window = min(cfg.window or model.config.max_position_embeddings,
-                 model.config.max_position_embeddings)
-    windows, docs = calibration_windows(iter_texts(data), tok.encode, window=window,
-                                        tokens=cfg.tokens, per_doc=cfg.per_doc)
-    preds, report = train_predictors(model, windows, docs, cfg, device=dev, log=log)
-    report["model"] = str(model_dir)
-    report["data"] = str(data)
-    out_dir = Path(out)
-    path = preds.save(out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "report.md").write_text(markdown_report(report, model_dir.name))
-    log(f"wrote {path}")
-    sys.stdout.flush()
-    return path

@@ -44,8 +44,8 @@ class ServeOptions:
 
 
 def options_from_settings(settings, *, api_key: str | None = None, max_batch: int = 8,
-                          model_name: str | None = None,
-                          connect: str | None = None) -> ServeOptions:
+                          model_name: str | None = None, connect: str | None = None,
+                          workers: int | None = None) -> ServeOptions:
     """ServeOptions from dejavu.toml's [serve] and [pipeline] (already merged with the
     command line) plus the options that only the command line has."""
     if max_batch < 1:
@@ -61,7 +61,7 @@ def options_from_settings(settings, *, api_key: str | None = None, max_batch: in
         body_timeout_s=serve.body_timeout_s, tokenize_threads=serve.tokenize_threads,
         tokenize_queue=serve.tokenize_queue)
     return ServeOptions(host=serve.host, port=serve.port, api_key=api_key,
-                        workers=settings.pipeline.workers, max_batch=max_batch,
+                        workers=workers or settings.pipeline.workers, max_batch=max_batch,
                         model_name=model_name, connect=connect, limits=limits)
 
 
@@ -105,12 +105,17 @@ def build_client(settings, options: ServeOptions):
     model_dir = resolve_model_dir(settings.model_path())
     tokenizer = load_tokenizer(model_dir)
     if options.connect:
+        from ..discover import JoinError, describe, join
         from ..zmq_client import PipelineClient
 
         keys = settings.pipeline.keys_dir or None
         run_dir = settings.pipeline.run_dir or None
         try:
+            with join(options.connect, keys_dir=keys, run_dir=run_dir) as probe:
+                print(describe(probe.health(), options.connect), file=sys.stderr)
             return PipelineClient(options.connect, keys_dir=keys, run_dir=run_dir), tokenizer
+        except JoinError as exc:  # no socket there, or no answer: at once, naming it
+            raise ServeError(str(exc)) from None
         except TimeoutError as exc:
             raise ServeError(f"--connect {options.connect}: no answer ({exc})") from None
     if options.workers > 1:

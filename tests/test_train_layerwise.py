@@ -1,0 +1,240 @@
+"""train-predictors one layer at a time: equal to the whole-model trainer, spilled to disk,
+killed and resumed (a real process), and refused up front when memory or disk is short."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from opt_fixtures import CORPUS, train_tokenizer
+from safetensors import safe_open
+
+from dejavu.runtime.checkpoint import load_model, save_model
+from dejavu.runtime.model import OPTModel
+from dejavu.runtime.opt_config import OPTConfig
+from dejavu.runtime.predictors import PredictorSet, load_frequencies
+from dejavu.runtime.tokenizer import load_tokenizer
+from dejavu.tools.collect_labels import calibration_windows, iter_texts
+from dejavu.tools.train_layerwise import (
+    GIB,
+    ResourceError,
+    plan_resources,
+    train_layerwise,
+)
+from dejavu.tools.train_predictors import TrainConfig, train_predictors
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "opt-gutenberg-31m"
+CLI = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
+CFG = OPTConfig(vocab_size=400, hidden_size=32, num_hidden_layers=4, ffn_dim=72,
+                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+TRAIN = TrainConfig(tokens=1500, window=24, mlp_rank=8, head_rank=4, epochs=4,
+                    mlp_recall=0.9, mlp_select="threshold")
+TIMING = {"train_s", "read_s", "forward_s", "fit_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("layerwise")
+    torch.manual_seed(0)
+    model = OPTModel(CFG)
+    model.init_weights(std=0.15)
+    save_model(model, path / "model")
+    train_tokenizer(path / "model")
+    text = path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": " ".join(CORPUS[i:] + CORPUS[:i]) * 3}) + "\n"
+                            for i in range(5)) * 6)
+    return path / "model", text
+
+
+def reference(model_dir: Path, text: Path, cfg: TrainConfig):
+    model = load_model(model_dir)
+    tok = load_tokenizer(model_dir)
+    window = cfg.window or model.config.max_position_embeddings
+    windows, docs = calibration_windows(iter_texts(str(text)), tok.encode, window=window,
+                                        tokens=cfg.tokens, per_doc=cfg.per_doc)
+    return train_predictors(model, windows, docs, cfg, device=torch.device("cpu"),
+                            log=lambda *_: None)
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def assert_same(out: Path, model_dir: Path, ref, *, atol: float = 0.0) -> None:
+    """The layerwise outputs in ``out`` equal the whole-model trainer's ``ref``."""
+    preds, report, freq = ref
+    model = load_model(model_dir)
+    mine = PredictorSet.load(out, model)
+    assert mine.fingerprint.model_hash == preds.fingerprint.model_hash
+    for i in preds.layer_ids:
+        for kind in ("mlp", "heads"):
+            a, b = getattr(preds, kind)[i].state_dict(), getattr(mine, kind)[i].state_dict()
+            for name in a:
+                torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol)
+        if atol == 0.0:
+            assert mine.points[i] == preds.points[i]
+        else:
+            assert mine.points[i].mlp_k == pytest.approx(preds.points[i].mlp_k, rel=0.02)
+    got = load_frequencies(out, model)
+    for i in preds.layer_ids:
+        torch.testing.assert_close(got.mlp[i], freq.mlp[i], rtol=0, atol=atol)
+        torch.testing.assert_close(got.heads[i], freq.heads[i], rtol=0, atol=atol)
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    for a, b in zip(report["layers"], layers, strict=True):
+        a, b = ({k: v for k, v in r.items() if k not in TIMING} for r in (a, b))
+        if atol == 0.0:
+            assert a == b
+        else:
+            assert a["mlp_recall"] == pytest.approx(b["mlp_recall"], abs=0.01)
+
+
+def test_layerwise_equals_whole_model_trainer(tiny, tmp_path):
+    model_dir, text = tiny
+    ref = reference(model_dir, text, TRAIN)
+    train_layerwise(str(model_dir), str(text), str(tmp_path / "p"), TRAIN,
+                    log=lambda *_: None)
+    assert_same(tmp_path / "p", model_dir, ref)
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert not report["layerwise"]["spill"] and not (tmp_path / "p" / "partial").exists()
+    # The report has every calibrated recall point per layer, and the markdown shows them.
+    assert set(report["layers"][0]["points"]) >= {"0.9", "0.95", "0.99"}
+    assert "recall 0.95" in (tmp_path / "p" / "report.md").read_text()
+
+
+def spill_budget() -> float:
+    """A host budget (GiB) that holds one layer but not the activations."""
+    big = plan_resources(CFG, TRAIN, tokens=1512, window=24, dtype=torch.float32,
+                         on_gpu=False, host_budget=GIB, disk_free=GIB)
+    assert not big.spill
+    return (big.host_bytes - big.activation_bytes - big.label_bytes + 1000) / GIB
+
+
+def test_spilled_to_disk_is_the_same(tiny, tmp_path):
+    model_dir, text = tiny
+    seen = []
+    train_layerwise(str(model_dir), str(text), str(tmp_path / "p"), TRAIN, log=seen.append,
+                    host_memory_gib=spill_budget())
+    assert "memmaps in OUT/partial" in seen[0]
+    assert json.loads((tmp_path / "p" / "report.json").read_text())["layerwise"]["spill"]
+    assert_same(tmp_path / "p", model_dir, reference(model_dir, text, TRAIN))
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_killed_inside_a_layer_then_resumed(tiny, tmp_path, spill):
+    """A real process killed (SIGKILL) inside layer 2, after its forward pass wrote the
+    next layer's activations; the rerun keeps layers 0-1 and ends with the same files."""
+    model_dir, text = tiny
+    out = tmp_path / "p"
+    args = ["train-predictors", "--model", str(model_dir), "--data", str(text), "--out",
+            str(out), "--tokens", str(TRAIN.tokens), "--window", "24", "--rank", "8",
+            "--head-rank", "4", "--epochs", "4", "--select", "threshold", "--mlp-recall",
+            "0.9", "--device", "cpu"]
+    if spill:
+        args += ["--host-memory-gib", repr(spill_budget())]
+    proc = subprocess.Popen(CLI + args + ["--debug-stall-in-layer", "2"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    layer1 = out / "partial" / "layer-00001.safetensors"
+    deadline = time.monotonic() + 120
+    while not layer1.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into layer 2's forward pass (it stalls there)
+    proc.send_signal(signal.SIGKILL)
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == -signal.SIGKILL, output
+    assert sorted(p.name for p in (out / "partial").glob("layer-*")) == [
+        "layer-00000.safetensors", "layer-00001.safetensors"]
+    assert (out / "partial" / "resid-0.bin").exists() == spill
+    assert not (out / "predictors.safetensors").exists()
+    before = {p: tensors(out / "partial" / p)
+              for p in ("layer-00000.safetensors", "layer-00001.safetensors")}
+
+    done = subprocess.run(CLI + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming after layer 1" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["layerwise"]["resumed_at_layer"] == 2
+    assert not (out / "partial").exists()
+    # Layers 0-1 were kept, not retrained: the final file carries their tensors bit for bit.
+    final = tensors(out / "predictors.safetensors")
+    for i, saved in enumerate(before.values()):
+        for name in ("mlp.down.weight", "heads.up.bias"):
+            assert torch.equal(final[f"layers.{i}.{name}"], saved[name])
+    assert_same(out, model_dir, reference(model_dir, text, TRAIN))
+
+
+def test_too_little_memory_or_disk_is_refused_before_any_work(tiny, tmp_path):
+    model_dir, text = tiny
+    with pytest.raises(ResourceError, match="one layer needs .* of host memory"):
+        plan_resources(CFG, TRAIN, tokens=1512, window=24, dtype=torch.float32,
+                       on_gpu=False, host_budget=1000, disk_free=GIB)
+    with pytest.raises(ResourceError, match="must go to disk, which needs .* free"):
+        plan_resources(CFG, TRAIN, tokens=10**6, window=24, dtype=torch.float32,
+                       on_gpu=False, host_budget=2**26, disk_free=2**24)
+    with pytest.raises(ResourceError, match="on the GPU"):
+        plan_resources(CFG, TRAIN, tokens=1512, window=24, dtype=torch.float16,
+                       on_gpu=True, host_budget=GIB, disk_free=GIB, device_budget=1000)
+    # OPT-13B's shape, 100k tokens, float16 on a 10 GiB GPU budget: one layer fits, the
+    # activations stay in host memory.
+    opt13 = OPTConfig(vocab_size=50272, hidden_size=5120, num_hidden_layers=40,
+                      ffn_dim=20480, num_attention_heads=40, max_position_embeddings=2048,
+                      word_embed_proj_dim=5120)
+    plan = plan_resources(opt13, TrainConfig(), tokens=100_352, window=2048,
+                          dtype=torch.float16, on_gpu=True, host_budget=100 * GIB,
+                          disk_free=10 * GIB, device_budget=10 * GIB)
+    assert not plan.spill and plan.device_bytes <= 10 * GIB
+    # Through the CLI: a clear error, exit status 2, and nothing written.
+    out = tmp_path / "p"
+    done = subprocess.run(CLI + ["train-predictors", "--model", str(model_dir), "--data",
+                                 str(text), "--out", str(out), "--host-memory-gib", "1e-7"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "of host memory" in done.stderr, done.stderr
+    assert not (out / "partial").exists()
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped model")
+def test_shipped_model_layerwise_equals_whole_model(tmp_path):
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": " ".join(CORPUS[i:] + CORPUS[:i]) * 8}) + "\n"
+                            for i in range(5)) * 4)
+    cfg = TrainConfig(tokens=2048, window=64, per_doc=256, mlp_rank=16, head_rank=8,
+                      epochs=1, batch_size=128, mlp_recall=0.9, mlp_select="threshold")
+    ref = reference(SHIPPED, text, cfg)
+    train_layerwise(str(SHIPPED), str(text), str(tmp_path / "p"), cfg, log=lambda *_: None)
+    assert_same(tmp_path / "p", SHIPPED, ref)
+
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_layer_phase_bars_only_on_a_terminal():
+    from dejavu.tools.train_layerwise import Phases
+
+    tty, pipe = _Stream(True), _Stream(False)
+    for stream in (tty, pipe):
+        bars = Phases(stream)
+        bars.start("layer 2/4 forward", 1000, "tok")
+        time.sleep(0.01)
+        bars.advance(1000)
+    assert pipe.text == ""
+    assert "layer 2/4 forward [" in tty.text and "1000/1000" in tty.text
+    assert " tok/s " in tty.text and tty.text.endswith("\n")

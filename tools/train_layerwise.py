@@ -1,0 +1,485 @@
+"""Train predictors one decoder layer at a time, for models larger than the GPU and the host.
+
+Each layer's weights are read once from the checkpoint (``load_model`` of the one-layer
+span: only its tensors, straight from safetensors), run over every calibration token, and
+freed. What the later layers need stays on the host between layers: the residual stream
+of every token (in the compute dtype) and the predictor input of the next layer (float16;
+the wiring of ``sparse.predictor_source``, which reads at most one layer back). The pass
+records the layer's labels (``collect_labels.label_hooks``), fits the layer's predictors
+(``train_predictors.train_layer``) and writes them, with their frequencies and report row,
+to OUT/partial/layer-NNNNN.safetensors before the next layer starts. Peak memory is one
+layer plus these activations.
+
+Before any work, ``plan_resources`` sizes the run: activations and labels stay in host
+memory when they fit the host budget, else they are numpy memmaps in OUT/partial (the page
+cache keeps what it can); when neither fits, or one layer does not fit the GPU budget, it
+raises ``ResourceError`` naming the numbers.
+
+Resuming: a rerun with the same settings and data keeps the finished layers. Spilled
+activations are double-buffered by layer parity (layer l reads buffers l % 2 and writes
+(l + 1) % 2), so a run killed inside layer l finds layer l's inputs intact; activations
+held in memory are rebuilt by running the finished layers forward again (no fitting).
+
+The result equals ``train_predictors.train_predictors`` (the whole model in memory) run
+with the same settings: the same labels and inputs, token for token, and the same seeds.
+
+What this module does not know: how a layer's predictors are fitted or scored
+(train_predictors) or what the labels mean (collect_labels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..runtime.checkpoint import inspect_checkpoint, load_model, parse_dtype, resolve_model_dir
+from ..runtime.model import Batch, full_positions
+from ..runtime.opt_config import OPTConfig
+from ..runtime.predictors import (
+    Fingerprint,
+    Frequencies,
+    OperatingPoint,
+    PredictorSet,
+    config_hash,
+    layer_hash,
+)
+from ..runtime.selection import count
+from ..runtime.sparse import predictor_source
+from .collect_labels import Collected, calibration_windows, iter_texts, label_hooks
+from .progress import Bar
+from .train_predictors import (
+    TrainConfig,
+    _split,
+    finish,
+    fit_steps,
+    init_layer,
+    layer_frequencies,
+    layer_line,
+    make_report,
+    train_layer,
+    write_outputs,
+)
+
+WORK = "partial"  # OUT/partial: finished layers and spilled activations until the end
+GIB = 2**30
+CHUNK = 8  # windows per forward batch (the whole-model collector's batch)
+
+
+class ResourceError(ValueError):
+    """The memory or disk a training run needs is not there (raised before any work)."""
+
+
+# --- sizing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    tokens: int
+    chunk: int  # windows per forward batch
+    spill: bool  # activations and labels as memmaps in OUT/partial
+    tables_on_device: bool  # a layer's inputs and labels move to the device to be fitted
+    activation_bytes: int  # residual + next predictor input, two buffers each
+    label_bytes: int  # one layer's neuron bits and head norms
+    layer_bytes: int  # the largest one-layer span (embeddings or LM head included)
+    host_bytes: int
+    disk_bytes: int
+    device_bytes: int  # 0 on the CPU
+
+    def describe(self) -> str:
+        where = "memmaps in OUT/partial" if self.spill else "host memory"
+        dev = f", device {size(self.device_bytes)}" if self.device_bytes else ""
+        return (f"plan: {self.tokens} tokens; activations {size(self.activation_bytes)} "
+                f"+ labels {size(self.label_bytes)} in {where}; one layer "
+                f"{size(self.layer_bytes)}; host {size(self.host_bytes)}, "
+                f"disk {size(self.disk_bytes)}{dev}")
+
+
+def size(nbytes: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
+def layer_params(c: OPTConfig) -> int:
+    """Parameters of the largest one-layer span: a decoder layer plus the embeddings (first
+    layer) or the LM head and final norm (last layer), whichever is larger; both for a
+    one-layer model."""
+    layer = 4 * c.hidden_size * (c.hidden_size + 1) + 2 * c.hidden_size * c.ffn_dim \
+        + c.ffn_dim + 5 * c.hidden_size
+    proj = c.word_embed_proj_dim * c.hidden_size if c.has_projections else 0
+    embed = c.vocab_size * c.word_embed_proj_dim + \
+        (c.max_position_embeddings + 2) * c.hidden_size + proj
+    head = c.vocab_size * c.word_embed_proj_dim + proj + 2 * c.hidden_size
+    return layer + (embed + head if c.num_hidden_layers == 1 else max(embed, head))
+
+
+def predictor_bytes(c: OPTConfig, cfg: TrainConfig) -> int:
+    per = (c.hidden_size * cfg.mlp_rank + cfg.mlp_rank * c.ffn_dim + c.ffn_dim
+           + c.hidden_size * cfg.head_rank + cfg.head_rank * c.num_attention_heads
+           + c.num_attention_heads + c.ffn_dim + c.num_attention_heads)
+    return 4 * per * c.num_hidden_layers
+
+
+def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
+                   dtype: torch.dtype, on_gpu: bool, host_budget: int, disk_free: int,
+                   device_budget: int = 0) -> Plan:
+    """Where the run keeps what, and what it needs; ``ResourceError`` if it cannot run.
+    Budgets and free space are in bytes (the caller measures them)."""
+    dsize = torch.empty((), dtype=dtype).element_size()
+    n, cdim, f, h = tokens, c.hidden_size, c.ffn_dim, c.num_attention_heads
+    acts = 2 * n * cdim * (dsize + 2)
+    labels = n * ((f + 7) // 8 + 2 * h)
+    layer = layer_params(c) * dsize
+    n_eval = math.ceil(n / 10) + window  # calibrate or report split (10% of documents)
+    # Fitting: scores and labels of one evaluation split [n_eval, F] (float32 + bool), a
+    # training batch, and the predictors with AdamW's two moments.
+    fit = n_eval * f * 5 + cfg.batch_size * (cdim + f) * 8 + 4 * predictor_bytes(
+        c, cfg) // c.num_hidden_layers
+    tables = n * (2 * cdim + (f + 7) // 8 + 2 * h)  # inputs, bits and norms of one layer
+
+    def forward(chunk: int) -> int:  # one forward batch; CPU attention materializes T x T
+        t = chunk * window
+        attn = chunk * h * window * window * 4 if not on_gpu or dsize == 4 else 0
+        return t * (6 * cdim + 2 * f) * max(dsize, 4) + attn
+
+    chunk, tables_on_device, device_bytes = CHUNK, False, 0
+    if on_gpu:
+        while chunk > 1 and layer + forward(chunk) + fit > device_budget:
+            chunk //= 2
+        device_bytes = layer + forward(chunk) + fit
+        if device_bytes > device_budget:
+            raise ResourceError(
+                f"one layer needs {size(device_bytes)} on the GPU (weights "
+                f"{size(layer)}, a forward batch of one {window}-token window "
+                f"{size(forward(1))}, fitting {size(fit)}), more than the budget of "
+                f"{size(device_budget)}; raise --gpu-memory-gib or train on the CPU")
+        tables_on_device = device_bytes + tables <= device_budget
+        device_bytes += tables if tables_on_device else 0
+        base = layer + fit  # a layer passes through the host; fitting gathers rows there
+    else:
+        base = layer + forward(chunk) + fit
+    outputs = 2 * predictor_bytes(c, cfg)  # the layer files and the final file
+    if base > host_budget:
+        raise ResourceError(
+            f"one layer needs {size(base)} of host memory (weights "
+            f"{size(layer)} in {str(dtype).removeprefix('torch.')}), more than the "
+            f"{size(host_budget)} available; free memory or raise --host-memory-gib")
+    spill = base + acts + labels > host_budget
+    disk = outputs + (acts + labels if spill else 0)
+    if disk > disk_free:
+        why = (f"activations and labels of {n} tokens ({size(acts + labels)}) do "
+               f"not fit the host memory budget ({size(host_budget - base)} after "
+               "one layer) and must go to disk, which" if spill else "the outputs")
+        raise ResourceError(
+            f"{why} needs {size(disk)} free in the output directory, which has "
+            f"{size(disk_free)}; lower --tokens or put --out on a larger disk")
+    return Plan(n, chunk, spill, tables_on_device, acts, labels, layer,
+                base + (0 if spill else acts + labels), disk, device_bytes)
+
+
+def host_available() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# --- the state kept between layers -------------------------------------------------------------
+
+
+class Buffers:
+    """Per-token tables: residual and predictor input (two of each, by layer parity) and
+    one layer's labels; torch tensors in memory, or views of memmaps in ``work``."""
+
+    def __init__(self, n: int, c: OPTConfig, dtype: torch.dtype, work: Path | None) -> None:
+        self.work, self._maps = work, []
+        self.resid = [self._table(f"resid-{p}", (n, c.hidden_size), dtype) for p in (0, 1)]
+        self.source = [self._table(f"source-{p}", (n, c.hidden_size), torch.float16)
+                       for p in (0, 1)]
+        self.bits = self._table("bits", (n, (c.ffn_dim + 7) // 8), torch.uint8)
+        self.norms = self._table("norms", (n, c.num_attention_heads), torch.float16)
+
+    def _table(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        if self.work is None:
+            return torch.empty(shape, dtype=dtype)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        path = self.work / f"{name}.bin"
+        # r+ keeps what an interrupted run wrote; w+ creates (zero-filled, sparse on disk).
+        mode = "r+" if path.is_file() and path.stat().st_size == nbytes else "w+"
+        m = np.memmap(path, dtype=np.uint8, mode=mode, shape=(nbytes,))
+        self._maps.append(m)
+        return torch.from_numpy(m).view(dtype).view(shape)  # bfloat16 has no numpy dtype
+
+    @property
+    def spilled(self) -> bool:
+        return self.work is not None
+
+    def flush(self) -> None:
+        for m in self._maps:
+            m.flush()
+
+
+class Work:
+    """OUT/partial: the run's key (settings, model and data) and its finished layers."""
+
+    def __init__(self, path: Path, key: str, log) -> None:
+        self.path, self.key = path, key
+        stamp = path / "run.json"
+        if path.is_dir():
+            try:
+                old = json.loads(stamp.read_text()).get("key")
+            except (OSError, ValueError):
+                old = None
+            if old != key:
+                log(f"{path}: left by a run with other settings, model or data; starting over")
+                shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"key": key}) + "\n")
+
+    def layer_file(self, layer: int) -> Path:
+        return self.path / f"layer-{layer:05d}.safetensors"
+
+    def finished(self, layers: int) -> int:
+        """How many layers from the first are finished (a later one alone does not count)."""
+        done = 0
+        while done < layers and self.layer_file(done).is_file():
+            done += 1
+        return done
+
+    def save_layer(self, layer: int, preds: PredictorSet, freq: Frequencies, row: dict,
+                   lhash: str) -> None:
+        tensors = {f"{kind}.{name}": t.detach().to("cpu").contiguous()
+                   for kind, table in (("mlp", preds.mlp), ("heads", preds.heads))
+                   for name, t in table[layer].state_dict().items()}
+        tensors["freq.mlp"] = freq.mlp[layer].contiguous()
+        tensors["freq.heads"] = freq.heads[layer].contiguous()
+        meta = {"key": self.key, "layer_hash": lhash, "row": json.dumps(row),
+                "point": json.dumps(asdict(preds.points[layer]))}
+        tmp = self.layer_file(layer).with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, self.layer_file(layer))  # a layer is finished once its file exists
+
+    def load_layer(self, layer: int, preds: PredictorSet, freq: Frequencies, cfg: TrainConfig
+                   ) -> tuple[dict, str]:
+        with safe_open(str(self.layer_file(layer)), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        preds.mlp[layer], preds.heads[layer] = init_layer(preds.config, layer, cfg)
+        for kind, table in (("mlp", preds.mlp), ("heads", preds.heads)):
+            table[layer].load_state_dict({k[len(kind) + 1:]: v for k, v in tensors.items()
+                                          if k.startswith(kind + ".")})
+        preds.points[layer] = OperatingPoint(**json.loads(meta["point"]))
+        freq.mlp[layer], freq.heads[layer] = tensors["freq.mlp"], tensors["freq.heads"]
+        return json.loads(meta["row"]), meta["layer_hash"]
+
+
+def run_key(c: OPTConfig, cfg: TrainConfig, dtype: torch.dtype, windows: Tensor,
+            docs: Tensor) -> str:
+    h = hashlib.sha256(config_hash(c).encode())
+    fields = {k: v for k, v in asdict(cfg).items() if k != "max_memory_gb"}
+    h.update(json.dumps([fields, str(dtype)], sort_keys=True).encode())
+    h.update(windows.to(torch.int64).numpy().tobytes())
+    h.update(docs.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- one layer ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def forward_layer(span, layer_id: int, windows: Tensor, bufs: Buffers, chunk: int,
+                  labels: bool, bar: Phases | None = None) -> None:
+    """Run layer ``layer_id`` (the only layer of ``span``) over every window: read its
+    input from the parity buffers (the embeddings for layer 0), write its output and the
+    next layer's predictor input to the other parity, and with ``labels`` fill the label
+    tables through the collector's hooks."""
+    layer = span.layers()[0]
+    n_layers, cdim = span.config.num_hidden_layers, span.config.hidden_size
+    dev = next(layer.parameters()).device
+    dtype = next(layer.parameters()).dtype
+    here, nxt = predictor_source(layer_id), predictor_source(layer_id + 1)
+    if here.layer not in (layer_id - 1, layer_id):
+        raise ValueError(f"layer {layer_id}'s predictors read layer {here.layer}: training "
+                         "one layer at a time keeps only the previous layer's tensors")
+    cur, new = layer_id % 2, (layer_id + 1) % 2
+    t = windows.shape[1]
+    rows = [0, 0]
+    hooks = label_hooks(
+        layer, lambda b: bufs.bits.__setitem__(slice(*rows), b.cpu()),
+        lambda n: bufs.norms.__setitem__(slice(*rows), n.cpu())) if labels else []
+    try:
+        for s in range(0, windows.shape[0], chunk):
+            ids = windows[s:s + chunk]
+            b = ids.shape[0]
+            rows[:] = [s * t, (s + b) * t]
+            batch = Batch(full_positions(b, t, dev))
+            if layer_id == 0:
+                h = span.embed(ids.to(dev), batch.positions)
+            else:
+                h = bufs.resid[cur][rows[0]:rows[1]].to(dev, dtype).view(b, t, cdim)
+            sites = {"layer_in": h}
+            sites["mlp_in"] = layer.attention_block(h, batch)
+            out = layer.mlp_block(sites["mlp_in"])
+            if here.layer == layer_id:
+                bufs.source[cur][rows[0]:rows[1]] = _flat(sites[here.site])
+            if layer_id + 1 < n_layers:
+                if nxt.layer == layer_id:
+                    bufs.source[new][rows[0]:rows[1]] = _flat(sites[nxt.site])
+                bufs.resid[new][rows[0]:rows[1]] = out.reshape(-1, cdim).to(
+                    "cpu", bufs.resid[new].dtype)
+            if bar is not None:
+                bar.advance(b * t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]).to("cpu", torch.float16)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+class Phases:
+    """One progress bar per phase of a layer (read, forward, fit), advanced step by step;
+    drawn only on a terminal (tools/progress.Bar)."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream, self.bar, self.done = stream, None, 0
+
+    def start(self, desc: str, total: int, unit: str) -> None:
+        self.bar, self.done = Bar(desc, total, unit, self.stream), 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.done)
+
+
+def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
+                    device: str = "cpu", dtype: str = "float32", log=print,
+                    host_memory_gib: float | None = None, gpu_memory_gib: float | None = None,
+                    progress: Phases | None = None, stall_in_layer: int | None = None) -> Path:
+    """Train, write OUT/{predictors,frequencies}.safetensors and OUT/report.{json,md};
+    returns the predictors' path. ``stall_in_layer`` (tests only) blocks inside that layer,
+    after its forward pass and before its fit, for a test to kill the run there."""
+    from ..runtime.tokenizer import load_tokenizer
+
+    t_start = time.perf_counter()
+    dev, dt = torch.device(device), parse_dtype(dtype)
+    model_dir = resolve_model_dir(model_path)
+    c = inspect_checkpoint(model_dir).config  # headers only: no tensor is read yet
+    window = min(cfg.window or c.max_position_embeddings, c.max_position_embeddings)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    on_gpu = dev.type == "cuda"
+    device_budget = 0
+    if on_gpu:
+        free = torch.cuda.mem_get_info(dev)[0]
+        device_budget = free if gpu_memory_gib is None else min(free, int(gpu_memory_gib * GIB))
+    host_budget = host_available() if host_memory_gib is None else int(host_memory_gib * GIB)
+    plan = plan_resources(c, cfg, tokens=math.ceil(cfg.tokens / window) * window,
+                          window=window, dtype=dt, on_gpu=on_gpu, host_budget=host_budget,
+                          disk_free=shutil.disk_usage(out_dir).free,
+                          device_budget=device_budget)
+    log(plan.describe())
+
+    tok = load_tokenizer(model_dir)
+    windows, docs = calibration_windows(iter_texts(data), tok.encode, window=window,
+                                        tokens=cfg.tokens, per_doc=cfg.per_doc)
+    n, n_layers = windows.numel(), c.num_hidden_layers
+    work = Work(out_dir / WORK, run_key(c, cfg, dt, windows, docs), log)
+    split = _split(docs, window)
+    head_k = count(cfg.head_density, c.num_attention_heads)
+    preds = PredictorSet(c, Fingerprint(config_hash(c), {}), cfg.mlp_rank, cfg.head_rank)
+    freq = Frequencies({}, {}, n, head_k, preds.fingerprint)
+    rows: list[dict] = []
+    start = work.finished(n_layers)
+    for layer in range(start):
+        row, preds.fingerprint.layer_hashes[layer] = work.load_layer(layer, preds, freq, cfg)
+        rows.append(row)
+    # Activations an interrupted run spilled are used as they are, whatever the plan says.
+    spilled = start > 0 and (work.path / "resid-0.bin").is_file()
+    bufs = Buffers(n, c, dt, work.path if plan.spill or spilled else None)
+    bar = progress if progress is not None else Phases()
+    tables = dev if plan.tables_on_device else torch.device("cpu")
+    if start and not spilled:
+        log(f"resuming after layer {start - 1}: running layers 0..{start - 1} forward again "
+            "to rebuild the activations held in memory")
+        for layer in range(start):
+            span = load_model(model_dir, layers=range(layer, layer + 1), dtype=dt, device=dev)
+            forward_layer(span, layer, windows, bufs, plan.chunk, labels=False)
+            del span
+    elif start:
+        log(f"resuming after layer {start - 1} from the activations in {work.path}")
+
+    for layer in range(start, n_layers):
+        tag = f"layer {layer + 1}/{n_layers}"
+        t0 = time.perf_counter()
+        bar.start(f"{tag} read", 1, "layer")
+        span = load_model(model_dir, layers=range(layer, layer + 1), dtype=dt, device=dev)
+        bar.advance()
+        lhash = layer_hash(span.layers()[0])
+        t1 = time.perf_counter()
+        bar.start(f"{tag} forward", n, "tok")
+        forward_layer(span, layer, windows, bufs, plan.chunk, labels=True, bar=bar)
+        del span  # the weights are no longer needed: fitting reads only the tables
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+        t2 = time.perf_counter()
+        bufs.flush()
+        if stall_in_layer == layer:
+            time.sleep(3600)
+        data = Collected({layer: bufs.source[layer % 2]}, {layer: bufs.bits},
+                         {layer: bufs.norms}, c.ffn_dim, n)
+        preds.mlp[layer], preds.heads[layer] = init_layer(c, layer, cfg)
+        bar.start(f"{tag} fit", fit_steps(cfg, split["train"].numel()), "step")
+        row = train_layer(data, layer, split, preds, cfg, dev, tables=tables,
+                          progress=bar.advance)
+        freq.mlp[layer], freq.heads[layer] = layer_frequencies(
+            bufs.bits, bufs.norms, c.ffn_dim, head_k, dev)
+        t3 = time.perf_counter()
+        row.update(read_s=t1 - t0, forward_s=t2 - t1, fit_s=t3 - t2)
+        rows.append(row)
+        preds.fingerprint.layer_hashes[layer] = lhash
+        work.save_layer(layer, preds, freq, row, lhash)
+        per_layer = (time.perf_counter() - t_start) / (layer + 1 - start)
+        eta = per_layer * (n_layers - layer - 1)
+        log(f"{layer_line(row)}; read {t1 - t0:.1f} s, forward {t2 - t1:.1f} s, fit "
+            f"{t3 - t2:.1f} s; {layer + 1}/{n_layers} layers, ETA {eta:.0f} s")
+
+    report = make_report(cfg, split, docs, dev, rows)
+    report.update(model=str(model_dir), data=str(data))
+    report["layerwise"] = {
+        **asdict(plan), "resumed_at_layer": start, "wall_s": time.perf_counter() - t_start,
+        **{k: sum(r.get(k, 0.0) for r in rows[start:]) for k in ("read_s", "forward_s",
+                                                                 "fit_s")},
+        # ru_maxrss is KiB on Linux; it counts the resident pages of mapped files too.
+        "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_device_gib": torch.cuda.max_memory_allocated(dev) / GIB if on_gpu else 0.0,
+    }
+    finish(preds, cfg, report)
+    del bufs
+    path = write_outputs(out_dir, preds, freq, report, model_dir.name)
+    shutil.rmtree(work.path)
+    log(f"wrote {path} ({report['layerwise']['wall_s']:.0f} s)")
+    return path
