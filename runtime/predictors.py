@@ -123,7 +123,10 @@ def layer_hash(layer: nn.Module) -> str:
     for name, p in sorted(_weights(layer).items()):
         flat = p.detach().reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()))
-        sample = flat[idx.long().to(flat.device)].to("cpu", torch.float16)
+        # float32 rounds positions past 2**24 (an OPT-13B fc1 has 1e8 weights) up beyond the
+        # last one; clamping keeps every smaller tensor's sample, and so its hash, as it was.
+        idx = idx.long().clamp_(max=flat.numel() - 1)
+        sample = flat[idx.to(flat.device)].to("cpu", torch.float16)
         h.update(name.encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()

@@ -78,3 +78,22 @@ def test_offloaded_layers_hash_as_before(tmp_path):
     assert model.decoder.layers["1"].fc1.weight.is_meta
     assert fingerprint(model) == before
     assert PredictorSet.load(tmp_path, model).layer_ids == [0, 1, 2]
+
+
+def test_layer_hash_samples_weights_larger_than_float32_counts_exactly():
+    # 20.48M weights: float32 positions past 2**24 round up beyond the last one (an OPT-13B
+    # fc1 has 1e8); the sample must stay inside the tensor.
+    from torch import nn
+
+    from dejavu.runtime.predictors import layer_hash
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(5120, 4000, bias=False)
+
+    layer = Layer()
+    first = layer_hash(layer)
+    with torch.no_grad():
+        layer.fc1.weight[-1, -1] += 1.0  # the last weight is in the sample
+    assert layer_hash(layer) != first
