@@ -228,7 +228,12 @@ def _penalized_decode(stage: Stage, prompts: list[list[int]], steps: int):
         step = Step(s + 1, rows)
         out = stage.forward(step)
         logits = stage._sampling_logits(step, out)
-        outs.append(torch.stack([logits[b][1] for b in range(len(rows))]))
+        # An eager stage leaves a plain greedy row's logits uncomputed (its argmax comes from
+        # OPTModel.greedy_tokens): the raw logits are what it would have drawn from.
+        outs.append(torch.stack([
+            logits[b][1] if isinstance(logits[b], tuple)
+            else stage.model.logits(out[b, len(rows[b].tokens) - 1]).float()
+            for b in range(len(rows))]))
         stage.finish(step, out)
     return outs, stage.penalties, fed
 
