@@ -126,12 +126,13 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
         ids = parse_prompt_ids(request.prompt_ids)
     check_prompt(ids, config, params.max_new_tokens)
 
-    engine, report = build_engine(settings, tokenizer, max_len=len(ids) + params.max_new_tokens,
+    engine, built = build_engine(settings, tokenizer, max_len=len(ids) + params.max_new_tokens,
                                   err=err)
     with torch.inference_mode():
         result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
     if engine.stage.selector is not None:
         result["sparsity"] = sparsity_report(engine.stage.sparse_stats)
+    report = offload_report(built)  # after the run: it counts the host bytes read
     if report is not None:
         result["offload"] = report
     finish_output(result, out, as_json=as_json)
@@ -140,7 +141,7 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
 
 def build_engine(settings: Settings, tokenizer: Tokenizer | None, *, max_len: int,
                  max_batch: int = 1, err: TextIO | None = None):
-    """(engine, offload report or None): the in-process engine of resolved ``settings``
+    """(engine, what was built): the in-process engine of resolved ``settings``
     (runtime/build.py ``resolve``), built as every engine is, for ``max_batch`` sequences
     of ``max_len`` positions; the budget's plan goes to ``err``."""
     err = err or sys.stderr
@@ -149,7 +150,7 @@ def build_engine(settings: Settings, tokenizer: Tokenizer | None, *, max_len: in
     if built.report is not None:
         err.write(f"gpu_memory_gib {settings.pipeline.gpu_memory_gib:g}: "
                   f"{describe_report(built.report)}\n")
-    return Engine.from_stage(built.stage, tokenizer), offload_report(built)
+    return Engine.from_stage(built.stage, tokenizer), built
 
 
 def sampling_params(settings: Settings, stop: tuple[str, ...] = ()) -> SamplingParams:
