@@ -535,7 +535,9 @@ class PipelineServer:
         if self.handshakes:
             self.handshakes.stop()
         self.control.close(linger=0)
-        self.clients.close(linger=0)
+        # At most 0.2 s for the last Health(stopped) that _tell_clients queued: with none the
+        # clients see only a closed connection, not the reason.
+        self.clients.close(linger=200)
         if self.zap:
             self.zap.stop()
         self.ctx.term()

@@ -300,7 +300,9 @@ class PipelineClient:
                 self._lost(f"it has not answered for {now - self._last_heard:.1f} s")
                 continue
             ready = dict(await self._poller.poll(200))
-            if self._monitor in ready:
+            # A reply already waiting is read before a disconnect is believed: the scheduler's
+            # last Health(stopped) names why it went, and the poll returns both at once.
+            if self._monitor in ready and self.sock not in ready:
                 event = parse_monitor_message(await self._monitor.recv_multipart())
                 if event["event"] == zmq.EVENT_DISCONNECTED and self._down is None:
                     self._lost("the connection closed")
