@@ -52,7 +52,14 @@ from torch import Tensor
 
 from .model import Batch, KVCache, OPTDecoderLayer, OPTModel
 from .penalties import SlotPenalties
-from .sparse import NotCapturable, Selection, Selector, SparseContext, SparseStats
+from .sparse import (
+    NotCapturable,
+    Selection,
+    Selector,
+    SparseContext,
+    SparseStats,
+    mlp_reads_own_input,
+)
 from .step import Step
 
 log = logging.getLogger("dejavu.graphs")
@@ -88,12 +95,26 @@ class CapturedSparse(SparseContext):
         if sel.heads is not None:
             raise NotCapturable(f"layer {lid} selects heads: lazy K/V recomputation reads "
                                 "the device")
+        if mlp_reads_own_input(self.selector, lid):
+            return Selection(heads=sel.heads)  # neurons come in select_mlp
+        self._record(lid, sel.neurons)
+        return sel
+
+    def select_mlp(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch,
+                   sel: Selection) -> Selection:
+        lid = layer.layer_id
+        if not mlp_reads_own_input(self.selector, lid):
+            return sel
+        neurons = self.selector.select_neurons(lid, h)  # type: ignore[attr-defined]
+        self._record(lid, neurons)
+        return Selection(heads=sel.heads, neurons=neurons)
+
+    def _record(self, lid: int, neurons: Tensor | None) -> None:
         slot = self.union[self.index[lid]: self.index[lid] + 1]
-        if sel.neurons is None:
+        if neurons is None:
             slot.fill_(1.0)
         else:
-            slot.copy_(sel.neurons.reshape(-1, sel.neurons.shape[-1]).any(0).float().mean())
-        return sel
+            slot.copy_(neurons.reshape(-1, neurons.shape[-1]).any(0).float().mean())
 
 
 class _Captured:

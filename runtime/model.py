@@ -263,6 +263,7 @@ class OPTDecoderLayer(nn.Module):
         sel = batch.sparse.select(self, h, batch)
         h = self.attention_block(h, batch, sel.heads)
         batch.sparse.lookahead(self.layer_id, h)  # next layer's predictor input (wiring)
+        sel = batch.sparse.select_mlp(self, h, batch, sel)  # own-input MLP predictors
         # A fixed-shape (CUDA-graph captured) step must not read the device from the host.
         return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch), sel.neuron_index,
                               device_only=batch.fixed_shape)

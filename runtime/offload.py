@@ -555,6 +555,17 @@ class OffloadSelector:
         self.offloaded = frozenset(offloaded)
         self.ffn, self.heads = config.ffn_dim, config.num_attention_heads
 
+    def mlp_reads_own_input(self, layer_id: int) -> bool:
+        own = getattr(self.inner, "mlp_reads_own_input", None)
+        return own is not None and bool(own(layer_id))
+
+    def select_neurons(self, layer_id: int, mlp_in: Tensor) -> Tensor | None:
+        neurons = self.inner.select_neurons(layer_id, mlp_in)  # type: ignore[attr-defined]
+        if neurons is None and layer_id in self.offloaded:
+            return torch.ones(*mlp_in.shape[:2], self.ffn, dtype=torch.bool,
+                              device=mlp_in.device)
+        return neurons
+
     def __call__(self, layer_id: int, source: Tensor) -> Selection:
         sel = self.inner(layer_id, source)
         if layer_id in self.offloaded:

@@ -1,10 +1,12 @@
 """DejaVu predictors: per layer, low-rank classifiers that score MLP neurons and heads.
 
 For layer l, ``mlp(x)`` scores its F neurons (d -> r -> F) and ``heads(x)`` its H heads
-(d -> r -> H), from the residual-stream tensor that ``sparse.predictor_source(l)`` names
-(the residual entering layer l-1's MLP block). Each layer also carries its operating point:
-how many neurons and heads to keep per token (top-k), chosen when the predictors were
-trained for a target recall on held-out tokens.
+(d -> r -> H). The heads read the residual-stream tensor that ``sparse.predictor_source(l)``
+names (the residual entering layer l-1's MLP block); the neurons read either that tensor
+("lookahead") or the residual entering layer l's own MLP block ("mlp_in": what fc1 sees,
+through its layer norm), as the layer's operating point says (``mlp_source``). Each layer
+also carries its operating point: how many neurons and heads to keep per token (top-k or
+a calibrated threshold), chosen when the predictors were trained for a target recall.
 
 The file format is one safetensors file with string metadata: the format tag, the model's
 fingerprint (a hash of its config and, per layer, of a fixed sample of its weights, rounded
@@ -31,11 +33,19 @@ from torch import Tensor, nn
 
 from .opt_config import OPTConfig
 
-FORMAT = "dejavu-predictors/1"
+# Version 2 added the per-layer MLP source (``OperatingPoint.mlp_source``); a version 1
+# file has none, and every layer of it reads the lookahead source, as it was trained.
+FORMAT = "dejavu-predictors/2"
+FORMATS = ("dejavu-predictors/1", FORMAT)
 FILE_NAME = "predictors.safetensors"
-# The wiring is fixed (sparse.predictor_source); the tag is stored so that a file made for
-# another wiring is refused instead of silently mispredicting.
+# The head wiring (and the "lookahead" MLP source) is fixed (sparse.predictor_source); the
+# tag is stored so that a file made for another wiring is refused instead of mispredicting.
 WIRING = "layer l <- residual entering layer l-1's MLP block; layer 0 <- its own input"
+# Where a layer's MLP predictor reads: "lookahead" = the heads' source (above, one MLP
+# block early, so prediction can run beside the previous block and rows can be fetched
+# ahead), "mlp_in" = the residual entering the layer's own MLP block (exact input of fc1
+# up to its layer norm: more precise, but on the critical path between the two blocks).
+MLP_SOURCES = ("lookahead", "mlp_in")
 _SAMPLE = 512  # weights hashed per matrix
 
 
@@ -72,6 +82,12 @@ class OperatingPoint:
     mlp_recall: float | None = None  # None until measured
     mlp_precision: float | None = None
     head_recall: float | None = None
+    mlp_source: str = "lookahead"  # one of MLP_SOURCES (absent in version 1 files)
+
+    def __post_init__(self) -> None:
+        if self.mlp_source not in MLP_SOURCES:
+            raise PredictorError(f"mlp_source {self.mlp_source!r}: expected one of "
+                                 f"{MLP_SOURCES}")
 
 
 @dataclass
@@ -226,8 +242,10 @@ class PredictorSet:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as exc:
             raise PredictorError(f"{path}: not a readable safetensors file: {exc}") from None
-        if meta.get("format") != FORMAT:
-            raise PredictorError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("format") not in FORMATS:
+            raise PredictorError(f"{path}: format {meta.get('format')!r}; this runtime reads "
+                                 f"{' and '.join(FORMATS)}: retrain the predictors with "
+                                 "`dejavu-run train-predictors`")
         if meta.get("wiring") != WIRING:
             raise PredictorError(f"{path}: trained for wiring {meta.get('wiring')!r}; this "
                                  f"runtime uses {WIRING!r}")
@@ -270,8 +288,18 @@ class PredictorSet:
                     raise PredictorError(f"{path}: layer {i} {kind} predictor: {exc}") from None
             if str(i) not in points:
                 raise PredictorError(f"{path}: no operating point for layer {i}")
-            out.points[i] = OperatingPoint(**points[str(i)])
+            out.points[i] = _point(path, meta["format"], i, points[str(i)])
         return out.to(device)
+
+
+def _point(path: Path, fmt: str, layer: int, fields: dict) -> OperatingPoint:
+    """A stored operating point; version 1 files have no ``mlp_source`` (lookahead)."""
+    if fmt == FORMATS[0] and "mlp_source" in fields:
+        raise PredictorError(f"{path}: a {fmt} file with a layer {layer} mlp_source")
+    try:
+        return OperatingPoint(**fields)
+    except TypeError as exc:
+        raise PredictorError(f"{path}: layer {layer}'s operating point: {exc}") from None
 
 
 def find_predictors(model_dir: str | Path) -> Path | None:

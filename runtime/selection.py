@@ -119,27 +119,45 @@ class PredictorSelector:
                                  f"are calibrated for recall {sorted(table)} only")
         return table[key]
 
+    def mlp_reads_own_input(self, layer_id: int) -> bool:
+        """Whether the layer's neurons are predicted from its own MLP input (then the
+        context asks ``select_neurons`` after the attention block)."""
+        point = self.predictors.points.get(layer_id)
+        return (point is not None and point.mlp_source == "mlp_in"
+                and layer_id not in self.config.dense_layers)
+
     @torch.no_grad()
     def __call__(self, layer_id: int, source: Tensor) -> Selection:
         if layer_id in self.config.dense_layers:
             return Selection()
+        self._check_layer(layer_id)
+        head_k = self.ks(layer_id)[1]
+        p_heads = self.predictors.heads[layer_id]
+        x = source.to(p_heads.up.weight.dtype)
+        heads = topk_mask(p_heads(x), head_k) \
+            if head_k < self.predictors.config.num_attention_heads else None
+        neurons = None if self.mlp_reads_own_input(layer_id) else self._neurons(layer_id, x)
+        return Selection(heads=heads, neurons=neurons)
+
+    @torch.no_grad()
+    def select_neurons(self, layer_id: int, mlp_in: Tensor) -> Tensor | None:
+        """[B, T, F] neuron mask from the residual entering the layer's MLP block."""
+        self._check_layer(layer_id)
+        return self._neurons(layer_id, mlp_in.to(self.predictors.mlp[layer_id].up.weight.dtype))
+
+    def _check_layer(self, layer_id: int) -> None:
         if layer_id not in self.predictors.mlp:
             raise SelectionError(f"no predictors for layer {layer_id} (the file has layers "
                                  f"{self.predictors.layer_ids})")
-        mlp_k, head_k = self.ks(layer_id)
-        c = self.predictors.config
-        p_mlp, p_heads = self.predictors.mlp[layer_id], self.predictors.heads[layer_id]
-        x = source.to(p_mlp.up.weight.dtype)
+
+    def _neurons(self, layer_id: int, x: Tensor) -> Tensor | None:
+        p_mlp = self.predictors.mlp[layer_id]
         threshold = self.threshold(layer_id)
         if threshold is not None:  # a calibrated threshold: as many neurons as the token needs
-            neurons = p_mlp(x) > threshold
+            return p_mlp(x) > threshold
+        mlp_k = self.ks(layer_id)[0]
         # Selecting everything needs no prediction, and must stay exact (a density-1 run).
-        elif mlp_k < c.ffn_dim:
-            neurons = topk_mask(p_mlp(x), mlp_k)
-        else:
-            neurons = None
-        heads = topk_mask(p_heads(x), head_k) if head_k < c.num_attention_heads else None
-        return Selection(heads=heads, neurons=neurons)
+        return topk_mask(p_mlp(x), mlp_k) if mlp_k < self.predictors.config.ffn_dim else None
 
 
 class RandomSelector:

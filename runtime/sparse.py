@@ -187,7 +187,8 @@ class SparseContext:
         return self.mode == "gather" or (self.mode == "auto" and batch.cache is not None)
 
     def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
-        """Layer ``layer``'s selection; ``h`` is its input [B, T, C]."""
+        """Layer ``layer``'s selection; ``h`` is its input [B, T, C]. Where the layer's
+        neurons are predicted from its own MLP input, they come later (``select_mlp``)."""
         lid = layer.layer_id
         source = self.source(lid, h)
         t0 = time.perf_counter()
@@ -196,20 +197,42 @@ class SparseContext:
         stats.predictor_s += time.perf_counter() - t0
         tokens = h.shape[0] * h.shape[1]
         stats.tokens += tokens
-        gather = self.gather(batch)
-        _check_mask(sel.neurons, "neurons", h.shape)
         _check_mask(sel.heads, "heads", h.shape)
-        if not gather:
-            stats.mlp_computed += _masked_fraction(sel.neurons, tokens)
-            stats.heads_computed += _masked_fraction(sel.heads, tokens)
+        heads = self._account(layer, sel.heads, batch, tokens, "heads_computed")
+        if mlp_reads_own_input(self.selector, lid):
+            return Selection(heads=heads[0])
+        _check_mask(sel.neurons, "neurons", h.shape)
+        neurons, neuron_index = self._account(layer, sel.neurons, batch, tokens,
+                                              "mlp_computed")
+        return Selection(heads=heads[0], neurons=neurons, neuron_index=neuron_index)
+
+    def select_mlp(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch,
+                   sel: Selection) -> Selection:
+        """``sel`` with the layer's neurons when its MLP predictor reads its own input:
+        ``h`` [B, T, C] is the residual entering the layer's MLP block."""
+        lid = layer.layer_id
+        if not mlp_reads_own_input(self.selector, lid):
             return sel
+        t0 = time.perf_counter()
+        neurons = self.selector.select_neurons(lid, h)  # type: ignore[attr-defined]
+        self.stats.layer(lid).predictor_s += time.perf_counter() - t0
+        _check_mask(neurons, "neurons", h.shape)
+        neurons, index = self._account(layer, neurons, batch, h.shape[0] * h.shape[1],
+                                       "mlp_computed")
+        return Selection(heads=sel.heads, neurons=neurons, neuron_index=index)
+
+    def _account(self, layer: OPTDecoderLayer, mask: Tensor | None, batch: Batch,
+                 tokens: int, stat: str) -> tuple[Tensor | None, Tensor | None]:
+        """Count a mask's computed fraction over ``tokens`` into ``stat``; in gather mode
+        return it as the union the block computes (None: dense) with its indices."""
+        stats = self.stats.layer(layer.layer_id)
+        if not self.gather(batch):
+            setattr(stats, stat, getattr(stats, stat) + _masked_fraction(mask, tokens))
+            return mask, None
         # An offloaded layer has no dense weights on the device: it always gathers.
-        offloaded = sparse_backend.is_offloaded(layer)
-        neurons, neuron_index, mlp_union = self._union(sel.neurons, offloaded)
-        heads, _, head_union = self._union(sel.heads, offloaded)
-        stats.mlp_computed += tokens * mlp_union  # each token computes the batch's union
-        stats.heads_computed += tokens * head_union
-        return Selection(heads=heads, neurons=neurons, neuron_index=neuron_index)
+        mask, index, union = self._union(mask, sparse_backend.is_offloaded(layer))
+        setattr(stats, stat, getattr(stats, stat) + tokens * union)  # each token: the union
+        return mask, index
 
     def source(self, lid: int, h: Tensor) -> Tensor:
         """Layer ``lid``'s predictor input (the wiring of ``predictor_source``); ``h`` is
@@ -251,6 +274,14 @@ class SparseContext:
         predictor input. (A GPU backend launches that prediction here, on a side stream.)"""
         self._sources[layer_id + 1] = h
         self.carry_out = h
+
+
+def mlp_reads_own_input(selector: Selector | None, layer_id: int) -> bool:
+    """Whether ``selector`` predicts layer ``layer_id``'s neurons from the residual entering
+    that layer's MLP block (``selector.select_neurons(layer_id, h)``, after attention)
+    rather than with its heads from the lookahead source."""
+    own = getattr(selector, "mlp_reads_own_input", None)
+    return own is not None and bool(own(layer_id))
 
 
 def _check_mask(mask: Tensor | None, what: str, shape: torch.Size) -> None:

@@ -10,7 +10,11 @@ from safetensors import safe_open
 
 from dejavu.runtime.model import Batch, OPTModel, full_positions
 from dejavu.runtime.opt_config import OPTConfig
-from dejavu.runtime.predictors import PredictorError, PredictorSet, fingerprint
+from dejavu.runtime.predictors import (
+    PredictorError,
+    PredictorSet,
+    fingerprint,
+)
 from dejavu.runtime.selection import (
     PredictorSelector,
     RandomSelector,
@@ -19,7 +23,12 @@ from dejavu.runtime.selection import (
 )
 from dejavu.runtime.sparse import SparseContext
 from dejavu.tools.collect_labels import collect, pack_bits, unpack_bits
-from dejavu.tools.train_predictors import TrainConfig, hits_at_k, train_predictors
+from dejavu.tools.train_predictors import (
+    TrainConfig,
+    hits_at_k,
+    svd_init,
+    train_predictors,
+)
 
 CFG = OPTConfig(vocab_size=89, hidden_size=32, num_hidden_layers=3, ffn_dim=84,
                 num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32)
@@ -108,6 +117,8 @@ def test_collection_records_the_runtime_wiring_and_exact_labels():
         torch.testing.assert_close(data.inputs[i].float(), source.reshape(-1, 32),
                                    rtol=1e-3, atol=1e-3)  # stored as float16
         mid = layer.attention_block(h, batch)
+        torch.testing.assert_close(data.mlp_inputs[i].float(), mid.reshape(-1, 32),
+                                   rtol=1e-3, atol=1e-3)  # the "mlp_in" source
         pre = layer.fc1(layer.final_layer_norm(mid))
         assert torch.equal(unpack_bits(data.neuron_bits[i], 84), (pre > 0).reshape(-1, 84))
         attn = layer.self_attn
@@ -149,7 +160,9 @@ def test_training_learns_better_than_random_and_meets_calibrated_recall():
     src = torch.randn(1, 5, CFG.hidden_size)
     for layer in range(3):
         s = sel(layer, src)
-        assert (s.neurons.sum(-1) == preds.points[layer].mlp_k).all()
+        # The default wiring predicts neurons from the layer's own MLP input, later.
+        assert s.neurons is None and sel.mlp_reads_own_input(layer)
+        assert (sel.select_neurons(layer, src).sum(-1) == preds.points[layer].mlp_k).all()
         assert (s.heads.sum(-1) == 2).all()
 
 
@@ -221,3 +234,84 @@ def test_threshold_selection_keeps_what_the_predictor_scores_above_it(tmp_path):
         PredictorSelector(preds, SelectionConfig(mlp_recall=0.7))(1, src)
     forced = PredictorSelector(preds, SelectionConfig(mlp_select="topk"))(1, src)
     assert forced.neurons is None  # the file's k, which for untrained predictors is all
+
+
+def exact_own_input_predictors(model: OPTModel) -> PredictorSet:
+    """Full-rank closed-form MLP predictors at threshold 0: they select exactly the neurons
+    whose fc1 pre-activation is positive, when (and only when) fed the MLP's own input."""
+    preds = PredictorSet.create(model, mlp_rank=CFG.hidden_size, head_rank=2)
+    for layer in model.layers():
+        svd_init(preds.mlp[layer.layer_id], layer)
+        point = preds.points[layer.layer_id]
+        point.mlp_source, point.mlp_threshold = "mlp_in", 0.0
+    preds.mlp_select = "threshold"
+    return preds
+
+
+def test_svd_predictor_at_full_rank_scores_the_pre_activation():
+    model = tiny_model()
+    preds = exact_own_input_predictors(model)
+    h = torch.randn(3, 5, CFG.hidden_size) * 4
+    for layer in model.layers():
+        want = layer.fc1(layer.final_layer_norm(h))
+        torch.testing.assert_close(preds.mlp[layer.layer_id](h), want, rtol=1e-4, atol=1e-4)
+    # Truncated, it keeps the top singular directions only: close, not equal.
+    low = PredictorSet.create(model, mlp_rank=4, head_rank=2)
+    layer = model.layers()[1]
+    svd_init(low.mlp[1], layer)
+    err = (low.mlp[1](h) - layer.fc1(layer.final_layer_norm(h))).norm()
+    assert 0 < err < layer.fc1(layer.final_layer_norm(h)).norm()
+
+
+@pytest.mark.parametrize("mode", ["mask", "gather"])
+def test_own_input_wiring_selects_the_firing_neurons_and_equals_dense(mode):
+    model = tiny_model()
+    ids = windows(2, 9)
+    ctx = SparseContext(PredictorSelector(exact_own_input_predictors(model)), mode=mode)
+    dense = model(ids, Batch(full_positions(2, 9, "cpu")))
+    sparse = model(ids, Batch(full_positions(2, 9, "cpu"), sparse=ctx))
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+    data = collect(model, ids)
+    for i, stats in ctx.stats.as_dict()["layers"].items():
+        fires = unpack_bits(data.neuron_bits[int(i)], CFG.ffn_dim)
+        want = fires.double().mean() if mode == "mask" else fires.any(0).double().mean()
+        assert stats["mlp_density"] == pytest.approx(float(want), abs=1e-3)
+        assert stats["mlp_density"] < 1.0
+    if mode == "gather":  # a union over 18 tokens: the lookahead one may pass dense_above
+        return
+    # Fed the lookahead source instead, the same predictors select other neurons.
+    for point in ctx.selector.predictors.points.values():
+        point.mlp_source = "lookahead"
+    look = model(ids, Batch(full_positions(2, 9, "cpu"),
+                            sparse=SparseContext(ctx.selector, mode=mode)))
+    assert not torch.allclose(look, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_version_1_files_load_with_the_lookahead_source(tmp_path):
+    model = tiny_model()
+    preds = exact_own_input_predictors(model)
+    path = preds.save(tmp_path / "v2")
+    back = PredictorSet.load(path, model)
+    assert all(p.mlp_source == "mlp_in" for p in back.points.values())
+    # A version 1 file: the same tensors, the old tag, points without a source.
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    points = json.loads(meta["operating_points"])
+    for p in points.values():
+        del p["mlp_source"]
+    from safetensors.torch import save_file
+    v1 = tmp_path / "v1.safetensors"
+    save_file(tensors, str(v1), metadata=dict(meta, format="dejavu-predictors/1",
+                                              operating_points=json.dumps(points)))
+    old = PredictorSet.load(v1, model)
+    assert all(p.mlp_source == "lookahead" for p in old.points.values())
+    assert not PredictorSelector(old).mlp_reads_own_input(1)
+    for fmt, why in (("dejavu-predictors/3", "retrain"), ("dejavu-predictors/1", "mlp_source")):
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata=dict(meta, format=fmt))
+        with pytest.raises(PredictorError, match=why):
+            PredictorSet.load(bad, model)
+    points["1"]["mlp_source"] = "elsewhere"
+    save_file(tensors, str(bad), metadata=dict(meta, operating_points=json.dumps(points)))
+    with pytest.raises(PredictorError, match="elsewhere"):
+        PredictorSet.load(bad, model)

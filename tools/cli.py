@@ -311,7 +311,15 @@ def train_predictors(
     data: str = typer.Option(..., "--data", help="calibration text: .txt, .jsonl or .jsonl.xz"),
     out: str = typer.Option(..., "--out", help="directory for predictors.safetensors + report"),
     tokens: int = typer.Option(100_000, "--tokens", help="calibration tokens (bounds memory)"),
-    rank: int = typer.Option(128, "--rank", help="rank of the MLP predictors"),
+    rank: int = typer.Option(256, "--rank", help="rank of the MLP predictors"),
+    mlp_source: str = typer.Option("mlp_in", "--mlp-source",
+                                   help="MLP predictor input: mlp_in (the layer's own MLP "
+                                   "input) or lookahead (the heads' source, one block early)"),
+    mlp_init: str = typer.Option("svd", "--mlp-init",
+                                 help="svd (closed form from fc1; needs mlp_in) or random"),
+    mlp_epochs: int = typer.Option(None, "--mlp-epochs",
+                                   help="fitting epochs of the MLP predictors (default: 0 "
+                                   "with --mlp-init svd, --epochs with random)"),
     head_rank: int = typer.Option(64, "--head-rank", help="rank of the head predictors"),
     mlp_recall: float = typer.Option(0.95, "--mlp-recall",
                                      help="recall target that sets each layer's MLP top-k"),
@@ -357,7 +365,8 @@ def train_predictors(
                           head_rank=head_rank,
                           epochs=epochs, batch_size=batch_size, lr=lr,
                           mlp_recall=mlp_recall, mlp_density=mlp_density,
-                          mlp_select=select,
+                          mlp_select=select, mlp_source=mlp_source, mlp_init=mlp_init,
+                          mlp_epochs=mlp_epochs,
                           head_density=head_density, head_point=head_point)
         if gpu_memory_gib is None:
             gpu_memory_gib = settings.pipeline.gpu_memory_gib

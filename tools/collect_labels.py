@@ -3,9 +3,10 @@
 Per layer and token it keeps, compactly and in preallocated buffers whose size is known
 before the run (so memory is bounded by ``--tokens``):
 
-- the predictor input, exactly the tensor the runtime feeds that layer's predictors
-  (``sparse.predictor_source``; the run goes through ``SparseContext`` with a recording
-  selector, so training and inference share one wiring), as float16 [N, C];
+- the predictor inputs, exactly the tensors the runtime feeds that layer's predictors (the
+  run goes through ``SparseContext`` with a recording selector, so training and inference
+  share one wiring), as float16 [N, C]: the lookahead source (``sparse.predictor_source``)
+  and the residual entering the layer's own MLP block (``SparseContext.select_mlp``);
 - the MLP labels, "fc1 pre-activation > 0" (the neuron fires), as bit masks [N, F/8];
 - each head's output norm ||o_h W_out[:, h]|| (its contribution to the residual), float16
   [N, H]; head labels are the top heads by this norm.
@@ -18,7 +19,7 @@ What this module does not know: how predictors are trained on these (train_predi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -58,18 +59,25 @@ def calibration_windows(texts: Iterator[str], encode, *, window: int, tokens: in
 
 @dataclass
 class Collected:
-    """Per layer: inputs [N, C] float16, neuron bits [N, ceil(F/8)] uint8, head norms
-    [N, H] float16."""
+    """Per layer: inputs [N, C] float16 (the lookahead source), neuron bits [N, ceil(F/8)]
+    uint8, head norms [N, H] float16 and the residual entering the layer's MLP block
+    [N, C] float16 (``mlp_inputs``, the "mlp_in" MLP source)."""
 
     inputs: dict[int, Tensor]
     neuron_bits: dict[int, Tensor]
     head_norms: dict[int, Tensor]
     ffn_dim: int
     tokens: int
+    mlp_inputs: dict[int, Tensor] = field(default_factory=dict)
+
+    def mlp_source(self, layer: int, source: str) -> Tensor:
+        """The MLP predictor's input table of one layer for an ``OperatingPoint.mlp_source``."""
+        return self.mlp_inputs[layer] if source == "mlp_in" else self.inputs[layer]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for table in
-                   (self.inputs, self.neuron_bits, self.head_norms) for t in table.values())
+                   (self.inputs, self.neuron_bits, self.head_norms, self.mlp_inputs)
+                   for t in table.values())
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -93,7 +101,7 @@ def unpack_bits(bits: Tensor, f: int) -> Tensor:
 
 def planned_bytes(model: OPTModel, tokens: int) -> int:
     c = model.config
-    per_token = c.hidden_size * 2 + (c.ffn_dim + 7) // 8 + c.num_attention_heads * 2
+    per_token = c.hidden_size * 4 + (c.ffn_dim + 7) // 8 + c.num_attention_heads * 2
     return tokens * per_token * len(model.layer_ids)
 
 
@@ -101,7 +109,7 @@ def planned_bytes(model: OPTModel, tokens: int) -> int:
 def collect(model: OPTModel, windows: Tensor, *, batch_size: int = 8,
             progress=None) -> Collected:
     """Run the whole model over ``windows`` [W, T] and record, per layer and token, the
-    predictor input and the labels."""
+    predictor inputs and the labels."""
     if not (model.is_first and model.is_last):
         raise ValueError("collection needs the whole model, not a layer span")
     c = model.config
@@ -114,13 +122,11 @@ def collect(model: OPTModel, windows: Tensor, *, batch_size: int = 8,
                      for i in layers},
         head_norms={i: torch.empty(n_tokens, c.num_attention_heads, dtype=torch.float16)
                     for i in layers},
-        ffn_dim=c.ffn_dim, tokens=n_tokens)
+        ffn_dim=c.ffn_dim, tokens=n_tokens,
+        mlp_inputs={i: torch.empty(n_tokens, c.hidden_size, dtype=torch.float16)
+                    for i in layers})
     cursor = [0, 0]  # [start, end) of the current batch's tokens
-
-    def record(layer_id: int, source: Tensor) -> Selection:
-        out.inputs[layer_id][cursor[0]:cursor[1]] = source.reshape(-1, c.hidden_size).to(
-            "cpu", torch.float16)
-        return Selection()  # dense: collection runs the exact model
+    record = _Recorder(out, cursor)
 
     hooks = []
     for layer in model.layers():
@@ -141,6 +147,28 @@ def collect(model: OPTModel, windows: Tensor, *, batch_size: int = 8,
         for h in hooks:
             h.remove()
     return out
+
+
+class _Recorder:
+    """A selector that keeps every block dense and writes both predictor inputs of each
+    layer to ``out`` at rows ``cursor`` = [start, end)."""
+
+    def __init__(self, out: Collected, cursor: list[int]) -> None:
+        self.out, self.cursor = out, cursor
+
+    def _write(self, table: dict[int, Tensor], layer_id: int, x: Tensor) -> None:
+        table[layer_id][slice(*self.cursor)] = x.reshape(-1, x.shape[-1]).to(
+            "cpu", torch.float16)
+
+    def __call__(self, layer_id: int, source: Tensor) -> Selection:
+        self._write(self.out.inputs, layer_id, source)
+        return Selection()  # dense: collection runs the exact model
+
+    def mlp_reads_own_input(self, layer_id: int) -> bool:
+        return True  # so that the context hands over the MLP block's input too
+
+    def select_neurons(self, layer_id: int, mlp_in: Tensor) -> None:
+        self._write(self.out.mlp_inputs, layer_id, mlp_in)
 
 
 def label_hooks(layer, on_bits, on_norms) -> list:

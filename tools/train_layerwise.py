@@ -66,6 +66,7 @@ from .train_predictors import (
     finish,
     fit_steps,
     init_layer,
+    init_mlp,
     layer_frequencies,
     layer_line,
     make_report,
@@ -142,14 +143,14 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
     dsize = torch.empty((), dtype=dtype).element_size()
     n, cdim, f, h = tokens, c.hidden_size, c.ffn_dim, c.num_attention_heads
     acts = 2 * n * cdim * (dsize + 2)
-    labels = n * ((f + 7) // 8 + 2 * h)
+    labels = n * ((f + 7) // 8 + 2 * h + 2 * cdim)  # with the layer's own MLP input
     layer = layer_params(c) * dsize
     n_eval = math.ceil(n / 10) + window  # calibrate or report split (10% of documents)
     # Fitting: scores and labels of one evaluation split [n_eval, F] (float32 + bool), a
     # training batch, and the predictors with AdamW's two moments.
     fit = n_eval * f * 5 + cfg.batch_size * (cdim + f) * 8 + 4 * predictor_bytes(
         c, cfg) // c.num_hidden_layers
-    tables = n * (2 * cdim + (f + 7) // 8 + 2 * h)  # inputs, bits and norms of one layer
+    tables = n * (4 * cdim + (f + 7) // 8 + 2 * h)  # inputs, bits and norms of one layer
 
     def forward(chunk: int) -> int:  # one forward batch; CPU attention materializes T x T
         t = chunk * window
@@ -214,6 +215,7 @@ class Buffers:
         self.resid = [self._table(f"resid-{p}", (n, c.hidden_size), dtype) for p in (0, 1)]
         self.source = [self._table(f"source-{p}", (n, c.hidden_size), torch.float16)
                        for p in (0, 1)]
+        self.mlp_in = self._table("mlp-in", (n, c.hidden_size), torch.float16)  # this layer's
         self.bits = self._table("bits", (n, (c.ffn_dim + 7) // 8), torch.uint8)
         self.norms = self._table("norms", (n, c.num_attention_heads), torch.float16)
 
@@ -340,6 +342,8 @@ def forward_layer(span, layer_id: int, windows: Tensor, bufs: Buffers, chunk: in
             out = layer.mlp_block(sites["mlp_in"])
             if here.layer == layer_id:
                 bufs.source[cur][rows[0]:rows[1]] = _flat(sites[here.site])
+            if labels:
+                bufs.mlp_in[rows[0]:rows[1]] = _flat(sites["mlp_in"])
             if layer_id + 1 < n_layers:
                 if nxt.layer == layer_id:
                     bufs.source[new][rows[0]:rows[1]] = _flat(sites[nxt.site])
@@ -439,6 +443,8 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         span = load_model(model_dir, layers=range(layer, layer + 1), dtype=dt, device=dev)
         bar.advance()
         lhash = layer_hash(span.layers()[0])
+        preds.mlp[layer], preds.heads[layer] = init_layer(c, layer, cfg)
+        init_mlp(preds.mlp[layer], span.layers()[0], cfg)
         t1 = time.perf_counter()
         bar.start(f"{tag} forward", n, "tok")
         forward_layer(span, layer, windows, bufs, plan.chunk, labels=True, bar=bar)
@@ -450,8 +456,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         if stall_in_layer == layer:
             time.sleep(3600)
         data = Collected({layer: bufs.source[layer % 2]}, {layer: bufs.bits},
-                         {layer: bufs.norms}, c.ffn_dim, n)
-        preds.mlp[layer], preds.heads[layer] = init_layer(c, layer, cfg)
+                         {layer: bufs.norms}, c.ffn_dim, n, {layer: bufs.mlp_in})
         bar.start(f"{tag} fit", fit_steps(cfg, split["train"].numel()), "step")
         row = train_layer(data, layer, split, preds, cfg, dev, tables=tables,
                           progress=bar.advance)

@@ -7,9 +7,17 @@ document so held-out text is unseen), chooses each layer's operating point on th
 calibration split and reports recall, precision and density on the report split. It
 writes DIR/predictors.safetensors, DIR/report.json and DIR/report.md.
 
+MLP predictors read the residual entering their own layer's MLP block (``mlp_source``
+"mlp_in", the default) or the heads' lookahead source ("lookahead"). From their own input
+the default predictor is closed-form (``mlp_init`` "svd"): fc1 through its layer norm,
+truncated to rank r by an SVD, so it scores each neuron by an approximation of its
+pre-activation; ``mlp_epochs`` > 0 fine-tunes it (binary cross-entropy), and "random"
+initialises and fits it as the head predictors are.
+
 Operating points (top-k per token):
 - MLP: the smallest k whose recall of firing neurons reaches ``mlp_recall`` on the
-  calibration split, or a fixed ``mlp_density`` for every layer;
+  calibration split, or a fixed ``mlp_density`` for every layer; with threshold selection,
+  per layer, the largest logit threshold that keeps that recall;
 - heads: k = ``head_density`` * H; a head counts as "needed" when it is among the k heads
   with the largest output norm for that token.
 
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..runtime.predictors import (
+    MLP_SOURCES,
     Frequencies,
     LowRankClassifier,
     OperatingPoint,
@@ -44,7 +53,7 @@ from .collect_labels import (
 )
 
 # Recall targets whose thresholds every layer stores besides its own operating point.
-RECALLS = (0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.975, 0.99)
+RECALLS = (0.8, 0.85, 0.9, 0.925, 0.95, 0.955, 0.96, 0.965, 0.975, 0.99)
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,16 @@ class TrainConfig:
     # 1024-token windows, whose scored tokens sit at positions 512..1023.
     window: int | None = None
     per_doc: int = 4096  # tokens from one document at most: calibration spans many books
-    mlp_rank: int = 128
+    # Rank 256 for the closed-form predictor: on opt-gutenberg-31m (hidden 512) its mean
+    # held-out density at recall 0.95 is 0.29 at rank 64, 0.20 at 128, 0.16 at 192 and
+    # 0.14 at 256 (bench/sparsity/README.md).
+    mlp_rank: int = 256
     head_rank: int = 64
+    mlp_source: str = "mlp_in"  # runtime.predictors.MLP_SOURCES
+    mlp_init: str = "svd"  # "svd" (closed form from fc1, needs "mlp_in") or "random"
+    # Fitting epochs of the MLP predictor; None: none for "svd" (fine-tuning it for an
+    # epoch changed layer 0's held-out density by +0.003), ``epochs`` for "random".
+    mlp_epochs: int | None = None
     epochs: int = 8
     # Small batches and several epochs: with 1024-token batches and 3 epochs the MLP
     # predictors were far from converged (recall of firing neurons at 20% density 0.69 vs
@@ -88,11 +105,26 @@ class TrainConfig:
             "head_density": 0 < self.head_density <= 1, "max_memory_gb": self.max_memory_gb > 0,
             "head_point": 0 < self.head_point <= 1,
             "mlp_select": self.mlp_select in ("topk", "threshold"),
+            "mlp_source": self.mlp_source in MLP_SOURCES,
+            "mlp_init": self.mlp_init in ("svd", "random"),
+            "mlp_epochs": self.mlp_epochs is None or self.mlp_epochs >= 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"train-predictors: {name}={getattr(self, name)!r} is out "
                                  "of range")
+        if self.mlp_init == "svd" and self.mlp_source != "mlp_in":
+            raise ValueError("train-predictors: mlp_init='svd' approximates fc1 from its own "
+                             "input: it needs mlp_source='mlp_in' (or use mlp_init='random')")
+        if self.mlp_init == "random" and self.mlp_epochs == 0:
+            raise ValueError("train-predictors: mlp_init='random' with mlp_epochs=0 would "
+                             "ship untrained MLP predictors")
+
+    @property
+    def mlp_fit_epochs(self) -> int:
+        if self.mlp_epochs is not None:
+            return self.mlp_epochs
+        return 0 if self.mlp_init == "svd" else self.epochs
 
 
 def _split(docs: Tensor, window: int) -> dict[str, Tensor]:
@@ -117,20 +149,54 @@ def init_layer(config, layer: int, cfg: TrainConfig) -> tuple[LowRankClassifier,
                                   config.num_attention_heads))
 
 
+@torch.no_grad()
+def svd_init(clf: LowRankClassifier, layer) -> None:
+    """Set an MLP predictor to fc1's pre-activation truncated to its rank: with the layer
+    norm's scale g and shift b folded in, fc1(LN(x)) = (W diag(g)) z + (W b + bias) for the
+    normalised z that the classifier computes; W diag(g) = U S V^T, down = V_r^T, up =
+    U_r S_r with bias W b + bias. At full rank it scores exactly the pre-activation."""
+    if not layer.pre_ln:
+        raise ValueError("mlp_init='svd' needs a pre-LN model (fc1 reads LN(x)); this one "
+                         "normalises after each block: use mlp_init='random'")
+    fc1, ln = layer.fc1, layer.final_layer_norm
+    w = fc1.weight.detach().float()
+    scale = ln.weight.float() if ln.weight is not None else torch.ones(w.shape[1])
+    shift = ln.bias.float() if ln.bias is not None else torch.zeros(w.shape[1])
+    bias = fc1.bias.float() if fc1.bias is not None else torch.zeros(w.shape[0])
+    u, sv, vh = torch.linalg.svd(w * scale.to(w.device), full_matrices=False)
+    r = min(clf.down.weight.shape[0], sv.numel())  # a rank past fc1's own adds nothing: 0
+    clf.down.weight.zero_()
+    clf.up.weight.zero_()
+    clf.down.weight[:r].copy_(vh[:r])
+    clf.up.weight[:, :r].copy_(u[:, :r] * sv[:r])
+    clf.up.bias.copy_(w @ shift.to(w.device) + bias.to(w.device))
+
+
+def init_mlp(clf: LowRankClassifier, layer, cfg: TrainConfig) -> None:
+    """The MLP predictor's starting point from the layer's weights (``mlp_init``)."""
+    if cfg.mlp_init == "svd":
+        svd_init(clf, layer)
+
+
 def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig,
-        device: torch.device, progress=None) -> float:
+        device: torch.device, progress=None, epochs: int | None = None) -> float | None:
     """Binary cross-entropy over ``idx`` tokens; ``target(rows)`` gives [n, out] bool.
-    Returns the last epoch's mean loss. ``progress()`` is called after every step."""
+    Returns the last epoch's mean loss (None with no epoch). ``progress()`` is called after
+    every step."""
+    epochs = cfg.epochs if epochs is None else epochs
     clf.to(device).train()
+    if epochs == 0:
+        clf.eval()
+        return None
     opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
-    steps = cfg.epochs * math.ceil(idx.numel() / cfg.batch_size)
+    steps = epochs * math.ceil(idx.numel() / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
                                                 pct_start=0.1)
     # The loss is summed on the device: reading it every step would make the host wait for
     # the GPU step by step instead of queueing steps ahead.
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         order = idx[torch.randperm(idx.numel(), generator=g).to(idx.device)]
         loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, order.numel(), cfg.batch_size):
@@ -174,7 +240,7 @@ def head_targets(norms: Tensor, k: int) -> Tensor:
 
 def fit_steps(cfg: TrainConfig, train_tokens: int) -> int:
     """Optimizer steps ``train_layer`` takes (both predictors), for a progress bar."""
-    return 2 * cfg.epochs * math.ceil(train_tokens / cfg.batch_size)
+    return (cfg.epochs + cfg.mlp_fit_epochs) * math.ceil(train_tokens / cfg.batch_size)
 
 
 @torch.no_grad()
@@ -213,6 +279,7 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     on a GPU the whole table moves once and rows are gathered there)."""
     tables = device if tables is None else tables
     x, f = data.inputs[layer].to(tables), data.ffn_dim
+    xm = data.mlp_source(layer, cfg.mlp_source).to(tables)
     bits, norms_all = data.neuron_bits[layer].to(tables), data.head_norms[layer].to(tables)
     split = {k: v.to(tables) for k, v in split.items()}
     h = norms_all.shape[1]
@@ -220,7 +287,8 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     neurons = lambda rows: unpack_bits(bits[rows], f)  # noqa: E731
     heads = lambda rows: head_targets(norms_all[rows], head_k)  # noqa: E731
     t0 = time.perf_counter()
-    mlp_loss = fit(preds.mlp[layer], x, neurons, split["train"], cfg, device, progress)
+    mlp_loss = fit(preds.mlp[layer], xm, neurons, split["train"], cfg, device, progress,
+                   epochs=cfg.mlp_fit_epochs)
     head_loss = fit(preds.heads[layer], x, heads, split["train"], cfg, device, progress)
     seconds = time.perf_counter() - t0
 
@@ -231,7 +299,7 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     if cfg.mlp_density is not None:
         mlp_k = count(cfg.mlp_density, f)
     else:
-        cal_scores = _scores(preds.mlp[layer], x, cal, device)
+        cal_scores = _scores(preds.mlp[layer], xm, cal, device)
         recall = hits_at_k(cal_scores, cal_labels)
         recall = recall / max(float(cal_labels.sum()), 1.0)
         mlp_k = max(1, int((recall >= cfg.mlp_recall).nonzero()[0]))
@@ -245,7 +313,7 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     # Report on unseen documents.
     rep = split["report"]
     labels = neurons(rep).to(device)
-    rep_scores = _scores(preds.mlp[layer], x, rep, device)
+    rep_scores = _scores(preds.mlp[layer], xm, rep, device)
     use_threshold = threshold is not None and cfg.mlp_select == "threshold"
     chosen = rep_scores > threshold if use_threshold else topk_mask(rep_scores, mlp_k)
     hit = float((chosen & labels).sum())
@@ -259,7 +327,8 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
                            mlp_thresholds=table,
                            mlp_recall=hit / max(active, 1.0),
                            mlp_precision=hit / max(float(chosen.sum()), 1.0),
-                           head_recall=head_hit / (head_k * rep.numel()))
+                           head_recall=head_hit / (head_k * rep.numel()),
+                           mlp_source=cfg.mlp_source)
     preds.points[layer] = point
     return {
         "layer": layer, "firing": active / (rep.numel() * f), "mlp_k": mlp_k,
@@ -296,6 +365,7 @@ def train_predictors(model, windows: Tensor, docs: Tensor, cfg: TrainConfig, *,
     rows = []
     for layer in model.layer_ids:
         preds.mlp[layer], preds.heads[layer] = init_layer(c, layer, cfg)
+        init_mlp(preds.mlp[layer], model.layers()[model.layer_ids.index(layer)], cfg)
         rows.append(train_layer(data, layer, split, preds, cfg, device))
         freq.mlp[layer], freq.heads[layer] = layer_frequencies(
             data.neuron_bits[layer], data.head_norms[layer], c.ffn_dim, head_k)
