@@ -6,6 +6,8 @@
 #   PHASE=e2e     bench/bench_e2e.py: offloaded OPT-13B through the product vs accelerate,
 #                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped)
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
+#   PHASE=predictors  the captured decode with own-MLP-input predictors (test_graphs), then
+#                 the shipped predictors' held-out recall and the CPU sweep grid on 24 books
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -38,6 +40,16 @@ train)
         --gpu-memory-gib 12 --tokens ${CAL_TOKENS:-100000} --batch-size 2048 --lr 0.02 \
         --checkpoint-dir /dev/shm/opt-13b --out "$out" 2>&1 | tee "$out/train.log" | tail -30
     rm -rf /dev/shm/opt-13b
+    ;;
+predictors)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_graphs.py \
+        tests/test_predictors.py 2>&1 | tee "$out/pytest-predictors.log" | tail -15
+    timeout 120 python3 -m dejavu.bench.sparsity_recall \
+        --data ../shared/data/gutenberg/heldout.jsonl.xz --docs 24 --chars 90000 \
+        --recalls 0.9,0.95,0.955,0.96,0.965 2>&1 | tee "$out/recall.log" | tail -12
+    timeout 280 python3 -m dejavu.bench.sparsity_sweep --model models/opt-gutenberg-31m \
+        --data ../shared/data/gutenberg/heldout.jsonl.xz --grid cpu --docs 24 --chars 90000 \
+        --device cuda --out "$out/sparsity" 2>&1 | tee "$out/sweep.log" | tail -20
     ;;
 esac
 ls -la "$out"

@@ -36,7 +36,8 @@ def held_out_recall(model, predictors: PredictorSet, windows: torch.Tensor,
     out: dict[str, dict[int, tuple[float, float]]] = {r: {} for r in recalls}
     for layer in predictors.layer_ids:
         table = predictors.points[layer].mlp_thresholds or {}
-        scores = predictors.mlp[layer](data.inputs[layer].float())
+        source = data.mlp_source(layer, predictors.points[layer].mlp_source)
+        scores = predictors.mlp[layer](source.float())
         labels = unpack_bits(data.neuron_bits[layer], data.ffn_dim)
         for r in recalls:
             if r not in table:

@@ -21,7 +21,7 @@ import torch
 
 from ..runtime.model import Batch, full_positions
 from ..runtime.selection import PredictorSelector, SelectionConfig
-from ..runtime.sparse import SparseContext
+from ..runtime.sparse import SparseContext, mlp_reads_own_input
 
 BATCHES = (1, 2, 4, 8, 16, 32)
 
@@ -32,12 +32,20 @@ def union_densities(model, selector, windows: torch.Tensor, *, draws: int = 200,
     """{B: {"mlp": [per layer], "heads": [per layer]}} mean union densities."""
     masks: dict[int, dict[str, torch.Tensor]] = {}
 
-    def record(layer_id, source):
-        sel = selector(layer_id, source)
-        masks[layer_id] = {"mlp": sel.neurons, "heads": sel.heads}
-        return sel
+    class Record:  # the selector's masks per layer, whichever input its MLP reads
+        def __call__(self, layer_id, source):
+            sel = selector(layer_id, source)
+            masks[layer_id] = {"mlp": sel.neurons, "heads": sel.heads}
+            return sel
 
-    ctx = SparseContext(record, mode="mask")
+        def mlp_reads_own_input(self, layer_id):
+            return mlp_reads_own_input(selector, layer_id)
+
+        def select_neurons(self, layer_id, mlp_in):
+            masks[layer_id]["mlp"] = selector.select_neurons(layer_id, mlp_in)
+            return masks[layer_id]["mlp"]
+
+    ctx = SparseContext(Record(), mode="mask")
     model(windows, Batch(full_positions(*windows.shape, windows.device), sparse=ctx))
     g = torch.Generator().manual_seed(seed)
     w, t = windows.shape

@@ -112,17 +112,24 @@ class ProjectionSelector:
     """Deterministic neuron masks from the predictor input (about 20% per token), so that
     eager and captured runs select the same rows; optionally a head mask too."""
 
-    def __init__(self, config, device, heads: bool = False) -> None:
+    def __init__(self, config, device, heads: bool = False, own: bool = False) -> None:
         g = torch.Generator().manual_seed(7)
         self.w = torch.randn(config.hidden_size, config.ffn_dim, generator=g).to(device)
         self.heads = heads
         self.num_heads = config.num_attention_heads
         self.keeps_every_head = not heads  # what lets runtime/graphs.py capture it
+        self.own = own  # neurons from the layer's own MLP input (after attention)
+
+    def mlp_reads_own_input(self, layer_id: int) -> bool:
+        return self.own
+
+    def select_neurons(self, layer_id: int, mlp_in: torch.Tensor) -> torch.Tensor:
+        scores = mlp_in.float() @ self.w
+        k = max(1, scores.shape[-1] // 5)
+        return scores >= scores.topk(k, dim=-1).values[..., -1:]
 
     def __call__(self, layer_id: int, source: torch.Tensor) -> Selection:
-        scores = source.float() @ self.w
-        k = max(1, scores.shape[-1] // 5)
-        neurons = scores >= scores.topk(k, dim=-1).values[..., -1:]
+        neurons = None if self.own else self.select_neurons(layer_id, source)
         heads = None
         if self.heads:
             heads = torch.ones(*source.shape[:2], self.num_heads, dtype=torch.bool,
@@ -164,15 +171,17 @@ def test_graph_replay_equals_eager_stage(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_sparse_graph_equals_eager_sparse_stage():
+@pytest.mark.parametrize("own", [False, True], ids=["lookahead", "own-mlp-input"])
+def test_sparse_graph_equals_eager_sparse_stage(own):
     """MLP-sparse decode captured (union compacted on the device) vs the eager sparse path
-    with the same selections: same hidden states, same measured densities."""
+    with the same selections: same hidden states, same measured densities; neurons
+    predicted from the lookahead source or from the layer's own MLP input."""
     model = tiny(torch.float16, "cuda")
     prompts = [[2, 7, 9, 11], [2, 5], [2, 8, 8, 8, 8, 8, 1], [2, 3, 4]]
 
     def stage(graphs):
         return Stage(model, allocate_cache(model, 4, 48, keep_inputs=True),
-                     ProjectionSelector(model.config, "cuda"), cuda_graphs=graphs)
+                     ProjectionSelector(model.config, "cuda", own=own), cuda_graphs=graphs)
 
     eager_stage, graph_stage = stage(False), stage(True)
     eager = _decode(eager_stage, prompts, 12)
