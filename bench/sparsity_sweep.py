@@ -74,8 +74,9 @@ def cpu_points() -> list[Point]:
     """A reduced grid for a slow CPU: the trained MLP threshold at several recalls, heads
     alone, the joint target, and random selection at matched densities."""
     thr = lambda r, h: Point("predictor", None, h, "threshold", r)  # noqa: E731
-    return [Point("dense", 1.0, 1.0), thr(0.95, 1.0), thr(0.9, 1.0), thr(0.85, 1.0),
-            thr(0.975, 1.0), Point("predictor", 0.2, 1.0), Point("random", 0.2, 1.0),
+    return [Point("dense", 1.0, 1.0), thr(0.95, 1.0), thr(0.955, 1.0), thr(0.96, 1.0),
+            thr(0.9, 1.0), thr(0.85, 1.0), thr(0.975, 1.0), Point("random", 0.15, 1.0),
+            Point("predictor", 0.2, 1.0), Point("random", 0.2, 1.0),
             Point("predictor", 1.0, 0.875), Point("predictor", 1.0, 0.75),
             Point("predictor", 1.0, 0.5), Point("random", 1.0, 0.75),
             Point("random", 1.0, 0.5), thr(0.95, 0.75), thr(0.95, 0.5),

@@ -90,7 +90,7 @@ class SparsitySettings:
                                          "(absent = each layer's trained operating point)",
                                          low=0.0, high=1.0, low_open=True)
     dense_layers: str = setting("", "comma-separated layer ids always computed dense, e.g. \"0\"")
-    mlp_recall: float | None = setting(0.9, "MLP threshold selection at this calibrated recall "
+    mlp_recall: float | None = setting(0.955, "MLP threshold selection at this calibrated recall "
                                        "(one the predictor file stores: 0.8 ... 0.99); absent = "
                                        "the file's operating point", low=0.0, high=1.0,
                                        low_open=True)
