@@ -509,10 +509,11 @@ def resident_row(model_dir: Path, opts: E2EOptions, dtype: torch.dtype,
     device = torch.device("cuda" if _cuda() else "cpu")
     model = load_model(model_dir, dtype=dtype, device=device)
     steps = 3 if opts.small else 20
-    dense, _, _ = _stage_loop(model, 1, steps, device, graphs=True)
-    sparse, _, _ = _stage_loop(model, 1, steps, device, graphs=True, mlp_density=0.10)
+    dense, _, _, _ = _stage_loop(model, 1, steps, device, graphs=True)
+    sparse, _, _, stats = _stage_loop(model, 1, steps, device, graphs=True, mlp_density=0.10)
     row = {"path": "resident", "dense_step_ms": dense * 1e3, "sparse_step_ms": sparse * 1e3,
-           "sparse_speedup_vs_dense": dense / sparse}
+           "sparse_speedup_vs_dense": dense / sparse,
+           "measured_mlp_density": stats.mlp_density}
     log(f"resident: {json.dumps(_short(row))}")
     del model
     gc.collect()

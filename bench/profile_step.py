@@ -73,7 +73,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype) -> OPTModel:
 def _stage_loop(model: OPTModel, batch: int, steps: int, device: torch.device, *,
                 graphs: bool, mlp_density: float | None = None):
     """Seconds per decode step of ``Stage.run`` after a prompt and a warm-up; also returns
-    the stage and its step function, for the profiler. ``mlp_density``: sparse, with
+    the stage and its step function, for the profiler, and the sparse statistics of the
+    timed steps alone. ``mlp_density``: sparse, with
     uniformly random neurons at that density and every head (random weights have no
     predictors), on a cache that keeps attention inputs, as a sparse worker runs."""
     max_len = PROMPT + steps + 128
@@ -99,14 +100,18 @@ def _stage_loop(model: OPTModel, batch: int, steps: int, device: torch.device, *
 
     for i in range(3):
         decode(i)
-    return _timed(decode, steps, device), stage, decode
+    # The densities of the timed decode steps alone: the prompt's prefill (a union of
+    # PROMPT tokens, near dense) and later untimed forwards must not be averaged in.
+    before = stage.sparse_stats.snapshot()
+    seconds = _timed(decode, steps, device)
+    return seconds, stage, decode, stage.sparse_stats.since(before)
 
 
 def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
                   out: Path | None, mlp_density: float | None = None) -> dict:
-    eager_s, eager, _ = _stage_loop(model, batch, steps, device, graphs=False,
+    eager_s, _, _, eager_stats = _stage_loop(model, batch, steps, device, graphs=False,
                                     mlp_density=mlp_density)
-    stage_s, stage, decode = _stage_loop(model, batch, steps, device, graphs=True,
+    stage_s, stage, decode, stage_stats = _stage_loop(model, batch, steps, device, graphs=True,
                                          mlp_density=mlp_density)
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
     pos = PROMPT + steps + 3
@@ -130,9 +135,9 @@ def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
     row = {"batch": batch, "mlp_density": mlp_density, "stage_ms": round(stage_s * 1e3, 3),
            "stage_eager_ms": round(eager_s * 1e3, 3), "graphs": sorted(stage.graphs.graphs),
            "forward_ms": round(forward_s * 1e3, 3), "matmul_ms": round(matmul_s * 1e3, 3)}
-    if mlp_density is not None:  # what each stage measured (includes the 32-token prefill)
-        row["measured_mlp_density"] = round(stage.sparse_stats.mlp_density, 4)
-        row["measured_mlp_density_eager"] = round(eager.sparse_stats.mlp_density, 4)
+    if mlp_density is not None:  # what each stage measured over its timed decode steps
+        row["measured_mlp_density"] = round(stage_stats.mlp_density, 4)
+        row["measured_mlp_density_eager"] = round(eager_stats.mlp_density, 4)
     if out is not None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":

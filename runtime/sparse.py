@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -117,6 +117,23 @@ class SparseStats:
 
     def layer(self, layer_id: int) -> LayerStats:
         return self.layers.setdefault(layer_id, LayerStats())
+
+    def snapshot(self) -> SparseStats:
+        """A copy of the counts so far (``since`` subtracts it later)."""
+        return SparseStats({i: replace(s) for i, s in self.layers.copy().items()})
+
+    def since(self, earlier: SparseStats) -> SparseStats:
+        """What was counted after ``earlier`` (a ``snapshot`` of this object): the
+        densities of some steps alone, e.g. decode steps without the prompt's prefill."""
+        out = SparseStats()
+        for i, s in self.layers.copy().items():
+            e = earlier.layers.get(i, LayerStats())
+            if s.tokens > e.tokens:
+                out.layers[i] = LayerStats(
+                    s.tokens - e.tokens, s.mlp_computed - e.mlp_computed,
+                    s.heads_computed - e.heads_computed, s.predictor_s - e.predictor_s,
+                    s.kv_recomputed - e.kv_recomputed)
+        return out
 
     def _mean(self, attr: str) -> float:
         per_layer = [getattr(s, attr) / s.tokens for s in self.layers.values() if s.tokens]
