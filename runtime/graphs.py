@@ -17,7 +17,10 @@ Sparse steps are captured too when the selector keeps every head (the shipped de
 and says so (``keeps_every_head``, which the predictor and random selectors have):
 predictors and top-k or thresholds run in the graph, the batch's union of neurons is
 compacted on the device and the sparse MLP kernel reads its count there
-(``selected_mlp(device_only=True)``, which ``Batch.fixed_shape`` asks for). Two things
+(``selected_mlp(device_only=True)``, which ``Batch.fixed_shape`` asks for). A selector with
+a ``compact`` method (the predictors selecting by threshold) skips the masks: one fused
+kernel scores the layer's neurons and writes the live rows' union to the front of an index
+buffer, and the MLP kernel reads that. Two things
 differ from the eager sparse path, both documented where they are: a union above
 ``dense_above`` is not switched to the dense MLP (that decision reads the device), and
 the per-layer predictor time is not measured. Densities are: the graph writes each
@@ -71,12 +74,13 @@ class CapturedSparse(SparseContext):
     layer's union density goes to ``union[i]`` (a device buffer) instead of the stats."""
 
     def __init__(self, selector: Selector, layer_ids: list[int], carry: Tensor | None,
-                 live: Tensor) -> None:
+                 live: Tensor, live_rows: Tensor) -> None:
         super().__init__(selector, mode="gather", carry=carry)
         self.index = {lid: i for i, lid in enumerate(layer_ids)}
         self.union = torch.zeros(len(layer_ids), dtype=torch.float32, device=live.device)
         self.initial_carry = carry
         self.live = live  # [R, 1, 1] bool: the step's real rows (the rest pad the bucket)
+        self.live_rows = live_rows  # [1] int32: how many they are (they come first)
 
     def begin(self) -> None:
         """Reset the wiring before a forward pass (warm-up runs it several times)."""
@@ -86,11 +90,19 @@ class CapturedSparse(SparseContext):
 
     def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
         lid = layer.layer_id
-        sel = self.selector(lid, self.source(lid, h))
+        source = self.source(lid, h)
+        slot = self.union[self.index[lid]: self.index[lid] + 1]
+        # A selector that compacts its own union on the device (the predictors' fused
+        # kernel) skips the masks; it counts only the live rows.
+        compact = getattr(self.selector, "compact", None)
+        sel = None if compact is None else compact(lid, source, self.live_rows)
+        if sel is not None:
+            slot.copy_(sel.neuron_count / layer.fc1.out_features)
+            return sel
+        sel = self.selector(lid, source)
         if sel.heads is not None:
             raise NotCapturable(f"layer {lid} selects heads: lazy K/V recomputation reads "
                                 "the device")
-        slot = self.union[self.index[lid]: self.index[lid] + 1]
         if sel.neurons is None:
             slot.fill_(1.0)
             return sel
@@ -115,10 +127,12 @@ class _Captured:
         # Last stage: whether each row's token counts as a prompt / output token (0 or 1).
         self.weights = torch.zeros((2, rows, 1), dtype=torch.float32, device=device)
         self.live = torch.zeros((rows, 1, 1), dtype=torch.bool, device=device)
+        self.live_rows = torch.zeros(1, dtype=torch.int32, device=device)
         self.sparse = None
         if selector is not None:
             carry = None if model.is_first else self.carry
-            self.sparse = CapturedSparse(selector, model.layer_ids, carry, self.live)
+            self.sparse = CapturedSparse(selector, model.layer_ids, carry, self.live,
+                                         self.live_rows)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
         self.carry_out: Tensor | None = None
@@ -265,6 +279,7 @@ class DecodeGraphs:
         g.ids.copy_(host[:, 2:3])  # the last stage counts them (a first stage embeds them)
         g.weights.copy_(host[:, 3:5].T.unsqueeze(-1))
         g.live.copy_(host[:, 5, None, None].bool())
+        g.live_rows.fill_(n)
         if not self.model.is_first:
             if hidden is None:
                 raise ValueError("a stage without the embeddings needs the previous hidden state")
