@@ -509,10 +509,17 @@ def resident_row(model_dir: Path, opts: E2EOptions, dtype: torch.dtype,
     device = torch.device("cuda" if _cuda() else "cpu")
     model = load_model(model_dir, dtype=dtype, device=device)
     steps = 3 if opts.small else 20
-    dense, _, _ = _stage_loop(model, 1, steps, device, graphs=True)
-    sparse, _, _ = _stage_loop(model, 1, steps, device, graphs=True, mlp_density=0.10)
+    dense, _, _, _ = _stage_loop(model, 1, steps, device, graphs=True)
+    sparse, _, _, stats = _stage_loop(model, 1, steps, device, graphs=True, mlp_density=0.10)
+    # The same density chosen by predictors (random weights, calibrated thresholds): the
+    # selection a user's model runs, one fused kernel per layer in the captured step.
+    pred, _, _, pred_stats = _stage_loop(model, 1, steps, device, graphs=True,
+                                         mlp_density=0.10, select="predictors")
     row = {"path": "resident", "dense_step_ms": dense * 1e3, "sparse_step_ms": sparse * 1e3,
-           "sparse_speedup_vs_dense": dense / sparse}
+           "sparse_speedup_vs_dense": dense / sparse,
+           "measured_mlp_density": stats.mlp_density,
+           "predictors_step_ms": pred * 1e3, "predictors_speedup_vs_dense": dense / pred,
+           "predictors_measured_mlp_density": pred_stats.mlp_density}
     log(f"resident: {json.dumps(_short(row))}")
     del model
     gc.collect()

@@ -6,6 +6,10 @@
 #   PHASE=e2e     bench/bench_e2e.py: offloaded OPT-13B through the product vs accelerate,
 #                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped)
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
+#   PHASE=fused   the GPU tests of the captured sparse step (fused predictor selection, padded
+#                 buckets), then the engine's decode step at the OPT-13B shape: dense, random
+#                 10% of neurons and calibrated predictors at 10% (fused kernels), batch 1 and
+#                 8, with the measured density and each sparse step's top kernels (under 4 min)
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -38,6 +42,15 @@ train)
         --gpu-memory-gib 12 --tokens ${CAL_TOKENS:-100000} --batch-size 2048 --lr 0.02 \
         --checkpoint-dir /dev/shm/opt-13b --out "$out" 2>&1 | tee "$out/train.log" | tail -30
     rm -rf /dev/shm/opt-13b
+    ;;
+fused)
+    timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider -o addopts= \
+        tests/test_fused_select.py tests/test_graphs.py tests/test_kernels_select.py \
+        tests/test_profile_step.py 2>&1 | tee "$out/pytest-fused.log" | tail -15
+    for select in "" "--mlp-density 0.1 --select random" "--mlp-density 0.1 --select predictors"; do
+        timeout 80 python3 -m dejavu.bench.profile_step --shape opt-13b --batch 1,8 --steps 20 \
+            --out "$out/profiles" $select 2>&1 | tee -a "$out/profile_step.log" | tail -70
+    done
     ;;
 esac
 ls -la "$out"

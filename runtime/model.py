@@ -238,12 +238,13 @@ class OPTDecoderLayer(nn.Module):
 
     def mlp_block(self, h: Tensor, neurons: Tensor | None = None,
                   gather: bool = False, index: Tensor | None = None,
-                  device_only: bool = False) -> Tensor:
+                  device_only: bool = False, count: Tensor | None = None) -> Tensor:
         x = self.final_layer_norm(h) if self.pre_ln else h
-        if neurons is None:
+        if neurons is None and count is None:
             h = h + self.fc2(F.relu(self.fc1(x)))
-        else:  # [B, T, F] bool: only these neurons (runtime/sparse.py)
-            h = h + selected_mlp(self, x, neurons, gather, index, device_only=device_only)
+        else:  # [B, T, F] bool, or a union compacted on the device (runtime/sparse.py)
+            h = h + selected_mlp(self, x, neurons, gather, index, device_only=device_only,
+                                 count=count)
         return h if self.pre_ln else self.final_layer_norm(h)
 
     def fc2_rows(self) -> Tensor:
@@ -265,7 +266,7 @@ class OPTDecoderLayer(nn.Module):
         batch.sparse.lookahead(self.layer_id, h)  # next layer's predictor input (wiring)
         # A fixed-shape (CUDA-graph captured) step must not read the device from the host.
         return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch), sel.neuron_index,
-                              device_only=batch.fixed_shape)
+                              device_only=batch.fixed_shape, count=sel.neuron_count)
 
 
 class OPTModel(nn.Module):

@@ -17,9 +17,11 @@ What this module does not know: how the selection is executed (runtime/sparse.py
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .cpu_ops import store_for_gemv
@@ -58,6 +60,11 @@ class SelectionConfig:
                                          "in (0, 1]")
 
 
+def _interpreting() -> bool:
+    # Triton's CPU interpreter (tests): the fused kernel then runs on CPU tensors.
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """[..., n] scores -> bool mask of each row's k best."""
     n = scores.shape[-1]
@@ -77,6 +84,8 @@ class PredictorSelector:
     def __init__(self, predictors: PredictorSet, config: SelectionConfig | None = None) -> None:
         self.predictors = predictors
         self.config = config or SelectionConfig()
+        # Per layer: (key of the predictor's weights, its factors for the fused kernel).
+        self._fused: dict[int, tuple[tuple, tuple[Tensor, Tensor, Tensor]]] = {}
         for classifier in predictors.mlp.values():  # a CPU reads [F, r] faster transposed
             store_for_gemv(classifier.up)
         n = predictors.config.num_hidden_layers
@@ -118,6 +127,47 @@ class PredictorSelector:
             raise SelectionError(f"mlp_recall={cfg.mlp_recall}: layer {layer_id}'s predictors "
                                  f"are calibrated for recall {sorted(table)} only")
         return table[key]
+
+    @torch.no_grad()
+    def compact(self, layer_id: int, source: Tensor, live: Tensor) -> Selection | None:
+        """The layer's union of neurons compacted on the device by one fused kernel
+        (kernels/select.py: the predictor's two factors, its bias and the threshold in one
+        launch), for a captured decode step: ``Selection(neuron_index=ids [F] int32,
+        neuron_count=[1] int32)``; ``live`` [1] int32 counts the real rows of ``source``
+        [B, T, C] (the rest pad the batch). The same set as ``__call__``'s masks, up to
+        rounding at the threshold (the kernel scores in fp32 from the model dtype). None
+        where it does not apply (top-k selection, a dense layer, a head selection, float32,
+        more than 16 rows, no kernels here): the caller then takes the masks."""
+        c = self.predictors.config
+        threshold = self.threshold(layer_id)
+        b, t, hidden = source.shape
+        if (layer_id in self.config.dense_layers or threshold is None
+                or layer_id not in self.predictors.mlp
+                or self.ks(layer_id)[1] < c.num_attention_heads
+                or source.dtype not in (torch.float16, torch.bfloat16) or b * t > 16
+                or not (source.is_cuda or _interpreting())):
+            return None
+        from ..kernels.select import lowrank_threshold_select  # imports triton: on use
+
+        p1, p2, bias = self._factors(layer_id, source.dtype)
+        x = F.layer_norm(source.reshape(b * t, hidden), (hidden,))  # the classifier's own
+        idx, count = lowrank_threshold_select(x, p1, p2, threshold, c.ffn_dim, bias=bias,
+                                              live=live)
+        return Selection(neuron_index=idx, neuron_count=count)
+
+    def _factors(self, layer_id: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's MLP predictor as the fused kernel reads it: down^T [C, r] and up^T
+        [r, F] in the model dtype, rows contiguous, and up's bias [F] in float32. Made once
+        (again if the predictor's weights change)."""
+        p = self.predictors.mlp[layer_id]
+        key = tuple((w.data_ptr(), w._version, w.device) for w in
+                    (p.down.weight, p.up.weight, p.up.bias)) + (dtype,)
+        cached = self._fused.get(layer_id)
+        if cached is None or cached[0] != key:
+            factors = (p.down.weight.t().to(dtype).contiguous(),
+                       p.up.weight.t().to(dtype).contiguous(), p.up.bias.float().contiguous())
+            cached = self._fused[layer_id] = (key, factors)
+        return cached[1]
 
     @torch.no_grad()
     def __call__(self, layer_id: int, source: Tensor) -> Selection:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -94,6 +94,9 @@ class Selection:
     # Gather mode: the neurons' union as sorted indices [n], found once by the context for
     # its density and handed to the MLP op (which would otherwise find it again).
     neuron_index: Tensor | None = None
+    # A captured step's union compacted on the device by the selector itself (no masks):
+    # the valid entries at the front of ``neuron_index`` (int32, any order), [1] int32.
+    neuron_count: Tensor | None = None
 
 
 # A selector maps (layer id, predictor input [B, T, C]) to that layer's Selection.
@@ -117,6 +120,23 @@ class SparseStats:
 
     def layer(self, layer_id: int) -> LayerStats:
         return self.layers.setdefault(layer_id, LayerStats())
+
+    def snapshot(self) -> SparseStats:
+        """A copy of the counts so far (``since`` subtracts it later)."""
+        return SparseStats({i: replace(s) for i, s in self.layers.copy().items()})
+
+    def since(self, earlier: SparseStats) -> SparseStats:
+        """What was counted after ``earlier`` (a ``snapshot`` of this object): the
+        densities of some steps alone, e.g. decode steps without the prompt's prefill."""
+        out = SparseStats()
+        for i, s in self.layers.copy().items():
+            e = earlier.layers.get(i, LayerStats())
+            if s.tokens > e.tokens:
+                out.layers[i] = LayerStats(
+                    s.tokens - e.tokens, s.mlp_computed - e.mlp_computed,
+                    s.heads_computed - e.heads_computed, s.predictor_s - e.predictor_s,
+                    s.kv_recomputed - e.kv_recomputed)
+        return out
 
     def _mean(self, attr: str) -> float:
         per_layer = [getattr(s, attr) / s.tokens for s in self.layers.values() if s.tokens]
@@ -287,13 +307,18 @@ class NotCapturable(SparsityError):
     """A sparse step that cannot run without reading the device from the host."""
 
 
-def selected_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool,
-                 index: Tensor | None = None, *, device_only: bool = False) -> Tensor:
+def selected_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor | None, gather: bool,
+                 index: Tensor | None = None, *, device_only: bool = False,
+                 count: Tensor | None = None) -> Tensor:
     """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F];
     ``index``: their union's indices when already known (``Selection.neuron_index``).
     ``device_only`` (a step runtime/graphs.py captures): never read the device from the
-    host; the union is compacted on the device and the kernel reads its count there."""
+    host; the union is compacted on the device and the kernel reads its count there.
+    ``count``: the union came compacted (``Selection.neuron_count``; no masks)."""
     fc1, fc2 = layer.fc1, layer.fc2
+    if count is not None:
+        _check_kernel_applies(layer, x)
+        return sparse_backend.mlp_gather(layer, x, index, count)
     if not gather:
         return fc2(F.relu(fc1(x)) * neurons.to(x.dtype))
     if device_only:
@@ -322,15 +347,19 @@ def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor) -> Tensor
     """The union of the batch's neurons, written to the front of an index buffer on the
     device (kernels/select.py), through the kernel with the count on the device: the same
     set as ``union_index``, in an order that may vary (fp32 accumulation order only)."""
-    if sparse_backend.is_offloaded(layer) or not sparse_backend.mlp_kernel_applies(layer, x):
-        raise NotCapturable(f"layer {layer.layer_id}: the sparse MLP kernel does not apply "
-                            f"({x.dtype}, {x.shape[0] * x.shape[1]} rows, "
-                            f"{sparse_backend.backend_of(layer)} backend)")
+    _check_kernel_applies(layer, x)
     from ..kernels.select import threshold_select
 
     flags = neurons.reshape(-1, neurons.shape[-1]).to(x.dtype)  # 1.0 where selected
     idx, count = threshold_select(flags, 0.5, capacity=flags.shape[1])
     return sparse_backend.mlp_gather(layer, x, idx, count)
+
+
+def _check_kernel_applies(layer: OPTDecoderLayer, x: Tensor) -> None:
+    if sparse_backend.is_offloaded(layer) or not sparse_backend.mlp_kernel_applies(layer, x):
+        raise NotCapturable(f"layer {layer.layer_id}: the sparse MLP kernel does not apply "
+                            f"({x.dtype}, {x.shape[0] * x.shape[1]} rows, "
+                            f"{sparse_backend.backend_of(layer)} backend)")
 
 
 # --- the attention op ----------------------------------------------------------------------

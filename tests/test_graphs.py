@@ -9,7 +9,7 @@ replay themselves are GPU tests.
 import pytest
 import torch
 
-from dejavu.runtime.graphs import DecodeGraphs, bucket  # noqa: E402
+from dejavu.runtime.graphs import DecodeGraphs, _Captured, bucket  # noqa: E402
 from dejavu.runtime.model import Batch, OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
@@ -262,3 +262,33 @@ def test_penalized_graph_decode_equals_eager_and_counts_each_token_once():
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         finite = ~torch.isinf(want)
         assert float((got[finite] - want[finite]).norm() / want[finite].norm()) < 5e-3
+
+
+@pytest.mark.parametrize("real", [1, 3])
+def test_padding_rows_do_not_widen_the_union(real):
+    """A bucket of 4 rows running 1 or 3 real ones: the random selector draws for every
+    row, but only the real rows' neurons are read and counted (each draws 10%)."""
+    model = tiny(torch.float16, DEVICE)
+    assert use_backend(model, "triton") == "triton"
+    cache = allocate_cache(model, 4, 32)
+    selector = RandomSelector(model.config.ffn_dim, model.config.num_attention_heads, 0.1, 1.0)
+    graphs = DecodeGraphs(model, cache, selector)
+    g = _Captured(model, cache, selector, 4, torch.device(DEVICE), torch.float16)
+    graphs.load(g, Step(1, [Row(f"r{i}", i, [5 + i], 3, True, GREEDY) for i in range(real)]),
+                None, None, None)
+    assert g.live[:, 0, 0].tolist() == [i < real for i in range(4)]
+    seen = []
+    wrapped = g.sparse.selector
+
+    def spy(layer_id, source):
+        sel = wrapped(layer_id, source)
+        seen.append(sel.neurons[:real].reshape(-1, model.config.ffn_dim).any(0))
+        return sel
+
+    g.sparse.selector = spy
+    with torch.inference_mode():
+        g._forward()
+    k = model.config.ffn_dim // 10
+    for union, real_rows in zip(g.sparse.union.tolist(), seen, strict=True):
+        assert union == pytest.approx(int(real_rows.sum()) / model.config.ffn_dim)
+        assert k <= int(real_rows.sum()) <= real * k
