@@ -17,7 +17,7 @@ from test_row_stream import CFG4, _streams, decode_steps, offloaded_model, prefi
 from test_sparse_backend import DEVICE, TOL, rel_err, tiny_model  # noqa: E402
 
 from dejavu.runtime import offload, row_stream, sparse  # noqa: E402
-from dejavu.runtime.model import Batch, KVCache  # noqa: E402
+from dejavu.runtime.model import Batch  # noqa: E402
 from dejavu.runtime.offload import host_bytes_read  # noqa: E402
 from dejavu.runtime.sparse import Selection  # noqa: E402
 from dejavu.runtime.weight_store import RecordLayout  # noqa: E402
