@@ -4,7 +4,9 @@
 #                 decode, placement, kernels), then the engine's decode step at the OPT-13B
 #                 shape, dense vs random 10% of neurons (bench/profile_step.py)
 #   PHASE=e2e     bench/bench_e2e.py: offloaded OPT-13B through the product vs accelerate,
-#                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped)
+#                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped),
+#                 then bench/profile_offload.py step: one decode step under torch.profiler
+#                 (gather GB/s, kernels, syncs, launches) on the same checkpoint
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
 #   PHASE=fused   the GPU tests of the captured sparse step (fused predictor selection, padded
 #                 buckets), then the engine's decode step at the OPT-13B shape: dense, random
@@ -31,10 +33,16 @@ checks)
     done
     ;;
 e2e)
-    timeout ${E2E_TIMEOUT:-560} python3 -m dejavu.bench.bench_e2e --shape opt-13b \
+    timeout ${E2E_TIMEOUT:-400} python3 -m dejavu.bench.bench_e2e --shape opt-13b \
         --gpu-memory-gib ${GIB:-14} --checkpoint-dir /dev/shm/dejavu-e2e-opt-13b \
-        --tokens ${TOKENS:-12} --time-budget-s ${E2E_BUDGET:-420} --out "$out" 2>&1 \
+        --tokens ${TOKENS:-12} --time-budget-s ${E2E_BUDGET:-300} --out "$out" 2>&1 \
         | tee "$out/e2e.log" | tail -40
+    for heads in 1.0 0.5; do
+        timeout 65 python3 -m dejavu.bench.profile_offload step --shape opt-13b \
+            --gpu-memory-gib ${GIB:-14} --checkpoint-dir /dev/shm/dejavu-e2e-opt-13b \
+            --heads $heads --table --out "$out/profile-offload-heads$heads.json" 2>&1 \
+            | tee -a "$out/profile_offload.log" | tail -30
+    done
     rm -rf /dev/shm/dejavu-e2e-opt-13b
     ;;
 train)

@@ -97,6 +97,7 @@ class Selection:
     # A captured step's union compacted on the device by the selector itself (no masks):
     # the valid entries at the front of ``neuron_index`` (int32, any order), [1] int32.
     neuron_count: Tensor | None = None
+    head_index: Tensor | None = None  # the heads' union, as for neuron_index
 
 
 # A selector maps (layer id, predictor input [B, T, C]) to that layer's Selection.
@@ -226,10 +227,14 @@ class SparseContext:
         # An offloaded layer has no dense weights on the device: it always gathers.
         offloaded = sparse_backend.is_offloaded(layer)
         neurons, neuron_index, mlp_union = self._union(sel.neurons, offloaded)
-        heads, _, head_union = self._union(sel.heads, offloaded)
+        heads, head_index, head_union = self._union(sel.heads, offloaded)
         stats.mlp_computed += tokens * mlp_union  # each token computes the batch's union
         stats.heads_computed += tokens * head_union
-        return Selection(heads=heads, neurons=neurons, neuron_index=neuron_index)
+        out = Selection(heads=heads, neurons=neurons, neuron_index=neuron_index,
+                        head_index=head_index)
+        if offloaded:  # its rows start crossing the link now, beside the work issued before
+            layer.offloaded.prefetch(out)
+        return out
 
     def source(self, lid: int, h: Tensor) -> Tensor:
         """Layer ``lid``'s predictor input (the wiring of ``predictor_source``); ``h`` is
@@ -372,7 +377,8 @@ def selected_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batc
     zeroed before out_proj."""
     if not gather:
         return _masked_attention(attn, x, layer_id, batch, heads)
-    idx = union_index(heads)
+    known = attn.offloaded.known_union(heads) if attn.offloaded is not None else None
+    idx = known if known is not None else union_index(heads)
     if sparse_backend.attention_kernel_applies(attn, x, batch):  # decode steps, lazy K/V kept
         return sparse_backend.attention_gather(attn, x, layer_id, batch, idx)
     b, t, _ = x.shape
