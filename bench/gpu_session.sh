@@ -6,6 +6,9 @@
 #   PHASE=e2e     bench/bench_e2e.py: offloaded OPT-13B through the product vs accelerate,
 #                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped)
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
+#   PHASE=hops    the CUDA IPC data plane's GPU tests, then bench/bench_hops.py: one hop
+#                 between two processes on one GPU, ring vs socket, opt-1.3b..66b hidden
+#                 sizes at batch 1 and 8, and opt-1.3b 8 streams through 2 workers vs 1
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -38,6 +41,13 @@ train)
         --gpu-memory-gib 12 --tokens ${CAL_TOKENS:-100000} --batch-size 2048 --lr 0.02 \
         --checkpoint-dir /dev/shm/opt-13b --out "$out" 2>&1 | tee "$out/train.log" | tail -30
     rm -rf /dev/shm/opt-13b
+    ;;
+hops)
+    timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -o addopts= \
+        tests/test_data_plane.py -m gpu 2>&1 | tee "$out/pytest-hops.log" | tail -15
+    timeout ${HOPS_TIMEOUT:-170} python3 -m dejavu.bench.bench_hops --throughput --out "$out" \
+        2>&1 | tee "$out/hops.log" | tail -25
+    rm -rf /dev/shm/dejavu-hops-opt-1.3b
     ;;
 esac
 ls -la "$out"
