@@ -236,6 +236,14 @@ def markdown(meta: dict, rows: list[dict], throughput: list[dict], head: dict) -
     return "\n".join(lines) + "\n"
 
 
+def write(base: Path, meta: dict, rows: list[dict], throughput: list[dict], cuda: bool) -> None:
+    head = summary(rows, throughput, cuda)
+    Path(f"{base}.json").write_text(json.dumps(
+        {"meta": meta, **head, "hops": rows, "throughput": throughput}, indent=2))
+    Path(f"{base}.md").write_text(markdown(meta, rows, throughput, head))
+    print(json.dumps(head), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_hops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,17 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": stamp, "device": device, "dtype": args.dtype, "iters": args.iters,
             "torch": torch.__version__, "command": "python -m dejavu.bench.bench_hops " +
             " ".join(sys.argv[1:] if argv is None else argv)}
-    rows = hop_rows(args.device, shapes, batches, args.dtype, args.iters, args.warmup)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    throughput = (throughput_rows(out, args.tokens) if args.throughput and
-                  args.device.startswith("cuda") else [])
-    head = summary(rows, throughput, args.device.startswith("cuda"))
     base = out / f"{stamp}-{device}-hops"
-    Path(f"{base}.json").write_text(json.dumps(
-        {"meta": meta, **head, "hops": rows, "throughput": throughput}, indent=2))
-    Path(f"{base}.md").write_text(markdown(meta, rows, throughput, head))
-    print(json.dumps(head))
+    cuda = args.device.startswith("cuda")
+    rows = hop_rows(args.device, shapes, batches, args.dtype, args.iters, args.warmup)
+    write(base, meta, rows, [], cuda)  # kept if the throughput run is cut short
+    if args.throughput and cuda:
+        write(base, meta, rows, throughput_rows(out, args.tokens), cuda)
     print(f"wrote {base}.json and {base}.md")
     return 0
 
