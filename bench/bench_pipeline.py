@@ -209,7 +209,8 @@ class GpuUtilization:
 
 def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
             prompt_len: int, *, gpu_memory_gib: float | None = None, select: str = "dense",
-            log_dir: Path | None = None) -> dict:
+            log_dir: Path | None = None, devices: list[str] | None = None,
+            data_plane: str = "auto") -> dict:
     row: dict = {"workers": workers, "streams": streams, "select": select,
                  "gpu_memory_gib": gpu_memory_gib}
     # One cache slot per stream: with a GPU budget, unused slots would crowd out layers.
@@ -218,8 +219,9 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
     watchdog = {"watchdog_s": 3600.0} if os.environ.get("TRITON_INTERPRET") == "1" else {}
     settings = make_settings({"model.path": str(model), "model.dtype": dtype,
                               "pipeline.gpu_memory_gib": gpu_memory_gib,
+                              "pipeline.data_plane": data_plane,
                               **parse_select(select)})
-    config = PipelineConfig(settings, workers=workers, slots=streams,
+    config = PipelineConfig(settings, workers=workers, slots=streams, devices=devices,
                             max_len=prompt_len + max(tokens, WARMUP), **watchdog)
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     prompts = [[2] + [(17 * i + 5 * j) % 1000 + 3 for j in range(prompt_len - 1)]

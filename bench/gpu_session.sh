@@ -12,14 +12,19 @@
 #                 buckets), then the engine's decode step at the OPT-13B shape: dense, random
 #                 10% of neurons and calibrated predictors at 10% (fused kernels), batch 1 and
 #                 8, with the measured density and each sparse step's top kernels (under 4 min)
-# Usage on the device: PHASE=checks bash bench/gpu_session.sh
+#   PHASE=hops    the CUDA IPC data plane's GPU tests, then bench/bench_hops.py: one hop
+#                 between two processes on one GPU, ring vs socket, opt-1.3b..66b hidden
+#                 sizes at batch 1 and 8, and opt-1.3b 8 streams through 2 workers vs 1
+# Usage on the device: PHASE=checks bash bench/gpu_session.sh (several: PHASE="fused hops")
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
 source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/gpu.txt"
-case "${PHASE:-checks}" in
+for phase in ${PHASE:-checks}; do
+echo "== phase $phase $(date -u +%H:%M:%S)"
+case "$phase" in
 checks)
     timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -o addopts= \
         tests/test_graphs.py tests/test_offload.py tests/test_row_stream.py \
@@ -60,5 +65,14 @@ fused)
             --out "$out/profiles" $select 2>&1 | tee -a "$out/profile_step.log" | tail -70
     done
     ;;
+hops)
+    timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -o addopts= \
+        tests/test_data_plane.py -m gpu 2>&1 | tee "$out/pytest-hops.log" | tail -15
+    timeout ${HOPS_TIMEOUT:-170} python3 -m dejavu.bench.bench_hops --throughput --out "$out" \
+        2>&1 | tee "$out/hops.log" | tail -25
+    rm -rf /dev/shm/dejavu-hops-opt-1.3b
+    ;;
+*) echo "unknown phase $phase" ;;
 esac
+done
 ls -la "$out"

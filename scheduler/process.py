@@ -297,6 +297,7 @@ class PipelineServer:
                          "%.1f MiB on the GPU, %.3f MiB read from the host per token",
                          w.index, msg.offloaded_layers, msg.host_bytes / 2**20,
                          msg.expected_gpu_bytes / 2**20, msg.expected_paged_per_token / 2**20)
+            self._forward_planes(w)
             if all(x.state == "ready" for x in self.workers) and self.state in (
                     "starting", "degraded"):
                 self.state = "ready"
@@ -351,6 +352,17 @@ class PipelineServer:
             self.config.slots, self.max_len, w.data_in, w.data_out, self.epoch,
             self.config.heartbeat_s, self.config.watchdog_s, self.config.scheduler_timeout_s,
             self.max_data_bytes, self.token, threads if w.device == "cpu" else 0, faults))
+
+    def _forward_planes(self, w: WorkerHandle) -> None:
+        """Once both ends of a hop are ready, the receiver's ring offer goes to the sender
+        (again after either restarts: a new receiver has a new ring)."""
+        for sender, receiver in ((w.index - 1, w.index), (w.index, w.index + 1)):
+            if sender < 0 or receiver >= len(self.workers):
+                continue
+            a, b = self.workers[sender], self.workers[receiver]
+            if a.state == b.state == "ready" and b.ready is not None:
+                self._send_worker(f"w{sender}".encode(),
+                                  wire.PeerPlane(b.ready.plane, b.ready.plane_note))
 
     def _send_worker(self, identity: bytes, message) -> bool:
         try:
