@@ -174,7 +174,7 @@ def build_stage(settings: Settings, *, layers: range | None = None, device: str 
     model, selector = built.model, built.selector
     max_len = max_len or model.config.max_position_embeddings
     cache = allocate_cache(model, slots, max_len, keep_inputs=needs_kv_inputs(selector))
-    built.stage = Stage(model, cache, selector)
+    built.stage = Stage(model, cache, selector, lookahead=settings.sparsity.lookahead)
     return built
 
 

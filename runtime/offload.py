@@ -60,7 +60,7 @@ from .placement_stats import find_frequencies, read_frequencies
 from .row_stream import RowStream
 from .sizes import offload_reserved_bytes, stream_buffer_bytes
 from .sizes import size as human_size
-from .sparse import Selection
+from .sparse import Selection, union_index
 from .weight_store import (
     LayerFrequencies,
     LayerPlacement,
@@ -169,6 +169,11 @@ class OffloadedLayer:
         self.read = 0
         self._read_on_device: Tensor | None = None
         self._recomputed: Tensor | None = None  # K/V pairs staged decode completed
+        # Rows gathered ahead (``prefetch``) per kind, until the step that reads them; how
+        # many such gathers a step then used, and how many it could not (other rows).
+        self._ahead: dict[str, Tensor] = {}
+        self.prefetch_used = 0
+        self.prefetch_wasted = 0
 
     def _count(self, locs: Tensor, record_bytes: int) -> None:
         if self.all_host:
@@ -247,7 +252,8 @@ class OffloadedLayer:
         if st.holds_whole(self, self.slot, "heads"):
             rows = idx
         else:
-            self.read += st.gather(self, self.slot, "heads", self.rows.host_heads, idx)
+            if not self._take_prefetched("heads", idx):
+                self.read += st.gather(self, self.slot, "heads", self.rows.host_heads, idx)
             rows = torch.arange(idx.numel(), device=idx.device)
         records = st.acquire(self.slot, "heads")
         table = head_rows(records, layout.hidden, layout.head_dim)
@@ -269,6 +275,51 @@ class OffloadedLayer:
         out = out_projection(a, table, locs, bias=self.out_proj_bias)
         st.release(self.slot, "heads")
         return out[:, None, :]
+
+    def _staged(self, kind: str) -> bool:
+        """Whether a decode step gathers this kind's selected records to the device (the
+        blocks ``prefetch`` can start early); else the kernels read them in place."""
+        if self.stream is None:
+            return False
+        if kind == "heads":
+            return self.rows.cache_heads.shape[0] == 0
+        return self.stage_neurons and self.rows.cache_neurons.shape[0] == 0
+
+    def prefetch(self, selection: Selection) -> None:
+        """Start gathering the records a coming decode step of this layer will read (its
+        ``selection``, as SparseContext unions it) into this layer's stream slot, on the copy
+        stream, so that the transfer overlaps the layer before. The step uses them if it
+        asks for the same rows and nothing took the slot meanwhile (``prefetch_used``),
+        else it gathers again (``prefetch_wasted``). Multi-token steps stream whole blocks
+        instead (``streams``), and a block the slot holds whole needs no gather: neither is
+        prefetched."""
+        masks = {"heads": selection.heads, "neurons": selection.neurons}
+        for kind, mask in masks.items():
+            if mask is None or not self._staged(kind) or mask.shape[1] > 1 or \
+                    mask.shape[0] > MAX_BATCH or self.stream.holds_whole(self, self.slot, kind):
+                continue
+            idx = selection.neuron_index if kind == "neurons" and \
+                selection.neuron_index is not None else union_index(mask)
+            if self._ahead.pop(kind, None) is not None:
+                self.prefetch_wasted += 1  # never read: its step did not come
+            view = self.rows.host_neurons if kind == "neurons" else self.rows.host_heads
+            self.read += self.stream.gather_ahead(self, self.slot, kind, view, idx)
+            self._ahead[kind] = idx
+
+    def _take_prefetched(self, kind: str, idx: Tensor) -> bool:
+        """Whether the slot holds exactly rows ``idx`` of ``kind``, gathered by ``prefetch``
+        (one comparison on the device; the union's size is on the host already)."""
+        ahead = self._ahead.pop(kind, None)
+        if ahead is None:
+            return False
+        block = self.stream.slots[self.slot][kind]
+        ok = block.owner is self and not block.whole and block.rows == idx.numel() and \
+            ahead.numel() == idx.numel() and bool(torch.equal(ahead, idx.to(ahead.device)))
+        if ok:
+            self.prefetch_used += 1
+        else:
+            self.prefetch_wasted += 1
+        return ok
 
     def kv_recomputed(self) -> int:
         """(position, head) K/V pairs staged decode steps completed (read from the device
@@ -301,7 +352,8 @@ class OffloadedLayer:
         (one read of each over the link, by a copy kernel), then the sparse kernel over
         device memory: the other cold path, against the kernel's in-place host reads."""
         st = self.stream
-        self.read += st.gather(self, self.slot, "neurons", self.rows.host_neurons, idx)
+        if not self._take_prefetched("neurons", idx):
+            self.read += st.gather(self, self.slot, "neurons", self.rows.host_neurons, idx)
         records = st.acquire(self.slot, "neurons")[:idx.numel()]
         table = neuron_rows(records, self.rows.layout.hidden)
         locs = torch.arange(idx.numel(), dtype=torch.int32, device=flat.device)
@@ -586,6 +638,13 @@ def host_bytes_read(model: OPTModel) -> int:
     """Bytes the model's offloaded layers have read from host records so far."""
     return sum(ops.host_bytes_read() for layer in model.layers()
                if (ops := layer.offloaded) is not None)
+
+
+def prefetch_counts(model: OPTModel) -> tuple[int, int]:
+    """(used, wasted): row gathers the model's offloaded layers started ahead of their
+    step (``OffloadedLayer.prefetch``) that the step read, and that it could not."""
+    ops = [layer.offloaded for layer in model.layers() if layer.offloaded is not None]
+    return sum(o.prefetch_used for o in ops), sum(o.prefetch_wasted for o in ops)
 
 
 def kv_recomputed(model: OPTModel) -> dict[int, int]:

@@ -130,6 +130,21 @@ class RowStream:
         self.copied_bytes += nbytes
         return nbytes
 
+    def gather_ahead(self, owner, slot: int, kind: str, host_view: Tensor, ids: Tensor) -> int:
+        """``gather`` issued before the rows are needed (a lookahead prefetch): on the copy
+        stream after what the current stream has queued (``ids`` are made there), so that
+        it overlaps the compute that follows; ``acquire`` waits for it. Returns bytes."""
+        if not self.cuda:
+            return self.gather(owner, slot, kind, host_view, ids)
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copy_stream):
+            n = self.gather(owner, slot, kind, host_view, ids)
+            ids.record_stream(self.copy_stream)
+            block = self.slots[slot][kind]
+            block.ready = torch.cuda.Event()
+            block.ready.record(self.copy_stream)
+        return n
+
     def acquire(self, slot: int, kind: str) -> Tensor:
         """The slot's buffer, once its copy is done (the current stream waits for it)."""
         block = self.slots[slot][kind]
