@@ -153,7 +153,9 @@ def _selector(settings: Settings, model: OPTModel, device: torch.device) -> Sele
     if not sparsity.predictors:
         raise BuildError("sparse settings without a predictor file: pass the settings "
                          "through runtime.build.resolve first")
-    preds = PredictorSet.load(sparsity.predictors, model, device=device)
+    # With lookahead a stage selects the next stage's first layer too (runtime/sparse.py).
+    extra = (model.layer_ids[-1] + 1,) if sparsity.lookahead and not model.is_last else ()
+    preds = PredictorSet.load(sparsity.predictors, model, device=device, extra_layers=extra)
     param = next(p for p in model.parameters() if not p.is_meta)  # not an offloaded weight
     preds.to(param.device, param.dtype)
     recall = sparsity.mlp_recall
