@@ -33,7 +33,7 @@ import zmq
 
 from ..runtime import wire
 from ..runtime.opt_config import OPTConfig
-from .batches import MicroBatches
+from .batches import MicroBatches, micro_batch_groups
 from .config import PipelineConfig
 from .core import Event, RequestError, SchedulerConfig
 from .planner import Plan
@@ -441,6 +441,9 @@ class PipelineServer:
             return [0.9 * a + 0.1 * b for a, b in zip(old, new, strict=True)]
 
         self.stage_s, self.hop_s = ema(self.stage_s, stage_s), ema(self.hop_s, hop_s)
+        # Re-sized as the times move: enough steps in flight that no stage waits.
+        self.batches.set_in_flight(micro_batch_groups(self.stage_s, self.hop_s,
+                                                      most=len(self.batches.cores)))
 
     def _add_paged(self, paged: list[int]) -> None:
         if len(self.paged_bytes) != len(paged):

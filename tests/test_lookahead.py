@@ -137,3 +137,22 @@ def test_a_prefetch_whose_slot_was_taken_is_counted_wasted_and_gathered_again():
         ops.attention(model.layers()[2].self_attn, ln, 2, batch, idx)
     assert (ops.prefetch_used, ops.prefetch_wasted) == (0, 1)
     assert host_bytes_read(model) - before == idx.numel() * ops.head_bytes  # read again
+
+
+def test_busy_fraction_counts_steps_within_the_window():
+    from dejavu.workers.busy import BusyMeter
+
+    now = [0.0]
+    meter = BusyMeter(window_s=10.0, clock=lambda: now[0])
+    now[0] = 2.0
+    meter.start()
+    now[0] = 3.0
+    meter.stop()
+    assert meter.fraction() == pytest.approx(1 / 3)  # 1 s of 3 since it began
+    now[0] = 12.5
+    meter.start()
+    now[0] = 13.0  # window [3, 13]: the first step left it, the running one counts
+    assert meter.fraction() == pytest.approx(0.05)
+    meter.stop()
+    now[0] = 30.0
+    assert meter.fraction() == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,9 +36,11 @@ from dejavu.runtime.predictors import PredictorSet  # noqa: E402
 from dejavu.runtime.selection import PredictorSelector, SelectionConfig  # noqa: E402
 from dejavu.runtime.sizes import stream_buffer_bytes  # noqa: E402
 from dejavu.runtime.weight_store import GIB  # noqa: E402
+from dejavu.scheduler.chat import format_stats  # noqa: E402
 from dejavu.scheduler.engine import Engine  # noqa: E402
 from dejavu.scheduler.planner import embed_bytes, offload_reserved_bytes  # noqa: E402
-from dejavu.scheduler.zmq_client import PipelineConnection  # noqa: E402
+from dejavu.scheduler.serve.metrics import ServerMetrics  # noqa: E402
+from dejavu.scheduler.zmq_client import PipelineConnection, _worker_stats  # noqa: E402
 
 DENSITY = dict(mlp_density=0.3, head_density=0.5)
 
@@ -87,6 +90,20 @@ def test_pipeline_with_lookahead_equals_the_sparse_engine(sparse_model, sparse_r
         steps = 4 * GREEDY.max_new_tokens  # one prefill step and 11 decode steps each
         stats = stats_after_work(conn, workers,
                                  lambda st: not lookahead or st[-1].ahead_used >= steps)
+        health = conn.health()
+        text = format_stats(health, {"tokens": 1, "seconds": 1.0},
+                            SimpleNamespace(turns=[], dropped=0, max_len=128))  # chat /stats
+        metrics = ServerMetrics()
+        # As the server's client reports workers (scheduler/zmq_client.py).
+        metrics.observe_engine(True, [{"worker": w.index, "alive": True, **_worker_stats(w)}
+                                      for w in health.workers], {})
+        exported = metrics.render()
+    assert "busy fraction per worker (last 10 s): " in text
+    for k in range(workers):  # /metrics: one gauge per worker, within [0, 1]
+        value = float(exported.split(f'dejavu_worker_busy_fraction{{worker="{k}"}} ')[1]
+                      .split()[0])
+        assert 0 < value <= 1
+    assert 'dejavu_worker_prefetch{worker="1",kind="ahead",outcome="used"}' in exported
     assert got == sparse_reference
     for k, s in enumerate(stats):
         assert 0 < s.busy_fraction <= 1 and s.window_s > 0
