@@ -6,6 +6,9 @@
 #   PHASE=e2e     bench/bench_e2e.py: offloaded OPT-13B through the product vs accelerate,
 #                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped)
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
+#   PHASE=stages  the lookahead CUDA tests, then an offloaded OPT-13B shape over two workers
+#                 on one GPU, 1 stream, random 10% of neurons: decode with lookahead (prefetch
+#                 and selections sent ahead) off and on (bench/bench_pipeline.py)
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -38,6 +41,16 @@ train)
         --gpu-memory-gib 12 --tokens ${CAL_TOKENS:-100000} --batch-size 2048 --lr 0.02 \
         --checkpoint-dir /dev/shm/opt-13b --out "$out" 2>&1 | tee "$out/train.log" | tail -30
     rm -rf /dev/shm/opt-13b
+    ;;
+stages)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_lookahead.py \
+        tests/test_row_stream.py 2>&1 | tee "$out/pytest-stages.log" | tail -8
+    timeout ${STAGES_TIMEOUT:-420} python3 -m dejavu.bench.bench_pipeline --shape opt-13b \
+        --workers 2 --share-gpu --streams 1 --tokens ${TOKENS:-12} --prompt-len 16 \
+        --gpu-memory-gib ${GIB:-7} --select random:0.1 --lookahead off,on \
+        --checkpoint-dir /dev/shm/dejavu-stages-opt-13b --out "$out" 2>&1 \
+        | tee "$out/stages.log" | tail -20
+    rm -rf /dev/shm/dejavu-stages-opt-13b
     ;;
 esac
 ls -la "$out"
