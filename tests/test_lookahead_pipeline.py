@@ -148,8 +148,9 @@ def test_offloaded_next_stage_prefetches_what_the_stage_before_selected(tmp_path
     assert [w.offloaded_layers for w in health.workers] == [3, 3]
     assert got == want
     if lookahead:
-        # Worker 1's first layer: heads gathered ahead on every decode step (its prefill
-        # chunks stream whole layers instead), and worker 1's second layer from inside.
+        # Layers 3 and 5 share stream slot 0 and gather every decode step: 3 on the
+        # selection sent ahead, 5 one layer early inside the worker; layer 4 stays whole
+        # in slot 1 from the prefill (whose chunks stream whole layers).
         assert stats[1].ahead_used >= decode_steps and stats[1].ahead_wasted == 0
         assert stats[1].prefetch_used >= 2 * decode_steps
         assert stats[1].prefetch_wasted == 0
