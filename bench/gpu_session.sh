@@ -15,6 +15,9 @@
 #   PHASE=hops    the CUDA IPC data plane's GPU tests, then bench/bench_hops.py: one hop
 #                 between two processes on one GPU, ring vs socket, opt-1.3b..66b hidden
 #                 sizes at batch 1 and 8, and opt-1.3b 8 streams through 2 workers vs 1
+#   PHASE=stages  the lookahead CUDA tests, then an offloaded OPT-13B shape over two workers
+#                 on one GPU, 1 stream, random 10% of neurons: decode with lookahead (prefetch
+#                 and selections sent ahead) off and on (bench/bench_pipeline.py)
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh (several: PHASE="fused hops")
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -71,6 +74,16 @@ hops)
     timeout ${HOPS_TIMEOUT:-170} python3 -m dejavu.bench.bench_hops --throughput --out "$out" \
         2>&1 | tee "$out/hops.log" | tail -25
     rm -rf /dev/shm/dejavu-hops-opt-1.3b
+    ;;
+stages)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_lookahead.py \
+        tests/test_row_stream.py 2>&1 | tee "$out/pytest-stages.log" | tail -8
+    timeout ${STAGES_TIMEOUT:-420} python3 -m dejavu.bench.bench_pipeline --shape opt-13b \
+        --workers 2 --share-gpu --streams 1 --tokens ${TOKENS:-12} --prompt-len 16 \
+        --gpu-memory-gib ${GIB:-7} --select random:0.1 --lookahead off,on \
+        --checkpoint-dir /dev/shm/dejavu-stages-opt-13b --out "$out" 2>&1 \
+        | tee "$out/stages.log" | tail -20
+    rm -rf /dev/shm/dejavu-stages-opt-13b
     ;;
 *) echo "unknown phase $phase" ;;
 esac

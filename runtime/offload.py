@@ -172,6 +172,10 @@ class OffloadedLayer:
         self.read = 0
         self._read_on_device: Tensor | None = None
         self._recomputed: Tensor | None = None  # K/V pairs staged decode completed
+        # How many gathers ``prefetch`` started that their step then read, and how many it
+        # could not (another selection came, or the slot was taken meanwhile).
+        self.prefetch_used = 0
+        self.prefetch_wasted = 0
 
     def _count(self, locs: Tensor, record_bytes: int) -> None:
         if self.all_host:
@@ -262,21 +266,25 @@ class OffloadedLayer:
         if self._staged_decode("heads"):
             hidx = selection.head_index if selection.head_index is not None \
                 else union_index(heads)
-            if not st.holds_whole(self, self.slot, "heads"):
-                self.read += st.gather_ahead(self, self.slot, "heads", self.rows.host_heads,
-                                             hidx)
-            self._ahead["heads"] = (heads, hidx)
-            nxt = self.next
-            if hidx.numel() == self.rows.layout.heads and nxt is not None and \
-                    nxt.slot != self.slot and nxt._staged_decode("heads"):
-                nxt.read += st.prefetch_whole(nxt, nxt.slot, "heads", nxt.rows.host.heads)
+            # (Asked already when a selection sent ahead is then accounted: same tensors.)
+            if not self._requested("heads", hidx):
+                if not st.holds_whole(self, self.slot, "heads"):
+                    self.read += st.gather_ahead(self, self.slot, "heads",
+                                                 self.rows.host_heads, hidx)
+                self._remember("heads", heads, hidx)
+                nxt = self.next
+                if hidx.numel() == self.rows.layout.heads and nxt is not None and \
+                        nxt.slot != self.slot and nxt._staged_decode("heads"):
+                    nxt.read += st.prefetch_whole(nxt, nxt.slot, "heads",
+                                                  nxt.rows.host.heads)
         if self._staged_decode("neurons"):
             nidx = selection.neuron_index if selection.neuron_index is not None \
                 else union_index(neurons)
-            if not st.holds_whole(self, self.slot, "neurons"):
-                self.read += st.gather_ahead(self, self.slot, "neurons",
-                                             self.rows.host_neurons, nidx)
-            self._ahead["neurons"] = (neurons, nidx)
+            if not self._requested("neurons", nidx):
+                if not st.holds_whole(self, self.slot, "neurons"):
+                    self.read += st.gather_ahead(self, self.slot, "neurons",
+                                                 self.rows.host_neurons, nidx)
+                self._remember("neurons", neurons, nidx)
 
     def known_union(self, heads: Tensor) -> Tensor | None:
         """The union ids ``prefetch`` found for this head mask (the same tensor), if any:
@@ -284,11 +292,33 @@ class OffloadedLayer:
         got = self._ahead.get("heads")
         return got[1] if got is not None and got[0] is heads else None
 
-    def _take(self, kind: str, idx: Tensor) -> bool:
-        """Whether ``prefetch`` already requested rows ``idx`` (the same tensor) of
-        ``kind``; forgets the request either way."""
-        got = self._ahead.pop(kind, None)
+    def _requested(self, kind: str, idx: Tensor) -> bool:
+        got = self._ahead.get(kind)
         return got is not None and got[1] is idx
+
+    def _remember(self, kind: str, mask: Tensor, idx: Tensor) -> None:
+        if self._ahead.get(kind) is not None:
+            self.prefetch_wasted += 1  # requested, never read: its step did not come
+        self._ahead[kind] = (mask, idx)
+
+    def _take(self, kind: str, idx: Tensor) -> bool:
+        """Whether ``prefetch`` already brought rows ``idx`` (the same tensor) of ``kind``
+        into this layer's slot and the slot still holds them (host-side tags, no device
+        read); forgets the request either way and counts it used or wasted."""
+        got = self._ahead.pop(kind, None)
+        if got is None:
+            return False
+        if self.stream.holds_whole(self, self.slot, kind):
+            self.prefetch_used += 1
+            return True
+        block = self.stream.slots[self.slot][kind]
+        ok = got[1] is idx and block.owner is self and not block.whole and \
+            block.rows == idx.numel()
+        if ok:
+            self.prefetch_used += 1
+        else:
+            self.prefetch_wasted += 1
+        return ok
 
     def _staged_attention(self, x: Tensor, layer_id: int, batch: Batch, idx: Tensor) -> Tensor:
         """A decode step's attention (x [B, 1, C], B <= MAX_BATCH) with the selected heads'
@@ -652,6 +682,13 @@ def host_bytes_read(model: OPTModel) -> int:
     """Bytes the model's offloaded layers have read from host records so far."""
     return sum(ops.host_bytes_read() for layer in model.layers()
                if (ops := layer.offloaded) is not None)
+
+
+def prefetch_counts(model: OPTModel) -> tuple[int, int]:
+    """(used, wasted): row gathers the model's offloaded layers started ahead of their
+    step (``OffloadedLayer.prefetch``) that the step read, and that it could not."""
+    ops = [layer.offloaded for layer in model.layers() if layer.offloaded is not None]
+    return sum(o.prefetch_used for o in ops), sum(o.prefetch_wasted for o in ops)
 
 
 def kv_recomputed(model: OPTModel) -> dict[int, int]:

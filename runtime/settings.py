@@ -101,6 +101,10 @@ class SparsitySettings:
                             "\"random\" (uniform at mlp_density/head_density, which it needs: "
                             "a benchmark baseline, e.g. for random-weight models)",
                             choices=("predictors", "random"))
+    lookahead: bool = setting(False, "select an offloaded layer's rows one layer early and "
+                              "start reading them while the layer before computes; across "
+                              "workers, a stage sends the next stage's first selection ahead "
+                              "of its activations")
 
 
 @dataclass

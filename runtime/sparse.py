@@ -185,12 +185,13 @@ class SparseContext:
     came from the previous pipeline stage); after the pass ``carry_out`` holds the tensor the
     next stage's first predictor needs. ``mode``: "gather" unions the batch's selections and
     reads only those rows, "mask" keeps per-token selections, "auto" gathers when the batch
-    has a KV cache (decoding) and masks otherwise (scoring whole windows).
+    has a KV cache (decoding) and masks otherwise (scoring whole windows). ``ahead``: the
+    lookahead of gather-mode passes (``Lookahead``); None selects each layer when it starts.
     """
 
     def __init__(self, selector: Selector, *, stats: SparseStats | None = None,
                  carry: Tensor | None = None, mode: Mode = "auto",
-                 dense_above: float = 0.9) -> None:
+                 dense_above: float = 0.9, ahead: Lookahead | None = None) -> None:
         if mode not in ("auto", "gather", "mask"):
             raise ValueError(f"sparse mode {mode!r}: expected 'auto', 'gather' or 'mask'")
         self.selector = selector
@@ -203,31 +204,53 @@ class SparseContext:
         self._sources: dict[int, Tensor] = {}
         self._carry = carry
         self.carry_out: Tensor | None = None
+        self.ahead = ahead
+        self._early: dict[int, Selection] = {}  # made by ``lookahead``, used by ``select``
+        self._batch: Batch | None = None  # the pass's batch, known from the first ``select``
 
     def gather(self, batch: Batch) -> bool:
         return self.mode == "gather" or (self.mode == "auto" and batch.cache is not None)
 
     def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
-        """Layer ``layer``'s selection; ``h`` is its input [B, T, C]."""
+        """Layer ``layer``'s selection; ``h`` is its input [B, T, C]. A selection made one
+        layer early (``lookahead``) or given by the previous stage (``Lookahead.given``) is
+        used as it is."""
         lid = layer.layer_id
+        self._batch = batch
+        early = self._early.pop(lid, None)
+        if early is not None:
+            return early
+        given = self.ahead.given.pop(lid, None) if self.ahead is not None else None
+        if given is not None:
+            self._carry = None  # the previous stage already read it for this selection
+            return self._account(layer, given, h.shape, batch)
         source = self.source(lid, h)
         t0 = time.perf_counter()
         sel = self.selector(lid, source)
+        self.stats.layer(lid).predictor_s += time.perf_counter() - t0
+        return self._account(layer, sel, h.shape, batch)
+
+    def _account(self, layer: OPTDecoderLayer, sel: Selection, shape: torch.Size,
+                 batch: Batch) -> Selection:
+        """Check a layer's masks, count what they compute and, in gather mode, union them."""
+        lid = layer.layer_id
         stats = self.stats.layer(lid)
-        stats.predictor_s += time.perf_counter() - t0
-        tokens = h.shape[0] * h.shape[1]
+        tokens = shape[0] * shape[1]
         stats.tokens += tokens
         gather = self.gather(batch)
-        _check_mask(sel.neurons, "neurons", h.shape)
-        _check_mask(sel.heads, "heads", h.shape)
+        _check_mask(sel.neurons, "neurons", shape)
+        _check_mask(sel.heads, "heads", shape)
         if not gather:
             stats.mlp_computed += _masked_fraction(sel.neurons, tokens)
             stats.heads_computed += _masked_fraction(sel.heads, tokens)
             return sel
         # An offloaded layer has no dense weights on the device: it always gathers.
         offloaded = sparse_backend.is_offloaded(layer)
-        neurons, neuron_index, mlp_union = self._union(sel.neurons, offloaded)
-        heads, head_index, head_union = self._union(sel.heads, offloaded)
+        # A selection sent ahead by the previous stage comes unioned: its index tensors
+        # are kept (the prefetch it started is matched by identity).
+        neurons, neuron_index, mlp_union = self._union(sel.neurons, offloaded,
+                                                       sel.neuron_index)
+        heads, head_index, head_union = self._union(sel.heads, offloaded, sel.head_index)
         stats.mlp_computed += tokens * mlp_union  # each token computes the batch's union
         stats.heads_computed += tokens * head_union
         out = Selection(heads=heads, neurons=neurons, neuron_index=neuron_index,
@@ -259,13 +282,14 @@ class SparseContext:
             )
         return source
 
-    def _union(self, mask: Tensor | None, offloaded: bool
+    def _union(self, mask: Tensor | None, offloaded: bool, index: Tensor | None = None
                ) -> tuple[Tensor | None, Tensor | None, float]:
-        """A gather-mode mask -> (the mask, or None to run dense; its union's indices; the
-        fraction computed). One host read: the union's size."""
+        """A gather-mode mask -> (the mask, or None to run dense; its union's indices, found
+        here unless given; the fraction computed). One host read: the union's size."""
         if mask is None:
             return None, None, 1.0
-        index = union_index(mask)
+        if index is None:
+            index = union_index(mask)
         union = index.numel() / mask.shape[-1]
         if union >= self.dense_above and not offloaded:
             return None, None, 1.0
@@ -273,9 +297,45 @@ class SparseContext:
 
     def lookahead(self, layer_id: int, h: Tensor) -> None:
         """``h`` enters layer ``layer_id``'s MLP block: it is layer ``layer_id + 1``'s
-        predictor input. (A GPU backend launches that prediction here, on a side stream.)"""
+        predictor input. With a ``Lookahead`` (gather mode), layer ``layer_id + 1``'s
+        selection is made now, before this MLP block runs: an offloaded next layer of this
+        span starts reading its rows (``prefetch``), a next layer on the next stage gets
+        its selection sent ahead (``Lookahead.send``)."""
         self._sources[layer_id + 1] = h
         self.carry_out = h
+        ahead, batch = self.ahead, self._batch
+        if ahead is None or batch is None or not self.gather(batch):
+            return
+        nxt = layer_id + 1
+        if nxt in ahead.layers:
+            layer = ahead.layers[nxt]
+            # ``select`` starts the offloaded layer's reads (``prefetch``) as it unions.
+            self._early[nxt] = self.select(layer, h, batch)
+        elif nxt == ahead.send_layer and ahead.send is not None:
+            t0 = time.perf_counter()
+            sel = self.selector(nxt, h)
+            # Charged to this stage's last layer: this stage's time, not the next one's.
+            self.stats.layer(layer_id).predictor_s += time.perf_counter() - t0
+            _check_mask(sel.neurons, "neurons", h.shape)
+            _check_mask(sel.heads, "heads", h.shape)
+            ahead.send(nxt, sel)
+
+
+@dataclass
+class Lookahead:
+    """What a span's gather-mode passes do one layer early (``SparseContext.lookahead``).
+
+    ``layers``: this span's offloaded layers (by id) whose selection is made while the
+    layer before computes, then handed to their ``prefetch``; ``send_layer``/``send``: the
+    next stage's first layer, whose selection this stage makes from its last layer's MLP
+    input and passes to ``send`` (the worker puts it on the wire ahead of the activations);
+    ``given``: selections the previous stage sent ahead, used instead of the selector's
+    (each once)."""
+
+    layers: dict[int, OPTDecoderLayer] = field(default_factory=dict)
+    send_layer: int | None = None
+    send: Callable[[int, Selection], None] | None = None
+    given: dict[int, Selection] = field(default_factory=dict)
 
 
 def _check_mask(mask: Tensor | None, what: str, shape: torch.Size) -> None:

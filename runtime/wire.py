@@ -138,6 +138,21 @@ class StepFailed(_Msg):
     message: str
 
 
+class WorkerStats(msgspec.Struct, forbid_unknown_fields=True):
+    """How a worker has spent its time, sent with each heartbeat: ``busy_fraction`` is the
+    time it computed steps over the last ``window_s`` seconds of wall time (0..1);
+    ``ahead_*``: selections the previous stage sent ahead (lookahead) that a step used, or
+    could not; ``prefetch_*``: row gathers its offloaded layers started ahead of their step,
+    used or not (both counts since the worker started)."""
+
+    busy_fraction: float = 0.0
+    window_s: float = 0.0
+    ahead_used: int = 0
+    ahead_wasted: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+
+
 class Heartbeat(_Msg):
     """Sent from a worker's dedicated thread; ``busy_s`` is how long the current step has
     run (0 when idle)."""
@@ -146,6 +161,7 @@ class Heartbeat(_Msg):
     seq: int
     busy_step: int | None = None
     busy_s: float = 0.0
+    stats: WorkerStats | None = None
 
 
 class Fatal(_Msg):
@@ -267,6 +283,27 @@ class Activations(_Msg):
     ring: str = ""
 
 
+class SelectionAhead(_Msg):
+    """Sent by a stage, ahead of its ``Activations`` for the same step, with lookahead on:
+    the selection of the next stage's first layer ``layer``, made from the residual entering
+    the sender's last MLP block (the predictors' wiring), as the batch's union of row ids
+    (sorted; None keeps that block dense). ``rows``/``width``: the step's request ids and
+    width it was made for; the receiver uses it only for activations of exactly that step,
+    and starts reading those rows from host memory on arrival."""
+
+    epoch: int
+    step_id: int
+    layer: int
+    rows: list[str]
+    width: int
+    token: str = ""  # Setup.token
+    heads: list[int] | None = None
+    neurons: list[int] | None = None
+
+
+DataMessage = Activations | SelectionAhead
+
+
 # --- client API ----------------------------------------------------------------------------
 
 
@@ -305,6 +342,7 @@ class WorkerInfo(msgspec.Struct):
     expected_gpu_bytes: int = 0
     expected_paged_per_token: float = 0.0
     gpu_bytes: int = 0  # allocated once loaded (Ready.gpu_bytes)
+    stats: WorkerStats | None = None  # from its latest heartbeat
 
 
 class Health(_Msg):
@@ -336,7 +374,7 @@ _encoder = msgspec.msgpack.Encoder()
 _decoders = {
     "worker": msgspec.msgpack.Decoder(WorkerMessage),
     "scheduler": msgspec.msgpack.Decoder(SchedulerMessage),
-    "data": msgspec.msgpack.Decoder(Activations),
+    "data": msgspec.msgpack.Decoder(DataMessage),
     "client": msgspec.msgpack.Decoder(ClientMessage),
     "reply": msgspec.msgpack.Decoder(ClientReply),
 }
@@ -396,6 +434,8 @@ def decode_activations(header: bytes | memoryview, payload: bytes | memoryview,
     of the step, its width, ``hidden_size``], each payload has exactly the bytes that implies
     and holds only finite numbers."""
     msg = _decode("data", header)
+    if not isinstance(msg, Activations):
+        raise WireError(f"a {type(msg).__name__} header came with tensor frames")
     if msg.slot is not None:
         raise WireError("activations header names a slot but came with tensor frames")
     if msg.carry != (carry is not None):
@@ -433,6 +473,8 @@ def decode_slot_header(header: bytes | memoryview, hidden_size: int, *, ring: st
     ``slots`` slots of ``slot_bytes`` bytes each: checked as ``decode_activations`` checks
     a header, plus the ring's name, the slot index and the bytes it would read."""
     msg = _decode("data", header)
+    if not isinstance(msg, Activations):
+        raise WireError(f"a {type(msg).__name__} frame where a slot header was expected")
     if msg.slot is None:
         raise WireError("activations header without tensor frames names no slot")
     if msg.ring != ring:
@@ -450,6 +492,36 @@ def tensor_from_bytes(payload: bytes | memoryview, dtype: torch.dtype,
                       shape: tuple[int, ...]) -> torch.Tensor:
     """A view of ``payload`` as a tensor, checked as a tensor frame is (bytes, finite)."""
     return _tensor(payload, dtype, shape)
+
+
+def is_selection_ahead(frame: bytes | memoryview) -> bool:
+    """Whether a lone data frame is a ``SelectionAhead`` (else a slot header, or garbage
+    that the slot header's decoder refuses with its reason)."""
+    try:
+        return isinstance(_decode("data", frame), SelectionAhead)
+    except WireError:
+        return False
+
+
+def decode_ahead(frame: bytes | memoryview, *, num_heads: int, ffn_dim: int,
+                 num_layers: int) -> SelectionAhead:
+    """One ``SelectionAhead`` frame, checked: a layer of the model, at least one row, a
+    positive width, and row ids sorted, unique and within the layer's heads and neurons."""
+    msg = _decode("data", frame)
+    if not isinstance(msg, SelectionAhead):
+        raise WireError(f"a {type(msg).__name__} header came without its tensor frames")
+    if not 0 < msg.layer < num_layers:
+        raise WireError(f"selection ahead for layer {msg.layer}: expected 1..{num_layers - 1}")
+    if not msg.rows or msg.width < 1:
+        raise WireError(f"selection ahead for {len(msg.rows)} rows of width {msg.width}")
+    for name, ids, n in (("heads", msg.heads, num_heads), ("neurons", msg.neurons, ffn_dim)):
+        if ids is None:
+            continue
+        if not ids or ids[0] < 0 or ids[-1] >= n or \
+                any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
+            raise WireError(f"selection ahead: {name} must be sorted unique ids in [0, {n}), "
+                            f"got {len(ids)} ids from {ids[:1]} to {ids[-1:]}")
+    return msg
 
 
 def _tensor(payload: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]

@@ -43,6 +43,8 @@ from ..runtime.step import Step, StepResult
 from ..runtime.weight_store import PlacementError
 from ..scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
 from . import data_plane
+from .ahead import Inbox, Outbox
+from .busy import BusyMeter
 from .faults import FaultHook
 from .heartbeat import HeartbeatThread
 from .runner import StageRunner, StepOOM
@@ -86,6 +88,9 @@ class Worker:
         self.bad_frames = 0
         self._last_bad_log = 0.0
         self.control_linger_ms = 0
+        self.meter = BusyMeter()
+        self.inbox: Inbox | None = None
+        self.outbox: Outbox | None = None
 
     # --- startup ---------------------------------------------------------------------------
 
@@ -136,6 +141,12 @@ class Worker:
         self.paged_total = 0
         cache = built.stage.cache
         self.runner = StageRunner(built.stage, FaultHook(setup.faults))
+        # Lookahead across the boundary (workers/ahead.py): send the next stage's first
+        # selection ahead of the activations; take the previous stage's.
+        lookahead = built.stage.lookahead
+        self.inbox = Inbox(built.stage, prefetch=lookahead) if setup.data_in else None
+        if lookahead and setup.data_out is not None:
+            self.outbox = built.stage.send_ahead = Outbox(self._send_ahead, setup.token)
         self.setup = setup
         self.epoch = setup.epoch
         max_data = setup.max_data_bytes
@@ -150,7 +161,8 @@ class Worker:
         self.heartbeat = HeartbeatThread(
             self.ctx, self.control_address, self.index, interval_s=setup.heartbeat_s,
             watchdog_s=setup.watchdog_s, scheduler_timeout_s=setup.scheduler_timeout_s,
-            parent_pid=self.parent_pid, busy=lambda: self.busy, curve=self.curve)
+            parent_pid=self.parent_pid, busy=lambda: self.busy, curve=self.curve,
+            stats=self.stats)
         self.heartbeat.start()
         params = sum(p.numel() * p.element_size() for p in model.parameters()
                      if not p.is_meta)
@@ -225,6 +237,9 @@ class Worker:
     def _on_data(self) -> None:
         frames = self.data_in.recv_multipart(copy=False)
         received = time.time()
+        if len(frames) == 1 and wire.is_selection_ahead(frames[0].buffer):
+            self._on_ahead(frames[0].buffer)
+            return
         if len(frames) not in (1, 2, 3):
             self._bad_frame("data", wire.WireError(f"{len(frames)} frames, expected 1 to 3"))
             return
@@ -275,6 +290,22 @@ class Worker:
             frames.append(wire.tensor_frame(carry))
         self.data_out.send_multipart(frames, copy=False)
 
+    def _on_ahead(self, frame) -> None:
+        c = self.config
+        try:
+            msg = wire.decode_ahead(frame, num_heads=c.num_attention_heads, ffn_dim=c.ffn_dim,
+                                    num_layers=c.num_hidden_layers)
+            if not hmac.compare_digest(msg.token, self.setup.token):
+                raise wire.WireError("a selection without this cluster's token")
+        except wire.WireError as exc:
+            self._bad_frame("data", exc)
+            return
+        if self._current(msg.epoch):
+            self.inbox.receive(msg)
+
+    def _send_ahead(self, msg: wire.SelectionAhead) -> None:
+        self.data_out.send(wire.encode(msg))
+
     def _current(self, epoch: int) -> bool:
         if epoch < self.epoch:
             return False  # work from before a restart: its requests have already failed
@@ -286,9 +317,13 @@ class Worker:
         densities); the first stage passes an empty one."""
         started = time.perf_counter()
         self.busy = (step.step_id, time.monotonic())
+        self.meter.start()
+        given = self.inbox.take(self.epoch, step) if self.inbox is not None else None
+        if self.outbox is not None:
+            self.outbox.begin(self.epoch, step)
         try:
             step_out, out, carry_out, errors = self.runner.run(step, hidden, upstream.errors,
-                                                               carry)
+                                                               carry, given)
         except StepOOM as exc:
             log.error("worker %d: step %d failed: %s", self.index, step.step_id, exc)
             self._send(wire.StepFailed(self.epoch, step.step_id, self.index, str(exc)))
@@ -300,6 +335,7 @@ class Worker:
             return
         finally:
             self.busy = None
+            self.meter.stop()
         stage_s = upstream.stage_s + [time.perf_counter() - started]
         hop_s = upstream.hop_s
         densities, layer_densities = upstream.densities, upstream.layer_densities
@@ -321,6 +357,18 @@ class Worker:
                                       paged_bytes=paged,
                                       sent_at=time.time())
             self._send_activations(header, out, carry_out)
+
+    def stats(self) -> wire.WorkerStats:
+        """What the heartbeat reports (read from its thread: counters only, no tensors)."""
+        used = wasted = 0
+        if self.offloaded:
+            from ..runtime.offload import prefetch_counts
+
+            used, wasted = prefetch_counts(self.model)
+        inbox = self.inbox
+        return wire.WorkerStats(self.meter.fraction(), self.meter.window_s,
+                                inbox.used if inbox else 0, inbox.wasted if inbox else 0,
+                                used, wasted)
 
     def _paged_since_last(self) -> int:
         """Host bytes the offloaded layers read since the previous step (0 without any)."""
