@@ -49,8 +49,10 @@ class KVCache:
                 "positions"
             )
         shape = (len(layer_ids), slots, config.num_attention_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # A layer's keys and values side by side, [n, 2, S, H, L, D]: a decode step writes
+        # both with one index_put (``layer_kv``). k and v are views with the same strides.
+        self.kv = torch.zeros((shape[0], 2) + shape[1:], dtype=dtype, device=device)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]
         self.index = {layer: i for i, layer in enumerate(layer_ids)}
         self.slots = slots
         self.max_len = max_len
@@ -67,6 +69,10 @@ class KVCache:
     def layer(self, layer_id: int) -> tuple[Tensor, Tensor]:
         i = self.index[layer_id]
         return self.k[i], self.v[i]
+
+    def layer_kv(self, layer_id: int) -> Tensor:
+        """Keys and values of a layer together, [2, S, H, L, D]."""
+        return self.kv[self.index[layer_id]]
 
     def layer_inputs(self, layer_id: int) -> tuple[Tensor, Tensor]:
         """Stored attention inputs [S, L, C] and K/V-valid bits [S, H, L] (keep_inputs)."""
@@ -139,8 +145,10 @@ class OPTAttention(nn.Module):
         self.sparse_backend: str | None = None
         self.kernel_table: tuple | None = None
         self.offloaded = None
-        # On a CPU, q/k/v stored side by side and their product taken at once (project_qkv).
+        # q/k/v stored side by side and their product taken at once (project_qkv on a CPU,
+        # decode_step everywhere).
         self._fused_qkv: tuple[Tensor, Tensor | None] | None = None
+        self._every_head: Tensor | None = None  # arange(H) on the weights' device
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
         b, t, _ = x.shape
@@ -151,6 +159,10 @@ class OPTAttention(nn.Module):
         if heads is not None:  # [B, T, H] bool: only these heads (runtime/sparse.py)
             assert batch.sparse is not None
             return selected_attention(self, x, layer_id, batch, heads, batch.sparse.gather(batch))
+        if batch.fixed_shape and batch.cache is not None and batch.cache.inputs is None:
+            stacked = self.stacked_qkv()
+            if stacked is not None:
+                return self.decode_step(x, layer_id, batch, *stacked)
         return self.merge_heads(self.head_outputs(x, layer_id, batch))
 
     def merge_heads(self, out: Tensor) -> Tensor:
@@ -173,6 +185,45 @@ class OPTAttention(nn.Module):
                 q, k, v = F.linear(x, *self._fused_qkv).split(self.q_proj.out_features, -1)
                 return q * self.scaling, k, v
         return self.q_proj(x) * self.scaling, self.k_proj(x), self.v_proj(x)
+
+    def stacked_qkv(self) -> tuple[Tensor, Tensor | None] | None:
+        """The q, k, v weights as one [3C, C] (biases [3C] or None), the parameters views
+        of it, so one product computes all three: the Triton backend's head table (its
+        [3, H, D, C] is that), else ``cpu_ops.fuse_projections``' table. None where the
+        three stay apart: a model in training, an offloaded layer, mixed biases."""
+        if self.q_proj.weight.requires_grad or sparse_backend.is_offloaded(self):
+            return None
+        c = self.q_proj.in_features
+        if sparse_backend.backend_of(self) == "triton":
+            table = sparse_backend.head_table(self)
+            bias = table.bqkv.view(3 * c) if self.q_proj.bias is not None else None
+            return table.wqkv.view(3 * c, c), bias
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        if self._fused_qkv is None or not is_fused(projections, *self._fused_qkv):
+            self._fused_qkv = fuse_projections(projections)
+        return self._fused_qkv
+
+    def decode_step(self, x: Tensor, layer_id: int, batch: Batch, wqkv: Tensor,
+                    bqkv: Tensor | None) -> Tensor:
+        """A captured decode step's attention (``Batch.fixed_shape``: one token per row,
+        every head, a cache without stored inputs), doing only what it must: one product
+        for q, k and v (``stacked_qkv``), one write of k and v into the cache, the decode
+        kernel scaling q as it loads it. The same function as ``merge_heads(head_outputs)``
+        (tests compare them). x [B, 1, C] (post-LN) -> [B, 1, C] after out_proj."""
+        from ..kernels.sparse_attention import decode_attention  # imports triton: on use
+
+        assert batch.cache is not None and batch.slots is not None
+        b = x.shape[0]
+        qkv = F.linear(x[:, 0], wqkv, bqkv).view(b, 3, self.num_heads, self.head_dim)
+        cache_kv = batch.cache.layer_kv(layer_id)  # [2, S, H, L, D]
+        pos = batch.positions[:, 0]
+        # Indices split by a slice put their dim first: the target is [B, 2, H, D].
+        cache_kv[:, batch.slots, :, pos] = qkv[:, 1:].to(cache_kv.dtype)
+        if self._every_head is None or self._every_head.device != x.device:
+            self._every_head = torch.arange(self.num_heads, device=x.device)
+        out = decode_attention(qkv[:, 0], self._every_head, cache_kv[0], cache_kv[1],
+                               batch.slots, pos, scale=self.scaling)  # [B, H, D]
+        return self.out_proj(out.view(b, 1, -1))
 
     def head_outputs(self, x: Tensor, layer_id: int, batch: Batch) -> Tensor:
         """Every head's attention output [B, H, T, D] (before out_proj); with a cache, this
