@@ -289,8 +289,10 @@ class OPTDecoderLayer(nn.Module):
 
     def mlp_block(self, h: Tensor, neurons: Tensor | None = None,
                   gather: bool = False, index: Tensor | None = None,
-                  device_only: bool = False, count: Tensor | None = None) -> Tensor:
-        x = self.final_layer_norm(h) if self.pre_ln else h
+                  device_only: bool = False, count: Tensor | None = None,
+                  normed: Tensor | None = None) -> Tensor:
+        """``normed``: final_layer_norm(h) when the caller computed it already (pre-LN)."""
+        x = normed if normed is not None else self.final_layer_norm(h) if self.pre_ln else h
         if neurons is None and count is None:
             h = h + self.fc2(F.relu(self.fc1(x)))
         else:  # [B, T, F] bool, or a union compacted on the device (runtime/sparse.py)
@@ -314,10 +316,13 @@ class OPTDecoderLayer(nn.Module):
             return self.mlp_block(self.attention_block(h, batch))
         sel = batch.sparse.select(self, h, batch)
         h = self.attention_block(h, batch, sel.heads)
-        batch.sparse.lookahead(self.layer_id, h)  # next layer's predictor input (wiring)
+        x = self.final_layer_norm(h) if self.pre_ln else None
+        # h is the next layer's predictor input (wiring); x, normalized already, may serve
+        # its predictor instead of a normalization of its own.
+        batch.sparse.lookahead(self.layer_id, h, None if x is None else (x, self.final_layer_norm))
         # A fixed-shape (CUDA-graph captured) step must not read the device from the host.
         return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch), sel.neuron_index,
-                              device_only=batch.fixed_shape, count=sel.neuron_count)
+                              device_only=batch.fixed_shape, count=sel.neuron_count, normed=x)
 
 
 class OPTModel(nn.Module):

@@ -266,9 +266,11 @@ class SparseContext:
             return None, None, 1.0
         return mask, index, union
 
-    def lookahead(self, layer_id: int, h: Tensor) -> None:
+    def lookahead(self, layer_id: int, h: Tensor,
+                  normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> None:
         """``h`` enters layer ``layer_id``'s MLP block: it is layer ``layer_id + 1``'s
-        predictor input. (A GPU backend launches that prediction here, on a side stream.)"""
+        predictor input. ``normed``: the block's LayerNorm output over ``h`` and that norm,
+        for a selector that can read it (the captured step's fused selection)."""
         self._sources[layer_id + 1] = h
         self.carry_out = h
 
