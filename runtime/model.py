@@ -49,10 +49,8 @@ class KVCache:
                 "positions"
             )
         shape = (len(layer_ids), slots, config.num_attention_heads, max_len, config.head_dim)
-        # A layer's keys and values side by side, [n, 2, S, H, L, D]: a decode step writes
-        # both with one index_put (``layer_kv``). k and v are views with the same strides.
-        self.kv = torch.zeros((shape[0], 2) + shape[1:], dtype=dtype, device=device)
-        self.k, self.v = self.kv[:, 0], self.kv[:, 1]
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.index = {layer: i for i, layer in enumerate(layer_ids)}
         self.slots = slots
         self.max_len = max_len
@@ -69,10 +67,6 @@ class KVCache:
     def layer(self, layer_id: int) -> tuple[Tensor, Tensor]:
         i = self.index[layer_id]
         return self.k[i], self.v[i]
-
-    def layer_kv(self, layer_id: int) -> Tensor:
-        """Keys and values of a layer together, [2, S, H, L, D]."""
-        return self.kv[self.index[layer_id]]
 
     def layer_inputs(self, layer_id: int) -> tuple[Tensor, Tensor]:
         """Stored attention inputs [S, L, C] and K/V-valid bits [S, H, L] (keep_inputs)."""
@@ -207,7 +201,7 @@ class OPTAttention(nn.Module):
                     bqkv: Tensor | None) -> Tensor:
         """A captured decode step's attention (``Batch.fixed_shape``: one token per row,
         every head, a cache without stored inputs), doing only what it must: one product
-        for q, k and v (``stacked_qkv``), one write of k and v into the cache, the decode
+        for q, k and v (``stacked_qkv``), k and v written into the cache from it, the decode
         kernel scaling q as it loads it. The same function as ``merge_heads(head_outputs)``
         (tests compare them). x [B, 1, C] (post-LN) -> [B, 1, C] after out_proj."""
         from ..kernels.sparse_attention import decode_attention  # imports triton: on use
@@ -215,13 +209,13 @@ class OPTAttention(nn.Module):
         assert batch.cache is not None and batch.slots is not None
         b = x.shape[0]
         qkv = F.linear(x[:, 0], wqkv, bqkv).view(b, 3, self.num_heads, self.head_dim)
-        cache_kv = batch.cache.layer_kv(layer_id)  # [2, S, H, L, D]
+        cache_k, cache_v = batch.cache.layer(layer_id)  # [S, H, L, D]
         pos = batch.positions[:, 0]
-        # Indices split by a slice put their dim first: the target is [B, 2, H, D].
-        cache_kv[:, batch.slots, :, pos] = qkv[:, 1:].to(cache_kv.dtype)
+        cache_k[batch.slots, :, pos] = qkv[:, 1].to(cache_k.dtype)
+        cache_v[batch.slots, :, pos] = qkv[:, 2].to(cache_v.dtype)
         if self._every_head is None or self._every_head.device != x.device:
             self._every_head = torch.arange(self.num_heads, device=x.device)
-        out = decode_attention(qkv[:, 0], self._every_head, cache_kv[0], cache_kv[1],
+        out = decode_attention(qkv[:, 0], self._every_head, cache_k, cache_v,
                                batch.slots, pos, scale=self.scaling)  # [B, H, D]
         return self.out_proj(out.view(b, 1, -1))
 

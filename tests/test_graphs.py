@@ -73,8 +73,8 @@ def test_fixed_shape_forward_equals_eager(dtype, pre_ln):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_step_equals_head_outputs(backend, dtype):
-    """The captured step's attention (one stacked q/k/v product, one K/V write, q scaled
-    in the decode kernel) equals the reference: three projections, q scaled, two cache
+    """The captured step's attention (one stacked q/k/v product, q scaled in the decode
+    kernel) equals the reference: three projections, q scaled, two cache
     writes, gathered attention, out_proj. Two rows share nothing; a third repeats the first
     (a padding row)."""
     model = tiny(dtype, DEVICE)
@@ -82,9 +82,10 @@ def test_decode_step_equals_head_outputs(backend, dtype):
     attn = model.layers()[1].self_attn
     g = torch.Generator().manual_seed(7)
     caches = [allocate_cache(model, 4, 32) for _ in range(2)]
-    history = torch.randn(caches[0].kv.shape, generator=g).to(dtype)
+    history = torch.randn((2,) + caches[0].k.shape, generator=g).to(dtype)
     for cache in caches:
-        cache.kv.copy_(history)
+        cache.k.copy_(history[0])
+        cache.v.copy_(history[1])
     slots = torch.tensor([1, 3, 1], device=DEVICE)
     positions = torch.tensor([[6], [11], [6]], device=DEVICE)
     x = torch.randn(2, 1, model.config.hidden_size, generator=g).to(DEVICE, dtype)
@@ -98,8 +99,8 @@ def test_decode_step_equals_head_outputs(backend, dtype):
     tol = 5e-3 if dtype == torch.float16 else 3e-2
     assert float((got.float() - want.float()).norm() / want.float().norm()) < tol
     for i in range(2):  # keys, then values
-        kv_got, kv_want = caches[0].layer_kv(1)[i], caches[1].layer_kv(1)[i]
-        assert not torch.equal(kv_got, history[1, i])  # this step wrote them
+        kv_got, kv_want = caches[0].layer(1)[i], caches[1].layer(1)[i]
+        assert not torch.equal(kv_got, history[i, 1])  # this step wrote them
         assert torch.allclose(kv_got.float(), kv_want.float(), rtol=tol, atol=tol)
 
 
