@@ -672,8 +672,10 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['path']} | | error: {r['error'][:200]} | | | | | | |")
             continue
         if r["path"] == "resident":
-            lines.append(f"| resident | dense {_f(r['dense_step_ms'])} ms, sparse "
-                         f"{_f(r['sparse_step_ms'])} ms | | | | | | | |")
+            pred = r.get("predictors_step_ms")
+            lines.append(f"| resident | dense {_f(r['dense_step_ms'])} ms, random 10% "
+                         f"{_f(r['sparse_step_ms'])} ms, predictors 10% "
+                         f"{_f(pred) if pred is not None else '-'} ms | | | | | | | |")
             continue
         b1, b8 = r.get("b1", {}), r.get("batched", {})
         ttft = " / ".join(_f(v) for k, v in r.items() if k.startswith("ttft") and

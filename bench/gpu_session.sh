@@ -11,7 +11,8 @@
 #   PHASE=fused   the GPU tests of the captured sparse step (fused predictor selection, padded
 #                 buckets), then the engine's decode step at the OPT-13B shape: dense, random
 #                 10% of neurons and calibrated predictors at 10% (fused kernels), batch 1 and
-#                 8, with the measured density and each sparse step's top kernels (under 4 min)
+#                 8, with the measured density and each sparse step's top kernels, and the
+#                 launches per layer of a captured step (bench/count_launches.py; under 4 min)
 #   PHASE=hops    the CUDA IPC data plane's GPU tests, then bench/bench_hops.py: one hop
 #                 between two processes on one GPU, ring vs socket, opt-1.3b..66b hidden
 #                 sizes at batch 1 and 8, and opt-1.3b 8 streams through 2 workers vs 1
@@ -63,6 +64,8 @@ fused)
     timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider -o addopts= \
         tests/test_fused_select.py tests/test_graphs.py tests/test_kernels_select.py \
         tests/test_profile_step.py 2>&1 | tee "$out/pytest-fused.log" | tail -15
+    timeout 60 python3 -m dejavu.bench.count_launches --layers 2,4 --batch 1,8 2>&1 \
+        | tee "$out/count_launches.log" | tail -6
     for select in "" "--mlp-density 0.1 --select random" "--mlp-density 0.1 --select predictors"; do
         timeout 80 python3 -m dejavu.bench.profile_step --shape opt-13b --batch 1,8 --steps 20 \
             --out "$out/profiles" $select 2>&1 | tee -a "$out/profile_step.log" | tail -70

@@ -81,12 +81,21 @@ class CapturedSparse(SparseContext):
         self.initial_carry = carry
         self.live = live  # [R, 1, 1] bool: the step's real rows (the rest pad the bucket)
         self.live_rows = live_rows  # [1] int32: how many they are (they come first)
+        # Per layer: its predictor input as the previous MLP block's LayerNorm left it.
+        self._normed: dict[int, tuple[Tensor, torch.nn.LayerNorm]] = {}
 
     def begin(self) -> None:
         """Reset the wiring before a forward pass (warm-up runs it several times)."""
         self._sources.clear()
+        self._normed.clear()
         self._carry = self.initial_carry
         self.carry_out = None
+
+    def lookahead(self, layer_id: int, h: Tensor,
+                  normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> None:
+        super().lookahead(layer_id, h)
+        if normed is not None:
+            self._normed[layer_id + 1] = normed
 
     def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
         lid = layer.layer_id
@@ -95,7 +104,8 @@ class CapturedSparse(SparseContext):
         # A selector that compacts its own union on the device (the predictors' fused
         # kernel) skips the masks; it counts only the live rows.
         compact = getattr(self.selector, "compact", None)
-        sel = None if compact is None else compact(lid, source, self.live_rows)
+        sel = None if compact is None else compact(lid, source, self.live_rows,
+                                                   self._normed.pop(lid, None))
         if sel is not None:
             slot.copy_(sel.neuron_count / layer.fc1.out_features)
             return sel

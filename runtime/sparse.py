@@ -295,12 +295,15 @@ class SparseContext:
             return None, None, 1.0
         return mask, index, union
 
-    def lookahead(self, layer_id: int, h: Tensor) -> None:
+    def lookahead(self, layer_id: int, h: Tensor,
+                  normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> None:
         """``h`` enters layer ``layer_id``'s MLP block: it is layer ``layer_id + 1``'s
         predictor input. With a ``Lookahead`` (gather mode), layer ``layer_id + 1``'s
         selection is made now, before this MLP block runs: an offloaded next layer of this
         span starts reading its rows (``prefetch``), a next layer on the next stage gets
-        its selection sent ahead (``Lookahead.send``)."""
+        its selection sent ahead (``Lookahead.send``). ``normed``: the block's LayerNorm
+        output over ``h`` and that norm, for a selector that can read it (the captured
+        step's fused selection; this eager context does not)."""
         self._sources[layer_id + 1] = h
         self.carry_out = h
         ahead, batch = self.ahead, self._batch

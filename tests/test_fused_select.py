@@ -6,13 +6,14 @@ On the CPU the kernels run in Triton's interpreter and the capturable forward ru
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_graphs import tiny
 
 from dejavu.runtime.graphs import DecodeGraphs, _Captured
 from dejavu.runtime.model import Batch
 from dejavu.runtime.predictors import PredictorSet
 from dejavu.runtime.sampling import SamplingParams
-from dejavu.runtime.selection import FixedSelector, PredictorSelector
+from dejavu.runtime.selection import FixedSelector, PredictorSelector, fold_layer_norm
 from dejavu.runtime.sparse import SparseContext
 from dejavu.runtime.sparse_backend import use_backend
 from dejavu.runtime.stage import Stage, allocate_cache
@@ -38,8 +39,11 @@ def threshold_selector(model, density=0.25, seed=0):
     return PredictorSelector(preds)
 
 
+@pytest.mark.parametrize("normed", [False, True])
 @pytest.mark.parametrize("rows,live", [(1, 1), (4, 3), (4, 1)])
-def test_compact_selects_the_masks_union_of_live_rows(rows, live):
+def test_compact_selects_the_masks_union_of_live_rows(rows, live, normed):
+    """``normed``: the predictor reads the model's LayerNorm output over its source (its
+    own normalization folded into its factors) instead of normalizing the source."""
     model = tiny(torch.float16, DEVICE)
     sel = threshold_selector(model)
     c = model.config
@@ -47,7 +51,10 @@ def test_compact_selects_the_masks_union_of_live_rows(rows, live):
     source = source.to(DEVICE, torch.float16)
     live_rows = torch.tensor([live], dtype=torch.int32, device=DEVICE)
     for lid in model.layer_ids:
-        got = sel.compact(lid, source, live_rows)
+        norm = model.layers()[lid].final_layer_norm
+        with torch.no_grad():
+            given = (norm(source), norm) if normed else None
+        got = sel.compact(lid, source, live_rows, given)
         assert got is not None and got.neurons is None
         ids = set(got.neuron_index[: int(got.neuron_count)].long().cpu().tolist())
         p = sel.predictors.mlp[lid]
@@ -63,6 +70,48 @@ def test_compact_selects_the_masks_union_of_live_rows(rows, live):
         # What the selector's masks give (the eager path) up to rounding at the threshold.
         masks = sel(lid, source[:live]).neurons.reshape(-1, c.ffn_dim).any(0).cpu()
         assert len(ids ^ set(torch.nonzero(masks).flatten().tolist())) <= 2
+
+
+def test_fold_layer_norm_reads_the_affine_output_exactly():
+    """In float64 the folded predictor on an affine LayerNorm's output scores what the
+    plain one scores on the source normalized without affine."""
+    g = torch.Generator().manual_seed(4)
+    c, r, f = 24, 5, 31
+    x = torch.randn(3, c, generator=g, dtype=torch.float64) * 3 + 1
+    down_t, up_t = torch.randn(c, r, generator=g, dtype=torch.float64), \
+        torch.randn(r, f, generator=g, dtype=torch.float64)
+    bias = torch.randn(f, generator=g, dtype=torch.float64)
+    weight = 1 + 0.5 * torch.randn(c, generator=g, dtype=torch.float64)
+    norm_bias = torch.randn(c, generator=g, dtype=torch.float64)
+    want = F.layer_norm(x, (c,)) @ down_t @ up_t + bias
+    folded, folded_bias = fold_layer_norm(down_t, up_t, bias, weight, norm_bias)
+    got = F.layer_norm(x, (c,), weight, norm_bias) @ folded @ up_t + folded_bias
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(F.layer_norm(x, (c,), weight, norm_bias) @ down_t @ up_t + bias,
+                              want, atol=1e-3)  # the fold is needed
+
+
+def test_compact_keeps_its_own_norm_where_the_fold_would_not_hold():
+    """A LayerNorm with a near-zero weight (or another eps) is not folded: the predictor
+    normalizes the source itself and selects what it selects without one."""
+    model = tiny(torch.float16, DEVICE)
+    sel = threshold_selector(model)
+    source = torch.randn(2, 1, model.config.hidden_size,
+                         generator=torch.Generator().manual_seed(9)).to(DEVICE, torch.float16)
+    live = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    norm = model.layers()[0].final_layer_norm
+    with torch.no_grad():
+        norm.weight[3] = 1e-4
+        wrong = torch.randn_like(source)  # what it must not read
+
+    def chosen(given):
+        out = sel.compact(1, source, live, given)
+        return set(out.neuron_index[: int(out.neuron_count)].long().cpu().tolist())
+
+    assert chosen((wrong, norm)) == chosen(None)
+    with torch.no_grad():
+        norm.weight[3] = 1.0
+    assert chosen((wrong, norm)) != chosen(None)  # folded: it reads what it is given
 
 
 def test_compact_declines_where_it_does_not_apply():
@@ -90,8 +139,8 @@ def test_captured_forward_with_fused_selection_equals_gathered_masks(real):
     chosen = {}
     compact = sel.compact
 
-    def spy(lid, source, live):
-        out = compact(lid, source, live)
+    def spy(lid, source, live, normed=None):
+        out = compact(lid, source, live, normed)
         ids = out.neuron_index[: int(out.neuron_count)].long()
         mask = torch.zeros(model.config.ffn_dim, dtype=torch.bool, device=DEVICE)
         chosen[lid] = mask.index_fill_(0, ids, True)
