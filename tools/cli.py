@@ -383,7 +383,8 @@ def bench(
     offload_layers: int = typer.Option(4, "--offload-layers",
                                        help="decoder layers built in pinned memory (offload)"),
     only: list[str] = typer.Option(None, "--only",
-                                   help="tune | kernels | resident | offload | accelerate"),
+                                   help="tune | kernels | resident | offload | accelerate | "
+                                   "e2e (repeatable) [default: all but e2e]"),
 ) -> None:
     """Benchmark the sparse kernels, resident and offloaded decode (writes JSON + Markdown)."""
     import os
@@ -392,6 +393,12 @@ def bench(
 
     import torch
 
+    from ..bench.bench import check_only
+
+    try:  # a misspelt scenario is named before anything else is said or run
+        check_only(tuple(only or ()))
+    except ValueError as exc:
+        raise _user_error(exc) from None
     if not torch.cuda.is_available():
         if not small:
             raise _user_error(ValueError("bench needs a CUDA GPU; use --small for a CPU dry run"))
