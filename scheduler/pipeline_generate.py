@@ -17,7 +17,7 @@ from typing import TextIO
 from ..runtime.build import density_report
 from ..runtime.checkpoint import resolve_model_dir
 from .config import from_settings
-from .discover import Target, describe, join
+from .discover import Target, describe, ignored_on_join, join
 from .launch import Cluster
 from .zmq_client import PipelineConnection
 
@@ -59,6 +59,9 @@ def connection(settings, target: Target, *, announce: bool = True,
                 err.write(describe(conn.health(), target.address)
                           + (f" (found in {target.found_in})" if target.found_in else "")
                           + "\n")
+            ignored = ignored_on_join(settings, target.address, sparse=sparse)
+            if ignored:  # announced or not: a flag that does nothing is never silent
+                err.write(ignored + "\n")
             yield conn
             return
         cluster = Cluster(from_settings(settings, workers=target.workers, sparse=sparse))

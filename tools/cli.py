@@ -273,7 +273,7 @@ def serve(
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
-    from ..scheduler.discover import JoinError, choose
+    from ..scheduler.discover import JoinError, choose, ignored_on_join
 
     try:
         from ..scheduler.serve import (
@@ -295,6 +295,8 @@ def serve(
         target = choose(settings, connect=connect, run_dir=run_dir)
         if target.note:
             typer.echo(target.note, err=True)
+        if target.kind == "connect" and (ignored := ignored_on_join(settings, target.address)):
+            typer.echo(ignored, err=True)
         run_server(settings, options_from_settings(
             settings, api_key=read_api_key(api_key, api_key_file), max_batch=max_batch,
             model_name=served_model_name, connect=target.address or None,
