@@ -131,7 +131,7 @@ def generate(
         request = GenerateRequest(prompt, prompt_ids, tuple(stop or ()))
         target = choose(settings, connect=connect, run_dir=run_dir)
         if target.kind != "local":  # the pipeline (scheduler/)
-            from ..scheduler.pipeline_generate import PIPELINE_ERRORS, run_pipeline_generate
+            from .pipeline_generate import PIPELINE_ERRORS, run_pipeline_generate
 
             try:
                 run_pipeline_generate(settings, request, target=target, as_json=as_json,
@@ -512,7 +512,7 @@ def chat(
     in this process; --workers N starts a launch for this chat, --connect names one."""
     from ..runtime.settings import load_settings
     from ..scheduler.discover import choose
-    from ..scheduler.pipeline_generate import PIPELINE_ERRORS, start_chat
+    from .pipeline_generate import PIPELINE_ERRORS, start_chat
 
     try:
         settings = load_settings(config, {
