@@ -137,12 +137,25 @@ class ServerMetrics:
         self.engine_stats = Gauge(p + "engine_stat", "A statistic the engine reports "
                                   "(density, bytes_paged_per_token, cache_hit_rate, ...)",
                                   ("name",))
+        # The connection guard's own counts (scheduler/serve/connections.py), read at scrape.
+        self.connections_idle = Gauge(p + "connections_idle", "Open connections waiting for "
+                                      "a request (new, or kept alive)")
+        self.connections_closed = Gauge(p + "connections_closed_total", "Connections the "
+                                        "server closed or refused: evicted at "
+                                        "max_connections, refused (every one busy), "
+                                        "timed_out (408)", ("reason",))
 
     def all(self) -> list[_Metric]:
         return [self.running, self.waiting, self.requests, self.failures, self.prompt_tokens,
                 self.generation_tokens, self.ttft, self.itl, self.engine_up, self.worker_up,
                 self.worker_restarts, self.worker_busy, self.worker_prefetch,
-                self.engine_stats]
+                self.engine_stats, self.connections_idle, self.connections_closed]
+
+    def observe_connections(self, stats: dict[str, int]) -> None:
+        """The guard's ``stats()``: idle connections now and closes since start, by reason."""
+        self.connections_idle.set(float(stats["idle"]))
+        for reason in ("evicted", "refused", "timed_out"):
+            self.connections_closed.set(float(stats[reason]), reason)
 
     def observe_engine(self, health_ok: bool, workers: list[dict], stats: dict) -> None:
         self.engine_up.set(1.0 if health_ok else 0.0)
