@@ -26,6 +26,9 @@ source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/gpu.txt"
+# The random OPT-13B checkpoint of e2e and stages (reused when complete; KEEP_CKPT=1 keeps it
+# for a later call on the same machine).
+ckpt=${CKPT:-/dev/shm/dejavu-opt-13b}
 for phase in ${PHASE:-checks}; do
 echo "== phase $phase $(date -u +%H:%M:%S)"
 case "$phase" in
@@ -43,16 +46,16 @@ checks)
     ;;
 e2e)
     timeout ${E2E_TIMEOUT:-400} python3 -m dejavu.bench.bench_e2e --shape opt-13b \
-        --gpu-memory-gib ${GIB:-14} --checkpoint-dir /dev/shm/dejavu-e2e-opt-13b \
+        --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt \
         --tokens ${TOKENS:-12} --time-budget-s ${E2E_BUDGET:-300} --out "$out" 2>&1 \
         | tee "$out/e2e.log" | tail -40
     for heads in 1.0 0.5; do
         timeout 65 python3 -m dejavu.bench.profile_offload step --shape opt-13b \
-            --gpu-memory-gib ${GIB:-14} --checkpoint-dir /dev/shm/dejavu-e2e-opt-13b \
+            --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt \
             --heads $heads --table --out "$out/profile-offload-heads$heads.json" 2>&1 \
             | tee -a "$out/profile_offload.log" | tail -30
     done
-    rm -rf /dev/shm/dejavu-e2e-opt-13b
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
     ;;
 train)
     timeout ${TRAIN_TIMEOUT:-560} python3 -m dejavu.bench.bench_train_predictors --shape opt-13b \
@@ -83,10 +86,10 @@ stages)
         tests/test_row_stream.py 2>&1 | tee "$out/pytest-stages.log" | tail -8
     timeout ${STAGES_TIMEOUT:-420} python3 -m dejavu.bench.bench_pipeline --shape opt-13b \
         --workers 2 --share-gpu --streams 1 --tokens ${TOKENS:-12} --prompt-len 16 \
-        --gpu-memory-gib ${GIB:-7} --select random:0.1 --lookahead off,on \
-        --checkpoint-dir /dev/shm/dejavu-stages-opt-13b --out "$out" 2>&1 \
+        --gpu-memory-gib ${STAGES_GIB:-7} --select random:0.1 --lookahead off,on \
+        --checkpoint-dir $ckpt --out "$out" 2>&1 \
         | tee "$out/stages.log" | tail -20
-    rm -rf /dev/shm/dejavu-stages-opt-13b
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
     ;;
 *) echo "unknown phase $phase" ;;
 esac
