@@ -6,6 +6,9 @@
 #   PHASE=e2e     bench/bench_e2e.py: offloaded OPT-13B through the product vs accelerate,
 #                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped)
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
+#   PHASE=heads   bench/head_variants.py: head-sparse model variants, each trained for
+#                 HEADS_BUDGET s, then dense bpb, oracle and predictor head curves; HEADS_DATA
+#                 holds train.jsonl.xz, heldout.jsonl.xz and wikitext2_test.txt
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -38,6 +41,17 @@ train)
         --gpu-memory-gib 12 --tokens ${CAL_TOKENS:-100000} --batch-size 2048 --lr 0.02 \
         --checkpoint-dir /dev/shm/opt-13b --out "$out" 2>&1 | tee "$out/train.log" | tail -30
     rm -rf /dev/shm/opt-13b
+    ;;
+heads)
+    data=${HEADS_DATA:-.carry/heads}
+    timeout ${HEADS_TIMEOUT:-570} python3 -m dejavu.bench.head_variants \
+        --corpus "$data/train.jsonl.xz" --heldout "$data/heldout.jsonl.xz" \
+        --wikitext "$data/wikitext2_test.txt" --device cuda \
+        --variants ${HEADS_VARIANTS:-h8,h16,h16-drop0.5,h16-gate0.5} \
+        --time-budget-s ${HEADS_BUDGET:-120} --reserve-s 40 --deadline-s ${HEADS_DEADLINE:-545} \
+        --docs 6 --chars 24000 --set warmup=100 --work /dev/shm/head_variants --out "$out" \
+        2>&1 | tee "$out/heads.log" | tail -40
+    rm -rf /dev/shm/head_variants
     ;;
 esac
 ls -la "$out"

@@ -219,3 +219,22 @@ def test_study_end_to_end_records_every_variant(corpus, tmp_path):
     assert h8["head_dim"] == 4 and h8["policy"]["mode"] == "drop"
     md = (tmp_path / "out" / "head_variants.md").read_text()
     assert "| h8-drop0.5-t1 | 8 x 4 |" in md and "h5 | failed" in md
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["drop", "gate"])
+def test_head_policies_compile_and_train_on_cuda(corpus, tmp_path, policy, capsys):
+    """The GPU path: bf16 autocast and torch.compile through the head-policy wrapper (a
+    compile failure would silently fall back to slower eager steps)."""
+    from dejavu.runtime.checkpoint import load_model
+    from dejavu.tools.train_model import TrainConfig, train
+
+    cfg = TrainConfig(corpus=str(corpus["train"]), tokenizer=str(corpus["tokenizer"]),
+                      out=str(tmp_path / policy), device="cuda", steps=10, heads=8,
+                      head_policy=policy, head_rescale=policy == "drop", layers=2,
+                      hidden=64, ffn=256, positions=64, seq_len=64, batch_size=8,
+                      micro_batch=4, lr=3e-3, warmup=3, log_every=5)
+    metrics = train(cfg)
+    assert "torch.compile failed" not in capsys.readouterr().out
+    assert metrics["history"][0]["loss"] > metrics["final_loss"]
+    assert load_model(tmp_path / policy).config.num_attention_heads == 8
