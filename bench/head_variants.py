@@ -415,7 +415,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="head_variants.json/.md/.png go here")
     args = p.parse_args(argv)
     for spec in args.variants.split(","):
-        parse_variant(spec)  # a bad name fails before any training
+        try:
+            parse_variant(spec)  # a bad name fails before any training
+        except ValueError as exc:
+            p.error(str(exc))
     return args
 
 
