@@ -19,6 +19,9 @@
 #   PHASE=stages  the lookahead CUDA tests, then an offloaded OPT-13B shape over two workers
 #                 on one GPU, 1 stream, random 10% of neurons: decode with lookahead (prefetch
 #                 and selections sent ahead) off and on (bench/bench_pipeline.py)
+#   PHASE=heads   bench/head_variants.py: head-sparse model variants, each trained for
+#                 HEADS_BUDGET s, then dense bpb, oracle and predictor head curves; HEADS_DATA
+#                 holds train.jsonl.xz, heldout.jsonl.xz and wikitext2_test.txt
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh (several: PHASE="fused hops")
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -90,6 +93,17 @@ stages)
         --checkpoint-dir $ckpt --out "$out" 2>&1 \
         | tee "$out/stages.log" | tail -20
     [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
+    ;;
+heads)
+    data=${HEADS_DATA:-.carry/heads}
+    timeout ${HEADS_TIMEOUT:-570} python3 -m dejavu.bench.head_variants \
+        --corpus "$data/train.jsonl.xz" --heldout "$data/heldout.jsonl.xz" \
+        --wikitext "$data/wikitext2_test.txt" --device cuda \
+        --variants ${HEADS_VARIANTS:-h8,h16,h16-drop0.5,h16-gate0.5} \
+        --time-budget-s ${HEADS_BUDGET:-120} --reserve-s 40 --deadline-s ${HEADS_DEADLINE:-545} \
+        --docs 6 --chars 24000 --set warmup=100 --work /dev/shm/head_variants --out "$out" \
+        2>&1 | tee "$out/heads.log" | tail -40
+    rm -rf /dev/shm/head_variants
     ;;
 *) echo "unknown phase $phase" ;;
 esac
