@@ -221,9 +221,14 @@ def _built_engine(model_dir: Path, select: str, budget: float, opts: E2EOptions,
     from ..scheduler.engine import Engine
     from .bench_pipeline import parse_select
 
+    # The device as `generate --device` sets it: without it the engine is built on the CPU.
+    device = "cuda" if _cuda() else "cpu"
     settings = make_settings({"model.path": str(model_dir), "model.dtype": "float16",
-                              "pipeline.gpu_memory_gib": budget, **parse_select(select)})
+                              "model.device": device, "pipeline.gpu_memory_gib": budget,
+                              **parse_select(select)})
     built = build_stage(resolve(settings), slots=opts.streams, max_len=max_len)
+    if built.stage.device.type != device:
+        raise RuntimeError(f"the engine was built on {built.stage.device}, not {device}")
     return built, Engine.from_stage(built.stage)
 
 
