@@ -92,6 +92,18 @@ def _plan(opts: BenchOptions) -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
+# What `--only` accepts: the scenarios of _plan, and e2e (bench_e2e.py, its own run).
+SCENARIOS = ("tune", "kernels", "resident", "offload", "accelerate", "e2e")
+
+
+def check_only(only: tuple[str, ...]) -> None:
+    """ValueError naming every value of ``--only`` that is no scenario, and the choices."""
+    unknown = [name for name in only if name not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"--only {', '.join(unknown)}: no such scenario; choose from "
+                         f"{' | '.join(SCENARIOS)}")
+
+
 # Rough seconds each scenario needs on an H100 (compiles included), to skip rather than be
 # cut off by the lease.
 _COST = {"tune": 15, "kernels": 25, "resident": 45, "offload": 60, "accelerate": 60}

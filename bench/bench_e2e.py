@@ -9,11 +9,12 @@ Rows, each with tokens/s at batch 1 and with 8 streams, time to first token for 
 512-token prompt, host bytes per generated token, the link-bound limit (those bytes over the
 host-to-device bandwidth measured in the same run) and the fraction of it reached:
 
-- ``engine``: the in-process engine as ``generate --gpu-memory-gib`` builds it (checkpoint
-  read into host memory, ``fit_gib``, the selector wrapped by ``offload_selector``), once
-  per selection: random 10% of neurons with every head, and with Deja Vu's 50% of heads;
-  and once more with the decode MLP's rows gathered to the device before the kernel
-  instead of read in place (``OffloadedLayer.stage_neurons``);
+- ``engine``: the in-process engine as ``generate --gpu-memory-gib`` builds it (settings
+  through runtime/build.py's ``build_stage``, then ``Engine.from_stage``), once per
+  selection: random 10% of neurons with every head, and with Deja Vu's 50% of heads; and
+  once more with the decode MLP's rows read in place by the kernel instead of gathered to
+  the device first (``OffloadedLayer.stage_neurons`` False). Decode is timed after a few
+  warm-up decode steps at each batch size (Triton compiles decode kernels on first use);
   the time to first token also against its bound (offloaded record bytes / bandwidth + the
   resident layers' own prefill time, timed per layer in the same prefill);
 - ``launch``: ``launch --workers 1`` with the same budget, through a client;
@@ -211,78 +212,94 @@ def _decode(engine, streams: int, tokens: int, prompt_len: int, bytes_read) -> d
             "decode_tokens": generated}
 
 
-def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: torch.dtype,
-                log) -> list[dict[str, Any]]:
-    from ..runtime.checkpoint import load_model
-    from ..runtime.offload import (
-        budget_report,
-        fit_gib,
-        host_bytes_read,
-        offload_selector,
-    )
-    from ..runtime.selection import RandomSelector
-    from ..runtime.weight_store import gib
+def _built_engine(model_dir: Path, select: str, budget: float, opts: E2EOptions,
+                  max_len: int):
+    """The engine ``generate --gpu-memory-gib`` runs: settings -> runtime/build.py's
+    ``build_stage`` -> ``Engine.from_stage`` (the same builder every worker uses)."""
+    from ..runtime.build import build_stage, resolve
+    from ..runtime.settings import make_settings
     from ..scheduler.engine import Engine
     from .bench_pipeline import parse_select
 
+    # The device as `generate --device` sets it: without it the engine is built on the CPU.
     device = "cuda" if _cuda() else "cpu"
+    settings = make_settings({"model.path": str(model_dir), "model.dtype": "float16",
+                              "model.device": device, "pipeline.gpu_memory_gib": budget,
+                              **parse_select(select)})
+    built = build_stage(resolve(settings), slots=opts.streams, max_len=max_len)
+    if built.stage.device.type != device:
+        raise RuntimeError(f"the engine was built on {built.stage.device}, not {device}")
+    return built, Engine.from_stage(built.stage)
+
+
+def _warm_decode(engine, opts: E2EOptions) -> None:
+    """A few decode steps at each timed batch size before anything is timed: Triton
+    compiles the decode kernels on their first call (seconds on a fresh machine, while a
+    worker started later finds them in Triton's disk cache) and CUDA graphs are captured
+    per batch size."""
+    for streams in (1, opts.streams):
+        _decode(engine, streams, 3, 8, lambda: 0)
+
+
+def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: torch.dtype,
+                log) -> list[dict[str, Any]]:
+    """One build per selection through the product's builder; the default decode reads
+    (staged: selected rows gathered to the device ahead of the kernels), then, on the same
+    built engine, the MLP's rows read in place by the kernel (``stage_neurons`` False)."""
+    from ..runtime.offload import host_bytes_read
+    from .bench_pipeline import shape_config
+
     max_len = max(opts.prompts) + opts.tokens + 8
-    t0 = time.perf_counter()
-    model = load_model(model_dir, dtype=dtype, device="cpu")
-    config = model.config
-    budget = opts.gpu_memory_gib or small_budget_gib(config, 2, opts.streams, max_len)
-    offloaded, reserved = fit_gib(model, budget, device=device, slots=opts.streams, max_len=max_len)
-    load_s = time.perf_counter() - t0
-    log(f"engine: loaded in {load_s:.1f} s, {len(offloaded)} of {config.num_hidden_layers} "
-        "layers offloaded")
-    held = [layer.offloaded for layer in model.layers() if layer.offloaded is not None]
-    record_bytes = sum(ops.rows.layout.layer_bytes(dtype.itemsize) for ops in held)
-    timer = LayerTimer(model)
+    budget = opts.gpu_memory_gib or small_budget_gib(shape_config(opts.shape), 2, opts.streams,
+                                                     max_len)
     rows = []
-    # The default cold path (the MLP kernel reads host rows in place), Deja Vu's head
-    # density, and the MLP's rows gathered to the device first (the other cold path).
-    for select, staged in ((SELECTS[0], False), (SELECTS[1], False), (SELECTS[0], True)):
-        for ops in held:
-            ops.stage_neurons = staged
-        s = parse_select(select)
-        rnd = RandomSelector(config.ffn_dim, config.num_attention_heads,
-                             s["sparsity.mlp_density"], s["sparsity.head_density"], seed=0)
-        sel = offload_selector(rnd, offloaded, config)
-        engine = Engine(model, max_batch=opts.streams, max_len=max_len, selector=sel)
-        report = budget_report(model, offloaded, sel, budget_bytes=gib(budget),
-                               reserved_bytes=reserved)
-        row: dict[str, Any] = {"path": "engine", "select": select, "gpu_memory_gib": budget,
-                               "mlp_cold_rows": "staged" if staged else "in place",
-                               "offloaded_layers": len(offloaded),
-                               "resident_layers": config.num_hidden_layers - len(offloaded),
-                               "load_s": round(load_s, 1),
-                               "expected_host_bytes_per_token": report["host_bytes_per_step"]}
-        _first_token_s(engine, _prompt(8, 99))  # warm-up: compiles, caches
-        for n in opts.prompts:
-            timer.times.clear()
-            timer.on = True
-            row[f"ttft{n}_s"] = _first_token_s(engine, _prompt(n, n))
-            timer.on = False
-            times = timer.collect()
-            if n == max(opts.prompts):
-                resident_s = sum(t for lid, t in times.items() if lid not in offloaded)
-                row["ttft_bound_s"] = (record_bytes / h2d if h2d else 0.0) + resident_s
-                row["ttft_resident_layers_s"] = resident_s
-                row["ttft_over_bound"] = row[f"ttft{n}_s"] / row["ttft_bound_s"] \
-                    if row["ttft_bound_s"] else None
-        for streams in (1, opts.streams):
-            d = _decode(engine, streams, opts.tokens, min(opts.prompts),
-                        lambda m=model: host_bytes_read(m))
-            row[_key(streams)] = _with_bound(d, streams, h2d)
-        rows.append(row)
-        log(f"engine {select} {row['mlp_cold_rows']}: {json.dumps(_short(row))}")
-        del engine
+    for select, variants in ((SELECTS[0], (True, False)), (SELECTS[1], (True,))):
+        t0 = time.perf_counter()
+        built, engine = _built_engine(model_dir, select, budget, opts, max_len)
+        model, offloaded = built.model, built.offloaded
+        config = model.config
+        load_s = time.perf_counter() - t0
+        log(f"engine {select}: built in {load_s:.1f} s, {len(offloaded)} of "
+            f"{config.num_hidden_layers} layers offloaded")
+        held = [layer.offloaded for layer in model.layers() if layer.offloaded is not None]
+        record_bytes = sum(ops.rows.layout.layer_bytes(dtype.itemsize) for ops in held)
+        for staged in variants:
+            for ops in held:
+                ops.stage_neurons = staged
+            row: dict[str, Any] = {"path": "engine", "select": select, "gpu_memory_gib": budget,
+                                   "mlp_cold_rows": "staged" if staged else "in place",
+                                   "built_by": "runtime.build.build_stage",
+                                   "offloaded_layers": len(offloaded),
+                                   "resident_layers": config.num_hidden_layers - len(offloaded),
+                                   "load_s": round(load_s, 1),
+                                   "expected_host_bytes_per_token":
+                                       built.report["host_bytes_per_step"]}
+            _first_token_s(engine, _prompt(8, 99))  # warm-up: compiles, caches
+            timer = LayerTimer(model)
+            for n in opts.prompts:
+                timer.times.clear()
+                timer.on = True
+                row[f"ttft{n}_s"] = _first_token_s(engine, _prompt(n, n))
+                timer.on = False
+                times = timer.collect()
+                if n == max(opts.prompts):
+                    resident_s = sum(t for lid, t in times.items() if lid not in offloaded)
+                    row["ttft_bound_s"] = (record_bytes / h2d if h2d else 0.0) + resident_s
+                    row["ttft_resident_layers_s"] = resident_s
+                    row["ttft_over_bound"] = row[f"ttft{n}_s"] / row["ttft_bound_s"] \
+                        if row["ttft_bound_s"] else None
+            timer.remove()  # no hooks on the layers while decode is timed
+            _warm_decode(engine, opts)
+            for streams in (1, opts.streams):
+                d = _decode(engine, streams, opts.tokens, min(opts.prompts),
+                            lambda m=model: host_bytes_read(m))
+                row[_key(streams)] = _with_bound(d, streams, h2d)
+            rows.append(row)
+            log(f"engine {select} {row['mlp_cold_rows']}: {json.dumps(_short(row))}")
+        del engine, built, model, held
         gc.collect()
-    timer.remove()
-    del model, held
-    gc.collect()
-    if _cuda():
-        torch.cuda.empty_cache()
+        if _cuda():
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -509,10 +526,17 @@ def resident_row(model_dir: Path, opts: E2EOptions, dtype: torch.dtype,
     device = torch.device("cuda" if _cuda() else "cpu")
     model = load_model(model_dir, dtype=dtype, device=device)
     steps = 3 if opts.small else 20
-    dense, _, _ = _stage_loop(model, 1, steps, device, graphs=True)
-    sparse, _, _ = _stage_loop(model, 1, steps, device, graphs=True, mlp_density=0.10)
+    dense, _, _, _ = _stage_loop(model, 1, steps, device, graphs=True)
+    sparse, _, _, stats = _stage_loop(model, 1, steps, device, graphs=True, mlp_density=0.10)
+    # The same density chosen by predictors (random weights, calibrated thresholds): the
+    # selection a user's model runs, one fused kernel per layer in the captured step.
+    pred, _, _, pred_stats = _stage_loop(model, 1, steps, device, graphs=True,
+                                         mlp_density=0.10, select="predictors")
     row = {"path": "resident", "dense_step_ms": dense * 1e3, "sparse_step_ms": sparse * 1e3,
-           "sparse_speedup_vs_dense": dense / sparse}
+           "sparse_speedup_vs_dense": dense / sparse,
+           "measured_mlp_density": stats.mlp_density,
+           "predictors_step_ms": pred * 1e3, "predictors_speedup_vs_dense": dense / pred,
+           "predictors_measured_mlp_density": pred_stats.mlp_density}
     log(f"resident: {json.dumps(_short(row))}")
     del model
     gc.collect()
@@ -600,7 +624,7 @@ def _row(res: dict[str, Any], path: str, select: str | None = None,
 
 def headline(res: dict[str, Any], opts: E2EOptions) -> dict[str, Any]:
     """The issue's keys for the batch-1, every-head case (None where not measured)."""
-    eng, acc = _row(res, "engine", SELECTS[0], mlp_cold_rows="in place"), \
+    eng, acc = _row(res, "engine", SELECTS[0], mlp_cold_rows="staged"), \
         _row(res, "accelerate")
     resident = _row(res, "resident")
     out = {"e2e_offload_link_fraction": eng.get("b1", {}).get("link_fraction"),
@@ -653,8 +677,10 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['path']} | | error: {r['error'][:200]} | | | | | | |")
             continue
         if r["path"] == "resident":
-            lines.append(f"| resident | dense {_f(r['dense_step_ms'])} ms, sparse "
-                         f"{_f(r['sparse_step_ms'])} ms | | | | | | | |")
+            pred = r.get("predictors_step_ms")
+            lines.append(f"| resident | dense {_f(r['dense_step_ms'])} ms, random 10% "
+                         f"{_f(r['sparse_step_ms'])} ms, predictors 10% "
+                         f"{_f(pred) if pred is not None else '-'} ms | | | | | | | |")
             continue
         b1, b8 = r.get("b1", {}), r.get("batched", {})
         ttft = " / ".join(_f(v) for k, v in r.items() if k.startswith("ttft") and

@@ -34,6 +34,7 @@ sockets and the device->host->device copies at each hop. It does not tune anythi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -209,17 +210,24 @@ class GpuUtilization:
 
 def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
             prompt_len: int, *, gpu_memory_gib: float | None = None, select: str = "dense",
-            log_dir: Path | None = None) -> dict:
+            log_dir: Path | None = None, devices: list[str] | None = None,
+            data_plane: str = "auto", lookahead: bool = False,
+            share_gpu: bool = False) -> dict:
     row: dict = {"workers": workers, "streams": streams, "select": select,
-                 "gpu_memory_gib": gpu_memory_gib}
+                 "gpu_memory_gib": gpu_memory_gib, "lookahead": lookahead}
     # One cache slot per stream: with a GPU budget, unused slots would crowd out layers.
     # Kernels interpreted on a CPU (TRITON_INTERPRET=1) make an offloaded prefill take
     # minutes; the default 60 s step watchdog would stop the cluster mid-run.
     watchdog = {"watchdog_s": 3600.0} if os.environ.get("TRITON_INTERPRET") == "1" else {}
     settings = make_settings({"model.path": str(model), "model.dtype": dtype,
                               "pipeline.gpu_memory_gib": gpu_memory_gib,
-                              **parse_select(select)})
-    config = PipelineConfig(settings, workers=workers, slots=streams,
+                              "pipeline.data_plane": data_plane,
+                              "sparsity.lookahead": lookahead, **parse_select(select)})
+    # --share-gpu: every worker on the first GPU (the pipeline's hops and prefetch measured
+    # on a machine with one GPU).
+    if share_gpu and devices is None:
+        devices = ["cuda:0"] * workers
+    config = PipelineConfig(settings, workers=workers, slots=streams, devices=devices,
                             max_len=prompt_len + max(tokens, WARMUP), **watchdog)
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     prompts = [[2] + [(17 * i + 5 * j) % 1000 + 3 for j in range(prompt_len - 1)]
@@ -264,6 +272,12 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
         "densities": [list(d) for d in health.densities],
         "stage_ms": [round(s * 1000, 3) for s in health.stage_s],
         "hop_ms": [round(s * 1000, 3) for s in health.hop_s],
+        "busy_fraction": [round(w.stats.busy_fraction, 3) if w.stats else None
+                          for w in health.workers],
+        "ahead_used_wasted": [(w.stats.ahead_used, w.stats.ahead_wasted) if w.stats else None
+                              for w in health.workers],
+        "prefetch_used_wasted": [(w.stats.prefetch_used, w.stats.prefetch_wasted)
+                                 if w.stats else None for w in health.workers],
         # nvidia-smi's GPU index (PCI bus order) for each GPU, during the timed run.
         "gpu_util_pct": util.mean(),
     })
@@ -292,14 +306,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select", default="dense",
                         help="comma-separated: dense | random:M (neurons at density M, every "
                              "head) | random:M:H (heads at density H too), each a set of rows")
+    parser.add_argument("--lookahead", default="off",
+                        help="comma-separated on | off: [sparsity] lookahead (an offloaded "
+                             "layer's rows read one layer early, and selections sent ahead "
+                             "to the next worker), each a set of rows")
+    parser.add_argument("--share-gpu", action="store_true",
+                        help="every worker on cuda:0 (several workers on one GPU)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
+    lookaheads = [_on_off(v) for v in args.lookahead.split(",")]
     selects = args.select.split(",")
     for select in selects:  # a bad value fails before any checkpoint is written
         parse_select(select)
     gpus = torch.cuda.device_count()
     workers = [int(w) for w in args.workers.split(",")]
-    workers = [w for w in workers if w <= max(gpus, 1) or gpus == 0]
+    if not args.share_gpu:
+        workers = [w for w in workers if w <= max(gpus, 1) or gpus == 0]
     device = torch.cuda.get_device_name(0).replace(" ", "-") if gpus else platform.machine()
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     out = Path(args.out)
@@ -309,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": stamp, "device": device, "gpus": gpus, "shape": args.shape,
             "model": args.model, "dtype": args.dtype, "tokens": args.tokens,
             "prompt_len": args.prompt_len, "gpu_memory_gib": args.gpu_memory_gib,
-            "select": args.select, "checkpoint_write_s": None, "torch": torch.__version__,
+            "select": args.select, "lookahead": args.lookahead,
+            "share_gpu": args.share_gpu, "checkpoint_write_s": None, "torch": torch.__version__,
             "command": "python -m dejavu.bench.bench_pipeline " + " ".join(
                 sys.argv[1:] if argv is None else argv)}
     rows: list[dict] = []
@@ -322,21 +345,26 @@ def main(argv: list[str] | None = None) -> int:
             model, write_s = random_checkpoint(args.shape, where, getattr(torch, args.dtype),
                                                log=lambda m: print(m, file=sys.stderr))
             meta["checkpoint_write_s"] = round(write_s, 1)
-        for select in selects:
-            for w in workers:
-                for s in (int(x) for x in args.streams.split(",")):
-                    row = run_one(model, w, s, args.tokens, args.dtype, args.prompt_len,
-                                  gpu_memory_gib=args.gpu_memory_gib, select=select,
-                                  log_dir=tmp)
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-                    # After every row: a run cut short by a time limit keeps what it measured.
-                    write_results(base, meta, rows)
+        for select, w, s, ahead in itertools.product(
+                selects, workers, [int(x) for x in args.streams.split(",")], lookaheads):
+            row = run_one(model, w, s, args.tokens, args.dtype, args.prompt_len,
+                          gpu_memory_gib=args.gpu_memory_gib, select=select, log_dir=tmp,
+                          lookahead=ahead, share_gpu=args.share_gpu)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            # After every row: a run cut short by a time limit keeps what it measured.
+            write_results(base, meta, rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_results(base, meta, rows)
     print(f"wrote {base}.json and {base}.md")
     return 0
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise SystemExit(f"--lookahead {value!r}: expected on, off or on,off")
+    return value == "on"
 
 
 def write_results(base: Path, meta: dict, rows: list[dict]) -> None:

@@ -4,18 +4,40 @@
 #                 decode, placement, kernels), then the engine's decode step at the OPT-13B
 #                 shape, dense vs random 10% of neurons (bench/profile_step.py)
 #   PHASE=e2e     bench/bench_e2e.py: offloaded OPT-13B through the product vs accelerate,
-#                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped)
+#                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped),
+#                 then bench/profile_offload.py step: one decode step under torch.profiler
+#                 (gather GB/s, kernels, syncs, launches) on the same checkpoint
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
-#   PHASE=predictors  the captured decode with own-MLP-input predictors (test_graphs), then
+#   PHASE=fused   the GPU tests of the captured sparse step (fused predictor selection, padded
+#                 buckets), then the engine's decode step at the OPT-13B shape: dense, random
+#                 10% of neurons and calibrated predictors at 10% (fused kernels), batch 1 and
+#                 8, with the measured density and each sparse step's top kernels, and the
+#                 launches per layer of a captured step (bench/count_launches.py; under 4 min)
+#   PHASE=hops    the CUDA IPC data plane's GPU tests, then bench/bench_hops.py: one hop
+#                 between two processes on one GPU, ring vs socket, opt-1.3b..66b hidden
+#                 sizes at batch 1 and 8, and opt-1.3b 8 streams through 2 workers vs 1
+#   PHASE=stages  the lookahead CUDA tests, then an offloaded OPT-13B shape over two workers
+#                 on one GPU, 1 stream, random 10% of neurons: decode with lookahead (prefetch
+#                 and selections sent ahead) off and on (bench/bench_pipeline.py)
+#   PHASE=heads   bench/head_variants.py: head-sparse model variants, each trained for
+#                 HEADS_BUDGET s, then dense bpb, oracle and predictor head curves; HEADS_DATA
+#                 holds train.jsonl.xz, heldout.jsonl.xz and wikitext2_test.txt
+#   PHASE=predictors  the captured decode with own-MLP-input predictors (test_graphs,
+#                 test_fused_select: fused selection reading each layer's own LayerNorm), then
 #                 the shipped predictors' held-out recall and the CPU sweep grid on 24 books
-# Usage on the device: PHASE=checks bash bench/gpu_session.sh
+# Usage on the device: PHASE=checks bash bench/gpu_session.sh (several: PHASE="fused hops")
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
 source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/gpu.txt"
-case "${PHASE:-checks}" in
+# The random OPT-13B checkpoint of e2e and stages (reused when complete; KEEP_CKPT=1 keeps it
+# for a later call on the same machine).
+ckpt=${CKPT:-/dev/shm/dejavu-opt-13b}
+for phase in ${PHASE:-checks}; do
+echo "== phase $phase $(date -u +%H:%M:%S)"
+case "$phase" in
 checks)
     timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -o addopts= \
         tests/test_graphs.py tests/test_offload.py tests/test_row_stream.py \
@@ -29,11 +51,17 @@ checks)
     done
     ;;
 e2e)
-    timeout ${E2E_TIMEOUT:-560} python3 -m dejavu.bench.bench_e2e --shape opt-13b \
-        --gpu-memory-gib ${GIB:-14} --checkpoint-dir /dev/shm/dejavu-e2e-opt-13b \
-        --tokens ${TOKENS:-12} --time-budget-s ${E2E_BUDGET:-420} --out "$out" 2>&1 \
+    timeout ${E2E_TIMEOUT:-400} python3 -m dejavu.bench.bench_e2e --shape opt-13b \
+        --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt \
+        --tokens ${TOKENS:-12} --time-budget-s ${E2E_BUDGET:-300} --out "$out" 2>&1 \
         | tee "$out/e2e.log" | tail -40
-    rm -rf /dev/shm/dejavu-e2e-opt-13b
+    for heads in 1.0 0.5; do
+        timeout 65 python3 -m dejavu.bench.profile_offload step --shape opt-13b \
+            --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt \
+            --heads $heads --table --out "$out/profile-offload-heads$heads.json" 2>&1 \
+            | tee -a "$out/profile_offload.log" | tail -30
+    done
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
     ;;
 train)
     timeout ${TRAIN_TIMEOUT:-560} python3 -m dejavu.bench.bench_train_predictors --shape opt-13b \
@@ -41,9 +69,49 @@ train)
         --checkpoint-dir /dev/shm/opt-13b --out "$out" 2>&1 | tee "$out/train.log" | tail -30
     rm -rf /dev/shm/opt-13b
     ;;
+fused)
+    timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider -o addopts= \
+        tests/test_fused_select.py tests/test_graphs.py tests/test_kernels_select.py \
+        tests/test_profile_step.py 2>&1 | tee "$out/pytest-fused.log" | tail -15
+    timeout 60 python3 -m dejavu.bench.count_launches --layers 2,4 --batch 1,8 2>&1 \
+        | tee "$out/count_launches.log" | tail -6
+    for select in "" "--mlp-density 0.1 --select random" "--mlp-density 0.1 --select predictors"; do
+        timeout 80 python3 -m dejavu.bench.profile_step --shape opt-13b --batch 1,8 --steps 20 \
+            --out "$out/profiles" $select 2>&1 | tee -a "$out/profile_step.log" | tail -70
+    done
+    ;;
+hops)
+    timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -o addopts= \
+        tests/test_data_plane.py -m gpu 2>&1 | tee "$out/pytest-hops.log" | tail -15
+    timeout ${HOPS_TIMEOUT:-170} python3 -m dejavu.bench.bench_hops --throughput --out "$out" \
+        2>&1 | tee "$out/hops.log" | tail -25
+    rm -rf /dev/shm/dejavu-hops-opt-1.3b
+    ;;
+stages)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_lookahead.py \
+        tests/test_row_stream.py 2>&1 | tee "$out/pytest-stages.log" | tail -8
+    timeout ${STAGES_TIMEOUT:-420} python3 -m dejavu.bench.bench_pipeline --shape opt-13b \
+        --workers 2 --share-gpu --streams 1 --tokens ${TOKENS:-12} --prompt-len 16 \
+        --gpu-memory-gib ${STAGES_GIB:-7} --select random:0.1 --lookahead off,on \
+        --checkpoint-dir $ckpt --out "$out" 2>&1 \
+        | tee "$out/stages.log" | tail -20
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
+    ;;
+heads)
+    data=${HEADS_DATA:-.carry/heads}
+    timeout ${HEADS_TIMEOUT:-570} python3 -m dejavu.bench.head_variants \
+        --corpus "$data/train.jsonl.xz" --heldout "$data/heldout.jsonl.xz" \
+        --wikitext "$data/wikitext2_test.txt" --device cuda \
+        --variants ${HEADS_VARIANTS:-h8,h16,h16-drop0.5,h16-gate0.5} \
+        --time-budget-s ${HEADS_BUDGET:-120} --reserve-s 40 --deadline-s ${HEADS_DEADLINE:-545} \
+        --docs 6 --chars 24000 --set warmup=100 --work /dev/shm/head_variants --out "$out" \
+        2>&1 | tee "$out/heads.log" | tail -40
+    rm -rf /dev/shm/head_variants
+    ;;
 predictors)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_graphs.py \
-        tests/test_predictors.py 2>&1 | tee "$out/pytest-predictors.log" | tail -15
+        tests/test_fused_select.py tests/test_predictors.py 2>&1 \
+        | tee "$out/pytest-predictors.log" | tail -15
     timeout 120 python3 -m dejavu.bench.sparsity_recall \
         --data ../shared/data/gutenberg/heldout.jsonl.xz --docs 24 --chars 90000 \
         --recalls 0.9,0.95,0.955,0.96,0.965 2>&1 | tee "$out/recall.log" | tail -12
@@ -51,5 +119,7 @@ predictors)
         --data ../shared/data/gutenberg/heldout.jsonl.xz --grid cpu --docs 24 --chars 90000 \
         --device cuda --out "$out/sparsity" 2>&1 | tee "$out/sweep.log" | tail -20
     ;;
+*) echo "unknown phase $phase" ;;
 esac
+done
 ls -la "$out"

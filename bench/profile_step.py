@@ -14,7 +14,12 @@ synchronised around each timed loop. Three numbers per batch size:
   sampling);
 - ``matmul_ms``: the layers' weight matmuls alone (dense), the floor a dense step pays.
 
-``--mlp-density D`` makes the stages sparse (random neurons at density D, every head).
+``--mlp-density D`` makes the stages sparse at density D with every head: ``--select
+random`` draws uniformly random neurons (topk over random scores per layer: a baseline whose
+own selection costs time), ``--select predictors`` runs low-rank predictors of the ranks
+`train-predictors` makes (random weights, each layer's threshold calibrated to D on the
+prompt), which a captured step runs as one fused kernel per layer (kernels/select.py).
+``--out`` writes profiler tables of five decode steps, by host time and by device time.
 
 What this does not measure: sockets, the scheduler, or several processes
 (bench/bench_pipeline.py does).
@@ -29,11 +34,12 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.model import OPTModel
+from ..runtime.model import Batch, OPTModel, full_positions
 from ..runtime.opt_config import OPTConfig
+from ..runtime.predictors import PredictorSet
 from ..runtime.sampling import SamplingParams
-from ..runtime.selection import RandomSelector
-from ..runtime.sparse import needs_kv_inputs
+from ..runtime.selection import PredictorSelector, RandomSelector
+from ..runtime.sparse import Selection, SparseContext, needs_kv_inputs
 from ..runtime.stage import Stage, allocate_cache
 from ..runtime.step import Row, Step
 from .bench_pipeline import SHAPES
@@ -70,15 +76,46 @@ def build(shape: str, device: torch.device, dtype: torch.dtype) -> OPTModel:
     return model.eval().requires_grad_(False)
 
 
+def predictor_selector(model: OPTModel, density: float, device: torch.device,
+                       prompt: int = PROMPT) -> PredictorSelector:
+    """Random low-rank predictors (ranks 128 and 64) selecting by threshold, each layer's
+    threshold the mean over a random prompt's tokens of their k-th best score (k = density x
+    F): about ``density`` of the neurons per token, every head kept."""
+    c = model.config
+    param = next(model.parameters())
+    preds = PredictorSet.create(model, 128, 64).to(device, param.dtype)
+    preds.mlp_select = "threshold"
+    sources: dict[int, torch.Tensor] = {}
+
+    def record(layer_id: int, source: torch.Tensor) -> Selection:
+        sources[layer_id] = source
+        return Selection()  # dense: the prompt runs as the model does
+
+    ids = torch.randint(3, c.vocab_size, (1, prompt), device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    pos = full_positions(1, prompt, device)
+    with torch.inference_mode():
+        model.run_layers(model.embed(ids, pos), Batch(pos, sparse=SparseContext(record)))
+        k = max(1, round(density * c.ffn_dim))
+        for lid, source in sources.items():
+            scores = preds.mlp[lid](source).float().reshape(-1, c.ffn_dim)
+            kth = scores.kthvalue(c.ffn_dim - k + 1, dim=-1).values
+            preds.points[lid].mlp_threshold = float(kth.mean())
+    return PredictorSelector(preds)
+
+
 def _stage_loop(model: OPTModel, batch: int, steps: int, device: torch.device, *,
-                graphs: bool, mlp_density: float | None = None):
+                graphs: bool, mlp_density: float | None = None, select: str = "random"):
     """Seconds per decode step of ``Stage.run`` after a prompt and a warm-up; also returns
-    the stage and its step function, for the profiler. ``mlp_density``: sparse, with
+    the stage and its step function, for the profiler, and the sparse statistics of the
+    timed steps alone. ``mlp_density``: sparse, with
     uniformly random neurons at that density and every head (random weights have no
     predictors), on a cache that keeps attention inputs, as a sparse worker runs."""
     max_len = PROMPT + steps + 128
     selector = None
-    if mlp_density is not None:
+    if mlp_density is not None and select == "predictors":
+        selector = predictor_selector(model, mlp_density, device)
+    elif mlp_density is not None:
         c = model.config
         selector = RandomSelector(c.ffn_dim, c.num_attention_heads, mlp_density, 1.0)
     cache = allocate_cache(model, batch, max_len, keep_inputs=needs_kv_inputs(selector))
@@ -99,15 +136,20 @@ def _stage_loop(model: OPTModel, batch: int, steps: int, device: torch.device, *
 
     for i in range(3):
         decode(i)
-    return _timed(decode, steps, device), stage, decode
+    # The densities of the timed decode steps alone: the prompt's prefill (a union of
+    # PROMPT tokens, near dense) and later untimed forwards must not be averaged in.
+    before = stage.sparse_stats.snapshot()
+    seconds = _timed(decode, steps, device)
+    return seconds, stage, decode, stage.sparse_stats.since(before)
 
 
 def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
-                  out: Path | None, mlp_density: float | None = None) -> dict:
-    eager_s, eager, _ = _stage_loop(model, batch, steps, device, graphs=False,
-                                    mlp_density=mlp_density)
-    stage_s, stage, decode = _stage_loop(model, batch, steps, device, graphs=True,
-                                         mlp_density=mlp_density)
+                  out: Path | None, mlp_density: float | None = None,
+                  select: str = "random") -> dict:
+    eager_s, _, _, eager_stats = _stage_loop(model, batch, steps, device, graphs=False,
+                                             mlp_density=mlp_density, select=select)
+    stage_s, stage, decode, stage_stats = _stage_loop(model, batch, steps, device, graphs=True,
+                                                      mlp_density=mlp_density, select=select)
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
     pos = PROMPT + steps + 3
     # The model's forward alone on a fixed decode batch (rewrites one position).
@@ -127,12 +169,14 @@ def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
 
         matmul_s = _timed(matmuls, steps, device)
 
-    row = {"batch": batch, "mlp_density": mlp_density, "stage_ms": round(stage_s * 1e3, 3),
+    row = {"batch": batch, "mlp_density": mlp_density,
+           "select": select if mlp_density is not None else None,
+           "stage_ms": round(stage_s * 1e3, 3),
            "stage_eager_ms": round(eager_s * 1e3, 3), "graphs": sorted(stage.graphs.graphs),
            "forward_ms": round(forward_s * 1e3, 3), "matmul_ms": round(matmul_s * 1e3, 3)}
-    if mlp_density is not None:  # what each stage measured (includes the 32-token prefill)
-        row["measured_mlp_density"] = round(stage.sparse_stats.mlp_density, 4)
-        row["measured_mlp_density_eager"] = round(eager.sparse_stats.mlp_density, 4)
+    if mlp_density is not None:  # what each stage measured over its timed decode steps
+        row["measured_mlp_density"] = round(stage_stats.mlp_density, 4)
+        row["measured_mlp_density_eager"] = round(eager_stats.mlp_density, 4)
     if out is not None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -141,8 +185,14 @@ def profile_batch(model: OPTModel, batch: int, steps: int, device: torch.device,
             for i in range(5):
                 decode(100 + i)
             _sync(device)
+        name = f"b{batch}-" + ("dense" if mlp_density is None else f"{select}{mlp_density:g}")
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-        (out / f"profile-b{batch}.txt").write_text(table)
+        (out / f"profile-{name}.txt").write_text(table)
+        if device.type == "cuda":  # the step's kernels, by device time
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+            (out / f"profile-{name}-cuda.txt").write_text(table)
+            print(f"--- {name}: top kernels of 5 decode steps by device time\n{table}",
+                  flush=True)
     return row
 
 
@@ -156,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, else float32")
     parser.add_argument("--out", default=None, help="write profiler tables here")
     parser.add_argument("--mlp-density", type=float, default=None,
-                        help="run sparse: random neurons at this density, every head")
+                        help="run sparse: neurons at this density, every head")
+    parser.add_argument("--select", default="random", choices=("random", "predictors"),
+                        help="with --mlp-density: uniformly random neurons, or random-weight "
+                             "predictors with calibrated thresholds (the fused kernel)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
@@ -164,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     model = build(args.shape, device, dtype)
-    rows = [profile_batch(model, int(b), args.steps, device, out, args.mlp_density)
+    rows = [profile_batch(model, int(b), args.steps, device, out, args.mlp_density, args.select)
             for b in args.batch.split(",")]
     for row in rows:
         print(json.dumps({"shape": args.shape, "device": str(device), **row}), flush=True)

@@ -11,10 +11,11 @@ selected rows are truncated (the kernels clamp to the capacity) and the returned
 which is not clamped, shows it.
 
 ``lowrank_threshold_select`` does the same from a low-rank predictor's two factors,
-scores = (x @ P1) @ P2, in one launch (plus a memset): programs of the first factor add
-their partial hidden vectors atomically, then programs of the second wait on a device
-counter (as in mlp_chained.py: only on programs of smaller id, which never wait), score
-their block of rows and compact it. That replaces two GEMVs, a memset and the compaction.
+scores = (x @ P1) @ P2 (+ a bias per row), in one launch (plus a memset): programs of the
+first factor add their partial hidden vectors atomically, then programs of the second wait
+on a device counter (as in mlp_chained.py: only on programs of smaller id, which never
+wait), score their block of rows and compact it. That replaces two GEMVs, a memset and
+the compaction.
 
 What this module does not know: where thresholds come from (per-layer calibration of the
 predictors is the sparsity engineer's).
@@ -103,9 +104,9 @@ def _hidden_part(pid, x_ptr, p1_ptr, h_ptr, done_ptr, B, C, R, stride_xb, stride
 @triton.jit
 def _scores(p2, h_ptr, done_ptr, NS1, B, R, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
             DOT_FP32: tl.constexpr):
-    """Wait for the first factor, then max over batch rows of h @ p2 ([BLOCK_R, BLOCK_N]
-    tile, already loaded): [BLOCK_N] fp32. The hidden vector is rounded to the model dtype,
-    as x @ p1 in that dtype would be."""
+    """Wait for the first factor, then max over batch rows (the first B) of h @ p2
+    ([BLOCK_R, BLOCK_N] tile, already loaded): [BLOCK_N] fp32. The hidden vector is rounded
+    to the model dtype, as x @ p1 in that dtype would be."""
     seen = tl.atomic_add(done_ptr, 0, sem="acquire")
     while seen < NS1:
         seen = tl.atomic_add(done_ptr, 0, sem="acquire")
@@ -128,6 +129,8 @@ def _lowrank_select_kernel(
     x_ptr,  # [B, C] input rows, model dtype
     p1_ptr,  # [C, R] first factor, rows contiguous
     p2_ptr,  # [R, N] second factor, rows contiguous
+    bias_ptr,  # [N] fp32 score bias (read only with HAS_BIAS)
+    live_ptr,  # [1] int32: rows [0, live) score, the rest pad the batch (HAS_LIVE)
     h_ptr,  # [B, R] fp32 hidden sums (zeroed)
     done_ptr,  # [1] int32 (zeroed): first-factor programs finished
     idx_ptr,  # [capacity] int32 out: selected ids
@@ -141,6 +144,8 @@ def _lowrank_select_kernel(
     SPLIT_C: tl.constexpr,  # columns of x per first-factor program
     BLOCK_N: tl.constexpr,  # rows scored per second-factor program
     DOT_FP32: tl.constexpr,  # upcast dot operands (the CPU interpreter's bf16 dot is wrong)
+    HAS_BIAS: tl.constexpr,
+    HAS_LIVE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < NS1:
@@ -152,7 +157,12 @@ def _lowrank_select_kernel(
         offs_r = tl.arange(0, BLOCK_R)
         p2 = tl.load(p2_ptr + offs_r[:, None] * stride_p2 + offs_n[None, :],
                      mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)  # in flight
-        best = _scores(p2, h_ptr, done_ptr, NS1, B, R, BLOCK_B, BLOCK_R, DOT_FP32)
+        rows = B
+        if HAS_LIVE:
+            rows = tl.minimum(tl.load(live_ptr), B)
+        best = _scores(p2, h_ptr, done_ptr, NS1, rows, R, BLOCK_B, BLOCK_R, DOT_FP32)
+        if HAS_BIAS:
+            best += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
         sel = ((best > threshold) & n_mask).to(tl.int32)
         total = tl.sum(sel, axis=0)
         base = tl.atomic_add(count_ptr, total)
@@ -237,30 +247,43 @@ def lowrank_topk(x: Tensor, p1: Tensor, p2: Tensor, k: int, *, split_c: int = 12
 
 
 def lowrank_threshold_select(x: Tensor, p1: Tensor, p2: Tensor, threshold: float,
-                             capacity: int, *, split_c: int = 64, block_n: int = 128,
-                             num_warps: int = 4) -> tuple[Tensor, Tensor]:
-    """(ids [capacity] int32, count [1] int32) of the rows n with max_b ((x @ p1) @ p2)[b, n]
-    above the threshold, the hidden x @ p1 rounded to x's dtype. x: [B, C] fp16/bf16,
-    B <= 16; p1: [C, R]; p2: [R, N] (same dtype, rows contiguous, R <= 256)."""
+                             capacity: int, *, bias: Tensor | None = None,
+                             live: Tensor | None = None, split_c: int = 64,
+                             block_n: int = 128, num_warps: int = 4) -> tuple[Tensor, Tensor]:
+    """(ids [capacity] int32, count [1] int32) of the rows n with
+    max_b ((x @ p1) @ p2)[b, n] + bias[n] above the threshold, the hidden x @ p1 rounded to
+    x's dtype. x: [B, C] fp16/bf16, B <= 16; p1: [C, R]; p2: [R, N] (same dtype, rows
+    contiguous, R <= 256); bias: [N] fp32 or None. ``live``: [1] int32 on the device, the
+    number of leading rows of x that count (the rest pad a captured batch), None for all."""
     _check_lowrank(x, p1, p2)
     if capacity < 1:
         raise ValueError(f"capacity must be positive, got {capacity}")
     b, c = x.shape
     r = p1.shape[1]
     n = p2.shape[1]
+    if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32
+                             or bias.stride(0) != 1):
+        raise ValueError(f"bias: expected [{n}] contiguous float32, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    if live is not None and (live.shape != (1,) or live.dtype != torch.int32):
+        raise ValueError(f"live: expected [1] int32, got {live.dtype} {tuple(live.shape)}")
     # One memset: [done, count, pad..., h (B x R fp32)].
     scratch = torch.zeros(32 + b * r, dtype=torch.int32, device=x.device)
     h = scratch[32:].view(torch.float32)
     idx = torch.empty(capacity, dtype=torch.int32, device=x.device)
     ns1 = triton.cdiv(c, split_c)
     _lowrank_select_kernel[(ns1 + triton.cdiv(n, block_n),)](
-        x, p1, p2, h, scratch[0:1], idx, scratch[1:2], b, c, r, n, capacity,
+        x, p1, p2, h if bias is None else bias, scratch[2:3] if live is None else live, h,
+        scratch[0:1], idx, scratch[1:2], b, c, r, n, capacity,
         float(threshold), x.stride(0), p1.stride(0), p2.stride(0), ns1,
         BLOCK_B=16, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT_C=split_c,
-        BLOCK_N=block_n, DOT_FP32=_interpreting(), num_warps=num_warps)
+        BLOCK_N=block_n, DOT_FP32=_interpreting(), HAS_BIAS=bias is not None,
+        HAS_LIVE=live is not None, num_warps=num_warps)
     return idx, scratch[1:2]
 
 
-def lowrank_scores_reference(x: Tensor, p1: Tensor, p2: Tensor) -> Tensor:
+def lowrank_scores_reference(x: Tensor, p1: Tensor, p2: Tensor,
+                             bias: Tensor | None = None) -> Tensor:
     """[B, N] fp32 scores of the low-rank predictor, hidden rounded to x's dtype."""
-    return (x.float() @ p1.float()).to(x.dtype).float() @ p2.float()
+    scores = (x.float() @ p1.float()).to(x.dtype).float() @ p2.float()
+    return scores if bias is None else scores + bias.float()

@@ -171,13 +171,14 @@ def _qkv_finalize_kernel(
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr,  # [B, Hs, D] scaled queries
+    q_ptr,  # [B, Hs, D] queries (scaled, unless by `scale` here)
     heads_ptr,  # [Hs] head ids
     k_cache_ptr, v_cache_ptr,  # [S, H, L, D]
     slots_ptr, pos_ptr,  # [B] slot and position of each row (keys 0..pos are visible)
     m_ptr, l_ptr,  # [B, Hs, SPLITS] fp32 out: running max and denominator per split
     acc_ptr,  # [B, Hs, SPLITS, D] fp32 out: unnormalised weighted values per split
     Hs, D, SPLITS,
+    scale,  # multiplies q as it is loaded (1.0 for queries scaled already)
     stride_qb, stride_qh,
     stride_cs, stride_ch, stride_cl,
     CHUNK: tl.constexpr,  # positions per split (a multiple of BLOCK_L)
@@ -193,7 +194,7 @@ def _decode_attention_kernel(
     length = tl.load(pos_ptr + pid_b).to(tl.int64) + 1
     head = tl.load(heads_ptr + pid_h).to(tl.int64)
     q = tl.load(q_ptr + pid_b * stride_qb + pid_h * stride_qh + offs_d, mask=d_mask,
-                other=0.0).to(tl.float32)
+                other=0.0).to(tl.float32) * scale
     base = slot * stride_cs + head * stride_ch
     start = (pid_s * CHUNK).to(tl.int64)
     end = tl.minimum(start + CHUNK, length)
@@ -394,8 +395,10 @@ def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache
 
 def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
                      slots: Tensor, positions: Tensor, *, chunk: int = 64,
-                     block_l: int = 32, num_warps: int = 4) -> Tensor:
-    """softmax(q . K[0..pos]) V[0..pos] per row and selected head: [B, Hs, D], q's dtype.
+                     block_l: int = 32, num_warps: int = 4, scale: float = 1.0) -> Tensor:
+    """softmax(scale * q . K[0..pos]) V[0..pos] per row and selected head: [B, Hs, D], q's
+    dtype. ``scale`` 1.0 takes q scaled already; D ** -0.5 folds the scaling in (fp32, after
+    the load), so a caller need not launch a multiply for it.
 
     The number of splits follows the cache length L (not the rows' positions), so the
     grid is fixed for a given cache, as CUDA graphs need.
@@ -416,7 +419,7 @@ def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
         return out
     block_d = triton.next_power_of_2(d)
     _decode_attention_kernel[(b, hs, splits)](
-        q, heads, cache_k, cache_v, slots, positions, m, lsum, acc, hs, d, splits,
+        q, heads, cache_k, cache_v, slots, positions, m, lsum, acc, hs, d, splits, scale,
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps,
     )

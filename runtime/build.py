@@ -153,7 +153,9 @@ def _selector(settings: Settings, model: OPTModel, device: torch.device) -> Sele
     if not sparsity.predictors:
         raise BuildError("sparse settings without a predictor file: pass the settings "
                          "through runtime.build.resolve first")
-    preds = PredictorSet.load(sparsity.predictors, model, device=device)
+    # With lookahead a stage selects the next stage's first layer too (runtime/sparse.py).
+    extra = (model.layer_ids[-1] + 1,) if sparsity.lookahead and not model.is_last else ()
+    preds = PredictorSet.load(sparsity.predictors, model, device=device, extra_layers=extra)
     param = next(p for p in model.parameters() if not p.is_meta)  # not an offloaded weight
     preds.to(param.device, param.dtype)
     recall = sparsity.mlp_recall
@@ -174,7 +176,7 @@ def build_stage(settings: Settings, *, layers: range | None = None, device: str 
     model, selector = built.model, built.selector
     max_len = max_len or model.config.max_position_embeddings
     cache = allocate_cache(model, slots, max_len, keep_inputs=needs_kv_inputs(selector))
-    built.stage = Stage(model, cache, selector)
+    built.stage = Stage(model, cache, selector, lookahead=settings.sparsity.lookahead)
     return built
 
 

@@ -17,7 +17,13 @@ Sparse steps are captured too when the selector keeps every head (the shipped de
 and says so (``keeps_every_head``, which the predictor and random selectors have):
 predictors and top-k or thresholds run in the graph, the batch's union of neurons is
 compacted on the device and the sparse MLP kernel reads its count there
-(``selected_mlp(device_only=True)``, which ``Batch.fixed_shape`` asks for). Two things
+(``selected_mlp(device_only=True)``, which ``Batch.fixed_shape`` asks for). A selector with
+a ``compact`` method (the predictors selecting by threshold) skips the masks: one fused
+kernel scores the layer's neurons and writes the live rows' union to the front of an index
+buffer, and the MLP kernel reads that. It reads the LayerNorm output the model computes for
+an MLP block anyway: for a layer whose predictor reads its own MLP input ("mlp_in"), that
+layer's own (``select_mlp``, after attention); for a "lookahead" layer, the previous
+layer's. Two things
 differ from the eager sparse path, both documented where they are: a union above
 ``dense_above`` is not switched to the dense MLP (that decision reads the device), and
 the per-layer predictor time is not measured. Densities are: the graph writes each
@@ -28,8 +34,9 @@ generators are registered with it), but capture's warm-up draws too, so a captur
 random baseline does not repeat an eager run's selections.
 
 Rows beyond the step's batch (padding up to the bucket) repeat the first row: they write
-the same keys and values at the same place and select the same rows, so they change
-nothing.
+the same keys and values at the same place, so they change nothing there. Their selections
+are masked out by a live-row buffer before the union: a selector whose draws do not follow
+its input (random baselines) would otherwise widen the union the real rows read.
 
 On the last stage the graph goes on to the logits of each row's token and the penalties
 (runtime/penalties.py): it counts the fed tokens in the per-slot counts and writes both the
@@ -46,6 +53,7 @@ graph's logits) or where steps come from.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -77,44 +85,77 @@ class CapturedSparse(SparseContext):
     layer's union density goes to ``union[i]`` (a device buffer) instead of the stats."""
 
     def __init__(self, selector: Selector, layer_ids: list[int], carry: Tensor | None,
-                 device: torch.device) -> None:
+                 live: Tensor, live_rows: Tensor) -> None:
         super().__init__(selector, mode="gather", carry=carry)
         self.index = {lid: i for i, lid in enumerate(layer_ids)}
-        self.union = torch.zeros(len(layer_ids), dtype=torch.float32, device=device)
+        self.union = torch.zeros(len(layer_ids), dtype=torch.float32, device=live.device)
         self.initial_carry = carry
+        self.live = live  # [R, 1, 1] bool: the step's real rows (the rest pad the bucket)
+        self.live_rows = live_rows  # [1] int32: how many they are (they come first)
+        # Per layer: its predictor input as the previous MLP block's LayerNorm left it.
+        self._normed: dict[int, tuple[Tensor, torch.nn.LayerNorm]] = {}
 
     def begin(self) -> None:
         """Reset the wiring before a forward pass (warm-up runs it several times)."""
         self._sources.clear()
+        self._normed.clear()
         self._carry = self.initial_carry
         self.carry_out = None
 
+    def lookahead(self, layer_id: int, h: Tensor,
+                  normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> None:
+        super().lookahead(layer_id, h)
+        if normed is not None:
+            self._normed[layer_id + 1] = normed
+
     def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
         lid = layer.layer_id
-        sel = self.selector(lid, self.source(lid, h))
-        if sel.heads is not None:
-            raise NotCapturable(f"layer {lid} selects heads: lazy K/V recomputation reads "
-                                "the device")
+        source = self.source(lid, h)
+        normed = self._normed.pop(lid, None)  # the previous MLP block's LayerNorm output
         if mlp_reads_own_input(self.selector, lid):
-            return Selection(heads=sel.heads)  # neurons come in select_mlp
-        self._record(lid, sel.neurons)
-        return sel
+            _every_head(lid, self.selector(lid, source))
+            return Selection()  # the neurons come in select_mlp, from the layer's own input
+        return self._neurons(layer, source, normed, lambda: self.selector(lid, source))
 
-    def select_mlp(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch,
-                   sel: Selection) -> Selection:
+    def select_mlp(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch, sel: Selection,
+                   normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> Selection:
+        """An own-input layer's neurons from ``h``, the residual entering its MLP block;
+        ``normed``: that block's LayerNorm output, which the fused selection reads."""
         lid = layer.layer_id
         if not mlp_reads_own_input(self.selector, lid):
             return sel
-        neurons = self.selector.select_neurons(lid, h)  # type: ignore[attr-defined]
-        self._record(lid, neurons)
-        return Selection(heads=sel.heads, neurons=neurons)
+        return self._neurons(layer, h, normed, lambda: Selection(
+            neurons=self.selector.select_neurons(lid, h)))  # type: ignore[attr-defined]
 
-    def _record(self, lid: int, neurons: Tensor | None) -> None:
+    def _neurons(self, layer: OPTDecoderLayer, x: Tensor,
+                 normed: tuple[Tensor, torch.nn.LayerNorm] | None,
+                 masks: Callable[[], Selection]) -> Selection:
+        """The layer's neurons predicted from ``x`` [R, 1, C], its union density written to
+        the layer's slot of ``union``. A selector that compacts its own union on the device
+        (the predictors' fused kernel, reading ``normed`` where its LayerNorm folds in)
+        skips the masks and counts only the live rows; else ``masks()``, padding rows
+        masked out."""
+        lid = layer.layer_id
         slot = self.union[self.index[lid]: self.index[lid] + 1]
-        if neurons is None:
+        compact = getattr(self.selector, "compact", None)
+        sel = None if compact is None else compact(lid, x, self.live_rows, normed)
+        if sel is not None:
+            slot.copy_(sel.neuron_count / layer.fc1.out_features)
+            return sel
+        sel = _every_head(lid, masks())
+        if sel.neurons is None:
             slot.fill_(1.0)
-        else:
-            slot.copy_(neurons.reshape(-1, neurons.shape[-1]).any(0).float().mean())
+            return sel
+        neurons = sel.neurons & self.live  # a padding row reads nothing
+        slot.copy_(neurons.reshape(-1, neurons.shape[-1]).any(0).float().mean())
+        return Selection(neurons=neurons)
+
+
+def _every_head(lid: int, sel: Selection) -> Selection:
+    if sel.heads is not None:
+        raise NotCapturable(f"layer {lid} selects heads: lazy K/V recomputation reads "
+                            "the device")
+    return sel
 
 
 class _Captured:
@@ -132,10 +173,13 @@ class _Captured:
         self.slots = torch.zeros(rows, dtype=torch.long, device=device)
         # Last stage: whether each row's token counts as a prompt / output token (0 or 1).
         self.weights = torch.zeros((2, rows, 1), dtype=torch.float32, device=device)
+        self.live = torch.zeros((rows, 1, 1), dtype=torch.bool, device=device)
+        self.live_rows = torch.zeros(1, dtype=torch.int32, device=device)
         self.sparse = None
         if selector is not None:
             carry = None if model.is_first else self.carry
-            self.sparse = CapturedSparse(selector, model.layer_ids, carry, device)
+            self.sparse = CapturedSparse(selector, model.layer_ids, carry, self.live,
+                                         self.live_rows)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
         self.carry_out: Tensor | None = None
@@ -233,7 +277,6 @@ class DecodeGraphs:
         ``weights``: the (prompt, output) counting weights [B, 1] of SlotPenalties.plan."""
         n = len(step.rows)
         rows = min(bucket(n), self.cache.slots)
-        order = list(range(n)) + [0] * (rows - n)  # padding repeats row 0
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
         g = self.graphs.get(rows)
@@ -241,25 +284,7 @@ class DecodeGraphs:
         if g is None:
             g = _Captured(self.model, self.cache, self.selector, rows, device, dtype,
                           self.penalties if self.model.is_last else None)
-        prompt_w = output_w = [0] * n
-        if weights is not None:
-            prompt_w, output_w = (w[:, 0].long().tolist() for w in weights)
-        # Padding rows count nothing: they repeat row 0, whose token is counted once.
-        host = torch.tensor([[step.rows[i].slot, step.rows[i].start, step.rows[i].tokens[0],
-                              prompt_w[i] if k < n else 0, output_w[i] if k < n else 0]
-                             for k, i in enumerate(order)], dtype=torch.long).to(device)
-        g.slots.copy_(host[:, 0])
-        g.positions.copy_(host[:, 1:2])
-        g.ids.copy_(host[:, 2:3])  # the last stage counts them (a first stage embeds them)
-        g.weights.copy_(host[:, 3:5].T.unsqueeze(-1))
-        if not self.model.is_first:
-            if hidden is None:
-                raise ValueError("a stage without the embeddings needs the previous hidden state")
-            _fill(g.hidden, hidden.to(device, dtype), n)
-        if g.sparse is not None and g.sparse.initial_carry is not None:
-            if carry is None:
-                raise NotCapturable("no predictor input from the previous stage")
-            _fill(g.carry, carry.to(device, dtype), n)
+        self.load(g, step, hidden, carry, weights)
         if fresh:
             try:
                 g.capture()
@@ -280,6 +305,36 @@ class DecodeGraphs:
         if g.sparse is not None:
             self._fold_stats(g.sparse, n)
         return out
+
+    def load(self, g: _Captured, step: Step, hidden: Tensor | None, carry: Tensor | None,
+             weights: tuple[Tensor, Tensor] | None) -> None:
+        """Copy a step into ``g``'s static inputs; rows past the step's pad the bucket by
+        repeating row 0 and are marked not live."""
+        n, rows = len(step.rows), g.ids.shape[0]
+        order = list(range(n)) + [0] * (rows - n)
+        device, dtype = g.hidden.device, g.hidden.dtype
+        prompt_w = output_w = [0] * n
+        if weights is not None:
+            prompt_w, output_w = (w[:, 0].long().tolist() for w in weights)
+        # Padding rows count nothing: they repeat row 0, whose token is counted once.
+        host = torch.tensor([[step.rows[i].slot, step.rows[i].start, step.rows[i].tokens[0],
+                              prompt_w[i] if k < n else 0, output_w[i] if k < n else 0,
+                              int(k < n)]
+                             for k, i in enumerate(order)], dtype=torch.long).to(device)
+        g.slots.copy_(host[:, 0])
+        g.positions.copy_(host[:, 1:2])
+        g.ids.copy_(host[:, 2:3])  # the last stage counts them (a first stage embeds them)
+        g.weights.copy_(host[:, 3:5].T.unsqueeze(-1))
+        g.live.copy_(host[:, 5, None, None].bool())
+        g.live_rows.fill_(n)
+        if not self.model.is_first:
+            if hidden is None:
+                raise ValueError("a stage without the embeddings needs the previous hidden state")
+            _fill(g.hidden, hidden.to(device, dtype), n)
+        if g.sparse is not None and g.sparse.initial_carry is not None:
+            if carry is None:
+                raise NotCapturable("no predictor input from the previous stage")
+            _fill(g.carry, carry.to(device, dtype), n)
 
     def _fold_stats(self, sparse: CapturedSparse, tokens: int) -> None:
         """The replay's union densities into the stage's statistics (one small read)."""

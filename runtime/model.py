@@ -139,8 +139,10 @@ class OPTAttention(nn.Module):
         self.sparse_backend: str | None = None
         self.kernel_table: tuple | None = None
         self.offloaded = None
-        # On a CPU, q/k/v stored side by side and their product taken at once (project_qkv).
+        # q/k/v stored side by side and their product taken at once (project_qkv on a CPU,
+        # decode_step everywhere).
         self._fused_qkv: tuple[Tensor, Tensor | None] | None = None
+        self._every_head: Tensor | None = None  # arange(H) on the weights' device
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
         b, t, _ = x.shape
@@ -151,6 +153,10 @@ class OPTAttention(nn.Module):
         if heads is not None:  # [B, T, H] bool: only these heads (runtime/sparse.py)
             assert batch.sparse is not None
             return selected_attention(self, x, layer_id, batch, heads, batch.sparse.gather(batch))
+        if batch.fixed_shape and batch.cache is not None and batch.cache.inputs is None:
+            stacked = self.stacked_qkv()
+            if stacked is not None:
+                return self.decode_step(x, layer_id, batch, *stacked)
         return self.merge_heads(self.head_outputs(x, layer_id, batch))
 
     def merge_heads(self, out: Tensor) -> Tensor:
@@ -173,6 +179,45 @@ class OPTAttention(nn.Module):
                 q, k, v = F.linear(x, *self._fused_qkv).split(self.q_proj.out_features, -1)
                 return q * self.scaling, k, v
         return self.q_proj(x) * self.scaling, self.k_proj(x), self.v_proj(x)
+
+    def stacked_qkv(self) -> tuple[Tensor, Tensor | None] | None:
+        """The q, k, v weights as one [3C, C] (biases [3C] or None), the parameters views
+        of it, so one product computes all three: the Triton backend's head table (its
+        [3, H, D, C] is that), else ``cpu_ops.fuse_projections``' table. None where the
+        three stay apart: a model in training, an offloaded layer, mixed biases."""
+        if self.q_proj.weight.requires_grad or sparse_backend.is_offloaded(self):
+            return None
+        c = self.q_proj.in_features
+        if sparse_backend.backend_of(self) == "triton":
+            table = sparse_backend.head_table(self)
+            bias = table.bqkv.view(3 * c) if self.q_proj.bias is not None else None
+            return table.wqkv.view(3 * c, c), bias
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        if self._fused_qkv is None or not is_fused(projections, *self._fused_qkv):
+            self._fused_qkv = fuse_projections(projections)
+        return self._fused_qkv
+
+    def decode_step(self, x: Tensor, layer_id: int, batch: Batch, wqkv: Tensor,
+                    bqkv: Tensor | None) -> Tensor:
+        """A captured decode step's attention (``Batch.fixed_shape``: one token per row,
+        every head, a cache without stored inputs), doing only what it must: one product
+        for q, k and v (``stacked_qkv``), k and v written into the cache from it, the decode
+        kernel scaling q as it loads it. The same function as ``merge_heads(head_outputs)``
+        (tests compare them). x [B, 1, C] (post-LN) -> [B, 1, C] after out_proj."""
+        from ..kernels.sparse_attention import decode_attention  # imports triton: on use
+
+        assert batch.cache is not None and batch.slots is not None
+        b = x.shape[0]
+        qkv = F.linear(x[:, 0], wqkv, bqkv).view(b, 3, self.num_heads, self.head_dim)
+        cache_k, cache_v = batch.cache.layer(layer_id)  # [S, H, L, D]
+        pos = batch.positions[:, 0]
+        cache_k[batch.slots, :, pos] = qkv[:, 1].to(cache_k.dtype)
+        cache_v[batch.slots, :, pos] = qkv[:, 2].to(cache_v.dtype)
+        if self._every_head is None or self._every_head.device != x.device:
+            self._every_head = torch.arange(self.num_heads, device=x.device)
+        out = decode_attention(qkv[:, 0], self._every_head, cache_k, cache_v,
+                               batch.slots, pos, scale=self.scaling)  # [B, H, D]
+        return self.out_proj(out.view(b, 1, -1))
 
     def head_outputs(self, x: Tensor, layer_id: int, batch: Batch) -> Tensor:
         """Every head's attention output [B, H, T, D] (before out_proj); with a cache, this
@@ -238,12 +283,15 @@ class OPTDecoderLayer(nn.Module):
 
     def mlp_block(self, h: Tensor, neurons: Tensor | None = None,
                   gather: bool = False, index: Tensor | None = None,
-                  device_only: bool = False) -> Tensor:
-        x = self.final_layer_norm(h) if self.pre_ln else h
-        if neurons is None:
+                  device_only: bool = False, count: Tensor | None = None,
+                  normed: Tensor | None = None) -> Tensor:
+        """``normed``: final_layer_norm(h) when the caller computed it already (pre-LN)."""
+        x = normed if normed is not None else self.final_layer_norm(h) if self.pre_ln else h
+        if neurons is None and count is None:
             h = h + self.fc2(F.relu(self.fc1(x)))
-        else:  # [B, T, F] bool: only these neurons (runtime/sparse.py)
-            h = h + selected_mlp(self, x, neurons, gather, index, device_only=device_only)
+        else:  # [B, T, F] bool, or a union compacted on the device (runtime/sparse.py)
+            h = h + selected_mlp(self, x, neurons, gather, index, device_only=device_only,
+                                 count=count)
         return h if self.pre_ln else self.final_layer_norm(h)
 
     def fc2_rows(self) -> Tensor:
@@ -262,11 +310,17 @@ class OPTDecoderLayer(nn.Module):
             return self.mlp_block(self.attention_block(h, batch))
         sel = batch.sparse.select(self, h, batch)
         h = self.attention_block(h, batch, sel.heads)
-        batch.sparse.lookahead(self.layer_id, h)  # next layer's predictor input (wiring)
-        sel = batch.sparse.select_mlp(self, h, batch, sel)  # own-input MLP predictors
+        x = self.final_layer_norm(h) if self.pre_ln else None
+        normed = None if x is None else (x, self.final_layer_norm)
+        # h enters this MLP block: own-input MLP predictors read it first (an offloaded
+        # layer's rows are then requested before the next layer's); it is also the next
+        # layer's predictor input (wiring). x, normalized already, may serve either
+        # predictor instead of a normalization of its own.
+        sel = batch.sparse.select_mlp(self, h, batch, sel, normed)
+        batch.sparse.lookahead(self.layer_id, h, normed)
         # A fixed-shape (CUDA-graph captured) step must not read the device from the host.
         return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch), sel.neuron_index,
-                              device_only=batch.fixed_shape)
+                              device_only=batch.fixed_shape, count=sel.neuron_count, normed=x)
 
 
 class OPTModel(nn.Module):

@@ -60,7 +60,7 @@ from .placement_stats import find_frequencies, read_frequencies
 from .row_stream import RowStream
 from .sizes import offload_reserved_bytes, stream_buffer_bytes
 from .sizes import size as human_size
-from .sparse import Selection
+from .sparse import Selection, union_index
 from .weight_store import (
     LayerFrequencies,
     LayerPlacement,
@@ -156,10 +156,13 @@ class OffloadedLayer:
         self.stream = stream
         self.slot = slot
         self.next: OffloadedLayer | None = None
-        # Decode MLP: gather the selected neurons to the device before the kernel (True) or
-        # let the kernel read them in place from mapped host memory (False, the default
-        # until a GPU run says which is faster; bench_e2e measures both).
-        self.stage_neurons = False
+        # Decode MLP: gather the selected neurons to the device before the kernel (True, the
+        # default: on an H100 a gather reads mapped host rows at 47.6 of the link's 55.2
+        # GB/s, the kernels reading them in place at 25-34) or let the kernel read them in
+        # place from mapped host memory (False; bench_e2e measures both).
+        self.stage_neurons = True
+        # Rows ``prefetch`` requested ahead: kind -> (the selection's mask, its union ids).
+        self._ahead: dict[str, tuple[Tensor, Tensor]] = {}
         # Host bytes read. With no GPU row cache every selected row is a host row and the
         # count needs no look at the locations (no device synchronisation per op).
         e = rows.host.neurons.element_size()
@@ -169,6 +172,10 @@ class OffloadedLayer:
         self.read = 0
         self._read_on_device: Tensor | None = None
         self._recomputed: Tensor | None = None  # K/V pairs staged decode completed
+        # How many gathers ``prefetch`` started that their step then read, and how many it
+        # could not (another selection came, or the slot was taken meanwhile).
+        self.prefetch_used = 0
+        self.prefetch_wasted = 0
 
     def _count(self, locs: Tensor, record_bytes: int) -> None:
         if self.all_host:
@@ -232,6 +239,89 @@ class OffloadedLayer:
             batch.sparse.stats.layer(layer_id).kv_recomputed += int(recomputed)
         return out
 
+    def _staged_decode(self, kind: str) -> bool:
+        """Whether decode steps gather this kind's selected rows to the device (a stream
+        buffer and no GPU row cache of that kind, whose rows a gather would not use)."""
+        if self.stream is None:
+            return False
+        if kind == "heads":
+            return self.rows.cache_heads.shape[0] == 0
+        return self.stage_neurons and self.rows.cache_neurons.shape[0] == 0
+
+    def prefetch(self, selection: Selection) -> None:
+        """Start reading the rows of a decode step's ``selection`` (masks [B, 1, n]; the
+        batch's union of heads and of neurons) into this layer's slot of the stream buffer
+        on the copy stream, so that they cross the link while the GPU runs the work issued
+        before. The layer's next decode ops over this selection (the same mask and index
+        tensors: ``head_index``/``neuron_index``, else the union found here) read them from
+        there; any other selection is gathered when it is needed. When every head is
+        selected, the next offloaded layer's whole head block is copied right behind (a
+        whole block serves any selection of that layer). Multi-token selections, and kinds
+        with GPU row caches, are left to the ops. A kind the selection lacks (None) is not
+        read: a layer whose neurons are predicted from its own MLP input asks for its heads
+        first and its neurons once they are known (``SparseContext.select_mlp``)."""
+        heads, neurons = selection.heads, selection.neurons
+        shown = heads if heads is not None else neurons
+        if shown is None or shown.shape[1] != 1 or shown.shape[0] > MAX_BATCH:
+            return
+        st = self.stream
+        if heads is not None and self._staged_decode("heads"):
+            hidx = selection.head_index if selection.head_index is not None \
+                else union_index(heads)
+            # (Asked already when a selection sent ahead is then accounted: same tensors.)
+            if not self._requested("heads", hidx):
+                if not st.holds_whole(self, self.slot, "heads"):
+                    self.read += st.gather_ahead(self, self.slot, "heads",
+                                                 self.rows.host_heads, hidx)
+                self._remember("heads", heads, hidx)
+                nxt = self.next
+                if hidx.numel() == self.rows.layout.heads and nxt is not None and \
+                        nxt.slot != self.slot and nxt._staged_decode("heads"):
+                    nxt.read += st.prefetch_whole(nxt, nxt.slot, "heads",
+                                                  nxt.rows.host.heads)
+        if neurons is not None and self._staged_decode("neurons"):
+            nidx = selection.neuron_index if selection.neuron_index is not None \
+                else union_index(neurons)
+            if not self._requested("neurons", nidx):
+                if not st.holds_whole(self, self.slot, "neurons"):
+                    self.read += st.gather_ahead(self, self.slot, "neurons",
+                                                 self.rows.host_neurons, nidx)
+                self._remember("neurons", neurons, nidx)
+
+    def known_union(self, heads: Tensor) -> Tensor | None:
+        """The union ids ``prefetch`` found for this head mask (the same tensor), if any:
+        the attention op then needs no second read of the device."""
+        got = self._ahead.get("heads")
+        return got[1] if got is not None and got[0] is heads else None
+
+    def _requested(self, kind: str, idx: Tensor) -> bool:
+        got = self._ahead.get(kind)
+        return got is not None and got[1] is idx
+
+    def _remember(self, kind: str, mask: Tensor, idx: Tensor) -> None:
+        if self._ahead.get(kind) is not None:
+            self.prefetch_wasted += 1  # requested, never read: its step did not come
+        self._ahead[kind] = (mask, idx)
+
+    def _take(self, kind: str, idx: Tensor) -> bool:
+        """Whether ``prefetch`` already brought rows ``idx`` (the same tensor) of ``kind``
+        into this layer's slot and the slot still holds them (host-side tags, no device
+        read); forgets the request either way and counts it used or wasted."""
+        got = self._ahead.pop(kind, None)
+        if got is None:
+            return False
+        if self.stream.holds_whole(self, self.slot, kind):
+            self.prefetch_used += 1
+            return True
+        block = self.stream.slots[self.slot][kind]
+        ok = got[1] is idx and block.owner is self and not block.whole and \
+            block.rows == idx.numel()
+        if ok:
+            self.prefetch_used += 1
+        else:
+            self.prefetch_wasted += 1
+        return ok
+
     def _staged_attention(self, x: Tensor, layer_id: int, batch: Batch, idx: Tensor) -> Tensor:
         """A decode step's attention (x [B, 1, C], B <= MAX_BATCH) with the selected heads'
         records on the device first: gathered into the stream buffer once (or the whole
@@ -244,10 +334,12 @@ class OffloadedLayer:
         cache_k, cache_v = cache.layer(layer_id)
         xs, valid = cache.layer_inputs(layer_id)
         st, layout = self.stream, self.rows.layout
+        ahead = self._take("heads", idx)
         if st.holds_whole(self, self.slot, "heads"):
             rows = idx
         else:
-            self.read += st.gather(self, self.slot, "heads", self.rows.host_heads, idx)
+            if not ahead:
+                self.read += st.gather(self, self.slot, "heads", self.rows.host_heads, idx)
             rows = torch.arange(idx.numel(), device=idx.device)
         records = st.acquire(self.slot, "heads")
         table = head_rows(records, layout.hidden, layout.head_dim)
@@ -281,8 +373,7 @@ class OffloadedLayer:
             return self._streamed_mlp(x, idx)
         b, t, c = x.shape
         flat = x.reshape(b * t, c).contiguous()
-        if self.stage_neurons and self.stream is not None and \
-                self.rows.cache_neurons.shape[0] == 0:
+        if self._staged_decode("neurons"):
             return self._staged_mlp(flat, idx).view(b, t, c)
         resident, host = self.rows.neuron_tables
         locs = self.rows.neuron_locs(idx)
@@ -299,12 +390,19 @@ class OffloadedLayer:
     def _staged_mlp(self, flat: Tensor, idx: Tensor) -> Tensor:
         """The decode MLP with the selected neurons' records gathered to the device first
         (one read of each over the link, by a copy kernel), then the sparse kernel over
-        device memory: the other cold path, against the kernel's in-place host reads."""
+        device memory (the default cold path; ``stage_neurons`` False reads them in place).
+        Rows ``prefetch`` requested are not read again."""
         st = self.stream
-        self.read += st.gather(self, self.slot, "neurons", self.rows.host_neurons, idx)
-        records = st.acquire(self.slot, "neurons")[:idx.numel()]
+        ahead = self._take("neurons", idx)
+        if st.holds_whole(self, self.slot, "neurons"):  # a prefill left every row there
+            records, locs = st.acquire(self.slot, "neurons"), idx.to(torch.int32)
+        else:
+            if not ahead:
+                self.read += st.gather(self, self.slot, "neurons", self.rows.host_neurons,
+                                       idx)
+            records = st.acquire(self.slot, "neurons")[:idx.numel()]
+            locs = torch.arange(idx.numel(), dtype=torch.int32, device=flat.device)
         table = neuron_rows(records, self.rows.layout.hidden)
-        locs = torch.arange(idx.numel(), dtype=torch.int32, device=flat.device)
         out = [sparse_mlp(flat[i:i + MAX_BATCH], table, locs, bias2=self.fc2_bias,
                           **sparse_backend.MLP_ARGS) for i in range(0, flat.shape[0], MAX_BATCH)]
         st.release(self.slot, "neurons")
@@ -321,7 +419,7 @@ class OffloadedLayer:
                 "attention inputs (KVCache(keep_inputs=True)), to complete skipped heads")
         if self.streams(x):
             return self._streamed_attention(x, layer_id, batch, idx)
-        if self.stream is not None and self.rows.cache_heads.shape[0] == 0:
+        if self._staged_decode("heads"):
             return self._staged_attention(x, layer_id, batch, idx)
         # The reference decode path (no stream buffer, or GPU head caches, whose rows the
         # gather would not use): the kernels read host rows in place, per token, and heads
@@ -571,7 +669,8 @@ class OffloadSelector:
         if layer_id in self.offloaded:
             b, t = source.shape[:2]
             full = dict(dtype=torch.bool, device=source.device)
-            if sel.neurons is None:
+            # An own-input layer's neurons come from select_neurons, after attention.
+            if sel.neurons is None and not self.mlp_reads_own_input(layer_id):
                 sel = Selection(heads=sel.heads, neurons=torch.ones(b, t, self.ffn, **full))
             if sel.heads is None:
                 sel = Selection(heads=torch.ones(b, t, self.heads, **full), neurons=sel.neurons)
@@ -597,6 +696,13 @@ def host_bytes_read(model: OPTModel) -> int:
     """Bytes the model's offloaded layers have read from host records so far."""
     return sum(ops.host_bytes_read() for layer in model.layers()
                if (ops := layer.offloaded) is not None)
+
+
+def prefetch_counts(model: OPTModel) -> tuple[int, int]:
+    """(used, wasted): row gathers the model's offloaded layers started ahead of their
+    step (``OffloadedLayer.prefetch``) that the step read, and that it could not."""
+    ops = [layer.offloaded for layer in model.layers() if layer.offloaded is not None]
+    return sum(o.prefetch_used for o in ops), sum(o.prefetch_wasted for o in ops)
 
 
 def kv_recomputed(model: OPTModel) -> dict[int, int]:

@@ -227,9 +227,12 @@ class PredictorSet:
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, *,
-             device: torch.device | str = "cpu") -> PredictorSet:
+             device: torch.device | str = "cpu", extra_layers: tuple[int, ...] = ()
+             ) -> PredictorSet:
         """Load predictors for ``model`` (a whole model or a span); refuse a file made for
-        another model, naming what differs."""
+        another model, naming what differs. ``extra_layers``: also these layers' predictors
+        (a pipeline stage selects the next stage's first layer ahead); their weights are
+        not here to check, the stage that holds them checks the same file."""
         path = Path(path)
         if path.is_dir():
             path = path / FILE_NAME
@@ -275,7 +278,7 @@ class PredictorSet:
         points = json.loads(meta["operating_points"])
         out.report = json.loads(meta.get("report", "{}"))
         out.mlp_select = meta.get("mlp_select", "topk")
-        for i in mine.layer_hashes:
+        for i in [*mine.layer_hashes, *(e for e in extra_layers if e not in mine.layer_hashes)]:
             out.mlp[i] = LowRankClassifier(c.hidden_size, out.mlp_rank, c.ffn_dim)
             out.heads[i] = LowRankClassifier(c.hidden_size, out.head_rank,
                                              c.num_attention_heads)

@@ -118,8 +118,11 @@ class RowStream:
         block = self.slots[slot][kind]
         if self.cuda and block.free is not None:
             torch.cuda.current_stream().wait_event(block.free)
+        return self._gather_into(block, owner, host_view, ids.to(host_view.device))
+
+    def _gather_into(self, block: _Block, owner, host_view: Tensor, ids: Tensor) -> int:
+        """Rows ``ids`` into ``block`` on the current stream; its tags say so. Bytes."""
         n = ids.numel()
-        ids = ids.to(host_view.device)
         if self.cuda or _interpreting():  # 16-byte reads per thread (kernels/gather_rows.py)
             from ..kernels.gather_rows import gather_rows
             gather_rows(host_view, ids, block.buffer)
@@ -128,6 +131,25 @@ class RowStream:
         block.owner, block.whole, block.rows, block.ready = owner, False, n, None
         nbytes = n * block.buffer.shape[1] * block.buffer.element_size()
         self.copied_bytes += nbytes
+        return nbytes
+
+    def gather_ahead(self, owner, slot: int, kind: str, host_view: Tensor, ids: Tensor) -> int:
+        """``gather`` issued on the copy stream, so that the rows cross the link while the
+        current stream computes (a decode step's rows, requested as soon as the selection
+        exists). The copy stream first waits for the work issued so far on the current
+        stream (which made ``ids``) and for the slot's last reader; ``acquire`` waits for
+        the copy. On a CPU it runs inline. Returns bytes."""
+        block = self.slots[slot][kind]
+        ids = ids.to(host_view.device)
+        if not self.cuda:
+            return self._gather_into(block, owner, host_view, ids)
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        self._claim(block)
+        with torch.cuda.stream(self.copy_stream):
+            nbytes = self._gather_into(block, owner, host_view, ids)
+            block.ready = torch.cuda.Event()
+            block.ready.record(self.copy_stream)
+        ids.record_stream(self.copy_stream)  # made on the current stream, read on this one
         return nbytes
 
     def acquire(self, slot: int, kind: str) -> Tensor:

@@ -17,9 +17,11 @@ What this module does not know: how the selection is executed (runtime/sparse.py
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .cpu_ops import store_for_gemv
@@ -58,6 +60,11 @@ class SelectionConfig:
                                          "in (0, 1]")
 
 
+def _interpreting() -> bool:
+    # Triton's CPU interpreter (tests): the fused kernel then runs on CPU tensors.
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """[..., n] scores -> bool mask of each row's k best."""
     n = scores.shape[-1]
@@ -73,10 +80,32 @@ def count(density: float, n: int) -> int:
     return max(1, min(n, round(density * n)))
 
 
+# The predictors normalize with F.layer_norm's default eps (runtime/predictors.py); a model
+# norm with another eps does not fold into them.
+_PREDICTOR_EPS = 1e-5
+# A norm weight below this would blow a folded factor up past what float16 holds well.
+MIN_FOLD_WEIGHT = 1e-2
+
+
+def fold_layer_norm(down_t: Tensor, up_t: Tensor, bias: Tensor, weight: Tensor,
+                    norm_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """A low-rank predictor ``(x_hat @ down_t) @ up_t + bias`` over the plain normalization
+    x_hat of its input, rewritten to read y = x_hat * weight + norm_bias (an affine
+    LayerNorm's output over the same input): x_hat = (y - norm_bias) / weight, so
+    down_t becomes down_t / weight (per input row) and bias loses
+    ((norm_bias / weight) @ down_t) @ up_t. down_t [C, r], up_t [r, F], bias [F]."""
+    folded = down_t / weight[:, None]
+    return folded, bias - (norm_bias / weight) @ down_t @ up_t
+
+
 class PredictorSelector:
     def __init__(self, predictors: PredictorSet, config: SelectionConfig | None = None) -> None:
         self.predictors = predictors
         self.config = config or SelectionConfig()
+        # Per layer: (key of the predictor's weights, its factors for the fused kernel).
+        self._fused: dict[int, tuple[tuple, tuple[Tensor, Tensor, Tensor]]] = {}
+        # The same with a model LayerNorm folded in (_folded), or None where it does not fold.
+        self._folds: dict[int, tuple[tuple, tuple[Tensor, Tensor, Tensor] | None]] = {}
         for classifier in predictors.mlp.values():  # a CPU reads [F, r] faster transposed
             store_for_gemv(classifier.up)
         n = predictors.config.num_hidden_layers
@@ -125,6 +154,83 @@ class PredictorSelector:
         point = self.predictors.points.get(layer_id)
         return (point is not None and point.mlp_source == "mlp_in"
                 and layer_id not in self.config.dense_layers)
+
+    @torch.no_grad()
+    def compact(self, layer_id: int, source: Tensor, live: Tensor,
+                normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> Selection | None:
+        """The layer's union of neurons compacted on the device by one fused kernel
+        (kernels/select.py: the predictor's two factors, its bias and the threshold in one
+        launch), for a captured decode step: ``Selection(neuron_index=ids [F] int32,
+        neuron_count=[1] int32)``; ``live`` [1] int32 counts the real rows of ``source``
+        [B, T, C] (the rest pad the batch). The same set as ``__call__``'s masks, up to
+        rounding at the threshold (the kernel scores in fp32 from the model dtype). None
+        where it does not apply (top-k selection, a dense layer, a head selection, float32,
+        more than 16 rows, no kernels here): the caller then takes the masks.
+
+        ``normed``: (that LayerNorm's output, the LayerNorm) where the model normalizes
+        ``source`` anyway (the MLP block's input): the predictor reads it, its own
+        normalization folded into its factors (``fold_layer_norm``), and launches none."""
+        c = self.predictors.config
+        threshold = self.threshold(layer_id)
+        b, t, hidden = source.shape
+        if (layer_id in self.config.dense_layers or threshold is None
+                or layer_id not in self.predictors.mlp
+                or self.ks(layer_id)[1] < c.num_attention_heads
+                or source.dtype not in (torch.float16, torch.bfloat16) or b * t > 16
+                or not (source.is_cuda or _interpreting())):
+            return None
+        from ..kernels.select import lowrank_threshold_select  # imports triton: on use
+
+        folded = None if normed is None else self._folded(layer_id, source.dtype, normed[1])
+        if folded is not None:
+            (p1, p2, bias), x = folded, normed[0].reshape(b * t, hidden)
+        else:
+            p1, p2, bias = self._factors(layer_id, source.dtype)
+            x = F.layer_norm(source.reshape(b * t, hidden), (hidden,))  # the classifier's own
+        idx, count = lowrank_threshold_select(x, p1, p2, threshold, c.ffn_dim, bias=bias,
+                                              live=live)
+        return Selection(neuron_index=idx, neuron_count=count)
+
+    def _factors(self, layer_id: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's MLP predictor as the fused kernel reads it: down^T [C, r] and up^T
+        [r, F] in the model dtype, rows contiguous, and up's bias [F] in float32. Made once
+        (again if the predictor's weights change)."""
+        p = self.predictors.mlp[layer_id]
+        key = tuple((w.data_ptr(), w._version, w.device) for w in
+                    (p.down.weight, p.up.weight, p.up.bias)) + (dtype,)
+        cached = self._fused.get(layer_id)
+        if cached is None or cached[0] != key:
+            factors = (p.down.weight.t().to(dtype).contiguous(),
+                       p.up.weight.t().to(dtype).contiguous(), p.up.bias.float().contiguous())
+            cached = self._fused[layer_id] = (key, factors)
+        return cached[1]
+
+    def _folded(self, layer_id: int, dtype: torch.dtype, norm: torch.nn.LayerNorm
+                ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``_factors`` for reading ``norm``'s output instead of normalizing the source
+        itself; None where that does not fold (another eps, a weight near zero). Made
+        once per layer (again if a weight changes): checking the weight reads the device,
+        which a captured step must not (its warm-up makes them)."""
+        p = self.predictors.mlp[layer_id]
+        w, b = norm.weight, norm.bias
+        affine = tuple(t for t in (w, b) if t is not None)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in
+                    (p.down.weight, p.up.weight, p.up.bias) + affine) + (dtype,)
+        cached = self._folds.get(layer_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        factors = None
+        if norm.eps == _PREDICTOR_EPS and tuple(norm.normalized_shape) == (p.hidden,) and (
+                w is None or float(w.detach().abs().min()) >= MIN_FOLD_WEIGHT):
+            down_t, bias = p.down.weight.t().double(), p.up.bias.double()
+            if w is not None:
+                down_t, bias = fold_layer_norm(down_t, p.up.weight.t().double(), bias,
+                                               w.double(),
+                                               (b if b is not None else w.new_zeros(())).double())
+            factors = (down_t.to(dtype).contiguous(), p.up.weight.t().to(dtype).contiguous(),
+                       bias.float().contiguous())
+        self._folds[layer_id] = (key, factors)
+        return factors
 
     @torch.no_grad()
     def __call__(self, layer_id: int, source: Tensor) -> Selection:

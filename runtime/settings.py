@@ -101,6 +101,10 @@ class SparsitySettings:
                             "\"random\" (uniform at mlp_density/head_density, which it needs: "
                             "a benchmark baseline, e.g. for random-weight models)",
                             choices=("predictors", "random"))
+    lookahead: bool = setting(False, "select an offloaded layer's rows one layer early and "
+                              "start reading them while the layer before computes; across "
+                              "workers, a stage sends the next stage's first selection ahead "
+                              "of its activations")
 
 
 @dataclass
@@ -146,6 +150,16 @@ class PipelineSettings:
         False, "with gpu_memory_gib: the budget left after whole layers caches recently read "
         "rows of offloaded layers (LRU); off by default: a miss reads its row twice, and no "
         "GPU run has yet shown a net gain")
+    data_plane: str = setting(
+        "auto", "activations between neighbouring workers of one host: \"auto\" = through "
+        "buffers the two share (CUDA IPC on GPUs, shared memory on CPUs) where they can, else "
+        "the socket; \"socket\" = always the ZeroMQ socket", choices=("auto", "socket"))
+    data_plane_slots: int = setting(4, "shared buffers each receiving worker offers (hops in "
+                                    "flight; when all are in use a hop takes the socket)",
+                                    low=1, high=64)
+    data_plane_slot_mib: float = setting(16.0, "MiB per shared buffer at most; a larger "
+                                         "activation (a long prefill batch) takes the socket",
+                                         low=0.0, high=4096.0, low_open=True)
 
 
 @dataclass

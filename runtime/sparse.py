@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -94,6 +94,10 @@ class Selection:
     # Gather mode: the neurons' union as sorted indices [n], found once by the context for
     # its density and handed to the MLP op (which would otherwise find it again).
     neuron_index: Tensor | None = None
+    # A captured step's union compacted on the device by the selector itself (no masks):
+    # the valid entries at the front of ``neuron_index`` (int32, any order), [1] int32.
+    neuron_count: Tensor | None = None
+    head_index: Tensor | None = None  # the heads' union, as for neuron_index
 
 
 # A selector maps (layer id, predictor input [B, T, C]) to that layer's Selection.
@@ -117,6 +121,23 @@ class SparseStats:
 
     def layer(self, layer_id: int) -> LayerStats:
         return self.layers.setdefault(layer_id, LayerStats())
+
+    def snapshot(self) -> SparseStats:
+        """A copy of the counts so far (``since`` subtracts it later)."""
+        return SparseStats({i: replace(s) for i, s in self.layers.copy().items()})
+
+    def since(self, earlier: SparseStats) -> SparseStats:
+        """What was counted after ``earlier`` (a ``snapshot`` of this object): the
+        densities of some steps alone, e.g. decode steps without the prompt's prefill."""
+        out = SparseStats()
+        for i, s in self.layers.copy().items():
+            e = earlier.layers.get(i, LayerStats())
+            if s.tokens > e.tokens:
+                out.layers[i] = LayerStats(
+                    s.tokens - e.tokens, s.mlp_computed - e.mlp_computed,
+                    s.heads_computed - e.heads_computed, s.predictor_s - e.predictor_s,
+                    s.kv_recomputed - e.kv_recomputed)
+        return out
 
     def _mean(self, attr: str) -> float:
         per_layer = [getattr(s, attr) / s.tokens for s in self.layers.values() if s.tokens]
@@ -164,12 +185,13 @@ class SparseContext:
     came from the previous pipeline stage); after the pass ``carry_out`` holds the tensor the
     next stage's first predictor needs. ``mode``: "gather" unions the batch's selections and
     reads only those rows, "mask" keeps per-token selections, "auto" gathers when the batch
-    has a KV cache (decoding) and masks otherwise (scoring whole windows).
+    has a KV cache (decoding) and masks otherwise (scoring whole windows). ``ahead``: the
+    lookahead of gather-mode passes (``Lookahead``); None selects each layer when it starts.
     """
 
     def __init__(self, selector: Selector, *, stats: SparseStats | None = None,
                  carry: Tensor | None = None, mode: Mode = "auto",
-                 dense_above: float = 0.9) -> None:
+                 dense_above: float = 0.9, ahead: Lookahead | None = None) -> None:
         if mode not in ("auto", "gather", "mask"):
             raise ValueError(f"sparse mode {mode!r}: expected 'auto', 'gather' or 'mask'")
         self.selector = selector
@@ -182,55 +204,86 @@ class SparseContext:
         self._sources: dict[int, Tensor] = {}
         self._carry = carry
         self.carry_out: Tensor | None = None
+        self.ahead = ahead
+        self._early: dict[int, Selection] = {}  # made by ``lookahead``, used by ``select``
+        self._batch: Batch | None = None  # the pass's batch, known from the first ``select``
 
     def gather(self, batch: Batch) -> bool:
         return self.mode == "gather" or (self.mode == "auto" and batch.cache is not None)
 
     def select(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch) -> Selection:
-        """Layer ``layer``'s selection; ``h`` is its input [B, T, C]. Where the layer's
-        neurons are predicted from its own MLP input, they come later (``select_mlp``)."""
+        """Layer ``layer``'s selection; ``h`` is its input [B, T, C]. A selection made one
+        layer early (``lookahead``) or given by the previous stage (``Lookahead.given``) is
+        used as it is. Where the layer's neurons are predicted from its own MLP input, they
+        come later (``select_mlp``): this selection holds its heads only."""
         lid = layer.layer_id
+        self._batch = batch
+        early = self._early.pop(lid, None)
+        if early is not None:
+            return early
+        given = self.ahead.given.pop(lid, None) if self.ahead is not None else None
+        if given is not None:
+            self._carry = None  # the previous stage already read it for this selection
+            return self._account(layer, given, h.shape, batch)
         source = self.source(lid, h)
         t0 = time.perf_counter()
         sel = self.selector(lid, source)
-        stats = self.stats.layer(lid)
-        stats.predictor_s += time.perf_counter() - t0
-        tokens = h.shape[0] * h.shape[1]
-        stats.tokens += tokens
-        _check_mask(sel.heads, "heads", h.shape)
-        heads = self._account(layer, sel.heads, batch, tokens, "heads_computed")
-        if mlp_reads_own_input(self.selector, lid):
-            return Selection(heads=heads[0])
-        _check_mask(sel.neurons, "neurons", h.shape)
-        neurons, neuron_index = self._account(layer, sel.neurons, batch, tokens,
-                                              "mlp_computed")
-        return Selection(heads=heads[0], neurons=neurons, neuron_index=neuron_index)
+        self.stats.layer(lid).predictor_s += time.perf_counter() - t0
+        return self._account(layer, sel, h.shape, batch)
 
-    def select_mlp(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch,
-                   sel: Selection) -> Selection:
+    def select_mlp(self, layer: OPTDecoderLayer, h: Tensor, batch: Batch, sel: Selection,
+                   normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> Selection:
         """``sel`` with the layer's neurons when its MLP predictor reads its own input:
-        ``h`` [B, T, C] is the residual entering the layer's MLP block."""
+        ``h`` [B, T, C] is the residual entering the layer's MLP block (``normed``: the
+        block's LayerNorm output over it and that norm, for a selector that can read it;
+        this eager context does not). An offloaded layer starts reading the rows now."""
         lid = layer.layer_id
         if not mlp_reads_own_input(self.selector, lid):
             return sel
         t0 = time.perf_counter()
         neurons = self.selector.select_neurons(lid, h)  # type: ignore[attr-defined]
         self.stats.layer(lid).predictor_s += time.perf_counter() - t0
-        _check_mask(neurons, "neurons", h.shape)
-        neurons, index = self._account(layer, neurons, batch, h.shape[0] * h.shape[1],
-                                       "mlp_computed")
-        return Selection(heads=sel.heads, neurons=neurons, neuron_index=index)
+        neurons, index = self._part(layer, neurons, None, "neurons", h.shape, batch)
+        if self.gather(batch) and sparse_backend.is_offloaded(layer):
+            layer.offloaded.prefetch(Selection(neurons=neurons, neuron_index=index))
+        return replace(sel, neurons=neurons, neuron_index=index)
 
-    def _account(self, layer: OPTDecoderLayer, mask: Tensor | None, batch: Batch,
-                 tokens: int, stat: str) -> tuple[Tensor | None, Tensor | None]:
-        """Count a mask's computed fraction over ``tokens`` into ``stat``; in gather mode
-        return it as the union the block computes (None: dense) with its indices."""
+    def _account(self, layer: OPTDecoderLayer, sel: Selection, shape: torch.Size,
+                 batch: Batch) -> Selection:
+        """Check a layer's masks, count what they compute and, in gather mode, union them;
+        an offloaded layer starts reading their rows. A layer whose neurons come from
+        ``select_mlp`` has its heads accounted here, its neurons there."""
+        lid = layer.layer_id
+        self.stats.layer(lid).tokens += shape[0] * shape[1]
+        # A selection sent ahead by the previous stage comes unioned: its index tensors
+        # are kept (the prefetch it started is matched by identity).
+        heads, head_index = self._part(layer, sel.heads, sel.head_index, "heads", shape,
+                                       batch)
+        out = Selection(heads=heads, head_index=head_index)
+        if not mlp_reads_own_input(self.selector, lid):
+            neurons, neuron_index = self._part(layer, sel.neurons, sel.neuron_index,
+                                               "neurons", shape, batch)
+            out = replace(out, neurons=neurons, neuron_index=neuron_index)
+        if self.gather(batch) and sparse_backend.is_offloaded(layer):
+            # its rows start crossing the link now, beside the work issued before
+            layer.offloaded.prefetch(out)
+        return out
+
+    def _part(self, layer: OPTDecoderLayer, mask: Tensor | None, index: Tensor | None,
+              kind: str, shape: torch.Size, batch: Batch
+              ) -> tuple[Tensor | None, Tensor | None]:
+        """One kind's mask ("heads" or "neurons"), checked, its computed fraction counted;
+        in gather mode the union the block computes (None: dense) with its indices
+        (``index``, when it came known)."""
+        _check_mask(mask, kind, shape)
+        stat = "heads_computed" if kind == "heads" else "mlp_computed"
         stats = self.stats.layer(layer.layer_id)
+        tokens = shape[0] * shape[1]
         if not self.gather(batch):
             setattr(stats, stat, getattr(stats, stat) + _masked_fraction(mask, tokens))
             return mask, None
         # An offloaded layer has no dense weights on the device: it always gathers.
-        mask, index, union = self._union(mask, sparse_backend.is_offloaded(layer))
+        mask, index, union = self._union(mask, sparse_backend.is_offloaded(layer), index)
         setattr(stats, stat, getattr(stats, stat) + tokens * union)  # each token: the union
         return mask, index
 
@@ -257,23 +310,67 @@ class SparseContext:
             )
         return source
 
-    def _union(self, mask: Tensor | None, offloaded: bool
+    def _union(self, mask: Tensor | None, offloaded: bool, index: Tensor | None = None
                ) -> tuple[Tensor | None, Tensor | None, float]:
-        """A gather-mode mask -> (the mask, or None to run dense; its union's indices; the
-        fraction computed). One host read: the union's size."""
+        """A gather-mode mask -> (the mask, or None to run dense; its union's indices, found
+        here unless given; the fraction computed). One host read: the union's size."""
         if mask is None:
             return None, None, 1.0
-        index = union_index(mask)
+        if index is None:
+            index = union_index(mask)
         union = index.numel() / mask.shape[-1]
         if union >= self.dense_above and not offloaded:
             return None, None, 1.0
         return mask, index, union
 
-    def lookahead(self, layer_id: int, h: Tensor) -> None:
+    def lookahead(self, layer_id: int, h: Tensor,
+                  normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> None:
         """``h`` enters layer ``layer_id``'s MLP block: it is layer ``layer_id + 1``'s
-        predictor input. (A GPU backend launches that prediction here, on a side stream.)"""
+        predictor input. With a ``Lookahead`` (gather mode), layer ``layer_id + 1``'s
+        selection is made now, before this MLP block runs: an offloaded next layer of this
+        span starts reading its rows (``prefetch``), a next layer on the next stage gets
+        its selection sent ahead (``Lookahead.send``). Only what is known this early: the
+        heads, and the neurons of a layer whose MLP predictor reads this source (an
+        own-input layer's come in its ``select_mlp``). ``normed``: the block's LayerNorm
+        output over ``h`` and that norm, for a selector that can read it (the captured
+        step's fused selection; this eager context does not)."""
         self._sources[layer_id + 1] = h
         self.carry_out = h
+        ahead, batch = self.ahead, self._batch
+        if ahead is None or batch is None or not self.gather(batch):
+            return
+        nxt = layer_id + 1
+        if nxt in ahead.layers:
+            layer = ahead.layers[nxt]
+            # ``select`` starts the offloaded layer's reads (``prefetch``) as it unions.
+            self._early[nxt] = self.select(layer, h, batch)
+        elif nxt == ahead.send_layer and ahead.send is not None:
+            t0 = time.perf_counter()
+            sel = self.selector(nxt, h)
+            # Charged to this stage's last layer: this stage's time, not the next one's.
+            self.stats.layer(layer_id).predictor_s += time.perf_counter() - t0
+            if mlp_reads_own_input(self.selector, nxt):  # not known yet: the next stage's
+                sel = Selection(heads=sel.heads)       # select_mlp makes them
+            _check_mask(sel.neurons, "neurons", h.shape)
+            _check_mask(sel.heads, "heads", h.shape)
+            ahead.send(nxt, sel)
+
+
+@dataclass
+class Lookahead:
+    """What a span's gather-mode passes do one layer early (``SparseContext.lookahead``).
+
+    ``layers``: this span's offloaded layers (by id) whose selection is made while the
+    layer before computes, then handed to their ``prefetch``; ``send_layer``/``send``: the
+    next stage's first layer, whose selection this stage makes from its last layer's MLP
+    input and passes to ``send`` (the worker puts it on the wire ahead of the activations);
+    ``given``: selections the previous stage sent ahead, used instead of the selector's
+    (each once)."""
+
+    layers: dict[int, OPTDecoderLayer] = field(default_factory=dict)
+    send_layer: int | None = None
+    send: Callable[[int, Selection], None] | None = None
+    given: dict[int, Selection] = field(default_factory=dict)
 
 
 def mlp_reads_own_input(selector: Selector | None, layer_id: int) -> bool:
@@ -318,13 +415,18 @@ class NotCapturable(SparsityError):
     """A sparse step that cannot run without reading the device from the host."""
 
 
-def selected_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor, gather: bool,
-                 index: Tensor | None = None, *, device_only: bool = False) -> Tensor:
+def selected_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor | None, gather: bool,
+                 index: Tensor | None = None, *, device_only: bool = False,
+                 count: Tensor | None = None) -> Tensor:
     """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F];
     ``index``: their union's indices when already known (``Selection.neuron_index``).
     ``device_only`` (a step runtime/graphs.py captures): never read the device from the
-    host; the union is compacted on the device and the kernel reads its count there."""
+    host; the union is compacted on the device and the kernel reads its count there.
+    ``count``: the union came compacted (``Selection.neuron_count``; no masks)."""
     fc1, fc2 = layer.fc1, layer.fc2
+    if count is not None:
+        _check_kernel_applies(layer, x)
+        return sparse_backend.mlp_gather(layer, x, index, count)
     if not gather:
         return fc2(F.relu(fc1(x)) * neurons.to(x.dtype))
     if device_only:
@@ -353,15 +455,19 @@ def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor) -> Tensor
     """The union of the batch's neurons, written to the front of an index buffer on the
     device (kernels/select.py), through the kernel with the count on the device: the same
     set as ``union_index``, in an order that may vary (fp32 accumulation order only)."""
-    if sparse_backend.is_offloaded(layer) or not sparse_backend.mlp_kernel_applies(layer, x):
-        raise NotCapturable(f"layer {layer.layer_id}: the sparse MLP kernel does not apply "
-                            f"({x.dtype}, {x.shape[0] * x.shape[1]} rows, "
-                            f"{sparse_backend.backend_of(layer)} backend)")
+    _check_kernel_applies(layer, x)
     from ..kernels.select import threshold_select
 
     flags = neurons.reshape(-1, neurons.shape[-1]).to(x.dtype)  # 1.0 where selected
     idx, count = threshold_select(flags, 0.5, capacity=flags.shape[1])
     return sparse_backend.mlp_gather(layer, x, idx, count)
+
+
+def _check_kernel_applies(layer: OPTDecoderLayer, x: Tensor) -> None:
+    if sparse_backend.is_offloaded(layer) or not sparse_backend.mlp_kernel_applies(layer, x):
+        raise NotCapturable(f"layer {layer.layer_id}: the sparse MLP kernel does not apply "
+                            f"({x.dtype}, {x.shape[0] * x.shape[1]} rows, "
+                            f"{sparse_backend.backend_of(layer)} backend)")
 
 
 # --- the attention op ----------------------------------------------------------------------
@@ -374,7 +480,8 @@ def selected_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batc
     zeroed before out_proj."""
     if not gather:
         return _masked_attention(attn, x, layer_id, batch, heads)
-    idx = union_index(heads)
+    known = attn.offloaded.known_union(heads) if attn.offloaded is not None else None
+    idx = known if known is not None else union_index(heads)
     if sparse_backend.attention_kernel_applies(attn, x, batch):  # decode steps, lazy K/V kept
         return sparse_backend.attention_gather(attn, x, layer_id, batch, idx)
     b, t, _ = x.shape

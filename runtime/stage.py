@@ -13,6 +13,8 @@ This module knows tensors and the model; it knows nothing of sockets or request 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,13 +23,13 @@ from .graphs import DecodeGraphs
 from .model import Batch, KVCache, OPTModel
 from .penalties import SlotPenalties
 from .sampling import new_generator, sample, top_logprobs
-from .sparse import Selector, SparseContext, SparseStats
+from .sparse import Lookahead, Selection, Selector, SparseContext, SparseStats
 from .step import Row, Step, StepResult, TokenResult
 
 
 class Stage:
     def __init__(self, model: OPTModel, cache: KVCache, selector: Selector | None = None,
-                 *, cuda_graphs: bool = True) -> None:
+                 *, cuda_graphs: bool = True, lookahead: bool = False) -> None:
         self.model = model
         self.cache = cache
         # Offloaded layers' big weights are meta tensors (runtime/offload.py): skip them.
@@ -40,6 +42,11 @@ class Stage:
         self.selector = selector
         self.sparse_stats = SparseStats()
         self.carry_out: Tensor | None = None
+        # Lookahead (runtime/sparse.py ``Lookahead``): offloaded layers start reading their
+        # rows one layer early; ``send_ahead`` (set by a worker that is not the last) gets
+        # the next stage's first selection before this stage's last MLP block runs.
+        self.lookahead = lookahead and selector is not None
+        self.send_ahead: Callable[[int, Selection], None] | None = None
         self.penalties = SlotPenalties(cache.slots, model.config.vocab_size, self.device) \
             if model.is_last else None
         # The graph's (raw, penalized) logits, valid for the step object they came from.
@@ -63,20 +70,32 @@ class Stage:
         slots = torch.tensor([row.slot for row in step.rows], dtype=torch.long)
         sparse = None
         if self.selector is not None:
-            sparse = SparseContext(self.selector, stats=self.sparse_stats)
+            sparse = SparseContext(self.selector, stats=self.sparse_stats,
+                                   ahead=self._lookahead())
         # The attended length is known here, on the host: no device sync per layer.
         return ids.to(self.device), Batch(positions.to(self.device), slots.to(self.device),
                                           self.cache, sparse, length=int(positions.max()) + 1)
 
+    def _lookahead(self) -> Lookahead | None:
+        if not self.lookahead:
+            return None
+        nxt = self.model.layer_ids[-1] + 1
+        send = nxt < self.model.config.num_hidden_layers and self.send_ahead is not None
+        return Lookahead(layers={layer.layer_id: layer for layer in self.model.layers()
+                                 if layer.offloaded is not None},
+                         send_layer=nxt if send else None, send=self.send_ahead)
+
     @torch.inference_mode()
     def forward(self, step: Step, hidden: Tensor | None = None,
-                carry: Tensor | None = None) -> Tensor:
+                carry: Tensor | None = None,
+                given: dict[int, Selection] | None = None) -> Tensor:
         """Token ids in (first stage) or the previous stage's hidden [B, T, C]; returns this
-        span's output hidden [B, T, C]."""
+        span's output hidden [B, T, C]. ``given``: selections the previous stage sent
+        ahead (its first layer's), used instead of this stage's selector."""
         self.release(step.release)
         self._graph_logits = None
         plan = None if self.penalties is None else self.penalties.plan(step.rows, step.width)
-        if self.graphs is not None and self.graphs.accepts(step):
+        if self.graphs is not None and not given and self.graphs.accepts(step):
             out = self.graphs.forward(step, hidden, carry, None if plan is None else plan[:2])
             if out is not None:
                 self.carry_out = self.graphs.carry_out
@@ -96,7 +115,12 @@ class Stage:
             raise ValueError("a stage without the embeddings needs the previous hidden state")
         if batch.sparse is not None and carry is not None:
             batch.sparse = SparseContext(self.selector, stats=self.sparse_stats,
-                                         carry=carry.to(self.device))
+                                         carry=carry.to(self.device),
+                                         ahead=batch.sparse.ahead)
+        if batch.sparse is not None and given:
+            if batch.sparse.ahead is None:
+                batch.sparse.ahead = Lookahead()
+            batch.sparse.ahead.given.update(given)
         out = self.model.run_layers(hidden.to(self.device), batch)
         self.carry_out = batch.sparse.carry_out if batch.sparse is not None else None
         return out

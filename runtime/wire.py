@@ -6,7 +6,9 @@ only arrive where it belongs (a client cannot send a worker's ``StepDone``):
 - control plane, worker <-> scheduler (DEALER -> ROUTER): ``WorkerMessage`` up,
   ``SchedulerMessage`` down;
 - data plane, worker k -> worker k+1 (PUSH -> PULL): an ``Activations`` header frame plus
-  one raw tensor frame, sent without a copy (``encode_tensor``/``decode_tensor``);
+  one raw tensor frame, sent without a copy (``encode_tensor``/``decode_tensor``); or, on
+  one host, the header alone, naming the slot of worker k+1's shared ring that holds the
+  tensors (``PlaneOffer``, forwarded by the scheduler as ``PeerPlane``);
 - client API, client <-> scheduler (DEALER -> ROUTER): ``ClientMessage`` up,
   ``ClientReply`` down.
 
@@ -49,6 +51,41 @@ class _Msg(msgspec.Struct, tag=True, tag_field="kind", forbid_unknown_fields=Tru
 LayerDensity = tuple[int, float, float]
 
 
+class CudaRing(msgspec.Struct, forbid_unknown_fields=True):
+    """A CUDA ring's memory, one allocation of ``slots x slot_bytes`` bytes (the fields of
+    ``UntypedStorage._share_cuda_()``), and per slot two interprocess events
+    (``Event.ipc_handle()``): ``ready`` recorded by the sender after its copy into the slot,
+    ``free`` by the receiver once it has read it."""
+
+    storage_handle: bytes
+    storage_size: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+    ready_events: list[bytes]
+    free_events: list[bytes]
+
+
+class PlaneOffer(msgspec.Struct, forbid_unknown_fields=True):
+    """A receiving worker's ring of slot buffers for its input activations
+    (workers/data_plane.py). ``kind`` "shm": the slots are in the shared-memory file
+    ``path``; "cuda": on GPU ``device_uuid`` (``cuda`` holds the handles), with only the
+    slot states in ``path``. ``ring`` names this ring (a restarted worker makes a new
+    one); ``host`` and ``boot_id`` say which machine it lives on."""
+
+    kind: str  # shm | cuda
+    ring: str
+    host: str
+    boot_id: str
+    path: str
+    slots: int
+    slot_bytes: int
+    device_uuid: str = ""
+    cuda: CudaRing | None = None
+
+
 class Hello(_Msg):
     """First message of a worker: who it is. The scheduler answers with ``Setup``."""
 
@@ -74,6 +111,9 @@ class Ready(_Msg):
     expected_gpu_bytes: int = 0
     expected_paged_per_token: float = 0.0  # host bytes read per token at batch 1
     gpu_bytes: int = 0  # CUDA memory allocated once loaded (weights + cache); 0 on a CPU
+    # The ring its data input offers to the previous worker (None: socket only, and why).
+    plane: PlaneOffer | None = None
+    plane_note: str = ""
 
 
 class StepDone(_Msg):
@@ -98,6 +138,21 @@ class StepFailed(_Msg):
     message: str
 
 
+class WorkerStats(msgspec.Struct, forbid_unknown_fields=True):
+    """How a worker has spent its time, sent with each heartbeat: ``busy_fraction`` is the
+    time it computed steps over the last ``window_s`` seconds of wall time (0..1);
+    ``ahead_*``: selections the previous stage sent ahead (lookahead) that a step used, or
+    could not; ``prefetch_*``: row gathers its offloaded layers started ahead of their step,
+    used or not (both counts since the worker started)."""
+
+    busy_fraction: float = 0.0
+    window_s: float = 0.0
+    ahead_used: int = 0
+    ahead_wasted: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+
+
 class Heartbeat(_Msg):
     """Sent from a worker's dedicated thread; ``busy_s`` is how long the current step has
     run (0 when idle)."""
@@ -106,6 +161,7 @@ class Heartbeat(_Msg):
     seq: int
     busy_step: int | None = None
     busy_s: float = 0.0
+    stats: WorkerStats | None = None
 
 
 class Fatal(_Msg):
@@ -178,11 +234,19 @@ class HeartbeatAck(_Msg):
     seq: int
 
 
+class PeerPlane(_Msg):
+    """Scheduler -> worker k: the ring worker k+1 offered in its ``Ready`` (None: it offered
+    none, ``note`` says why); the worker decides whether it can write into it."""
+
+    offer: PlaneOffer | None
+    note: str = ""
+
+
 class Shutdown(_Msg):
     reason: str
 
 
-SchedulerMessage = Setup | RunStep | SetEpoch | HeartbeatAck | Shutdown
+SchedulerMessage = Setup | RunStep | SetEpoch | HeartbeatAck | PeerPlane | Shutdown
 
 
 # --- data plane: worker -> next worker -----------------------------------------------------
@@ -213,6 +277,31 @@ class Activations(_Msg):
     layer_densities: list[LayerDensity] = []  # per sparse layer of the stages so far
     paged_bytes: list[int] = []  # per stage so far: bytes read from host memory
     sent_at: float = 0.0  # time.time() of the sender, for per-hop latency
+    # Set: no tensor frame follows; the tensors (hidden, then carry) are in slot ``slot``
+    # of the receiver's ring ``ring`` (PlaneOffer.ring).
+    slot: int | None = None
+    ring: str = ""
+
+
+class SelectionAhead(_Msg):
+    """Sent by a stage, ahead of its ``Activations`` for the same step, with lookahead on:
+    the selection of the next stage's first layer ``layer``, made from the residual entering
+    the sender's last MLP block (the predictors' wiring), as the batch's union of row ids
+    (sorted; None keeps that block dense). ``rows``/``width``: the step's request ids and
+    width it was made for; the receiver uses it only for activations of exactly that step,
+    and starts reading those rows from host memory on arrival."""
+
+    epoch: int
+    step_id: int
+    layer: int
+    rows: list[str]
+    width: int
+    token: str = ""  # Setup.token
+    heads: list[int] | None = None
+    neurons: list[int] | None = None
+
+
+DataMessage = Activations | SelectionAhead
 
 
 # --- client API ----------------------------------------------------------------------------
@@ -253,6 +342,7 @@ class WorkerInfo(msgspec.Struct):
     expected_gpu_bytes: int = 0
     expected_paged_per_token: float = 0.0
     gpu_bytes: int = 0  # allocated once loaded (Ready.gpu_bytes)
+    stats: WorkerStats | None = None  # from its latest heartbeat
 
 
 class Health(_Msg):
@@ -284,7 +374,7 @@ _encoder = msgspec.msgpack.Encoder()
 _decoders = {
     "worker": msgspec.msgpack.Decoder(WorkerMessage),
     "scheduler": msgspec.msgpack.Decoder(SchedulerMessage),
-    "data": msgspec.msgpack.Decoder(Activations),
+    "data": msgspec.msgpack.Decoder(DataMessage),
     "client": msgspec.msgpack.Decoder(ClientMessage),
     "reply": msgspec.msgpack.Decoder(ClientReply),
 }
@@ -344,9 +434,20 @@ def decode_activations(header: bytes | memoryview, payload: bytes | memoryview,
     of the step, its width, ``hidden_size``], each payload has exactly the bytes that implies
     and holds only finite numbers."""
     msg = _decode("data", header)
+    if not isinstance(msg, Activations):
+        raise WireError(f"a {type(msg).__name__} header came with tensor frames")
+    if msg.slot is not None:
+        raise WireError("activations header names a slot but came with tensor frames")
     if msg.carry != (carry is not None):
         raise WireError(f"activations header says carry={msg.carry} but "
                         f"{'a' if carry is not None else 'no'} carry frame came")
+    want = _check_header(msg, hidden_size)
+    dtype = DTYPES[msg.dtype]
+    tensors = [_tensor(p, dtype, want) for p in (payload, carry) if p is not None]
+    return msg, tensors[0], (tensors[1] if len(tensors) > 1 else None)
+
+
+def _check_header(msg: Activations, hidden_size: int) -> tuple[int, int, int]:
     if msg.dtype not in DTYPES:
         raise WireError(f"activations dtype {msg.dtype!r}: expected one of {', '.join(DTYPES)}")
     if not msg.step.rows:
@@ -357,9 +458,70 @@ def decode_activations(header: bytes | memoryview, payload: bytes | memoryview,
     if tuple(msg.shape) != want:
         raise WireError(f"activations shape {list(msg.shape)} does not match the step "
                         f"(expected {list(want)})")
-    dtype = DTYPES[msg.dtype]
-    tensors = [_tensor(p, dtype, want) for p in (payload, carry) if p is not None]
-    return msg, tensors[0], (tensors[1] if len(tensors) > 1 else None)
+    return want
+
+
+def slot_bytes_of(msg: Activations) -> int:
+    """Bytes a slot header's tensors take in the slot (hidden, then carry if any)."""
+    one = math.prod(msg.shape) * torch.empty((), dtype=DTYPES[msg.dtype]).element_size()
+    return one * (2 if msg.carry else 1)
+
+
+def decode_slot_header(header: bytes | memoryview, hidden_size: int, *, ring: str,
+                       slots: int, slot_bytes: int) -> Activations:
+    """A data-plane header whose tensors wait in a slot of this worker's ring ``ring`` of
+    ``slots`` slots of ``slot_bytes`` bytes each: checked as ``decode_activations`` checks
+    a header, plus the ring's name, the slot index and the bytes it would read."""
+    msg = _decode("data", header)
+    if not isinstance(msg, Activations):
+        raise WireError(f"a {type(msg).__name__} frame where a slot header was expected")
+    if msg.slot is None:
+        raise WireError("activations header without tensor frames names no slot")
+    if msg.ring != ring:
+        raise WireError(f"activations for ring {msg.ring[:40]!r}, this worker's ring is "
+                        f"{ring!r} (a ring from before a restart?)")
+    if not 0 <= msg.slot < slots:
+        raise WireError(f"activations in slot {msg.slot}: the ring has slots 0..{slots - 1}")
+    _check_header(msg, hidden_size)
+    if (nbytes := slot_bytes_of(msg)) > slot_bytes:
+        raise WireError(f"activations of {nbytes} bytes cannot be in a slot of {slot_bytes}")
+    return msg
+
+
+def tensor_from_bytes(payload: bytes | memoryview, dtype: torch.dtype,
+                      shape: tuple[int, ...]) -> torch.Tensor:
+    """A view of ``payload`` as a tensor, checked as a tensor frame is (bytes, finite)."""
+    return _tensor(payload, dtype, shape)
+
+
+def is_selection_ahead(frame: bytes | memoryview) -> bool:
+    """Whether a lone data frame is a ``SelectionAhead`` (else a slot header, or garbage
+    that the slot header's decoder refuses with its reason)."""
+    try:
+        return isinstance(_decode("data", frame), SelectionAhead)
+    except WireError:
+        return False
+
+
+def decode_ahead(frame: bytes | memoryview, *, num_heads: int, ffn_dim: int,
+                 num_layers: int) -> SelectionAhead:
+    """One ``SelectionAhead`` frame, checked: a layer of the model, at least one row, a
+    positive width, and row ids sorted, unique and within the layer's heads and neurons."""
+    msg = _decode("data", frame)
+    if not isinstance(msg, SelectionAhead):
+        raise WireError(f"a {type(msg).__name__} header came without its tensor frames")
+    if not 0 < msg.layer < num_layers:
+        raise WireError(f"selection ahead for layer {msg.layer}: expected 1..{num_layers - 1}")
+    if not msg.rows or msg.width < 1:
+        raise WireError(f"selection ahead for {len(msg.rows)} rows of width {msg.width}")
+    for name, ids, n in (("heads", msg.heads, num_heads), ("neurons", msg.neurons, ffn_dim)):
+        if ids is None:
+            continue
+        if not ids or ids[0] < 0 or ids[-1] >= n or \
+                any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
+            raise WireError(f"selection ahead: {name} must be sorted unique ids in [0, {n}), "
+                            f"got {len(ids)} ids from {ids[:1]} to {ids[-1:]}")
+    return msg
 
 
 def _tensor(payload: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]

@@ -13,6 +13,7 @@ Like the core, this is a plain class: no sockets, no clocks; tests step it direc
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -21,6 +22,22 @@ import msgspec
 from ..runtime.sampling import SamplingParams
 from ..runtime.step import Step, StepResult
 from .core import Detokenizer, Event, Phase, RequestError, Scheduler, SchedulerConfig
+
+
+def micro_batch_groups(stage_s: list[float], hop_s: list[float], *, most: int) -> int:
+    """How many micro-batches keep every stage busy: a step spends sum(stages) + sum(hops)
+    going round, and the slowest stage frees up every max(stage) seconds, so that many steps
+    in flight leave no stage waiting: ceil((sum stage + sum hop) / max stage), within
+    [1, ``most``] (the cores there are: streams cannot be split further). No timings yet:
+    ``most``."""
+    if most < 1:
+        raise ValueError(f"micro-batches: at most {most}; expected >= 1")
+    if not stage_s or max(stage_s) <= 0:
+        return most
+    if any(t < 0 or not math.isfinite(t) for t in [*stage_s, *hop_s]):
+        raise ValueError(f"stage and hop times must be finite and >= 0: {stage_s}, {hop_s}")
+    need = math.ceil((sum(stage_s) + sum(hop_s)) / max(stage_s) - 1e-9)
+    return max(1, min(most, need))
 
 
 class MicroBatches:
@@ -35,6 +52,13 @@ class MicroBatches:
         self.owner: dict[str, int] = {}  # admitted request -> core
         self.steps: dict[int, tuple[int, int]] = {}  # global step id -> (core, local id)
         self._ids = itertools.count()
+        # Steps allowed in flight at once (``set_in_flight``; the process sizes it from the
+        # measured stage and hop times with ``micro_batch_groups``).
+        self.limit = len(self.cores)
+        self._turn = -1
+
+    def set_in_flight(self, limit: int) -> None:
+        self.limit = max(1, min(limit, len(self.cores)))
 
     # --- requests --------------------------------------------------------------------------
 
@@ -77,7 +101,13 @@ class MicroBatches:
         """Every step that can start now (at most one per core)."""
         self._admit()
         steps = []
-        for g, core in enumerate(self.cores):
+        # Under a limit, cores take turns starting first, so that none waits for ever.
+        n = len(self.cores)
+        self._turn = (self._turn + 1) % n
+        for g in [(self._turn + k) % n for k in range(n)]:
+            if len(self.steps) >= self.limit:
+                break
+            core = self.cores[g]
             step = core.schedule()
             if step is None:
                 continue

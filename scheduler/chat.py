@@ -275,4 +275,13 @@ def format_stats(health, last: dict, session: ChatSession) -> str:
                      f"paged from host memory: {paged / 2**20:.1f} MiB, "
                      f"{paged / max(health.tokens_out, 1) / 2**20:.2f} MiB per generated token "
                      "(prefill included)")
+    stats = [w.stats for w in getattr(health, "workers", []) if getattr(w, "stats", None)]
+    if stats:
+        busy = ", ".join(f"{s.busy_fraction:.2f}" for s in stats)
+        lines.append(f"busy fraction per worker (last {stats[0].window_s:g} s): {busy}")
+        used = sum(s.ahead_used + s.prefetch_used for s in stats)
+        wasted = sum(s.ahead_wasted + s.prefetch_wasted for s in stats)
+        if used or wasted:
+            lines.append(f"lookahead: {used} selections and row gathers used ahead, "
+                         f"{wasted} wasted")
     return "\n".join(lines)

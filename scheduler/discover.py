@@ -76,6 +76,34 @@ def _other_model(settings, address: str, found_in: str) -> str:
     return f"not joining the launch at {address}: it runs {running}, not {wanted}"
 
 
+# Settings a launch fixes when it starts; a command that joins it cannot change them. Any
+# other [model], [sparsity] or [pipeline] key given on its command line is one of these.
+_JOIN_KEEPS = {"model.path", "pipeline.workers", "pipeline.run_dir", "pipeline.keys_dir"}
+_LAUNCH_SECTIONS = ("model.", "sparsity.", "pipeline.")
+
+
+def ignored_on_join(settings, address: str, *, sparse: bool | None = None) -> str:
+    """A warning naming the command-line flags that the running launch at ``address``
+    settled when it started (device, dtype, GPU budget, sparsity, ...); "" when none was
+    given. ``sparse`` is the command's --sparse/--dense (None: not given)."""
+    flags = [f"--{key.split('.', 1)[1].replace('_', '-')} {_value(settings, key)}"
+             for key, source in sorted(settings.sources.items())
+             if source == "command line" and key.startswith(_LAUNCH_SECTIONS)
+             and key not in _JOIN_KEEPS]
+    if sparse is not None:
+        flags.insert(0, "--sparse" if sparse else "--dense")
+    if not flags:
+        return ""
+    return (f"warning: ignored: {', '.join(flags)}: the launch at {address} was started "
+            "with its own; restart it with them, or pass --workers N to start a launch for "
+            "this command")
+
+
+def _value(settings, key: str):
+    section, name = key.split(".", 1)
+    return getattr(getattr(settings, section), name)
+
+
 def check_address(address: str) -> None:
     """Fail at once on an ipc:// address whose socket file does not exist (ZeroMQ would
     queue the request and wait for a peer that never comes)."""

@@ -33,7 +33,7 @@ import zmq
 
 from ..runtime import wire
 from ..runtime.opt_config import OPTConfig
-from .batches import MicroBatches
+from .batches import MicroBatches, micro_batch_groups
 from .config import PipelineConfig
 from .core import Event, RequestError, SchedulerConfig
 from .planner import Plan
@@ -72,6 +72,7 @@ class WorkerHandle:
     restarts: int = 0
     fatal: str | None = None
     ready: wire.Ready | None = None  # what it reported when ready (offloaded layers...)
+    stats: wire.WorkerStats | None = None  # from its latest heartbeat (busy fraction...)
 
 
 def describe_exit(returncode: int) -> str:
@@ -281,6 +282,7 @@ class PipelineServer:
         if heartbeat:
             if isinstance(msg, wire.Heartbeat) and w.state == "ready":
                 w.last_beat = time.monotonic()
+                w.stats = msg.stats if msg.stats is not None else w.stats
                 self._send_worker(identity, wire.HeartbeatAck(msg.seq))
             elif isinstance(msg, wire.Fatal):
                 w.fatal = msg.reason
@@ -297,6 +299,7 @@ class PipelineServer:
                          "%.1f MiB on the GPU, %.3f MiB read from the host per token",
                          w.index, msg.offloaded_layers, msg.host_bytes / 2**20,
                          msg.expected_gpu_bytes / 2**20, msg.expected_paged_per_token / 2**20)
+            self._forward_planes(w)
             if all(x.state == "ready" for x in self.workers) and self.state in (
                     "starting", "degraded"):
                 self.state = "ready"
@@ -351,6 +354,17 @@ class PipelineServer:
             self.config.slots, self.max_len, w.data_in, w.data_out, self.epoch,
             self.config.heartbeat_s, self.config.watchdog_s, self.config.scheduler_timeout_s,
             self.max_data_bytes, self.token, threads if w.device == "cpu" else 0, faults))
+
+    def _forward_planes(self, w: WorkerHandle) -> None:
+        """Once both ends of a hop are ready, the receiver's ring offer goes to the sender
+        (again after either restarts: a new receiver has a new ring)."""
+        for sender, receiver in ((w.index - 1, w.index), (w.index, w.index + 1)):
+            if sender < 0 or receiver >= len(self.workers):
+                continue
+            a, b = self.workers[sender], self.workers[receiver]
+            if a.state == b.state == "ready" and b.ready is not None:
+                self._send_worker(f"w{sender}".encode(),
+                                  wire.PeerPlane(b.ready.plane, b.ready.plane_note))
 
     def _send_worker(self, identity: bytes, message) -> bool:
         try:
@@ -439,6 +453,9 @@ class PipelineServer:
             return [0.9 * a + 0.1 * b for a, b in zip(old, new, strict=True)]
 
         self.stage_s, self.hop_s = ema(self.stage_s, stage_s), ema(self.hop_s, hop_s)
+        # Re-sized as the times move: enough steps in flight that no stage waits.
+        self.batches.set_in_flight(micro_batch_groups(self.stage_s, self.hop_s,
+                                                      most=len(self.batches.cores)))
 
     def _add_paged(self, paged: list[int]) -> None:
         if len(self.paged_bytes) != len(paged):
@@ -517,7 +534,8 @@ class PipelineServer:
         return wire.Health(
             self.state,
             [wire.WorkerInfo(w.index, w.pid, (w.layers.start, w.layers.stop), w.device, w.state,
-                             w.restarts, **_offload_info(w.ready)) for w in self.workers],
+                             w.restarts, **_offload_info(w.ready), stats=w.stats)
+             for w in self.workers],
             self.batches.running(), self.batches.queued(), self.tokens_out,
             time.monotonic() - self.started, rate, list(self.stage_s), list(self.hop_s),
             self.config.model, self.max_len, self.model_config.vocab_size,

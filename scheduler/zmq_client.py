@@ -396,7 +396,7 @@ class PipelineClient:
         gone = self._dead or self._down
         workers = [{"worker": w.index, "alive": w.state == "ready" and not gone,
                     "restarts": w.restarts, "pid": w.pid, "layers": list(w.layers),
-                    "device": w.device} for w in h.workers]
+                    "device": w.device, **_worker_stats(w)} for w in h.workers]
         ok = gone is None and h.state == "ready"
         return EngineHealth(ok, gone or h.state, workers)
 
@@ -417,3 +417,13 @@ class PipelineClient:
         self.ctx.term()
         if self.cluster is not None:
             await asyncio.to_thread(self.cluster.stop)
+
+
+def _worker_stats(w) -> dict:
+    """A worker's latest heartbeat stats (busy fraction, lookahead counts), if any came."""
+    stats = getattr(w, "stats", None)
+    if stats is None:
+        return {}
+    return {"busy_fraction": stats.busy_fraction, "ahead_used": stats.ahead_used,
+            "ahead_wasted": stats.ahead_wasted, "prefetch_used": stats.prefetch_used,
+            "prefetch_wasted": stats.prefetch_wasted}

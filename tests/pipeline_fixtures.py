@@ -34,8 +34,9 @@ def make_tiny_model(path: Path, seed: int = 0) -> Path:
     return save_model(model, path)
 
 
-def add_predictors(model_dir: Path, seed: int = 0) -> Path:
-    """Untrained but varied predictors saved next to the checkpoint (<model>/predictors)."""
+def add_predictors(model_dir: Path, seed: int = 0, mlp_source: str = "lookahead") -> Path:
+    """Untrained but varied predictors saved next to the checkpoint (<model>/predictors);
+    ``mlp_source`` "mlp_in": the MLP predictors read each layer's own MLP input."""
     from dejavu.runtime.checkpoint import load_model
     from dejavu.runtime.predictors import PredictorSet
 
@@ -43,6 +44,8 @@ def add_predictors(model_dir: Path, seed: int = 0) -> Path:
     preds = PredictorSet.create(load_model(model_dir), mlp_rank=8, head_rank=4)
     for m in list(preds.mlp.values()) + list(preds.heads.values()):
         torch.nn.init.normal_(m.up.weight)
+    for point in preds.points.values():
+        point.mlp_source = mlp_source
     return preds.save(model_dir / "predictors")
 
 

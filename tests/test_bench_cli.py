@@ -35,3 +35,24 @@ def test_a_failure_is_one_line_and_exit_1(tmp_path):
     assert "Traceback" not in out.stderr
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "bench failed" in errors[0], out.stderr
+
+
+def test_an_unknown_scenario_is_named_before_anything_runs(tmp_path):
+    # Without --small, so on a CPU the misspelling is reported before "needs a CUDA GPU".
+    out = subprocess.run([*CLI, "bench", "--only", "kernels", "--only", "e2ee"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: --only e2ee: no such scenario; choose from "
+        "tune | kernels | resident | offload | accelerate | e2e"], out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_every_scenario():
+    from dejavu.bench.bench import SCENARIOS, BenchOptions, _plan
+
+    planned = {name for name, _, _ in _plan(BenchOptions(small=True))}
+    assert planned | {"e2e"} == set(SCENARIOS)
+    out = subprocess.run([*CLI, "bench", "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert all(name in out.stdout for name in SCENARIOS), out.stdout

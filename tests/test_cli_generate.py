@@ -30,8 +30,9 @@ PROMPT = [2, 133, 44, 509, 17, 881]
 
 
 def dejavu_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The installed console script when present, else the same app through python."""
-    exe = shutil.which("dejavu-run")
+    """The console script installed beside this interpreter (a venv's, not another one's
+    found first on PATH), else the same app through python."""
+    exe = shutil.which("dejavu-run", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})}, cwd=Path(__file__).parent)

@@ -32,7 +32,7 @@ SCHEDULER = {
     # which engine a command joins or starts: a running launch (its socket) or a new one
     "discover": PROCESSES,
     # front ends
-    "chat": FRONT, "pipeline_generate": FRONT,
+    "chat": FRONT,
 }
 
 
@@ -118,6 +118,16 @@ def test_no_file_imports_from_a_floor_above_its_own():
                 bad.append(f"{module} ({NAMES[floor_of(module)]}) imports {target} "
                            f"({NAMES[floor_of(target)]})")
     assert not bad, "imports from a higher floor:\n" + "\n".join(bad)
+
+
+def test_the_cli_folder_is_imported_by_no_other_product_folder():
+    # tools/ holds the CLI and its commands, the top of the tree: the scheduler's front ends
+    # (chat, serve) stand on the scheduler and runtime, never on a CLI command's module.
+    bad = sorted(f"{module} imports {target}" for module, targets in graph().items()
+                 for target in targets
+                 if target.startswith("tools.") and module.split(".")[0] not in ("tools",
+                                                                                  "bench"))
+    assert not bad, "\n".join(bad)
 
 
 def test_no_import_circles():

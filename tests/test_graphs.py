@@ -9,7 +9,7 @@ replay themselves are GPU tests.
 import pytest
 import torch
 
-from dejavu.runtime.graphs import DecodeGraphs, bucket  # noqa: E402
+from dejavu.runtime.graphs import DecodeGraphs, _Captured, bucket  # noqa: E402
 from dejavu.runtime.model import Batch, OPTModel  # noqa: E402
 from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
@@ -68,6 +68,40 @@ def test_fixed_shape_forward_equals_eager(dtype, pre_ln):
     # The first layer's keys and values come from the same ops on both paths.
     assert torch.equal(fixed_cache.k[0], eager_cache.k[0])
     assert torch.equal(fixed_cache.v[0], eager_cache.v[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_step_equals_head_outputs(backend, dtype):
+    """The captured step's attention (one stacked q/k/v product, q scaled in the decode
+    kernel) equals the reference: three projections, q scaled, two cache
+    writes, gathered attention, out_proj. Two rows share nothing; a third repeats the first
+    (a padding row)."""
+    model = tiny(dtype, DEVICE)
+    use_backend(model, backend)
+    attn = model.layers()[1].self_attn
+    g = torch.Generator().manual_seed(7)
+    caches = [allocate_cache(model, 4, 32) for _ in range(2)]
+    history = torch.randn((2,) + caches[0].k.shape, generator=g).to(dtype)
+    for cache in caches:
+        cache.k.copy_(history[0])
+        cache.v.copy_(history[1])
+    slots = torch.tensor([1, 3, 1], device=DEVICE)
+    positions = torch.tensor([[6], [11], [6]], device=DEVICE)
+    x = torch.randn(2, 1, model.config.hidden_size, generator=g).to(DEVICE, dtype)
+    x = torch.cat([x, x[:1]])
+    with torch.inference_mode():
+        stacked = attn.stacked_qkv()
+        assert stacked is not None and stacked[0].shape == (3 * 64, 64)
+        got = attn.decode_step(x, 1, Batch(positions, slots, caches[0], fixed_shape=True),
+                               *stacked)
+        want = attn.merge_heads(attn.head_outputs(x, 1, Batch(positions, slots, caches[1])))
+    tol = 5e-3 if dtype == torch.float16 else 3e-2
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < tol
+    for i in range(2):  # keys, then values
+        kv_got, kv_want = caches[0].layer(1)[i], caches[1].layer(1)[i]
+        assert not torch.equal(kv_got, history[i, 1])  # this step wrote them
+        assert torch.allclose(kv_got.float(), kv_want.float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -271,3 +305,33 @@ def test_penalized_graph_decode_equals_eager_and_counts_each_token_once():
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         finite = ~torch.isinf(want)
         assert float((got[finite] - want[finite]).norm() / want[finite].norm()) < 5e-3
+
+
+@pytest.mark.parametrize("real", [1, 3])
+def test_padding_rows_do_not_widen_the_union(real):
+    """A bucket of 4 rows running 1 or 3 real ones: the random selector draws for every
+    row, but only the real rows' neurons are read and counted (each draws 10%)."""
+    model = tiny(torch.float16, DEVICE)
+    assert use_backend(model, "triton") == "triton"
+    cache = allocate_cache(model, 4, 32)
+    selector = RandomSelector(model.config.ffn_dim, model.config.num_attention_heads, 0.1, 1.0)
+    graphs = DecodeGraphs(model, cache, selector)
+    g = _Captured(model, cache, selector, 4, torch.device(DEVICE), torch.float16)
+    graphs.load(g, Step(1, [Row(f"r{i}", i, [5 + i], 3, True, GREEDY) for i in range(real)]),
+                None, None, None)
+    assert g.live[:, 0, 0].tolist() == [i < real for i in range(4)]
+    seen = []
+    wrapped = g.sparse.selector
+
+    def spy(layer_id, source):
+        sel = wrapped(layer_id, source)
+        seen.append(sel.neurons[:real].reshape(-1, model.config.ffn_dim).any(0))
+        return sel
+
+    g.sparse.selector = spy
+    with torch.inference_mode():
+        g._forward()
+    k = model.config.ffn_dim // 10
+    for union, real_rows in zip(g.sparse.union.tolist(), seen, strict=True):
+        assert union == pytest.approx(int(real_rows.sum()) / model.config.ffn_dim)
+        assert k <= int(real_rows.sum()) <= real * k

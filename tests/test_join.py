@@ -80,6 +80,7 @@ def test_generate_and_chat_join_the_launch_of_the_default_run_directory(launched
     assert joined.returncode == 0, joined.stderr
     assert (f"joined the launch at ipc://{run_dir}/client.sock: 2 worker(s) (cpu, cpu), "
             f"model {model}") in joined.stderr
+    assert "warning" not in joined.stderr  # sampling flags apply per request
     local = cli("generate", *common, "--dense", env={"XDG_RUNTIME_DIR": str(short_dir())})
     assert "joined" not in local.stderr
     assert json.loads(joined.stdout) == json.loads(local.stdout)
@@ -92,6 +93,37 @@ def test_generate_and_chat_join_the_launch_of_the_default_run_directory(launched
     named = cli("generate", *common, "--run-dir", str(run_dir),
                 env={"XDG_RUNTIME_DIR": str(short_dir())})
     assert "joined the launch" in named.stderr and f"found in {run_dir}" in named.stderr
+
+
+def test_flags_the_launch_settled_are_named_when_joining(launched, model):
+    _, xdg, run_dir = launched
+    env = {"XDG_RUNTIME_DIR": str(xdg)}
+    address = f"ipc://{run_dir}/client.sock"
+    out = cli("generate", "--model", str(model), "--prompt", "the cat", "--max-new-tokens",
+              "2", "--dense", "--dtype", "bfloat16", "--gpu-memory-gib", "2", env=env)
+    assert out.returncode == 0, out.stderr
+    assert (f"warning: ignored: --dense, --dtype bfloat16, --gpu-memory-gib 2.0: the launch "
+            f"at {address} was started with its own; restart it with them, or pass "
+            "--workers N to start a launch for this command") in out.stderr.splitlines()
+    chat = cli("chat", "--model", str(model), "--max-new-tokens", "2", "--sparse",
+               "--temperature", "0", env=env, input="hello\n")
+    assert chat.returncode == 0, chat.stderr
+    assert f"warning: ignored: --sparse: the launch at {address}" in chat.stderr
+
+
+def test_ignored_on_join_names_only_what_the_launch_settled():
+    from dejavu.runtime.settings import load_settings
+    from dejavu.scheduler.discover import ignored_on_join
+
+    given = load_settings(None, {"model.path": "m", "model.device": "cpu",
+                                 "pipeline.run_dir": "/r", "generation.top_k": 5})
+    assert ignored_on_join(given, "ipc:///r/c.sock") == (
+        "warning: ignored: --device cpu: the launch at ipc:///r/c.sock was started with its "
+        "own; restart it with them, or pass --workers N to start a launch for this command")
+    sampling_only = load_settings(None, {"generation.temperature": 0.5, "model.dtype": None})
+    assert ignored_on_join(sampling_only, "ipc:///r/c.sock") == ""
+    assert ignored_on_join(sampling_only, "a", sparse=True).startswith(
+        "warning: ignored: --sparse: the launch at a ")
 
 
 def test_a_launch_of_another_model_is_not_joined(launched, tmp_path):
@@ -140,7 +172,7 @@ def test_without_a_launch_chat_runs_in_this_process(model):
     assert "starting a launch" not in out.stderr
 
 
-def test_serve_joins_the_running_launch(launched, model):
+def test_serve_joins_the_running_launch(launched, model, tmp_path):
     pytest.importorskip("fastapi")
     import socket
     import urllib.request
@@ -149,7 +181,10 @@ def test_serve_joins_the_running_launch(launched, model):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([*CLI, "serve", "--model", str(model), "--port", str(port)],
+    config = tmp_path / "dejavu.toml"  # a budget needs a 16-bit dtype; serve has no --dtype
+    config.write_text('[model]\ndtype = "bfloat16"\n')
+    proc = subprocess.Popen([*CLI, "serve", "--model", str(model), "--port", str(port),
+                             "--config", str(config), "--gpu-memory-gib", "3"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "XDG_RUNTIME_DIR": str(xdg)})
     try:
@@ -160,6 +195,7 @@ def test_serve_joins_the_running_launch(launched, model):
                 break
         text = "".join(lines)
         assert f"joined the launch at ipc://{run_dir}/client.sock: 2 worker(s)" in text, text
+        assert "warning: ignored: --gpu-memory-gib 3.0: the launch at" in text, text
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(
                 {"model": str(model), "prompt": "the cat", "max_tokens": 3}).encode(),

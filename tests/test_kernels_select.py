@@ -101,3 +101,27 @@ def test_lowrank_topk_matches_reference(dtype, b, c, r, n, k):
     assert (ref[got][1:] <= ref[got][:-1] + margin).all()  # best first
     with pytest.raises(ValueError, match="k="):
         lowrank_topk(x, p1, p2, n + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,live", [(1, 1), (4, 1), (4, 3), (16, 16)])
+def test_lowrank_select_with_bias_counts_only_live_rows(dtype, b, live):
+    # The engine's predictors carry a bias on their second factor, and a captured batch pads
+    # its rows: rows past ``live`` must not add to the selection.
+    c, r, n = 72, 16, 257
+    x, p1, p2 = _factors(b, c, r, n, dtype, seed=b + live)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    ref = lowrank_scores_reference(x[:live], p1, p2, bias).max(0).values.cpu()
+    thr = float(ref.quantile(0.85))
+    idx, count = lowrank_threshold_select(
+        x, p1, p2, thr, capacity=n, bias=bias,
+        live=torch.tensor([live], dtype=torch.int32, device=DEVICE), split_c=16, block_n=64)
+    got = set(idx[: int(count)].long().cpu().tolist())
+    margin = 0.02 * float(ref.abs().max())
+    assert set(torch.nonzero(ref > thr + margin).flatten().tolist()) <= got
+    assert not got & set(torch.nonzero(ref < thr - margin).flatten().tolist())
+    if live < b:  # the padding rows alone would have selected more
+        every = lowrank_scores_reference(x, p1, p2, bias).max(0).values.cpu()
+        assert int((every > thr + margin).sum()) > len(got)
+    with pytest.raises(ValueError, match="bias"):
+        lowrank_threshold_select(x, p1, p2, thr, capacity=n, bias=bias.half())

@@ -19,7 +19,8 @@ from test_sparse_backend import CFG, DEVICE, selector, tiny_model  # noqa: E402
 
 from dejavu.runtime import sparse_backend  # noqa: E402
 from dejavu.runtime.offload import OffloadSelector, fit_gib, host_bytes_read  # noqa: E402
-from dejavu.runtime.placement_stats import FORMAT, find_frequencies, read_frequencies  # noqa: E402
+from dejavu.runtime.placement_stats import find_frequencies, read_frequencies  # noqa: E402
+from dejavu.runtime.predictors import FREQUENCIES_FORMAT as FORMAT  # noqa: E402
 from dejavu.runtime.predictors import fingerprint  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.weight_store import GIB, PlacementError  # noqa: E402
@@ -51,7 +52,7 @@ def test_read_frequencies_checks_the_weights(tmp_path):
     freqs = read_frequencies(path, model)
     assert sorted(freqs) == [0, 1]
     assert torch.equal(freqs[1].neurons, tensors["layers.1.mlp"])
-    with pytest.raises(PlacementError, match="other weights"):
+    with pytest.raises(PlacementError, match="another model: layer 0"):
         read_frequencies(path, tiny_model(torch.float16, "cpu", seed=1))
     write_frequencies(tmp_path, model, fmt="something/2")
     with pytest.raises(PlacementError, match="format"):

@@ -202,3 +202,40 @@ def test_abort_and_forget_while_waiting_leave_the_queue_whole():
             step = s.schedule()
     assert s.requests["c"].output == [7, 7]
     assert s.requests["a"].output == [7, 7]
+
+
+# --- micro-batches sized from measured times -------------------------------------------------
+
+
+def test_micro_batch_groups_cover_the_round_trip_over_the_slowest_stage():
+    from dejavu.scheduler.batches import micro_batch_groups
+
+    assert micro_batch_groups([1.0, 1.0], [0.5], most=8) == 3  # (2 + 0.5) / 1 -> 3
+    assert micro_batch_groups([1.0, 1.0], [0.0], most=8) == 2  # equal stages, free hops
+    assert micro_batch_groups([3.0, 1.0, 1.0], [0.2, 0.2], most=8) == 2  # ceil(5.4 / 3)
+    assert micro_batch_groups([1.0] * 4, [1.0] * 3, most=4) == 4  # bounded by the cores
+    assert micro_batch_groups([2.0], [], most=4) == 1  # one stage: one step at a time
+    assert micro_batch_groups([], [], most=3) == 3  # nothing measured yet: every core
+    with pytest.raises(ValueError, match="finite"):
+        micro_batch_groups([1.0, float("nan")], [0.1], most=2)
+
+
+def test_in_flight_limit_holds_and_every_core_still_gets_turns():
+    from dejavu.runtime.step import StepResult, TokenResult
+    from dejavu.scheduler.batches import MicroBatches
+    from dejavu.scheduler.core import SchedulerConfig
+
+    mb = MicroBatches(SchedulerConfig(max_slots=4, max_len=64, vocab_size=50, eos_id=2), 4)
+    mb.set_in_flight(2)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    for i in range(4):
+        mb.add(f"r{i}", [5, 6], params)
+    served = set()
+    for _ in range(12):
+        steps = mb.schedule()
+        assert len(steps) <= 2 and mb.in_flight() <= 2
+        for step in steps:
+            served.update(r.request_id for r in step.rows)
+            mb.update(StepResult(step.step_id, [TokenResult(r.request_id, token=7)
+                                                for r in step.rows]))
+    assert served == {"r0", "r1", "r2", "r3"}  # no core starved under the limit

@@ -195,6 +195,16 @@ def test_slow_or_silent_clients_get_408_within_the_deadline(tiny, partial):
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert 0.9 < waited < 3.0
     assert httpx.get(tiny.url + "/health").status_code == 200
+    assert _closed(tiny.url, "timed_out") >= 1  # this case's, at least
+
+
+def _closed(url: str, reason: str) -> float:
+    """dejavu_connections_closed_total{reason=...} from the server's /metrics."""
+    text = httpx.get(url + "/metrics").text
+    line = f'dejavu_connections_closed_total{{reason="{reason}"}} '
+    values = [float(ln.removeprefix(line)) for ln in text.splitlines() if ln.startswith(line)]
+    assert len(values) == 1, text
+    return values[0]
 
 
 def _get_health(sock: socket.socket) -> bytes:
@@ -222,6 +232,7 @@ def test_a_flood_of_silent_sockets_does_not_close_a_keep_alive_client(tiny):
     # At the cap, silent connections are closed before a keep-alive connection that has
     # served a request: the flood churns among itself.
     host, port = tiny.url.removeprefix("http://").split(":")
+    evicted_before = _closed(tiny.url, "evicted")
     with socket.create_connection((host, int(port)), timeout=5) as client:
         assert _get_health(client).startswith(b"HTTP/1.1 200")
         flood = [socket.create_connection((host, int(port)), timeout=5) for _ in range(300)]
@@ -237,6 +248,8 @@ def test_a_flood_of_silent_sockets_does_not_close_a_keep_alive_client(tiny):
                 except BlockingIOError:
                     pass
             assert closed >= 200  # the oldest silent ones made room
+            # ... and /metrics counts them (a scrape is one more connection: one more close)
+            assert _closed(tiny.url, "evicted") - evicted_before >= closed
         finally:
             for sock in flood:
                 sock.close()

@@ -238,3 +238,20 @@ def test_layer_phase_bars_only_on_a_terminal():
     assert pipe.text == ""
     assert "layer 2/4 forward [" in tty.text and "1000/1000" in tty.text
     assert " tok/s " in tty.text and tty.text.endswith("\n")
+
+
+def test_too_few_tokens_to_split_is_one_line_naming_the_fix(tiny, tmp_path):
+    # 2 windows of 24 tokens: no window would calibrate or report (it was a traceback from
+    # deep inside the fitting, after the first layer's collection).
+    model_dir, text = tiny
+    done = subprocess.run(CLI + ["train-predictors", "--model", str(model_dir), "--data",
+                                 str(text), "--out", str(tmp_path / "p"), "--tokens", "48",
+                                 "--window", "24"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    error = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert error == ["error: --tokens: the calibration data gave 2 window(s) of 24 tokens "
+                     "from 1 document(s); the train / calibrate / report split needs 10 "
+                     "windows or 10 documents: pass --tokens 240 or more, or a smaller "
+                     "--window"], done.stderr

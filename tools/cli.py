@@ -131,7 +131,7 @@ def generate(
         request = GenerateRequest(prompt, prompt_ids, tuple(stop or ()))
         target = choose(settings, connect=connect, run_dir=run_dir)
         if target.kind != "local":  # the pipeline (scheduler/)
-            from ..scheduler.pipeline_generate import PIPELINE_ERRORS, run_pipeline_generate
+            from .pipeline_generate import PIPELINE_ERRORS, run_pipeline_generate
 
             try:
                 run_pipeline_generate(settings, request, target=target, as_json=as_json,
@@ -273,7 +273,7 @@ def serve(
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
-    from ..scheduler.discover import JoinError, choose
+    from ..scheduler.discover import JoinError, choose, ignored_on_join
 
     try:
         from ..scheduler.serve import (
@@ -295,6 +295,8 @@ def serve(
         target = choose(settings, connect=connect, run_dir=run_dir)
         if target.note:
             typer.echo(target.note, err=True)
+        if target.kind == "connect" and (ignored := ignored_on_join(settings, target.address)):
+            typer.echo(ignored, err=True)
         run_server(settings, options_from_settings(
             settings, api_key=read_api_key(api_key, api_key_file), max_batch=max_batch,
             model_name=served_model_name, connect=target.address or None,
@@ -392,7 +394,8 @@ def bench(
     offload_layers: int = typer.Option(4, "--offload-layers",
                                        help="decoder layers built in pinned memory (offload)"),
     only: list[str] = typer.Option(None, "--only",
-                                   help="tune | kernels | resident | offload | accelerate"),
+                                   help="tune | kernels | resident | offload | accelerate | "
+                                   "e2e (repeatable) [default: all but e2e]"),
 ) -> None:
     """Benchmark the sparse kernels, resident and offloaded decode (writes JSON + Markdown)."""
     import os
@@ -401,6 +404,12 @@ def bench(
 
     import torch
 
+    from ..bench.bench import check_only
+
+    try:  # a misspelt scenario is named before anything else is said or run
+        check_only(tuple(only or ()))
+    except ValueError as exc:
+        raise _user_error(exc) from None
     if not torch.cuda.is_available():
         if not small:
             raise _user_error(ValueError("bench needs a CUDA GPU; use --small for a CPU dry run"))
@@ -512,7 +521,7 @@ def chat(
     in this process; --workers N starts a launch for this chat, --connect names one."""
     from ..runtime.settings import load_settings
     from ..scheduler.discover import choose
-    from ..scheduler.pipeline_generate import PIPELINE_ERRORS, start_chat
+    from .pipeline_generate import PIPELINE_ERRORS, start_chat
 
     try:
         settings = load_settings(config, {

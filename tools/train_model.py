@@ -37,6 +37,7 @@ from tokenizers import Tokenizer
 
 from ..runtime.model import Batch, OPTModel, full_positions
 from ..runtime.opt_config import OPTConfig
+from .head_training import HeadPolicy, attach, detach
 
 _T0 = time.perf_counter()  # process start (near enough), for --time-budget
 BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s, the vendors' figures
@@ -81,11 +82,23 @@ class TrainConfig:
     stats_tokens: int = 2_000_000
     eval_dir: str | None = None  # zero-shot tasks (tools/eval_tasks) after training
     zero_shot_limit: int | None = None
+    # Training that makes heads selectable (tools/head_training.py); the saved model is OPT.
+    head_policy: str = "none"  # "none" | "drop" (random heads) | "gate" (learned, top-k)
+    head_fraction: float = 0.5  # share of a chosen token's heads skipped
+    head_tokens: float = 0.5  # share of tokens the policy applies to
+    head_rescale: bool = False  # drop: kept heads x H / kept
+
+    def head_policy_config(self) -> HeadPolicy:
+        return HeadPolicy(self.head_policy, self.head_fraction, self.head_tokens,
+                          self.head_rescale)
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch:
             raise ValueError(f"batch_size={self.batch_size} is not a multiple of "
                              f"micro_batch={self.micro_batch}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not a multiple of heads={self.heads}")
+        self.head_policy_config()  # validates the head-policy fields
         if self.seq_len > self.positions:
             raise ValueError(f"seq_len={self.seq_len} exceeds positions={self.positions}")
         if (self.steps is None) == (self.time_budget is None):
@@ -138,9 +151,12 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
-def train(cfg: TrainConfig, t0: float | None = None) -> dict:
+def train(cfg: TrainConfig, t0: float | None = None,
+          corpus: tuple | None = None) -> dict:
     """Train, save and evaluate. ``t0`` is when the time budget started (perf_counter;
-    default: now; the command line passes the process start)."""
+    default: now; the command line passes the process start). ``corpus``: the (stream,
+    summary) of ``tokenize_corpus`` for this config, when the caller tokenised it already
+    (several runs over one corpus)."""
     from ..runtime.checkpoint import save_model
     from .train_data import WindowSampler, tokenize_corpus
 
@@ -150,9 +166,10 @@ def train(cfg: TrainConfig, t0: float | None = None) -> dict:
     torch.set_float32_matmul_precision("high")
     tokenizer = Tokenizer.from_file(cfg.tokenizer)
     eos = tokenizer.token_to_id("</s>")
-    stream, data = tokenize_corpus(cfg.corpus, tokenizer, separator_id=eos,
-                                   max_bytes=cfg.max_corpus_bytes,
-                                   unwrap_fraction=cfg.unwrap_fraction, seed=cfg.seed + 2)
+    stream, data = corpus or tokenize_corpus(cfg.corpus, tokenizer, separator_id=eos,
+                                             max_bytes=cfg.max_corpus_bytes,
+                                             unwrap_fraction=cfg.unwrap_fraction,
+                                             seed=cfg.seed + 2)
     log(f"corpus: {data}")
     sampler = WindowSampler(stream, cfg.seq_len, seed=cfg.seed + 1, device=device)
 
@@ -163,6 +180,12 @@ def train(cfg: TrainConfig, t0: float | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     n_matmul, fpt = flops_per_token(config, cfg.seq_len)
     log(f"model: {n_params:,} parameters ({n_matmul:,} in matmuls), {fpt / 1e6:.1f} MFLOP/token")
+    policy = cfg.head_policy_config()
+    torch.manual_seed(cfg.seed + 3)  # the head policy's random draws
+    attach(model, policy)  # before the optimiser: a gate's weights train too
+    model.to(device)
+    if policy.active:
+        log(f"head policy: {policy} ({policy.kept(cfg.heads)} of {cfg.heads} heads kept)")
     opt = make_optimizer(model, cfg, fused=cuda)
     loss_fn = torch.compile(train_loss) if cfg.compile else train_loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
@@ -232,6 +255,7 @@ def train(cfg: TrainConfig, t0: float | None = None) -> dict:
         f"{steady:,.0f} tokens/s after step 1, MFU {perf['mfu']}")
 
     out = Path(cfg.out)
+    detach(model)  # exactly OPT's modules again: the checkpoint holds no gate
     save_model(model, out, dtype=torch.float16)
     shutil.copyfile(cfg.tokenizer, out / "tokenizer.json")
     metrics = {

@@ -130,7 +130,13 @@ class TrainConfig:
 def _split(docs: Tensor, window: int) -> dict[str, Tensor]:
     """Token indices of each split, by document: 8 in 10 documents train, 1 calibrates,
     1 reports (with fewer than 10 documents, windows are split instead)."""
-    key = docs if int(docs.unique().numel()) >= 10 else torch.arange(docs.numel())
+    n_docs = int(docs.unique().numel())
+    if n_docs < 10 and docs.numel() < 10:  # the calibrate and report splits would be empty
+        raise ValueError(f"--tokens: the calibration data gave {docs.numel()} window(s) of "
+                         f"{window} tokens from {n_docs} document(s); the train / calibrate "
+                         "/ report split needs 10 windows or 10 documents: pass --tokens "
+                         f"{10 * window} or more, or a smaller --window")
+    key = docs if n_docs >= 10 else torch.arange(docs.numel())
     token_key = key.repeat_interleave(window)
     idx = torch.arange(token_key.numel())
     return {"train": idx[token_key % 10 < 8], "calibrate": idx[token_key % 10 == 8],

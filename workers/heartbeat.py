@@ -32,7 +32,8 @@ EXIT_WATCHDOG = 4
 class HeartbeatThread(threading.Thread):
     def __init__(self, ctx: zmq.Context, address: str, index: int, *, interval_s: float,
                  watchdog_s: float, scheduler_timeout_s: float, parent_pid: int | None,
-                 busy: Callable[[], tuple[int, float] | None], curve: Curve | None) -> None:
+                 busy: Callable[[], tuple[int, float] | None], curve: Curve | None,
+                 stats: Callable[[], wire.WorkerStats] | None = None) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self.index = index
         self.interval_s = interval_s
@@ -40,6 +41,7 @@ class HeartbeatThread(threading.Thread):
         self.scheduler_timeout_s = scheduler_timeout_s
         self.parent_pid = parent_pid
         self.busy = busy
+        self.stats = stats
         self.sock = make_socket(ctx, zmq.DEALER, CONTROL_MAX_BYTES, curve=curve)
         self.sock.setsockopt(zmq.IDENTITY, f"w{index}.hb".encode())
         self.sock.connect(address)
@@ -60,7 +62,8 @@ class HeartbeatThread(threading.Thread):
                     self._die(EXIT_WATCHDOG, f"step {busy_step} has run {busy_s:.1f} s, past the "
                                              f"{self.watchdog_s:g} s watchdog")
                 seq += 1
-                self._send(wire.Heartbeat(self.index, seq, busy_step, busy_s))
+                stats = self.stats() if self.stats is not None else None
+                self._send(wire.Heartbeat(self.index, seq, busy_step, busy_s, stats))
                 next_beat = now + self.interval_s
             if self.sock.poll(int(tick * 1000)):
                 try:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..runtime.sparse import Selection
 from ..runtime.stage import Stage
 from ..runtime.step import Step, StepResult
 from .faults import FaultHook
@@ -45,17 +46,19 @@ class StageRunner:
             if os.environ.get("DEJAVU_PROFILE_DIR") else None
 
     def run(self, step: Step, hidden: Tensor | None, errors: dict[str, str],
-            carry: Tensor | None = None
+            carry: Tensor | None = None, given: dict[int, Selection] | None = None
             ) -> tuple[Step | None, Tensor | StepResult | None, Tensor | None, dict[str, str]]:
         """Returns (the step that continues, its output, the carried predictor input for the
         next stage (sparse runs), errors so far). The step is None when every row failed;
-        the output is a ``StepResult`` on the last stage."""
+        the output is a ``StepResult`` on the last stage. ``given``: the first layer's
+        selection the previous stage sent ahead (for the whole step; rows retried one by
+        one select their own)."""
         if self.profile is not None:
             self.profile.tick()
         errors = dict(errors)
         try:
             self.faults.on_step(step)
-            out = self.stage.forward(step, hidden, carry=carry)
+            out = self.stage.forward(step, hidden, carry=carry, given=given)
             carry_out = self.stage.carry_out
         except torch.OutOfMemoryError as exc:
             self._free_memory()

@@ -11,6 +11,8 @@ Life of a worker:
 3. loop: the first worker takes ``RunStep`` from the scheduler, the others take
    ``Activations`` from the previous worker; each step runs through ``StageRunner`` and
    goes on to the next worker, or back to the scheduler as ``StepDone`` from the last one.
+   Between workers of one host the tensors go through the receiver's shared ring
+   (``data_plane``: offered in ``Ready``, opened on ``PeerPlane``), else on the socket.
    Messages from an older epoch (before another worker was restarted) are dropped, and so
    is any frame that does not decode (logged, rate-limited): a bad frame never stops it.
 
@@ -40,6 +42,9 @@ from ..runtime.sparse_backend import BackendError
 from ..runtime.step import Step, StepResult
 from ..runtime.weight_store import PlacementError
 from ..scheduler.transport import CONTROL_MAX_BYTES, Curve, ZapHandler, make_socket
+from . import data_plane
+from .ahead import Inbox, Outbox
+from .busy import BusyMeter
 from .faults import FaultHook
 from .heartbeat import HeartbeatThread
 from .runner import StageRunner, StepOOM
@@ -75,11 +80,17 @@ class Worker:
         self.control.connect(control)
         self.data_in: zmq.Socket | None = None
         self.data_out: zmq.Socket | None = None
+        self.ring: data_plane.Ring | None = None  # this worker's input slots
+        self.writer: data_plane.SlotWriter | None = None  # the next worker's
+        self.socket_hops_in = 0
         self.epoch = 0
         self.busy: tuple[int, float] | None = None
         self.bad_frames = 0
         self._last_bad_log = 0.0
         self.control_linger_ms = 0
+        self.meter = BusyMeter()
+        self.inbox: Inbox | None = None
+        self.outbox: Outbox | None = None
 
     # --- startup ---------------------------------------------------------------------------
 
@@ -130,6 +141,12 @@ class Worker:
         self.paged_total = 0
         cache = built.stage.cache
         self.runner = StageRunner(built.stage, FaultHook(setup.faults))
+        # Lookahead across the boundary (workers/ahead.py): send the next stage's first
+        # selection ahead of the activations; take the previous stage's.
+        lookahead = built.stage.lookahead
+        self.inbox = Inbox(built.stage, prefetch=lookahead) if setup.data_in else None
+        if lookahead and setup.data_out is not None:
+            self.outbox = built.stage.send_ahead = Outbox(self._send_ahead, setup.token)
         self.setup = setup
         self.epoch = setup.epoch
         max_data = setup.max_data_bytes
@@ -137,13 +154,15 @@ class Worker:
             self.data_in = make_socket(self.ctx, zmq.PULL, max_data, curve=self.curve,
                                        server=True)
             self.data_in.bind(setup.data_in)
+            self._make_ring(setup, built.stage.selector is not None)
         if setup.data_out is not None:
             self.data_out = make_socket(self.ctx, zmq.PUSH, max_data, curve=self.curve)
             self.data_out.connect(setup.data_out)
         self.heartbeat = HeartbeatThread(
             self.ctx, self.control_address, self.index, interval_s=setup.heartbeat_s,
             watchdog_s=setup.watchdog_s, scheduler_timeout_s=setup.scheduler_timeout_s,
-            parent_pid=self.parent_pid, busy=lambda: self.busy, curve=self.curve)
+            parent_pid=self.parent_pid, busy=lambda: self.busy, curve=self.curve,
+            stats=self.stats)
         self.heartbeat.start()
         params = sum(p.numel() * p.element_size() for p in model.parameters()
                      if not p.is_meta)
@@ -155,9 +174,27 @@ class Worker:
                          expected_paged_per_token=float(report["host_bytes_per_step"]))
         if torch.device(setup.device).type == "cuda":  # what the budget is to be checked on
             extra["gpu_bytes"] = torch.cuda.memory_allocated(setup.device)
+        if setup.data_in is not None:
+            extra["plane"] = self.ring.offer() if self.ring is not None else None
+            extra["plane_note"] = self.plane_note
         self._send(wire.Ready(self.index, setup.layers, setup.device, params, cache.nbytes(),
                               time.perf_counter() - started, **extra))
 
+    def _make_ring(self, setup: wire.Setup, sparse: bool) -> None:
+        pipeline = setup.settings.pipeline
+        dtype = wire.DTYPES[setup.settings.model.dtype]
+        slot_bytes = data_plane.slot_bytes_for(setup.slots, setup.max_len,
+                                               self.config.hidden_size, dtype, sparse,
+                                               pipeline.data_plane_slot_mib)
+        self.ring, self.plane_note = data_plane.make_ring(
+            setup.device, pipeline.data_plane_slots, slot_bytes, pipeline.data_plane)
+
+    def _open_plane(self, msg: wire.PeerPlane) -> None:
+        """The next worker's ring (sent again after it restarts): use it if this worker can."""
+        self.writer, how = data_plane.open_writer(msg.offer, msg.note, self.setup.device,
+                                                  self.setup.settings.pipeline.data_plane)
+        log.info("worker %d -> worker %d: activations through %s", self.index, self.index + 1,
+                 how)
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -186,6 +223,9 @@ class Worker:
             return msg.reason
         if isinstance(msg, wire.SetEpoch):
             self.epoch = max(self.epoch, msg.epoch)
+        elif isinstance(msg, wire.PeerPlane):
+            if self.data_out is not None:
+                self._open_plane(msg)
         elif isinstance(msg, wire.RunStep):
             if self.data_in is not None:
                 self._bad_frame("control", wire.WireError("RunStep sent to a middle stage"))
@@ -197,15 +237,21 @@ class Worker:
     def _on_data(self) -> None:
         frames = self.data_in.recv_multipart(copy=False)
         received = time.time()
-        if len(frames) not in (2, 3):
-            self._bad_frame("data", wire.WireError(f"{len(frames)} frames, expected 2 or 3"))
+        if len(frames) == 1 and wire.is_selection_ahead(frames[0].buffer):
+            self._on_ahead(frames[0].buffer)
+            return
+        if len(frames) not in (1, 2, 3):
+            self._bad_frame("data", wire.WireError(f"{len(frames)} frames, expected 1 to 3"))
             return
         try:
-            msg, hidden, carry = wire.decode_activations(
-                frames[0].buffer, frames[1].buffer, self.config.hidden_size,
-                frames[2].buffer if len(frames) == 3 else None)
-            if not hmac.compare_digest(msg.token, self.setup.token):
-                raise wire.WireError("activations without this cluster's token")
+            if len(frames) == 1:
+                msg, hidden, carry = self._from_ring(frames[0].buffer)
+            else:
+                msg, hidden, carry = wire.decode_activations(
+                    frames[0].buffer, frames[1].buffer, self.config.hidden_size,
+                    frames[2].buffer if len(frames) == 3 else None)
+                self._check_token(msg)
+                self.socket_hops_in += 1
             dtype = self.setup.settings.model.dtype
             if msg.dtype != dtype:
                 raise wire.WireError(f"activations in {msg.dtype}, this worker runs {dtype}")
@@ -215,6 +261,50 @@ class Worker:
         if self._current(msg.epoch):
             msg.hop_s = msg.hop_s + [max(0.0, received - msg.sent_at)]
             self._process(msg.step, hidden, carry, msg)
+
+    def _check_token(self, msg: wire.Activations) -> None:
+        if not hmac.compare_digest(msg.token, self.setup.token):
+            raise wire.WireError("activations without this cluster's token")
+
+    def _from_ring(self, header) -> tuple[wire.Activations, torch.Tensor, torch.Tensor | None]:
+        """A header alone: its tensors wait in a slot of this worker's ring. Only a header
+        with the cluster's token may read (and so free) a slot."""
+        if self.ring is None:
+            raise wire.WireError("activations in a slot, but this worker offered no ring")
+        msg = self.ring.decode(header, self.config.hidden_size)
+        self._check_token(msg)
+        hidden, carry = self.ring.take(msg)
+        return msg, hidden, carry
+
+    def _send_activations(self, header: wire.Activations, out: torch.Tensor,
+                          carry: torch.Tensor | None) -> None:
+        """Through a slot of the next worker's ring when one is free, else on the socket."""
+        carry = None if carry is None else carry.to(out.dtype)
+        slot = self.writer.put(out, carry) if self.writer is not None else None
+        if slot is not None:
+            header.slot, header.ring = slot, self.writer.offer.ring
+            self.data_out.send(wire.encode(header), copy=False)
+            return
+        frames = [wire.encode(header), wire.tensor_frame(out)]
+        if carry is not None:
+            frames.append(wire.tensor_frame(carry))
+        self.data_out.send_multipart(frames, copy=False)
+
+    def _on_ahead(self, frame) -> None:
+        c = self.config
+        try:
+            msg = wire.decode_ahead(frame, num_heads=c.num_attention_heads, ffn_dim=c.ffn_dim,
+                                    num_layers=c.num_hidden_layers)
+            if not hmac.compare_digest(msg.token, self.setup.token):
+                raise wire.WireError("a selection without this cluster's token")
+        except wire.WireError as exc:
+            self._bad_frame("data", exc)
+            return
+        if self._current(msg.epoch):
+            self.inbox.receive(msg)
+
+    def _send_ahead(self, msg: wire.SelectionAhead) -> None:
+        self.data_out.send(wire.encode(msg))
 
     def _current(self, epoch: int) -> bool:
         if epoch < self.epoch:
@@ -227,9 +317,13 @@ class Worker:
         densities); the first stage passes an empty one."""
         started = time.perf_counter()
         self.busy = (step.step_id, time.monotonic())
+        self.meter.start()
+        given = self.inbox.take(self.epoch, step) if self.inbox is not None else None
+        if self.outbox is not None:
+            self.outbox.begin(self.epoch, step)
         try:
             step_out, out, carry_out, errors = self.runner.run(step, hidden, upstream.errors,
-                                                               carry)
+                                                               carry, given)
         except StepOOM as exc:
             log.error("worker %d: step %d failed: %s", self.index, step.step_id, exc)
             self._send(wire.StepFailed(self.epoch, step.step_id, self.index, str(exc)))
@@ -241,6 +335,7 @@ class Worker:
             return
         finally:
             self.busy = None
+            self.meter.stop()
         stage_s = upstream.stage_s + [time.perf_counter() - started]
         hop_s = upstream.hop_s
         densities, layer_densities = upstream.densities, upstream.layer_densities
@@ -261,10 +356,19 @@ class Worker:
                                       errors, stage_s, hop_s, densities, layer_densities,
                                       paged_bytes=paged,
                                       sent_at=time.time())
-            frames = [wire.encode(header), wire.tensor_frame(out)]
-            if carry_out is not None:
-                frames.append(wire.tensor_frame(carry_out.to(out.dtype)))
-            self.data_out.send_multipart(frames, copy=False)
+            self._send_activations(header, out, carry_out)
+
+    def stats(self) -> wire.WorkerStats:
+        """What the heartbeat reports (read from its thread: counters only, no tensors)."""
+        used = wasted = 0
+        if self.offloaded:
+            from ..runtime.offload import prefetch_counts
+
+            used, wasted = prefetch_counts(self.model)
+        inbox = self.inbox
+        return wire.WorkerStats(self.meter.fraction(), self.meter.window_s,
+                                inbox.used if inbox else 0, inbox.wasted if inbox else 0,
+                                used, wasted)
 
     def _paged_since_last(self) -> int:
         """Host bytes the offloaded layers read since the previous step (0 without any)."""
@@ -294,6 +398,15 @@ class Worker:
     def close(self) -> None:
         if getattr(self, "heartbeat", None) is not None:
             self.heartbeat.stop()
+        if self.data_in is not None:
+            log.info("worker %d received %d hop(s) through its ring, %d through the socket",
+                     self.index, self.ring.received if self.ring else 0, self.socket_hops_in)
+        if self.ring is not None:
+            self.ring.close()
+        if self.writer is not None:
+            log.info("worker %d sent %d hop(s) through the next worker's ring, %d through "
+                     "the socket (ring full or too large)", self.index, self.writer.sent,
+                     self.writer.fallbacks)
         for sock in (self.control, self.data_in, self.data_out):
             if sock is not None:
                 sock.close(linger=self.control_linger_ms if sock is self.control else 0)

@@ -94,6 +94,7 @@ def create_app(ctx: Context, *, api_key: str | None = None) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         h = ctx.health()
         ctx.metrics.observe_engine(h.ok, h.workers, ctx.client.stats())
+        ctx.metrics.observe_connections(ctx.guard.stats())
         return PlainTextResponse(ctx.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 

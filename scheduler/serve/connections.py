@@ -62,6 +62,12 @@ class Guard:
         # completed a request, and keep-alive ones that did (evicted only after the first).
         self.fresh: dict[GuardedH11Protocol, None] = {}
         self.kept: dict[GuardedH11Protocol, None] = {}
+        # Connections the guard closed (evicted, timed_out) or refused, since start.
+        self.counts = {"evicted": 0, "refused": 0, "timed_out": 0}
+
+    def stats(self) -> dict[str, int]:
+        """What /metrics shows: idle connections now, and the counts since start."""
+        return {"idle": len(self.fresh) + len(self.kept), **self.counts}
 
     def oldest_idle(self) -> GuardedH11Protocol | None:
         return next(iter(self.fresh), None) or next(iter(self.kept), None)
@@ -69,7 +75,6 @@ class Guard:
     def busy(self, conn: GuardedH11Protocol) -> None:
         self.fresh.pop(conn, None)
         self.kept.pop(conn, None)
-        self.counts = {"evicted": 0, "refused": 0, "timed_out": 0}
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -157,10 +162,8 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def guarded_protocol(max_connections: int, header_timeout_s: float,
-                     body_timeout_s: float) -> type[GuardedH11Protocol]:
-    """A protocol class for one server (uvicorn.Config(http=...)): its own Guard."""
-    guard = Guard(max_connections, header_timeout_s, body_timeout_s)
+def guarded_protocol(guard: Guard) -> type[GuardedH11Protocol]:
+    """A protocol class for one server (uvicorn.Config(http=...)) and its own Guard."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
 
 

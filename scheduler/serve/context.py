@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ...runtime.sampling import SamplingError, SamplingParams
 from ..client import EngineClient, EngineHealth
+from .connections import Guard
 from .errors import ApiError, short
 from .jobs import RETRY_AFTER_S, Choice, Runner, request_error
 from .metrics import ServerMetrics
@@ -51,6 +52,9 @@ class Context:
         self.model_name = model_name
         self.limits = limits
         self.metrics = ServerMetrics()
+        # The HTTP connections' guard: the server's protocol enforces it, /metrics reads it.
+        self.guard = Guard(limits.max_connections, limits.header_timeout_s,
+                           limits.body_timeout_s)
         self.runner = Runner(client, self.metrics, limits.max_pending, self.health)
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}

@@ -125,26 +125,54 @@ class ServerMetrics:
                                "is alive", ("worker",))
         self.worker_restarts = Gauge(p + "worker_restarts_total",
                                      "Times the worker was restarted", ("worker",))
+        self.worker_busy = Gauge(p + "worker_busy_fraction", "Part of the last seconds of "
+                                 "wall time the worker (pipeline stage) spent computing steps",
+                                 ("worker",))
+        self.worker_prefetch = Gauge(p + "worker_prefetch", "Lookahead selections and row "
+                                     "gathers started ahead of their step, used or wasted, "
+                                     "since the worker started", ("worker", "kind", "outcome"))
         self.engine_up = Gauge(p + "engine_up", "1 while the engine can serve requests")
         # Whatever numeric statistics the engine reports (densities, bytes paged per token,
         # cache hit rate, ...), one gauge per key: the front end does not interpret them.
         self.engine_stats = Gauge(p + "engine_stat", "A statistic the engine reports "
                                   "(density, bytes_paged_per_token, cache_hit_rate, ...)",
                                   ("name",))
+        # The connection guard's own counts (scheduler/serve/connections.py), read at scrape.
+        self.connections_idle = Gauge(p + "connections_idle", "Open connections waiting for "
+                                      "a request (new, or kept alive)")
+        self.connections_closed = Gauge(p + "connections_closed_total", "Connections the "
+                                        "server closed or refused: evicted at "
+                                        "max_connections, refused (every one busy), "
+                                        "timed_out (408)", ("reason",))
 
     def all(self) -> list[_Metric]:
         return [self.running, self.waiting, self.requests, self.failures, self.prompt_tokens,
                 self.generation_tokens, self.ttft, self.itl, self.engine_up, self.worker_up,
-                self.worker_restarts, self.engine_stats]
+                self.worker_restarts, self.worker_busy, self.worker_prefetch,
+                self.engine_stats, self.connections_idle, self.connections_closed]
+
+    def observe_connections(self, stats: dict[str, int]) -> None:
+        """The guard's ``stats()``: idle connections now and closes since start, by reason."""
+        self.connections_idle.set(float(stats["idle"]))
+        for reason in ("evicted", "refused", "timed_out"):
+            self.connections_closed.set(float(stats[reason]), reason)
 
     def observe_engine(self, health_ok: bool, workers: list[dict], stats: dict) -> None:
         self.engine_up.set(1.0 if health_ok else 0.0)
         self.worker_up.clear()
         self.worker_restarts.clear()
+        self.worker_busy.clear()
+        self.worker_prefetch.clear()
         for i, worker in enumerate(workers):
             name = str(worker.get("worker", i))
             self.worker_up.set(1.0 if worker.get("alive") else 0.0, name)
             self.worker_restarts.set(float(worker.get("restarts", 0)), name)
+            if "busy_fraction" in worker:
+                self.worker_busy.set(float(worker["busy_fraction"]), name)
+                for kind in ("ahead", "prefetch"):
+                    for outcome in ("used", "wasted"):
+                        self.worker_prefetch.set(float(worker[f"{kind}_{outcome}"]), name,
+                                                 kind, outcome)
         self.engine_stats.clear()
         for key, value in _flatten(stats):
             self.engine_stats.set(value, key)

@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
 from .app import create_app
-from .connections import fit_file_limit, guarded_protocol, install_repeat_filter
+from .connections import Guard, fit_file_limit, guarded_protocol, install_repeat_filter
 from .context import Context, ServeLimits
 
 
@@ -195,7 +195,7 @@ def run_server(settings, options: ServeOptions) -> None:
         print(f"serving {name} on http://{options.host}:{sock.getsockname()[1]}",
               file=sys.stderr)
         config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10,
-                                **uvicorn_options(options.limits))
+                                **uvicorn_options(options.limits, app.state.ctx.guard))
         # After uvicorn.Config, which sets up its loggers: the connection guard's lines go
         # out like uvicorn's own, and no logger repeats one line without bound.
         guard_log = logging.getLogger("dejavu.serve")
@@ -208,11 +208,13 @@ def run_server(settings, options: ServeOptions) -> None:
         sock.close()
 
 
-def uvicorn_options(limits: ServeLimits) -> dict:
+def uvicorn_options(limits: ServeLimits, guard: Guard | None = None) -> dict:
     """uvicorn.Config arguments for the connection limits: the guarded protocol (cap,
-    header and body deadlines) and the keep-alive timeout."""
-    return {"http": guarded_protocol(limits.max_connections, limits.header_timeout_s,
-                                     limits.body_timeout_s),
+    header and body deadlines; ``guard``, the app's, else a new one) and the keep-alive
+    timeout."""
+    guard = guard or Guard(limits.max_connections, limits.header_timeout_s,
+                           limits.body_timeout_s)
+    return {"http": guarded_protocol(guard),
             "timeout_keep_alive": limits.idle_timeout_s}
 
 
@@ -253,7 +255,8 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 10.0) -> Iter
     ctx = getattr(app.state, "ctx", None)
     limits = ctx.limits if ctx is not None else ServeLimits()
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
-                            lifespan="on", **uvicorn_options(limits))
+                            lifespan="on", **uvicorn_options(
+                                limits, ctx.guard if ctx is not None else None))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
                               name="uvicorn", daemon=True)

@@ -16,10 +16,10 @@ from typing import TextIO
 
 from ..runtime.build import density_report
 from ..runtime.checkpoint import resolve_model_dir
-from .config import from_settings
-from .discover import Target, describe, join
-from .launch import Cluster
-from .zmq_client import PipelineConnection
+from ..scheduler.config import from_settings
+from ..scheduler.discover import Target, describe, ignored_on_join, join
+from ..scheduler.launch import Cluster
+from ..scheduler.zmq_client import PipelineConnection
 
 
 class PipelineGenerateError(ValueError):
@@ -27,7 +27,7 @@ class PipelineGenerateError(ValueError):
 
 
 def _prompt_ids(settings, request) -> list[int]:
-    from ..tools.generate import GenerateError, parse_prompt_ids
+    from .generate import GenerateError, parse_prompt_ids
 
     if (request.prompt is None) == (request.prompt_ids is None):
         raise GenerateError("give exactly one of --prompt TEXT or --prompt-ids 2,133,...")
@@ -59,6 +59,9 @@ def connection(settings, target: Target, *, announce: bool = True,
                 err.write(describe(conn.health(), target.address)
                           + (f" (found in {target.found_in})" if target.found_in else "")
                           + "\n")
+            ignored = ignored_on_join(settings, target.address, sparse=sparse)
+            if ignored:  # announced or not: a flag that does nothing is never silent
+                err.write(ignored + "\n")
             yield conn
             return
         cluster = Cluster(from_settings(settings, workers=target.workers, sparse=sparse))
@@ -77,7 +80,7 @@ def run_pipeline_generate(settings, request, *, target: Target, as_json: bool,
     its own. The result's ``sparsity`` (a sparse cluster) holds the densities its workers
     measured since they started: this request's alone when the cluster was started for
     it."""
-    from ..tools.generate import GenerateError, finish_output, print_stream, sampling_params
+    from .generate import GenerateError, finish_output, print_stream, sampling_params
 
     out = out or sys.stdout
     params = sampling_params(settings, request.stop)
@@ -99,12 +102,12 @@ def start_chat(settings, *, target: Target, template: str | None,
     """Chat until EOF with the engine ``target`` names: a running launch, one started
     here, or the in-process engine."""
     from ..runtime.tokenizer import load_tokenizer
-    from .chat import ChatTemplate, chat_params, run_chat
+    from ..scheduler.chat import ChatTemplate, chat_params, run_chat
 
     chat_template = ChatTemplate.from_file(template) if template else ChatTemplate()
     model_dir = resolve_model_dir(settings.model_path())
     tokenizer = load_tokenizer(model_dir)
-    from ..tools.generate import sampling_params
+    from .generate import sampling_params
 
     given = {key.split(".", 1)[1] for key, source in settings.sources.items()
              if key.startswith("generation.") and source == "command line"}
@@ -114,8 +117,8 @@ def start_chat(settings, *, target: Target, template: str | None,
             return run_chat(conn, tokenizer, template=chat_template, params=params)
     from ..runtime.build import resolve
     from ..runtime.opt_config import OPTConfig
-    from ..tools.generate import build_engine
-    from .client import LocalConnection
+    from ..scheduler.client import LocalConnection
+    from .generate import build_engine
 
     if target.note:
         sys.stderr.write(target.note + "\n")
@@ -132,13 +135,13 @@ def _errors() -> tuple[type[Exception], ...]:
     from ..runtime.sampling import SamplingError
     from ..runtime.settings import SettingsError
     from ..runtime.tokenizer import TokenizerError
-    from ..tools.generate import USER_ERRORS, GenerateError
-    from .chat import ChatError
-    from .config import PipelineConfigError
-    from .discover import JoinError
-    from .launch import LaunchError
-    from .transport import TransportError
-    from .zmq_client import SchedulerGone
+    from ..scheduler.chat import ChatError
+    from ..scheduler.config import PipelineConfigError
+    from ..scheduler.discover import JoinError
+    from ..scheduler.launch import LaunchError
+    from ..scheduler.transport import TransportError
+    from ..scheduler.zmq_client import SchedulerGone
+    from .generate import USER_ERRORS, GenerateError
 
     return (PipelineGenerateError, GenerateError, CheckpointError, SamplingError,
             SettingsError, TokenizerError, ChatError, PipelineConfigError, LaunchError,

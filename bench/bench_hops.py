@@ -1,0 +1,297 @@
+"""One hop between two worker processes on one device: the shared ring vs the socket.
+
+    python -m dejavu.bench.bench_hops --out bench/results                 # GPU: CUDA IPC
+    python -m dejavu.bench.bench_hops --device cpu --shapes tiny --iters 50 --out /tmp/h
+
+Two processes (this one and a peer it starts), each with a data input exactly as a worker
+has: a PULL socket and a ring of slots (workers/data_plane.py), the same wire headers
+(runtime/wire.py) for a step of ``batch`` decode rows. The activations [batch, 1, hidden]
+go to the peer and back, ``--iters`` times per case; the peer reads what arrived before it
+sends it back, and this side waits for the returning tensor to be on its device (a CUDA
+synchronize) before it counts the round trip: one hop is half a round trip, including the
+copies, the event waits and the header on the socket. The socket path is today's: device
+-> host, tensor frame, host -> device. Results: median (and p90) microseconds per hop for
+each hidden size of ``--shapes`` and each batch of ``--batch``; the headline key
+``hop_us_opt30b_batch1_gpu_path`` is opt-30b's hidden size at batch 1 on the ring.
+
+``--throughput`` adds the product's figure: opt-1.3b (random weights), 8 streams, through
+two workers on the one GPU vs one worker (bench_pipeline's run), on the shared ring.
+
+What this measures: the data plane alone and then the pipeline as users run it; it does
+not tune anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import torch
+import zmq
+
+from ..runtime import wire
+from ..runtime.sampling import SamplingParams
+from ..runtime.step import Row, Step
+from ..scheduler.transport import make_socket
+from ..workers.data_plane import Ring, SlotWriter
+from .bench_pipeline import SHAPES
+
+STOP = -1  # step id of the header that ends the peer
+MAX_BYTES = 1 << 30
+TOKEN = "bench"
+
+
+class Endpoint:
+    """One side of the hop: its PULL input with a ring, a PUSH to the other side's input."""
+
+    def __init__(self, device: str, addr_in: str, addr_out: str, slot_bytes: int) -> None:
+        self.device = torch.device(device)
+        self.ctx = zmq.Context()
+        self.pull = make_socket(self.ctx, zmq.PULL, MAX_BYTES, server=True)
+        self.pull.bind(addr_in)
+        self.push = make_socket(self.ctx, zmq.PUSH, MAX_BYTES)
+        self.push.connect(addr_out)
+        self.ring = Ring(device, 4, slot_bytes)
+        self.writer: SlotWriter | None = None
+
+    def exchange_offers(self) -> None:
+        self.push.send(wire.encode(self.ring.offer()))
+        offer = msgspec.msgpack.decode(self.pull.recv(), type=wire.PlaneOffer)
+        self.writer = SlotWriter(offer, self.device)
+
+    def send(self, header: wire.Activations, x: torch.Tensor, ring: bool) -> None:
+        if ring:
+            slot = None
+            while slot is None:  # the other side frees slots as it reads them
+                slot = self.writer.put(x, None)
+            header.slot, header.ring = slot, self.writer.offer.ring
+            self.push.send(wire.encode(header), copy=False)
+        else:
+            header.slot, header.ring = None, ""
+            self.push.send_multipart([wire.encode(header), wire.tensor_frame(x)], copy=False)
+
+    def recv(self) -> tuple[wire.Activations, torch.Tensor, bool]:
+        """The next activations (on this side's device) and whether they came by the ring;
+        the hidden size is read from the header, then checked as a worker checks it."""
+        frames = self.pull.recv_multipart(copy=False)
+        hidden = msgspec.msgpack.decode(frames[0].buffer, type=wire.Activations).shape[2]
+        if len(frames) == 1:
+            msg = self.ring.decode(frames[0].buffer, hidden)
+            return msg, self.ring.take(msg)[0], True
+        msg, x, _ = wire.decode_activations(frames[0].buffer, frames[1].buffer, hidden)
+        return msg, x.to(self.device), False
+
+    def close(self) -> None:
+        self.ring.close()
+        self.pull.close(0)
+        self.push.close(0)
+        self.ctx.term()
+
+
+def header(batch: int, hidden: int, dtype: str, step_id: int = 0) -> wire.Activations:
+    rows = [Row(f"r{i}", i, [1], 100, False, SamplingParams()) for i in range(batch)]
+    return wire.Activations(0, Step(step_id, rows), dtype, (batch, 1, hidden), TOKEN)
+
+
+def run_peer(args) -> int:
+    """The echo side: every tensor goes back the way it came, until a STOP header."""
+    end = Endpoint(args.device, args.addr_in, args.addr_out, args.slot_bytes)
+    try:
+        end.exchange_offers()
+        while True:
+            msg, x, ring = end.recv()
+            if msg.step.step_id == STOP:
+                return 0
+            end.send(header(msg.shape[0], msg.shape[2], msg.dtype), x, ring)
+    finally:
+        end.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, iters: int,
+              warmup: int) -> dict:
+    """Median and p90 microseconds of one hop (half a round trip to the peer and back)."""
+    x = torch.randn(batch, 1, hidden, device=end.device).to(wire.DTYPES[dtype])
+    times = []
+    for i in range(warmup + iters):
+        _sync(end.device)
+        started = time.perf_counter_ns()
+        end.send(header(batch, hidden, dtype, i), x, ring)
+        msg, back, via_ring = end.recv()
+        _sync(end.device)  # the returned tensor is on this device now
+        times.append((time.perf_counter_ns() - started) / 2e3)
+        if via_ring != ring or not torch.equal(back, x):
+            raise RuntimeError(f"the hop changed the path or the tensor (hidden {hidden})")
+    kept = sorted(times[warmup:])
+    return {"median_us": round(statistics.median(kept), 1),
+            "p90_us": round(kept[int(0.9 * (len(kept) - 1))], 1)}
+
+
+def hop_rows(device: str, shapes: list[str], batches: list[int], dtype: str, iters: int,
+             warmup: int, log=print) -> list[dict]:
+    hidden_max = max(SHAPES[s]["hidden_size"] for s in shapes)
+    slot_bytes = max(batches) * hidden_max * torch.empty((), dtype=wire.DTYPES[dtype]
+                                                         ).element_size()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-hops-"))
+    a, b = f"ipc://{tmp}/a.sock", f"ipc://{tmp}/b.sock"
+    peer = subprocess.Popen([sys.executable, "-m", "dejavu.bench.bench_hops", "--peer",
+                             "--device", device, "--addr-in", b, "--addr-out", a,
+                             "--slot-bytes", str(slot_bytes)])
+    end = Endpoint(device, a, b, slot_bytes)
+    rows = []
+    try:
+        end.exchange_offers()
+        for shape in shapes:
+            hidden = SHAPES[shape]["hidden_size"]
+            for batch in batches:
+                for path, ring in (("ring", True), ("socket", False)):
+                    row = {"shape": shape, "hidden": hidden, "batch": batch, "path": path,
+                           "bytes": batch * hidden * wire.DTYPES[dtype].itemsize,
+                           **time_hops(end, hidden, batch, dtype, ring, iters, warmup)}
+                    log(json.dumps(row))
+                    rows.append(row)
+        end.send(header(1, 1, dtype, STOP), torch.zeros(1, 1, 1, device=end.device).to(
+            wire.DTYPES[dtype]), False)
+        peer.wait(30)
+    finally:
+        end.close()
+        if peer.poll() is None:
+            peer.kill()
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    return rows
+
+
+def throughput_rows(out: Path, tokens: int, log=print) -> list[dict]:
+    """opt-1.3b, 8 streams: one worker, then two on the same GPU over the shared ring."""
+    from .bench_pipeline import random_checkpoint, run_one
+
+    where = Path(os.environ.get("HOPS_CHECKPOINT_DIR", "/dev/shm/dejavu-hops-opt-1.3b"))
+    model, _ = random_checkpoint("opt-1.3b", where, torch.float16,
+                                 log=lambda m: print(m, file=sys.stderr))
+    rows = []
+    for workers in (1, 2):
+        row = run_one(model, workers, 8, tokens, "float16", 32, devices=["cuda:0"] * workers,
+                      data_plane="auto")
+        row = {k: row.get(k) for k in ("workers", "streams", "tokens_per_s", "stage_ms",
+                                       "hop_ms", "error", "devices") if k in row}
+        log(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict], throughput: list[dict], cuda: bool) -> dict:
+    """Flat headline keys, e.g. hop_us_opt30b_batch1_gpu_path (the ring on a GPU; on a CPU
+    the ring is shared memory: ..._shm_path) and ..._socket_path."""
+    ring = "gpu" if cuda else "shm"
+    out = {}
+    for r in rows:
+        out[f"hop_us_{r['shape'].replace('-', '').replace('.', '_')}_batch{r['batch']}_"
+            f"{ring if r['path'] == 'ring' else 'socket'}_path"] = r["median_us"]
+    if len(throughput) == 2 and all("tokens_per_s" in r for r in throughput):
+        one, two = (r["tokens_per_s"] for r in throughput)
+        out["throughput_2w_over_1w_opt1_3b_8_streams"] = round(two / one, 3) if one else None
+    return out
+
+
+def markdown(meta: dict, rows: list[dict], throughput: list[dict], head: dict) -> str:
+    lines = [f"# One hop, two processes on {meta['device']} ({meta['date']}), {meta['dtype']}",
+             "", f"`{meta['command']}`", "",
+             "| shape | hidden | batch | bytes | ring us (p90) | socket us (p90) | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    pairs: dict[tuple, dict] = {}
+    for r in rows:
+        pairs.setdefault((r["shape"], r["hidden"], r["batch"], r["bytes"]), {})[r["path"]] = r
+    for (shape, hidden, batch, nbytes), p in pairs.items():
+        ring, sock = p.get("ring", {}), p.get("socket", {})
+        ratio = (f"{sock['median_us'] / ring['median_us']:.1f}x"
+                 if ring.get("median_us") and sock.get("median_us") else "-")
+        lines.append(f"| {shape} | {hidden} | {batch} | {nbytes} | {ring.get('median_us')} "
+                     f"({ring.get('p90_us')}) | {sock.get('median_us')} ({sock.get('p90_us')})"
+                     f" | {ratio} |")
+    if throughput:
+        lines += ["", "| workers on one GPU | streams | tokens/s | stage ms | hop ms |",
+                  "|---|---|---|---|---|"]
+        for r in throughput:
+            lines.append(f"| {r.get('workers')} | {r.get('streams')} | "
+                         f"{r.get('tokens_per_s', r.get('error'))} | {r.get('stage_ms')} | "
+                         f"{r.get('hop_ms')} |")
+    lines += ["", "Headline: " + ", ".join(f"`{k}` = {v}" for k, v in head.items()
+                                             if "_socket_" not in k)]
+    return "\n".join(lines) + "\n"
+
+
+def write(base: Path, meta: dict, rows: list[dict], throughput: list[dict], cuda: bool) -> None:
+    head = summary(rows, throughput, cuda)
+    Path(f"{base}.json").write_text(json.dumps(
+        {"meta": meta, **head, "hops": rows, "throughput": throughput}, indent=2))
+    Path(f"{base}.md").write_text(markdown(meta, rows, throughput, head))
+    print(json.dumps(head), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_hops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda:0" if cuda else "cpu")
+    parser.add_argument("--shapes", default="opt-1.3b,opt-13b,opt-30b,opt-66b")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--dtype", default="float16" if cuda else "float32",
+                        choices=sorted(wire.DTYPES))
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--throughput", action="store_true",
+                        help="also opt-1.3b, 8 streams, 2 workers on one GPU vs 1 (CUDA only)")
+    parser.add_argument("--tokens", type=int, default=32, help="per stream, --throughput")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--addr-in", help=argparse.SUPPRESS)
+    parser.add_argument("--addr-out", help=argparse.SUPPRESS)
+    parser.add_argument("--slot-bytes", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        # One thread per side, as CPU workers get on a small machine: two processes whose
+        # thread pools spin against each other measure the pools, not the hop.
+        torch.set_num_threads(1)
+    if args.peer:
+        return run_peer(args)
+    shapes = args.shapes.split(",")
+    for shape in shapes:
+        if shape not in SHAPES:
+            parser.error(f"--shapes: {shape!r} is not one of {', '.join(sorted(SHAPES))}")
+    batches = [int(b) for b in args.batch.split(",")]
+    device = (torch.cuda.get_device_name(torch.device(args.device)).replace(" ", "-")
+              if args.device.startswith("cuda") else platform.machine())
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    meta = {"date": stamp, "device": device, "dtype": args.dtype, "iters": args.iters,
+            "torch": torch.__version__, "command": "python -m dejavu.bench.bench_hops " +
+            " ".join(sys.argv[1:] if argv is None else argv)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"{stamp}-{device}-hops"
+    cuda = args.device.startswith("cuda")
+    rows = hop_rows(args.device, shapes, batches, args.dtype, args.iters, args.warmup)
+    write(base, meta, rows, [], cuda)  # kept if the throughput run is cut short
+    if args.throughput and cuda:
+        write(base, meta, rows, throughput_rows(out, args.tokens), cuda)
+    print(f"wrote {base}.json and {base}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""Where an offloaded decode step goes, and what hot-row placement saves.
+
+    python -m dejavu.bench.profile_offload placement            # CPU: bytes, shipped model
+    python -m dejavu.bench.profile_offload step --shape opt-13b --gpu-memory-gib 14 \\
+        --checkpoint-dir /dev/shm/dejavu-e2e-opt-13b             # GPU: one decode step
+
+``placement`` (CPU, counted not timed): the shipped model's own predictors select rows on
+held-out text; the first half of the tokens measures each neuron's firing frequency (what
+``train-predictors`` writes as frequencies.safetensors), the second half counts the host
+bytes a decode token reads for the offloaded layers (neuron and head records not on the
+GPU), with no hot rows, and with each offloaded layer's ``--hot-fraction`` most frequent
+neurons held on the GPU; the same with uniform random selections at the same per-layer
+densities.
+
+``step`` (GPU): the in-process engine built as ``generate --gpu-memory-gib`` builds it
+(runtime/build.py), decode steps at batch 1 under torch.profiler: step time, the gathers'
+time and GB/s over the link, the sparse kernels' time, K/V completion, launches and
+host synchronisations (cudaStreamSynchronize, cudaMemcpy D2H) per step.
+
+What this does not know: the peers (bench_e2e.py) or a worker's own profile (a worker
+writes one with DEJAVU_PROFILE_DIR, workers/runner.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "opt-gutenberg-31m"
+HELDOUT = "../shared/data/gutenberg/heldout.jsonl.xz"  # from a checkout, as README's eval
+
+
+def _texts(path: Path, limit: int) -> list[str]:
+    out = []
+    with lzma.open(path, "rt") as f:
+        for line in f:
+            out.append(json.loads(line)["text"])
+            if len(out) >= limit:
+                break
+    return out
+
+
+def record_selections(model_dir: Path, data: Path, tokens: int, window: int = 256
+                      ) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]],
+                                 object]:
+    """Per layer, the neuron and head masks [T, n] the shipped predictors choose for
+    ``tokens`` held-out tokens (windows of ``window`` tokens, mask mode)."""
+    from ..runtime.build import build_model, resolve
+    from ..runtime.model import Batch
+    from ..runtime.settings import make_settings
+    from ..runtime.sparse import SparseContext
+    from ..runtime.tokenizer import load_tokenizer
+
+    settings = resolve(make_settings({"model.path": str(model_dir), "model.device": "cpu"}),
+                       sparse=True)
+    built = build_model(settings)
+    model, inner = built.model, built.selector
+    neurons: dict[int, list[torch.Tensor]] = {}
+    heads: dict[int, list[torch.Tensor]] = {}
+
+    def recording(lid, source):
+        sel = inner(lid, source)
+        f = sel.neurons if sel.neurons is not None else torch.ones(
+            *source.shape[:2], model.config.ffn_dim, dtype=torch.bool)
+        h = sel.heads if sel.heads is not None else torch.ones(
+            *source.shape[:2], model.config.num_attention_heads, dtype=torch.bool)
+        neurons.setdefault(lid, []).append(f.reshape(-1, f.shape[-1]))
+        heads.setdefault(lid, []).append(h.reshape(-1, h.shape[-1]))
+        return sel
+
+    tok = load_tokenizer(model_dir)
+    seen = 0
+    with torch.inference_mode():
+        for text in _texts(data, 10_000):
+            ids = tok.encode(text)[:window]
+            if len(ids) < 16:
+                continue
+            x = torch.tensor([ids])
+            pos = torch.arange(len(ids))[None]
+            model(x, Batch(pos, None, None, SparseContext(recording, mode="mask")))
+            seen += len(ids)
+            if seen >= tokens:
+                break
+    return ({k: torch.cat(v) for k, v in neurons.items()},
+            {k: torch.cat(v) for k, v in heads.items()}, model.config)
+
+
+def host_bytes(neurons: torch.Tensor, heads: torch.Tensor, hot: torch.Tensor,
+               neuron_bytes: int, head_bytes: int) -> float:
+    """Mean host bytes per token of one layer: its selected neurons not in ``hot`` (bool
+    [F]) and its selected heads (heads stay out of the static rows, as fit_gib places)."""
+    cold = (neurons & ~hot).sum(1).double()
+    return float((cold * neuron_bytes + heads.sum(1).double() * head_bytes).mean())
+
+
+def placement(args) -> dict:
+    from ..runtime.weight_store import RecordLayout
+
+    neurons, heads, config = record_selections(Path(args.model), Path(args.data), args.tokens)
+    layout = RecordLayout.of(config)
+    e = 2  # bytes per weight in the offloaded (float16/bfloat16) records
+    nb, hb = layout.neuron_len * e, layout.head_len * e
+    offloaded = [int(v) for v in args.offload.split(",")]
+    out = {"model": str(args.model), "tokens": int(next(iter(neurons.values())).shape[0]),
+           "offloaded_layers": offloaded, "hot_fraction": args.hot_fraction, "layers": {}}
+    totals = {"none": 0.0, "placed": 0.0, "uniform_none": 0.0, "uniform_placed": 0.0}
+    g = torch.Generator().manual_seed(0)
+    for lid in offloaded:
+        f, h = neurons[lid], heads[lid]
+        half = f.shape[0] // 2
+        freq = f[:half].double().mean(0)
+        k = int(args.hot_fraction * config.ffn_dim)
+        hot = torch.zeros(config.ffn_dim, dtype=torch.bool)
+        hot[freq.topk(k).indices] = True
+        test_f, test_h = f[half:], h[half:]
+        # Uniform selections of the same per-token counts.
+        counts = test_f.sum(1)
+        ranks = torch.rand(test_f.shape, generator=g).argsort(1).argsort(1)
+        uni = ranks < counts[:, None]
+        none = torch.zeros_like(hot)
+        row = {"mlp_density": float(test_f.double().mean()),
+               "head_density": float(test_h.double().mean()),
+               "none": host_bytes(test_f, test_h, none, nb, hb),
+               "placed": host_bytes(test_f, test_h, hot, nb, hb),
+               "uniform_none": host_bytes(uni, test_h, none, nb, hb),
+               "uniform_placed": host_bytes(uni, test_h, hot, nb, hb),
+               "hot_share_of_firings": float(test_f[:, hot].double().sum()
+                                             / max(float(test_f.double().sum()), 1.0))}
+        for key in totals:
+            totals[key] += row[key]
+        out["layers"][str(lid)] = row
+    out["host_bytes_per_token"] = totals
+    out["gain_real"] = totals["none"] / totals["placed"] if totals["placed"] else None
+    out["gain_uniform"] = totals["uniform_none"] / totals["uniform_placed"] \
+        if totals["uniform_placed"] else None
+    return out
+
+
+def step_profile(args) -> dict:
+    """Decode steps at batch 1 of the in-process engine under torch.profiler (GPU)."""
+    from ..runtime.offload import host_bytes_read
+    from ..runtime.sampling import SamplingParams
+    from .bench_e2e import E2EOptions, _built_engine, _prompt
+    from .bench_pipeline import random_checkpoint
+
+    device_ok = torch.cuda.is_available()
+    model_dir, _ = random_checkpoint(args.shape, Path(args.checkpoint_dir), torch.float16)
+    opts = E2EOptions(shape=args.shape, streams=1)
+    built, engine = _built_engine(model_dir, "random:0.1" if args.heads >= 1 else
+                                  f"random:0.1:{args.heads}", args.gpu_memory_gib, opts, 64)
+    params = SamplingParams(max_new_tokens=args.steps + 4, ignore_eos=True)
+    rid = engine.add(_prompt(16), params)
+    for _ in range(4):  # prefill and warm-up decode steps (compiles)
+        engine.step()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device_ok:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    b0, t0 = host_bytes_read(built.model), time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        if device_ok:
+            torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / args.steps
+    read = (host_bytes_read(built.model) - b0) / args.steps
+    engine.scheduler.forget(rid)
+    events = prof.key_averages()
+
+    def total(match, cuda=True) -> tuple[float, int]:
+        t, n = 0.0, 0
+        for ev in events:
+            if match(ev.key):
+                t += (getattr(ev, "device_time_total", 0) if cuda else ev.cpu_time_total)
+                n += ev.count
+        return t / 1e6 / args.steps, n // args.steps
+
+    gather_s, gathers = total(lambda k: "gather_rows" in k)
+    copy_s, copies = total(lambda k: "Memcpy HtoD" in k)
+    syncs = total(lambda k: k in ("cudaStreamSynchronize", "cudaDeviceSynchronize"), False)[1]
+    d2h = total(lambda k: "Memcpy DtoH" in k)[1]
+    launches = total(lambda k: k in ("cudaLaunchKernel", "cuLaunchKernel",
+                                     "cudaLaunchKernelExC"), False)[1]
+    mlp_s, _ = total(lambda k: "_mlp" in k and "kernel" in k)
+    attn_s, _ = total(lambda k: ("qkv" in k or "attention" in k or "out_proj" in k)
+                      and "kernel" in k)
+    out = {"shape": args.shape, "gpu_memory_gib": args.gpu_memory_gib,
+           "offloaded_layers": len(built.offloaded), "step_s": seconds,
+           "host_bytes_per_step": read, "link_bytes_per_s_over_step": read / seconds,
+           "gather_s": gather_s, "gathers": gathers,
+           "gather_bytes_per_s": read / gather_s if gather_s else None,
+           "whole_copies_s": copy_s, "whole_copies": copies,
+           "mlp_kernels_s": mlp_s, "attention_kernels_s": attn_s,
+           "syncs_per_step": syncs, "d2h_copies_per_step": d2h,
+           "launches_per_step": launches}
+    if args.table:
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="profile_offload", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("placement")
+    p.add_argument("--model", default=str(SHIPPED))
+    p.add_argument("--data", default=str(HELDOUT))
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--offload", default="3,4,5,6", help="offloaded layer ids")
+    p.add_argument("--hot-fraction", type=float, default=0.25,
+                   help="neurons per offloaded layer held on the GPU")
+    s = sub.add_parser("step")
+    s.add_argument("--shape", default="opt-13b")
+    s.add_argument("--gpu-memory-gib", type=float, default=14.0)
+    s.add_argument("--checkpoint-dir", default="/dev/shm/dejavu-e2e-opt-13b")
+    s.add_argument("--heads", type=float, default=1.0)
+    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--table", action="store_true")
+    for q in (p, s):
+        q.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    res = placement(args) if args.what == "placement" else step_profile(args)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

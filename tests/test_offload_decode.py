@@ -1,0 +1,172 @@
+"""Decode of offloaded layers at the link: each step's selected rows are requested once per
+layer, as soon as the selection exists (``OffloadedLayer.prefetch``, on the copy stream on a
+GPU, inline on a CPU), the ops then read them from the device buffer, and with every head
+selected the next offloaded layer's head block is copied ahead. Results equal the resident
+model's.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from test_row_stream import CFG4, _streams, decode_steps, offloaded_model, prefill  # noqa: E402
+from test_sparse_backend import DEVICE, TOL, rel_err, tiny_model  # noqa: E402
+
+from dejavu.runtime import offload, row_stream, sparse  # noqa: E402
+from dejavu.runtime.model import Batch  # noqa: E402
+from dejavu.runtime.offload import host_bytes_read  # noqa: E402
+from dejavu.runtime.sparse import Selection  # noqa: E402
+from dejavu.runtime.weight_store import RecordLayout  # noqa: E402
+
+OFFLOADED = [1, 2, 3]
+
+
+def _forget_buffers(model):
+    """As if other work had used the stream buffer since the prefill: nothing is whole."""
+    for stream in _streams(model):
+        for slot in stream.slots:
+            for block in slot.values():
+                block.owner = None
+
+
+def test_staged_is_the_default_decode_path():
+    model = offloaded_model(torch.float16, OFFLOADED, CFG4)
+    for lid in OFFLOADED:
+        ops = model.layers()[lid].offloaded
+        assert ops._staged_decode("heads") and ops._staged_decode("neurons")
+
+
+@pytest.mark.parametrize("heads", [1.0, 0.5])
+def test_decode_rows_are_read_ahead_once_and_equal_resident(heads, monkeypatch):
+    """Three offloaded layers, decode after a prefill: every row a step reads crosses in
+    ``prefetch`` (never gathered again by the ops), once per step, and with every head
+    selected the next layer's head block is the whole copy issued by the layer before; the
+    logits equal the resident model's."""
+    dtype, n, steps = torch.float16, 6, 3
+    ref_model = tiny_model(dtype, config=CFG4)
+    _, ref_cache = prefill(ref_model, CFG4, n, heads=0.5)
+    ref, _ = _decode(ref_model, [], ref_cache, n, steps, heads)
+    model = offloaded_model(dtype, OFFLOADED, CFG4)
+    _, cache = prefill(model, CFG4, n, heads=0.5)
+    _forget_buffers(model)
+    events = []
+    stream_cls = row_stream.RowStream
+    for name in ("gather", "gather_ahead", "prefetch_whole"):
+        real = getattr(stream_cls, name)
+
+        def spy(self, owner, slot, kind, host, *rest, _real=real, _name=name):
+            events.append((_name, owner.rows.layer_id, kind))
+            return _real(self, owner, slot, kind, host, *rest)
+        monkeypatch.setattr(stream_cls, name, spy)
+    before = host_bytes_read(model)
+    out, rows = _decode(model, OFFLOADED, cache, n, steps, heads)
+    assert rel_err(out, ref) < TOL[dtype]
+    assert not [e for e in events if e[0] == "gather"]  # the ops never gathered themselves
+    layout = RecordLayout.of(CFG4)
+    read = host_bytes_read(model) - before
+    per_rows = sum(h * layout.head_len * 2 + f * layout.neuron_len * 2 for h, f in rows)
+    if heads == 1.0:
+        # Layer 1 gathers its own heads in step 0 only; layers 2 and 3 get whole copies from
+        # the layer before (slot parity: 1 -> 2 only, 3 shares layer 1's slot), each step.
+        assert ("prefetch_whole", 2, "heads") in events
+        assert read <= per_rows
+    else:
+        assert read == per_rows
+        assert not [e for e in events if e[0] == "prefetch_whole"]
+
+
+def _decode(model, offloaded, cache, start, steps, heads):
+    if heads == 1.0:
+        return decode_steps(model, CFG4, offloaded, cache, start, steps)
+    import test_row_stream
+    real = test_row_stream.RandomSelector
+
+    class Half(real):
+        def __init__(self, f, h, m, _h, seed=0):
+            super().__init__(f, h, m, heads, seed=seed)
+    test_row_stream.RandomSelector = Half
+    try:
+        return decode_steps(model, CFG4, offloaded, cache, start, steps)
+    finally:
+        test_row_stream.RandomSelector = real
+
+
+def test_a_step_finds_each_offloaded_union_once(monkeypatch):
+    """The union of a selection (a nonzero: one device read on a GPU) is found once per
+    block and offloaded layer per decode step: the attention op reuses the one the
+    prefetch found (it used to find the heads' union a second time)."""
+    model = offloaded_model(torch.float16, OFFLOADED, CFG4)
+    _, cache = prefill(model, CFG4, 5, heads=0.5)
+    calls = []
+    real = sparse.union_index
+
+    def counting(mask):
+        calls.append(mask.shape[-1])
+        return real(mask)
+    monkeypatch.setattr(sparse, "union_index", counting)
+    monkeypatch.setattr(offload, "union_index", counting)
+    decode_steps(model, CFG4, OFFLOADED, cache, 5, 2)
+    # Per step: two per offloaded layer, and resident layer 0 (every head kept: no head
+    # mask) its neurons.
+    assert len(calls) == 2 * (2 * len(OFFLOADED) + 1), calls
+
+
+def test_a_selection_other_than_the_prefetched_one_is_gathered_again():
+    """Prefetched rows serve only the selection they were read for (the same tensors):
+    another one is gathered when the op runs, and the result is still exact."""
+    dtype = torch.float16
+    model = offloaded_model(dtype, [1], CFG4)
+    _, cache = prefill(model, CFG4, 4, heads=1.0)
+    _forget_buffers(model)
+    ops = model.layers()[1].offloaded
+    h = torch.zeros(1, 1, CFG4.num_attention_heads, dtype=torch.bool, device=DEVICE)
+    h[..., :2] = True
+    f = torch.zeros(1, 1, CFG4.ffn_dim, dtype=torch.bool, device=DEVICE)
+    f[..., 3:9] = True
+    ops.prefetch(Selection(heads=h, neurons=f))
+    before = ops.read
+    x = torch.randn(1, 1, CFG4.hidden_size, dtype=dtype, device=DEVICE)
+    other = torch.tensor([3, 4, 5], device=DEVICE)
+    with torch.inference_mode():
+        out = ops.mlp(x, other)
+    layout = RecordLayout.of(CFG4)
+    assert ops.read - before == 3 * layout.neuron_len * 2
+    ops.stage_neurons = False  # the in-place kernel over the host rows: the reference
+    with torch.inference_mode():
+        ref = ops.mlp(x, other)
+    assert rel_err(out.float(), ref.float()) < TOL[dtype]
+    del cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetched_decode_layer_never_synchronises():
+    """Given its selection's unions, an offloaded layer's decode (prefetch on the copy
+    stream, attention with K/V completion, MLP) runs with CUDA's sync debug mode set to
+    error."""
+    model = offloaded_model(torch.float16, [1, 2, 3], CFG4)
+    _, cache = prefill(model, CFG4, 6, heads=0.5)
+    layer = model.layers()[1]
+    ops = layer.offloaded
+    h = torch.ones(1, 1, CFG4.num_attention_heads, dtype=torch.bool, device="cuda")
+    f = torch.zeros(1, 1, CFG4.ffn_dim, dtype=torch.bool, device="cuda")
+    f[..., ::5] = True
+    sel = Selection(heads=h, neurons=f, head_index=torch.arange(4, device="cuda"),
+                    neuron_index=torch.arange(0, CFG4.ffn_dim, 5, device="cuda"))
+    x = torch.randn(1, 1, CFG4.hidden_size, dtype=torch.float16, device="cuda")
+    batch = Batch(torch.tensor([[6]], device="cuda"), torch.tensor([0], device="cuda"),
+                  cache, None, length=7)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            ops.prefetch(sel)
+            a = ops.attention(layer.self_attn, x, 1, batch, ops.known_union(h))
+            m = ops.mlp(x, sel.neuron_index)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(a).all() and torch.isfinite(m).all()

@@ -1,0 +1,327 @@
+"""Activations between neighbouring workers of one host, through slot buffers they share.
+
+The receiving worker owns a ring of slot buffers for its input (``Ring``) and offers it
+once, in its ``Ready``; the scheduler forwards the offer to the sending worker, which opens
+it (``SlotWriter``) when it can, else keeps the socket. Where the slots live:
+- "cuda": one allocation on the receiver's GPU, shared by CUDA IPC, with two interprocess
+  events per slot; the sender's copy and the receiver's read stay on their streams;
+- "shm": a file in /dev/shm (CPU workers), so the CPU tests run this same protocol.
+
+Per slot, a state word in a small shared-memory file says who may touch the slot: FREE
+(the sender may write it) or FILLED (the receiver owns it until it has read it):
+- sender (``SlotWriter.put``): takes a FREE slot (none, or tensors too large: it returns
+  None and the hop takes the socket; it never waits), copies hidden [and carry] in, marks
+  the slot FILLED; the caller then sends the header naming the slot on the data socket;
+- receiver (``Ring.take``): checks the slot is FILLED, copies the tensors out, marks it FREE.
+On CUDA the copies are asynchronous: the sender's stream waits on the slot's ``free``
+event before its copy and records ``ready`` after; the receiver's stream waits on
+``ready`` before its copy and records ``free`` after. No host synchronisation on either
+side: a state word is written after the event record it announces, so the event a side
+waits on is always the latest one that matters.
+
+What this module does not know: sockets, steps, or what the tensors mean.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import torch
+
+from ..runtime import wire
+
+FREE, FILLED = 0, 1
+MAGIC = 0x444A5652494E4731  # "DJVRING1": the file is a ring of this module
+HEADER = 4096  # bytes before the first CPU slot: magic, slots, slot_bytes, one state each
+SHM_DIR = Path("/dev/shm")
+PREFIX = "dejavu-ring"
+
+
+class PlaneError(RuntimeError):
+    """A ring that cannot be made or opened here; the hop then takes the socket."""
+
+
+def boot_id() -> str:
+    """This machine's boot id: two workers with equal host names and boot ids share a
+    kernel, hence /dev/shm and the GPUs' IPC."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def slot_bytes_for(slots: int, max_len: int, hidden_size: int, dtype: torch.dtype,
+                   carry: bool, cap_mib: float) -> int:
+    """One slot's bytes: the largest step this worker can receive ([slots, max_len,
+    hidden], twice with the carried predictor input) or ``cap_mib``, whichever is less."""
+    step = slots * max_len * hidden_size * torch.empty((), dtype=dtype).element_size()
+    step *= 2 if carry else 1
+    return max(64, min(step, int(cap_mib * 2**20)) // 64 * 64)
+
+
+# --- the shared state file -------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale() -> None:
+    """Remove ring files of this user whose owner died without closing them (kill -9)."""
+    for path in SHM_DIR.glob(f"{PREFIX}-{os.getuid()}-*"):
+        try:
+            pid = int(path.name.split("-")[3])
+        except (IndexError, ValueError):
+            continue
+        if not _alive(pid):
+            path.unlink(missing_ok=True)
+
+
+def _map(path: Path, nbytes: int, *, create: bool) -> torch.Tensor:
+    """The file at ``path`` mapped shared, as ``nbytes`` uint8 (made 0600 when ``create``)."""
+    if create:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+    elif (size := path.stat().st_size) != nbytes:
+        raise PlaneError(f"{path} has {size} bytes, the offer implies {nbytes}")
+    return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
+
+
+def _states(mem: torch.Tensor, slots: int, slot_bytes: int, *, create: bool) -> torch.Tensor:
+    words = mem[:HEADER].view(torch.int64)
+    if create:
+        words[:3] = torch.tensor([MAGIC, slots, slot_bytes])
+    elif words[:3].tolist() != [MAGIC, slots, slot_bytes]:
+        raise PlaneError("the shared file does not hold the ring that was offered")
+    return words[3:3 + slots]
+
+
+# --- receiver ----------------------------------------------------------------------------------
+
+
+class Ring:
+    """The slots a receiving worker reads its input from; made at start-up, offered once."""
+
+    def __init__(self, device: str | torch.device, slots: int, slot_bytes: int) -> None:
+        if not SHM_DIR.is_dir():
+            raise PlaneError(f"no {SHM_DIR} on this host")
+        if not 1 <= slots <= (HEADER // 8 - 3):
+            raise PlaneError(f"{slots} slots: expected 1..{HEADER // 8 - 3}")
+        self.device = torch.device(device)
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.name = secrets.token_hex(8)
+        self.received = 0
+        _sweep_stale()
+        self.path = SHM_DIR / f"{PREFIX}-{os.getuid()}-{os.getpid()}-{self.name}"
+        cuda = self.device.type == "cuda"
+        self.mem = _map(self.path, HEADER + (0 if cuda else slots * slot_bytes), create=True)
+        self.states = _states(self.mem, slots, slot_bytes, create=True)
+        if cuda:
+            with torch.cuda.device(self.device):
+                self.block = torch.empty(slots * slot_bytes, dtype=torch.uint8,
+                                         device=self.device)
+                self.ready = [torch.cuda.Event(interprocess=True) for _ in range(slots)]
+                self.free = [torch.cuda.Event(interprocess=True) for _ in range(slots)]
+        else:
+            self.block = self.mem[HEADER:]
+
+    def offer(self) -> wire.PlaneOffer:
+        cuda = None
+        uuid = ""
+        if self.device.type == "cuda":
+            fields = self.block.untyped_storage()._share_cuda_()
+            with torch.cuda.device(self.device):
+                ready = [bytes(e.ipc_handle()) for e in self.ready]
+                free = [bytes(e.ipc_handle()) for e in self.free]
+            cuda = wire.CudaRing(bytes(fields[1]), fields[2], fields[3], bytes(fields[4]),
+                                 fields[5], None if fields[6] is None else bytes(fields[6]),
+                                 bool(fields[7]), ready, free)
+            uuid = device_uuid(self.device)
+        return wire.PlaneOffer(self.device.type if cuda is None else "cuda", self.name,
+                               socket.gethostname(), boot_id(), str(self.path), self.slots,
+                               self.slot_bytes, uuid, cuda)
+
+    def decode(self, header: bytes | memoryview, hidden_size: int) -> wire.Activations:
+        return wire.decode_slot_header(header, hidden_size, ring=self.name, slots=self.slots,
+                                       slot_bytes=self.slot_bytes)
+
+    def take(self, msg: wire.Activations) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tensors in the slot ``msg`` names (a decoded header), copied out; the slot is
+        FREE again afterwards, whatever happens."""
+        slot = msg.slot
+        if int(self.states[slot]) != FILLED:
+            raise wire.WireError(f"activations in slot {slot}, which the sender has not filled")
+        try:
+            dtype = wire.DTYPES[msg.dtype]
+            one = wire.slot_bytes_of(msg) // (2 if msg.carry else 1)
+            base = slot * self.slot_bytes
+            parts = [(base, one)] + ([(base + one, one)] if msg.carry else [])
+            if self.device.type == "cuda":
+                tensors = self._take_cuda(slot, parts, dtype, tuple(msg.shape))
+            else:
+                tensors = [wire.tensor_from_bytes(self.block[a:a + n].numpy(), dtype,
+                                                  tuple(msg.shape)).clone()
+                           for a, n in parts]
+        finally:
+            self.states[slot] = FREE
+        self.received += 1
+        return tensors[0], (tensors[1] if msg.carry else None)
+
+    def _take_cuda(self, slot: int, parts, dtype, shape) -> list[torch.Tensor]:
+        # No finiteness check here (the socket path has one): it would synchronise with the
+        # GPU on every hop. The header carried the cluster's token, so a cluster member
+        # wrote the slot.
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(self.ready[slot])
+        tensors = [self.block[a:a + n].view(dtype).view(shape).clone() for a, n in parts]
+        self.free[slot].record(stream)
+        return tensors
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def device_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def _local_cuda_index(uuid: str) -> int:
+    for i in range(torch.cuda.device_count()):
+        if device_uuid(torch.device("cuda", i)) == uuid:
+            return i
+    raise PlaneError(f"the receiver's GPU {uuid} is not visible to this process")
+
+
+# --- sender ------------------------------------------------------------------------------------
+
+
+class SlotWriter:
+    """The sender's side of a ring it was offered: ``put`` fills a free slot."""
+
+    def __init__(self, offer: wire.PlaneOffer, device: str | torch.device) -> None:
+        self.offer = offer
+        self.sent = self.fallbacks = 0
+        self._next = 0
+        path = Path(offer.path)
+        if path.parent != SHM_DIR or not path.name.startswith(f"{PREFIX}-"):
+            raise PlaneError(f"the offered ring file {offer.path!r} is not a ring in {SHM_DIR}")
+        cuda = offer.kind == "cuda"
+        if cuda and offer.cuda is None:
+            raise PlaneError("a cuda ring offered without its handles")
+        nbytes = HEADER + (0 if cuda else offer.slots * offer.slot_bytes)
+        try:
+            self.mem = _map(path, nbytes, create=False)
+        except OSError as exc:
+            raise PlaneError(f"cannot open {path}: {exc.strerror}") from None
+        self.states = _states(self.mem, offer.slots, offer.slot_bytes, create=False)
+        self.device = torch.device(device)
+        if cuda:
+            self._open_cuda(offer)
+        else:
+            self.ring_device = torch.device("cpu")
+            self.block = self.mem[HEADER:]
+
+    def _open_cuda(self, offer: wire.PlaneOffer) -> None:
+        if not torch.cuda.is_available():
+            raise PlaneError("the ring is on a GPU and this process has no CUDA")
+        local = _local_cuda_index(offer.device_uuid)
+        if (self.device.type == "cuda" and self.device.index != local
+                and not torch.cuda.can_device_access_peer(self.device.index, local)):
+            raise PlaneError(f"cuda:{self.device.index} cannot reach cuda:{local} (no peer "
+                             "access)")
+        c = offer.cuda
+        self.ring_device = torch.device("cuda", local)
+        with torch.cuda.device(local):
+            storage = torch.UntypedStorage._new_shared_cuda(
+                local, c.storage_handle, c.storage_size, c.storage_offset,
+                c.ref_counter_handle, c.ref_counter_offset, c.event_handle,
+                c.event_sync_required)
+            self.block = torch.empty(0, dtype=torch.uint8, device=self.ring_device).set_(storage)
+            self.ready = [torch.cuda.Event.from_ipc_handle(local, h) for h in c.ready_events]
+            self.free = [torch.cuda.Event.from_ipc_handle(local, h) for h in c.free_events]
+        if self.block.numel() < offer.slots * offer.slot_bytes:
+            raise PlaneError(f"the shared allocation has {self.block.numel()} bytes, the "
+                             f"ring needs {offer.slots * offer.slot_bytes}")
+
+    def describe(self) -> str:
+        where = (f"CUDA IPC into {self.ring_device} ({self.offer.device_uuid})"
+                 if self.offer.kind == "cuda" else "shared memory")
+        return (f"{where}, {self.offer.slots} slots of {self.offer.slot_bytes / 2**20:.2f} "
+                "MiB, same host")
+
+    def put(self, hidden: torch.Tensor, carry: torch.Tensor | None) -> int | None:
+        """Copy ``hidden`` (then ``carry``, same dtype and shape) into a free slot and mark it
+        FILLED; the slot's index, or None when none is free or they do not fit."""
+        tensors = [t.contiguous().view(-1).view(torch.uint8)
+                   for t in (hidden, carry) if t is not None]
+        if sum(t.numel() for t in tensors) > self.offer.slot_bytes:
+            self.fallbacks += 1
+            return None
+        slot = self._free_slot()
+        if slot is None:
+            self.fallbacks += 1
+            return None
+        at = slot * self.offer.slot_bytes
+        if self.ring_device.type == "cuda":
+            stream = torch.cuda.current_stream(self.ring_device)
+            stream.wait_event(self.free[slot])  # the receiver's read of this slot is done
+            for t in tensors:
+                self.block[at:at + t.numel()].copy_(t, non_blocking=True)
+                at += t.numel()
+            self.ready[slot].record(stream)
+        else:
+            for t in tensors:
+                self.block[at:at + t.numel()].copy_(t)
+                at += t.numel()
+        self.states[slot] = FILLED
+        self.sent += 1
+        return slot
+
+    def _free_slot(self) -> int | None:
+        n = self.offer.slots
+        for k in range(n):
+            slot = (self._next + k) % n
+            if int(self.states[slot]) == FREE:
+                self._next = slot + 1
+                return slot
+        return None
+
+
+def open_writer(offer: wire.PlaneOffer | None, note: str, device: str | torch.device,
+                setting: str) -> tuple[SlotWriter | None, str]:
+    """The writer for ``offer`` and a description of the path, or None and why the hop
+    stays on the socket."""
+    if setting == "socket":
+        return None, 'the socket: [pipeline] data_plane = "socket" on this worker'
+    if offer is None:
+        return None, f"the socket: the next worker offers no shared ring ({note})"
+    if offer.host != socket.gethostname() or offer.boot_id != boot_id():
+        return None, f"the socket: the next worker is on another host ({offer.host})"
+    try:
+        writer = SlotWriter(offer, device)
+    except (PlaneError, RuntimeError, OSError) as exc:
+        return None, f"the socket: cannot open the next worker's ring: {exc}"
+    return writer, writer.describe()
+
+
+def make_ring(device: str | torch.device, slots: int, slot_bytes: int, setting: str
+              ) -> tuple[Ring | None, str]:
+    """A ring for this worker's input, or None and why there is none."""
+    if setting == "socket":
+        return None, '[pipeline] data_plane = "socket"'
+    try:
+        return Ring(device, slots, slot_bytes), ""
+    except (PlaneError, RuntimeError, OSError) as exc:
+        return None, f"cannot make a shared ring here: {exc}"
