@@ -180,11 +180,15 @@ def test_captured_forward_with_fused_selection_equals_gathered_masks(real, own):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captured_fused_stage_equals_eager_stage():
+@pytest.mark.parametrize("own", [False, True], ids=["lookahead", "own-mlp-input"])
+def test_captured_fused_stage_equals_eager_stage(own):
     """The whole captured stage (fused selection in the graph) against the eager stage
-    (masks, gathered union): hidden states and densities agree."""
+    (masks, gathered union): hidden states and densities agree, with MLP predictors reading
+    the lookahead source or each layer's own MLP input."""
     model = tiny(torch.float16, "cuda")
     sel = threshold_selector(model)
+    for point in sel.predictors.points.values():
+        point.mlp_source = "mlp_in" if own else "lookahead"
     prompts = [[2, 7, 9, 11], [2, 5], [2, 8, 8, 8, 8, 8, 1]]
 
     def run(graphs):

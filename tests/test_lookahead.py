@@ -193,7 +193,7 @@ def test_own_input_next_layer_is_sent_ahead_with_its_heads_only():
     _, cache = prefill(model, CFG4, 5, batch=2)
     for own in (False, True):
         sent = []
-        ahead = Lookahead(send_layer=2, send=lambda lid, sel: sent.append((lid, sel)))
+        ahead = Lookahead(send_layer=2, send=lambda lid, sel, sent=sent: sent.append((lid, sel)))
         ctx = SparseContext(random_selector(own), dense_above=1.01, ahead=ahead)
         pos = torch.full((2, 1), 5, device=DEVICE)
         with torch.inference_mode():
@@ -217,7 +217,7 @@ def test_inbox_of_an_own_input_first_layer_reads_no_neurons():
         model = offloaded_model(torch.float16, OFFLOADED, CFG4)
         prefill(model, CFG4, 5, batch=1)
         forget_whole_blocks(model)
-        span = SimpleNamespace(layers=lambda: model.layers()[1:], config=CFG4)
+        span = SimpleNamespace(layers=lambda m=model: m.layers()[1:], config=CFG4)
         stage = SimpleNamespace(model=span, device=torch.device(DEVICE),
                                 selector=random_selector(own))
         ops = model.layers()[1].offloaded
