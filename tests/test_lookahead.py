@@ -92,19 +92,23 @@ def test_prefetched_decode_equals_the_same_selections_without_prefetch(neurons_s
 
 
 def test_the_next_layer_is_selected_from_the_mlp_input_before_the_mlp_runs():
-    """With lookahead on, layer l+1's selector runs before layer l's MLP block starts (its
-    norm's pre-hook), on exactly the residual that enters that MLP block; off, after it."""
+    """With lookahead on, layer l+1's selector runs before layer l's MLP block starts
+    (``mlp_block`` called), on exactly the residual that enters that MLP block; off, after
+    it. (The block's LayerNorm may run earlier: the layer shares its output with the
+    lookahead's predictor.)"""
     for lookahead in (True, False):
         model = offloaded_model(torch.float16, OFFLOADED, CFG4)
         _, cache = prefill(model, CFG4, 5, batch=2)
         events = []
-        hooks = [model.layers()[lid].final_layer_norm.register_forward_pre_hook(
-            lambda mod, args, lid=lid, events=events: events.append(
-                ("mlp", lid, args[0].clone())))
-            for lid in (1, 2)]
+        for lid in (1, 2):
+            layer = model.layers()[lid]
+
+            def recorded(h, *args, _block=layer.mlp_block, lid=lid, events=events, **kw):
+                events.append(("mlp", lid, h.clone()))
+                return _block(h, *args, **kw)
+
+            layer.mlp_block = recorded
         decode(model, cache, 5, 1, lookahead=lookahead, events=events)
-        for h in hooks:
-            h.remove()
         order = [(kind, lid) for kind, lid, _ in events]
         for lid in (1, 2):
             select_next = order.index(("select", lid + 1))
