@@ -81,13 +81,17 @@ class Endpoint:
             self.push.send_multipart([wire.encode(header), wire.tensor_frame(x)], copy=False)
 
     def recv(self) -> tuple[wire.Activations, torch.Tensor, bool]:
-        """The next activations (on this side's device) and whether they came by the ring;
-        the hidden size is read from the header, then checked as a worker checks it."""
-        frames = self.pull.recv_multipart(copy=False)
-        hidden = msgspec.msgpack.decode(frames[0].buffer, type=wire.Activations).shape[2]
+        """The next activations (on this side's device) and whether they came by the ring."""
+        return self.take(self.pull.recv_multipart(copy=False))
+
+    def take(self, frames) -> tuple[wire.Activations, torch.Tensor, bool]:
+        """What a worker does with the frames (workers/worker.py ``_on_data``): one decode,
+        then the worker's checks; the hidden size, which a worker knows, is the header's."""
         if len(frames) == 1:
-            msg = self.ring.decode(frames[0].buffer, hidden)
+            msg = wire.decode_data(frames[0].buffer)
+            msg = self.ring.check(msg, msg.shape[2])
             return msg, self.ring.take(msg)[0], True
+        hidden = msgspec.msgpack.decode(frames[0].buffer, type=wire.Activations).shape[2]
         msg, x, _ = wire.decode_activations(frames[0].buffer, frames[1].buffer, hidden)
         return msg, x.to(self.device), False
 
@@ -112,7 +116,7 @@ def run_peer(args) -> int:
             msg, x, ring = end.recv()
             if msg.step.step_id == STOP:
                 return 0
-            end.send(header(msg.shape[0], msg.shape[2], msg.dtype), x, ring)
+            end.send(msg, x, ring)  # as a worker does: a header around the step it got
     finally:
         end.close()
 
@@ -124,21 +128,35 @@ def _sync(device: torch.device) -> None:
 
 def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, iters: int,
               warmup: int) -> dict:
-    """Median and p90 microseconds of one hop (half a round trip to the peer and back)."""
+    """Median and p90 microseconds of one hop (half a round trip to the peer and back), and
+    the medians of this side's pieces of a round trip: ``send_us`` (slot copy + header on
+    the socket, or device->host + frames), ``wait_us`` (until the answer's frames are here:
+    the peer's whole turn and both socket crossings), ``take_us`` (decode, checks, copy out
+    of the slot) and ``sync_us`` (on a GPU: until the answer's copy has run)."""
     x = torch.randn(batch, 1, hidden, device=end.device).to(wire.DTYPES[dtype])
-    times = []
+    # Built before the clock starts: a worker wraps the step it already has in a header.
+    headers = [header(batch, hidden, dtype, i) for i in range(warmup + iters)]
+    times, pieces = [], []
     for i in range(warmup + iters):
         _sync(end.device)
-        started = time.perf_counter_ns()
-        end.send(header(batch, hidden, dtype, i), x, ring)
-        msg, back, via_ring = end.recv()
+        t0 = time.perf_counter_ns()
+        end.send(headers[i], x, ring)
+        t1 = time.perf_counter_ns()
+        frames = end.pull.recv_multipart(copy=False)
+        t2 = time.perf_counter_ns()
+        msg, back, via_ring = end.take(frames)
+        t3 = time.perf_counter_ns()
         _sync(end.device)  # the returned tensor is on this device now
-        times.append((time.perf_counter_ns() - started) / 2e3)
+        t4 = time.perf_counter_ns()
+        times.append((t4 - t0) / 2e3)
+        pieces.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         if via_ring != ring or not torch.equal(back, x):
             raise RuntimeError(f"the hop changed the path or the tensor (hidden {hidden})")
     kept = sorted(times[warmup:])
+    split = {f"{name}_us": round(statistics.median(p[k] for p in pieces[warmup:]) / 1e3, 1)
+             for k, name in enumerate(("send", "wait", "take", "sync"))}
     return {"median_us": round(statistics.median(kept), 1),
-            "p90_us": round(kept[int(0.9 * (len(kept) - 1))], 1)}
+            "p90_us": round(kept[int(0.9 * (len(kept) - 1))], 1), **split}
 
 
 def hop_rows(device: str, shapes: list[str], batches: list[int], dtype: str, iters: int,

@@ -115,7 +115,8 @@ class PipelineSettings:
     slots: int = setting(8, "KV-cache slots per worker: sequences in flight at once",
                          low=1, high=1024)
     max_len: int = setting(0, "positions per cache slot; 0 = the model's maximum", low=0)
-    micro_batches: int = setting(0, "batches cycling through the pipeline; 0 = one per worker",
+    micro_batches: int = setting(0, "batches cycling through the pipeline; 0 = workers + 1 "
+                                 "(1 for one worker), at most the slots",
                                  low=0, high=1024)
     run_dir: str = setting("", "private directory of the ipc sockets and the lock; \"\" = "
                            "$XDG_RUNTIME_DIR/dejavu-run or /tmp/dejavu-run-<uid>")

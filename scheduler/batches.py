@@ -44,9 +44,12 @@ class MicroBatches:
     def __init__(self, config: SchedulerConfig, groups: int,
                  detokenizer_factory: Callable[[], Detokenizer] | None = None) -> None:
         groups = max(1, min(groups, config.max_slots))
-        self.per_group = config.max_slots // groups
-        sub = SchedulerConfig(**{**config.__dict__, "max_slots": self.per_group})
-        self.cores = [Scheduler(sub, detokenizer_factory) for _ in range(groups)]
+        # Every slot belongs to a core: 8 slots in 3 cores are 3 + 3 + 2.
+        self.sizes = [config.max_slots // groups + (g < config.max_slots % groups)
+                      for g in range(groups)]
+        self.offsets = list(itertools.accumulate([0, *self.sizes[:-1]]))
+        self.cores = [Scheduler(SchedulerConfig(**{**config.__dict__, "max_slots": n}),
+                                detokenizer_factory) for n in self.sizes]
         self.config = config
         self.waiting: deque[tuple[str, list[int], SamplingParams]] = deque()
         self.owner: dict[str, int] = {}  # admitted request -> core
@@ -55,6 +58,7 @@ class MicroBatches:
         # Steps allowed in flight at once (``set_in_flight``; the process sizes it from the
         # measured stage and hop times with ``micro_batch_groups``).
         self.limit = len(self.cores)
+        self.peak = 0  # the most steps in flight at once so far
         self._turn = -1
 
     def set_in_flight(self, limit: int) -> None:
@@ -84,8 +88,8 @@ class MicroBatches:
     def _admit(self) -> None:
         while self.waiting:
             load = [self._load(g) for g in range(len(self.cores))]
-            g = min(range(len(self.cores)), key=load.__getitem__)
-            if load[g] >= self.per_group:
+            g = min(range(len(self.cores)), key=lambda g: load[g] - self.sizes[g])
+            if load[g] >= self.sizes[g]:
                 return
             rid, prompt, params = self.waiting.popleft()
             self.cores[g].add(rid, prompt, params)
@@ -111,11 +115,12 @@ class MicroBatches:
             step = core.schedule()
             if step is None:
                 continue
-            offset = g * self.per_group
+            offset = self.offsets[g]
             gid = next(self._ids)
             self.steps[gid] = (g, step.step_id)
             rows = [msgspec.structs.replace(r, slot=r.slot + offset) for r in step.rows]
             steps.append(Step(gid, rows, release=step.release))
+        self.peak = max(self.peak, len(self.steps))
         return steps
 
     def update(self, result: StepResult) -> list[Event]:

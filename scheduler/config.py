@@ -32,7 +32,7 @@ class PipelineConfig:
     devices: list[str] | None = None  # default: cuda:i per worker when there are GPUs, else cpu
     slots: int = 8  # KV-cache slots per worker: sequences in flight at once
     max_len: int = 0  # positions per slot; 0 = the model's max_position_embeddings
-    micro_batches: int = 0  # independent batches cycling through the pipeline; 0 = workers
+    micro_batches: int = 0  # batches cycling through the pipeline; 0 = default_micro_batches
     prefill_chunk: int = 512
     run_dir: str = ""  # "" = $XDG_RUNTIME_DIR/dejavu-run or /tmp/dejavu-run-<uid>
     control_address: str = ""  # "" = ipc:// in the run directory
@@ -83,10 +83,19 @@ class PipelineConfig:
 
     @property
     def batches(self) -> int:
-        return self.micro_batches or self.workers
+        return self.micro_batches or default_micro_batches(self.workers, self.slots)
 
     def with_overrides(self, **overrides: Any) -> PipelineConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def default_micro_batches(workers: int, slots: int) -> int:
+    """Cores (micro-batches) when none are configured: one worker runs one step at a time;
+    a pipeline of N gets N + 1 (bounded by the slots). With one step per stage, every stage
+    waits while steps cross the hops and come back through the scheduler; one step more
+    keeps the first stage fed meanwhile. The scheduler lowers the steps in flight to what
+    the measured stage and hop times need (``micro_batch_groups``), never above these."""
+    return 1 if workers == 1 else max(1, min(slots, workers + 1))
 
 
 # [pipeline] keys of dejavu.toml that map one to one onto PipelineConfig fields.

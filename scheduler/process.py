@@ -540,7 +540,8 @@ class PipelineServer:
             time.monotonic() - self.started, rate, list(self.stage_s), list(self.hop_s),
             self.config.model, self.max_len, self.model_config.vocab_size,
             self.has_tokenizer, list(self.densities), list(self.layer_densities),
-            list(self.paged_bytes))
+            list(self.paged_bytes), micro_batches=len(self.batches.cores),
+            in_flight_peak=self.batches.peak)
 
     def _bad_frame(self, what: str) -> None:
         self.bad_frames += 1

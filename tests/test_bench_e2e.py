@@ -25,10 +25,11 @@ def test_e2e_dry_run_measures_every_row(tmp_path):
     jpath, mpath = main(opts)
     res = json.loads(jpath.read_text())
     assert jpath.name.endswith("-e2e-small.json") and mpath.read_text().startswith("# End")
+    # Engine rows read their MLP rows staged (the default); random:0.1 also in place.
     rows = {(r["path"], r.get("select")): r for r in res["rows"]
-            if r.get("mlp_cold_rows") != "staged"}
-    staged = [r for r in res["rows"] if r.get("mlp_cold_rows") == "staged"]
-    assert len(staged) == 1 and staged[0]["b1"]["host_bytes_per_token"] == \
+            if r.get("mlp_cold_rows") != "in place"}
+    in_place = [r for r in res["rows"] if r.get("mlp_cold_rows") == "in place"]
+    assert len(in_place) == 1 and in_place[0]["b1"]["host_bytes_per_token"] == \
         rows[("engine", "random:0.1")]["b1"]["host_bytes_per_token"]  # the same rows, once
     for select in ("random:0.1", "random:0.1:0.5"):
         eng = rows[("engine", select)]

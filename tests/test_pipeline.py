@@ -49,6 +49,9 @@ def test_pipeline_tokens_equal_the_in_process_engine(tiny, reference, workers):
         after = conn.health()
         assert after.tokens_out == 8 * 12 * 2 + 3 * 10
         assert len(after.stage_s) == workers and len(after.hop_s) == workers - 1
+        # One step more than stages in flight (the default): all of them were used at once.
+        cores = 1 if workers == 1 else workers + 1
+        assert after.micro_batches == cores and after.in_flight_peak == cores
         if workers == 2:
             check_streaming_abort_and_bad_requests(conn, greedy)
 

@@ -220,6 +220,41 @@ def test_micro_batch_groups_cover_the_round_trip_over_the_slowest_stage():
         micro_batch_groups([1.0, float("nan")], [0.1], most=2)
 
 
+def test_two_stages_on_one_gpu_get_a_third_step_in_flight():
+    # The H100 run of 2026-12-06 (opt-1.3b, 8 streams, 2 workers on one GPU): stages 1.22
+    # and 2.69 ms, hop 1.60 ms. ceil(5.51 / 2.69) = 3 steps keep the slow stage busy; with
+    # one core per worker the scheduler could keep only 2.
+    from dejavu.scheduler.batches import micro_batch_groups
+    from dejavu.scheduler.config import default_micro_batches
+
+    cores = default_micro_batches(workers=2, slots=8)
+    assert cores == 3
+    assert micro_batch_groups([1.22e-3, 2.69e-3], [1.60e-3], most=cores) == 3
+    assert micro_batch_groups([2.0e-3, 2.0e-3], [0.0], most=cores) == 2  # free hops
+    assert default_micro_batches(workers=1, slots=8) == 1  # one stage: one step at a time
+    assert default_micro_batches(workers=4, slots=3) == 3  # never more cores than slots
+
+
+def test_cores_of_uneven_sizes_own_every_slot_once():
+    from dejavu.runtime.step import StepResult, TokenResult
+    from dejavu.scheduler.batches import MicroBatches
+    from dejavu.scheduler.core import SchedulerConfig
+
+    mb = MicroBatches(SchedulerConfig(max_slots=8, max_len=64, vocab_size=50, eos_id=2), 3)
+    assert mb.sizes == [3, 3, 2] and mb.offsets == [0, 3, 6]
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for i in range(9):
+        mb.add(f"r{i}", [5, 6], params)
+    steps = mb.schedule()
+    assert len(steps) == 3 and mb.peak == 3
+    slots = [r.slot for step in steps for r in step.rows]
+    assert sorted(slots) == list(range(8))  # eight streams at once, none lost to rounding
+    assert mb.queued() == 1
+    for step in steps:
+        mb.update(StepResult(step.step_id, [TokenResult(r.request_id, token=7)
+                                            for r in step.rows]))
+
+
 def test_in_flight_limit_holds_and_every_core_still_gets_turns():
     from dejavu.runtime.step import StepResult, TokenResult
     from dejavu.scheduler.batches import MicroBatches

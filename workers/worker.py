@@ -237,15 +237,16 @@ class Worker:
     def _on_data(self) -> None:
         frames = self.data_in.recv_multipart(copy=False)
         received = time.time()
-        if len(frames) == 1 and wire.is_selection_ahead(frames[0].buffer):
-            self._on_ahead(frames[0].buffer)
-            return
         if len(frames) not in (1, 2, 3):
             self._bad_frame("data", wire.WireError(f"{len(frames)} frames, expected 1 to 3"))
             return
         try:
-            if len(frames) == 1:
-                msg, hidden, carry = self._from_ring(frames[0].buffer)
+            if len(frames) == 1:  # decoded once: a selection sent ahead, or a slot header
+                lone = wire.decode_data(frames[0].buffer)
+                if isinstance(lone, wire.SelectionAhead):
+                    self._on_ahead(lone)
+                    return
+                msg, hidden, carry = self._from_ring(lone)
             else:
                 msg, hidden, carry = wire.decode_activations(
                     frames[0].buffer, frames[1].buffer, self.config.hidden_size,
@@ -266,12 +267,13 @@ class Worker:
         if not hmac.compare_digest(msg.token, self.setup.token):
             raise wire.WireError("activations without this cluster's token")
 
-    def _from_ring(self, header) -> tuple[wire.Activations, torch.Tensor, torch.Tensor | None]:
-        """A header alone: its tensors wait in a slot of this worker's ring. Only a header
-        with the cluster's token may read (and so free) a slot."""
+    def _from_ring(self, header: wire.Activations
+                   ) -> tuple[wire.Activations, torch.Tensor, torch.Tensor | None]:
+        """A header alone (decoded): its tensors wait in a slot of this worker's ring. Only
+        a header with the cluster's token may read (and so free) a slot."""
         if self.ring is None:
             raise wire.WireError("activations in a slot, but this worker offered no ring")
-        msg = self.ring.decode(header, self.config.hidden_size)
+        msg = self.ring.check(header, self.config.hidden_size)
         self._check_token(msg)
         hidden, carry = self.ring.take(msg)
         return msg, hidden, carry
@@ -290,11 +292,11 @@ class Worker:
             frames.append(wire.tensor_frame(carry))
         self.data_out.send_multipart(frames, copy=False)
 
-    def _on_ahead(self, frame) -> None:
+    def _on_ahead(self, lone: wire.SelectionAhead) -> None:
         c = self.config
         try:
-            msg = wire.decode_ahead(frame, num_heads=c.num_attention_heads, ffn_dim=c.ffn_dim,
-                                    num_layers=c.num_hidden_layers)
+            msg = wire.check_ahead(lone, num_heads=c.num_attention_heads, ffn_dim=c.ffn_dim,
+                                   num_layers=c.num_hidden_layers)
             if not hmac.compare_digest(msg.token, self.setup.token):
                 raise wire.WireError("a selection without this cluster's token")
         except wire.WireError as exc:
