@@ -165,10 +165,12 @@ def svd_init(clf: LowRankClassifier, layer) -> None:
         raise ValueError("mlp_init='svd' needs a pre-LN model (fc1 reads LN(x)); this one "
                          "normalises after each block: use mlp_init='random'")
     fc1, ln = layer.fc1, layer.final_layer_norm
-    w = fc1.weight.detach().float()
-    scale = ln.weight.float() if ln.weight is not None else torch.ones(w.shape[1])
-    shift = ln.bias.float() if ln.bias is not None else torch.zeros(w.shape[1])
-    bias = fc1.bias.float() if fc1.bias is not None else torch.zeros(w.shape[0])
+    # float64: LAPACK's float32 SVD differs in the last bits with the number of threads, and
+    # a resumed run (another process) must write the same predictors as an uninterrupted one.
+    w = fc1.weight.detach().double()
+    scale = ln.weight.double() if ln.weight is not None else torch.ones(w.shape[1]).double()
+    shift = ln.bias.double() if ln.bias is not None else torch.zeros(w.shape[1]).double()
+    bias = fc1.bias.double() if fc1.bias is not None else torch.zeros(w.shape[0]).double()
     u, sv, vh = torch.linalg.svd(w * scale.to(w.device), full_matrices=False)
     r = min(clf.down.weight.shape[0], sv.numel())  # a rank past fc1's own adds nothing: 0
     clf.down.weight.zero_()
