@@ -239,12 +239,7 @@ class PredictorSet:
         if not path.is_file():
             raise PredictorError(f"{path}: no such predictor file "
                                  "(train one with `dejavu-run train-predictors`)")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError) as exc:
-            raise PredictorError(f"{path}: not a readable safetensors file: {exc}") from None
+        meta, tensors = _read_safetensors(path)
         if meta.get("format") not in FORMATS:
             raise PredictorError(f"{path}: format {meta.get('format')!r}; this runtime reads "
                                  f"{' and '.join(FORMATS)}: retrain the predictors with "
@@ -380,12 +375,7 @@ def load_frequencies(path: str | Path, model: nn.Module | None = None, *,
     if not path.is_file():
         raise PredictorError(f"{path}: no such frequencies file "
                              "(`dejavu-run train-predictors` writes it beside the predictors)")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
-        raise PredictorError(f"{path}: not a readable safetensors file: {exc}") from None
+    meta, tensors = _read_safetensors(path)
     if meta.get("format") != FREQUENCIES_FORMAT:
         raise PredictorError(f"{path}: format {meta.get('format')!r}, expected "
                              f"{FREQUENCIES_FORMAT!r}")
@@ -426,3 +416,13 @@ def load_frequencies(path: str | Path, model: nn.Module | None = None, *,
                                      f"{tuple(heads[i].shape)} head frequencies, the model "
                                      f"({c.ffn_dim},) and ({c.num_attention_heads},)")
     return Frequencies(mlp, heads, tokens, head_k, fp)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(metadata, every tensor) of a safetensors file on the CPU; PredictorError naming the
+    file when it cannot be read as one (the predictor and the frequencies files alike)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise PredictorError(f"{path}: not a readable safetensors file: {exc}") from None
