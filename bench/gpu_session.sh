@@ -22,6 +22,14 @@
 #   PHASE=heads   bench/head_variants.py: head-sparse model variants, each trained for
 #                 HEADS_BUDGET s, then dense bpb, oracle and predictor head curves; HEADS_DATA
 #                 holds train.jsonl.xz, heldout.jsonl.xz and wikitext2_test.txt
+#   PHASE=heads-full  one full-length training of a head-sparse variant (tools/train_model.py;
+#                 default 16 heads of 32, random head dropout of half the heads of half the
+#                 tokens) under the shipped model's limits: --time-budget HEADS_BUDGET (540 s)
+#                 from process start to the end of its held-out/WikiText-2 evaluation, on the
+#                 whole training split (HEADS_DATA/train.jsonl.xz); the float16 model comes
+#                 back as 15 MiB parts (cat model.safetensors.part* > model.safetensors)
+#   PHASE=heads-pred  train-predictors (GPU, 100k tokens) for the model heads-full kept in /dev/shm
+#                 (KEEP_CKPT=1 on that call); predictors.safetensors comes back in parts
 #   PHASE=predictors  the captured decode with own-MLP-input predictors (test_graphs,
 #                 test_fused_select: fused selection reading each layer's own LayerNorm), then
 #                 the shipped predictors' held-out recall and the CPU sweep grid on 24 books
@@ -107,6 +115,36 @@ heads)
         --docs 6 --chars 24000 --set warmup=100 --work /dev/shm/head_variants --out "$out" \
         2>&1 | tee "$out/heads.log" | tail -40
     rm -rf /dev/shm/head_variants
+    ;;
+heads-full)
+    data=${HEADS_DATA:-.carry/heads}
+    work=/dev/shm/heads-full; rm -rf $work
+    timeout 590 python3 -m dejavu.tools.train_model --corpus "$data/train.jsonl.xz" \
+        --tokenizer models/opt-gutenberg-31m/tokenizer.json --out $work \
+        --heldout "$data/heldout.jsonl.xz" --wikitext "$data/wikitext2_test.txt" \
+        --heads ${HEADS_N:-16} --head-policy ${HEADS_POLICY:-drop} --head-fraction 0.5 \
+        --time-budget ${HEADS_BUDGET:-540} --reserve ${HEADS_RESERVE:-110} 2>&1 \
+        | tee "$out/train.log" | tail -30
+    cp $work/config.json $work/metrics.json "$out/" 2>/dev/null
+    (cd $work && sha256sum model.safetensors && split -b 15728640 -d -a 2 model.safetensors \
+        "$out/model.safetensors.part") | tee -a "$out/train.log"
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf $work
+    ;;
+heads-pred)
+    # The predictors of the model heads-full left in /dev/shm (KEEP_CKPT=1 on that call), as the
+    # shipped ones were made (README) but on the GPU, with head predictors at 8 epochs and the
+    # file's default operating point at HEADS_POINT of the heads.
+    data=${HEADS_DATA:-.carry/heads}
+    work=/dev/shm/heads-full
+    timeout ${PRED_TIMEOUT:-300} python3 -c "from dejavu.tools.cli import app; app()" \
+        train-predictors --model $work --data "$data/train.jsonl.xz" --out $work/predictors \
+        --tokens 100000 --select threshold --mlp-recall 0.96 --head-point ${HEADS_POINT:-0.5} \
+        --device cuda 2>&1 | tee "$out/train-predictors.log" | tail -25
+    cp $work/predictors/report.md $work/predictors/report.json "$out/" 2>/dev/null
+    (cd $work/predictors && sha256sum *.safetensors && cp frequencies.safetensors "$out/" \
+        && split -b 15728640 -d -a 2 predictors.safetensors "$out/predictors.safetensors.part") \
+        | tee -a "$out/train-predictors.log"
+    rm -rf $work
     ;;
 predictors)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_graphs.py \
