@@ -9,6 +9,10 @@
   directory ($XDG_RUNTIME_DIR/dejavu-run) must not find one that someone else on this
   machine started; each test session gets a private XDG_RUNTIME_DIR (subprocesses inherit
   it).
+- ``tiny`` and ``greedy``: the pipeline tests' tiny random checkpoint (one per test module)
+  and the in-process engine's greedy tokens for its PROMPTS, what every pipeline must
+  return (`pipeline_fixtures.py`; imported when a test asks for them, so the kernel tests
+  do not load the scheduler).
 """
 
 from __future__ import annotations
@@ -46,3 +50,21 @@ def _private_runtime_dir():
         else:
             os.environ["XDG_RUNTIME_DIR"] = saved
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from pipeline_fixtures import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny) -> list[list[int]]:
+    from pipeline_fixtures import GREEDY, PROMPTS
+
+    from dejavu.runtime.checkpoint import load_model
+    from dejavu.scheduler.engine import Engine
+
+    engine = Engine(load_model(tiny), max_batch=8, max_len=128)
+    return [engine.generate(p, GREEDY).tokens for p in PROMPTS]

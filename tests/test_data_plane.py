@@ -144,17 +144,6 @@ def test_a_ring_file_is_private_and_removed_on_close():
 # --- pipelines of real processes ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def greedy(tiny):
-    engine = Engine(load_model(tiny), max_batch=8, max_len=128)
-    return [engine.generate(p, GREEDY).tokens for p in PROMPTS]
-
-
 def hop_counts(log: str) -> tuple[int, int]:
     """(through rings, through sockets) received, summed over the workers' closing lines."""
     found = re.findall(r"received (\d+) hop\(s\) through its ring, (\d+) through the socket",

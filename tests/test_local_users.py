@@ -24,16 +24,13 @@ from pipeline_fixtures import (
     PROMPTS,
     cluster,
     config,
-    make_tiny_model,
     read_log,
     short_dir,
     wait_until,
 )
 
 from dejavu.runtime import wire
-from dejavu.runtime.checkpoint import load_model
 from dejavu.runtime.sampling import SamplingParams
-from dejavu.scheduler.engine import Engine
 from dejavu.scheduler.launch import Cluster, launch
 from dejavu.scheduler.rundir import RunDir, RunDirError
 from dejavu.scheduler.zmq_client import PipelineConnection
@@ -56,17 +53,6 @@ def _other_user_can_run_python() -> bool:
 
 
 AS_OTHER_USER = _other_user_can_run_python()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def greedy(tiny):
-    engine = Engine(load_model(tiny), max_batch=8, max_len=128)
-    return [engine.generate(p, GREEDY).tokens for p in PROMPTS]
 
 
 def free_port() -> int:

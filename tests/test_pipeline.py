@@ -19,14 +19,8 @@ SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=123
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny):
+def reference(tiny, greedy):
     engine = Engine(load_model(tiny), max_batch=8, max_len=128)
-    greedy = [engine.generate(p, GREEDY).tokens for p in PROMPTS]
     sampled = [engine.generate(p, SAMPLED).tokens for p in PROMPTS[:3]]
     return greedy, sampled
 

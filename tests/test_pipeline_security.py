@@ -10,7 +10,7 @@ import time
 
 import pytest
 import zmq
-from pipeline_fixtures import GREEDY, PROMPTS, cluster, config, make_tiny_model, read_log, short_dir
+from pipeline_fixtures import GREEDY, PROMPTS, cluster, config, read_log, short_dir
 
 from dejavu.runtime import wire
 from dejavu.runtime.checkpoint import load_model
@@ -28,11 +28,6 @@ from dejavu.scheduler.transport import (
 from dejavu.scheduler.zmq_client import PipelineConnection
 
 HOST = "127.0.0.2"  # loopback, but not a default address: it needs CURVE like a LAN address
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import zmq
-from pipeline_fixtures import GREEDY, PROMPTS, cluster, make_tiny_model, read_log, short_dir
+from pipeline_fixtures import GREEDY, PROMPTS, cluster, read_log, short_dir
 
 from dejavu.runtime import wire
 from dejavu.runtime.checkpoint import load_model
@@ -29,11 +29,6 @@ from dejavu.scheduler.zmq_client import PipelineConnection, SchedulerGone
 SLEEP_S = 4.0  # the slow step: longer than the client's dead_s below
 DEAD_S = 2.5
 SILENCE_S = 0.5
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def health(state: str, detail: str = "") -> wire.Health:

@@ -16,27 +16,14 @@ from collections.abc import Collection
 import msgspec
 import pytest
 import zmq
-from pipeline_fixtures import GREEDY, PROMPTS, alive, cluster, make_tiny_model, read_log, wait_until
+from pipeline_fixtures import GREEDY, PROMPTS, alive, cluster, read_log, wait_until
 
 from dejavu.runtime import wire
-from dejavu.runtime.checkpoint import load_model
 from dejavu.runtime.sampling import SamplingParams
 from dejavu.runtime.step import Row, Step, StepResult
-from dejavu.scheduler.engine import Engine
 from dejavu.scheduler.zmq_client import PipelineConnection
 
 LONG = SamplingParams(max_new_tokens=110, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def greedy(tiny):
-    engine = Engine(load_model(tiny), max_batch=8, max_len=128)
-    return [engine.generate(p, GREEDY).tokens for p in PROMPTS]
 
 
 def start_three(conn: PipelineConnection, timeout_s: float = 60.0) -> dict[str, int]:
