@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..runtime import wire
+from ..runtime.pids import process_alive
 
 FREE, FILLED = 0, 1
 MAGIC = 0x444A5652494E4731  # "DJVRING1": the file is a ring of this module
@@ -66,16 +67,6 @@ def slot_bytes_for(slots: int, max_len: int, hidden_size: int, dtype: torch.dtyp
 # --- the shared state file -------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _sweep_stale() -> None:
     """Remove ring files of this user whose owner died without closing them (kill -9)."""
     for path in SHM_DIR.glob(f"{PREFIX}-{os.getuid()}-*"):
@@ -83,7 +74,7 @@ def _sweep_stale() -> None:
             pid = int(path.name.split("-")[3])
         except (IndexError, ValueError):
             continue
-        if not _alive(pid):
+        if pid > 0 and not process_alive(pid):
             path.unlink(missing_ok=True)
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import os
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ...runtime.pids import process_alive
 from ...runtime.sampling import SamplingError, SamplingParams
 from ..client import EngineClient, EngineHealth
 from .connections import Guard
@@ -84,7 +84,7 @@ class Context:
         if not health.ok or cluster is None:
             return health
         gone = [w for w in health.workers
-                if isinstance(w.get("pid"), int) and w.get("pid") and not _process_alive(w["pid"])]
+                if isinstance(w.get("pid"), int) and w.get("pid") and not process_alive(w["pid"])]
         if not gone:
             return health
         workers = [dict(w, alive=w not in gone and w.get("alive", False))
@@ -205,20 +205,6 @@ class Context:
             if key not in out or logprob > out[key]:
                 out[key] = logprob
         return out
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an exited child that nobody has reaped yet is a zombie: gone all the same
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return True  # no /proc here: trust kill(0)
 
 
 class Offsets:
