@@ -378,7 +378,7 @@ def _check_combinations(settings: Settings) -> None:
             f"{budget!r} needs [model] dtype = \"float16\" or \"bfloat16\" (layers that do not "
             f"fit run on the Triton kernels, which support only those), but dtype is "
             f"\"float32\" (from {_where(settings, 'model.dtype')}); set [model] dtype = "
-            "\"float16\" in dejavu.toml (generate: --dtype float16) or remove gpu_memory_gib")
+            "\"float16\" in dejavu.toml (or pass --dtype float16) or remove gpu_memory_gib")
     sparsity = settings.sparsity
     if sparsity.selector == "random" and (sparsity.mlp_density is None
                                           or sparsity.head_density is None):

@@ -43,6 +43,10 @@ RUN_DIR = typer.Option(None, "--run-dir", help="run directory of the launch to j
 GPU_MEMORY_GIB = typer.Option(None, "--gpu-memory-gib",
                               help="GPU memory per worker (GiB); layers beyond it are "
                               "offloaded to host memory (float16/bfloat16)")
+# One definition of the model dtype (generate, eval, chat, serve); unset, [model] dtype
+# decides. Validated with the settings: a bad value is one line naming it.
+DTYPE = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 [default: float32, "
+                     "or [model] dtype]")
 # One definition of the penalty options for the commands that sample (generate, chat);
 # unset, [generation] in dejavu.toml decides.
 REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", help="divide the logits of "
@@ -95,7 +99,7 @@ def generate(
     stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable); the text "
                                    "and the tokens end before it"),
     device: str = typer.Option(None, "--device", help="cpu | cuda"),
-    dtype: str = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
+    dtype: str = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
     sparse: bool = typer.Option(None, "--sparse/--dense",
@@ -210,7 +214,7 @@ def eval_command(
                                    "perplexity and bits per byte (repeatable)"),
     limit: int = typer.Option(None, "--limit", help="first N rows (lines of a .txt)"),
     device: str = typer.Option(None, "--device", help="cpu | cuda"),
-    dtype: str = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
+    dtype: str = DTYPE,
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
     window: int = typer.Option(1024, "--window", help="text: tokens per window"),
     stride: int = typer.Option(512, "--stride", help="text: new tokens scored per window"),
@@ -267,6 +271,7 @@ def serve(
     served_model_name: str = typer.Option(None, "--served-model-name",
                                           help="the model name clients use (default --model)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    dtype: str = DTYPE,
     gpu_memory_gib: float = GPU_MEMORY_GIB,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, metrics)."""
@@ -288,7 +293,8 @@ def serve(
             "pip install -e '.[serve]' (or 'dejavu-run[serve]')")) from None
 
     try:
-        settings = load_settings(config, {"model.path": model, "serve.host": host,
+        settings = load_settings(config, {"model.path": model, "model.dtype": dtype,
+                                          "serve.host": host,
                                           "serve.port": port, "pipeline.workers": workers,
                                           "pipeline.gpu_memory_gib": gpu_memory_gib,
                                           "pipeline.run_dir": run_dir})
@@ -506,6 +512,7 @@ def chat(
     sparse: bool = typer.Option(None, "--sparse/--dense", help="in-process chat: contextual "
                                 "sparsity (default: when predictors exist)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    dtype: str = DTYPE,
     gpu_memory_gib: float = GPU_MEMORY_GIB,
     repetition_penalty: float = typer.Option(
         None, "--repetition-penalty", help="divide the logits of tokens seen in the "
@@ -525,10 +532,11 @@ def chat(
 
     try:
         settings = load_settings(config, {
-            "model.path": model, "pipeline.workers": workers, "pipeline.run_dir": run_dir,
-            "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
-            "generation.top_p": top_p, "generation.top_k": top_k,
-            "generation.seed": seed, "pipeline.gpu_memory_gib": gpu_memory_gib,
+            "model.path": model, "model.dtype": dtype, "pipeline.workers": workers,
+            "pipeline.run_dir": run_dir, "generation.max_new_tokens": max_new_tokens,
+            "generation.temperature": temperature, "generation.top_p": top_p,
+            "generation.top_k": top_k, "generation.seed": seed,
+            "pipeline.gpu_memory_gib": gpu_memory_gib,
             **_penalties(repetition_penalty, frequency_penalty, presence_penalty, min_p)})
         target = choose(settings, connect=connect, run_dir=run_dir)
         code = start_chat(settings, target=target, template=template, sparse=sparse)
