@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .rundir import default_run_dir, running_launch
@@ -82,16 +83,20 @@ _JOIN_KEEPS = {"model.path", "pipeline.workers", "pipeline.run_dir", "pipeline.k
 _LAUNCH_SECTIONS = ("model.", "sparsity.", "pipeline.")
 
 
-def ignored_on_join(settings, address: str, *, sparse: bool | None = None) -> str:
+def ignored_on_join(settings, address: str, *, sparse: bool | None = None,
+                    others: Sequence[str] = ()) -> str:
     """A warning naming the command-line flags that the running launch at ``address``
     settled when it started (device, dtype, GPU budget, sparsity, ...); "" when none was
-    given. ``sparse`` is the command's --sparse/--dense (None: not given)."""
+    given. ``sparse`` is the command's --sparse/--dense (None: not given); ``others`` are
+    flags of the command that are no settings key but that the launch settles all the same
+    (serve's "--max-batch 4": its slots), as given."""
     flags = [f"--{key.split('.', 1)[1].replace('_', '-')} {_value(settings, key)}"
              for key, source in sorted(settings.sources.items())
              if source == "command line" and key.startswith(_LAUNCH_SECTIONS)
              and key not in _JOIN_KEEPS]
     if sparse is not None:
         flags.insert(0, "--sparse" if sparse else "--dense")
+    flags += others
     if not flags:
         return ""
     return (f"warning: ignored: {', '.join(flags)}: the launch at {address} was started "

@@ -124,6 +124,10 @@ def test_ignored_on_join_names_only_what_the_launch_settled():
     assert ignored_on_join(sampling_only, "ipc:///r/c.sock") == ""
     assert ignored_on_join(sampling_only, "a", sparse=True).startswith(
         "warning: ignored: --sparse: the launch at a ")
+    assert ignored_on_join(given, "a", sparse=False, others=["--max-batch 4"]).startswith(
+        "warning: ignored: --dense, --device cpu, --max-batch 4: the launch at a ")
+    assert ignored_on_join(sampling_only, "a", others=["--max-batch 4"]).startswith(
+        "warning: ignored: --max-batch 4: the launch at a ")
 
 
 def test_a_launch_of_another_model_is_not_joined(launched, tmp_path):
@@ -172,7 +176,7 @@ def test_without_a_launch_chat_runs_in_this_process(model):
     assert "starting a launch" not in out.stderr
 
 
-def test_serve_joins_the_running_launch(launched, model, tmp_path):
+def test_serve_joins_the_running_launch(launched, model):
     pytest.importorskip("fastapi")
     import socket
     import urllib.request
@@ -181,10 +185,8 @@ def test_serve_joins_the_running_launch(launched, model, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = tmp_path / "dejavu.toml"  # a budget needs a 16-bit dtype; serve has no --dtype
-    config.write_text('[model]\ndtype = "bfloat16"\n')
     proc = subprocess.Popen([*CLI, "serve", "--model", str(model), "--port", str(port),
-                             "--config", str(config), "--gpu-memory-gib", "3"],
+                             "--dtype", "bfloat16", "--gpu-memory-gib", "3", "--max-batch", "4"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "XDG_RUNTIME_DIR": str(xdg)})
     try:
@@ -195,7 +197,8 @@ def test_serve_joins_the_running_launch(launched, model, tmp_path):
                 break
         text = "".join(lines)
         assert f"joined the launch at ipc://{run_dir}/client.sock: 2 worker(s)" in text, text
-        assert "warning: ignored: --gpu-memory-gib 3.0: the launch at" in text, text
+        assert ("warning: ignored: --dtype bfloat16, --gpu-memory-gib 3.0, --max-batch 4: the "
+                "launch at") in text, text
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(
                 {"model": str(model), "prompt": "the cat", "max_tokens": 3}).encode(),

@@ -267,7 +267,9 @@ def serve(
                                 help="serve the launch at this client address"),
     run_dir: str = RUN_DIR,
     model: str = typer.Option(None, "--model", help="checkpoint directory or Hugging Face id"),
-    max_batch: int = typer.Option(8, "--max-batch", help="sequences decoded together"),
+    max_batch: int = typer.Option(None, "--max-batch", help="sequences decoded together by "
+                                  "the engine serve runs or starts [default: 8]; a launch it "
+                                  "joins keeps its own"),
     served_model_name: str = typer.Option(None, "--served-model-name",
                                           help="the model name clients use (default --model)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
@@ -301,7 +303,9 @@ def serve(
         target = choose(settings, connect=connect, run_dir=run_dir)
         if target.note:
             typer.echo(target.note, err=True)
-        if target.kind == "connect" and (ignored := ignored_on_join(settings, target.address)):
+        given = [f"--max-batch {max_batch}"] if max_batch is not None else []
+        if target.kind == "connect" and (ignored := ignored_on_join(settings, target.address,
+                                                                    others=given)):
             typer.echo(ignored, err=True)
         run_server(settings, options_from_settings(
             settings, api_key=read_api_key(api_key, api_key_file), max_batch=max_batch,

@@ -43,11 +43,14 @@ class ServeOptions:
     limits: ServeLimits = field(default_factory=ServeLimits)
 
 
-def options_from_settings(settings, *, api_key: str | None = None, max_batch: int = 8,
-                          model_name: str | None = None, connect: str | None = None,
+def options_from_settings(settings, *, api_key: str | None = None,
+                          max_batch: int | None = None, model_name: str | None = None,
+                          connect: str | None = None,
                           workers: int | None = None) -> ServeOptions:
     """ServeOptions from dejavu.toml's [serve] and [pipeline] (already merged with the
-    command line) plus the options that only the command line has."""
+    command line) plus the options that only the command line has (None: not given)."""
+    if max_batch is None:
+        max_batch = ServeOptions.max_batch
     if max_batch < 1:
         raise ServeError(f"--max-batch {max_batch}: expected at least 1")
     if api_key is not None and not api_key.strip():
