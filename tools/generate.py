@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -25,6 +25,7 @@ from ..runtime.predictors import PredictorError
 from ..runtime.sampling import SamplingError, SamplingParams
 from ..runtime.selection import SelectionError
 from ..runtime.settings import Settings, SettingsError
+from ..runtime.sparse import SparseStats
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from ..scheduler.core import Event, RequestError
 from ..scheduler.engine import Engine
@@ -128,15 +129,40 @@ def run_generate(settings: Settings, request: GenerateRequest, *, as_json: bool,
 
     engine, built = build_engine(settings, tokenizer, max_len=len(ids) + params.max_new_tokens,
                                   err=err)
+    stats = engine.stage.sparse_stats
+    after_prefill: list[SparseStats] = []
     with torch.inference_mode():
-        result = print_stream(engine.stream(ids, params), ids, out, as_json=as_json)
+        events = _mark_prefill(engine.stream(ids, params), stats, after_prefill)
+        result = print_stream(events, ids, out, as_json=as_json)
     if engine.stage.selector is not None:
-        result["sparsity"] = sparsity_report(engine.stage.sparse_stats)
+        result["sparsity"] = sparsity_report(stats)
+        result["decode_sparsity"] = decode_report(stats, after_prefill)
     report = offload_report(built)  # after the run: it counts the host bytes read
     if report is not None:
         result["offload"] = report
     finish_output(result, out, as_json=as_json)
     return result
+
+
+def _mark_prefill(events: Iterator[Event], stats: SparseStats,
+                  after_prefill: list[SparseStats]) -> Iterator[Event]:
+    """``events`` as they come; at the first token (the prompt's prefill done, no decode
+    step run yet: the in-process engine steps only when asked for the next event) a
+    snapshot of ``stats`` goes into ``after_prefill``."""
+    for event in events:
+        if event.token is not None and not after_prefill:
+            after_prefill.append(stats.snapshot())
+        yield event
+
+
+def decode_report(stats: SparseStats, after_prefill: list[SparseStats]) -> dict | None:
+    """``sparsity_report`` of the generated tokens' decode steps alone (the prompt's
+    prefill left out), with ``decode_steps``; None when no decode step ran (one token)."""
+    decode = stats.since(after_prefill[0]) if after_prefill else SparseStats()
+    if not decode.layers:
+        return None
+    steps = max(layer.tokens for layer in decode.layers.values())
+    return {**sparsity_report(decode), "decode_steps": steps}
 
 
 def build_engine(settings: Settings, tokenizer: Tokenizer | None, *, max_len: int,
