@@ -104,6 +104,7 @@ def test_layerwise_equals_whole_model_trainer(tiny, tmp_path):
     assert_same(tmp_path / "p", model_dir, ref)
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert not report["layerwise"]["spill"] and not (tmp_path / "p" / "partial").exists()
+    assert report["data"] == str(text)  # the calibration file, not the collected tensors
     # The report has every calibrated recall point per layer, and the markdown shows them.
     assert set(report["layers"][0]["points"]) >= {"0.9", "0.95", "0.99"}
     assert "recall 0.95" in (tmp_path / "p" / "report.md").read_text()

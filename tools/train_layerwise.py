@@ -455,10 +455,10 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         bufs.flush()
         if stall_in_layer == layer:
             time.sleep(3600)
-        data = Collected({layer: bufs.source[layer % 2]}, {layer: bufs.bits},
-                         {layer: bufs.norms}, c.ffn_dim, n, {layer: bufs.mlp_in})
+        collected = Collected({layer: bufs.source[layer % 2]}, {layer: bufs.bits},
+                              {layer: bufs.norms}, c.ffn_dim, n, {layer: bufs.mlp_in})
         bar.start(f"{tag} fit", fit_steps(cfg, split["train"].numel()), "step")
-        row = train_layer(data, layer, split, preds, cfg, dev, tables=tables,
+        row = train_layer(collected, layer, split, preds, cfg, dev, tables=tables,
                           progress=bar.advance)
         freq.mlp[layer], freq.heads[layer] = layer_frequencies(
             bufs.bits, bufs.norms, c.ffn_dim, head_k, dev)
