@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..kernels.rows import check_ids_on_cpu
 from ..runtime.graphs import DecodeGraphs, _Captured
 from ..runtime.model import OPTModel
 from ..runtime.opt_config import OPTConfig
@@ -43,44 +45,114 @@ _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_st
               "lift_fresh", "detach", "alias", "_local_scalar_dense", "set_", "resize_"}
 
 
+# Aten calls that make the host wait for the device on a GPU: their result's size or value
+# is read back (nonzero and what is built on it, item/int/bool of a tensor).
+SYNC_OPS = {"nonzero", "_local_scalar_dense", "item", "masked_select", "_unique2", "unique_dim",
+            "unique_consecutive", "unique", "equal", "is_nonzero", "allclose"}
+
+
+def _is_sync(func, args, kwargs) -> bool:
+    """Whether one aten call would synchronise with the device: a sync op, a
+    repeat_interleave without its output size, or indexing with a boolean mask (a nonzero
+    inside the kernel, not seen by a dispatch mode)."""
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return True
+    if name == "repeat_interleave":
+        return (kwargs or {}).get("output_size") is None
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else (kwargs or {}).get("indices", ())
+        return any(t is not None and getattr(t, "dtype", None) == torch.bool
+                   for t in indices)
+    return False
+
+
+# Work a GPU never does: the kernels' range checks of index tensors run on a CPU only.
+_CPU_ONLY = {check_ids_on_cpu.__code__}
+
+
+def _cpu_only() -> bool:
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code in _CPU_ONLY:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _AtenLaunches(TorchDispatchMode):
     """Counts aten calls that would launch a kernel on a GPU (not views, not allocations),
-    except while ``paused`` (a Triton kernel's own tensor work in the interpreter)."""
+    except while ``paused`` (a Triton kernel's own tensor work in the interpreter), and the
+    calls that would synchronise the host with the device (``syncs``, by op in
+    ``sync_ops``; ``Tensor.tolist`` is counted by ``counting``, it dispatches nothing on a
+    CPU)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.syncs = 0
+        self.sync_ops: dict[str, int] = {}
+        self.ops: dict[str, int] = {}  # launches by aten op
         self.paused = False
 
+    def sync(self, name: str) -> None:
+        self.syncs += 1
+        self.sync_ops[name] = self.sync_ops.get(name, 0) + 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused and not func.is_view \
-                and func.overloadpacket.__name__ not in _NO_LAUNCH:
-            self.count += 1
+        if not self.paused and not _cpu_only():
+            name = func.overloadpacket.__name__
+            if not func.is_view and name not in _NO_LAUNCH:
+                self.count += 1
+                self.ops[name] = self.ops.get(name, 0) + 1
+            if _is_sync(func, args, kwargs):
+                self.sync(name)
         return func(*args, **(kwargs or {}))
 
 
-def _count_cpu(fn) -> int:
-    """Launches of ``fn()`` on a CPU under Triton's interpreter."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+def counting(fn) -> _AtenLaunches:
+    """Run ``fn()`` under Triton's interpreter (a CPU) or on CUDA with every aten call
+    and Triton launch counted (see ``_AtenLaunches``); returns the counter."""
     mode = _AtenLaunches()
-    run = InterpretedFunction.run
+    patched = []
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - triton without its interpreter
+        InterpretedFunction = None
+    if InterpretedFunction is not None:
+        run = InterpretedFunction.run
 
-    def counted(self, *args, **kwargs):
-        mode.count += 1
-        mode.paused = True
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            mode.paused = False
+        def counted(self, *args, **kwargs):
+            mode.count += 1
+            mode.paused = True
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                mode.paused = False
+        InterpretedFunction.run = counted
+        patched.append((InterpretedFunction, "run", run))
+    tolist = torch.Tensor.tolist
 
-    InterpretedFunction.run = counted
+    def counted_tolist(self):
+        if not mode.paused:
+            mode.sync("tolist")
+        return tolist(self)
+    torch.Tensor.tolist = counted_tolist
+    patched.append((torch.Tensor, "tolist", tolist))
     try:
         with mode:
             fn()
     finally:
-        InterpretedFunction.run = run
-    return mode.count
+        for owner, name, real in patched:
+            setattr(owner, name, real)
+    return mode
+
+
+def _count_cpu(fn) -> int:
+    """Launches of ``fn()`` on a CPU under Triton's interpreter."""
+    return counting(fn).count
 
 
 def _count_cuda(fn) -> int:

@@ -6,7 +6,8 @@
 #   PHASE=e2e     bench/bench_e2e.py: offloaded OPT-13B through the product vs accelerate,
 #                 FlexGen and the resident step (rows past E2E_BUDGET seconds are skipped),
 #                 then bench/profile_offload.py step: one decode step under torch.profiler
-#                 (gather GB/s, kernels, syncs, launches) on the same checkpoint
+#                 (gather GB/s, kernels, syncs, launches) on the same checkpoint, and
+#                 profile_offload count: host syncs and launches per offloaded layer
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
 #   PHASE=fused   the GPU tests of the captured sparse step (fused predictor selection, padded
 #                 buckets), then the engine's decode step at the OPT-13B shape: dense, random
@@ -69,6 +70,11 @@ e2e)
             --heads $heads --table --out "$out/profile-offload-heads$heads.json" 2>&1 \
             | tee -a "$out/profile_offload.log" | tail -30
     done
+    # Host syncs and launches per offloaded layer and decode step (a small model: seconds),
+    # and the padded-union decode under CUDA's sync debug mode set to error.
+    timeout 120 python3 -m dejavu.bench.profile_offload count --heads 1.0,0.5 \
+        --out "$out/count-offload.json" 2>&1 | tee -a "$out/profile_offload.log" | tail -40
+    timeout 120 python3 -m pytest -q tests/test_offload_decode.py -k "sync" 2>&1 | tail -4
     [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
     ;;
 train)

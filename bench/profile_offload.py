@@ -3,6 +3,7 @@
     python -m dejavu.bench.profile_offload placement            # CPU: bytes, shipped model
     python -m dejavu.bench.profile_offload step --shape opt-13b --gpu-memory-gib 14 \\
         --checkpoint-dir /dev/shm/dejavu-e2e-opt-13b             # GPU: one decode step
+    TRITON_INTERPRET=1 python -m dejavu.bench.profile_offload count --heads 1.0,0.5
 
 ``placement`` (CPU, counted not timed): the shipped model's own predictors select rows on
 held-out text; the first half of the tokens measures each neuron's firing frequency (what
@@ -16,6 +17,14 @@ densities.
 (runtime/build.py), decode steps at batch 1 under torch.profiler: step time, the gathers'
 time and GB/s over the link, the sparse kernels' time, K/V completion, launches and
 host synchronisations (cudaStreamSynchronize, cudaMemcpy D2H) per step.
+
+``count`` (CPU under Triton's interpreter, or a GPU): per offloaded layer and decode step, the
+host synchronisations (aten calls that read the device: nonzero, item, masked_select, boolean
+indexing, tolist...) and the launches (aten calls that are not views or allocations, plus
+Triton kernels; on a GPU also the profiler's device events), at batch 1 after a prefill of
+half the heads, with every head or a share of them selected per step. A small random model
+(fp16) runs two spans, 2 and 4 offloaded layers after a resident one; per layer = difference
+/ 2. Selections are drawn before the step (no selector work counted): only the runtime's.
 
 What this does not know: the peers (bench_e2e.py) or a worker's own profile (a worker
 writes one with DEJAVU_PROFILE_DIR, workers/runner.py).
@@ -204,6 +213,107 @@ def step_profile(args) -> dict:
     return out
 
 
+def _count_config(layers: int):
+    from ..runtime.opt_config import OPTConfig
+
+    return OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers, ffn_dim=256,
+                     num_attention_heads=8, max_position_embeddings=64,
+                     word_embed_proj_dim=64)
+
+
+class _Drawn:
+    """Masks drawn before a step: ``heads`` of the heads and ``mlp`` of the neurons per
+    token, per offloaded layer, from a seeded generator (new masks after each ``redraw``);
+    the resident layer 0 stays dense, so that it counts the same in every span."""
+
+    def __init__(self, config, heads: float, mlp: float, device, seed: int = 0) -> None:
+        self.config, self.heads, self.mlp, self.device = config, heads, mlp, device
+        self.g = torch.Generator().manual_seed(seed)
+        self.masks: dict[int, tuple] = {}
+
+    def redraw(self, batch: int, tokens: int) -> None:
+        c = self.config
+        self.masks = {lid: (self._mask(batch, tokens, c.num_attention_heads, self.heads),
+                            self._mask(batch, tokens, c.ffn_dim, self.mlp))
+                      for lid in range(1, c.num_hidden_layers)}
+
+    def _mask(self, b: int, t: int, n: int, share: float):
+        k = max(1, round(share * n))
+        top = torch.rand(b, t, n, generator=self.g).topk(k, -1).indices
+        mask = torch.zeros(b, t, n, dtype=torch.bool).scatter_(-1, top, True)
+        return mask.to(self.device)
+
+    def __call__(self, layer_id: int, source):
+        from ..runtime.sparse import Selection
+
+        if layer_id not in self.masks:
+            return Selection()
+        heads, neurons = self.masks[layer_id]
+        return Selection(heads=heads, neurons=neurons)
+
+
+def count_span(layers: int, heads: float, device: torch.device, prompt: int = 12,
+               steps: int = 2) -> dict:
+    """Syncs and launches of one decode step (the last of ``steps``) of a model whose
+    layers 1.. are offloaded (layer 0 resident), after a prefill of ``prompt`` tokens."""
+    from ..runtime.model import Batch, KVCache, OPTModel
+    from ..runtime.offload import OffloadSelector, move_resident, offload_layers
+    from ..runtime.sparse import SparseContext, SparseStats
+    from ..runtime.sparse_backend import use_backend
+    from .count_launches import _count_cuda, counting
+
+    config = _count_config(layers)
+    model = OPTModel(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model = model.to(torch.float16).eval().requires_grad_(False)
+    offloaded = list(range(1, layers))
+    offload_layers(model, offloaded, device=device)
+    move_resident(model, device)
+    use_backend(model, "triton" if device.type == "cuda" else "auto")
+    cache = KVCache(config, model.layer_ids, 1, config.max_position_embeddings,
+                    dtype=torch.float16, device=device, keep_inputs=True)
+    drawn = _Drawn(config, 0.5, 0.3, device)
+    selector = OffloadSelector(drawn, offloaded, config)
+    slots = torch.zeros(1, dtype=torch.long, device=device)
+
+    def run(tokens, start: int):
+        t = tokens.shape[1]
+        pos = torch.arange(start, start + t, device=device)[None]
+        ctx = SparseContext(selector, stats=SparseStats(), dense_above=1.01)
+        return model(tokens, Batch(pos, slots, cache, ctx, length=start + t))
+
+    with torch.inference_mode():
+        drawn.redraw(1, prompt)  # the prefill skips half the heads: decode completes them
+        logits = run(torch.arange(4, 4 + prompt, device=device)[None], 0)
+        drawn.heads = heads
+        for i in range(steps):
+            drawn.redraw(1, 1)
+            tok = logits[:, -1].argmax(-1)[:, None]
+            if i < steps - 1:
+                logits = run(tok, prompt + i)
+        step = prompt + steps - 1
+        mode = counting(lambda: run(tok, step))
+        events = _count_cuda(lambda: run(tok, step)) if device.type == "cuda" else None
+    return {"launches": mode.count, "syncs": mode.syncs, "sync_ops": mode.sync_ops,
+            "device_events": events}
+
+
+def count(args) -> dict:
+    """``count_span`` at 3 and 5 layers (2 and 4 offloaded): per offloaded layer."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"device": device.type, "rows": []}
+    for heads in (float(h) for h in args.heads.split(",")):
+        low, high = count_span(3, heads, device), count_span(5, heads, device)
+        row = {"heads": heads}
+        for key in ("launches", "syncs", "device_events"):
+            if low[key] is not None:
+                row[f"{key}_per_layer"] = (high[key] - low[key]) / 2
+                row[f"{key}_step_2_offloaded"] = low[key]
+        row["sync_ops_4_offloaded"] = high["sync_ops"]
+        out["rows"].append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="profile_offload", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--heads", type=float, default=1.0)
     s.add_argument("--steps", type=int, default=5)
     s.add_argument("--table", action="store_true")
-    for q in (p, s):
+    c = sub.add_parser("count")
+    c.add_argument("--heads", default="1.0,0.5", help="head shares, comma-separated")
+    for q in (p, s, c):
         q.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    res = placement(args) if args.what == "placement" else step_profile(args)
+    res = {"placement": placement, "step": step_profile, "count": count}[args.what](args)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .rows import check_ids_on_cpu
 from .sparse_mlp import MAX_BATCH, SUPPORTED_DTYPES, finalize, interpreting
 
 
@@ -327,10 +328,8 @@ def _check_common(x: Tensor, rows: HeadRows, host: HeadRows | None, locs: Tensor
         raise ValueError(f"locs: expected a 1-D int32/int64 tensor, got {locs.dtype}")
     if locs.device != x.device or rows.wo.device != x.device:
         raise ValueError("x, locs and the resident table must be on the same device")
-    if locs.device.type == "cpu" and locs.numel():
-        lo = -host.wo.shape[0] if host is not None else 0
-        if int(locs.min()) < lo or int(locs.max()) >= rows.wo.shape[0]:
-            raise ValueError(f"locs out of range [{lo}, {rows.wo.shape[0]})")
+    check_ids_on_cpu(locs, -host.wo.shape[0] if host is not None else 0, rows.wo.shape[0],
+                     "locs")
 
 
 def _strided(rows: HeadRows, host: HeadRows | None) -> HeadRows:

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .mlp_chained import launch_chained
-from .rows import rows_of
+from .rows import check_ids_on_cpu, rows_of
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_BATCH = 16
@@ -317,11 +317,8 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
     if workspace is not None and not chained:
         raise ValueError("workspace is for the chained kernel (chained=True)")
     # Range check only where it is cheap (CPU); on a GPU it would synchronise.
-    valid = locs if count is None or locs.device.type != "cpu" else locs[: int(count.max())]
-    if locs.device.type == "cpu" and valid.numel():
-        lo = -host.w1.shape[0] if host is not None else 0
-        if int(valid.min()) < lo or int(valid.max()) >= rows.w1.shape[0]:
-            raise ValueError(f"locs out of range [{lo}, {rows.w1.shape[0]})")
+    check_ids_on_cpu(locs, -host.w1.shape[0] if host is not None else 0, rows.w1.shape[0],
+                     "locs", count)
 
     k = locs.numel()
     if chained and k:

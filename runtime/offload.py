@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -161,8 +162,9 @@ class OffloadedLayer:
         # GB/s, the kernels reading them in place at 25-34) or let the kernel read them in
         # place from mapped host memory (False; bench_e2e measures both).
         self.stage_neurons = True
-        # Rows ``prefetch`` requested ahead: kind -> (the selection's mask, its union ids).
-        self._ahead: dict[str, tuple[Tensor, Tensor]] = {}
+        # Rows ``prefetch`` requested ahead: kind -> (the selection's mask, its union ids,
+        # their device count when the union is padded).
+        self._ahead: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
         # Host bytes read. With no GPU row cache every selected row is a host row and the
         # count needs no look at the locations (no device synchronisation per op).
         e = rows.host.neurons.element_size()
@@ -184,6 +186,19 @@ class OffloadedLayer:
             n = (locs < 0).sum() * record_bytes
             self._read_on_device = n if self._read_on_device is None else \
                 self._read_on_device + n
+
+    def _count_on_device(self, count: Tensor, record_bytes: int) -> None:
+        """Bytes of ``count`` ([1] int32 on the device) records, added on the device (one
+        launch)."""
+        if self._read_on_device is None:
+            self._read_on_device = torch.zeros((), dtype=torch.int64, device=count.device)
+        self._read_on_device.add_(count[0], alpha=record_bytes)
+
+    def pads(self, kind: str, shape: torch.Size) -> bool:
+        """Whether a step of hidden shape [B, T, C] takes this kind's ("heads" |
+        "neurons") union padded, with its count on the device (runtime/sparse.py's
+        ``padded_union``): decode steps whose rows are gathered to the device."""
+        return shape[1] == 1 and shape[0] <= MAX_BATCH and self._staged_decode(kind)
 
     def host_bytes_read(self) -> int:
         extra = 0 if self._read_on_device is None else int(self._read_on_device)
@@ -268,40 +283,63 @@ class OffloadedLayer:
         if heads is not None and self._staged_decode("heads"):
             hidx = selection.head_index if selection.head_index is not None \
                 else union_index(heads)
+            hcount = selection.head_count
             # (Asked already when a selection sent ahead is then accounted: same tensors.)
             if not self._requested("heads", hidx):
                 if not st.holds_whole(self, self.slot, "heads"):
-                    self.read += st.gather_ahead(self, self.slot, "heads",
-                                                 self.rows.host_heads, hidx)
-                self._remember("heads", heads, hidx)
+                    self._gather_ahead("heads", self.rows.host_heads, hidx, hcount)
+                self._remember("heads", heads, hidx, hcount)
                 nxt = self.next
-                if hidx.numel() == self.rows.layout.heads and nxt is not None and \
-                        nxt.slot != self.slot and nxt._staged_decode("heads"):
+                # Every head selected, as far as the host knows without reading the device
+                # (a padded union always has every id: its count is on the device).
+                if hcount is None and hidx.numel() == self.rows.layout.heads and \
+                        nxt is not None and nxt.slot != self.slot and \
+                        nxt._staged_decode("heads"):
                     nxt.read += st.prefetch_whole(nxt, nxt.slot, "heads",
                                                   nxt.rows.host.heads)
         if neurons is not None and self._staged_decode("neurons"):
             nidx = selection.neuron_index if selection.neuron_index is not None \
                 else union_index(neurons)
+            ncount = selection.neuron_count
             if not self._requested("neurons", nidx):
                 if not st.holds_whole(self, self.slot, "neurons"):
-                    self.read += st.gather_ahead(self, self.slot, "neurons",
-                                                 self.rows.host_neurons, nidx)
-                self._remember("neurons", neurons, nidx)
+                    self._gather_ahead("neurons", self.rows.host_neurons, nidx, ncount)
+                self._remember("neurons", neurons, nidx, ncount)
 
-    def known_union(self, heads: Tensor) -> Tensor | None:
-        """The union ids ``prefetch`` found for this head mask (the same tensor), if any:
-        the attention op then needs no second read of the device."""
+    def _gather_ahead(self, kind: str, view: Tensor, idx: Tensor,
+                      count: Tensor | None) -> None:
+        read = self.stream.gather_ahead(self, self.slot, kind, view, idx, count)
+        record = self.head_bytes if kind == "heads" else self.neuron_bytes
+        if count is None:
+            self.read += read
+        else:
+            self._count_on_device(count, record)
+
+    def _gather(self, kind: str, view: Tensor, idx: Tensor, count: Tensor | None) -> None:
+        """``_gather_ahead`` on the current stream, when the op needs the rows now."""
+        read = self.stream.gather(self, self.slot, kind, view, idx, count)
+        record = self.head_bytes if kind == "heads" else self.neuron_bytes
+        if count is None:
+            self.read += read
+        else:
+            self._count_on_device(count, record)
+
+    def known_union(self, heads: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """The union ``prefetch`` found for this head mask (the same tensor), if any, as
+        (ids, device count or None): the attention op then needs no second read of the
+        device."""
         got = self._ahead.get("heads")
-        return got[1] if got is not None and got[0] is heads else None
+        return (got[1], got[2]) if got is not None and got[0] is heads else None
 
     def _requested(self, kind: str, idx: Tensor) -> bool:
         got = self._ahead.get(kind)
         return got is not None and got[1] is idx
 
-    def _remember(self, kind: str, mask: Tensor, idx: Tensor) -> None:
+    def _remember(self, kind: str, mask: Tensor, idx: Tensor,
+                  count: Tensor | None = None) -> None:
         if self._ahead.get(kind) is not None:
             self.prefetch_wasted += 1  # requested, never read: its step did not come
-        self._ahead[kind] = (mask, idx)
+        self._ahead[kind] = (mask, idx, count)
 
     def _take(self, kind: str, idx: Tensor) -> bool:
         """Whether ``prefetch`` already brought rows ``idx`` (the same tensor) of ``kind``
@@ -322,42 +360,52 @@ class OffloadedLayer:
             self.prefetch_wasted += 1
         return ok
 
-    def _staged_attention(self, x: Tensor, layer_id: int, batch: Batch, idx: Tensor) -> Tensor:
+    def _staged_attention(self, x: Tensor, layer_id: int, batch: Batch, idx: Tensor,
+                          count: Tensor | None = None) -> Tensor:
         """A decode step's attention (x [B, 1, C], B <= MAX_BATCH) with the selected heads'
         records on the device first: gathered into the stream buffer once (or the whole
         block, if a prefill left it there), so that the projection kernels and the K/V of
         heads skipped earlier (completed for every selected head at once, row_stream's
         ``complete_kv``) read them from device memory, never twice over the link. Nothing
         here reads the device from the host: the recomputed count stays on the device
-        (``kv_recomputed``)."""
+        (``kv_recomputed``). ``count``: ``idx`` is a padded union (every head, the selected
+        ones first; runtime/sparse.py's ``padded_union``): the kernels run over every entry,
+        padding included, and its entries are masked out (not marked valid, not completed,
+        their attention zeroed before out_proj): no host read of the union's size."""
         cache, slots, pos = batch.cache, batch.slots, batch.positions
         cache_k, cache_v = cache.layer(layer_id)
         xs, valid = cache.layer_inputs(layer_id)
         st, layout = self.stream, self.rows.layout
         ahead = self._take("heads", idx)
         if st.holds_whole(self, self.slot, "heads"):
-            rows = idx
+            rows = table_rows = idx
         else:
             if not ahead:
-                self.read += st.gather(self, self.slot, "heads", self.rows.host_heads, idx)
+                self._gather("heads", self.rows.host_heads, idx, count)
             rows = torch.arange(idx.numel(), device=idx.device)
+            table_rows = idx.numel()  # the buffer's first rows, in order: no index_select
         records = st.acquire(self.slot, "heads")
         table = head_rows(records, layout.hidden, layout.head_dim)
         heads, locs = idx.to(torch.int32), rows.to(torch.int32)
         p, x2 = pos[:, 0].contiguous(), x[:, 0].contiguous()
         r2 = slots[:, None]
         xs[r2, pos] = x.to(xs.dtype)
-        # Device scalars, not Python bools: a host value would be a copy into the step.
-        no, yes = (torch.full((), v, dtype=torch.bool, device=valid.device) for v in (0, 1))
+        # Device values, not Python bools: a host value would be a copy into the step.
+        live = None if count is None else \
+            torch.arange(idx.numel(), device=idx.device) < count  # [n]: not padding
+        no = torch.full((), False, dtype=torch.bool, device=valid.device)
         valid[r2, :, pos] = no  # this position's other heads are now stale
         q = qkv_projection(x2, table, heads, locs, cache_k, cache_v, slots, p,
                            split_c=sparse_backend.ATTENTION_ARGS["qkv_split_c"])
-        valid[r2, idx[None, :], pos] = yes
-        n = row_stream.complete_kv(table, rows, idx, cache_k, cache_v, xs, valid, slots, pos,
-                                   batch.attended_length())
+        valid[r2, idx[None, :], pos] = ~no if live is None else live
+        n = row_stream.complete_kv(table, table_rows, idx, cache_k, cache_v, xs, valid, slots,
+                                   pos, batch.attended_length(), live=live)
         self._recomputed = n if self._recomputed is None else self._recomputed + n
         a = decode_attention(q, heads, cache_k, cache_v, slots, p,
                              chunk=sparse_backend.ATTENTION_ARGS["chunk"])
+        if live is not None:  # padding heads add nothing (where, not a product: NaN-safe)
+            a = torch.where(live[None, :, None], a, torch.zeros((), dtype=a.dtype,
+                                                                  device=a.device))
         out = out_projection(a, table, locs, bias=self.out_proj_bias)
         st.release(self.slot, "heads")
         return out[:, None, :]
@@ -367,14 +415,19 @@ class OffloadedLayer:
         here, outside the steps)."""
         return 0 if self._recomputed is None else int(self._recomputed)
 
-    def mlp(self, x: Tensor, idx: Tensor) -> Tensor:
-        """fc2(relu(fc1(x))) over neurons ``idx``; x [B, T, C], any number of rows."""
+    def mlp(self, x: Tensor, idx: Tensor, count: Tensor | None = None) -> Tensor:
+        """fc2(relu(fc1(x))) over neurons ``idx``; x [B, T, C], any number of rows.
+        ``count``: [1] int32 on the device, the valid entries at the front of ``idx`` (a
+        decode step's padded union, ``pads``)."""
         if self.streams(x):
             return self._streamed_mlp(x, idx)
         b, t, c = x.shape
         flat = x.reshape(b * t, c).contiguous()
         if self._staged_decode("neurons"):
-            return self._staged_mlp(flat, idx).view(b, t, c)
+            return self._staged_mlp(flat, idx, count).view(b, t, c)
+        if count is not None:
+            raise sparse_backend.BackendError(
+                f"layer {self.rows.layer_id}: a padded union needs staged decode")
         resident, host = self.rows.neuron_tables
         locs = self.rows.neuron_locs(idx)
         out = [sparse_mlp(flat[i:i + MAX_BATCH], resident, locs, host=host,
@@ -387,31 +440,33 @@ class OffloadedLayer:
         self.read += self.rows.admit(idx) * self.neuron_bytes
         return torch.cat(out).view(b, t, c)
 
-    def _staged_mlp(self, flat: Tensor, idx: Tensor) -> Tensor:
+    def _staged_mlp(self, flat: Tensor, idx: Tensor, count: Tensor | None = None) -> Tensor:
         """The decode MLP with the selected neurons' records gathered to the device first
         (one read of each over the link, by a copy kernel), then the sparse kernel over
         device memory (the default cold path; ``stage_neurons`` False reads them in place).
-        Rows ``prefetch`` requested are not read again."""
+        Rows ``prefetch`` requested are not read again. ``count``: the kernel reads it on
+        the device (entries of ``idx`` past it are padding)."""
         st = self.stream
         ahead = self._take("neurons", idx)
         if st.holds_whole(self, self.slot, "neurons"):  # a prefill left every row there
             records, locs = st.acquire(self.slot, "neurons"), idx.to(torch.int32)
         else:
             if not ahead:
-                self.read += st.gather(self, self.slot, "neurons", self.rows.host_neurons,
-                                       idx)
+                self._gather("neurons", self.rows.host_neurons, idx, count)
             records = st.acquire(self.slot, "neurons")[:idx.numel()]
             locs = torch.arange(idx.numel(), dtype=torch.int32, device=flat.device)
         table = neuron_rows(records, self.rows.layout.hidden)
         out = [sparse_mlp(flat[i:i + MAX_BATCH], table, locs, bias2=self.fc2_bias,
-                          **sparse_backend.MLP_ARGS) for i in range(0, flat.shape[0], MAX_BATCH)]
+                          count=count, **sparse_backend.MLP_ARGS)
+               for i in range(0, flat.shape[0], MAX_BATCH)]
         st.release(self.slot, "neurons")
         return torch.cat(out)
 
     def attention(self, attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
-                  idx: Tensor) -> Tensor:
-        """Attention of heads ``idx`` (the batch's union), out_proj and its bias included;
-        x [B, T, C] post-LN, one token at a time. Returns [B, T, C]."""
+                  idx: Tensor, count: Tensor | None = None) -> Tensor:
+        """Attention of heads ``idx`` (the batch's union; ``count``: padded, as in ``mlp``),
+        out_proj and its bias included; x [B, T, C] post-LN, one token at a time. Returns
+        [B, T, C]."""
         cache, slots, pos = batch.cache, batch.slots, batch.positions
         if cache is None or cache.inputs is None or slots is None:
             raise sparse_backend.BackendError(
@@ -420,7 +475,10 @@ class OffloadedLayer:
         if self.streams(x):
             return self._streamed_attention(x, layer_id, batch, idx)
         if self._staged_decode("heads"):
-            return self._staged_attention(x, layer_id, batch, idx)
+            return self._staged_attention(x, layer_id, batch, idx, count)
+        if count is not None:
+            raise sparse_backend.BackendError(
+                f"layer {layer_id}: a padded union needs staged decode")
         # The reference decode path (no stream buffer, or GPU head caches, whose rows the
         # gather would not use): the kernels read host rows in place, per token, and heads
         # skipped earlier are completed one head at a time.
@@ -669,11 +727,15 @@ class OffloadSelector:
         if layer_id in self.offloaded:
             b, t = source.shape[:2]
             full = dict(dtype=torch.bool, device=source.device)
-            # An own-input layer's neurons come from select_neurons, after attention.
+            # An own-input layer's neurons come from select_neurons, after attention. A
+            # block kept whole comes with its union known on the host (every id): no read
+            # of the device finds it, and the next layer's whole block can follow it.
             if sel.neurons is None and not self.mlp_reads_own_input(layer_id):
-                sel = Selection(heads=sel.heads, neurons=torch.ones(b, t, self.ffn, **full))
+                sel = replace(sel, neurons=torch.ones(b, t, self.ffn, **full),
+                              neuron_index=torch.arange(self.ffn, device=source.device))
             if sel.heads is None:
-                sel = Selection(heads=torch.ones(b, t, self.heads, **full), neurons=sel.neurons)
+                sel = replace(sel, heads=torch.ones(b, t, self.heads, **full),
+                              head_index=torch.arange(self.heads, device=source.device))
         return sel
 
 

@@ -72,9 +72,11 @@ class RowStream:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self.slots = [{"neurons": _Block(torch.empty((layout.ffn, layout.neuron_len),
+        # Zeroed once: rows past a padded union's count are read by the decode kernels
+        # (their results masked out), so every row must hold finite values, never garbage.
+        self.slots = [{"neurons": _Block(torch.zeros((layout.ffn, layout.neuron_len),
                                                      dtype=dtype, device=self.device)),
-                       "heads": _Block(torch.empty((layout.heads, layout.head_len),
+                       "heads": _Block(torch.zeros((layout.heads, layout.head_len),
                                                    dtype=dtype, device=self.device))}
                       for _ in range(SLOTS)]
         self.copied_bytes = 0  # bytes brought over, whole or gathered (tests, reports)
@@ -111,29 +113,38 @@ class RowStream:
         self.copied_bytes += n
         return n
 
-    def gather(self, owner, slot: int, kind: str, host_view: Tensor, ids: Tensor) -> int:
+    def gather(self, owner, slot: int, kind: str, host_view: Tensor, ids: Tensor,
+               count: Tensor | None = None) -> int:
         """Rows ``ids`` of ``owner``'s records into the first rows of ``slot``'s buffer
         (``host_view``: the records as the device reads them, a mapped view on a GPU).
-        Runs on the current stream: it is issued when the rows are needed. Returns bytes."""
+        Runs on the current stream: it is issued when the rows are needed. ``count``: [1]
+        int32 on the device, the valid ids at the front (a padded union): only those rows
+        cross, and the bytes are then not known here (returns 0; the caller counts them on
+        the device). Returns bytes."""
         block = self.slots[slot][kind]
         if self.cuda and block.free is not None:
             torch.cuda.current_stream().wait_event(block.free)
-        return self._gather_into(block, owner, host_view, ids.to(host_view.device))
+        return self._gather_into(block, owner, host_view, ids.to(host_view.device), count)
 
-    def _gather_into(self, block: _Block, owner, host_view: Tensor, ids: Tensor) -> int:
-        """Rows ``ids`` into ``block`` on the current stream; its tags say so. Bytes."""
+    def _gather_into(self, block: _Block, owner, host_view: Tensor, ids: Tensor,
+                     count: Tensor | None = None) -> int:
+        """Rows ``ids`` (the first ``count``) into ``block`` on the current stream; its tags
+        say so. Bytes (0 with a count)."""
         n = ids.numel()
         if self.cuda or _interpreting():  # 16-byte reads per thread (kernels/gather_rows.py)
             from ..kernels.gather_rows import gather_rows
-            gather_rows(host_view, ids, block.buffer)
-        else:
+            gather_rows(host_view, ids, block.buffer, count=count)
+        else:  # host memory on a CPU: the padding's rows are copied too (no link to spare)
             torch.index_select(host_view, 0, ids, out=block.buffer[:n])
         block.owner, block.whole, block.rows, block.ready = owner, False, n, None
+        if count is not None:
+            return 0
         nbytes = n * block.buffer.shape[1] * block.buffer.element_size()
         self.copied_bytes += nbytes
         return nbytes
 
-    def gather_ahead(self, owner, slot: int, kind: str, host_view: Tensor, ids: Tensor) -> int:
+    def gather_ahead(self, owner, slot: int, kind: str, host_view: Tensor, ids: Tensor,
+                     count: Tensor | None = None) -> int:
         """``gather`` issued on the copy stream, so that the rows cross the link while the
         current stream computes (a decode step's rows, requested as soon as the selection
         exists). The copy stream first waits for the work issued so far on the current
@@ -142,14 +153,16 @@ class RowStream:
         block = self.slots[slot][kind]
         ids = ids.to(host_view.device)
         if not self.cuda:
-            return self._gather_into(block, owner, host_view, ids)
+            return self._gather_into(block, owner, host_view, ids, count)
         self.copy_stream.wait_stream(torch.cuda.current_stream())
         self._claim(block)
         with torch.cuda.stream(self.copy_stream):
-            nbytes = self._gather_into(block, owner, host_view, ids)
+            nbytes = self._gather_into(block, owner, host_view, ids, count)
             block.ready = torch.cuda.Event()
             block.ready.record(self.copy_stream)
         ids.record_stream(self.copy_stream)  # made on the current stream, read on this one
+        if count is not None:
+            count.record_stream(self.copy_stream)
         return nbytes
 
     def acquire(self, slot: int, kind: str) -> Tensor:
@@ -230,27 +243,36 @@ def streamed_attention(records: Tensor, layout: RecordLayout, x: Tensor, heads: 
     return F.linear(out, wo.t(), out_bias), recomputed
 
 
-def _kv(table, rows: Tensor, x: Tensor, d: int) -> tuple[Tensor, Tensor]:
-    """K and V [M, h, D] of heads at ``rows`` of ``table`` for inputs x [M, C]."""
+def _kv(table, rows: Tensor | int, x: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """K and V [M, h, D] of heads at ``rows`` of ``table`` (an int k: its first k rows, read
+    in place) for inputs x [M, C]."""
     c = x.shape[-1]
     out = []
     for which in (1, 2):
-        w = table.wqkv[which].index_select(0, rows).reshape(-1, c)
-        bias = table.bqkv[which].index_select(0, rows).reshape(-1)
+        if isinstance(rows, int):
+            w = table.wqkv[which][:rows].reshape(-1, c)
+            bias = table.bqkv[which][:rows].reshape(-1)
+        else:
+            w = table.wqkv[which].index_select(0, rows).reshape(-1, c)
+            bias = table.bqkv[which].index_select(0, rows).reshape(-1)
         out.append(F.linear(x, w, bias).view(x.shape[0], -1, d))
     return out[0], out[1]
 
 
-def complete_kv(table, rows: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
+def complete_kv(table, rows: Tensor | int, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
                 xs: Tensor, valid: Tensor, slots: Tensor, positions: Tensor,
-                length: int) -> int:
-    """K/V of ``heads`` (rows ``rows`` of ``table``) at every position up to each row's
-    last where they are missing, from the stored inputs, in one pass over the prefix (no
-    loop per head, no host synchronisation; the heads' rows are on the device, so only
-    compute is spent: every prefix position of every given head is computed and kept where
-    it was missing). Returns the (position, head) pairs filled, a device scalar."""
+                length: int, live: Tensor | None = None) -> Tensor:
+    """K/V of ``heads`` (rows ``rows`` of ``table``; an int k: its first k rows in order)
+    at every position up to each row's last where they are missing, from the stored
+    inputs, in one pass over the prefix (no loop per head, no host synchronisation; the
+    heads' rows are on the device, so only compute is spent: every prefix position of every
+    given head is computed and kept where it was missing). ``live`` [h] bool: which entries
+    of ``heads`` count (a padded union's; the others are left as they are). Returns the
+    (position, head) pairs filled, a device scalar."""
     last = positions.max(dim=1).values  # [B]
     need = torch.arange(length, device=xs.device)[None, None, :] <= last[:, None, None]
+    if live is not None:
+        need = need & live[None, :, None]
     s2 = slots[:, None]
     missing = need & ~valid[s2, heads[None, :], :length]  # [B, h, L]
     b, h = missing.shape[:2]

@@ -98,6 +98,9 @@ class Selection:
     # the valid entries at the front of ``neuron_index`` (int32, any order), [1] int32.
     neuron_count: Tensor | None = None
     head_index: Tensor | None = None  # the heads' union, as for neuron_index
+    # An offloaded layer's decode step: the union padded to every id (``padded_union``),
+    # its valid entries at the front, their count [1] int32 on the device.
+    head_count: Tensor | None = None
 
 
 # A selector maps (layer id, predictor input [B, T, C]) to that layer's Selection.
@@ -111,6 +114,17 @@ class LayerStats:
     heads_computed: float = 0.0  # sum over tokens of the fraction of heads computed
     predictor_s: float = 0.0  # host wall time in the selector (predictors + top-k)
     kv_recomputed: int = 0  # (position, head) K/V pairs recomputed lazily
+    # Fractions counted on the device (padded unions: no host read inside a step), [2]
+    # float64 (neurons, heads) tokens x fraction, folded in by ``SparseStats.settle``.
+    pending: Tensor | None = None
+
+    def add_pending(self, kind: str, count: Tensor, scale: float) -> None:
+        """Add ``count`` ([1] on the device) x ``scale`` to ``kind``'s pending sum (one
+        launch)."""
+        if self.pending is None:
+            self.pending = torch.zeros(2, dtype=torch.float64, device=count.device)
+        i = 0 if kind == "neurons" else 1
+        self.pending[i:i + 1].add_(count, alpha=scale)
 
 
 @dataclass
@@ -122,13 +136,25 @@ class SparseStats:
     def layer(self, layer_id: int) -> LayerStats:
         return self.layers.setdefault(layer_id, LayerStats())
 
+    def settle(self) -> None:
+        """Fold the fractions counted on the device into the host counts (one read per
+        layer that has any; readers call it, outside the steps)."""
+        for s in self.layers.copy().values():
+            pending, s.pending = s.pending, None
+            if pending is not None:
+                mlp, heads = pending.tolist()
+                s.mlp_computed += mlp
+                s.heads_computed += heads
+
     def snapshot(self) -> SparseStats:
         """A copy of the counts so far (``since`` subtracts it later)."""
+        self.settle()
         return SparseStats({i: replace(s) for i, s in self.layers.copy().items()})
 
     def since(self, earlier: SparseStats) -> SparseStats:
         """What was counted after ``earlier`` (a ``snapshot`` of this object): the
         densities of some steps alone, e.g. decode steps without the prompt's prefill."""
+        self.settle()
         out = SparseStats()
         for i, s in self.layers.copy().items():
             e = earlier.layers.get(i, LayerStats())
@@ -140,6 +166,7 @@ class SparseStats:
         return out
 
     def _mean(self, attr: str) -> float:
+        self.settle()
         per_layer = [getattr(s, attr) / s.tokens for s in self.layers.values() if s.tokens]
         return sum(per_layer) / len(per_layer) if per_layer else float("nan")
 
@@ -155,10 +182,12 @@ class SparseStats:
     def per_layer(self) -> list[tuple[int, float, float]]:
         """(layer id, fraction of neurons, fraction of heads computed per token), by layer."""
         # A copy first (atomic): a front end may read while the engine's thread adds layers.
+        self.settle()
         return [(i, s.mlp_computed / s.tokens, s.heads_computed / s.tokens)
                 for i, s in sorted(self.layers.copy().items()) if s.tokens]
 
     def as_dict(self) -> dict:
+        self.settle()
         return {
             "mlp_density": self.mlp_density,
             "head_density": self.head_density,
@@ -243,10 +272,11 @@ class SparseContext:
         t0 = time.perf_counter()
         neurons = self.selector.select_neurons(lid, h)  # type: ignore[attr-defined]
         self.stats.layer(lid).predictor_s += time.perf_counter() - t0
-        neurons, index = self._part(layer, neurons, None, "neurons", h.shape, batch)
+        neurons, index, count = self._part(layer, neurons, None, "neurons", h.shape, batch)
         if self.gather(batch) and sparse_backend.is_offloaded(layer):
-            layer.offloaded.prefetch(Selection(neurons=neurons, neuron_index=index))
-        return replace(sel, neurons=neurons, neuron_index=index)
+            layer.offloaded.prefetch(Selection(neurons=neurons, neuron_index=index,
+                                               neuron_count=count))
+        return replace(sel, neurons=neurons, neuron_index=index, neuron_count=count)
 
     def _account(self, layer: OPTDecoderLayer, sel: Selection, shape: torch.Size,
                  batch: Batch) -> Selection:
@@ -257,35 +287,45 @@ class SparseContext:
         self.stats.layer(lid).tokens += shape[0] * shape[1]
         # A selection sent ahead by the previous stage comes unioned: its index tensors
         # are kept (the prefetch it started is matched by identity).
-        heads, head_index = self._part(layer, sel.heads, sel.head_index, "heads", shape,
-                                       batch)
-        out = Selection(heads=heads, head_index=head_index)
+        heads, head_index, head_count = self._part(layer, sel.heads, sel.head_index,
+                                                   "heads", shape, batch, sel.head_count)
+        out = Selection(heads=heads, head_index=head_index, head_count=head_count)
         if not mlp_reads_own_input(self.selector, lid):
-            neurons, neuron_index = self._part(layer, sel.neurons, sel.neuron_index,
-                                               "neurons", shape, batch)
-            out = replace(out, neurons=neurons, neuron_index=neuron_index)
+            neurons, neuron_index, neuron_count = self._part(
+                layer, sel.neurons, sel.neuron_index, "neurons", shape, batch,
+                sel.neuron_count)
+            out = replace(out, neurons=neurons, neuron_index=neuron_index,
+                          neuron_count=neuron_count)
         if self.gather(batch) and sparse_backend.is_offloaded(layer):
             # its rows start crossing the link now, beside the work issued before
             layer.offloaded.prefetch(out)
         return out
 
     def _part(self, layer: OPTDecoderLayer, mask: Tensor | None, index: Tensor | None,
-              kind: str, shape: torch.Size, batch: Batch
-              ) -> tuple[Tensor | None, Tensor | None]:
+              kind: str, shape: torch.Size, batch: Batch, count: Tensor | None = None
+              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """One kind's mask ("heads" or "neurons"), checked, its computed fraction counted;
         in gather mode the union the block computes (None: dense) with its indices
-        (``index``, when it came known)."""
+        (``index``, when it came known) and, for an offloaded layer's decode step, its
+        device count (the union padded, ``padded_union``: nothing read from the device)."""
         _check_mask(mask, kind, shape)
         stat = "heads_computed" if kind == "heads" else "mlp_computed"
         stats = self.stats.layer(layer.layer_id)
         tokens = shape[0] * shape[1]
         if not self.gather(batch):
             setattr(stats, stat, getattr(stats, stat) + _masked_fraction(mask, tokens))
-            return mask, None
+            return mask, None, None
+        offloaded = sparse_backend.is_offloaded(layer)
+        if mask is not None and offloaded and (count is not None or index is None) and \
+                layer.offloaded.pads(kind, shape):
+            if count is None:
+                index, count = padded_union(mask)
+            stats.add_pending(kind, count, tokens / mask.shape[-1])
+            return mask, index, count
         # An offloaded layer has no dense weights on the device: it always gathers.
-        mask, index, union = self._union(mask, sparse_backend.is_offloaded(layer), index)
+        mask, index, union = self._union(mask, offloaded, index)
         setattr(stats, stat, getattr(stats, stat) + tokens * union)  # each token: the union
-        return mask, index
+        return mask, index, None
 
     def source(self, lid: int, h: Tensor) -> Tensor:
         """Layer ``lid``'s predictor input (the wiring of ``predictor_source``); ``h`` is
@@ -408,6 +448,16 @@ def union_index(mask: Tensor) -> Tensor:
     return mask.reshape(-1, mask.shape[-1]).any(0).nonzero().squeeze(1)
 
 
+def padded_union(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """[..., n] bool -> (ids [n]: the union's ids ascending, then every other id ascending;
+    count [1] int32: how many lead). ``union_index`` without reading the device: the size
+    stays on it, and ops over the ids take the count (entries past it are padding, real ids
+    that must not count as selected)."""
+    any_ = mask.reshape(-1, mask.shape[-1]).any(0)
+    ids = torch.argsort(~any_, stable=True)
+    return ids, any_.sum(dtype=torch.int32).reshape(1)
+
+
 # --- the MLP op ----------------------------------------------------------------------------
 
 
@@ -424,6 +474,8 @@ def selected_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor | None, gath
     host; the union is compacted on the device and the kernel reads its count there.
     ``count``: the union came compacted (``Selection.neuron_count``; no masks)."""
     fc1, fc2 = layer.fc1, layer.fc2
+    if count is not None and sparse_backend.is_offloaded(layer):
+        return layer.offloaded.mlp(x, index, count)
     if count is not None:
         _check_kernel_applies(layer, x)
         return sparse_backend.mlp_gather(layer, x, index, count)
@@ -481,7 +533,9 @@ def selected_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batc
     if not gather:
         return _masked_attention(attn, x, layer_id, batch, heads)
     known = attn.offloaded.known_union(heads) if attn.offloaded is not None else None
-    idx = known if known is not None else union_index(heads)
+    idx, count = known if known is not None else (union_index(heads), None)
+    if count is not None:  # an offloaded layer's decode step over a padded union
+        return attn.offloaded.attention(attn, x, layer_id, batch, idx, count)
     if sparse_backend.attention_kernel_applies(attn, x, batch):  # decode steps, lazy K/V kept
         return sparse_backend.attention_gather(attn, x, layer_id, batch, idx)
     b, t, _ = x.shape

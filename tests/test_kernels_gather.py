@@ -40,3 +40,22 @@ def test_gather_rows_refuses_what_it_cannot_move():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="out of range"):
             gather_rows(src, torch.tensor([3]), torch.zeros_like(src))
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 5])
+def test_gather_rows_with_a_device_count_moves_only_the_counted_rows(count):
+    """A padded union: ids past the device count (here out of range, as padding may be) are
+    never read, and the destination's rows past the count stay as they were."""
+    g = torch.Generator().manual_seed(count)
+    src = torch.randn(7, 36, generator=g).to(torch.float16).to(DEVICE)
+    ids = torch.tensor([6, 1, 1, 4, 0, 99, 99], dtype=torch.int32, device=DEVICE)
+    ids[count:] = 99  # padding: would fault or raise if it were read
+    n = torch.tensor([count], dtype=torch.int32, device=DEVICE)
+    out = torch.full((9, 36), 7.0, dtype=torch.float16, device=DEVICE)
+    ref = gather_rows_reference(src, ids, out.clone(), count=n)
+    got = gather_rows(src, ids, out, count=n, block=16)
+    assert torch.equal(got, ref)
+    assert torch.equal(out[:count], src[ids[:count].long()])
+    assert bool((out[count:] == 7.0).all())
+    with pytest.raises(ValueError, match="count"):
+        gather_rows(src, ids, out, count=n.long())

@@ -95,24 +95,41 @@ def _decode(model, offloaded, cache, start, steps, heads):
         test_row_stream.RandomSelector = real
 
 
-def test_a_step_finds_each_offloaded_union_once(monkeypatch):
-    """The union of a selection (a nonzero: one device read on a GPU) is found once per
-    block and offloaded layer per decode step: the attention op reuses the one the
-    prefetch found (it used to find the heads' union a second time)."""
+def test_a_decode_step_never_reads_an_offloaded_union_on_the_host(monkeypatch):
+    """An offloaded layer's decode step pads its unions (``padded_union``: the count stays
+    on the device) instead of finding them with a nonzero (a device read on a GPU); a block
+    kept whole comes with its union known (every id). Only resident layer 0 still finds its
+    neurons' union."""
     model = offloaded_model(torch.float16, OFFLOADED, CFG4)
     _, cache = prefill(model, CFG4, 5, heads=0.5)
-    calls = []
-    real = sparse.union_index
+    calls, padded = [], []
+    real, real_padded = sparse.union_index, sparse.padded_union
 
     def counting(mask):
         calls.append(mask.shape[-1])
         return real(mask)
+
+    def counting_padded(mask):
+        padded.append(mask.shape[-1])
+        return real_padded(mask)
     monkeypatch.setattr(sparse, "union_index", counting)
     monkeypatch.setattr(offload, "union_index", counting)
+    monkeypatch.setattr(sparse, "padded_union", counting_padded)
     decode_steps(model, CFG4, OFFLOADED, cache, 5, 2)
-    # Per step: two per offloaded layer, and resident layer 0 (every head kept: no head
-    # mask) its neurons.
-    assert len(calls) == 2 * (2 * len(OFFLOADED) + 1), calls
+    assert calls == [CFG4.ffn_dim] * 2  # layer 0, each step
+    # Every head selected (known on the host); the neurons padded, once per layer and step.
+    assert padded == [CFG4.ffn_dim] * 2 * len(OFFLOADED)
+
+
+@pytest.mark.parametrize("heads", [1.0, 0.5])
+def test_offloaded_decode_step_has_no_host_sync(heads):
+    """The bench's counter (profile_offload count): no aten call that reads the device
+    (nonzero, item, boolean indexing, tolist...) per offloaded layer and decode step, with
+    every head or half of them selected (K/V of heads skipped earlier completed)."""
+    from dejavu.bench.profile_offload import count_span
+
+    low, high = (count_span(n, heads, torch.device(DEVICE)) for n in (3, 5))
+    assert high["syncs"] == low["syncs"], (low["sync_ops"], high["sync_ops"])
 
 
 def test_a_selection_other_than_the_prefetched_one_is_gathered_again():
