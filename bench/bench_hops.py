@@ -97,8 +97,10 @@ class Endpoint:
                 if header is not None:
                     return "box", header
             frames = self.pull.recv_multipart(copy=False)
-            if len(frames) != 1 or not self.spin_s:
+            if len(frames) != 1:
                 return "frames", frames
+            # Decoded once, here: it may be the doorbell of a hop taken in a case with a
+            # spin, come after that case ended.
             lone = wire.decode_data(frames[0].buffer)
             if not self.ring.seen(lone):
                 return "lone", lone
@@ -112,8 +114,7 @@ class Endpoint:
             hidden = msgspec.msgpack.decode(got[0].buffer, type=wire.Activations).shape[2]
             msg, x, _ = wire.decode_activations(got[0].buffer, got[1].buffer, hidden)
             return msg, x.to(self.device), False
-        lone = {"box": lambda: wire.decode_data(got), "lone": lambda: got,
-                "frames": lambda: wire.decode_data(got[0].buffer)}[kind]()
+        lone = wire.decode_data(got) if kind == "box" else got
         msg = self.ring.check(lone, lone.shape[2])
         return msg, self.ring.take(msg, early=kind == "box")[0], True
 
@@ -154,7 +155,8 @@ def _sync(device: torch.device) -> None:
 def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, iters: int,
               warmup: int, spin_s: float = 0.0) -> dict:
     """Median and p90 microseconds of one hop (half a round trip to the peer and back), and
-    the medians of this side's pieces of a round trip: ``send_us`` (slot copy + header on
+    the medians of this side's pieces of a round trip, and how many answers the spin took
+    from the ring before their doorbell (``picked``): ``send_us`` (slot copy + header on
     the socket, or device->host + frames), ``wait_us`` (until the answer's frames are here:
     the peer's whole turn and both socket crossings), ``take_us`` (decode, checks, copy out
     of the slot) and ``sync_us`` (on a GPU: until the answer's copy has run). ``spin_s``:
@@ -166,6 +168,7 @@ def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, it
     # Built before the clock starts: a worker wraps the step it already has in a header.
     headers = [header(batch, hidden, dtype, i) for i in range(warmup + iters)]
     times, pieces = [], []
+    picked = end.ring.picked
     for i in range(warmup + iters):
         _sync(end.device)
         t0 = time.perf_counter_ns()
@@ -185,7 +188,8 @@ def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, it
     split = {f"{name}_us": round(statistics.median(p[k] for p in pieces[warmup:]) / 1e3, 1)
              for k, name in enumerate(("send", "wait", "take", "sync"))}
     return {"median_us": round(statistics.median(kept), 1),
-            "p90_us": round(kept[int(0.9 * (len(kept) - 1))], 1), **split}
+            "p90_us": round(kept[int(0.9 * (len(kept) - 1))], 1), **split,
+            "picked": end.ring.picked - picked}  # answers taken from the ring by spinning
 
 
 PATHS = (("ring+spin", True, True), ("ring", True, False), ("socket", False, False))
