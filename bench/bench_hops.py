@@ -47,6 +47,7 @@ from ..workers.data_plane import Ring, SlotWriter
 from .bench_pipeline import SHAPES
 
 STOP = -1  # step id of the header that ends the peer
+SPIN_ON, SPIN_OFF = -2, -3  # step ids of the headers that set the peer's spin for a case
 MAX_BYTES = 1 << 30
 TOKEN = "bench"
 
@@ -63,6 +64,7 @@ class Endpoint:
         self.push.connect(addr_out)
         self.ring = Ring(device, 4, slot_bytes)
         self.writer: SlotWriter | None = None
+        self.spin_s = 0.0  # how long ``arrive`` spins on the ring before it sleeps on the socket
 
     def exchange_offers(self) -> None:
         self.push.send(wire.encode(self.ring.offer()))
@@ -71,29 +73,50 @@ class Endpoint:
 
     def send(self, header: wire.Activations, x: torch.Tensor, ring: bool) -> None:
         if ring:
-            slot = None
-            while slot is None:  # the other side frees slots as it reads them
-                slot = self.writer.put(x, None)
-            header.slot, header.ring = slot, self.writer.offer.ring
-            self.push.send(wire.encode(header), copy=False)
+            doorbell = None
+            while doorbell is None:  # the other side frees slots as it reads them
+                doorbell = self.writer.put(x, None, header)
+            self.push.send(doorbell, copy=False)
         else:
-            header.slot, header.ring = None, ""
+            header.slot, header.ring, header.fill = None, "", 0
             self.push.send_multipart([wire.encode(header), wire.tensor_frame(x)], copy=False)
+            self.writer.sent_by_socket()
 
     def recv(self) -> tuple[wire.Activations, torch.Tensor, bool]:
         """The next activations (on this side's device) and whether they came by the ring."""
-        return self.take(self.pull.recv_multipart(copy=False))
+        return self.take(self.arrive())
 
-    def take(self, frames) -> tuple[wire.Activations, torch.Tensor, bool]:
-        """What a worker does with the frames (workers/worker.py ``_on_data``): one decode,
-        then the worker's checks; the hidden size, which a worker knows, is the header's."""
-        if len(frames) == 1:
-            msg = wire.decode_data(frames[0].buffer)
-            msg = self.ring.check(msg, msg.shape[2])
-            return msg, self.ring.take(msg)[0], True
-        hidden = msgspec.msgpack.decode(frames[0].buffer, type=wire.Activations).shape[2]
-        msg, x, _ = wire.decode_activations(frames[0].buffer, frames[1].buffer, hidden)
-        return msg, x.to(self.device), False
+    def arrive(self):
+        """Wait as a worker does: with a spin, first the frames already here, then the ring
+        for ``spin_s``, then the socket; doorbells of hops already taken are dropped. What
+        came: ("box", header bytes from the ring), ("lone", decoded header) or ("frames",
+        frames)."""
+        while True:
+            if self.spin_s and not self.pull.poll(0):
+                header = self.ring.wait_fill(self.spin_s)
+                if header is not None:
+                    return "box", header
+            frames = self.pull.recv_multipart(copy=False)
+            if len(frames) != 1:
+                return "frames", frames
+            # Decoded once, here: it may be the doorbell of a hop taken in a case with a
+            # spin, come after that case ended.
+            lone = wire.decode_data(frames[0].buffer)
+            if not self.ring.seen(lone):
+                return "lone", lone
+
+    def take(self, arrival) -> tuple[wire.Activations, torch.Tensor, bool]:
+        """What a worker does with what came (workers/worker.py ``_on_data``, ``_pick_up``):
+        one decode, then the worker's checks; the hidden size, which a worker knows, is the
+        header's."""
+        kind, got = arrival
+        if kind == "frames" and len(got) > 1:
+            hidden = msgspec.msgpack.decode(got[0].buffer, type=wire.Activations).shape[2]
+            msg, x, _ = wire.decode_activations(got[0].buffer, got[1].buffer, hidden)
+            return msg, x.to(self.device), False
+        lone = wire.decode_data(got) if kind == "box" else got
+        msg = self.ring.check(lone, lone.shape[2])
+        return msg, self.ring.take(msg, early=kind == "box")[0], True
 
     def close(self) -> None:
         self.ring.close()
@@ -116,6 +139,9 @@ def run_peer(args) -> int:
             msg, x, ring = end.recv()
             if msg.step.step_id == STOP:
                 return 0
+            if msg.step.step_id in (SPIN_ON, SPIN_OFF):
+                end.spin_s = args.spin_us / 1e6 if msg.step.step_id == SPIN_ON else 0.0
+                continue
             end.send(msg, x, ring)  # as a worker does: a header around the step it got
     finally:
         end.close()
@@ -127,24 +153,30 @@ def _sync(device: torch.device) -> None:
 
 
 def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, iters: int,
-              warmup: int) -> dict:
+              warmup: int, spin_s: float = 0.0) -> dict:
     """Median and p90 microseconds of one hop (half a round trip to the peer and back), and
-    the medians of this side's pieces of a round trip: ``send_us`` (slot copy + header on
+    the medians of this side's pieces of a round trip, and how many answers the spin took
+    from the ring before their doorbell (``picked``): ``send_us`` (slot copy + header on
     the socket, or device->host + frames), ``wait_us`` (until the answer's frames are here:
     the peer's whole turn and both socket crossings), ``take_us`` (decode, checks, copy out
-    of the slot) and ``sync_us`` (on a GPU: until the answer's copy has run)."""
+    of the slot) and ``sync_us`` (on a GPU: until the answer's copy has run). ``spin_s``:
+    both sides spin on their ring that long before they sleep on the socket."""
     x = torch.randn(batch, 1, hidden, device=end.device).to(wire.DTYPES[dtype])
+    end.spin_s = spin_s
+    end.send(header(1, 1, dtype, SPIN_ON if spin_s else SPIN_OFF),
+             torch.zeros(1, 1, 1, device=end.device).to(wire.DTYPES[dtype]), False)
     # Built before the clock starts: a worker wraps the step it already has in a header.
     headers = [header(batch, hidden, dtype, i) for i in range(warmup + iters)]
     times, pieces = [], []
+    picked = end.ring.picked
     for i in range(warmup + iters):
         _sync(end.device)
         t0 = time.perf_counter_ns()
         end.send(headers[i], x, ring)
         t1 = time.perf_counter_ns()
-        frames = end.pull.recv_multipart(copy=False)
+        arrival = end.arrive()
         t2 = time.perf_counter_ns()
-        msg, back, via_ring = end.take(frames)
+        msg, back, via_ring = end.take(arrival)
         t3 = time.perf_counter_ns()
         _sync(end.device)  # the returned tensor is on this device now
         t4 = time.perf_counter_ns()
@@ -156,11 +188,15 @@ def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, it
     split = {f"{name}_us": round(statistics.median(p[k] for p in pieces[warmup:]) / 1e3, 1)
              for k, name in enumerate(("send", "wait", "take", "sync"))}
     return {"median_us": round(statistics.median(kept), 1),
-            "p90_us": round(kept[int(0.9 * (len(kept) - 1))], 1), **split}
+            "p90_us": round(kept[int(0.9 * (len(kept) - 1))], 1), **split,
+            "picked": end.ring.picked - picked}  # answers taken from the ring by spinning
+
+
+PATHS = (("ring+spin", True, True), ("ring", True, False), ("socket", False, False))
 
 
 def hop_rows(device: str, shapes: list[str], batches: list[int], dtype: str, iters: int,
-             warmup: int, log=print) -> list[dict]:
+             warmup: int, spin_us: float, label: str, log=print) -> list[dict]:
     hidden_max = max(SHAPES[s]["hidden_size"] for s in shapes)
     slot_bytes = max(batches) * hidden_max * torch.empty((), dtype=wire.DTYPES[dtype]
                                                          ).element_size()
@@ -168,7 +204,7 @@ def hop_rows(device: str, shapes: list[str], batches: list[int], dtype: str, ite
     a, b = f"ipc://{tmp}/a.sock", f"ipc://{tmp}/b.sock"
     peer = subprocess.Popen([sys.executable, "-m", "dejavu.bench.bench_hops", "--peer",
                              "--device", device, "--addr-in", b, "--addr-out", a,
-                             "--slot-bytes", str(slot_bytes)])
+                             "--slot-bytes", str(slot_bytes), "--spin-us", str(spin_us)])
     end = Endpoint(device, a, b, slot_bytes)
     rows = []
     try:
@@ -176,10 +212,13 @@ def hop_rows(device: str, shapes: list[str], batches: list[int], dtype: str, ite
         for shape in shapes:
             hidden = SHAPES[shape]["hidden_size"]
             for batch in batches:
-                for path, ring in (("ring", True), ("socket", False)):
-                    row = {"shape": shape, "hidden": hidden, "batch": batch, "path": path,
-                           "bytes": batch * hidden * wire.DTYPES[dtype].itemsize,
-                           **time_hops(end, hidden, batch, dtype, ring, iters, warmup)}
+                for path, ring, spin in PATHS:
+                    if spin and not spin_us:
+                        continue
+                    row = {"label": label, "shape": shape, "hidden": hidden, "batch": batch,
+                           "path": path, "bytes": batch * hidden * wire.DTYPES[dtype].itemsize,
+                           **time_hops(end, hidden, batch, dtype, ring, iters, warmup,
+                                       spin_us / 1e6 if spin else 0.0)}
                     log(json.dumps(row))
                     rows.append(row)
         end.send(header(1, 1, dtype, STOP), torch.zeros(1, 1, 1, device=end.device).to(
@@ -213,14 +252,18 @@ def throughput_rows(out: Path, tokens: int, log=print) -> list[dict]:
     return rows
 
 
-def summary(rows: list[dict], throughput: list[dict], cuda: bool) -> dict:
-    """Flat headline keys, e.g. hop_us_opt30b_batch1_gpu_path (the ring on a GPU; on a CPU
-    the ring is shared memory: ..._shm_path) and ..._socket_path."""
+def summary(rows: list[dict], throughput: list[dict], cuda: bool, label: str = "") -> dict:
+    """Flat headline keys, e.g. hop_us_opt30b_batch1_gpu_path (the ring as the product runs
+    it: spun on when the rows have a spin; on a CPU the ring is shared memory:
+    ..._shm_path), ..._gpu_nospin_path and ..._socket_path; ``label`` (e.g. "mps") ends
+    every hop key."""
     ring = "gpu" if cuda else "shm"
+    spun = any(r["path"] == "ring+spin" for r in rows)
+    names = {"ring+spin": ring, "ring": f"{ring}_nospin" if spun else ring, "socket": "socket"}
     out = {}
     for r in rows:
         out[f"hop_us_{r['shape'].replace('-', '').replace('.', '_')}_batch{r['batch']}_"
-            f"{ring if r['path'] == 'ring' else 'socket'}_path"] = r["median_us"]
+            f"{names[r['path']]}_path{'_' + label if label else ''}"] = r["median_us"]
     if len(throughput) == 2 and all("tokens_per_s" in r for r in throughput):
         one, two = (r["tokens_per_s"] for r in throughput)
         out["throughput_2w_over_1w_opt1_3b_8_streams"] = round(two / one, 3) if one else None
@@ -228,20 +271,19 @@ def summary(rows: list[dict], throughput: list[dict], cuda: bool) -> dict:
 
 
 def markdown(meta: dict, rows: list[dict], throughput: list[dict], head: dict) -> str:
-    lines = [f"# One hop, two processes on {meta['device']} ({meta['date']}), {meta['dtype']}",
-             "", f"`{meta['command']}`", "",
-             "| shape | hidden | batch | bytes | ring us (p90) | socket us (p90) | speed-up |",
-             "|---|---|---|---|---|---|---|"]
-    pairs: dict[tuple, dict] = {}
+    label = f" [{meta['label']}]" if meta.get("label") else ""
+    lines = [f"# One hop, two processes on {meta['device']}{label} ({meta['date']}), "
+             f"{meta['dtype']}", "", f"`{meta['command']}`", "",
+             "Pieces of one round trip on the timing side (medians, us): send = slot copy + "
+             "header (or device->host + frames), wait = until the answer is here (the peer's "
+             "turn, both crossings), take = decode, checks, copy out, sync = until the "
+             "answer's copy ran (GPU).", "",
+             "| shape | hidden | batch | bytes | path | hop us (p90) | send | wait | take | sync |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        pairs.setdefault((r["shape"], r["hidden"], r["batch"], r["bytes"]), {})[r["path"]] = r
-    for (shape, hidden, batch, nbytes), p in pairs.items():
-        ring, sock = p.get("ring", {}), p.get("socket", {})
-        ratio = (f"{sock['median_us'] / ring['median_us']:.1f}x"
-                 if ring.get("median_us") and sock.get("median_us") else "-")
-        lines.append(f"| {shape} | {hidden} | {batch} | {nbytes} | {ring.get('median_us')} "
-                     f"({ring.get('p90_us')}) | {sock.get('median_us')} ({sock.get('p90_us')})"
-                     f" | {ratio} |")
+        lines.append(f"| {r['shape']} | {r['hidden']} | {r['batch']} | {r['bytes']} | "
+                     f"{r['path']} | {r['median_us']} ({r['p90_us']}) | {r['send_us']} | "
+                     f"{r['wait_us']} | {r['take_us']} | {r['sync_us']} |")
     if throughput:
         lines += ["", "| workers on one GPU | streams | tokens/s | stage ms | hop ms |",
                   "|---|---|---|---|---|"]
@@ -255,7 +297,7 @@ def markdown(meta: dict, rows: list[dict], throughput: list[dict], head: dict) -
 
 
 def write(base: Path, meta: dict, rows: list[dict], throughput: list[dict], cuda: bool) -> None:
-    head = summary(rows, throughput, cuda)
+    head = summary(rows, throughput, cuda, meta.get("label", ""))
     Path(f"{base}.json").write_text(json.dumps(
         {"meta": meta, **head, "hops": rows, "throughput": throughput}, indent=2))
     Path(f"{base}.md").write_text(markdown(meta, rows, throughput, head))
@@ -276,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", action="store_true",
                         help="also opt-1.3b, 8 streams, 2 workers on one GPU vs 1 (CUDA only)")
     parser.add_argument("--tokens", type=int, default=32, help="per stream, --throughput")
+    parser.add_argument("--spin-us", type=float, default=300.0,
+                        help="the ring+spin rows: microseconds each side spins on its ring "
+                        "before it sleeps on the socket (0: no ring+spin rows)")
+    parser.add_argument("--label", default="",
+                        help="names this run in the rows, keys and file names (e.g. mps)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--addr-in", help=argparse.SUPPRESS)
@@ -297,13 +344,17 @@ def main(argv: list[str] | None = None) -> int:
               if args.device.startswith("cuda") else platform.machine())
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     meta = {"date": stamp, "device": device, "dtype": args.dtype, "iters": args.iters,
-            "torch": torch.__version__, "command": "python -m dejavu.bench.bench_hops " +
+            "label": args.label, "spin_us": args.spin_us, "torch": torch.__version__,
+            "command": "python -m dejavu.bench.bench_hops " +
             " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{stamp}-{device}-hops"
+    base = out / f"{stamp}-{device}-hops{'-' + args.label if args.label else ''}"
     cuda = args.device.startswith("cuda")
-    rows = hop_rows(args.device, shapes, batches, args.dtype, args.iters, args.warmup)
+    if args.label and not args.label.replace("-", "").isalnum():
+        parser.error(f"--label: {args.label!r} must be letters, digits and dashes")
+    rows = hop_rows(args.device, shapes, batches, args.dtype, args.iters, args.warmup,
+                    args.spin_us, args.label)
     write(base, meta, rows, [], cuda)  # kept if the throughput run is cut short
     if args.throughput and cuda:
         write(base, meta, rows, throughput_rows(out, args.tokens), cuda)

@@ -15,8 +15,11 @@
 #                 8, with the measured density and each sparse step's top kernels, and the
 #                 launches per layer of a captured step (bench/count_launches.py; under 4 min)
 #   PHASE=hops    the CUDA IPC data plane's GPU tests, then bench/bench_hops.py: one hop
-#                 between two processes on one GPU, ring vs socket, opt-1.3b..66b hidden
-#                 sizes at batch 1 and 8, and opt-1.3b 8 streams through 2 workers vs 1
+#                 between two processes on one GPU, ring spun on / ring / socket (with the
+#                 send/wait/take/sync split), opt-1.3b..66b hidden sizes at batch 1 and 8, and
+#                 opt-1.3b 8 streams through 2 workers vs 1; then the same hops under MPS
+#                 (label "mps": one GPU context for both processes, no time-slicing), so
+#                 context switching and our code's share of a hop show apart
 #   PHASE=stages  the lookahead CUDA tests, then an offloaded OPT-13B shape over two workers
 #                 on one GPU, 1 stream, random 10% of neurons: decode with lookahead (prefetch
 #                 and selections sent ahead) off and on (bench/bench_pipeline.py)
@@ -100,6 +103,26 @@ hops)
     timeout ${HOPS_TIMEOUT:-170} python3 -m dejavu.bench.bench_hops --throughput --out "$out" \
         2>&1 | tee "$out/hops.log" | tail -25
     rm -rf /dev/shm/dejavu-hops-opt-1.3b
+    # The same hops under MPS: its daemon in a private directory, both bench processes its
+    # clients (they inherit the pipe directory), the daemon told to quit afterwards.
+    mps=$(mktemp -d)
+    export CUDA_MPS_PIPE_DIRECTORY=$mps/pipe CUDA_MPS_LOG_DIRECTORY=$mps/log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    if nvidia-cuda-mps-control -d; then
+        timeout ${HOPS_MPS_TIMEOUT:-120} python3 -m dejavu.bench.bench_hops --label mps \
+            --out "$out" 2>&1 | tee "$out/hops-mps.log" | tail -25
+        echo get_server_list | nvidia-cuda-mps-control 2>&1 | sed 's/^/mps servers: /' \
+            | tee -a "$out/hops-mps.log"
+        echo quit | nvidia-cuda-mps-control
+        sleep 1
+        for f in $CUDA_MPS_LOG_DIRECTORY/*.log; do  # control.log says which clients came
+            [ -f "$f" ] && cp "$f" "$out/mps-$(basename $f)"
+        done
+    else
+        echo "MPS did not start here: no mps rows" | tee "$out/hops-mps.log"
+    fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    rm -rf $mps
     ;;
 stages)
     timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_lookahead.py \

@@ -8,7 +8,9 @@ only arrive where it belongs (a client cannot send a worker's ``StepDone``):
 - data plane, worker k -> worker k+1 (PUSH -> PULL): an ``Activations`` header frame plus
   one raw tensor frame, sent without a copy (``encode_tensor``/``decode_tensor``); or, on
   one host, the header alone, naming the slot of worker k+1's shared ring that holds the
-  tensors (``PlaneOffer``, forwarded by the scheduler as ``PeerPlane``);
+  tensors (``PlaneOffer``, forwarded by the scheduler as ``PeerPlane``); the same encoded
+  header also waits in the ring's shared memory, where worker k+1 may read it first, with
+  this same decoder and checks (workers/data_plane.py);
 - client API, client <-> scheduler (DEALER -> ROUTER): ``ClientMessage`` up,
   ``ClientReply`` down.
 
@@ -278,9 +280,11 @@ class Activations(_Msg):
     paged_bytes: list[int] = []  # per stage so far: bytes read from host memory
     sent_at: float = 0.0  # time.time() of the sender, for per-hop latency
     # Set: no tensor frame follows; the tensors (hidden, then carry) are in slot ``slot``
-    # of the receiver's ring ``ring`` (PlaneOffer.ring).
+    # of the receiver's ring ``ring`` (PlaneOffer.ring), put there by the sender's fill
+    # number ``fill`` (1, 2, ... in the order it fills the ring).
     slot: int | None = None
     ring: str = ""
+    fill: int = 0
 
 
 class SelectionAhead(_Msg):
@@ -496,6 +500,8 @@ def check_slot_header(msg: Activations | SelectionAhead, hidden_size: int, *, ri
                         f"{ring!r} (a ring from before a restart?)")
     if not 0 <= msg.slot < slots:
         raise WireError(f"activations in slot {msg.slot}: the ring has slots 0..{slots - 1}")
+    if msg.fill < 1:
+        raise WireError(f"activations in slot {msg.slot} name no fill ({msg.fill})")
     _check_header(msg, hidden_size)
     if (nbytes := slot_bytes_of(msg)) > slot_bytes:
         raise WireError(f"activations of {nbytes} bytes cannot be in a slot of {slot_bytes}")

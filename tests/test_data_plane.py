@@ -11,7 +11,15 @@ import time
 import pytest
 import torch
 import zmq
-from pipeline_fixtures import GREEDY, PROMPTS, add_predictors, cluster, make_tiny_model, read_log
+from pipeline_fixtures import (
+    GREEDY,
+    PROMPTS,
+    add_predictors,
+    cluster,
+    make_tiny_model,
+    read_log,
+    short_dir,
+)
 
 from dejavu.runtime import wire
 from dejavu.runtime.checkpoint import load_model
@@ -26,10 +34,23 @@ pytestmark = pytest.mark.skipif(not data_plane.SHM_DIR.is_dir(), reason="no /dev
 
 
 def header(step_rows: int, width: int, hidden: int, dtype: str = "float32", *,
-           carry: bool = False, slot: int | None = 0, ring: str = "") -> wire.Activations:
+           carry: bool = False, slot: int | None = 0, ring: str = "", fill: int = 1,
+           step_id: int = 7) -> wire.Activations:
     rows = [Row(f"r{i}", i, [1] * width, 0, True, SamplingParams()) for i in range(step_rows)]
-    return wire.Activations(0, Step(7, rows), dtype, (step_rows, width, hidden), "tok",
-                            carry, slot=slot, ring=ring)
+    return wire.Activations(0, Step(step_id, rows), dtype, (step_rows, width, hidden), "tok",
+                            carry, slot=slot, ring=ring, fill=fill)
+
+
+def put(writer: SlotWriter, x: torch.Tensor, c: torch.Tensor | None = None, step_id: int = 7
+        ) -> wire.Activations | None:
+    """``writer.put`` with a fresh header; the header it filled in (slot, ring, fill)."""
+    h = header(*x.shape, str(x.dtype).removeprefix("torch."), carry=c is not None, slot=None,
+               fill=0, step_id=step_id)
+    doorbell = writer.put(x, c, h)
+    if doorbell is None:
+        return None
+    assert wire.decode_data(doorbell) == h  # the doorbell is the header, encoded
+    return h
 
 
 @pytest.fixture
@@ -47,10 +68,10 @@ def test_a_slot_carries_hidden_and_carry_exactly(ring, dtype, rows, width, hidde
     torch.manual_seed(rows * width + hidden)
     x = torch.randn(rows, width, hidden).to(wire.DTYPES[dtype])
     c = torch.randn(rows, width, hidden).to(x.dtype) if carry else None
-    slot = writer.put(x, c)
-    assert slot is not None and int(ring.states[slot]) == FILLED
-    msg = header(rows, width, hidden, dtype, carry=carry, slot=slot, ring=ring.name)
-    got = ring.decode(wire.encode(msg), hidden)
+    h = put(writer, x, c)
+    slot = h.slot
+    assert int(ring.states[slot]) == h.fill == FILLED and h.ring == ring.name
+    got = ring.decode(wire.encode(h), hidden)
     hidden_out, carry_out = ring.take(got)
     assert int(ring.states[slot]) == FREE
     assert torch.equal(hidden_out, x) and hidden_out.dtype == x.dtype
@@ -58,19 +79,19 @@ def test_a_slot_carries_hidden_and_carry_exactly(ring, dtype, rows, width, hidde
     if c is not None:
         assert torch.equal(carry_out, c)
     # What was taken is a copy: the sender may overwrite the slot at once.
-    writer.put(torch.zeros_like(x), None)
+    assert put(writer, torch.zeros_like(x)).fill == 2
     assert torch.equal(hidden_out, x)
 
 
 def test_a_full_ring_or_a_large_tensor_takes_the_socket_and_credits_come_back(ring):
     writer = SlotWriter(ring.offer(), "cpu")
     x = torch.ones(1, 1, 8)
-    slots = [writer.put(x * i, None) for i in range(3)]
+    slots = [put(writer, x * i).slot for i in range(3)]
     assert sorted(slots) == [0, 1, 2]
-    assert writer.put(x, None) is None  # every slot unread: never overwritten, never waited
-    ring.take(ring.decode(wire.encode(header(1, 1, 8, slot=1, ring=ring.name)), 8))
-    assert writer.put(x * 9, None) == 1  # the credit returned
-    assert writer.put(torch.ones(1, 1, 2000), None) is None  # 8000 bytes > 4096
+    assert put(writer, x) is None  # every slot unread: never overwritten, never waited
+    ring.take(ring.decode(wire.encode(header(1, 1, 8, slot=1, ring=ring.name, fill=2)), 8))
+    assert put(writer, x * 9).slot == 1  # the credit returned
+    assert put(writer, torch.ones(1, 1, 2000)) is None  # 8000 bytes > 4096
     assert writer.sent == 4 and writer.fallbacks == 2
 
 
@@ -79,6 +100,7 @@ def test_a_full_ring_or_a_large_tensor_takes_the_socket_and_credits_come_back(ri
     (dict(slot=-1), "slot -1"),
     (dict(ring="another"), "ring 'another'"),
     (dict(slot=None), "names no slot"),
+    (dict(fill=0), "name no fill (0)"),
     (dict(dtype="int8"), "dtype 'int8'"),
     (dict(shape=(1, 1, 9)), "does not match the step"),
 ])
@@ -98,11 +120,13 @@ def test_a_slot_too_small_an_unfilled_slot_or_nan_is_refused(ring):
     with pytest.raises(wire.WireError, match="slot 2, which the sender has not filled"):
         ring.take(msg)
     writer = SlotWriter(ring.offer(), "cpu")
-    slot = writer.put(torch.full((1, 1, 8), float("nan")), None)
-    msg = ring.decode(wire.encode(header(1, 1, 8, slot=slot, ring=ring.name)), 8)
+    h = put(writer, torch.full((1, 1, 8), float("nan")))
+    stale = ring.decode(wire.encode(header(1, 1, 8, slot=h.slot, ring=ring.name, fill=9)), 8)
+    with pytest.raises(wire.WireError, match="which the sender has not filled"):
+        ring.take(stale)  # a doorbell for another fill of that slot frees nothing
     with pytest.raises(wire.WireError, match="NaN"):
-        ring.take(msg)
-    assert int(ring.states[slot]) == FREE  # a refused read still frees the slot
+        ring.take(ring.decode(wire.encode(h), 8))
+    assert int(ring.states[h.slot]) == FREE  # a refused read still frees the slot
     with pytest.raises(wire.WireError, match="names a slot but came with tensor frames"):
         wire.decode_activations(wire.encode(header(1, 1, 8)), bytes(32), 8)
 
@@ -130,6 +154,105 @@ def test_the_path_falls_back_to_the_socket_and_says_why(ring):
                                                                   '"socket"')
 
 
+# What the sender of the spin test does, in order: a fill (and whether its header rides in
+# the box, so that a spinning receiver takes it before its doorbell), or a hop by the socket.
+SPIN_PLAN = [("fill", False),   # the first fill: what came before is unknown, doorbell only
+             ("fill", True),
+             ("socket", False),
+             ("fill", False),   # after a socket message: it must not overtake that message
+             ("fill", True)]
+
+
+def _spin_sender(offer_bytes: bytes, address: str, pipe) -> None:
+    import msgspec
+    import zmq
+
+    writer = SlotWriter(msgspec.msgpack.decode(offer_bytes, type=wire.PlaneOffer), "cpu")
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(address)
+    pipe.recv()  # go: the receiver's first spin has timed out
+    for i, (how, boxed) in enumerate(SPIN_PLAN):
+        x = torch.full((1, 1, 8), float(i))
+        if how == "socket":
+            h = header(1, 1, 8, slot=None, fill=0, step_id=i)
+            push.send_multipart([wire.encode(h), wire.tensor_frame(x)])
+            writer.sent_by_socket()
+            continue
+        doorbell = writer.put(x, None, header(1, 1, 8, slot=None, fill=0, step_id=i))
+        if boxed:
+            pipe.recv()  # the receiver took it from the ring: only now ring the bell
+        push.send(doorbell)
+    pipe.recv()
+    push.close()
+    ctx.term()
+
+
+def test_a_spin_takes_fills_before_their_doorbells_in_order_and_a_timeout_loses_nothing(
+        ring, tmp_path):
+    """A second process fills the ring (and once sends by the socket); the receiver spins:
+    a spin with nothing to find times out and returns None; a fill whose header rides in
+    the box is taken from the ring, its later doorbell recognised and dropped; a fill
+    without one (the first, and the one after the socket message) comes by its doorbell,
+    after the socket message. Every tensor arrives once, in the order sent."""
+    import multiprocessing as mp
+
+    address = f"ipc://{short_dir()}/spin.sock"
+    zctx = zmq.Context()
+    pull = zctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(address)
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_spin_sender, args=(wire.encode(ring.offer()), address, theirs))
+    proc.start()
+    got, early, dropped = [], [], 0
+    try:
+        t0 = time.perf_counter()
+        assert ring.wait_fill(0.05) is None  # nothing filled yet: the spin gives up
+        assert time.perf_counter() - t0 >= 0.05
+        ours.send("go")
+        for how, boxed in SPIN_PLAN:
+            if boxed:
+                box = ring.wait_fill(30.0)
+                assert box is not None
+                msg = ring.check(wire.decode_data(box), 8)
+                x, _ = ring.take(msg, early=True)
+                early.append(msg.step.step_id)
+                ours.send("taken")
+            else:
+                assert ring.wait_fill(0.02) is None  # unfilled yet, or its box is empty
+                while True:
+                    frames = pull.recv_multipart()
+                    if len(frames) == 2:
+                        msg, x, _ = wire.decode_activations(frames[0], frames[1], 8)
+                        assert how == "socket"
+                        break
+                    msg = wire.decode_data(frames[0])
+                    if ring.seen(msg):
+                        dropped += 1
+                        continue
+                    x, _ = ring.take(ring.check(msg, 8))
+                    break
+            got.append((msg.step.step_id, float(x.flatten()[0])))
+        ours.send("done")
+        while dropped < 2 and pull.poll(10_000):
+            assert ring.seen(wire.decode_data(pull.recv()))
+            dropped += 1
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        pull.close()
+        zctx.term()
+    assert got == [(i, float(i)) for i in range(len(SPIN_PLAN))]
+    assert early == [1, 4] and ring.picked == 2 and dropped == 2
+    assert ring.received == 4 and not ring.picked_early
+    assert all(int(s) == FREE for s in ring.states)
+
+
 def _fields(offer: wire.PlaneOffer) -> dict:
     return {f: getattr(offer, f) for f in offer.__struct_fields__}
 
@@ -151,10 +274,18 @@ def hop_counts(log: str) -> tuple[int, int]:
     return sum(int(a) for a, _ in found), sum(int(b) for _, b in found)
 
 
+def picked_counts(log: str) -> int:
+    """Hops picked up from a ring before their doorbell, summed over the workers."""
+    return sum(int(n) for n in re.findall(r"(\d+) picked up from the ring before", log))
+
+
 @pytest.mark.parametrize("workers,plane", [(1, "auto"), (2, "auto"), (3, "auto"),
-                                           (2, "socket"), (3, "socket")])
+                                           (2, "socket"), (3, "socket"), (3, "spin")])
 def test_dense_tokens_equal_the_engine_on_either_plane(tiny, greedy, workers, plane):
-    with cluster(tiny, workers, data_plane=plane) as c:
+    """"spin": the shared ring, each receiver spinning on it for 20 ms after a step."""
+    spin = {"data_plane_spin_us": 20000.0} if plane == "spin" else {}
+    with cluster(tiny, workers, data_plane="socket" if plane == "socket" else "auto",
+                 **spin) as c:
         with PipelineConnection(c.address) as conn:
             assert [conn.run([p], GREEDY)[0].tokens for p in PROMPTS[:3]] == greedy[:3]
             assert [x.tokens for x in conn.run(PROMPTS, GREEDY)] == greedy
@@ -162,7 +293,11 @@ def test_dense_tokens_equal_the_engine_on_either_plane(tiny, greedy, workers, pl
     paths = re.findall(r"worker (\d) -> worker \d: activations through (.*)", log)
     assert len(paths) == workers - 1
     ring, sock = hop_counts(log)
-    if plane == "auto" and workers > 1:
+    spins = re.findall(r"its ring is spun on for (\S+) us", log)
+    if workers > 1 and plane != "socket":
+        assert spins == ["20000" if spin else "0"] * (workers - 1), spins
+        assert (picked_counts(log) > 0) == bool(spin), picked_counts(log)
+    if plane != "socket" and workers > 1:
         assert all(how.startswith("shared memory") for _, how in paths), paths
         assert ring > 0 and sock == 0, (ring, sock)
     elif workers > 1:
@@ -229,10 +364,10 @@ def _cuda_sender(offer_bytes: bytes, pipe) -> None:
     for i in range(8):
         x = torch.full((2, 3, 64), float(i), device="cuda:0", dtype=torch.float16)
         torch.cuda._sleep(1_000_000)  # a slow producer: the reader must wait on the event
-        slot = None
-        while slot is None:
-            slot = writer.put(x, x + 0.5)
-        pipe.send(slot)
+        h = header(2, 3, 64, "float16", carry=True, slot=None, fill=0)
+        while writer.put(x, x + 0.5, h) is None:
+            pass
+        pipe.send((h.slot, h.fill))
     pipe.recv()
 
 
@@ -248,9 +383,9 @@ def test_cuda_ipc_ring_between_two_processes_on_one_gpu():
         proc.start()
         assert ours.recv().startswith("CUDA IPC into cuda:0")
         for i in range(8):
-            slot = ours.recv()
+            slot, fill = ours.recv()
             msg = ring.decode(wire.encode(header(2, 3, 64, "float16", carry=True, slot=slot,
-                                                 ring=ring.name)), 64)
+                                                 ring=ring.name, fill=fill)), 64)
             x, c = ring.take(msg)
             assert torch.equal(x.cpu(), torch.full((2, 3, 64), float(i), dtype=torch.float16))
             assert torch.equal(c.cpu(), x.cpu() + 0.5)

@@ -7,12 +7,24 @@ it (``SlotWriter``) when it can, else keeps the socket. Where the slots live:
   events per slot; the sender's copy and the receiver's read stay on their streams;
 - "shm": a file in /dev/shm (CPU workers), so the CPU tests run this same protocol.
 
-Per slot, a state word in a small shared-memory file says who may touch the slot: FREE
-(the sender may write it) or FILLED (the receiver owns it until it has read it):
+Per slot, a state word in a small shared-memory file says who may touch the slot: FREE (0,
+the sender may write it) or the number of the fill that is in it (the receiver owns it
+until it has read it). Fills are numbered 1, 2, ... by the one sender, in order:
 - sender (``SlotWriter.put``): takes a FREE slot (none, or tensors too large: it returns
-  None and the hop takes the socket; it never waits), copies hidden [and carry] in, marks
-  the slot FILLED; the caller then sends the header naming the slot on the data socket;
-- receiver (``Ring.take``): checks the slot is FILLED, copies the tensors out, marks it FREE.
+  None and the hop takes the socket; it never waits), copies hidden [and carry] in, writes
+  the encoded header into the slot's header box, stores the fill number in the slot's state
+  and then in ``last fill``; the caller sends the same header on the data socket (the
+  doorbell);
+- receiver (``Ring.take``): checks the slot holds the header's fill, copies the tensors
+  out, marks it FREE.
+The receiver may pick a fill up before its doorbell (``Ring.wait_fill``): it spins, for a
+bounded time, on ``last fill`` reaching the next fill it expects, then reads the header
+from the box, decodes and checks it exactly as the doorbell's, and takes the tensors; the
+doorbell that comes later is recognised (``Ring.seen``) and dropped. That saves the
+socket's thread wake-ups on a hop. A fill goes in order with the socket's other messages
+(activations that took the socket, selections sent ahead): a fill made after such a
+message has an empty box, so the receiver waits for its doorbell, which the socket
+delivers after that message.
 On CUDA the copies are asynchronous: the sender's stream waits on the slot's ``free``
 event before its copy and records ``ready`` after; the receiver's stream waits on
 ``ready`` before its copy and records ``free`` after. No host synchronisation on either
@@ -27,6 +39,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +48,15 @@ import torch
 from ..runtime import wire
 from ..runtime.pids import process_alive
 
-FREE, FILLED = 0, 1
-MAGIC = 0x444A5652494E4731  # "DJVRING1": the file is a ring of this module
-HEADER = 4096  # bytes before the first CPU slot: magic, slots, slot_bytes, one state each
+FREE, FILLED = 0, 1  # FILLED: the first fill's number; any fill number > 0 is a full slot
+MAGIC = 0x444A5652494E4732  # "DJVRING2": the file is a ring of this module, this layout
+# Words of the file's first HEADER bytes: magic, slots, slot_bytes, last fill, one state per
+# slot. Then one header box of BOX bytes per slot ([int64 length][encoded header]; length 0:
+# the header comes only by the socket), then (CPU rings) the slots.
+HEADER = 4096
+BOX = 4096
+FIRST_STATE = 4
+AUTO_SPIN_US = 300.0  # a GPU worker's spin when the setting is absent
 SHM_DIR = Path("/dev/shm")
 PREFIX = "dejavu-ring"
 
@@ -91,17 +110,26 @@ def _map(path: Path, nbytes: int, *, create: bool) -> torch.Tensor:
     return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
 
 
-def _states(mem: torch.Tensor, slots: int, slot_bytes: int, *, create: bool) -> np.ndarray:
-    """The slots' state words. A numpy view, not a tensor: a state is read or written twice
-    per hop, and indexing a tensor costs 1-2 us each against ~0.1 us here. An aligned int64
-    store is one store, and x86 keeps stores in order, so a slot's bytes are visible before
-    the FILLED that announces them."""
+def _file_bytes(slots: int, slot_bytes: int, cuda: bool) -> int:
+    return HEADER + slots * BOX + (0 if cuda else slots * slot_bytes)
+
+
+def _words(mem: torch.Tensor, slots: int, slot_bytes: int, *, create: bool) -> np.ndarray:
+    """The file's header words (numpy views, not tensors: a state is read or written twice
+    per hop, and indexing a tensor costs 1-2 us each against ~0.1 us here). An aligned int64
+    store is one store, and x86 keeps stores in order (and loads in order), so a slot's
+    bytes and box are visible before the fill number that announces them."""
     words = mem[:HEADER].numpy().view(np.int64)
     if create:
         words[:3] = [MAGIC, slots, slot_bytes]
     elif words[:3].tolist() != [MAGIC, slots, slot_bytes]:
         raise PlaneError("the shared file does not hold the ring that was offered")
-    return words[3:3 + slots]
+    return words
+
+
+def _boxes(mem: torch.Tensor, slots: int) -> np.ndarray:
+    """[slots, BOX] bytes: each slot's header box."""
+    return mem[HEADER:HEADER + slots * BOX].numpy().reshape(slots, BOX)
 
 
 # --- receiver ----------------------------------------------------------------------------------
@@ -113,17 +141,22 @@ class Ring:
     def __init__(self, device: str | torch.device, slots: int, slot_bytes: int) -> None:
         if not SHM_DIR.is_dir():
             raise PlaneError(f"no {SHM_DIR} on this host")
-        if not 1 <= slots <= (HEADER // 8 - 3):
-            raise PlaneError(f"{slots} slots: expected 1..{HEADER // 8 - 3}")
+        if not 1 <= slots <= (HEADER // 8 - FIRST_STATE):
+            raise PlaneError(f"{slots} slots: expected 1..{HEADER // 8 - FIRST_STATE}")
         self.device = torch.device(device)
         self.slots, self.slot_bytes = slots, slot_bytes
         self.name = secrets.token_hex(8)
-        self.received = 0
+        self.received = self.picked = 0  # fills taken; of them, picked up by spinning
+        self.next_fill = 1  # the sender's next fill, in the order it makes them
+        self.picked_early: set[int] = set()  # fills taken before their doorbell came
         _sweep_stale()
         self.path = SHM_DIR / f"{PREFIX}-{os.getuid()}-{os.getpid()}-{self.name}"
         cuda = self.device.type == "cuda"
-        self.mem = _map(self.path, HEADER + (0 if cuda else slots * slot_bytes), create=True)
-        self.states = _states(self.mem, slots, slot_bytes, create=True)
+        self.mem = _map(self.path, _file_bytes(slots, slot_bytes, cuda), create=True)
+        words = _words(self.mem, slots, slot_bytes, create=True)
+        self.last_fill = words[3:4]
+        self.states = words[FIRST_STATE:FIRST_STATE + slots]
+        self.boxes = _boxes(self.mem, slots)
         if cuda:
             with torch.cuda.device(self.device):
                 self.block = torch.empty(slots * slot_bytes, dtype=torch.uint8,
@@ -131,7 +164,7 @@ class Ring:
                 self.ready = [torch.cuda.Event(interprocess=True) for _ in range(slots)]
                 self.free = [torch.cuda.Event(interprocess=True) for _ in range(slots)]
         else:
-            self.block = self.mem[HEADER:]
+            self.block = self.mem[HEADER + slots * BOX:]
 
     def offer(self) -> wire.PlaneOffer:
         cuda = None
@@ -158,11 +191,41 @@ class Ring:
         return wire.check_slot_header(msg, hidden_size, ring=self.name, slots=self.slots,
                                       slot_bytes=self.slot_bytes)
 
-    def take(self, msg: wire.Activations) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def wait_fill(self, seconds: float) -> bytes | None:
+        """Spin up to ``seconds`` for the sender's next fill; its header (to decode and
+        check as a doorbell's, then ``take(msg, early=True)``), or None: no fill yet, or one
+        whose header comes only by the socket (its box is empty)."""
+        want, last = self.next_fill, self.last_fill
+        if last[0] < want:
+            deadline = time.perf_counter() + seconds
+            while last[0] < want:
+                if time.perf_counter() >= deadline:
+                    return None
+        found = np.flatnonzero(self.states == want)
+        if not len(found):
+            return None  # taken already (its doorbell came first)
+        box = self.boxes[int(found[0])]
+        length = box[:8].view(np.int64)
+        n = int(length[0])
+        if not 0 < n <= BOX - 8:
+            return None
+        header = box[8:8 + n].tobytes()
+        length[0] = 0  # read once: a header refused here waits for its doorbell
+        return header
+
+    def seen(self, msg: wire.Activations) -> bool:
+        """Whether ``msg`` is the doorbell of a fill already picked up by spinning (drop it)."""
+        if msg.fill in self.picked_early:
+            self.picked_early.discard(msg.fill)
+            return True
+        return False
+
+    def take(self, msg: wire.Activations, *, early: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tensors in the slot ``msg`` names (a decoded header), copied out; the slot is
-        FREE again afterwards, whatever happens."""
+        FREE again afterwards, whatever happens. ``early``: picked up before its doorbell."""
         slot = msg.slot
-        if self.states[slot] != FILLED:
+        if msg.fill < FILLED or self.states[slot] != msg.fill:
             raise wire.WireError(f"activations in slot {slot}, which the sender has not filled")
         try:
             dtype = wire.DTYPES[msg.dtype]
@@ -175,8 +238,17 @@ class Ring:
                 tensors = [self._take_cpu(a, n, dtype, tuple(msg.shape)) for a, n in parts]
         finally:
             self.states[slot] = FREE
+            self.next_fill = max(self.next_fill, msg.fill + 1)
+            if early:
+                self._remember_early(msg.fill)
         self.received += 1
         return tensors[0], (tensors[1] if msg.carry else None)
+
+    def _remember_early(self, fill: int) -> None:
+        self.picked += 1
+        self.picked_early.add(fill)
+        if len(self.picked_early) > 4 * self.slots + 64:  # doorbells that never came
+            self.picked_early.discard(min(self.picked_early))
 
     def _take_cpu(self, at: int, nbytes: int, dtype, shape) -> torch.Tensor:
         # Copied out first, then checked: the check sees what the model will read.
@@ -219,24 +291,31 @@ class SlotWriter:
         self.offer = offer
         self.sent = self.fallbacks = 0
         self._next = 0
+        # A fill's header goes in its box only when no other message left by the socket
+        # since the previous fill (and not on the first fill: what came before is unknown).
+        self._in_order = False
         path = Path(offer.path)
         if path.parent != SHM_DIR or not path.name.startswith(f"{PREFIX}-"):
             raise PlaneError(f"the offered ring file {offer.path!r} is not a ring in {SHM_DIR}")
         cuda = offer.kind == "cuda"
         if cuda and offer.cuda is None:
             raise PlaneError("a cuda ring offered without its handles")
-        nbytes = HEADER + (0 if cuda else offer.slots * offer.slot_bytes)
+        nbytes = _file_bytes(offer.slots, offer.slot_bytes, cuda)
         try:
             self.mem = _map(path, nbytes, create=False)
         except OSError as exc:
             raise PlaneError(f"cannot open {path}: {exc.strerror}") from None
-        self.states = _states(self.mem, offer.slots, offer.slot_bytes, create=False)
+        words = _words(self.mem, offer.slots, offer.slot_bytes, create=False)
+        # A restarted sender goes on numbering where the one before it stopped.
+        self.last_fill = words[3:4]
+        self.states = words[FIRST_STATE:FIRST_STATE + offer.slots]
+        self.boxes = _boxes(self.mem, offer.slots)
         self.device = torch.device(device)
         if cuda:
             self._open_cuda(offer)
         else:
             self.ring_device = torch.device("cpu")
-            self.block = self.mem[HEADER:]
+            self.block = self.mem[HEADER + offer.slots * BOX:]
 
     def _open_cuda(self, offer: wire.PlaneOffer) -> None:
         if not torch.cuda.is_available():
@@ -266,9 +345,12 @@ class SlotWriter:
         return (f"{where}, {self.offer.slots} slots of {self.offer.slot_bytes / 2**20:.2f} "
                 "MiB, same host")
 
-    def put(self, hidden: torch.Tensor, carry: torch.Tensor | None) -> int | None:
-        """Copy ``hidden`` (then ``carry``, same dtype and shape) into a free slot and mark it
-        FILLED; the slot's index, or None when none is free or they do not fit."""
+    def put(self, hidden: torch.Tensor, carry: torch.Tensor | None,
+            header: wire.Activations) -> bytes | None:
+        """Copy ``hidden`` (then ``carry``, same dtype and shape) into a free slot, name it in
+        ``header`` (slot, ring, fill), put the encoded header in the slot's box and announce
+        the fill; the encoded header to send as the doorbell, or None when no slot is free
+        or the tensors do not fit (send them by the socket and call ``sent_by_socket``)."""
         tensors = [t.contiguous().view(-1).view(torch.uint8)
                    for t in (hidden, carry) if t is not None]
         if sum(t.numel() for t in tensors) > self.offer.slot_bytes:
@@ -278,6 +360,23 @@ class SlotWriter:
         if slot is None:
             self.fallbacks += 1
             return None
+        fill = int(self.last_fill[0]) + 1
+        header.slot, header.ring, header.fill = slot, self.offer.ring, fill
+        encoded = wire.encode(header)
+        self._copy_in(slot, tensors)
+        self._write_box(slot, encoded if self._in_order else b"")
+        self.states[slot] = fill
+        self.last_fill[0] = fill  # after the state: a receiver that sees it finds the slot
+        self._in_order = True
+        self.sent += 1
+        return encoded
+
+    def sent_by_socket(self) -> None:
+        """Another message to the receiver left by the socket: the next fill must wait for
+        its doorbell, behind that message."""
+        self._in_order = False
+
+    def _copy_in(self, slot: int, tensors: list[torch.Tensor]) -> None:
         at = slot * self.offer.slot_bytes
         if self.ring_device.type == "cuda":
             stream = torch.cuda.current_stream(self.ring_device)
@@ -290,9 +389,12 @@ class SlotWriter:
             for t in tensors:
                 self.block[at:at + t.numel()].copy_(t)
                 at += t.numel()
-        self.states[slot] = FILLED
-        self.sent += 1
-        return slot
+
+    def _write_box(self, slot: int, encoded: bytes) -> None:
+        box = self.boxes[slot]
+        n = len(encoded) if len(encoded) <= BOX - 8 else 0  # too long: by the socket only
+        box[8:8 + n] = np.frombuffer(encoded[:n], dtype=np.uint8)
+        box[:8].view(np.int64)[0] = n
 
     def _free_slot(self) -> int | None:
         n = self.offer.slots
@@ -319,6 +421,16 @@ def open_writer(offer: wire.PlaneOffer | None, note: str, device: str | torch.de
     except (PlaneError, RuntimeError, OSError) as exc:
         return None, f"the socket: cannot open the next worker's ring: {exc}"
     return writer, writer.describe()
+
+
+def spin_seconds(setting: float | None, device: str | torch.device) -> tuple[float, str]:
+    """How long a receiving worker spins on its ring after a step, and why."""
+    if setting is None:
+        cuda = torch.device(device).type == "cuda"
+        us = AUTO_SPIN_US if cuda else 0.0
+        why = "GPU worker" if cuda else "CPU worker: its compute needs the core"
+        return us / 1e6, f"{us:g} us ([pipeline] data_plane_spin_us absent: {why})"
+    return setting / 1e6, f"{setting:g} us ([pipeline] data_plane_spin_us)"
 
 
 def make_ring(device: str | torch.device, slots: int, slot_bytes: int, setting: str

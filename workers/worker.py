@@ -81,6 +81,7 @@ class Worker:
         self.data_in: zmq.Socket | None = None
         self.data_out: zmq.Socket | None = None
         self.ring: data_plane.Ring | None = None  # this worker's input slots
+        self.spin_s = 0.0  # seconds spun on the ring for the next hop (0: sleep on the socket)
         self.writer: data_plane.SlotWriter | None = None  # the next worker's
         self.socket_hops_in = 0
         self.epoch = 0
@@ -188,6 +189,10 @@ class Worker:
                                                pipeline.data_plane_slot_mib)
         self.ring, self.plane_note = data_plane.make_ring(
             setup.device, pipeline.data_plane_slots, slot_bytes, pipeline.data_plane)
+        if self.ring is not None:
+            self.spin_s, how = data_plane.spin_seconds(pipeline.data_plane_spin_us,
+                                                       setup.device)
+            log.info("worker %d: its ring is spun on for %s after each step", self.index, how)
 
     def _open_plane(self, msg: wire.PeerPlane) -> None:
         """The next worker's ring (sent again after it restarts): use it if this worker can."""
@@ -199,13 +204,20 @@ class Worker:
     # --- serving ---------------------------------------------------------------------------
 
     def serve(self) -> str:
-        """Run until ``Shutdown``; returns its reason."""
+        """Run until ``Shutdown``; returns its reason. After a message (while steps come)
+        and with a spin set, the next hop is first looked for in the ring itself."""
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         if self.data_in is not None:
             poller.register(self.data_in, zmq.POLLIN)
+        spin = self.spin_s if self.ring is not None else 0.0
+        active = False
         while True:
-            ready = dict(poller.poll(1000))
+            ready = dict(poller.poll(0)) if spin and active else {}
+            if spin and active and not ready and self._pick_up(spin):
+                continue
+            ready = ready or dict(poller.poll(1000))
+            active = bool(ready)
             if self.control in ready:
                 reason = self._on_control()
                 if reason is not None:
@@ -246,6 +258,8 @@ class Worker:
                 if isinstance(lone, wire.SelectionAhead):
                     self._on_ahead(lone)
                     return
+                if self.ring is not None and self.ring.seen(lone):
+                    return  # the doorbell of a hop already picked up from the ring
                 msg, hidden, carry = self._from_ring(lone)
             else:
                 msg, hidden, carry = wire.decode_activations(
@@ -253,12 +267,34 @@ class Worker:
                     frames[2].buffer if len(frames) == 3 else None)
                 self._check_token(msg)
                 self.socket_hops_in += 1
-            dtype = self.setup.settings.model.dtype
-            if msg.dtype != dtype:
-                raise wire.WireError(f"activations in {msg.dtype}, this worker runs {dtype}")
+            self._check_dtype(msg)
         except wire.WireError as exc:
             self._bad_frame("data", exc)
             return
+        self._run_received(msg, hidden, carry, received)
+
+    def _pick_up(self, spin_s: float) -> bool:
+        """Spin up to ``spin_s`` for the next hop in the ring and run it; False if none came
+        (or its header travels by the socket only)."""
+        header = self.ring.wait_fill(spin_s)
+        if header is None:
+            return False
+        received = time.time()
+        try:
+            msg, hidden, carry = self._from_ring(wire.decode_data(header), early=True)
+            self._check_dtype(msg)
+        except wire.WireError as exc:
+            self._bad_frame("data", exc)
+            return False
+        self._run_received(msg, hidden, carry, received)
+        return True
+
+    def _check_dtype(self, msg: wire.Activations) -> None:
+        dtype = self.setup.settings.model.dtype
+        if msg.dtype != dtype:
+            raise wire.WireError(f"activations in {msg.dtype}, this worker runs {dtype}")
+
+    def _run_received(self, msg: wire.Activations, hidden, carry, received: float) -> None:
         if self._current(msg.epoch):
             msg.hop_s = msg.hop_s + [max(0.0, received - msg.sent_at)]
             self._process(msg.step, hidden, carry, msg)
@@ -267,30 +303,32 @@ class Worker:
         if not hmac.compare_digest(msg.token, self.setup.token):
             raise wire.WireError("activations without this cluster's token")
 
-    def _from_ring(self, header: wire.Activations
+    def _from_ring(self, header: wire.Activations | wire.SelectionAhead, *, early: bool = False
                    ) -> tuple[wire.Activations, torch.Tensor, torch.Tensor | None]:
         """A header alone (decoded): its tensors wait in a slot of this worker's ring. Only
-        a header with the cluster's token may read (and so free) a slot."""
+        a header with the cluster's token may read (and so free) a slot. ``early``: read
+        from the ring before its doorbell came."""
         if self.ring is None:
             raise wire.WireError("activations in a slot, but this worker offered no ring")
         msg = self.ring.check(header, self.config.hidden_size)
         self._check_token(msg)
-        hidden, carry = self.ring.take(msg)
+        hidden, carry = self.ring.take(msg, early=early)
         return msg, hidden, carry
 
     def _send_activations(self, header: wire.Activations, out: torch.Tensor,
                           carry: torch.Tensor | None) -> None:
         """Through a slot of the next worker's ring when one is free, else on the socket."""
         carry = None if carry is None else carry.to(out.dtype)
-        slot = self.writer.put(out, carry) if self.writer is not None else None
-        if slot is not None:
-            header.slot, header.ring = slot, self.writer.offer.ring
-            self.data_out.send(wire.encode(header), copy=False)
+        doorbell = self.writer.put(out, carry, header) if self.writer is not None else None
+        if doorbell is not None:
+            self.data_out.send(doorbell, copy=False)
             return
         frames = [wire.encode(header), wire.tensor_frame(out)]
         if carry is not None:
             frames.append(wire.tensor_frame(carry))
         self.data_out.send_multipart(frames, copy=False)
+        if self.writer is not None:
+            self.writer.sent_by_socket()
 
     def _on_ahead(self, lone: wire.SelectionAhead) -> None:
         c = self.config
@@ -307,6 +345,8 @@ class Worker:
 
     def _send_ahead(self, msg: wire.SelectionAhead) -> None:
         self.data_out.send(wire.encode(msg))
+        if self.writer is not None:
+            self.writer.sent_by_socket()
 
     def _current(self, epoch: int) -> bool:
         if epoch < self.epoch:
@@ -401,8 +441,10 @@ class Worker:
         if getattr(self, "heartbeat", None) is not None:
             self.heartbeat.stop()
         if self.data_in is not None:
-            log.info("worker %d received %d hop(s) through its ring, %d through the socket",
-                     self.index, self.ring.received if self.ring else 0, self.socket_hops_in)
+            log.info("worker %d received %d hop(s) through its ring, %d through the socket; "
+                     "%d picked up from the ring before their doorbell", self.index,
+                     self.ring.received if self.ring else 0, self.socket_hops_in,
+                     self.ring.picked if self.ring else 0)
         if self.ring is not None:
             self.ring.close()
         if self.writer is not None:
