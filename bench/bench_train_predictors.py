@@ -28,6 +28,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,24 @@ from .bench_pipeline import SHAPES, random_checkpoint, shape_config
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "opt-gutenberg-31m"
 CLI = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
+
+
+def run_streamed(command: list[str], timeout_s: float | None) -> int:
+    """Run a child with its output passed through line by line (a device call that is cut
+    keeps every per-layer line printed so far); past ``timeout_s`` it is killed and the
+    return code is -9."""
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, bufsize=1)
+    timer = threading.Timer(timeout_s, child.kill) if timeout_s else None
+    if timer:
+        timer.start()
+    try:
+        for line in child.stdout:
+            print(line, end="", flush=True)
+        return child.wait()
+    finally:
+        if timer:
+            timer.cancel()
 
 
 def read_once(model_dir: Path, device: str) -> float:
@@ -109,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per calibration window (default: the model's positions)")
     p.add_argument("--data", default=None, help="calibration text (default: synthetic)")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--train-timeout-s", type=float, default=None,
+                   help="stop train-predictors after this long (it resumes from its finished "
+                        "layers when rerun) and still write the results, marked as cut")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -133,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
            device, "--dtype", dtype_name, "--select", "threshold", "--window", str(window),
            *budget]
     t0 = time.perf_counter()
-    train = subprocess.run(CLI + cmd, cwd=ROOT, capture_output=True, text=True)
+    train_rc = run_streamed(CLI + cmd, args.train_timeout_s)
     wall_s = time.perf_counter() - t0
-    print(train.stdout[-4000:], train.stderr[-4000:], sep="\n")
-    report = json.loads((out / "report.json").read_text()) if train.returncode == 0 else {}
+    report = json.loads((out / "report.json").read_text()) if train_rc == 0 else {}
     gen = subprocess.run(CLI + ["generate", "--model", str(model_dir), "--device", device,
                                 "--dtype", dtype_name, *budget, "--prompt-ids",
                                 "2,100,200,300", "--max-new-tokens", "8", "--json"],
@@ -151,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_memory_gib": args.gpu_memory_gib if device == "cuda" else None,
         "tokens": args.tokens, "epochs": args.epochs, "checkpoint_write_s": write_s,
         "read_once_s": read_s, "matmul_tflops": tflops, "forward_bound_s": forward_s,
-        "train_wall_s": wall_s, "train_returncode": train.returncode,
+        "train_wall_s": wall_s, "train_returncode": train_rc,
         "ratio_to_read_plus_forward": wall_s / bound,
         "read_s": lw.get("read_s"), "forward_s": lw.get("forward_s"), "fit_s": lw.get("fit_s"),
         "peak_host_rss_gib": lw.get("peak_host_rss_gib"),
@@ -169,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     base.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     base.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
-    return 0 if train.returncode == 0 and gen.returncode == 0 else 1
+    return 0 if train_rc == 0 and gen.returncode == 0 else 1
 
 
 def markdown(r: dict) -> str:

@@ -65,9 +65,9 @@ checks)
 e2e)
     timeout ${E2E_TIMEOUT:-400} python3 -m dejavu.bench.bench_e2e --shape opt-13b \
         --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt \
-        --tokens ${TOKENS:-12} --time-budget-s ${E2E_BUDGET:-300} --out "$out" 2>&1 \
-        | tee "$out/e2e.log" | tail -40
-    for heads in 1.0 0.5; do
+        --tokens ${TOKENS:-12} --time-budget-s ${E2E_BUDGET:-300} ${E2E_ARGS:-} --out "$out" \
+        2>&1 | tee "$out/e2e.log" | tail -40
+    for heads in ${PROFILE_HEADS:-1.0 0.5}; do
         timeout 65 python3 -m dejavu.bench.profile_offload step --shape opt-13b \
             --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt \
             --heads $heads --table --out "$out/profile-offload-heads$heads.json" 2>&1 \
@@ -81,10 +81,14 @@ e2e)
     [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
     ;;
 train)
+    # TRAIN_CKPT=$ckpt reuses e2e's checkpoint (same writer); run it after e2e: it leaves
+    # predictors/ in the checkpoint, which a later e2e would load.
+    tckpt=${TRAIN_CKPT:-/dev/shm/opt-13b}
     timeout ${TRAIN_TIMEOUT:-560} python3 -m dejavu.bench.bench_train_predictors --shape opt-13b \
         --gpu-memory-gib 12 --tokens ${CAL_TOKENS:-100000} --batch-size 2048 --lr 0.02 \
-        --checkpoint-dir /dev/shm/opt-13b --out "$out" 2>&1 | tee "$out/train.log" | tail -30
-    rm -rf /dev/shm/opt-13b
+        --train-timeout-s ${TRAIN_CUT:-$(( ${TRAIN_TIMEOUT:-560} - 120 ))} \
+        --checkpoint-dir $tckpt --out "$out" 2>&1 | tee "$out/train.log" | tail -60
+    rm -rf $tckpt
     ;;
 fused)
     timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider -o addopts= \

@@ -263,6 +263,23 @@ def test_svd_predictor_at_full_rank_scores_the_pre_activation():
     assert 0 < err < layer.fc1(layer.final_layer_norm(h)).norm()
 
 
+def test_svd_init_is_the_svd_truncation_of_fc1_through_its_layer_norm():
+    """The Gram-matrix eigenvectors give the same rank-r product as the plain SVD (the
+    reference): up @ down = U_r S_r V_r^T of W diag(g), whichever signs the factors take."""
+    model = tiny_model()
+    layer = model.layers()[1]
+    with torch.no_grad():  # a layer norm that is not the identity, so the fold is exercised
+        layer.final_layer_norm.weight.uniform_(0.5, 1.5)
+        layer.final_layer_norm.bias.uniform_(-0.2, 0.2)
+    low = PredictorSet.create(model, mlp_rank=4, head_rank=2)
+    svd_init(low.mlp[1], layer)
+    a = layer.fc1.weight.double() * layer.final_layer_norm.weight.double()
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    want = (u[:, :4] * s[:4]) @ vh[:4]
+    got = low.mlp[1].up.weight.double() @ low.mlp[1].down.weight.double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["mask", "gather"])
 def test_own_input_wiring_selects_the_firing_neurons_and_equals_dense(mode):
     model = tiny_model()

@@ -159,24 +159,33 @@ def init_layer(config, layer: int, cfg: TrainConfig) -> tuple[LowRankClassifier,
 def svd_init(clf: LowRankClassifier, layer) -> None:
     """Set an MLP predictor to fc1's pre-activation truncated to its rank: with the layer
     norm's scale g and shift b folded in, fc1(LN(x)) = (W diag(g)) z + (W b + bias) for the
-    normalised z that the classifier computes; W diag(g) = U S V^T, down = V_r^T, up =
-    U_r S_r with bias W b + bias. At full rank it scores exactly the pre-activation."""
+    normalised z that the classifier computes; A = W diag(g) = U S V^T, down = V_r^T, up =
+    U_r S_r = A V_r with bias W b + bias. At full rank it scores exactly the pre-activation.
+
+    V_r comes from the eigenvectors of the Gram matrix A^T A (hidden x hidden) rather than
+    an SVD of the tall A (ffn x hidden): the same subspace (in float64 the squared condition
+    number costs nothing at the leading singular values), at a third of the time on a CPU
+    and far less on a GPU, where a tall float64 SVD took minutes per OPT-13B layer."""
     if not layer.pre_ln:
         raise ValueError("mlp_init='svd' needs a pre-LN model (fc1 reads LN(x)); this one "
                          "normalises after each block: use mlp_init='random'")
     fc1, ln = layer.fc1, layer.final_layer_norm
-    # float64: LAPACK's float32 SVD differs in the last bits with the number of threads, and
-    # a resumed run (another process) must write the same predictors as an uninterrupted one.
+    # float64: LAPACK's float32 factorisations differ in the last bits with the number of
+    # threads, and a resumed run (another process) must write the same predictors as an
+    # uninterrupted one.
     w = fc1.weight.detach().double()
     scale = ln.weight.double() if ln.weight is not None else torch.ones(w.shape[1]).double()
     shift = ln.bias.double() if ln.bias is not None else torch.zeros(w.shape[1]).double()
     bias = fc1.bias.double() if fc1.bias is not None else torch.zeros(w.shape[0]).double()
-    u, sv, vh = torch.linalg.svd(w * scale.to(w.device), full_matrices=False)
-    r = min(clf.down.weight.shape[0], sv.numel())  # a rank past fc1's own adds nothing: 0
+    a = w * scale.to(w.device)
+    _, vecs = torch.linalg.eigh(a.T @ a)  # ascending eigenvalues = squared singular values
+    # a rank past fc1's own adds nothing: those rows stay 0
+    r = min(clf.down.weight.shape[0], *a.shape)
+    v = vecs[:, -r:].flip(1)  # the r leading right singular vectors, largest first
     clf.down.weight.zero_()
     clf.up.weight.zero_()
-    clf.down.weight[:r].copy_(vh[:r])
-    clf.up.weight[:, :r].copy_(u[:, :r] * sv[:r])
+    clf.down.weight[:r].copy_(v.T)
+    clf.up.weight[:, :r].copy_(a @ v)
     clf.up.bias.copy_(w @ shift.to(w.device) + bias.to(w.device))
 
 
