@@ -114,17 +114,21 @@ class LayerStats:
     heads_computed: float = 0.0  # sum over tokens of the fraction of heads computed
     predictor_s: float = 0.0  # host wall time in the selector (predictors + top-k)
     kv_recomputed: int = 0  # (position, head) K/V pairs recomputed lazily
-    # Fractions counted on the device (padded unions: no host read inside a step), [2]
-    # float64 (neurons, heads) tokens x fraction, folded in by ``SparseStats.settle``.
+    # Counted on the device (no host read inside a step), [3] float64: tokens x fraction of
+    # neurons and of heads (padded unions), K/V pairs recomputed (batched completion); folded
+    # in by ``SparseStats.settle``.
     pending: Tensor | None = None
 
-    def add_pending(self, kind: str, count: Tensor, scale: float) -> None:
-        """Add ``count`` ([1] on the device) x ``scale`` to ``kind``'s pending sum (one
-        launch)."""
+    def add_pending(self, kind: str, count: Tensor, scale: float = 1.0) -> None:
+        """Add ``count`` ([1] on the device) x ``scale`` to ``kind``'s pending sum ("neurons",
+        "heads" or "kv"; one launch)."""
         if self.pending is None:
-            self.pending = torch.zeros(2, dtype=torch.float64, device=count.device)
-        i = 0 if kind == "neurons" else 1
+            self.pending = torch.zeros(3, dtype=torch.float64, device=count.device)
+        i = PENDING.index(kind)
         self.pending[i:i + 1].add_(count, alpha=scale)
+
+
+PENDING = ("neurons", "heads", "kv")
 
 
 @dataclass
@@ -142,9 +146,10 @@ class SparseStats:
         for s in self.layers.copy().values():
             pending, s.pending = s.pending, None
             if pending is not None:
-                mlp, heads = pending.tolist()
+                mlp, heads, kv = pending.tolist()
                 s.mlp_computed += mlp
                 s.heads_computed += heads
+                s.kv_recomputed += round(kv)
 
     def snapshot(self) -> SparseStats:
         """A copy of the counts so far (``since`` subtracts it later)."""

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from .lazy_kv import fill_missing_kv
+from .lazy_kv import BATCHED_KV_POSITIONS, fill_missing_kv, fill_missing_kv_batched
 
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
@@ -305,9 +305,17 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
     q = qkv_projection(x2, table, heads, heads, cache_k, cache_v, slots, p,
                        split_c=ATTENTION_ARGS["qkv_split_c"])  # [B, h, D], k/v into the cache
     valid[slots[:, None], idx[None, :], p[:, None]] = True
-    recomputed = fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
-    if batch.sparse is not None:
-        batch.sparse.stats.layer(lid).kv_recomputed += recomputed
+    length = batch.attended_length()
+    if x.is_cuda and slots.numel() * length <= BATCHED_KV_POSITIONS:
+        # No host read in the step (the loop reads once per head: a synchronisation each).
+        filled = fill_missing_kv_batched(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
+                                         length)
+        if batch.sparse is not None:
+            batch.sparse.stats.layer(lid).add_pending("kv", filled)
+    else:
+        recomputed = fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
+        if batch.sparse is not None:
+            batch.sparse.stats.layer(lid).kv_recomputed += recomputed
     out = decode_attention(q, heads, cache_k, cache_v, slots, p,
                            chunk=ATTENTION_ARGS["chunk"])  # [B, h, D]
     return out_projection(out, table, heads, bias=attn.out_proj.bias)[:, None, :]
