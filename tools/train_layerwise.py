@@ -208,10 +208,13 @@ def host_available() -> int:
 
 class Buffers:
     """Per-token tables: residual and predictor input (two of each, by layer parity) and
-    one layer's labels; torch tensors in memory, or views of memmaps in ``work``."""
+    one layer's labels; torch tensors in memory (pinned with ``pin``, so a GPU's copies in
+    and out run at the link's speed without a bounce through pageable memory), or views of
+    memmaps in ``work``."""
 
-    def __init__(self, n: int, c: OPTConfig, dtype: torch.dtype, work: Path | None) -> None:
-        self.work, self._maps = work, []
+    def __init__(self, n: int, c: OPTConfig, dtype: torch.dtype, work: Path | None,
+                 pin: bool = False) -> None:
+        self.work, self._maps, self.pin = work, [], pin and work is None
         self.resid = [self._table(f"resid-{p}", (n, c.hidden_size), dtype) for p in (0, 1)]
         self.source = [self._table(f"source-{p}", (n, c.hidden_size), torch.float16)
                        for p in (0, 1)]
@@ -221,7 +224,7 @@ class Buffers:
 
     def _table(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         if self.work is None:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         path = self.work / f"{name}.bin"
         # r+ keeps what an interrupted run wrote; w+ creates (zero-filled, sparse on disk).
@@ -325,8 +328,8 @@ def forward_layer(span, layer_id: int, windows: Tensor, bufs: Buffers, chunk: in
     t = windows.shape[1]
     rows = [0, 0]
     hooks = label_hooks(
-        layer, lambda b: bufs.bits.__setitem__(slice(*rows), b.cpu()),
-        lambda n: bufs.norms.__setitem__(slice(*rows), n.cpu())) if labels else []
+        layer, lambda b: _store(bufs.bits[rows[0]:rows[1]], b),
+        lambda n: _store(bufs.norms[rows[0]:rows[1]], n)) if labels else []
     try:
         for s in range(0, windows.shape[0], chunk):
             ids = windows[s:s + chunk]
@@ -336,28 +339,34 @@ def forward_layer(span, layer_id: int, windows: Tensor, bufs: Buffers, chunk: in
             if layer_id == 0:
                 h = span.embed(ids.to(dev), batch.positions)
             else:
-                h = bufs.resid[cur][rows[0]:rows[1]].to(dev, dtype).view(b, t, cdim)
+                h = bufs.resid[cur][rows[0]:rows[1]].to(dev, non_blocking=True).to(
+                    dtype).view(b, t, cdim)
             sites = {"layer_in": h}
             sites["mlp_in"] = layer.attention_block(h, batch)
             out = layer.mlp_block(sites["mlp_in"])
             if here.layer == layer_id:
-                bufs.source[cur][rows[0]:rows[1]] = _flat(sites[here.site])
+                _store(bufs.source[cur][rows[0]:rows[1]], sites[here.site])
             if labels:
-                bufs.mlp_in[rows[0]:rows[1]] = _flat(sites["mlp_in"])
+                _store(bufs.mlp_in[rows[0]:rows[1]], sites["mlp_in"])
             if layer_id + 1 < n_layers:
                 if nxt.layer == layer_id:
-                    bufs.source[new][rows[0]:rows[1]] = _flat(sites[nxt.site])
-                bufs.resid[new][rows[0]:rows[1]] = out.reshape(-1, cdim).to(
-                    "cpu", bufs.resid[new].dtype)
+                    _store(bufs.source[new][rows[0]:rows[1]], sites[nxt.site])
+                _store(bufs.resid[new][rows[0]:rows[1]], out)
             if bar is not None:
                 bar.advance(b * t)
     finally:
         for hook in hooks:
             hook.remove()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the tables' copies out have landed
 
 
-def _flat(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]).to("cpu", torch.float16)
+def _store(table: Tensor, x: Tensor) -> None:
+    """Copy ``x`` (rows of it, on the device) into ``table`` (host rows), converted on the
+    device first; without a wait when the table is pinned (``forward_layer`` synchronises
+    once at its end)."""
+    x = x.reshape(table.shape).to(table.dtype)
+    table.copy_(x, non_blocking=table.is_pinned())
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -423,7 +432,8 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         rows.append(row)
     # Activations an interrupted run spilled are used as they are, whatever the plan says.
     spilled = start > 0 and (work.path / "resid-0.bin").is_file()
-    bufs = Buffers(n, c, dt, work.path if plan.spill or spilled else None)
+    bufs = Buffers(n, c, dt, work.path if plan.spill or spilled else None,
+                   pin=dev.type == "cuda")
     bar = progress if progress is not None else Phases()
     tables = dev if plan.tables_on_device else torch.device("cpu")
     if start and not spilled:
