@@ -161,11 +161,12 @@ class PipelineSettings:
     data_plane_slot_mib: float = setting(16.0, "MiB per shared buffer at most; a larger "
                                          "activation (a long prefill batch) takes the socket",
                                          low=0.0, high=4096.0, low_open=True)
-    data_plane_spin_us: float | None = setting(
-        None, "after a step, microseconds a worker spins on its shared ring for the next hop "
+    data_plane_spin_us: float = setting(
+        0.0, "after a step, microseconds a worker spins on its shared ring for the next hop "
         "before it sleeps on the socket (a hop then skips the socket's thread wake-ups); 0 = "
-        "off; absent = 300 on GPU workers, off on CPU workers (a spin takes a core their "
-        "compute needs)", low=0.0, high=100000.0)
+        "off, the default: one hop alone gains (bench_hops), but in a pipeline every fill "
+        "follows a socket message and is not picked up early, and a spin takes a core",
+        low=0.0, high=100000.0)
 
 
 @dataclass

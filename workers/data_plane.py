@@ -56,7 +56,6 @@ MAGIC = 0x444A5652494E4732  # "DJVRING2": the file is a ring of this module, thi
 HEADER = 4096
 BOX = 4096
 FIRST_STATE = 4
-AUTO_SPIN_US = 300.0  # a GPU worker's spin when the setting is absent
 SHM_DIR = Path("/dev/shm")
 PREFIX = "dejavu-ring"
 
@@ -423,13 +422,10 @@ def open_writer(offer: wire.PlaneOffer | None, note: str, device: str | torch.de
     return writer, writer.describe()
 
 
-def spin_seconds(setting: float | None, device: str | torch.device) -> tuple[float, str]:
+def spin_seconds(setting: float) -> tuple[float, str]:
     """How long a receiving worker spins on its ring after a step, and why."""
-    if setting is None:
-        cuda = torch.device(device).type == "cuda"
-        us = AUTO_SPIN_US if cuda else 0.0
-        why = "GPU worker" if cuda else "CPU worker: its compute needs the core"
-        return us / 1e6, f"{us:g} us ([pipeline] data_plane_spin_us absent: {why})"
+    if not setting:
+        return 0.0, "0 us (off: [pipeline] data_plane_spin_us = 0, the default)"
     return setting / 1e6, f"{setting:g} us ([pipeline] data_plane_spin_us)"
 
 

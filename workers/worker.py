@@ -190,8 +190,7 @@ class Worker:
         self.ring, self.plane_note = data_plane.make_ring(
             setup.device, pipeline.data_plane_slots, slot_bytes, pipeline.data_plane)
         if self.ring is not None:
-            self.spin_s, how = data_plane.spin_seconds(pipeline.data_plane_spin_us,
-                                                       setup.device)
+            self.spin_s, how = data_plane.spin_seconds(pipeline.data_plane_spin_us)
             log.info("worker %d: its ring is spun on for %s after each step", self.index, how)
 
     def _open_plane(self, msg: wire.PeerPlane) -> None:
