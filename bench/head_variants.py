@@ -458,7 +458,8 @@ def plot(study: dict, path: Path, title: str | None = None) -> None:
             axes[0].plot(xs, ys, style, color=color, label=label)
     axes[0].axhline(1.0, color="k", lw=0.8, ls=":", label="+1% (target)")
     axes[0].set_xlabel("measured share of heads skipped")
-    axes[0].set_ylabel("bits per byte vs dense (%)")
+    axes[0].set_ylabel("bits per byte vs dense (%, symlog)")
+    axes[0].set_yscale("symlog", linthresh=1.0)  # the 1% target and 40% costs on one axis
     axes[0].legend(fontsize=6)
     names = [r["variant"] for r in ok]
     axes[1].bar(range(len(ok)), [r["heldout_bpb"] for r in ok], 0.4, label="held-out slice")
