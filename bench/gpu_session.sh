@@ -34,6 +34,11 @@
 #                 back as 15 MiB parts (cat model.safetensors.part* > model.safetensors)
 #   PHASE=heads-pred  train-predictors (GPU, 100k tokens) for the model heads-full kept in /dev/shm
 #                 (KEEP_CKPT=1 on that call); predictors.safetensors comes back in parts
+#   PHASE=heads-eval  bench/head_variants.py --model: the shipped model and HEADS_MODEL (default
+#                 the heads-full model that heads-pred left in /dev/shm with KEEP_CKPT=1), each
+#                 with its own predictors/, on one held-out slice (HEADS_DOCS books x 24,000
+#                 characters) and WikiText-2: dense bits per byte, oracle and predictor head
+#                 curves with document-level standard errors, the shipped-default target
 #   PHASE=predictors  the captured decode with own-MLP-input predictors (test_graphs,
 #                 test_fused_select: fused selection reading each layer's own LayerNorm), then
 #                 the shipped predictors' held-out recall and the CPU sweep grid on 24 books
@@ -177,7 +182,16 @@ heads-pred)
     (cd $work/predictors && sha256sum *.safetensors && cp frequencies.safetensors "$out/" \
         && split -b 15728640 -d -a 2 predictors.safetensors "$out/predictors.safetensors.part") \
         | tee -a "$out/train-predictors.log"
-    rm -rf $work
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf $work
+    ;;
+heads-eval)
+    data=${HEADS_DATA:-.carry/heads}
+    model=${HEADS_MODEL:-/dev/shm/heads-full}
+    timeout ${HEADS_TIMEOUT:-570} python3 -m dejavu.bench.head_variants \
+        --model models/opt-gutenberg-31m --model $model --heldout "$data/heldout.jsonl.xz" \
+        --wikitext "$data/wikitext2_test.txt" --docs ${HEADS_DOCS:-48} --chars 24000 \
+        --device cuda --out "$out" 2>&1 | tee "$out/heads-eval.log" | tail -30
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf /dev/shm/heads-full
     ;;
 predictors)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_graphs.py \

@@ -22,6 +22,13 @@ midway keeps what it finished. Checkpoints go to ``--work`` (not ``--out``: 60 M
         --wikitext wikitext2_test.txt --out OUT --time-budget-s 120 \
         --variants h8,h16,h16-drop0.5,h16-gate0.5 --device cuda
 
+``--model DIR`` (repeatable) trains nothing: it scores existing checkpoints, each with its
+own ``predictors/`` at the file's MLP operating point, on the same slice and writes
+head_models.json, .md (bench/head_compare.py: standard errors, the target) and .png.
+
+    python -m dejavu.bench.head_variants --model models/opt-gutenberg-31m --model OTHER \
+        --heldout heldout.jsonl.xz --docs 16 --chars 24000 --out OUT
+
 What this module does not know: how heads are skipped at inference (runtime/sparse.py) or
 how the predictors are fitted (tools/train_predictors.py).
 """
@@ -39,9 +46,11 @@ from pathlib import Path
 import torch
 
 from ..tools.head_training import HeadPolicy
+from . import head_compare
+from .head_compare import SKIPPED  # shares of the heads skipped: head densities 0.75 .. 0.25
 from .sparsity_sweep import Point, run_sweep
 
-SKIPPED = (0.25, 0.5, 0.75)  # shares of the heads skipped: head densities 0.75 .. 0.25
+FIT_RECALL = 0.9  # the MLP operating point of the predictors this study fits
 BASELINE = "h8"  # the shipped architecture: 8 heads of 64
 _VARIANT = re.compile(r"h(\d+)(?:-(drop|gate)([0-9.]+))?(?:-t([0-9.]+))?(-rescale)?$")
 
@@ -148,12 +157,28 @@ def fit_predictors(model, tok, args, work: Path):
     return PredictorSet.load(work, model, device=args.device), report["mean"]
 
 
-def evaluate_variant(model_dir: Path, args, log) -> dict:
-    """Dense bits per byte (held-out slice, WikiText-2) and the head curves."""
+def load_predictors(model_dir: Path, model, device: str):
+    """A checkpoint's own predictors and their report's means (empty without a report)."""
+    from ..runtime.predictors import PredictorSet, find_predictors
+
+    path = find_predictors(model_dir)
+    if path is None:
+        raise FileNotFoundError(f"{model_dir}: no predictors/ beside the model (train them "
+                                "with `dejavu-run train-predictors`)")
+    report = Path(path) / "report.json" if Path(path).is_dir() else Path(path).with_name(
+        "report.json")
+    mean = json.loads(report.read_text())["mean"] if report.is_file() else {}
+    return PredictorSet.load(path, model, device=device), mean
+
+
+def evaluate_variant(model_dir: Path, args, log, fit: bool = True) -> dict:
+    """Dense bits per byte (held-out slice, WikiText-2) and the head curves, with the
+    predictors fitted here (``fit``) or the checkpoint's own."""
     from ..runtime.checkpoint import load_model
     from ..runtime.tokenizer import load_tokenizer
     from ..tools.eval_text import dense_logits_fn, score_documents, wikitext_documents
 
+    docs = heldout_slice(args.heldout, args.docs, args.chars)  # a bad path fails first
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = load_model(model_dir, dtype=dtype, device=device).eval()
@@ -169,13 +194,15 @@ def evaluate_variant(model_dir: Path, args, log) -> dict:
                                 batch_size=args.eval_batch, device=device)
         out["wikitext2_bpb"], out["wikitext2_tokens"] = score.bits_per_byte, score.tokens
     t_pred = time.perf_counter()
-    preds, out["predictors"] = fit_predictors(model, tok, args, model_dir / "predictors")
+    if fit:
+        preds, out["predictors"] = fit_predictors(model, tok, args, model_dir / "predictors")
+    else:
+        preds, out["predictors"] = load_predictors(model_dir, model, args.device)
     out["predictor_seconds"] = time.perf_counter() - t_pred
-    docs = heldout_slice(args.heldout, args.docs, args.chars)
     with torch.no_grad():
         rows = run_sweep(model, tok, preds, docs, points=sweep_points(args.mlp_recall),
                          window=window, stride=stride, batch_size=args.eval_batch,
-                         device=args.device, log=log)
+                         device=args.device, per_document=True, log=log)
     out["rows"] = rows
     out["heldout_bpb"], out["heldout_tokens"] = rows[0]["bits_per_byte"], rows[0]["tokens"]
     out["eval_seconds"] = time.perf_counter() - t
@@ -219,17 +246,91 @@ def tokenize_once(args, log):
     return stream, data
 
 
+def study_meta(args) -> dict:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "hardware": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "time_budget_s": args.time_budget_s, "args": vars(args)}
+
+
+def training_facts(model_dir: Path) -> dict:
+    """What the trainer recorded about a checkpoint (metrics.json, or the shipped model's
+    training_metrics.json): steps, tokens, time, hardware, head policy."""
+    for name in ("metrics.json", "training_metrics.json"):
+        path = model_dir / name
+        if path.is_file():
+            m = json.loads(path.read_text())
+            perf, cfg = m.get("performance", {}), m.get("config", {})
+            return {"file": name, "steps": m.get("steps"), "tokens_seen": m.get("tokens_seen"),
+                    "final_loss": m.get("final_loss"),
+                    "train_seconds": perf.get("train_seconds"), "device": perf.get("device"),
+                    "tokens_per_second": perf.get("tokens_per_second"),
+                    "time_budget": cfg.get("time_budget"), "reserve": cfg.get("reserve"),
+                    "head_policy": cfg.get("head_policy", "none"),
+                    "head_fraction": cfg.get("head_fraction"),
+                    "head_tokens": cfg.get("head_tokens")}
+    return {}
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluate_model(model_dir: Path, args, log) -> dict:
+    """One existing checkpoint with its own predictors: the variant's record, no training."""
+    config = json.loads((model_dir / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    rec = {"variant": model_dir.name, "model": str(model_dir), "heads": heads,
+           "head_dim": config["hidden_size"] // heads,
+           "sha256": file_sha256(model_dir / "model.safetensors"),
+           "train": training_facts(model_dir)}
+    rec.update(evaluate_variant(model_dir, args, log, fit=False))
+    return rec
+
+
+def run_models(args, log=print) -> dict:
+    """Every ``--model`` on the same slice; the files are rewritten after each."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = {"meta": {**study_meta(args), "mode": "models"}, "variants": []}
+    for model_dir in map(Path, args.model):
+        log(f"=== {model_dir}")
+        t0 = time.perf_counter()
+        try:
+            rec = {**evaluate_model(model_dir, args, log), "status": "ok"}
+        except Exception as exc:  # recorded; the next model still runs
+            log(traceback.format_exc())
+            rec = {"variant": model_dir.name, "model": str(model_dir), "status": "failed",
+                   "error": f"{type(exc).__name__}: {exc}"}
+        rec["seconds"] = time.perf_counter() - t0
+        study["variants"].append(rec)
+        write_model_outputs(study, out)
+    return study
+
+
+def write_model_outputs(study: dict, out: Path) -> None:
+    (out / "head_models.json").write_text(json.dumps(study, indent=1) + "\n")
+    (out / "head_models.md").write_text(head_compare.markdown(study))
+    try:
+        plot(study, out / "head_models.png",
+             title=f"Existing checkpoints with their own predictors, "
+                   f"{study['meta']['hardware']}, {study['meta']['date']}")
+    except ImportError:
+        print("matplotlib is not installed: no head_models.png")
+
+
 def run_study(args, log=print) -> dict:
     variants = [parse_variant(s) for s in args.variants.split(",")]
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    study = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                      "hardware": (torch.cuda.get_device_name() if args.device == "cuda"
-                                   else "cpu"),
-                      "torch": torch.__version__, "time_budget_s": args.time_budget_s,
-                      "args": vars(args)},
-             "variants": []}
+    study = {"meta": study_meta(args), "variants": []}
     corpus = tokenize_once(args, log)
     study["meta"]["corpus"] = corpus[1]
     need = args.time_budget_s  # a variant's expected wall time: the budget, or the last one's
@@ -334,7 +435,7 @@ def markdown(study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(study: dict, path: Path) -> None:
+def plot(study: dict, path: Path, title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,7 +458,8 @@ def plot(study: dict, path: Path) -> None:
             axes[0].plot(xs, ys, style, color=color, label=label)
     axes[0].axhline(1.0, color="k", lw=0.8, ls=":", label="+1% (target)")
     axes[0].set_xlabel("measured share of heads skipped")
-    axes[0].set_ylabel("bits per byte vs dense (%)")
+    axes[0].set_ylabel("bits per byte vs dense (%, symlog)")
+    axes[0].set_yscale("symlog", linthresh=1.0)  # the 1% target and 40% costs on one axis
     axes[0].legend(fontsize=6)
     names = [r["variant"] for r in ok]
     axes[1].bar(range(len(ok)), [r["heldout_bpb"] for r in ok], 0.4, label="held-out slice")
@@ -367,8 +469,8 @@ def plot(study: dict, path: Path) -> None:
     axes[1].set_xticklabels(names, rotation=20, fontsize=8)
     axes[1].set_ylabel("dense bits per byte")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"Head-sparse variants, trained {budget_text(study['meta'])}, "
-                 f"{study['meta']['hardware']}", fontsize=9)
+    fig.suptitle(title or f"Head-sparse variants, trained {budget_text(study['meta'])}, "
+                          f"{study['meta']['hardware']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -386,13 +488,18 @@ def write_outputs(study: dict, out: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dejavu.bench.head_variants",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", required=True, help="training text (train.jsonl.xz)")
+    p.add_argument("--corpus", default=None, help="training text (train.jsonl.xz); "
+                   "required unless --model")
+    p.add_argument("--model", action="append", default=[], metavar="DIR",
+                   help="score this existing checkpoint with its own predictors/ instead "
+                   "of training variants (repeatable: every model on the same slice)")
     p.add_argument("--heldout", required=True, help="held-out text (heldout.jsonl.xz)")
     p.add_argument("--wikitext", default=None, help="WikiText-2 raw test file")
     p.add_argument("--wikitext-rows", type=int, default=None, help="its first rows only")
     p.add_argument("--tokenizer", default="models/opt-gutenberg-31m/tokenizer.json")
-    p.add_argument("--variants", default=f"{BASELINE},h16,h16-drop0.5,h16-gate0.5",
-                   help="comma-separated, e.g. h8,h32,h16-drop0.5-t1-rescale")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated, e.g. h8,h32,h16-drop0.5-t1-rescale (default "
+                   f"{BASELINE},h16,h16-drop0.5,h16-gate0.5)")
     p.add_argument("--time-budget-s", type=float, default=120.0,
                    help="per variant: training + saving + evaluation")
     p.add_argument("--reserve-s", type=float, default=40.0,
@@ -401,8 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip a variant that would end past this many seconds")
     p.add_argument("--docs", type=int, default=6, help="held-out documents scored")
     p.add_argument("--chars", type=int, default=24_000, help="characters per document")
-    p.add_argument("--mlp-recall", type=float, default=0.9,
-                   help="the MLP operating point (a calibrated recall)")
+    p.add_argument("--mlp-recall", type=float, default=None,
+                   help="the MLP operating point (a calibrated recall): default "
+                   f"{FIT_RECALL} when the study fits predictors, the file's own with --model")
     p.add_argument("--pred-tokens", type=int, default=60_000)
     p.add_argument("--pred-epochs", type=int, default=4)
     p.add_argument("--pred-batch", type=int, default=512)
@@ -414,6 +522,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/head_variants", help="checkpoints go here")
     p.add_argument("--out", required=True, help="head_variants.json/.md/.png go here")
     args = p.parse_args(argv)
+    if args.model:
+        if args.variants is not None or args.corpus is not None:
+            p.error("--model scores existing checkpoints: --variants and --corpus train new "
+                    "ones, give one or the other")
+        for d in args.model:
+            if not (Path(d) / "config.json").is_file():
+                p.error(f"--model {d}: no config.json there (a checkpoint directory)")
+        return args
+    if args.corpus is None:
+        p.error("--corpus is required to train variants (or give --model DIR)")
+    args.variants = args.variants or f"{BASELINE},h16,h16-drop0.5,h16-gate0.5"
+    if args.mlp_recall is None:
+        args.mlp_recall = FIT_RECALL
     for spec in args.variants.split(","):
         try:
             parse_variant(spec)  # a bad name fails before any training
@@ -423,7 +544,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_study(parse_args(argv))
+    args = parse_args(argv)
+    if args.model:
+        run_models(args)
+    else:
+        run_study(args)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from ..runtime.selection import (
     SelectionConfig,
 )
 from ..tools.eval import DEFAULT_EVAL_DIR
-from ..tools.eval_text import dense_logits_fn, score_documents
+from ..tools.eval_text import TextScore, dense_logits_fn, score_documents
 from ..tools.sparse_eval import density_metrics, sparse_logits_fn
 
 # (mlp density, head density); None = the layer's trained operating point.
@@ -118,7 +118,11 @@ TaskFn = Callable[[Callable], dict[str, float]]  # logits_fn -> {"piqa_acc": ...
 def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | None = None,
               task_points: tuple[str, ...] | None = None, checkpoint=None,
               points: list[Point] | None = None, window: int = 1024, stride: int = 512,
-              batch_size: int = 8, device: str = "cpu", log=print) -> list[dict]:
+              batch_size: int = 8, device: str = "cpu", per_document: bool = False,
+              log=print) -> list[dict]:
+    """One row per point. ``per_document``: each document is scored on its own (the same
+    windows, so the same total) and the row keeps its ``documents``: [{nll, tokens, bytes}],
+    for standard errors with documents as the independent units."""
     rows = []
     for pt in points or sweep_points():
         t0 = time.perf_counter()
@@ -128,12 +132,16 @@ def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | N
             logits_fn = dense_logits_fn(model)
         else:
             logits_fn, stats = sparse_logits_fn(model, selector)
-        score = score_documents(logits_fn, lambda s: tok.encode(s, add_bos=False), documents,
-                                bos_id=tok.bos_id, window=window, stride=stride,
-                                batch_size=batch_size, device=device)
+        parts = score_text(logits_fn, tok, documents, per_document, window=window,
+                           stride=stride, batch_size=batch_size, device=device)
+        score = TextScore(nll=sum(p.nll for p in parts), tokens=sum(p.tokens for p in parts),
+                          bytes=sum(p.bytes for p in parts))
         row = {"config": pt.name, "selector": pt.selector, "mlp_target": pt.mlp,
                "head_target": pt.head, "bits_per_byte": score.bits_per_byte,
                "perplexity": score.perplexity, "tokens": score.tokens}
+        if per_document:
+            row["documents"] = [{"nll": p.nll, "tokens": p.tokens, "bytes": p.bytes}
+                                for p in parts]
         row.update(density_metrics(stats) if stats is not None
                    else {"mlp_density": 1.0, "head_density": 1.0})
         if tasks is not None and (task_points is None or pt.name in task_points):
@@ -149,6 +157,15 @@ def run_sweep(model, tok, predictors, documents: list[str], *, tasks: TaskFn | N
         log(f"{pt.name:<36} bpb={row['bits_per_byte']:.4f} mlp={row['mlp_density']:.3f} "
             f"heads={row['head_density']:.3f} ({row['seconds']:.0f} s)")
     return rows
+
+
+def score_text(logits_fn, tok, documents: list[str], per_document: bool,
+               **scoring) -> list[TextScore]:
+    """The documents' score as one part, or one part per document."""
+    encode = lambda s: tok.encode(s, add_bos=False)  # noqa: E731
+    groups = [[d] for d in documents] if per_document else [documents]
+    return [score_documents(logits_fn, encode, g, bos_id=tok.bos_id, **scoring)
+            for g in groups]
 
 
 def make_selector(pt: Point, predictors, model):

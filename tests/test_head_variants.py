@@ -238,3 +238,78 @@ def test_head_policies_compile_and_train_on_cuda(corpus, tmp_path, policy, capsy
     assert "torch.compile failed" not in capsys.readouterr().out
     assert metrics["history"][0]["loss"] > metrics["final_loss"]
     assert load_model(tmp_path / policy).config.num_attention_heads == 8
+
+
+def tiny_checkpoint(corpus, out, heads: int, predictors: bool = True):
+    """A 6-step checkpoint of ``heads`` heads, with predictors fitted beside it."""
+    from dejavu.bench.head_variants import fit_predictors
+    from dejavu.runtime.checkpoint import load_model
+    from dejavu.runtime.tokenizer import load_tokenizer
+    from dejavu.tools.train_model import TrainConfig, train
+
+    train(TrainConfig(corpus=str(corpus["train"]), tokenizer=str(corpus["tokenizer"]),
+                      out=str(out), device="cpu", steps=6, heads=heads, layers=2, hidden=32,
+                      ffn=128, positions=64, seq_len=64, batch_size=4, micro_batch=2, lr=3e-3,
+                      warmup=3, compile=False, log_every=4))
+    if predictors:
+        fit = parse_args(["--corpus", str(corpus["train"]), "--heldout", str(corpus["held"]),
+                          "--out", str(out), "--pred-tokens", "640", "--pred-epochs", "1",
+                          "--pred-batch", "64", "--device", "cpu"])
+        fit_predictors(load_model(out), load_tokenizer(out), fit, out / "predictors")
+    return out
+
+
+@pytest.mark.slow
+def test_model_mode_scores_checkpoints_with_their_own_predictors(corpus, tmp_path):
+    import hashlib
+
+    from dejavu.bench.head_variants import heldout_slice, load_predictors, run_models
+    from dejavu.bench.sparsity_sweep import Point, run_sweep
+    from dejavu.runtime.checkpoint import load_model
+    from dejavu.runtime.tokenizer import load_tokenizer
+
+    h4 = tiny_checkpoint(corpus, tmp_path / "h4", 4)
+    h8 = tiny_checkpoint(corpus, tmp_path / "h8", 8)
+    bare = tiny_checkpoint(corpus, tmp_path / "bare", 4, predictors=False)
+    with pytest.raises(SystemExit):  # not a checkpoint: refused before anything runs
+        parse_args(["--model", str(tmp_path), "--heldout", str(corpus["held"]), "--out", "o"])
+    with pytest.raises(SystemExit):  # --model trains nothing
+        parse_args(["--model", str(h4), "--corpus", str(corpus["train"]), "--heldout",
+                    str(corpus["held"]), "--out", "o"])
+    args = parse_args(["--model", str(h4), "--model", str(h8), "--model", str(bare),
+                       "--heldout", str(corpus["held"]), "--docs", "3", "--chars", "900",
+                       "--eval-batch", "4", "--device", "cpu", "--out", str(tmp_path / "out")])
+    study = run_models(args, log=lambda m: None)
+    a, b, c = study["variants"]
+    assert c["status"] == "failed" and "no predictors" in c["error"]
+    for rec, heads in ((a, 4), (b, 8)):
+        assert rec["status"] == "ok" and rec["heads"] == heads and rec["head_dim"] == 32 // heads
+        assert rec["train"]["steps"] == 6 and rec["train"]["file"] == "metrics.json"
+        weights = (tmp_path / f"h{heads}" / "model.safetensors").read_bytes()
+        assert rec["sha256"] == hashlib.sha256(weights).hexdigest()
+        assert len(rec["rows"]) == 11
+        for r in rec["rows"]:
+            docs = r["documents"]
+            assert len(docs) == 3 and sum(d["tokens"] for d in docs) == r["tokens"]
+            total = sum(d["nll"] for d in docs) / math.log(2) / sum(d["bytes"] for d in docs)
+            assert total == pytest.approx(r["bits_per_byte"], rel=1e-9)
+        oracle = {r["head_target"]: r for r in rec["rows"] if r["selector"] == "oracle-norm"}
+        assert abs(oracle[0.5]["head_density"] - 0.5) < 1e-6
+        at_point = [r for r in rec["rows"] if r["mlp_target"] is None]
+        assert len(at_point) == 4 and all(r["mlp_density"] < 1.0 for r in at_point)
+    # Scoring document by document gives what scoring them together gives.
+    model = load_model(h8).eval()
+    preds, _ = load_predictors(h8, model, "cpu")
+    points = [Point("dense", 1.0, 1.0), Point("predictor", None, 0.5, "threshold")]
+    with torch.no_grad():
+        together = run_sweep(model, load_tokenizer(h8), preds,
+                             heldout_slice(str(corpus["held"]), 3, 900), points=points,
+                             window=64, stride=32, batch_size=4, log=lambda m: None)
+    for ref, got in zip(together, (b["rows"][0], b["rows"][7]), strict=True):
+        assert ref["config"] == got["config"] and ref["tokens"] == got["tokens"]
+        assert got["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-5)
+    md = (tmp_path / "out" / "head_models.md").read_text()
+    assert "| h8 | 16 x 2 |" not in md and "| h8 | 8 x 4 | 6 steps" in md
+    assert "- dense h8 - h4 on this slice:" in md and "| bare | failed:" in md
+    saved = json.loads((tmp_path / "out" / "head_models.json").read_text())
+    assert [v["variant"] for v in saved["variants"]] == ["h4", "h8", "bare"]
