@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import os
 import sys
 import time
 from pathlib import Path
@@ -253,9 +254,11 @@ class _Drawn:
 
 
 def count_span(layers: int, heads: float, device: torch.device, prompt: int = 12,
-               steps: int = 2) -> dict:
+               steps: int = 2, offload: bool = True) -> dict:
     """Syncs and launches of one decode step (the last of ``steps``) of a model whose
-    layers 1.. are offloaded (layer 0 resident), after a prefill of ``prompt`` tokens."""
+    layers 1.. are offloaded (layer 0 resident), after a prefill of ``prompt`` tokens.
+    ``offload`` False: every layer resident on the kernels' path (Triton's interpreter on a
+    CPU under TRITON_INTERPRET=1), layers 1.. head-sparse the same way."""
     from ..runtime.model import Batch, KVCache, OPTModel
     from ..runtime.offload import OffloadSelector, move_resident, offload_layers
     from ..runtime.sparse import SparseContext, SparseStats
@@ -267,13 +270,19 @@ def count_span(layers: int, heads: float, device: torch.device, prompt: int = 12
     model.init_weights(torch.Generator().manual_seed(0))
     model = model.to(torch.float16).eval().requires_grad_(False)
     offloaded = list(range(1, layers))
-    offload_layers(model, offloaded, device=device)
-    move_resident(model, device)
-    use_backend(model, "triton" if device.type == "cuda" else "auto")
+    drawn = _Drawn(config, 0.5, 0.3, device)
+    if offload:
+        offload_layers(model, offloaded, device=device)
+        move_resident(model, device)
+        use_backend(model, "triton" if device.type == "cuda" else "auto")
+        selector = OffloadSelector(drawn, offloaded, config)
+    else:
+        model.to(device)
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        use_backend(model, "triton" if device.type == "cuda" or interpret else "auto")
+        selector = drawn
     cache = KVCache(config, model.layer_ids, 1, config.max_position_embeddings,
                     dtype=torch.float16, device=device, keep_inputs=True)
-    drawn = _Drawn(config, 0.5, 0.3, device)
-    selector = OffloadSelector(drawn, offloaded, config)
     slots = torch.zeros(1, dtype=torch.long, device=device)
 
     def run(tokens, start: int):
@@ -299,18 +308,29 @@ def count_span(layers: int, heads: float, device: torch.device, prompt: int = 12
 
 
 def count(args) -> dict:
-    """``count_span`` at 3 and 5 layers (2 and 4 offloaded): per offloaded layer."""
+    """``count_span`` at 3 and 5 layers (2 and 4 offloaded): per offloaded layer; then the
+    same with every layer resident, skipped heads' K/V completed by each of the two passes
+    (lazy_kv.COMPLETION: "batched" is what a GPU decode step runs, "loop" the reference)."""
+    from ..runtime import lazy_kv
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {"device": device.type, "rows": []}
-    for heads in (float(h) for h in args.heads.split(",")):
-        low, high = count_span(3, heads, device), count_span(5, heads, device)
-        row = {"heads": heads}
-        for key in ("launches", "syncs", "device_events"):
-            if low[key] is not None:
-                row[f"{key}_per_layer"] = (high[key] - low[key]) / 2
-                row[f"{key}_step_2_offloaded"] = low[key]
-        row["sync_ops_4_offloaded"] = high["sync_ops"]
-        out["rows"].append(row)
+    cases = [("offloaded", True, lazy_kv.COMPLETION)]
+    cases += [("resident", False, c) for c in ("batched", "loop")]
+    for where, offload, completion in cases:
+        for heads in (float(h) for h in args.heads.split(",")):
+            lazy_kv.COMPLETION, before = completion, lazy_kv.COMPLETION
+            try:
+                low, high = (count_span(n, heads, device, offload=offload) for n in (3, 5))
+            finally:
+                lazy_kv.COMPLETION = before
+            row = {"layers": where, "kv_completion": completion, "heads": heads}
+            for key in ("launches", "syncs", "device_events"):
+                if low[key] is not None:
+                    row[f"{key}_per_layer"] = (high[key] - low[key]) / 2
+                    row[f"{key}_step_2_sparse"] = low[key]
+            row["sync_ops_4_sparse"] = high["sync_ops"]
+            out["rows"].append(row)
     return out
 
 

@@ -54,6 +54,11 @@ def fill_missing_kv(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Te
     return int(bi.numel())
 
 
+# How skipped heads' K/V are completed (``complete_missing_kv``): "auto" batches on a GPU up
+# to BATCHED_KV_POSITIONS row-positions (no host read) and loops per head otherwise;
+# "batched" or "loop" force one (benches count what a GPU runs; tests compare the two).
+COMPLETION = "auto"
+
 # Up to this many (row, prefix position) pairs, ``fill_missing_kv_batched`` recomputes the
 # whole prefix of every selected head rather than looping over the missing ones: at OPT-13B's
 # width that is 2 x 1024 x 5120 x h x 128 multiply-adds (about 3 GFLOP at 20 heads, tens of
@@ -84,3 +89,16 @@ def fill_missing_kv_batched(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor
     cache_v[s3, h3, p3] = torch.where(m, v.to(cache_v.dtype), cache_v[s3, h3, p3])
     valid[s3, h3, p3] = valid[s3, h3, p3] | missing
     return missing.sum().reshape(1)
+
+
+def complete_missing_kv(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Tensor,
+                        valid: Tensor, idx: Tensor, slots: Tensor, pos: Tensor,
+                        length: int) -> int | Tensor:
+    """The selected heads' missing K/V by the pass ``COMPLETION`` picks; the pairs filled,
+    an int (loop) or [1] on the device (batched: reading it would synchronise)."""
+    batched = COMPLETION == "batched" or (
+        COMPLETION == "auto" and xs.is_cuda and slots.numel() * length <= BATCHED_KV_POSITIONS)
+    if batched:
+        return fill_missing_kv_batched(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
+                                       length)
+    return fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import cpu_ops, sparse_backend
 from .attention import masked_attention
-from .lazy_kv import fill_missing_kv, head_rows
+from .lazy_kv import complete_missing_kv, fill_missing_kv, head_rows
 
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
@@ -126,6 +126,13 @@ class LayerStats:
             self.pending = torch.zeros(3, dtype=torch.float64, device=count.device)
         i = PENDING.index(kind)
         self.pending[i:i + 1].add_(count, alpha=scale)
+
+    def add_kv(self, filled: int | Tensor) -> None:
+        """K/V pairs a completion filled: an int, or [1] on the device (kept pending)."""
+        if isinstance(filled, Tensor):
+            self.add_pending("kv", filled)
+        else:
+            self.kv_recomputed += filled
 
 
 PENDING = ("neurons", "heads", "kv")
@@ -595,9 +602,10 @@ def _gathered_cached_attention(attn: OPTAttention, x: Tensor, q: Tensor, idx: Te
         cache_k[r3, idx, p3] = k.to(cache_k.dtype)
         cache_v[r3, idx, p3] = v.to(cache_v.dtype)
         valid[r3, idx, p3] = True
-        recomputed = fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
+        filled = complete_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
+                                     batch.attended_length())
         if batch.sparse is not None:
-            batch.sparse.stats.layer(layer_id).kv_recomputed += recomputed
+            batch.sparse.stats.layer(layer_id).add_kv(filled)
     length = batch.attended_length()
     keys = cache_k[slots[:, None], idx[None, :], :length]  # [B, h, L, D]
     values = cache_v[slots[:, None], idx[None, :], :length]

@@ -12,7 +12,7 @@ hands the op over:
   steps (one token per row) on a cache that keeps attention inputs. The lazy K/V scheme
   stays exact: this step's input is stored and the step's position marked stale for every
   head before the kernel writes the selected heads' K/V, and heads skipped earlier get
-  their missing K/V recomputed (lazy_kv.py's ``fill_missing_kv``) before attending.
+  their missing K/V recomputed (lazy_kv.py's ``complete_missing_kv``) before attending.
 
 The backend is chosen per model with ``use_backend`` ([sparsity] backend in dejavu.toml):
 "torch", "triton", or "auto" (the default, also for a model never configured): Triton on
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from .lazy_kv import BATCHED_KV_POSITIONS, fill_missing_kv, fill_missing_kv_batched
+from .lazy_kv import complete_missing_kv
 
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
@@ -305,17 +305,10 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
     q = qkv_projection(x2, table, heads, heads, cache_k, cache_v, slots, p,
                        split_c=ATTENTION_ARGS["qkv_split_c"])  # [B, h, D], k/v into the cache
     valid[slots[:, None], idx[None, :], p[:, None]] = True
-    length = batch.attended_length()
-    if x.is_cuda and slots.numel() * length <= BATCHED_KV_POSITIONS:
-        # No host read in the step (the loop reads once per head: a synchronisation each).
-        filled = fill_missing_kv_batched(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
-                                         length)
-        if batch.sparse is not None:
-            batch.sparse.stats.layer(lid).add_pending("kv", filled)
-    else:
-        recomputed = fill_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos)
-        if batch.sparse is not None:
-            batch.sparse.stats.layer(lid).kv_recomputed += recomputed
+    filled = complete_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
+                                 batch.attended_length())
+    if batch.sparse is not None:
+        batch.sparse.stats.layer(lid).add_kv(filled)
     out = decode_attention(q, heads, cache_k, cache_v, slots, p,
                            chunk=ATTENTION_ARGS["chunk"])  # [B, h, D]
     return out_projection(out, table, heads, bias=attn.out_proj.bias)[:, None, :]

@@ -39,7 +39,7 @@ def test_batched_completion_equals_the_per_head_loop(seed):
     got = [t.clone() for t in (k, v, valid)]
     n = fill_missing_kv_batched(attn, *got[:2], xs, got[2], idx, slots, pos, length=10)
     assert n_ref > 0 and int(n) == n_ref
-    for want, have in zip(ref, got):
+    for want, have in zip(ref, got, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12)
     # untouched: the unselected heads, a slot not in the batch, positions past each row's last
     assert torch.equal(got[0][1], k[1]) and torch.equal(got[0][:, [0, 2]], k[:, [0, 2]])

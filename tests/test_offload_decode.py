@@ -132,6 +132,24 @@ def test_offloaded_decode_step_has_no_host_sync(heads):
     assert high["syncs"] == low["syncs"], (low["sync_ops"], high["sync_ops"])
 
 
+def test_resident_decode_completes_skipped_heads_without_host_reads(monkeypatch):
+    """Resident head-sparse layers: the batched K/V completion (what a GPU step runs) adds
+    no host read per layer at half the heads over every head; the per-head loop (the
+    reference) adds several."""
+    from dejavu.bench.profile_offload import count_span
+    from dejavu.runtime import lazy_kv
+
+    def per_layer(heads: float) -> float:
+        low, high = (count_span(n, heads, torch.device(DEVICE), offload=False) for n in (3, 5))
+        return (high["syncs"] - low["syncs"]) / 2
+
+    monkeypatch.setattr(lazy_kv, "COMPLETION", "batched")
+    assert per_layer(0.5) == per_layer(1.0)
+    batched = per_layer(0.5)
+    monkeypatch.setattr(lazy_kv, "COMPLETION", "loop")
+    assert per_layer(0.5) > batched
+
+
 def test_a_selection_other_than_the_prefetched_one_is_gathered_again():
     """Prefetched rows serve only the selection they were read for (the same tensors):
     another one is gathered when the op runs, and the result is still exact."""

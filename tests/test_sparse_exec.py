@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dejavu.runtime import lazy_kv
 from dejavu.runtime.model import Batch, KVCache, OPTModel, full_positions
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.predictors import PredictorSet
@@ -147,8 +148,11 @@ def union_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask.any(0, keepdim=True).expand_as(mask)
 
 
-@pytest.mark.parametrize("keep_inputs", [True, False])
-def test_skipped_then_selected_heads_see_exact_kv(keep_inputs):
+@pytest.mark.parametrize("keep_inputs,completion", [(True, "loop"), (True, "batched"),
+                                                     (False, "auto")])
+def test_skipped_then_selected_heads_see_exact_kv(keep_inputs, completion, monkeypatch):
+    """Either completion of skipped heads' K/V (the loop, or the batched pass a GPU runs)."""
+    monkeypatch.setattr(lazy_kv, "COMPLETION", completion)
     model = tiny_model()
     x = ids(1, 12, seed=4)
     heads = random_masks((1, 12, L, H), 0.35, seed=5)
@@ -157,8 +161,13 @@ def test_skipped_then_selected_heads_see_exact_kv(keep_inputs):
     # Reference: whole-window dense attention (exact K/V for all heads), masked per token.
     ref = sparse_window(model, x, FixedSelector({i: heads[:, :, i] for i in range(L)}), "mask")
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+    ctx.stats.settle()  # the batched pass counts on the device
     recomputed = sum(s.kv_recomputed for s in ctx.stats.layers.values())
     assert (recomputed > 0) == keep_inputs
+    if completion == "batched":  # the same pairs as the loop fills
+        monkeypatch.setattr(lazy_kv, "COMPLETION", "loop")
+        _, loop_ctx = decode(model, x, heads, None, keep_inputs=True, slots=[2])
+        assert recomputed == sum(s.kv_recomputed for s in loop_ctx.stats.layers.values())
     # And the heads mattered: the result is not the dense model's.
     assert not torch.allclose(got, dense(model, x), atol=1e-6)
 
