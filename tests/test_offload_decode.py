@@ -200,7 +200,8 @@ def test_prefetched_decode_layer_never_synchronises():
     try:
         with torch.inference_mode():
             ops.prefetch(sel)
-            a = ops.attention(layer.self_attn, x, 1, batch, ops.known_union(h))
+            idx, count = ops.known_union(h)  # (the union prefetch found, its device count)
+            a = ops.attention(layer.self_attn, x, 1, batch, idx, count)
             m = ops.mlp(x, sel.neuron_index)
     finally:
         torch.cuda.set_sync_debug_mode("default")
