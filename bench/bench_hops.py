@@ -108,7 +108,8 @@ class Endpoint:
     def take(self, arrival) -> tuple[wire.Activations, torch.Tensor, bool]:
         """What a worker does with what came (workers/worker.py ``_on_data``, ``_pick_up``):
         one decode, then the worker's checks; the hidden size, which a worker knows, is the
-        header's."""
+        header's. From the ring the tensor is lent in place, as a worker reads it: call
+        ``ring.release()`` once its reads are issued."""
         kind, got = arrival
         if kind == "frames" and len(got) > 1:
             hidden = msgspec.msgpack.decode(got[0].buffer, type=wire.Activations).shape[2]
@@ -116,7 +117,7 @@ class Endpoint:
             return msg, x.to(self.device), False
         lone = wire.decode_data(got) if kind == "box" else got
         msg = self.ring.check(lone, lone.shape[2])
-        return msg, self.ring.take(msg, early=kind == "box")[0], True
+        return msg, self.ring.lend(msg, early=kind == "box")[0], True
 
     def close(self) -> None:
         self.ring.close()
@@ -140,9 +141,11 @@ def run_peer(args) -> int:
             if msg.step.step_id == STOP:
                 return 0
             if msg.step.step_id in (SPIN_ON, SPIN_OFF):
+                end.ring.release()
                 end.spin_s = args.spin_us / 1e6 if msg.step.step_id == SPIN_ON else 0.0
                 continue
             end.send(msg, x, ring)  # as a worker does: a header around the step it got
+            end.ring.release()
     finally:
         end.close()
 
@@ -158,8 +161,8 @@ def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, it
     the medians of this side's pieces of a round trip, and how many answers the spin took
     from the ring before their doorbell (``picked``): ``send_us`` (slot copy + header on
     the socket, or device->host + frames), ``wait_us`` (until the answer's frames are here:
-    the peer's whole turn and both socket crossings), ``take_us`` (decode, checks, copy out
-    of the slot) and ``sync_us`` (on a GPU: until the answer's copy has run). ``spin_s``:
+    the peer's whole turn and both socket crossings), ``take_us`` (decode, checks, the
+    slot lent in place) and ``sync_us`` (on a GPU: until the answer's copy has run). ``spin_s``:
     both sides spin on their ring that long before they sleep on the socket."""
     x = torch.randn(batch, 1, hidden, device=end.device).to(wire.DTYPES[dtype])
     end.spin_s = spin_s
@@ -184,6 +187,7 @@ def time_hops(end: Endpoint, hidden: int, batch: int, dtype: str, ring: bool, it
         pieces.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         if via_ring != ring or not torch.equal(back, x):
             raise RuntimeError(f"the hop changed the path or the tensor (hidden {hidden})")
+        end.ring.release()
     kept = sorted(times[warmup:])
     split = {f"{name}_us": round(statistics.median(p[k] for p in pieces[warmup:]) / 1e3, 1)
              for k, name in enumerate(("send", "wait", "take", "sync"))}
@@ -276,7 +280,7 @@ def markdown(meta: dict, rows: list[dict], throughput: list[dict], head: dict) -
              f"{meta['dtype']}", "", f"`{meta['command']}`", "",
              "Pieces of one round trip on the timing side (medians, us): send = slot copy + "
              "header (or device->host + frames), wait = until the answer is here (the peer's "
-             "turn, both crossings), take = decode, checks, copy out, sync = until the "
+             "turn, both crossings), take = decode, checks, slot lent in place, sync = until the "
              "answer's copy ran (GPU).", "",
              "| shape | hidden | batch | bytes | path | hop us (p90) | send | wait | take | sync |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -551,8 +551,18 @@ def _tensor(payload: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, .
 
 
 def check_finite(tensor: torch.Tensor) -> None:
-    """Refuse NaN and infinities. x * 0 is 0 for a finite x and NaN otherwise, so the sum is
-    0 exactly when every value is finite: two light ops (``isfinite().all()`` cost 3-9x
-    more per hop on a CPU, 19 vs 6 us for 7168 float32 values)."""
-    if float(tensor.mul(0).sum()) != 0:
+    """Refuse NaN and infinities. x * 0 is 0 for a finite x and NaN otherwise, so the sum of
+    the x * 0 is 0 exactly when every value is finite. As a dot product with zeros (one BLAS
+    call, no product tensor) for float32 and float16 on a CPU: 3.4 us for 7168 float32
+    values, against 8.4 for ``mul(0).sum()`` and 30 for ``isfinite().all()``; CPU bfloat16
+    has no fast dot, so it keeps ``mul(0).sum()``."""
+    flat = tensor.reshape(-1)
+    if tensor.dtype in _DOT_DTYPES and tensor.device.type == "cpu":
+        total = torch.dot(flat, torch.zeros_like(flat))
+    else:
+        total = flat.mul(0).sum()
+    if float(total) != 0:
         raise WireError("activations hold NaN or infinite values")
+
+
+_DOT_DTYPES = (torch.float32, torch.float16)

@@ -83,6 +83,54 @@ def test_a_slot_carries_hidden_and_carry_exactly(ring, dtype, rows, width, hidde
     assert torch.equal(hidden_out, x)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("rows,width,hidden,carry", [(1, 1, 7, False), (3, 5, 13, True),
+                                                     (2, 1, 32, True)])
+def test_a_lent_slot_reads_what_a_copied_one_reads_and_stays_held_until_released(
+        ring, dtype, rows, width, hidden, carry):
+    """``lend`` (views of the slot, what a worker does) against ``take`` (the copy out)."""
+    writer = SlotWriter(ring.offer(), "cpu")
+    torch.manual_seed(rows + width * hidden)
+    x = torch.randn(rows, width, hidden).to(wire.DTYPES[dtype])
+    c = torch.randn(rows, width, hidden).to(x.dtype) if carry else None
+    copied = ring.take(ring.check(put(writer, x, c), hidden))
+    h = put(writer, x, c)
+    lent = ring.lend(ring.check(h, hidden))
+    for a, b in zip(copied, lent, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b) and a.dtype == b.dtype and a.shape == b.shape
+    assert lent[0].untyped_storage().data_ptr() == ring.block.untyped_storage().data_ptr()
+    assert int(ring.states[h.slot]) == h.fill  # held: the sender cannot write it
+    with pytest.raises(wire.WireError, match="being read already"):
+        ring.lend(ring.check(h, hidden))  # a repeated header reads nothing twice
+    ring.release()
+    assert int(ring.states[h.slot]) == FREE and ring.received == 2
+    # The same shape again reuses the views made the first time.
+    again = ring.lend(ring.check(put(writer, x + 1, c), hidden))
+    assert again[0] is ring.views.get(again_slot := ring.lent[0], x.dtype, x.shape, carry)[0]
+    assert torch.equal(again[0], x + 1) and again_slot != h.slot
+    ring.release()
+
+
+def test_a_lent_slot_with_nan_is_refused_and_given_back(ring):
+    writer = SlotWriter(ring.offer(), "cpu")
+    h = put(writer, torch.full((1, 1, 8), float("inf")))
+    with pytest.raises(wire.WireError, match="NaN"):
+        ring.lend(ring.check(h, 8))
+    assert int(ring.states[h.slot]) == FREE and not ring.lent
+
+
+def test_put_refuses_tensors_that_disagree_with_their_header(ring):
+    writer = SlotWriter(ring.offer(), "cpu")
+    h = header(1, 1, 8, slot=None, fill=0)
+    with pytest.raises(ValueError, match="float16"):
+        writer.put(torch.ones(1, 1, 8, dtype=torch.float16), None, h)
+    with pytest.raises(ValueError, match=re.escape("[1, 1, 4]")):
+        writer.put(torch.ones(1, 1, 8), torch.ones(1, 1, 4), h)
+    assert writer.sent == 0 and all(int(s) == FREE for s in ring.states)
+
+
 def test_a_full_ring_or_a_large_tensor_takes_the_socket_and_credits_come_back(ring):
     writer = SlotWriter(ring.offer(), "cpu")
     x = torch.ones(1, 1, 8)
@@ -280,7 +328,8 @@ def picked_counts(log: str) -> int:
 
 
 @pytest.mark.parametrize("workers,plane", [(1, "auto"), (2, "auto"), (3, "auto"),
-                                           (2, "socket"), (3, "socket"), (3, "spin")])
+                                           (2, "socket"), (3, "socket"), (2, "spin"),
+                                           (3, "spin")])
 def test_dense_tokens_equal_the_engine_on_either_plane(tiny, greedy, workers, plane):
     """"spin": the shared ring, each receiver spinning on it for 20 ms after a step."""
     spin = {"data_plane_spin_us": 20000.0} if plane == "spin" else {}
@@ -297,6 +346,10 @@ def test_dense_tokens_equal_the_engine_on_either_plane(tiny, greedy, workers, pl
     if workers > 1 and plane != "socket":
         assert spins == ["20000" if spin else "0"] * (workers - 1), spins
         assert (picked_counts(log) > 0) == bool(spin), picked_counts(log)
+        # Dense: no message but the hops goes to the next worker, so every fill but the
+        # first has its header in the box (a spin never meets a socket-only fill after it).
+        boxless = re.findall(r"(\d+) found a fill whose header came only by the socket", log)
+        assert len(boxless) == workers - 1 and all(int(n) <= 1 for n in boxless), boxless
     if plane != "socket" and workers > 1:
         assert all(how.startswith("shared memory") for _, how in paths), paths
         assert ring > 0 and sock == 0, (ring, sock)
@@ -409,3 +462,47 @@ def test_two_workers_on_one_gpu_use_cuda_ipc_and_equal_the_socket_path(tiny):
             assert hop_counts(log)[0] > 0 and hop_counts(log)[1] == 0
     # The plane moves bytes: the same GPU math gives the same tokens either way.
     assert tokens["auto"] == tokens["socket"]
+
+
+def _cuda_refiller(offer_bytes: bytes, pipe) -> None:
+    import msgspec
+
+    offer = msgspec.msgpack.decode(offer_bytes, type=wire.PlaneOffer)
+    writer, _ = open_writer(offer, "", "cuda:0", "auto")
+    for value in (1.0, 2.0):
+        h = header(1, 1, 64, "float16", slot=None, fill=0)
+        while writer.put(torch.full((1, 1, 64), value, device="cuda:0",
+                                    dtype=torch.float16), None, h) is None:
+            pass  # one slot: free again once the receiver released it
+        pipe.send((h.slot, h.fill))
+    pipe.recv()
+
+
+@pytest.mark.gpu
+def test_a_lent_cuda_slot_is_not_overwritten_before_the_readers_stream_used_it():
+    """One slot: the sender's second fill waits (on the GPU) for the free event recorded at
+    ``release``, after a slow read of the lent view, so the read sees the first fill."""
+    import multiprocessing as mp
+
+    ring = Ring("cuda:0", 1, 1 << 12)
+    try:
+        ctx = mp.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_cuda_refiller, args=(wire.encode(ring.offer()), theirs))
+        proc.start()
+        slot, fill = ours.recv()
+        x, _ = ring.lend(ring.decode(wire.encode(header(1, 1, 64, "float16", slot=slot,
+                                                        ring=ring.name, fill=fill)), 64))
+        torch.cuda._sleep(200_000_000)  # a slow step: the read below runs long after now
+        read = x * 1
+        ring.release()  # the free event follows the read on this stream
+        slot, fill = ours.recv()  # the second fill went in (its copy waits on the GPU)
+        second, _ = ring.take(ring.decode(wire.encode(header(
+            1, 1, 64, "float16", slot=slot, ring=ring.name, fill=fill)), 64))
+        assert torch.equal(read.cpu(), torch.full((1, 1, 64), 1.0, dtype=torch.float16))
+        assert torch.equal(second.cpu(), torch.full((1, 1, 64), 2.0, dtype=torch.float16))
+        ours.send("done")
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        ring.close()

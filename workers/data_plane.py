@@ -15,8 +15,10 @@ until it has read it). Fills are numbered 1, 2, ... by the one sender, in order:
   the encoded header into the slot's header box, stores the fill number in the slot's state
   and then in ``last fill``; the caller sends the same header on the data socket (the
   doorbell);
-- receiver (``Ring.take``): checks the slot holds the header's fill, copies the tensors
-  out, marks it FREE.
+- receiver: checks the slot holds the header's fill, then either copies the tensors out
+  and marks it FREE (``Ring.take``, the plain reference), or lends them in place, views of
+  the slot, marking it FREE only at ``Ring.release`` once the step that read them is
+  issued (``Ring.lend``, what a worker does: no copy and no allocation per hop).
 The receiver may pick a fill up before its doorbell (``Ring.wait_fill``): it spins, for a
 bounded time, on ``last fill`` reaching the next fill it expects, then reads the header
 from the box, decodes and checks it exactly as the doorbell's, and takes the tensors; the
@@ -27,15 +29,19 @@ message has an empty box, so the receiver waits for its doorbell, which the sock
 delivers after that message.
 On CUDA the copies are asynchronous: the sender's stream waits on the slot's ``free``
 event before its copy and records ``ready`` after; the receiver's stream waits on
-``ready`` before its copy and records ``free`` after. No host synchronisation on either
-side: a state word is written after the event record it announces, so the event a side
-waits on is always the latest one that matters.
+``ready`` before it reads the slot and records ``free`` after its last read (after the
+copy out, or, lent, after the whole step that read the views). No host synchronisation on
+either side: a state word is written after the event record it announces, so the event a
+side waits on is always the latest one that matters.
+Per hop neither side makes new tensor views: the typed views of a slot for a (dtype,
+shape) are made once and kept (``SlotViews``).
 
 What this module does not know: sockets, steps, or what the tensors mean.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -126,9 +132,49 @@ def _words(mem: torch.Tensor, slots: int, slot_bytes: int, *, create: bool) -> n
     return words
 
 
-def _boxes(mem: torch.Tensor, slots: int) -> np.ndarray:
-    """[slots, BOX] bytes: each slot's header box."""
-    return mem[HEADER:HEADER + slots * BOX].numpy().reshape(slots, BOX)
+def _boxes(mem: torch.Tensor, slots: int) -> tuple[np.ndarray, np.ndarray, memoryview]:
+    """Each slot's header box: [slots, BOX] bytes, their length words ([slots] int64, a
+    strided view) and the boxes as one writable memoryview (a header is stored with one
+    slice assignment)."""
+    boxes = mem[HEADER:HEADER + slots * BOX].numpy().reshape(slots, BOX)
+    lengths = boxes.reshape(-1).view(np.int64)[::BOX // 8]
+    return boxes, lengths, memoryview(boxes.reshape(-1))
+
+
+class SlotViews:
+    """Typed views of one ring's slots, ``(hidden, carry or None)`` per (slot, dtype,
+    shape, carry), made on first use and kept: a step of a shape seen before costs a dict
+    lookup, not four tensor views (1-2 us each). Bounded: prefill widths vary."""
+
+    LIMIT = 512
+
+    def __init__(self, block: torch.Tensor, slot_bytes: int) -> None:
+        self.block, self.slot_bytes = block, slot_bytes
+        self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def get(self, slot: int, dtype: torch.dtype, shape: tuple[int, ...], carry: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The views, or None when the tensors do not fit in a slot."""
+        key = (slot, dtype, shape, carry)
+        views = self._views.get(key)
+        if views is None:
+            views = self._make(slot, dtype, shape, carry)
+            if views is None:
+                return None
+            if len(self._views) >= self.LIMIT:
+                self._views.clear()
+            self._views[key] = views
+        return views
+
+    def _make(self, slot, dtype, shape, carry):
+        one = math.prod(shape) * dtype.itemsize
+        if one * (2 if carry else 1) > self.slot_bytes:
+            return None
+        base = slot * self.slot_bytes
+        hidden = self.block[base:base + one].view(dtype).view(shape)
+        if not carry:
+            return hidden, None
+        return hidden, self.block[base + one:base + 2 * one].view(dtype).view(shape)
 
 
 # --- receiver ----------------------------------------------------------------------------------
@@ -146,8 +192,11 @@ class Ring:
         self.slots, self.slot_bytes = slots, slot_bytes
         self.name = secrets.token_hex(8)
         self.received = self.picked = 0  # fills taken; of them, picked up by spinning
+        # Spins that took nothing: no fill in time; a fill whose header is not in its box.
+        self.spun_out = self.boxless = 0
         self.next_fill = 1  # the sender's next fill, in the order it makes them
         self.picked_early: set[int] = set()  # fills taken before their doorbell came
+        self.lent: list[int] = []  # slots lent in place (``lend``), FREE at ``release``
         _sweep_stale()
         self.path = SHM_DIR / f"{PREFIX}-{os.getuid()}-{os.getpid()}-{self.name}"
         cuda = self.device.type == "cuda"
@@ -155,7 +204,8 @@ class Ring:
         words = _words(self.mem, slots, slot_bytes, create=True)
         self.last_fill = words[3:4]
         self.states = words[FIRST_STATE:FIRST_STATE + slots]
-        self.boxes = _boxes(self.mem, slots)
+        self.boxes, self.box_lengths, _ = _boxes(self.mem, slots)
+        self.cuda = cuda
         if cuda:
             with torch.cuda.device(self.device):
                 self.block = torch.empty(slots * slot_bytes, dtype=torch.uint8,
@@ -164,6 +214,7 @@ class Ring:
                 self.free = [torch.cuda.Event(interprocess=True) for _ in range(slots)]
         else:
             self.block = self.mem[HEADER + slots * BOX:]
+        self.views = SlotViews(self.block, slot_bytes)
 
     def offer(self) -> wire.PlaneOffer:
         cuda = None
@@ -199,17 +250,18 @@ class Ring:
             deadline = time.perf_counter() + seconds
             while last[0] < want:
                 if time.perf_counter() >= deadline:
+                    self.spun_out += 1
                     return None
         found = np.flatnonzero(self.states == want)
         if not len(found):
             return None  # taken already (its doorbell came first)
-        box = self.boxes[int(found[0])]
-        length = box[:8].view(np.int64)
-        n = int(length[0])
+        slot = int(found[0])
+        n = int(self.box_lengths[slot])
         if not 0 < n <= BOX - 8:
+            self.boxless += 1
             return None
-        header = box[8:8 + n].tobytes()
-        length[0] = 0  # read once: a header refused here waits for its doorbell
+        header = self.boxes[slot, 8:8 + n].tobytes()
+        self.box_lengths[slot] = 0  # read once: a header refused here waits for its doorbell
         return header
 
     def seen(self, msg: wire.Activations) -> bool:
@@ -222,48 +274,89 @@ class Ring:
     def take(self, msg: wire.Activations, *, early: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tensors in the slot ``msg`` names (a decoded header), copied out; the slot is
-        FREE again afterwards, whatever happens. ``early``: picked up before its doorbell."""
+        FREE again afterwards, whatever happens. ``early``: picked up before its doorbell.
+        The plain reference of ``lend``."""
+        views = self._views_of(msg)
+        slot = msg.slot
+        try:
+            if self.cuda:
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(self.ready[slot])
+                tensors = [v.clone() for v in views if v is not None]
+                self.free[slot].record(stream)
+            else:
+                # Copied out first, then checked: the check sees what the model will read.
+                tensors = [v.clone() for v in views if v is not None]
+                for t in tensors:
+                    wire.check_finite(t)
+        finally:
+            self.states[slot] = FREE
+            self._taken(msg, early)
+        self.received += 1
+        return tensors[0], (tensors[1] if msg.carry else None)
+
+    def lend(self, msg: wire.Activations, *, early: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tensors in the slot ``msg`` names, in place: views of the slot, valid until
+        ``release``, which the caller must call once it has issued every read of them (on
+        CUDA, on this device's current stream). The slot stays this worker's until then (the
+        sender cannot write it); a refused read is released at once."""
+        views = self._views_of(msg)
+        slot = msg.slot
+        self.lent.append(slot)
+        self._taken(msg, early)
+        if self.cuda:
+            # No finiteness check here (the socket path has one): it would synchronise with
+            # the GPU on every hop. The header carried the cluster's token, so a cluster
+            # member wrote the slot.
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        else:
+            try:
+                for v in views:
+                    if v is not None:
+                        wire.check_finite(v)
+            except wire.WireError:
+                self.release()
+                raise
+        self.received += 1
+        return views
+
+    def release(self) -> None:
+        """Give back the slots lent since the last release: on CUDA after the reads issued
+        so far on this device's current stream (the ``free`` event), at once on a CPU."""
+        if not self.lent:
+            return
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        for slot in self.lent:
+            if stream is not None:
+                self.free[slot].record(stream)
+            self.states[slot] = FREE  # after the record: the sender waits on the latest one
+        self.lent.clear()
+
+    def _views_of(self, msg: wire.Activations):
+        """The slot's typed views for ``msg``, once the slot is known to hold its fill."""
         slot = msg.slot
         if msg.fill < FILLED or self.states[slot] != msg.fill:
             raise wire.WireError(f"activations in slot {slot}, which the sender has not filled")
-        try:
-            dtype = wire.DTYPES[msg.dtype]
-            one = wire.slot_bytes_of(msg) // (2 if msg.carry else 1)
-            base = slot * self.slot_bytes
-            parts = [(base, one)] + ([(base + one, one)] if msg.carry else [])
-            if self.device.type == "cuda":
-                tensors = self._take_cuda(slot, parts, dtype, tuple(msg.shape))
-            else:
-                tensors = [self._take_cpu(a, n, dtype, tuple(msg.shape)) for a, n in parts]
-        finally:
+        if slot in self.lent:
+            raise wire.WireError(f"activations in slot {slot}, which is being read already")
+        views = self.views.get(slot, wire.DTYPES[msg.dtype], msg.shape, msg.carry)
+        if views is None:  # check_slot_header refuses these first
             self.states[slot] = FREE
-            self.next_fill = max(self.next_fill, msg.fill + 1)
-            if early:
-                self._remember_early(msg.fill)
-        self.received += 1
-        return tensors[0], (tensors[1] if msg.carry else None)
+            raise wire.WireError(f"activations of {wire.slot_bytes_of(msg)} bytes cannot be in "
+                                 f"a slot of {self.slot_bytes}")
+        return views
+
+    def _taken(self, msg: wire.Activations, early: bool) -> None:
+        self.next_fill = max(self.next_fill, msg.fill + 1)
+        if early:
+            self._remember_early(msg.fill)
 
     def _remember_early(self, fill: int) -> None:
         self.picked += 1
         self.picked_early.add(fill)
         if len(self.picked_early) > 4 * self.slots + 64:  # doorbells that never came
             self.picked_early.discard(min(self.picked_early))
-
-    def _take_cpu(self, at: int, nbytes: int, dtype, shape) -> torch.Tensor:
-        # Copied out first, then checked: the check sees what the model will read.
-        tensor = self.block[at:at + nbytes].view(dtype).view(shape).clone()
-        wire.check_finite(tensor)
-        return tensor
-
-    def _take_cuda(self, slot: int, parts, dtype, shape) -> list[torch.Tensor]:
-        # No finiteness check here (the socket path has one): it would synchronise with the
-        # GPU on every hop. The header carried the cluster's token, so a cluster member
-        # wrote the slot.
-        stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(self.ready[slot])
-        tensors = [self.block[a:a + n].view(dtype).view(shape).clone() for a, n in parts]
-        self.free[slot].record(stream)
-        return tensors
 
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -308,13 +401,15 @@ class SlotWriter:
         # A restarted sender goes on numbering where the one before it stopped.
         self.last_fill = words[3:4]
         self.states = words[FIRST_STATE:FIRST_STATE + offer.slots]
-        self.boxes = _boxes(self.mem, offer.slots)
+        _, self.box_lengths, self.box_bytes = _boxes(self.mem, offer.slots)
         self.device = torch.device(device)
+        self.cuda = cuda
         if cuda:
             self._open_cuda(offer)
         else:
             self.ring_device = torch.device("cpu")
             self.block = self.mem[HEADER + offer.slots * BOX:]
+        self.views = SlotViews(self.block, offer.slot_bytes)
 
     def _open_cuda(self, offer: wire.PlaneOffer) -> None:
         if not torch.cuda.is_available():
@@ -349,23 +444,26 @@ class SlotWriter:
         """Copy ``hidden`` (then ``carry``, same dtype and shape) into a free slot, name it in
         ``header`` (slot, ring, fill), put the encoded header in the slot's box and announce
         the fill; the encoded header to send as the doorbell, or None when no slot is free
-        or the tensors do not fit (send them by the socket and call ``sent_by_socket``)."""
-        tensors = [t.contiguous().view(-1).view(torch.uint8)
-                   for t in (hidden, carry) if t is not None]
-        if sum(t.numel() for t in tensors) > self.offer.slot_bytes:
-            self.fallbacks += 1
-            return None
+        or the tensors do not fit (send them by the socket and call ``sent_by_socket``).
+        The tensors must have the header's dtype and shape (what the receiver will read)."""
+        dtype, shape = wire.DTYPES[header.dtype], header.shape
+        for t in (hidden, carry):
+            if t is not None and (t.dtype is not dtype or t.shape != shape):
+                raise ValueError(f"a {t.dtype} tensor of shape {list(t.shape)} under a header "
+                                 f"of {header.dtype} {list(shape)}")
         slot = self._free_slot()
-        if slot is None:
+        views = None if slot is None else self.views.get(slot, dtype, shape, carry is not None)
+        if views is None:
             self.fallbacks += 1
             return None
         fill = int(self.last_fill[0]) + 1
         header.slot, header.ring, header.fill = slot, self.offer.ring, fill
         encoded = wire.encode(header)
-        self._copy_in(slot, tensors)
+        self._copy_in(slot, views, hidden, carry)
         self._write_box(slot, encoded if self._in_order else b"")
         self.states[slot] = fill
         self.last_fill[0] = fill  # after the state: a receiver that sees it finds the slot
+        self._next = slot + 1
         self._in_order = True
         self.sent += 1
         return encoded
@@ -375,32 +473,31 @@ class SlotWriter:
         its doorbell, behind that message."""
         self._in_order = False
 
-    def _copy_in(self, slot: int, tensors: list[torch.Tensor]) -> None:
-        at = slot * self.offer.slot_bytes
-        if self.ring_device.type == "cuda":
+    def _copy_in(self, slot: int, views, hidden: torch.Tensor, carry: torch.Tensor | None
+                 ) -> None:
+        if self.cuda:
             stream = torch.cuda.current_stream(self.ring_device)
             stream.wait_event(self.free[slot])  # the receiver's read of this slot is done
-            for t in tensors:
-                self.block[at:at + t.numel()].copy_(t, non_blocking=True)
-                at += t.numel()
+            views[0].copy_(hidden, non_blocking=True)
+            if carry is not None:
+                views[1].copy_(carry, non_blocking=True)
             self.ready[slot].record(stream)
         else:
-            for t in tensors:
-                self.block[at:at + t.numel()].copy_(t)
-                at += t.numel()
+            views[0].copy_(hidden)
+            if carry is not None:
+                views[1].copy_(carry)
 
     def _write_box(self, slot: int, encoded: bytes) -> None:
-        box = self.boxes[slot]
         n = len(encoded) if len(encoded) <= BOX - 8 else 0  # too long: by the socket only
-        box[8:8 + n] = np.frombuffer(encoded[:n], dtype=np.uint8)
-        box[:8].view(np.int64)[0] = n
+        at = slot * BOX + 8
+        self.box_bytes[at:at + n] = encoded[:n]
+        self.box_lengths[slot] = n
 
     def _free_slot(self) -> int | None:
         n = self.offer.slots
         for k in range(n):
             slot = (self._next + k) % n
             if self.states[slot] == FREE:
-                self._next = slot + 1
                 return slot
         return None
 

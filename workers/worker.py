@@ -84,6 +84,7 @@ class Worker:
         self.spin_s = 0.0  # seconds spun on the ring for the next hop (0: sleep on the socket)
         self.writer: data_plane.SlotWriter | None = None  # the next worker's
         self.socket_hops_in = 0
+        self.spin_skipped = 0  # steps after which a message was waiting (nothing to spin for)
         self.epoch = 0
         self.busy: tuple[int, float] | None = None
         self.bad_frames = 0
@@ -213,6 +214,8 @@ class Worker:
         active = False
         while True:
             ready = dict(poller.poll(0)) if spin and active else {}
+            if spin and active and ready:
+                self.spin_skipped += 1  # the next message was here already: no spin
             if spin and active and not ready and self._pick_up(spin):
                 continue
             ready = ready or dict(poller.poll(1000))
@@ -246,7 +249,13 @@ class Worker:
         return None
 
     def _on_data(self) -> None:
-        frames = self.data_in.recv_multipart(copy=False)
+        try:
+            self._on_frames(self.data_in.recv_multipart(copy=False))
+        finally:
+            if self.ring is not None:
+                self.ring.release()  # the step that read its slot is issued (or refused)
+
+    def _on_frames(self, frames: list) -> None:
         received = time.time()
         if len(frames) not in (1, 2, 3):
             self._bad_frame("data", wire.WireError(f"{len(frames)} frames, expected 1 to 3"))
@@ -280,12 +289,15 @@ class Worker:
             return False
         received = time.time()
         try:
-            msg, hidden, carry = self._from_ring(wire.decode_data(header), early=True)
-            self._check_dtype(msg)
-        except wire.WireError as exc:
-            self._bad_frame("data", exc)
-            return False
-        self._run_received(msg, hidden, carry, received)
+            try:
+                msg, hidden, carry = self._from_ring(wire.decode_data(header), early=True)
+                self._check_dtype(msg)
+            except wire.WireError as exc:
+                self._bad_frame("data", exc)
+                return False
+            self._run_received(msg, hidden, carry, received)
+        finally:
+            self.ring.release()
         return True
 
     def _check_dtype(self, msg: wire.Activations) -> None:
@@ -304,14 +316,15 @@ class Worker:
 
     def _from_ring(self, header: wire.Activations | wire.SelectionAhead, *, early: bool = False
                    ) -> tuple[wire.Activations, torch.Tensor, torch.Tensor | None]:
-        """A header alone (decoded): its tensors wait in a slot of this worker's ring. Only
-        a header with the cluster's token may read (and so free) a slot. ``early``: read
-        from the ring before its doorbell came."""
+        """A header alone (decoded): its tensors wait in a slot of this worker's ring, read
+        in place (the caller releases the slot once the step is issued). Only a header with
+        the cluster's token may read (and so free) a slot. ``early``: read from the ring
+        before its doorbell came."""
         if self.ring is None:
             raise wire.WireError("activations in a slot, but this worker offered no ring")
         msg = self.ring.check(header, self.config.hidden_size)
         self._check_token(msg)
-        hidden, carry = self.ring.take(msg, early=early)
+        hidden, carry = self.ring.lend(msg, early=early)
         return msg, hidden, carry
 
     def _send_activations(self, header: wire.Activations, out: torch.Tensor,
@@ -377,6 +390,10 @@ class Worker:
         finally:
             self.busy = None
             self.meter.stop()
+            if self.ring is not None:
+                # Every read of a slot lent to this step is issued: the slot goes back before
+                # the output leaves, so a step the output lets in finds it free.
+                self.ring.release()
         stage_s = upstream.stage_s + [time.perf_counter() - started]
         hop_s = upstream.hop_s
         densities, layer_densities = upstream.densities, upstream.layer_densities
@@ -440,10 +457,13 @@ class Worker:
         if getattr(self, "heartbeat", None) is not None:
             self.heartbeat.stop()
         if self.data_in is not None:
+            ring = self.ring
             log.info("worker %d received %d hop(s) through its ring, %d through the socket; "
-                     "%d picked up from the ring before their doorbell", self.index,
-                     self.ring.received if self.ring else 0, self.socket_hops_in,
-                     self.ring.picked if self.ring else 0)
+                     "%d picked up from the ring before their doorbell (after a step: %d "
+                     "found a message waiting, %d spun out, %d found a fill whose header "
+                     "came only by the socket)", self.index, ring.received if ring else 0,
+                     self.socket_hops_in, ring.picked if ring else 0, self.spin_skipped,
+                     ring.spun_out if ring else 0, ring.boxless if ring else 0)
         if self.ring is not None:
             self.ring.close()
         if self.writer is not None:
