@@ -42,6 +42,7 @@
 #   PHASE=predictors  the captured decode with own-MLP-input predictors (test_graphs,
 #                 test_fused_select: fused selection reading each layer's own LayerNorm), then
 #                 the shipped predictors' held-out recall and the CPU sweep grid on 24 books
+#                 (HEADS_DATA/heldout.jsonl.xz, carried: ../shared does not travel)
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh (several: PHASE="fused hops")
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -194,14 +195,16 @@ heads-eval)
     [ -n "${KEEP_CKPT:-}" ] || rm -rf /dev/shm/heads-full
     ;;
 predictors)
+    # ../shared does not travel to the device: the held-out split is carried (HEADS_DATA).
+    heldout=${HEADS_DATA:-.carry/heads}/heldout.jsonl.xz
     timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_graphs.py \
         tests/test_fused_select.py tests/test_predictors.py 2>&1 \
         | tee "$out/pytest-predictors.log" | tail -15
     timeout 120 python3 -m dejavu.bench.sparsity_recall \
-        --data ../shared/data/gutenberg/heldout.jsonl.xz --docs 24 --chars 90000 \
+        --data "$heldout" --docs 24 --chars 90000 \
         --recalls 0.9,0.95,0.955,0.96,0.965 2>&1 | tee "$out/recall.log" | tail -12
     timeout 280 python3 -m dejavu.bench.sparsity_sweep --model models/opt-gutenberg-31m \
-        --data ../shared/data/gutenberg/heldout.jsonl.xz --grid cpu --docs 24 --chars 90000 \
+        --data "$heldout" --grid cpu --docs 24 --chars 90000 \
         --device cuda --out "$out/sparsity" 2>&1 | tee "$out/sweep.log" | tail -20
     ;;
 *) echo "unknown phase $phase" ;;
