@@ -256,3 +256,24 @@ def test_too_few_tokens_to_split_is_one_line_naming_the_fix(tiny, tmp_path):
                      "from 1 document(s); the train / calibrate / report split needs 10 "
                      "windows or 10 documents: pass --tokens 240 or more, or a smaller "
                      "--window"], done.stderr
+
+
+def test_buffers_fall_back_to_pageable_memory_when_pinning_is_refused(monkeypatch):
+    """Pinned tables speed a GPU's copies; where page-locked memory is refused (a limit, no
+    CUDA driver) the run goes on with pageable tables instead of failing."""
+    from dejavu.tools.train_layerwise import Buffers
+
+    real_empty = torch.empty
+
+    def refuse_pinning(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("cudaHostAlloc: out of memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refuse_pinning)
+    cfg = OPTConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, ffn_dim=16,
+                    num_attention_heads=2, max_position_embeddings=16)
+    bufs = Buffers(10, cfg, torch.float16, None, pin=True)
+    assert not bufs.pin
+    assert bufs.resid[0].shape == (10, 8) and bufs.bits.shape == (10, 2)
+    assert not bufs.resid[1].is_pinned()

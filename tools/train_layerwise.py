@@ -224,7 +224,12 @@ class Buffers:
 
     def _table(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         if self.work is None:
-            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+            if self.pin:
+                try:
+                    return torch.empty(shape, dtype=dtype, pin_memory=True)
+                except RuntimeError:  # page-locked memory refused: pageable, slower copies
+                    self.pin = False
+            return torch.empty(shape, dtype=dtype)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         path = self.work / f"{name}.bin"
         # r+ keeps what an interrupted run wrote; w+ creates (zero-filled, sparse on disk).
