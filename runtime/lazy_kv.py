@@ -61,8 +61,9 @@ COMPLETION = "auto"
 
 # Up to this many (row, prefix position) pairs, ``fill_missing_kv_batched`` recomputes the
 # whole prefix of every selected head rather than looping over the missing ones: at OPT-13B's
-# width that is 2 x 1024 x 5120 x h x 128 multiply-adds (about 3 GFLOP at 20 heads, tens of
-# microseconds on an H100), against one host read (a synchronisation) per head in the loop.
+# width that is 2 x 1024 x 5120 x h x 128 multiply-adds (27 G at 20 heads: about 0.1 ms per
+# layer at an H100's dense float16 rate, an estimate, not measured), against several host
+# reads (synchronisations) per head in the loop.
 BATCHED_KV_POSITIONS = 1024
 
 
