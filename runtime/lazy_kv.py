@@ -75,21 +75,39 @@ def fill_missing_kv_batched(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor
     the attended prefix, ``Batch.attended_length()``) are computed and kept where they were
     missing. Compute grows with the prefix instead of with the missing pairs. Returns the
     (position, head) pairs filled, [1] on the device."""
-    p = torch.arange(length, device=xs.device)
-    last = pos.max(dim=1).values  # [B]
-    need = p[None, None, :] <= last[:, None, None]
-    s3, h3, p3 = slots[:, None, None], idx[None, :, None], p[None, None, :]
-    missing = need & ~valid[s3, h3, p3]  # [B, h, L]
+    missing = missing_pairs(valid, idx, slots, pos, length)
     b, h = missing.shape[:2]
     d = attn.head_dim
     xin = xs[slots, :length].to(attn.k_proj.weight.dtype)  # [B, L, C]
     k = F.linear(xin, *head_rows(attn.k_proj, idx, d)).view(b, length, h, d).transpose(1, 2)
     v = F.linear(xin, *head_rows(attn.v_proj, idx, d)).view(b, length, h, d).transpose(1, 2)
+    return keep_missing(cache_k, cache_v, valid, idx, slots, missing, k, v).reshape(1)
+
+
+def missing_pairs(valid: Tensor, heads: Tensor, slots: Tensor, positions: Tensor, length: int,
+                  live: Tensor | None = None) -> Tensor:
+    """[B, h, length] bool: the (row, head, position) triples up to each row's last position
+    where ``heads`` have no valid K/V; ``live`` [h] bool: which heads count (a padded
+    union's). Read on the device only."""
+    p = torch.arange(length, device=valid.device)
+    need = p[None, None, :] <= positions.max(dim=1).values[:, None, None]
+    if live is not None:
+        need = need & live[None, :, None]
+    return need & ~valid[slots[:, None, None], heads[None, :, None], p[None, None, :]]
+
+
+def keep_missing(cache_k: Tensor, cache_v: Tensor, valid: Tensor, heads: Tensor, slots: Tensor,
+                 missing: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Write ``k``/``v`` [B, h, L, D] (every prefix position of ``heads``) into the cache where
+    ``missing`` [B, h, L] and mark those valid; elsewhere the cache keeps what it had.
+    Returns the pairs written, a device scalar."""
+    s3, h3 = slots[:, None, None], heads[None, :, None]
+    p3 = torch.arange(missing.shape[-1], device=missing.device)[None, None, :]
     m = missing[..., None]
     cache_k[s3, h3, p3] = torch.where(m, k.to(cache_k.dtype), cache_k[s3, h3, p3])
     cache_v[s3, h3, p3] = torch.where(m, v.to(cache_v.dtype), cache_v[s3, h3, p3])
     valid[s3, h3, p3] = valid[s3, h3, p3] | missing
-    return missing.sum().reshape(1)
+    return missing.sum()
 
 
 def complete_missing_kv(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Tensor,

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import masked_attention
+from .lazy_kv import keep_missing, missing_pairs
 from .weight_store import RecordLayout, head_rows, neuron_rows
 
 # Below this fraction of a block's rows a step gathers its union instead of copying the
@@ -269,22 +270,9 @@ def complete_kv(table, rows: Tensor | int, heads: Tensor, cache_k: Tensor, cache
     given head is computed and kept where it was missing). ``live`` [h] bool: which entries
     of ``heads`` count (a padded union's; the others are left as they are). Returns the
     (position, head) pairs filled, a device scalar."""
-    last = positions.max(dim=1).values  # [B]
-    need = torch.arange(length, device=xs.device)[None, None, :] <= last[:, None, None]
-    if live is not None:
-        need = need & live[None, :, None]
-    s2 = slots[:, None]
-    missing = need & ~valid[s2, heads[None, :], :length]  # [B, h, L]
+    missing = missing_pairs(valid, heads, slots, positions, length, live)  # [B, h, L]
     b, h = missing.shape[:2]
     k, v = _kv(table, rows, xs[slots, :length].reshape(b * length, -1), cache_k.shape[-1])
     k = k.view(b, length, h, -1).transpose(1, 2)  # [B, h, L, D]
     v = v.view(b, length, h, -1).transpose(1, 2)
-    h3 = heads[None, :, None]
-    s3 = slots[:, None, None]
-    p3 = torch.arange(length, device=xs.device)[None, None, :]
-    m = missing[..., None]
-    old_k, old_v = cache_k[s3, h3, p3], cache_v[s3, h3, p3]
-    cache_k[s3, h3, p3] = torch.where(m, k.to(cache_k.dtype), old_k)
-    cache_v[s3, h3, p3] = torch.where(m, v.to(cache_v.dtype), old_v)
-    valid[s3, h3, p3] = valid[s3, h3, p3] | missing
-    return missing.sum()
+    return keep_missing(cache_k, cache_v, valid, heads, slots, missing, k, v)
