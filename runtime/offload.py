@@ -308,21 +308,21 @@ class OffloadedLayer:
 
     def _gather_ahead(self, kind: str, view: Tensor, idx: Tensor,
                       count: Tensor | None) -> None:
-        read = self.stream.gather_ahead(self, self.slot, kind, view, idx, count)
-        record = self.head_bytes if kind == "heads" else self.neuron_bytes
-        if count is None:
-            self.read += read
-        else:
-            self._count_on_device(count, record)
+        self._add_read(kind, count,
+                       self.stream.gather_ahead(self, self.slot, kind, view, idx, count))
 
     def _gather(self, kind: str, view: Tensor, idx: Tensor, count: Tensor | None) -> None:
         """``_gather_ahead`` on the current stream, when the op needs the rows now."""
-        read = self.stream.gather(self, self.slot, kind, view, idx, count)
-        record = self.head_bytes if kind == "heads" else self.neuron_bytes
+        self._add_read(kind, count, self.stream.gather(self, self.slot, kind, view, idx, count))
+
+    def _add_read(self, kind: str, count: Tensor | None, read: int) -> None:
+        """Count a gather's host bytes: ``read`` as the host knows it, or, for a padded
+        union, its device ``count`` of records (no host read)."""
         if count is None:
             self.read += read
         else:
-            self._count_on_device(count, record)
+            self._count_on_device(count, self.head_bytes if kind == "heads"
+                                  else self.neuron_bytes)
 
     def known_union(self, heads: Tensor) -> tuple[Tensor, Tensor | None] | None:
         """The union ``prefetch`` found for this head mask (the same tensor), if any, as
