@@ -61,7 +61,7 @@ from .placement_stats import find_frequencies, read_frequencies
 from .row_stream import RowStream
 from .sizes import offload_reserved_bytes, stream_buffer_bytes
 from .sizes import size as human_size
-from .sparse import Selection, union_index
+from .sparse import Selection, mlp_reads_own_input, union_index
 from .weight_store import (
     LayerFrequencies,
     LayerPlacement,
@@ -712,8 +712,7 @@ class OffloadSelector:
         self.ffn, self.heads = config.ffn_dim, config.num_attention_heads
 
     def mlp_reads_own_input(self, layer_id: int) -> bool:
-        own = getattr(self.inner, "mlp_reads_own_input", None)
-        return own is not None and bool(own(layer_id))
+        return mlp_reads_own_input(self.inner, layer_id)
 
     def select_neurons(self, layer_id: int, mlp_in: Tensor) -> Tensor | None:
         neurons = self.inner.select_neurons(layer_id, mlp_in)  # type: ignore[attr-defined]
