@@ -97,20 +97,22 @@ def mlp_point(rec: dict) -> dict | None:
                  and r["mlp_target"] is None and r["head_target"] == 1.0), None)
 
 
-def meets_target(row: dict, dense: dict) -> bool:
-    """At least half the heads and 85% of the MLP neurons skipped (measured) within 1%."""
+def sparse_enough(row: dict) -> bool:
+    """At least half the heads and 85% of the MLP neurons skipped (measured densities)."""
     return (row["head_density"] <= 1.0 - TARGET_HEADS_SKIPPED + EPS
-            and row["mlp_density"] <= 1.0 - TARGET_MLP_SKIPPED + EPS
-            and cost(row, dense)[0] <= TARGET_COST)
+            and row["mlp_density"] <= 1.0 - TARGET_MLP_SKIPPED + EPS)
+
+
+def meets_target(row: dict, dense: dict) -> bool:
+    """``sparse_enough`` within 1% bits per byte of dense."""
+    return sparse_enough(row) and cost(row, dense)[0] <= TARGET_COST
 
 
 def target_verdict(rec: dict) -> str:
     """Whether any measured row of the model meets the sparsity target, and which."""
     dense = dense_row(rec)
-    hits = [r for r in rec["rows"] if r["selector"] == "predictor" and meets_target(r, dense)]
-    sparse = [r for r in rec["rows"] if r["selector"] == "predictor"
-              and r["head_density"] <= 1.0 - TARGET_HEADS_SKIPPED + EPS
-              and r["mlp_density"] <= 1.0 - TARGET_MLP_SKIPPED + EPS]
+    sparse = [r for r in rec["rows"] if r["selector"] == "predictor" and sparse_enough(r)]
+    hits = [r for r in sparse if meets_target(r, dense)]
     if hits:
         best = max(hits, key=lambda r: 1.0 - r["head_density"])
         return f"met by `{best['config']}`: {describe(best, dense)}"
@@ -162,8 +164,8 @@ def markdown(study: dict) -> str:
             f"{t.get('device', '?')} | {dense['bits_per_byte']:.4f} ± {bpb_se(dense):.4f} "
             f"({dense['tokens']:,}) | "
             + (f"{rec['wikitext2_bpb']:.4f}" if "wikitext2_bpb" in rec else "") + " | "
-            + (f"{point['mlp_density']:.3f}, {cost(point, dense)[0]:+.2f}% ± "
-               f"{cost(point, dense)[1]:.2f}" if point else "") + " |")
+            + (f"{point['mlp_density']:.3f}, " + "{:+.2f}% ± {:.2f}".format(*cost(point, dense))
+               if point else "") + " |")
     lines += ["", "| model | curve | " + " | ".join(f"{s:.0%} of heads skipped"
                                                    for s in SKIPPED) + " |",
               "|---|---|" + "---|" * len(SKIPPED)]
