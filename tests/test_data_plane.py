@@ -408,6 +408,18 @@ def test_forged_slot_headers_are_dropped_and_the_cluster_goes_on(tiny, greedy):
 # --- CUDA IPC (two processes on one GPU) ---------------------------------------------------------
 
 
+def _spawn_writer(target, ring: Ring):
+    """Another process (spawned: CUDA cannot fork) running ``target(offer, pipe)`` against
+    ``ring``'s offer; (this end of the pipe, the process), started."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(wire.encode(ring.offer()), theirs))
+    proc.start()
+    return ours, proc
+
+
 def _cuda_sender(offer_bytes: bytes, pipe) -> None:
     import msgspec
 
@@ -426,14 +438,9 @@ def _cuda_sender(offer_bytes: bytes, pipe) -> None:
 
 @pytest.mark.gpu
 def test_cuda_ipc_ring_between_two_processes_on_one_gpu():
-    import multiprocessing as mp
-
     ring = Ring("cuda:0", 3, 1 << 16)
     try:
-        ctx = mp.get_context("spawn")
-        ours, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_cuda_sender, args=(wire.encode(ring.offer()), theirs))
-        proc.start()
+        ours, proc = _spawn_writer(_cuda_sender, ring)
         assert ours.recv().startswith("CUDA IPC into cuda:0")
         for i in range(8):
             slot, fill = ours.recv()
@@ -482,14 +489,9 @@ def _cuda_refiller(offer_bytes: bytes, pipe) -> None:
 def test_a_lent_cuda_slot_is_not_overwritten_before_the_readers_stream_used_it():
     """One slot: the sender's second fill waits (on the GPU) for the free event recorded at
     ``release``, after a slow read of the lent view, so the read sees the first fill."""
-    import multiprocessing as mp
-
     ring = Ring("cuda:0", 1, 1 << 12)
     try:
-        ctx = mp.get_context("spawn")
-        ours, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_cuda_refiller, args=(wire.encode(ring.offer()), theirs))
-        proc.start()
+        ours, proc = _spawn_writer(_cuda_refiller, ring)
         slot, fill = ours.recv()
         x, _ = ring.lend(ring.decode(wire.encode(header(1, 1, 64, "float16", slot=slot,
                                                         ring=ring.name, fill=fill)), 64))
