@@ -257,10 +257,10 @@ def throughput_rows(out: Path, tokens: int, log=print) -> list[dict]:
 
 
 def summary(rows: list[dict], throughput: list[dict], cuda: bool, label: str = "") -> dict:
-    """Flat headline keys, e.g. hop_us_opt30b_batch1_gpu_path (the ring as the product runs
-    it: spun on when the rows have a spin; on a CPU the ring is shared memory:
-    ..._shm_path), ..._gpu_nospin_path and ..._socket_path; ``label`` (e.g. "mps") ends
-    every hop key."""
+    """Flat headline keys, e.g. hop_us_opt30b_batch1_gpu_path (the ring, spun on when the
+    rows have a spin, which a worker does only with [pipeline] data_plane_spin_us set; on a
+    CPU the ring is shared memory: ..._shm_path), ..._gpu_nospin_path (the workers'
+    default) and ..._socket_path; ``label`` (e.g. "mps") ends every hop key."""
     ring = "gpu" if cuda else "shm"
     spun = any(r["path"] == "ring+spin" for r in rows)
     names = {"ring+spin": ring, "ring": f"{ring}_nospin" if spun else ring, "socket": "socket"}
