@@ -8,6 +8,7 @@
 #                 then bench/profile_offload.py step: one decode step under torch.profiler
 #                 (gather GB/s, kernels, syncs, launches) on the same checkpoint, and
 #                 profile_offload count: host syncs and launches per offloaded layer
+#   PHASE=profile e2e's decode-step profiles alone (profile_offload step, with --cprofile)
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
 #   PHASE=fused   the GPU tests of the captured sparse step (fused predictor selection, padded
 #                 buckets), then the engine's decode step at the OPT-13B shape: dense, random
@@ -20,6 +21,8 @@
 #                 opt-1.3b 8 streams through 2 workers vs 1; then the same hops under MPS
 #                 (label "mps": one GPU context for both processes, no time-slicing), so
 #                 context switching and our code's share of a hop show apart
+#   PHASE=mps     paired on one machine: opt-1.3b 8 streams through 2 workers vs 1 and the
+#                 opt-30b batch-1 hop, as separate CUDA contexts and then under MPS (under 5 min)
 #   PHASE=stages  the lookahead CUDA tests, then an offloaded OPT-13B shape over two workers
 #                 on one GPU, 1 stream, random 10% of neurons: decode with lookahead (prefetch
 #                 and selections sent ahead) off and on (bench/bench_pipeline.py)
@@ -50,6 +53,39 @@ source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/gpu.txt"
+# Runs its arguments as MPS clients: the daemon in a private directory (the bench processes
+# inherit the pipe directory), told to quit afterwards; its logs say which clients came.
+under_mps() {
+    local mps; mps=$(mktemp -d)
+    export CUDA_MPS_PIPE_DIRECTORY=$mps/pipe CUDA_MPS_LOG_DIRECTORY=$mps/log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    if nvidia-cuda-mps-control -d; then
+        timeout ${HOPS_MPS_TIMEOUT:-170} "$@" 2>&1 | tee "$out/hops-mps.log" | tail -25
+        echo get_server_list | nvidia-cuda-mps-control 2>&1 | sed 's/^/mps servers: /' \
+            | tee -a "$out/hops-mps.log"
+        echo quit | nvidia-cuda-mps-control
+        sleep 1
+        for f in $CUDA_MPS_LOG_DIRECTORY/*.log; do
+            [ -f "$f" ] && cp "$f" "$out/mps-$(basename $f)"
+        done
+        rm -rf /dev/shm/dejavu-hops-opt-1.3b
+    else
+        echo "MPS did not start here: no mps rows" | tee "$out/hops-mps.log"
+    fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    rm -rf $mps
+}
+# One offloaded OPT-13B decode step per head share (PROFILE_HEADS) in the engine generate
+# builds: timed plainly (wall, host issue, device), under cProfile, then under torch.profiler.
+profile_steps() {
+    for heads in ${PROFILE_HEADS:-1.0 0.5}; do
+        timeout ${PROFILE_TIMEOUT:-90} python3 -m dejavu.bench.profile_offload step \
+            --shape opt-13b --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt --heads $heads \
+            --table --cprofile "$out/cprofile-heads$heads.txt" \
+            --out "$out/profile-offload-heads$heads.json" 2>&1 \
+            | tee -a "$out/profile_offload.log" | tail -30
+    done
+}
 # The random OPT-13B checkpoint of e2e and stages (reused when complete; KEEP_CKPT=1 keeps it
 # for a later call on the same machine).
 ckpt=${CKPT:-/dev/shm/dejavu-opt-13b}
@@ -73,17 +109,16 @@ e2e)
         --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt \
         --tokens ${TOKENS:-12} --time-budget-s ${E2E_BUDGET:-300} ${E2E_ARGS:-} --out "$out" \
         2>&1 | tee "$out/e2e.log" | tail -40
-    for heads in ${PROFILE_HEADS:-1.0 0.5}; do
-        timeout 65 python3 -m dejavu.bench.profile_offload step --shape opt-13b \
-            --gpu-memory-gib ${GIB:-14} --checkpoint-dir $ckpt \
-            --heads $heads --table --out "$out/profile-offload-heads$heads.json" 2>&1 \
-            | tee -a "$out/profile_offload.log" | tail -30
-    done
+    profile_steps
     # Host syncs and launches per offloaded layer and decode step (a small model: seconds),
     # and the padded-union decode under CUDA's sync debug mode set to error.
     timeout 120 python3 -m dejavu.bench.profile_offload count --heads 1.0,0.5 \
         --out "$out/count-offload.json" 2>&1 | tee -a "$out/profile_offload.log" | tail -40
     timeout 120 python3 -m pytest -q tests/test_offload_decode.py -k "sync" 2>&1 | tail -4
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
+    ;;
+profile)
+    profile_steps
     [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
     ;;
 train)
@@ -113,26 +148,16 @@ hops)
     timeout ${HOPS_TIMEOUT:-170} python3 -m dejavu.bench.bench_hops --throughput --out "$out" \
         2>&1 | tee "$out/hops.log" | tail -25
     rm -rf /dev/shm/dejavu-hops-opt-1.3b
-    # The same hops under MPS: its daemon in a private directory, both bench processes its
-    # clients (they inherit the pipe directory), the daemon told to quit afterwards.
-    mps=$(mktemp -d)
-    export CUDA_MPS_PIPE_DIRECTORY=$mps/pipe CUDA_MPS_LOG_DIRECTORY=$mps/log
-    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-    if nvidia-cuda-mps-control -d; then
-        timeout ${HOPS_MPS_TIMEOUT:-120} python3 -m dejavu.bench.bench_hops --label mps \
-            --out "$out" 2>&1 | tee "$out/hops-mps.log" | tail -25
-        echo get_server_list | nvidia-cuda-mps-control 2>&1 | sed 's/^/mps servers: /' \
-            | tee -a "$out/hops-mps.log"
-        echo quit | nvidia-cuda-mps-control
-        sleep 1
-        for f in $CUDA_MPS_LOG_DIRECTORY/*.log; do  # control.log says which clients came
-            [ -f "$f" ] && cp "$f" "$out/mps-$(basename $f)"
-        done
-    else
-        echo "MPS did not start here: no mps rows" | tee "$out/hops-mps.log"
-    fi
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-    rm -rf $mps
+    under_mps python3 -m dejavu.bench.bench_hops --label mps --out "$out"
+    ;;
+mps)
+    # Two workers sharing the GPU against one, paired on this machine: as separate CUDA
+    # contexts (time-sliced) and as MPS clients (one context), with the opt-30b hop beside.
+    timeout ${HOPS_TIMEOUT:-170} python3 -m dejavu.bench.bench_hops --throughput \
+        --shapes opt-30b --batch 1 --out "$out" 2>&1 | tee "$out/hops.log" | tail -8
+    rm -rf /dev/shm/dejavu-hops-opt-1.3b
+    under_mps python3 -m dejavu.bench.bench_hops --label mps --throughput --shapes opt-30b \
+        --batch 1 --out "$out"
     ;;
 stages)
     timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_lookahead.py \

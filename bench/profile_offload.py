@@ -152,6 +152,52 @@ def placement(args) -> dict:
     return out
 
 
+def _host_split(engine, steps: int, path: str) -> dict:
+    """Decode steps without torch.profiler: their wall time, the host's time to issue each
+    (until ``engine.step`` returns, before a device synchronisation) and the device's
+    (CUDA events around the step), then the same steps under cProfile, whose functions by
+    own time are written to ``path``: where the host's share goes, time blocked reading
+    the device included (``item``, ``tolist``, synchronisations)."""
+    import cProfile
+    import io
+    import pstats
+
+    cuda = torch.cuda.is_available()
+    walls, issues, device = [], [], []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        engine.step()
+        issued = time.perf_counter() - t0
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            device.append(start.elapsed_time(end) / 1e3)
+        walls.append(time.perf_counter() - t0)
+        issues.append(issued)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    if cuda:
+        torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    Path(path).write_text(text.getvalue())
+
+    def med(xs: list[float]) -> float | None:
+        return sorted(xs)[len(xs) // 2] if xs else None
+
+    return {"plain_step_s": med(walls), "plain_host_issue_s": med(issues),
+            "plain_device_s": med(device), "cprofile": path}
+
+
 def step_profile(args) -> dict:
     """Decode steps at batch 1 of the in-process engine under torch.profiler (GPU)."""
     from ..runtime.offload import host_bytes_read
@@ -164,10 +210,11 @@ def step_profile(args) -> dict:
     opts = E2EOptions(shape=args.shape, streams=1)
     built, engine = _built_engine(model_dir, "random:0.1" if args.heads >= 1 else
                                   f"random:0.1:{args.heads}", args.gpu_memory_gib, opts, 64)
-    params = SamplingParams(max_new_tokens=args.steps + 4, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=3 * args.steps + 4, ignore_eos=True)
     rid = engine.add(_prompt(16), params)
     for _ in range(4):  # prefill and warm-up decode steps (compiles)
         engine.step()
+    plain = _host_split(engine, args.steps, args.cprofile) if args.cprofile else None
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device_ok:
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -209,6 +256,8 @@ def step_profile(args) -> dict:
            "mlp_kernels_s": mlp_s, "attention_kernels_s": attn_s,
            "syncs_per_step": syncs, "d2h_copies_per_step": d2h,
            "launches_per_step": launches}
+    if plain is not None:
+        out.update(plain)
     if args.table:
         print(events.table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     return out
@@ -352,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--heads", type=float, default=1.0)
     s.add_argument("--steps", type=int, default=5)
     s.add_argument("--table", action="store_true")
+    s.add_argument("--cprofile", default=None, metavar="FILE",
+                   help="first time the steps without torch.profiler (wall, host issue, "
+                        "device) and write their cProfile (own time, cumulative) to FILE")
     c = sub.add_parser("count")
     c.add_argument("--heads", default="1.0,0.5", help="head shares, comma-separated")
     for q in (p, s, c):
