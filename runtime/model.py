@@ -74,6 +74,11 @@ class KVCache:
         i = self.index[layer_id]
         return self.inputs[i], self.kv_valid[i]
 
+    def lazy_inputs(self, layer_id: int) -> tuple[Tensor | None, Tensor | None]:
+        """``layer_inputs``, or (None, None) for a cache without them: its steps keep every
+        head, so no K/V is ever missing and no step records inputs or validity."""
+        return self.layer_inputs(layer_id) if self.inputs is not None else (None, None)
+
     def store_inputs(self, layer_id: int, batch: Batch, x: Tensor) -> None:
         """A step that writes K/V for every head: keep its inputs, mark all heads valid."""
         xs, valid = self.layer_inputs(layer_id)

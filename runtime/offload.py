@@ -1,8 +1,9 @@
 """Layers that do not fit the GPU budget: held in (pinned) host records and run through the
 kernels' host-row path, inside the one model.
 
-``plan_offload`` picks the layers that exceed a ``gpu_memory_gib`` budget (the first layers
-stay whole on the GPU, the rest go to the host). ``offload_layers`` packs each of them into
+``plan_offload`` picks the layers that exceed a ``gpu_memory_gib`` budget (as many layers as
+fit stay whole on the GPU, spread over the depth between the offloaded ones, the rest go to
+the host). ``offload_layers`` packs each of them into
 runtime/weight_store.py's records (one contiguous record per neuron and per head), keeps
 them behind a ``ResidentLayer`` (an optional cache of hot rows on the GPU, every other row
 read in place from mapped pinned memory), drops the module's big weights (they become
@@ -99,7 +100,10 @@ def _nbytes(params) -> int:
 
 def plan_offload(model: OPTModel, budget_bytes: int, reserved_bytes: int = 0) -> list[int]:
     """Layer ids to hold on the host: the model's other weights and ``reserved_bytes`` (KV
-    cache, activations) come first, then whole layers in order while they fit."""
+    cache, activations) come first, then as many whole layers as fit, counted in order and
+    then spread evenly over the depth (``spread_resident``): a decode step's host time on a
+    resident layer then passes while the link still carries the offloaded layer before it,
+    where resident layers first left the link idle at the start of every step."""
     layers = model.layers()
     layer_params = {id(p) for layer in layers for p in layer.parameters()}
     left = budget_bytes - reserved_bytes - _nbytes(
@@ -109,14 +113,25 @@ def plan_offload(model: OPTModel, budget_bytes: int, reserved_bytes: int = 0) ->
             f"gpu_memory_gib: {human_size(budget_bytes)} does not hold the embeddings / LM "
             f"head and the reserve for KV cache and activations (together "
             f"{human_size(budget_bytes - left)}); raise it")
-    out = []
-    for layer in layers:
-        size = _nbytes(layer.parameters())
-        if not out and size <= left:
-            left -= size
-        else:
-            out.append(layer.layer_id)
-    return out
+    sizes = [_nbytes(layer.parameters()) for layer in layers]
+    kept = 0
+    while kept < len(layers) and sizes[kept] <= left:
+        left -= sizes[kept]
+        kept += 1
+    if kept in (0, len(layers)):
+        return [layer.layer_id for layer in layers[kept:]]
+    resident = spread_resident(len(layers), kept)
+    if sum(sizes[i] for i in resident) != sum(sizes[:kept]):  # unequal layers: keep the first
+        resident = list(range(kept))
+    return [layer.layer_id for i, layer in enumerate(layers) if i not in set(resident)]
+
+
+def spread_resident(n: int, kept: int) -> list[int]:
+    """Positions (of ``n`` layers) of the ``kept`` resident ones, one in the middle (the
+    lower middle, inside it) of each of ``kept`` equal stretches: 40 layers, 11 kept -> 1,
+    4, 8, 12, ..., 37."""
+    return [max(-(-i * n // kept), ((2 * i + 1) * n - kept) // (2 * kept))
+            for i in range(kept)]
 
 
 def plan_streaming(model: OPTModel, budget_bytes: int,
@@ -243,7 +258,7 @@ class OffloadedLayer:
                             idx: Tensor) -> Tensor:
         cache = batch.cache
         cache_k, cache_v = cache.layer(layer_id)
-        xs, valid = cache.layer_inputs(layer_id)
+        xs, valid = cache.lazy_inputs(layer_id)
         records, whole = self._bring("heads", idx)
         out, recomputed = row_stream.streamed_attention(
             records, self.rows.layout, x, idx, idx if whole else None, whole, cache_k, cache_v,
@@ -374,7 +389,7 @@ class OffloadedLayer:
         their attention zeroed before out_proj): no host read of the union's size."""
         cache, slots, pos = batch.cache, batch.slots, batch.positions
         cache_k, cache_v = cache.layer(layer_id)
-        xs, valid = cache.layer_inputs(layer_id)
+        xs, valid = cache.lazy_inputs(layer_id)  # None: every head, every step (no lazy K/V)
         st, layout = self.stream, self.rows.layout
         ahead = self._take("heads", idx)
         if st.holds_whole(self, self.slot, "heads"):
@@ -389,18 +404,20 @@ class OffloadedLayer:
         heads, locs = idx.to(torch.int32), rows.to(torch.int32)
         p, x2 = pos[:, 0].contiguous(), x[:, 0].contiguous()
         r2 = slots[:, None]
-        xs[r2, pos] = x.to(xs.dtype)
         # Device values, not Python bools: a host value would be a copy into the step.
         live = None if count is None else \
             torch.arange(idx.numel(), device=idx.device) < count  # [n]: not padding
-        no = torch.full((), False, dtype=torch.bool, device=valid.device)
-        valid[r2, :, pos] = no  # this position's other heads are now stale
+        if xs is not None:
+            xs[r2, pos] = x.to(xs.dtype)
+            no = torch.full((), False, dtype=torch.bool, device=valid.device)
+            valid[r2, :, pos] = no  # this position's other heads are now stale
         q = qkv_projection(x2, table, heads, locs, cache_k, cache_v, slots, p,
                            split_c=sparse_backend.ATTENTION_ARGS["qkv_split_c"])
-        valid[r2, idx[None, :], pos] = ~no if live is None else live
-        n = row_stream.complete_kv(table, table_rows, idx, cache_k, cache_v, xs, valid, slots,
-                                   pos, batch.attended_length(), live=live)
-        self._recomputed = n if self._recomputed is None else self._recomputed + n
+        if xs is not None:
+            valid[r2, idx[None, :], pos] = ~no if live is None else live
+            n = row_stream.complete_kv(table, table_rows, idx, cache_k, cache_v, xs, valid,
+                                       slots, pos, batch.attended_length(), live=live)
+            self._recomputed = n if self._recomputed is None else self._recomputed + n
         a = decode_attention(q, heads, cache_k, cache_v, slots, p,
                              chunk=sparse_backend.ATTENTION_ARGS["chunk"])
         if live is not None:  # padding heads add nothing (where, not a product: NaN-safe)
@@ -468,10 +485,9 @@ class OffloadedLayer:
         out_proj and its bias included; x [B, T, C] post-LN, one token at a time. Returns
         [B, T, C]."""
         cache, slots, pos = batch.cache, batch.slots, batch.positions
-        if cache is None or cache.inputs is None or slots is None:
+        if cache is None or slots is None:
             raise sparse_backend.BackendError(
-                f"layer {layer_id} is offloaded: its attention needs a KV cache that keeps "
-                "attention inputs (KVCache(keep_inputs=True)), to complete skipped heads")
+                f"layer {layer_id} is offloaded: its attention needs a KV cache")
         if self.streams(x):
             return self._streamed_attention(x, layer_id, batch, idx)
         if self._staged_decode("heads"):
@@ -483,7 +499,7 @@ class OffloadedLayer:
         # gather would not use): the kernels read host rows in place, per token, and heads
         # skipped earlier are completed one head at a time.
         cache_k, cache_v = cache.layer(layer_id)
-        xs, valid = cache.layer_inputs(layer_id)
+        xs, valid = cache.lazy_inputs(layer_id)
         heads = idx.to(torch.int32)
         locs = self.rows.head_locs(idx)
         resident, host = self.rows.head_tables
@@ -495,12 +511,15 @@ class OffloadedLayer:
             for t in range(x.shape[1]):
                 p = pos[rows, t].contiguous()
                 xt = x[rows, t].contiguous()
-                xs[s, p] = xt.to(xs.dtype)
-                valid[s, :, p] = False  # this position's other heads are now stale
+                if xs is not None:
+                    xs[s, p] = xt.to(xs.dtype)
+                    valid[s, :, p] = False  # this position's other heads are now stale
                 q = qkv_projection(xt, resident, heads, locs, cache_k, cache_v, s, p, host=host,
                                    split_c=sparse_backend.ATTENTION_ARGS["qkv_split_c"])
-                valid[s[:, None], idx[None, :], p[:, None]] = True
-                recomputed += self._fill_missing(cache_k, cache_v, xs, valid, idx, locs, s, p)
+                if xs is not None:
+                    valid[s[:, None], idx[None, :], p[:, None]] = True
+                    recomputed += self._fill_missing(cache_k, cache_v, xs, valid, idx, locs,
+                                                     s, p)
                 a = decode_attention(q, heads, cache_k, cache_v, s, p,
                                      chunk=sparse_backend.ATTENTION_ARGS["chunk"])
                 out[rows, t] = out_projection(a, resident, locs, host=host,
@@ -713,6 +732,13 @@ class OffloadSelector:
 
     def mlp_reads_own_input(self, layer_id: int) -> bool:
         return mlp_reads_own_input(self.inner, layer_id)
+
+    @property
+    def keeps_every_head(self) -> bool:
+        """The inner selector's word (runtime/sparse.py's ``needs_kv_inputs``): offloaded
+        layers get every head it keeps, so a cache for it needs no attention inputs, and
+        the offloaded ops then skip the lazy K/V bookkeeping."""
+        return bool(getattr(self.inner, "keeps_every_head", False))
 
     def select_neurons(self, layer_id: int, mlp_in: Tensor) -> Tensor | None:
         neurons = self.inner.select_neurons(layer_id, mlp_in)  # type: ignore[attr-defined]

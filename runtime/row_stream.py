@@ -206,14 +206,15 @@ def streamed_mlp(records: Tensor, hidden: int, x: Tensor, idx: Tensor | None,
 
 def streamed_attention(records: Tensor, layout: RecordLayout, x: Tensor, heads: Tensor,
                        table_idx: Tensor | None, kv_every_head: bool, cache_k: Tensor,
-                       cache_v: Tensor, xs: Tensor, valid: Tensor, slots: Tensor,
-                       positions: Tensor, length: int, out_bias: Tensor | None
-                       ) -> tuple[Tensor, Tensor]:
+                       cache_v: Tensor, xs: Tensor | None, valid: Tensor | None,
+                       slots: Tensor, positions: Tensor, length: int,
+                       out_bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """Attention of heads ``heads`` (sorted ids) for a chunk x [B, T, C] (post-LN), out_proj
     and its bias included, from head records in ``records``: row ``table_idx[j]`` holds head
     ``heads[j]`` (None: row j). ``kv_every_head``: ``records`` holds every head in id order;
     K/V of all heads are then written for the chunk and completed over the prefix. Stores
-    the chunk's inputs and validity as runtime/sparse.py's lazy K/V scheme. Returns
+    the chunk's inputs and validity as runtime/sparse.py's lazy K/V scheme (``xs``/``valid``
+    None: a cache without inputs, for steps that keep every head). Returns
     ([B, T, C], K/V (position, head) pairs recomputed)."""
     b, t, c = x.shape
     d = layout.head_dim
@@ -221,17 +222,21 @@ def streamed_attention(records: Tensor, layout: RecordLayout, x: Tensor, heads: 
     rows = torch.arange(heads.numel(), device=x.device) if table_idx is None else table_idx
     kv_rows = torch.arange(layout.heads, device=x.device) if kv_every_head else rows
     kv_heads = kv_rows if kv_every_head else heads
-    # This step's inputs kept, this position stale for every head, then the K/V written.
+    # This step's inputs kept, this position stale for every head, then the K/V written
+    # (``xs`` None: a cache without inputs, whose steps keep every head: K/V only).
     r2 = slots[:, None].expand_as(positions)
-    xs[r2, positions] = x.to(xs.dtype)
-    valid[r2, :, positions] = False
+    if xs is not None:
+        xs[r2, positions] = x.to(xs.dtype)
+        valid[r2, :, positions] = False
     k, v = _kv(table, kv_rows, x.reshape(b * t, c), d)  # [B*T, h, D]
     r3, p3 = r2[..., None], positions[..., None]
     cache_k[r3, kv_heads, p3] = k.view(b, t, -1, d).to(cache_k.dtype)
     cache_v[r3, kv_heads, p3] = v.view(b, t, -1, d).to(cache_v.dtype)
-    valid[r3, kv_heads, p3] = True
-    recomputed = complete_kv(table, kv_rows, kv_heads, cache_k, cache_v, xs, valid, slots,
-                             positions, length)
+    recomputed = torch.zeros((), dtype=torch.long, device=x.device)
+    if xs is not None:
+        valid[r3, kv_heads, p3] = True
+        recomputed = complete_kv(table, kv_rows, kv_heads, cache_k, cache_v, xs, valid, slots,
+                                 positions, length)
     wq = table.wqkv[0].index_select(0, rows).reshape(-1, c)
     bq = table.bqkv[0].index_select(0, rows).reshape(-1)
     q = (F.linear(x, wq, bq) * d**-0.5).view(b, t, -1, d).transpose(1, 2)  # [B, h, T, D]

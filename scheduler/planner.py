@@ -80,9 +80,10 @@ class Plan:
 
 def offloaded_layers(config: OPTConfig, span: range, budget: int, *, dtype_bytes: int,
                      slots: int, max_len: int) -> int:
-    """How many layers of ``span`` a worker with ``budget`` GPU bytes offloads (the last
-    ones: runtime/offload.py keeps the first layers that fit). Raises PlanError when the
-    budget does not even hold the embeddings / head, KV cache and activations."""
+    """How many layers of ``span`` a worker with ``budget`` GPU bytes offloads
+    (runtime/offload.py's ``plan_offload`` keeps the others, spread over the span). Raises
+    PlanError when the budget does not even hold the embeddings / head, KV cache and
+    activations."""
     n = config.num_hidden_layers
     first, last = span.start == 0, span.stop == n
     fixed = offload_reserved_bytes(config, len(span), slots, max_len, dtype_bytes)

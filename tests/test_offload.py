@@ -26,6 +26,7 @@ from dejavu.runtime.offload import (  # noqa: E402
     offload_layers,
     plan_offload,
 )
+from dejavu.runtime.opt_config import OPTConfig  # noqa: E402
 from dejavu.runtime.sampling import SamplingParams  # noqa: E402
 from dejavu.runtime.selection import RandomSelector  # noqa: E402
 from dejavu.runtime.sparse import Selection  # noqa: E402
@@ -50,6 +51,27 @@ def test_plan_offload_keeps_what_fits_the_budget():
     assert plan_offload(model, base + layer - 1) == [0, 1]
     with pytest.raises(PlacementError, match="gpu_memory_gib"):
         plan_offload(model, gib(1.0), reserved_bytes=gib(2.0))
+
+
+def test_resident_layers_are_spread_between_the_offloaded_ones():
+    """As many layers as fit stay resident, one in the middle of each equal stretch of the
+    depth, so that the host's time on them passes while the link carries offloaded rows."""
+    from dejavu.runtime.offload import spread_resident
+
+    assert spread_resident(40, 11) == [1, 4, 8, 12, 15, 19, 23, 26, 30, 34, 37]
+    assert spread_resident(4, 3) == [0, 2, 3]
+    for n in range(1, 50):
+        for kept in range(1, n + 1):
+            got = spread_resident(n, kept)
+            assert got == sorted(set(got)) and len(got) == kept, (n, kept)
+            for i, pos in enumerate(got):  # one in each of kept equal stretches of n
+                assert i * n <= pos * kept < (i + 1) * n, (n, kept, got)
+    config = OPTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=8, ffn_dim=72,
+                       num_attention_heads=4, max_position_embeddings=32,
+                       word_embed_proj_dim=32)
+    model = tiny_model(torch.float16, config=config)
+    base, layer = other_bytes(model), layer_bytes(model)
+    assert plan_offload(model, base + 3 * layer + 10) == [1, 2, 4, 5, 7]  # 0, 3, 6 kept
 
 
 @pytest.mark.parametrize("offloaded,batch", [([1], 3), ([0, 1], 1)])

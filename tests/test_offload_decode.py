@@ -206,3 +206,40 @@ def test_prefetched_decode_layer_never_synchronises():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(a).all() and torch.isfinite(m).all()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_cache_without_inputs_serves_a_selector_that_keeps_every_head(stream):
+    """A selector that keeps every head (``keeps_every_head``, which ``OffloadSelector``
+    passes on) gets a KV cache without attention inputs (``needs_kv_inputs``): the offloaded
+    ops then skip the lazy K/V bookkeeping (no inputs stored, nothing completed), through a
+    streamed prefill and staged decode (``stream``) or token-by-token prefill and in-place
+    decode, and compute what the resident model does with a cache that keeps them."""
+    from test_row_stream import RandomSelector
+
+    from dejavu.runtime.model import KVCache
+    from dejavu.runtime.offload import OffloadSelector, move_resident, offload_layers
+
+    every = OffloadSelector(RandomSelector(CFG4.ffn_dim, CFG4.num_attention_heads, 0.3, 1.0),
+                            OFFLOADED, CFG4)
+    half = OffloadSelector(RandomSelector(CFG4.ffn_dim, CFG4.num_attention_heads, 0.3, 0.5),
+                           OFFLOADED, CFG4)
+    assert every.keeps_every_head and not sparse.needs_kv_inputs(every)
+    assert not half.keeps_every_head and sparse.needs_kv_inputs(half)
+
+    dtype, n, steps = torch.float16, 6, 3
+
+    def run(model, keep_inputs):
+        cache = KVCache(CFG4, model.layer_ids, 1, CFG4.max_position_embeddings, dtype=dtype,
+                        device=DEVICE, keep_inputs=keep_inputs)
+        prefill(model, CFG4, n, heads=1.0, cache=cache)
+        return decode_steps(model, CFG4, OFFLOADED, cache, n, steps)[0], cache
+
+    ref, _ = run(tiny_model(dtype, config=CFG4), True)
+    model = tiny_model(dtype, "cpu", config=CFG4)
+    offload_layers(model, OFFLOADED, device=DEVICE, stream=stream)
+    move_resident(model, DEVICE)
+    out, cache = run(model, False)
+    assert cache.inputs is None
+    assert rel_err(out, ref) < TOL[dtype]
+    assert not any(offload.kv_recomputed(model).values())

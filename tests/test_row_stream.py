@@ -192,9 +192,9 @@ def test_budget_keeps_room_for_the_double_buffer_and_the_planner_agrees():
     assert stream == stream_buffer_bytes(CFG4, 2)
     assert 2 * lb < stream < 3 * lb  # two layers' records, padded
     budget = other + stream + lb + 10
-    assert plan_offload(model, budget) == [3]  # without the buffer: 3 layers resident
-    assert plan_streaming(model, budget) == ([1, 2, 3], True)
-    assert plan_streaming(model, other + lb) == ([1, 2, 3], False)  # no room for it
+    assert plan_offload(model, budget) == [1]  # without the buffer: 3 layers resident
+    assert plan_streaming(model, budget) == ([0, 2, 3], True)  # layer 1 kept: the middle
+    assert plan_streaming(model, other + lb) == ([0, 2, 3], False)  # no room for it
     # The planner (what `launch` prints) counts the same for budgets around both edges.
     reserved = offload_reserved_bytes(CFG4, 4, 1, 8, 2)
     for b in (budget, budget - 11, other + lb, other + 3 * lb + stream, other + 4 * lb):
