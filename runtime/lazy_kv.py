@@ -69,13 +69,14 @@ BATCHED_KV_POSITIONS = 1024
 
 def fill_missing_kv_batched(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Tensor,
                             valid: Tensor, idx: Tensor, slots: Tensor, pos: Tensor,
-                            length: int) -> Tensor:
+                            length: int, live: Tensor | None = None) -> Tensor:
     """``fill_missing_kv`` in one pass and without a host synchronisation: K/V of every
     selected head at every position up to each row's last (``length``: the host's bound on
     the attended prefix, ``Batch.attended_length()``) are computed and kept where they were
-    missing. Compute grows with the prefix instead of with the missing pairs. Returns the
-    (position, head) pairs filled, [1] on the device."""
-    missing = missing_pairs(valid, idx, slots, pos, length)
+    missing. Compute grows with the prefix instead of with the missing pairs. ``live`` [h]
+    bool: which entries of ``idx`` are selected (a padded union's; the others are left as
+    they are). Returns the (position, head) pairs filled, [1] on the device."""
+    missing = missing_pairs(valid, idx, slots, pos, length, live)
     b, h = missing.shape[:2]
     d = attn.head_dim
     xin = xs[slots, :length].to(attn.k_proj.weight.dtype)  # [B, L, C]

@@ -247,6 +247,8 @@ class SparseContext:
         self.carry_out: Tensor | None = None
         self.ahead = ahead
         self._early: dict[int, Selection] = {}  # made by ``lookahead``, used by ``select``
+        # A resident layer's padded head union, by layer: (mask, ids, device count)
+        self._padded: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._batch: Batch | None = None  # the pass's batch, known from the first ``select``
 
     def gather(self, batch: Batch) -> bool:
@@ -328,16 +330,25 @@ class SparseContext:
             setattr(stats, stat, getattr(stats, stat) + _masked_fraction(mask, tokens))
             return mask, None, None
         offloaded = sparse_backend.is_offloaded(layer)
-        if mask is not None and offloaded and (count is not None or index is None) and \
-                layer.offloaded.pads(kind, shape):
+        pads = layer.offloaded.pads(kind, shape) if offloaded else \
+            sparse_backend.pads_resident(layer, kind, shape, batch)
+        if mask is not None and (count is not None or index is None) and pads:
             if count is None:
                 index, count = padded_union(mask)
             stats.add_pending(kind, count, tokens / mask.shape[-1])
+            if kind == "heads" and not offloaded:  # for selected_attention (padded_heads)
+                self._padded[layer.layer_id] = (mask, index, count)
             return mask, index, count
         # An offloaded layer has no dense weights on the device: it always gathers.
         mask, index, union = self._union(mask, offloaded, index)
         setattr(stats, stat, getattr(stats, stat) + tokens * union)  # each token: the union
         return mask, index, None
+
+    def padded_heads(self, layer_id: int, heads: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The padded union ``select`` made of this head mask (the same tensor) for a
+        resident layer, as (ids, device count), once; None if it made none."""
+        got = self._padded.pop(layer_id, None)
+        return (got[1], got[2]) if got is not None and got[0] is heads else None
 
     def source(self, lid: int, h: Tensor) -> Tensor:
         """Layer ``lid``'s predictor input (the wiring of ``predictor_source``); ``h`` is
@@ -544,10 +555,13 @@ def selected_attention(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batc
     zeroed before out_proj."""
     if not gather:
         return _masked_attention(attn, x, layer_id, batch, heads)
-    known = attn.offloaded.known_union(heads) if attn.offloaded is not None else None
+    if attn.offloaded is not None:
+        known = attn.offloaded.known_union(heads)
+    else:
+        known = batch.sparse.padded_heads(layer_id, heads) if batch.sparse is not None else None
     idx, count = known if known is not None else (union_index(heads), None)
-    if count is not None:  # an offloaded layer's decode step over a padded union
-        return attn.offloaded.attention(attn, x, layer_id, batch, idx, count)
+    if count is not None:  # a decode step over a padded union: no host read
+        return sparse_backend.attention_gather(attn, x, layer_id, batch, idx, count)
     if sparse_backend.attention_kernel_applies(attn, x, batch):  # decode steps, lazy K/V kept
         return sparse_backend.attention_gather(attn, x, layer_id, batch, idx)
     b, t, _ = x.shape

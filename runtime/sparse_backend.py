@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from .lazy_kv import complete_missing_kv
+from .lazy_kv import complete_missing_kv, fill_missing_kv_batched
 
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
@@ -279,13 +279,37 @@ def attention_kernel_applies(attn: OPTAttention, x: Tensor, batch: Batch) -> boo
             and 1 <= x.shape[0] <= MAX_BATCH)
 
 
+def pads_resident(layer: OPTDecoderLayer, kind: str, shape: torch.Size, batch: Batch) -> bool:
+    """Whether a resident layer's step of hidden shape [B, T, C] takes this kind's union
+    ("heads" | "neurons") padded, its size left on the device (runtime/sparse.py's
+    ``padded_union``), instead of read by the host: an eager decode step (one token per
+    row, at most MAX_BATCH rows) whose op runs on the kernels. A host read there would wait
+    for everything queued before it, offloaded layers' transfers included. A captured step
+    compacts its unions on the device its own way (runtime/graphs.py)."""
+    if batch.fixed_shape or shape[1] != 1 or not 1 <= shape[0] <= MAX_BATCH:
+        return False
+    if kind == "neurons":  # the one-kernel variant reads no count
+        counts = bool(MLP_ARGS.get("chained") or MLP_ARGS.get("split_c"))
+        return counts and backend_of(layer) == "triton" and \
+            layer.fc1.weight.dtype in KERNEL_DTYPES
+    attn, cache = layer.self_attn, batch.cache
+    dtype = attn.q_proj.weight.dtype
+    return (backend_of(attn) == "triton" and cache is not None and cache.inputs is not None
+            and dtype in KERNEL_DTYPES and cache.k.dtype == dtype)
+
+
 def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
-                     idx: Tensor) -> Tensor:
+                     idx: Tensor, count: Tensor | None = None) -> Tensor:
     """Attention of heads ``idx`` (sorted, the batch's union) for a decode step, through the
-    kernels, out_proj (with its bias) included. x: [B, 1, C] (post-LN). Returns [B, 1, C]."""
+    kernels, out_proj (with its bias) included. x: [B, 1, C] (post-LN). Returns [B, 1, C].
+    ``count`` ([1] int32 on the device): ``idx`` is a padded union (``pads_resident``), every
+    head with the selected ones first. The kernels then run every head: each head's K/V at
+    this position is written and exact, the selected heads' missing ones are completed in
+    one pass, and the others' outputs are zeroed before out_proj; nothing is read by the
+    host."""
     offloaded = attn.offloaded
     if offloaded is not None:
-        return offloaded.attention(attn, x, layer_id, batch, idx)
+        return offloaded.attention(attn, x, layer_id, batch, idx, count)
     from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
 
     cache, slots, pos = batch.cache, batch.slots, batch.positions
@@ -305,10 +329,18 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
     q = qkv_projection(x2, table, heads, heads, cache_k, cache_v, slots, p,
                        split_c=ATTENTION_ARGS["qkv_split_c"])  # [B, h, D], k/v into the cache
     valid[slots[:, None], idx[None, :], p[:, None]] = True
-    filled = complete_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
-                                 batch.attended_length())
+    if count is None:
+        filled = complete_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
+                                     batch.attended_length())
+    else:
+        live = torch.arange(idx.numel(), device=idx.device) < count  # [h]: selected
+        filled = fill_missing_kv_batched(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
+                                         batch.attended_length(), live=live)
     if batch.sparse is not None:
         batch.sparse.stats.layer(lid).add_kv(filled)
     out = decode_attention(q, heads, cache_k, cache_v, slots, p,
                            chunk=ATTENTION_ARGS["chunk"])  # [B, h, D]
+    if count is not None:  # unselected heads add nothing (where, not a product: NaN-safe)
+        out = torch.where(live[None, :, None], out, torch.zeros((), dtype=out.dtype,
+                                                                  device=out.device))
     return out_projection(out, table, heads, bias=attn.out_proj.bias)[:, None, :]

@@ -118,10 +118,17 @@ def test_triton_backend_equals_torch_prefill_and_decode(dtype, batch, monkeypatc
     for step in range(4):
         assert rel_err(out[step], ref[step]) < TOL[dtype], f"step {step}"
     assert tokens == ref_tokens
-    # Heads skipped earlier were completed lazily, exactly as often in both.
+    # Heads skipped earlier were completed lazily: by the reference for every skipped
+    # position, by the kernels' decode steps (padded unions: every head's K/V written at
+    # each position) only where the prefill skipped them. Counted on the device: settled.
+    stats.settle()
+    ref_stats.settle()
     recomputed = [s.kv_recomputed for s in stats.layers.values()]
-    assert recomputed == [s.kv_recomputed for s in ref_stats.layers.values()]
-    assert sum(recomputed) > 0
+    reference = [s.kv_recomputed for s in ref_stats.layers.values()]
+    assert all(a <= b for a, b in zip(recomputed, reference, strict=True))
+    assert sum(reference) > 0
+    if batch == 1:  # one row's prefill skips heads (three rows' union covers them all)
+        assert sum(recomputed) > 0
 
 
 def test_fused_mlp_variant_equals_torch(monkeypatch):
