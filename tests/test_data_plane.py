@@ -508,3 +508,19 @@ def test_a_lent_cuda_slot_is_not_overwritten_before_the_readers_stream_used_it()
         assert proc.exitcode == 0
     finally:
         ring.close()
+
+
+def test_launch_suggests_mps_only_where_workers_share_a_gpu_without_it(tmp_path):
+    """Workers on one GPU are separate CUDA contexts unless an MPS daemon runs: the launch
+    log then says so, naming the shared device and the command; not for distinct GPUs,
+    CPU workers, or with a daemon's control pipe present."""
+    from dejavu.scheduler.process import mps_hint
+
+    none = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "absent")}
+    hint = mps_hint(["cuda:0", "cuda:0", "cuda:1"], none)
+    assert hint is not None and "cuda:0" in hint and "cuda:1" not in hint
+    assert "nvidia-cuda-mps-control -d" in hint
+    assert mps_hint(["cuda:0", "cuda:1"], none) is None
+    assert mps_hint(["cpu", "cpu"], none) is None
+    (tmp_path / "control").touch()  # the daemon's pipe
+    assert mps_hint(["cuda:0", "cuda:0"], {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}) is None
