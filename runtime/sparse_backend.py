@@ -292,10 +292,16 @@ def pads_resident(layer: OPTDecoderLayer, kind: str, shape: torch.Size, batch: B
         counts = bool(MLP_ARGS.get("chained") or MLP_ARGS.get("split_c"))
         return counts and backend_of(layer) == "triton" and \
             layer.fc1.weight.dtype in KERNEL_DTYPES
+    # Heads: the padded step completes missing K/V over the whole prefix of every head it
+    # runs, so only up to lazy_kv's bound for that one pass; past it the step reads its
+    # union and completes the missing pairs alone (complete_missing_kv).
+    from . import lazy_kv
+
     attn, cache = layer.self_attn, batch.cache
     dtype = attn.q_proj.weight.dtype
     return (backend_of(attn) == "triton" and cache is not None and cache.inputs is not None
-            and dtype in KERNEL_DTYPES and cache.k.dtype == dtype)
+            and dtype in KERNEL_DTYPES and cache.k.dtype == dtype
+            and shape[0] * batch.attended_length() <= lazy_kv.BATCHED_KV_POSITIONS)
 
 
 def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,

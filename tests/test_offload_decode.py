@@ -149,6 +149,10 @@ def test_resident_decode_step_has_no_host_sync(completion, monkeypatch):
     monkeypatch.setattr(lazy_kv, "COMPLETION", completion)
     assert per_layer(1.0) == 0
     assert per_layer(0.5) == 0
+    # Past the one-pass bound (a long prefix, many rows) heads are not padded: the step
+    # reads its union and completes only what is missing.
+    monkeypatch.setattr(lazy_kv, "BATCHED_KV_POSITIONS", 4)
+    assert per_layer(0.5) > 0
 
 
 def test_a_selection_other_than_the_prefetched_one_is_gathered_again():
