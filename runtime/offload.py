@@ -405,8 +405,7 @@ class OffloadedLayer:
         p, x2 = pos[:, 0].contiguous(), x[:, 0].contiguous()
         r2 = slots[:, None]
         # Device values, not Python bools: a host value would be a copy into the step.
-        live = None if count is None else \
-            torch.arange(idx.numel(), device=idx.device) < count  # [n]: not padding
+        live = None if count is None else sparse_backend.padding_live(idx, count)
         if xs is not None:
             xs[r2, pos] = x.to(xs.dtype)
             no = torch.full((), False, dtype=torch.bool, device=valid.device)
@@ -420,9 +419,8 @@ class OffloadedLayer:
             self._recomputed = n if self._recomputed is None else self._recomputed + n
         a = decode_attention(q, heads, cache_k, cache_v, slots, p,
                              chunk=sparse_backend.ATTENTION_ARGS["chunk"])
-        if live is not None:  # padding heads add nothing (where, not a product: NaN-safe)
-            a = torch.where(live[None, :, None], a, torch.zeros((), dtype=a.dtype,
-                                                                  device=a.device))
+        if live is not None:
+            a = sparse_backend.zero_padding(a, live)
         out = out_projection(a, table, locs, bias=self.out_proj_bias)
         st.release(self.slot, "heads")
         return out[:, None, :]

@@ -304,6 +304,19 @@ def pads_resident(layer: OPTDecoderLayer, kind: str, shape: torch.Size, batch: B
             and shape[0] * batch.attended_length() <= lazy_kv.BATCHED_KV_POSITIONS)
 
 
+def padding_live(idx: Tensor, count: Tensor) -> Tensor:
+    """[n] bool: which entries of a padded union ``idx`` are selected (the first ``count``,
+    a device value: no host read)."""
+    return torch.arange(idx.numel(), device=idx.device) < count
+
+
+def zero_padding(out: Tensor, live: Tensor) -> Tensor:
+    """Per-head attention outputs [B, n, D] with the padding heads' zeroed (``live`` [n]),
+    so that they add nothing to out_proj (where, not a product: NaN-safe)."""
+    return torch.where(live[None, :, None], out, torch.zeros((), dtype=out.dtype,
+                                                             device=out.device))
+
+
 def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
                      idx: Tensor, count: Tensor | None = None) -> Tensor:
     """Attention of heads ``idx`` (sorted, the batch's union) for a decode step, through the
@@ -339,14 +352,13 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
         filled = complete_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
                                      batch.attended_length())
     else:
-        live = torch.arange(idx.numel(), device=idx.device) < count  # [h]: selected
+        live = padding_live(idx, count)
         filled = fill_missing_kv_batched(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
                                          batch.attended_length(), live=live)
     if batch.sparse is not None:
         batch.sparse.stats.layer(lid).add_kv(filled)
     out = decode_attention(q, heads, cache_k, cache_v, slots, p,
                            chunk=ATTENTION_ARGS["chunk"])  # [B, h, D]
-    if count is not None:  # unselected heads add nothing (where, not a product: NaN-safe)
-        out = torch.where(live[None, :, None], out, torch.zeros((), dtype=out.dtype,
-                                                                  device=out.device))
+    if count is not None:
+        out = zero_padding(out, live)
     return out_projection(out, table, heads, bias=attn.out_proj.bias)[:, None, :]
