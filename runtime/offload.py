@@ -123,7 +123,8 @@ def plan_offload(model: OPTModel, budget_bytes: int, reserved_bytes: int = 0) ->
     resident = spread_resident(len(layers), kept)
     if sum(sizes[i] for i in resident) != sum(sizes[:kept]):  # unequal layers: keep the first
         resident = list(range(kept))
-    return [layer.layer_id for i, layer in enumerate(layers) if i not in set(resident)]
+    kept_at = set(resident)
+    return [layer.layer_id for i, layer in enumerate(layers) if i not in kept_at]
 
 
 def spread_resident(n: int, kept: int) -> list[int]:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from . import lazy_kv
 from .lazy_kv import complete_missing_kv, fill_missing_kv_batched
 
 if TYPE_CHECKING:
@@ -295,8 +296,6 @@ def pads_resident(layer: OPTDecoderLayer, kind: str, shape: torch.Size, batch: B
     # Heads: the padded step completes missing K/V over the whole prefix of every head it
     # runs, so only up to lazy_kv's bound for that one pass; past it the step reads its
     # union and completes the missing pairs alone (complete_missing_kv).
-    from . import lazy_kv
-
     attn, cache = layer.self_attn, batch.cache
     dtype = attn.q_proj.weight.dtype
     return (backend_of(attn) == "triton" and cache is not None and cache.inputs is not None
