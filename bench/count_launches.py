@@ -53,8 +53,9 @@ SYNC_OPS = {"nonzero", "_local_scalar_dense", "item", "masked_select", "_unique2
 
 def _is_sync(func, args, kwargs) -> bool:
     """Whether one aten call would synchronise with the device: a sync op, a
-    repeat_interleave without its output size, or indexing with a boolean mask (a nonzero
-    inside the kernel, not seen by a dispatch mode)."""
+    repeat_interleave without its output size, indexing with a boolean mask (a nonzero
+    inside the kernel, not seen by a dispatch mode), or a blocking copy from the host
+    (``_host_copy``)."""
     name = func.overloadpacket.__name__
     if name in SYNC_OPS:
         return True
@@ -62,8 +63,27 @@ def _is_sync(func, args, kwargs) -> bool:
         return (kwargs or {}).get("output_size") is None
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
         indices = args[1] if len(args) > 1 else (kwargs or {}).get("indices", ())
-        return any(t is not None and getattr(t, "dtype", None) == torch.bool
-                   for t in indices)
+        if any(t is not None and getattr(t, "dtype", None) == torch.bool for t in indices):
+            return True
+    return _host_copy(name, args, kwargs)
+
+
+def _host_copy(name: str, args, kwargs) -> bool:
+    """Whether one aten call copies host memory into a GPU and waits for the stream: a
+    blocking copy to CUDA, or an index_put into a CUDA tensor of host values (a Python bool
+    written with ``t[i] = True`` arrives as a host scalar, which index_put copies over).
+    Seen on a GPU only: on a CPU every tensor is a host one."""
+    kwargs = kwargs or {}
+    if name == "_to_copy":
+        target = kwargs.get("device")
+        return (args[0].device.type == "cpu" and target is not None
+                and torch.device(target).type == "cuda" and not kwargs.get("non_blocking"))
+    if name == "copy_":
+        return (args[0].is_cuda and args[1].device.type == "cpu"
+                and not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)))
+    if name in ("index_put", "index_put_", "_index_put_impl_"):
+        values = args[2] if len(args) > 2 else kwargs.get("values")
+        return args[0].is_cuda and values is not None and values.device.type == "cpu"
     return False
 
 

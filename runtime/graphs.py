@@ -58,7 +58,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .model import Batch, KVCache, OPTDecoderLayer, OPTModel
+from .model import Batch, KVCache, OPTDecoderLayer, OPTModel, to_device
 from .penalties import SlotPenalties
 from .sparse import (
     NotCapturable,
@@ -320,7 +320,8 @@ class DecodeGraphs:
         host = torch.tensor([[step.rows[i].slot, step.rows[i].start, step.rows[i].tokens[0],
                               prompt_w[i] if k < n else 0, output_w[i] if k < n else 0,
                               int(k < n)]
-                             for k, i in enumerate(order)], dtype=torch.long).to(device)
+                             for k, i in enumerate(order)], dtype=torch.long)
+        host = to_device(host, device)
         g.slots.copy_(host[:, 0])
         g.positions.copy_(host[:, 1:2])
         g.ids.copy_(host[:, 2:3])  # the last stage counts them (a first stage embeds them)

@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from .model import OPTAttention
 
 
+def flag(value: bool, like: Tensor) -> Tensor:
+    """``value`` as a bool scalar on ``like``'s device, for writes into K/V-valid bits. A
+    Python bool written into a CUDA tensor is first copied from pageable host memory, and
+    that copy waits for the stream: every op queued before it, an offloaded layer's
+    transfers included, so the host could no longer run ahead of the device (graph capture
+    refuses the copy too)."""
+    return torch.full((), value, dtype=torch.bool, device=like.device)
+
+
 def head_rows(proj: torch.nn.Linear, heads: Tensor, head_dim: int) -> tuple[Tensor,
                                                                              Tensor | None]:
     """The output rows (and bias entries) of q/k/v_proj that produce ``heads``."""
@@ -50,7 +59,7 @@ def fill_missing_kv(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor, xs: Te
         h = int(head)
         cache_k[s, h, p] = k.to(cache_k.dtype)
         cache_v[s, h, p] = v.to(cache_v.dtype)
-        valid[s, h, p] = True
+        valid[s, h, p] = flag(True, valid)
     return int(bi.numel())
 
 

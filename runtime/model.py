@@ -93,6 +93,16 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size() + extra
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host tensor ``t`` on ``device`` without waiting for it: a copy from pageable host
+    memory into a GPU waits for the stream (everything queued before it, a previous step
+    still running included); one from pinned memory does not, and the caching host
+    allocator keeps the pinned block until the copy has run."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Batch:
     """Where the rows of one forward pass sit: positions [B, T] (0-based, as the sequence

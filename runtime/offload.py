@@ -56,7 +56,7 @@ from torch import Tensor
 
 from ..kernels.sparse_attention import decode_attention, out_projection, qkv_projection
 from ..kernels.sparse_mlp import MAX_BATCH, sparse_mlp
-from . import row_stream, sparse_backend
+from . import lazy_kv, row_stream, sparse_backend
 from .model import Batch, OPTAttention, OPTModel
 from .placement_stats import find_frequencies, read_frequencies
 from .row_stream import RowStream
@@ -409,7 +409,7 @@ class OffloadedLayer:
         live = None if count is None else sparse_backend.padding_live(idx, count)
         if xs is not None:
             xs[r2, pos] = x.to(xs.dtype)
-            no = torch.full((), False, dtype=torch.bool, device=valid.device)
+            no = lazy_kv.flag(False, valid)
             valid[r2, :, pos] = no  # this position's other heads are now stale
         q = qkv_projection(x2, table, heads, locs, cache_k, cache_v, slots, p,
                            split_c=sparse_backend.ATTENTION_ARGS["qkv_split_c"])
@@ -512,11 +512,11 @@ class OffloadedLayer:
                 xt = x[rows, t].contiguous()
                 if xs is not None:
                     xs[s, p] = xt.to(xs.dtype)
-                    valid[s, :, p] = False  # this position's other heads are now stale
+                    valid[s, :, p] = lazy_kv.flag(False, valid)  # other heads now stale
                 q = qkv_projection(xt, resident, heads, locs, cache_k, cache_v, s, p, host=host,
                                    split_c=sparse_backend.ATTENTION_ARGS["qkv_split_c"])
                 if xs is not None:
-                    valid[s[:, None], idx[None, :], p[:, None]] = True
+                    valid[s[:, None], idx[None, :], p[:, None]] = lazy_kv.flag(True, valid)
                     recomputed += self._fill_missing(cache_k, cache_v, xs, valid, idx, locs,
                                                      s, p)
                 a = decode_attention(q, heads, cache_k, cache_v, s, p,
@@ -551,7 +551,7 @@ class OffloadedLayer:
                 qkv_projection(xs[s, p].contiguous(), resident, head, loc, cache_k, cache_v,
                                s, p, host=host)  # writes K/V; the query is not needed
                 self._count(loc, self.head_bytes)
-            valid[s_all, int(idx[j]), p_all] = True
+            valid[s_all, int(idx[j]), p_all] = lazy_kv.flag(True, valid)
         return int(bi.numel())
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import masked_attention
-from .lazy_kv import keep_missing, missing_pairs
+from .lazy_kv import flag, keep_missing, missing_pairs
 from .weight_store import RecordLayout, head_rows, neuron_rows
 
 # Below this fraction of a block's rows a step gathers its union instead of copying the
@@ -227,14 +227,14 @@ def streamed_attention(records: Tensor, layout: RecordLayout, x: Tensor, heads: 
     r2 = slots[:, None].expand_as(positions)
     if xs is not None:
         xs[r2, positions] = x.to(xs.dtype)
-        valid[r2, :, positions] = False
+        valid[r2, :, positions] = flag(False, valid)
     k, v = _kv(table, kv_rows, x.reshape(b * t, c), d)  # [B*T, h, D]
     r3, p3 = r2[..., None], positions[..., None]
     cache_k[r3, kv_heads, p3] = k.view(b, t, -1, d).to(cache_k.dtype)
     cache_v[r3, kv_heads, p3] = v.view(b, t, -1, d).to(cache_v.dtype)
     recomputed = torch.zeros((), dtype=torch.long, device=x.device)
     if xs is not None:
-        valid[r3, kv_heads, p3] = True
+        valid[r3, kv_heads, p3] = flag(True, valid)
         recomputed = complete_kv(table, kv_rows, kv_heads, cache_k, cache_v, xs, valid, slots,
                                  positions, length)
     wq = table.wqkv[0].index_select(0, rows).reshape(-1, c)

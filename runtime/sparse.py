@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import cpu_ops, sparse_backend
 from .attention import masked_attention
-from .lazy_kv import complete_missing_kv, fill_missing_kv, head_rows
+from .lazy_kv import complete_missing_kv, fill_missing_kv, flag, head_rows
 
 if TYPE_CHECKING:
     from .model import Batch, OPTAttention, OPTDecoderLayer
@@ -609,13 +609,13 @@ def _gathered_cached_attention(attn: OPTAttention, x: Tensor, q: Tensor, idx: Te
     else:
         xs, valid = cache.layer_inputs(layer_id)  # [S, L, C], [S, H, L]
         xs[rows, pos] = x.to(xs.dtype)
-        valid[rows, :, pos] = False  # this position's other heads are now stale
+        valid[rows, :, pos] = flag(False, valid)  # this position's other heads are now stale
         k = F.linear(x, *head_rows(attn.k_proj, idx, d)).view(b, t, -1, d)  # [B, T, h, D]
         v = F.linear(x, *head_rows(attn.v_proj, idx, d)).view(b, t, -1, d)
         r3, p3 = rows[..., None], pos[..., None]  # broadcast against idx: [B, T, h]
         cache_k[r3, idx, p3] = k.to(cache_k.dtype)
         cache_v[r3, idx, p3] = v.to(cache_v.dtype)
-        valid[r3, idx, p3] = True
+        valid[r3, idx, p3] = flag(True, valid)
         filled = complete_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
                                      batch.attended_length())
         if batch.sparse is not None:

@@ -339,14 +339,14 @@ def attention_gather(attn: OPTAttention, x: Tensor, layer_id: int, batch: Batch,
     # As sparse._gathered_cached_attention: keep this step's input, mark the position stale
     # for every head, then write (and mark) the selected heads' K/V.
     xs[rows, pos] = x.to(xs.dtype)
-    valid[rows, :, pos] = False
+    valid[rows, :, pos] = lazy_kv.flag(False, valid)
     heads = idx.to(torch.int32)
     p = pos[:, 0].contiguous()
     x2 = x[:, 0].contiguous()  # [B, C]
     table = head_table(attn)
     q = qkv_projection(x2, table, heads, heads, cache_k, cache_v, slots, p,
                        split_c=ATTENTION_ARGS["qkv_split_c"])  # [B, h, D], k/v into the cache
-    valid[slots[:, None], idx[None, :], p[:, None]] = True
+    valid[slots[:, None], idx[None, :], p[:, None]] = lazy_kv.flag(True, valid)
     if count is None:
         filled = complete_missing_kv(attn, cache_k, cache_v, xs, valid, idx, slots, pos,
                                      batch.attended_length())

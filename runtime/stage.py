@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .cpu_ops import stage_threads
 from .graphs import DecodeGraphs
-from .model import Batch, KVCache, OPTModel
+from .model import Batch, KVCache, OPTModel, to_device
 from .penalties import SlotPenalties
 from .sampling import new_generator, sample, top_logprobs
 from .sparse import Lookahead, Selection, Selector, SparseContext, SparseStats
@@ -73,7 +73,8 @@ class Stage:
             sparse = SparseContext(self.selector, stats=self.sparse_stats,
                                    ahead=self._lookahead())
         # The attended length is known here, on the host: no device sync per layer.
-        return ids.to(self.device), Batch(positions.to(self.device), slots.to(self.device),
+        dev = self.device
+        return to_device(ids, dev), Batch(to_device(positions, dev), to_device(slots, dev),
                                           self.cache, sparse, length=int(positions.max()) + 1)
 
     def _lookahead(self) -> Lookahead | None:
@@ -106,7 +107,7 @@ class Stage:
                 return out
         ids, batch = self.batch(step)
         if plan is not None:
-            weights = torch.stack(plan[:2]).to(self.device)
+            weights = to_device(torch.stack(plan[:2]), self.device)
             self.penalties.record(batch.slots, ids, weights[0], weights[1])
             self.penalties.commit(step.rows, plan[2])
         if self.model.is_first:
@@ -115,13 +116,13 @@ class Stage:
             raise ValueError("a stage without the embeddings needs the previous hidden state")
         if batch.sparse is not None and carry is not None:
             batch.sparse = SparseContext(self.selector, stats=self.sparse_stats,
-                                         carry=carry.to(self.device),
+                                         carry=to_device(carry, self.device),
                                          ahead=batch.sparse.ahead)
         if batch.sparse is not None and given:
             if batch.sparse.ahead is None:
                 batch.sparse.ahead = Lookahead()
             batch.sparse.ahead.given.update(given)
-        out = self.model.run_layers(hidden.to(self.device), batch)
+        out = self.model.run_layers(to_device(hidden, self.device), batch)
         self.carry_out = batch.sparse.carry_out if batch.sparse is not None else None
         return out
 

@@ -155,6 +155,20 @@ def test_resident_decode_step_has_no_host_sync(completion, monkeypatch):
     assert per_layer(0.5) > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("offload", [True, False])
+def test_a_half_heads_decode_step_never_synchronises(offload):
+    """A whole decode step at half the heads, offloaded layers or resident ones on the
+    kernels, runs with CUDA's sync debug mode set to error: no host read and no blocking
+    copy from the host (a Python bool written into the K/V-valid bits was one per write,
+    two per resident layer, each waiting for every transfer queued before it)."""
+    from dejavu.bench.profile_offload import count_span
+
+    out = count_span(3, 0.5, torch.device("cuda"), offload=offload, strict=True)
+    assert out["syncs"] == 0, out["sync_ops"]
+
+
 def test_a_selection_other_than_the_prefetched_one_is_gathered_again():
     """Prefetched rows serve only the selection they were read for (the same tensors):
     another one is gathered when the op runs, and the result is still exact."""

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..runtime import wire
+from ..runtime.model import to_device
 from ..runtime.sparse import Selection, mlp_reads_own_input
 from ..runtime.stage import Stage
 from ..runtime.step import Step
@@ -134,7 +135,7 @@ class Inbox:
             index = torch.arange(n) if ids is None else torch.tensor(ids, dtype=torch.long)
             m = torch.zeros(*shape, n, dtype=torch.bool)
             m[..., index] = True
-            return m.to(device), index.to(device)
+            return to_device(m, device), to_device(index, device)
 
         heads, head_index = mask(msg.heads, self.heads)
         neurons, neuron_index = (None, None) if own_mlp else mask(msg.neurons, self.ffn)
