@@ -250,7 +250,8 @@ def throughput_rows(out: Path, tokens: int, log=print) -> list[dict]:
         row = run_one(model, workers, 8, tokens, "float16", 32, devices=["cuda:0"] * workers,
                       data_plane="auto")
         row = {k: row.get(k) for k in ("workers", "streams", "tokens_per_s", "stage_ms",
-                                       "hop_ms", "error", "devices") if k in row}
+                                       "hop_ms", "queue_ms", "busy_fraction", "error",
+                                       "devices") if k in row}
         log(json.dumps(row))
         rows.append(row)
     return rows
@@ -289,12 +290,13 @@ def markdown(meta: dict, rows: list[dict], throughput: list[dict], head: dict) -
                      f"{r['path']} | {r['median_us']} ({r['p90_us']}) | {r['send_us']} | "
                      f"{r['wait_us']} | {r['take_us']} | {r['sync_us']} |")
     if throughput:
-        lines += ["", "| workers on one GPU | streams | tokens/s | stage ms | hop ms |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| workers on one GPU | streams | tokens/s | stage ms | hop ms | "
+                  "hop queue ms | busy |", "|---|---|---|---|---|---|---|"]
         for r in throughput:
             lines.append(f"| {r.get('workers')} | {r.get('streams')} | "
                          f"{r.get('tokens_per_s', r.get('error'))} | {r.get('stage_ms')} | "
-                         f"{r.get('hop_ms')} |")
+                         f"{r.get('hop_ms')} | {r.get('queue_ms')} | "
+                         f"{r.get('busy_fraction')} |")
     lines += ["", "Headline: " + ", ".join(f"`{k}` = {v}" for k, v in head.items()
                                              if "_socket_" not in k)]
     return "\n".join(lines) + "\n"

@@ -272,6 +272,7 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
         "densities": [list(d) for d in health.densities],
         "stage_ms": [round(s * 1000, 3) for s in health.stage_s],
         "hop_ms": [round(s * 1000, 3) for s in health.hop_s],
+        "queue_ms": [round(s * 1000, 3) for s in health.queue_s],
         "busy_fraction": [round(w.stats.busy_fraction, 3) if w.stats else None
                           for w in health.workers],
         "ahead_used_wasted": [(w.stats.ahead_used, w.stats.ahead_wasted) if w.stats else None
@@ -382,12 +383,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"`{meta['command']}`", "",
              "| select | workers | streams | tokens/s | offloaded layers | paged MiB/token: "
              "with prefill, decode only (expected per worker, batch 1) | stage ms | hop ms | "
-             "GPU util % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "hop queue ms | GPU util % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['select']} | {r['workers']} | {r['streams']} | error: "
-                         f"{r['error'][:160]} | | | | | |")
+                         f"{r['error'][:160]} | | | | | | |")
             continue
         expected = ", ".join(map(str, r["expected_paged_mib_per_token"]))
         decode = r["decode_paged_mib_per_token"]
@@ -397,6 +398,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{'-' if decode is None else decode} "
             f"({expected}) | {', '.join(map(str, r['stage_ms']))} | "
             f"{', '.join(map(str, r['hop_ms'])) or '-'} | "
+            f"{', '.join(map(str, r.get('queue_ms', []))) or '-'} | "
             f"{', '.join(map(str, r.get('gpu_util_pct', {}).values())) or '-'} |")
     return "\n".join(lines) + "\n"
 

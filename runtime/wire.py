@@ -119,13 +119,16 @@ class Ready(_Msg):
 
 
 class StepDone(_Msg):
-    """The last stage's result for one step; ``stage_s`` is each stage's compute time and
-    ``hop_s`` each worker-to-worker transfer (send to receive), in pipeline order."""
+    """The last stage's result for one step; ``stage_s`` is each stage's compute time,
+    ``hop_s`` each worker-to-worker transfer (from the send, or from when the receiver was
+    free if later, to the receive) and ``queue_s`` each hop's wait for a receiver still busy
+    with earlier steps, in pipeline order."""
 
     epoch: int
     result: StepResult
     stage_s: list[float] = []
     hop_s: list[float] = []
+    queue_s: list[float] = []
     densities: list[tuple[float, float]] = []  # per sparse stage: (MLP, heads) fractions
     layer_densities: list[LayerDensity] = []  # per sparse layer, since the worker started
     paged_bytes: list[int] = []  # per stage: bytes its offloaded layers read from the host
@@ -275,6 +278,7 @@ class Activations(_Msg):
     errors: dict[str, str] = {}
     stage_s: list[float] = []
     hop_s: list[float] = []
+    queue_s: list[float] = []  # per hop so far: the wait for a receiver busy with other steps
     densities: list[tuple[float, float]] = []  # per stage so far: (MLP, heads) computed
     layer_densities: list[LayerDensity] = []  # per sparse layer of the stages so far
     paged_bytes: list[int] = []  # per stage so far: bytes read from host memory
@@ -359,6 +363,7 @@ class Health(_Msg):
     tokens_per_s: float  # generated tokens over the last ten seconds
     stage_s: list[float] = []  # mean compute seconds per stage over recent steps
     hop_s: list[float] = []  # mean transfer seconds per hop over recent steps
+    queue_s: list[float] = []  # mean seconds per hop waiting for a busy receiver
     model: str = ""
     max_len: int = 0
     vocab_size: int = 0

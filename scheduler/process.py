@@ -147,6 +147,7 @@ class PipelineServer:
         self.recent_tokens: deque[tuple[float, int]] = deque()
         self.stage_s: list[float] = []
         self.hop_s: list[float] = []
+        self.queue_s: list[float] = []  # per hop: waits for a receiver busy with other steps
         self.paged_bytes: list[int] = []  # per stage, since the start (offloaded layers)
         self.bad_frames = 0
         self._last_bad_log = 0.0
@@ -309,7 +310,7 @@ class PipelineServer:
                 log.info("ready: clients connect to %s", self.client_address)
         elif isinstance(msg, wire.StepDone):
             if msg.epoch == self.epoch:
-                self._record_timings(msg.stage_s, msg.hop_s)
+                self._record_timings(msg.stage_s, msg.hop_s, msg.queue_s)
                 self.densities = msg.densities or self.densities
                 self.layer_densities = msg.layer_densities or self.layer_densities
                 self._add_paged(msg.paged_bytes)
@@ -449,14 +450,17 @@ class PipelineServer:
             if not self._send_worker(first, wire.RunStep(self.epoch, step)):
                 self._emit(self.batches.fail_step(step.step_id, "worker 0 is unreachable"))
 
-    def _record_timings(self, stage_s: list[float], hop_s: list[float]) -> None:
+    def _record_timings(self, stage_s: list[float], hop_s: list[float],
+                        queue_s: list[float]) -> None:
         def ema(old: list[float], new: list[float]) -> list[float]:
             if len(old) != len(new):
                 return list(new)
             return [0.9 * a + 0.1 * b for a, b in zip(old, new, strict=True)]
 
         self.stage_s, self.hop_s = ema(self.stage_s, stage_s), ema(self.hop_s, hop_s)
-        # Re-sized as the times move: enough steps in flight that no stage waits.
+        self.queue_s = ema(self.queue_s, queue_s)
+        # Re-sized as the times move: enough steps in flight that no stage waits. The hops'
+        # queue is left out: it grows with the steps in flight themselves.
         self.batches.set_in_flight(micro_batch_groups(self.stage_s, self.hop_s,
                                                       most=len(self.batches.cores)))
 
@@ -541,6 +545,7 @@ class PipelineServer:
              for w in self.workers],
             self.batches.running(), self.batches.queued(), self.tokens_out,
             time.monotonic() - self.started, rate, list(self.stage_s), list(self.hop_s),
+            list(self.queue_s),
             self.config.model, self.max_len, self.model_config.vocab_size,
             self.has_tokenizer, list(self.densities), list(self.layer_densities),
             list(self.paged_bytes), micro_batches=len(self.batches.cores),

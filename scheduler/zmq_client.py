@@ -403,7 +403,8 @@ class PipelineClient:
     def stats(self) -> dict:
         h = self._health
         out = dict(self._stats, running=len(self.queues), tokens_per_s=h.tokens_per_s,
-                   stage_ms=[s * 1000 for s in h.stage_s], hop_ms=[s * 1000 for s in h.hop_s])
+                   stage_ms=[s * 1000 for s in h.stage_s], hop_ms=[s * 1000 for s in h.hop_s],
+                   queue_ms=[s * 1000 for s in h.queue_s])
         if h.layer_densities:  # measured densities, as generate --json has them
             out["sparsity"] = density_report(h.layer_densities)
         return out

@@ -85,6 +85,9 @@ class Worker:
         self.writer: data_plane.SlotWriter | None = None  # the next worker's
         self.socket_hops_in = 0
         self.spin_skipped = 0  # steps after which a message was waiting (nothing to spin for)
+        # time.time() when this worker last finished a step: a hop sent before then waited
+        # for it (queue), not for the transfer.
+        self.free_since = 0.0
         self.epoch = 0
         self.busy: tuple[int, float] | None = None
         self.bad_frames = 0
@@ -307,8 +310,12 @@ class Worker:
 
     def _run_received(self, msg: wire.Activations, hidden, carry, received: float) -> None:
         if self._current(msg.epoch):
-            msg.hop_s = msg.hop_s + [max(0.0, received - msg.sent_at)]
-            self._process(msg.step, hidden, carry, msg)
+            hop, queue = split_hop(msg.sent_at, self.free_since, received)
+            msg.hop_s, msg.queue_s = msg.hop_s + [hop], msg.queue_s + [queue]
+            try:
+                self._process(msg.step, hidden, carry, msg)
+            finally:
+                self.free_since = time.time()
 
     def _check_token(self, msg: wire.Activations) -> None:
         if not hmac.compare_digest(msg.token, self.setup.token):
@@ -395,7 +402,7 @@ class Worker:
                 # the output leaves, so a step the output lets in finds it free.
                 self.ring.release()
         stage_s = upstream.stage_s + [time.perf_counter() - started]
-        hop_s = upstream.hop_s
+        hop_s, queue_s = upstream.hop_s, upstream.queue_s
         densities, layer_densities = upstream.densities, upstream.layer_densities
         stats = self.runner.stage.sparse_stats
         if self.runner.stage.selector is not None:
@@ -404,15 +411,16 @@ class Worker:
         paged = upstream.paged_bytes + [self._paged_since_last()]
         if step_out is None:  # every row failed here: tell the scheduler directly
             self._send(wire.StepDone(self.epoch, StepResult(step.step_id, [], errors),
-                                     stage_s, hop_s, densities, layer_densities, paged))
+                                     stage_s, hop_s, queue_s, densities, layer_densities,
+                                     paged))
         elif isinstance(out, StepResult):
-            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s, densities,
+            self._send(wire.StepDone(self.epoch, out, stage_s, hop_s, queue_s, densities,
                                      layer_densities, paged))
         else:
             header = wire.Activations(self.epoch, step_out, self.setup.settings.model.dtype,
                                       tuple(out.shape), self.setup.token, carry_out is not None,
-                                      errors, stage_s, hop_s, densities, layer_densities,
-                                      paged_bytes=paged,
+                                      errors, stage_s, hop_s, queue_s, densities,
+                                      layer_densities, paged_bytes=paged,
                                       sent_at=time.time())
             self._send_activations(header, out, carry_out)
 
@@ -476,6 +484,14 @@ class Worker:
         if self.zap:
             self.zap.stop()
         self.ctx.term()
+
+
+def split_hop(sent_at: float, free_since: float, received: float) -> tuple[float, float]:
+    """One hop's (transfer, queue) seconds: a hop sent while the receiver was still running
+    earlier steps (it became free at ``free_since``) waited that long for it, which is the
+    pipeline's queue, not the link; the transfer is the rest until ``received``."""
+    queue = min(max(0.0, free_since - sent_at), max(0.0, received - sent_at))
+    return max(0.0, received - sent_at - queue), queue
 
 
 def run_worker(index: int, control: str, *, parent_pid: int | None, curve: Curve | None,
