@@ -239,19 +239,21 @@ def hop_rows(device: str, shapes: list[str], batches: list[int], dtype: str, ite
 
 
 def throughput_rows(out: Path, tokens: int, log=print) -> list[dict]:
-    """opt-1.3b, 8 streams: one worker, then two on the same GPU over the shared ring."""
+    """opt-1.3b, 8 streams: one worker, then two on the same GPU over the shared ring, with
+    the default micro-batches (the last row) and with 1 and 2: on one GPU the stages cannot
+    run at once, and each micro-batch reads every weight again for fewer rows."""
     from .bench_pipeline import random_checkpoint, run_one
 
     where = Path(os.environ.get("HOPS_CHECKPOINT_DIR", "/dev/shm/dejavu-hops-opt-1.3b"))
     model, _ = random_checkpoint("opt-1.3b", where, torch.float16,
                                  log=lambda m: print(m, file=sys.stderr))
     rows = []
-    for workers in (1, 2):
+    for workers, micro in ((1, 0), (2, 1), (2, 2), (2, 0)):
         row = run_one(model, workers, 8, tokens, "float16", 32, devices=["cuda:0"] * workers,
-                      data_plane="auto")
-        row = {k: row.get(k) for k in ("workers", "streams", "tokens_per_s", "stage_ms",
-                                       "hop_ms", "queue_ms", "busy_fraction", "error",
-                                       "devices") if k in row}
+                      data_plane="auto", micro_batches=micro)
+        row = {k: row.get(k) for k in ("workers", "streams", "micro_batches", "tokens_per_s",
+                                       "stage_ms", "hop_ms", "queue_ms", "busy_fraction",
+                                       "error", "devices") if k in row}
         log(json.dumps(row))
         rows.append(row)
     return rows
@@ -269,9 +271,16 @@ def summary(rows: list[dict], throughput: list[dict], cuda: bool, label: str = "
     for r in rows:
         out[f"hop_us_{r['shape'].replace('-', '').replace('.', '_')}_batch{r['batch']}_"
             f"{names[r['path']]}_path{'_' + label if label else ''}"] = r["median_us"]
-    if len(throughput) == 2 and all("tokens_per_s" in r for r in throughput):
-        one, two = (r["tokens_per_s"] for r in throughput)
-        out["throughput_2w_over_1w_opt1_3b_8_streams"] = round(two / one, 3) if one else None
+    one = [r["tokens_per_s"] for r in throughput if r.get("workers") == 1 and
+           r.get("tokens_per_s")]
+    if one and len(throughput) > 1 and "tokens_per_s" in throughput[-1]:
+        # The default (last row), then each micro-batch count measured.
+        out["throughput_2w_over_1w_opt1_3b_8_streams"] = round(
+            throughput[-1]["tokens_per_s"] / one[0], 3)
+        for r in throughput[1:-1]:
+            if r.get("tokens_per_s") is not None:
+                out[f"throughput_2w_over_1w_opt1_3b_8_streams_{r['micro_batches']}mb"] = \
+                    round(r["tokens_per_s"] / one[0], 3)
     return out
 
 
@@ -290,10 +299,11 @@ def markdown(meta: dict, rows: list[dict], throughput: list[dict], head: dict) -
                      f"{r['path']} | {r['median_us']} ({r['p90_us']}) | {r['send_us']} | "
                      f"{r['wait_us']} | {r['take_us']} | {r['sync_us']} |")
     if throughput:
-        lines += ["", "| workers on one GPU | streams | tokens/s | stage ms | hop ms | "
-                  "hop queue ms | busy |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| workers on one GPU | streams | micro-batches | tokens/s | stage ms | "
+                  "hop ms | hop queue ms | busy |", "|---|---|---|---|---|---|---|---|"]
         for r in throughput:
             lines.append(f"| {r.get('workers')} | {r.get('streams')} | "
+                         f"{r.get('micro_batches')} | "
                          f"{r.get('tokens_per_s', r.get('error'))} | {r.get('stage_ms')} | "
                          f"{r.get('hop_ms')} | {r.get('queue_ms')} | "
                          f"{r.get('busy_fraction')} |")

@@ -212,7 +212,7 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
             prompt_len: int, *, gpu_memory_gib: float | None = None, select: str = "dense",
             log_dir: Path | None = None, devices: list[str] | None = None,
             data_plane: str = "auto", lookahead: bool = False,
-            share_gpu: bool = False) -> dict:
+            share_gpu: bool = False, micro_batches: int = 0) -> dict:
     row: dict = {"workers": workers, "streams": streams, "select": select,
                  "gpu_memory_gib": gpu_memory_gib, "lookahead": lookahead}
     # One cache slot per stream: with a GPU budget, unused slots would crowd out layers.
@@ -228,7 +228,8 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
     if share_gpu and devices is None:
         devices = ["cuda:0"] * workers
     config = PipelineConfig(settings, workers=workers, slots=streams, devices=devices,
-                            max_len=prompt_len + max(tokens, WARMUP), **watchdog)
+                            max_len=prompt_len + max(tokens, WARMUP),
+                            micro_batches=micro_batches, **watchdog)
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     prompts = [[2] + [(17 * i + 5 * j) % 1000 + 3 for j in range(prompt_len - 1)]
                for i in range(streams)]
@@ -260,6 +261,7 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
         "tokens": generated, "seconds": round(seconds, 4),
         "tokens_per_s": round(generated / seconds, 2) if seconds else 0.0,
         "devices": [w.device for w in health.workers],
+        "micro_batches": health.micro_batches,
         "layers": [list(w.layers) for w in health.workers],
         "offloaded_layers": [w.offloaded_layers for w in health.workers],
         "host_gib": [round(w.host_bytes / 2**30, 3) for w in health.workers],
