@@ -1,6 +1,8 @@
 """train-predictors on a model larger than the GPU budget: wall time, peak memory, per-layer
-split (weights read, forward, fitting), against the time to read the checkpoint once plus
-the forward passes at the GPU's measured matmul speed.
+split (waiting for the weights, forward, moving the tables, MLP and head predictor fits,
+MLP calibration with report scoring, frequencies, saving; and on the reader's thread,
+overlapped, reading and layer_hash + the MLP predictor's start), against the time to read
+the checkpoint once plus the forward passes at the GPU's measured matmul speed.
 
     python -m dejavu.bench.bench_train_predictors --shape opt-13b --gpu-memory-gib 12 \\
         --tokens 100000 --checkpoint-dir /dev/shm/opt-13b --out bench/results
@@ -174,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         "read_once_s": read_s, "matmul_tflops": tflops, "forward_bound_s": forward_s,
         "train_wall_s": wall_s, "train_returncode": train_rc,
         "ratio_to_read_plus_forward": wall_s / bound,
-        "read_s": lw.get("read_s"), "forward_s": lw.get("forward_s"), "fit_s": lw.get("fit_s"),
+        **{k: lw.get(k) for k in SPLIT + ("fit_s", "layer_s")},
+        "read_ahead": lw.get("read_ahead"),
+        "reader_s": {k: sum(r.get(k) or 0.0 for r in report.get("layers", []))
+                     for k in READER},
         "peak_host_rss_gib": lw.get("peak_host_rss_gib"),
         "peak_gpu_gib": lw.get("peak_device_gib"),
-        "per_layer": [{k: r.get(k) for k in ("layer", "read_s", "forward_s", "fit_s")}
+        "per_layer": [{k: r.get(k) for k in ("layer", *SPLIT, *READER, "layer_s")}
                       for r in report.get("layers", [])],
         "generate_returncode": gen.returncode,
         "generate": (gen.stdout.strip().splitlines() or [""])[-1][:500] or gen.stderr[-500:],
@@ -193,26 +198,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if train_rc == 0 and gen.returncode == 0 else 1
 
 
+# The per-layer phases on the training thread (they add up to the layer's wall time) and
+# the two on the reader's thread, overlapped with the layer before (train_layerwise.PHASES).
+SPLIT = ("read_s", "forward_s", "tables_s", "mlp_fit_s", "head_fit_s", "calibrate_s",
+         "frequencies_s", "save_s")
+READER = ("load_s", "init_s")
+HEADS = {"read_s": "wait for weights", "forward_s": "forward", "tables_s": "tables",
+         "mlp_fit_s": "MLP fit", "head_fit_s": "head fit", "calibrate_s": "calibrate + report",
+         "frequencies_s": "frequencies", "save_s": "save", "load_s": "load (reader)",
+         "init_s": "hash + init (reader)", "layer_s": "layer"}
+
+
 def markdown(r: dict) -> str:
     def f(x, fmt=".1f"):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+    cols = (*SPLIT, *READER, "layer_s")
+    totals = {**{k: r.get(k) for k in (*SPLIT, "layer_s")}, **(r.get("reader_s") or {})}
 
     lines = [
         f"# train-predictors, {r['shape']} random ({r['model_gib']:.1f} GiB) with a "
         f"{r['gpu_memory_gib']} GiB GPU budget, {r['tokens']} tokens, {r['gpu']}, {r['date']}",
         "", f"`{r['command']}`", "",
-        "| wall s | read once s | forward at measured TFLOP/s s | ratio | read s | forward s "
-        "| fit s | peak GPU GiB | peak host RSS GiB |", "|---|---|---|---|---|---|---|---|---|",
+        "| wall s | read once s | forward at measured TFLOP/s s | ratio | layers s | fit s "
+        "| peak GPU GiB | peak host RSS GiB |", "|---|---|---|---|---|---|---|---|",
         f"| {f(r['train_wall_s'])} | {f(r['read_once_s'])} | {f(r['forward_bound_s'])} "
         f"({f(r['matmul_tflops'], '.0f')} TFLOP/s) | {f(r['ratio_to_read_plus_forward'], '.2f')}"
-        f" | {f(r['read_s'])} | {f(r['forward_s'])} | {f(r['fit_s'])} | "
+        f" | {f(r.get('layer_s'))} | {f(r.get('fit_s'))} | "
         f"{f(r['peak_gpu_gib'], '.2f')} | {f(r['peak_host_rss_gib'], '.2f')} |", "",
         f"Checkpoint written in {f(r['checkpoint_write_s'])} s; generate with the predictors "
-        f"and the budget: exit {r['generate_returncode']}.", "",
-        "| layer | read s | forward s | fit s |", "|---|---|---|---|",
+        f"and the budget: exit {r['generate_returncode']}. Next layer read ahead: "
+        f"{r.get('read_ahead')}.", "",
+        "Seconds per phase, summed over the layers and per layer. The phases up to save add "
+        "up to the layer's wall time; load and hash + init ran on the reader's thread, "
+        "overlapped with the layer before (wait for weights is what they did not hide).", "",
+        "| layer | " + " | ".join(f"{HEADS[k]} s" for k in cols) + " |",
+        "|---|" + "---|" * len(cols),
+        "| all | " + " | ".join(f(totals.get(k)) for k in cols) + " |",
     ]
-    lines += [f"| {x['layer']} | {f(x['read_s'], '.2f')} | {f(x['forward_s'], '.2f')} | "
-              f"{f(x['fit_s'], '.2f')} |" for x in r["per_layer"]]
+    lines += ["| " + " | ".join([str(x["layer"])] + [f(x.get(k), ".2f") for k in cols]) + " |"
+              for x in r["per_layer"]]
     return "\n".join(lines) + "\n"
 
 

@@ -20,12 +20,15 @@ from dejavu.runtime.selection import (
     RandomSelector,
     SelectionConfig,
     SelectionError,
+    topk_mask,
 )
 from dejavu.runtime.sparse import SparseContext
 from dejavu.tools.collect_labels import collect, pack_bits, unpack_bits
 from dejavu.tools.train_predictors import (
     TrainConfig,
+    counts_above,
     hits_at_k,
+    layer_frequencies,
     svd_init,
     train_predictors,
 )
@@ -138,6 +141,29 @@ def test_hits_at_k_matches_brute_force():
     for k in (0, 1, 4, 11):
         top = scores.topk(k, -1).indices if k else torch.empty(5, 0, dtype=torch.long)
         assert hits[k] == labels.gather(-1, top).sum()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 11), (17, 13)])
+def test_counts_above_thresholds_match_comparing_each(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    scores = torch.randn(shape, generator=g).round(decimals=1)  # ties with the thresholds
+    labels = torch.rand(shape, generator=g) > 0.5
+    thresholds = [0.3, -0.5, 0.3, 0.0, 2.5, -9.0, float(scores.reshape(-1)[0])]
+    for chunk in (3, 2048):  # rows per pass: several, or all at once
+        above, hits = counts_above(scores, labels, thresholds, chunk=chunk)
+        for t, n, hit in zip(thresholds, above, hits, strict=True):
+            assert n == int((scores > t).sum()) and hit == int(((scores > t) & labels).sum())
+
+
+@pytest.mark.parametrize("f", [1, 8, 13, 72])
+def test_layer_frequencies_count_every_bit_plane(f):
+    g = torch.Generator().manual_seed(f)
+    mask = torch.rand(9000, f, generator=g) > 0.7  # past one 8192-row chunk
+    norms = torch.rand(9000, 5, generator=g).half()
+    mlp, heads = layer_frequencies(pack_bits(mask), norms, f, 2)
+    torch.testing.assert_close(mlp, (mask.double().sum(0) / 9000).float(), rtol=0, atol=0)
+    want = topk_mask(norms.float(), 2).double().sum(0) / 9000
+    torch.testing.assert_close(heads, want.float(), rtol=0, atol=0)
 
 
 def test_training_learns_better_than_random_and_meets_calibrated_recall():

@@ -18,16 +18,18 @@ from safetensors import safe_open
 from dejavu.runtime.checkpoint import load_model, save_model
 from dejavu.runtime.model import OPTModel
 from dejavu.runtime.opt_config import OPTConfig
-from dejavu.runtime.predictors import PredictorSet, load_frequencies
+from dejavu.runtime.predictors import PredictorSet, layer_hash, load_frequencies
 from dejavu.runtime.tokenizer import load_tokenizer
 from dejavu.tools.collect_labels import calibration_windows, iter_texts
+from dejavu.tools.layer_reader import LayerReader
 from dejavu.tools.train_layerwise import (
     GIB,
+    PHASES,
     ResourceError,
     plan_resources,
     train_layerwise,
 )
-from dejavu.tools.train_predictors import TrainConfig, train_predictors
+from dejavu.tools.train_predictors import TrainConfig, svd_weights, train_predictors
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "opt-gutenberg-31m"
@@ -36,7 +38,8 @@ CFG = OPTConfig(vocab_size=400, hidden_size=32, num_hidden_layers=4, ffn_dim=72,
                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
 TRAIN = TrainConfig(tokens=1500, window=24, mlp_rank=8, head_rank=4, epochs=4,
                     mlp_recall=0.9, mlp_select="threshold")
-TIMING = {"train_s", "read_s", "forward_s", "fit_s"}
+TIMING = {"train_s", "read_s", "forward_s", "fit_s", "tables_s", "mlp_fit_s", "head_fit_s",
+          "calibrate_s", "frequencies_s", "save_s", "layer_s", "load_s", "init_s"}
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +99,72 @@ def assert_same(out: Path, model_dir: Path, ref, *, atol: float = 0.0) -> None:
             assert a["mlp_recall"] == pytest.approx(b["mlp_recall"], abs=0.01)
 
 
-def test_layerwise_equals_whole_model_trainer(tiny, tmp_path):
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_layerwise_equals_whole_model_trainer(tiny, tmp_path, read_ahead):
     model_dir, text = tiny
     ref = reference(model_dir, text, TRAIN)
     train_layerwise(str(model_dir), str(text), str(tmp_path / "p"), TRAIN,
-                    log=lambda *_: None)
+                    log=lambda *_: None, read_ahead=read_ahead)
     assert_same(tmp_path / "p", model_dir, ref)
     report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["layerwise"]["read_ahead"] == read_ahead
     assert not report["layerwise"]["spill"] and not (tmp_path / "p" / "partial").exists()
     assert report["data"] == str(text)  # the calibration file, not the collected tensors
     # The report has every calibrated recall point per layer, and the markdown shows them.
     assert set(report["layers"][0]["points"]) >= {"0.9", "0.95", "0.99"}
     assert "recall 0.95" in (tmp_path / "p" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_reader_gives_what_load_model_and_the_initialisers_give(tiny, ahead):
+    """Each layer the reader hands over (read ahead on its thread, or when taken) holds
+    exactly ``load_model``'s tensors for that span, its ``layer_hash`` and the closed-form
+    MLP start computed here, on this thread."""
+    model_dir, _ = tiny
+    reader = LayerReader(model_dir, TRAIN, dtype=torch.float32, device=torch.device("cpu"),
+                         layers=CFG.num_hidden_layers, ahead=ahead)
+    try:
+        for layer in range(CFG.num_hidden_layers):
+            got = reader.take(layer)
+            assert (layer + 1 in reader.pending) == (ahead and layer + 1 < CFG.num_hidden_layers)
+            want = load_model(model_dir, layers=range(layer, layer + 1))
+            mine, theirs = got.span.state_dict(), want.state_dict()
+            assert mine.keys() == theirs.keys()
+            for name, t in theirs.items():
+                assert torch.equal(mine[name], t), name
+            assert got.lhash == layer_hash(want.layers()[0])
+            start = svd_weights(want.layers()[0], TRAIN.mlp_rank)
+            assert got.mlp_start.keys() == start.keys()
+            for name, t in start.items():
+                assert torch.equal(got.mlp_start[name], t), name
+            assert set(got.seconds) == {"load_s", "init_s"}
+    finally:
+        reader.close()
+
+
+def test_each_layer_reports_its_phases_summing_to_its_wall_time(tiny, tmp_path):
+    """The log line and report row of every layer split its wall time into phases that add
+    up to it: the time between two layers' log lines is the later layer's ``layer_s``."""
+    model_dir, text = tiny
+    stamps = []
+    train_layerwise(str(model_dir), str(text), str(tmp_path / "p"), TRAIN,
+                    log=lambda line: stamps.append((time.perf_counter(), line)))
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    rows = report["layers"]
+    lines = [(t, ln) for t, ln in stamps if ln.startswith("layer ")]
+    assert len(lines) == len(rows) == CFG.num_hidden_layers
+    for row in rows:
+        assert set(PHASES) | {"load_s", "init_s", "fit_s", "layer_s"} <= set(row)
+        assert row["layer_s"] == pytest.approx(sum(row[k] for k in PHASES))
+        assert row["fit_s"] == pytest.approx(sum(row[k] for k in (
+            "tables_s", "mlp_fit_s", "head_fit_s", "calibrate_s", "frequencies_s")))
+        assert all(row[k] >= 0 for k in PHASES)
+    for (t0, _), (t1, line), row in zip(lines, lines[1:], rows[1:], strict=False):
+        assert abs((t1 - t0) - row["layer_s"]) < 0.05 + 0.1 * (t1 - t0), (t1 - t0, row)
+        assert "head fit" in line and "calibrate" in line and "reader: load" in line
+    lw = report["layerwise"]
+    assert lw["layer_s"] == pytest.approx(sum(r["layer_s"] for r in rows))
+    assert lw["layer_s"] <= lw["wall_s"]
 
 
 def spill_budget() -> float:
@@ -191,6 +248,10 @@ def test_too_little_memory_or_disk_is_refused_before_any_work(tiny, tmp_path):
                           dtype=torch.float16, on_gpu=True, host_budget=100 * GIB,
                           disk_free=10 * GIB, device_budget=10 * GIB)
     assert not plan.spill and plan.device_bytes <= 10 * GIB
+    # Two layers (the next one read ahead) and the next one's float64 fc1 and Gram matrix.
+    assert plan.init_bytes == (20480 * 5120 + 3 * 5120 * 5120) * 8
+    assert plan.device_bytes >= 2 * plan.layer_bytes + plan.init_bytes
+    assert "two layers" in plan.describe()
     # Through the CLI: a clear error, exit status 2, and nothing written.
     out = tmp_path / "p"
     done = subprocess.run(CLI + ["train-predictors", "--model", str(model_dir), "--data",

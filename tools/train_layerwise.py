@@ -1,14 +1,22 @@
 """Train predictors one decoder layer at a time, for models larger than the GPU and the host.
 
-Each layer's weights are read once from the checkpoint (``load_model`` of the one-layer
-span: only its tensors, straight from safetensors), run over every calibration token, and
+Each layer's weights are read once from the checkpoint (``layer_reader.LayerReader``:
+``load_model`` of the one-layer span, only its tensors, straight from safetensors, read on
+a background thread while the layer before runs), run over every calibration token, and
 freed. What the later layers need stays on the host between layers: the residual stream
 of every token (in the compute dtype) and the predictor input of the next layer (float16;
 the wiring of ``sparse.predictor_source``, which reads at most one layer back). The pass
 records the layer's labels (``collect_labels.label_hooks``), fits the layer's predictors
 (``train_predictors.train_layer``) and writes them, with their frequencies and report row,
-to OUT/partial/layer-NNNNN.safetensors before the next layer starts. Peak memory is one
-layer plus these activations.
+to OUT/partial/layer-NNNNN.safetensors before the next layer starts. Peak memory is two
+layers (the one running and the next being read, with its MLP predictor's starting point)
+plus these activations and, where they fit the GPU budget, one layer's labels on the GPU.
+
+Each layer's log line and report row split its wall time: waiting for the weights
+(``read_s``; ``load_s`` and ``init_s`` say how long reading and layer_hash + the MLP
+predictor's start took on the reader's thread, overlapped), ``forward_s``, ``tables_s``,
+``mlp_fit_s``, ``head_fit_s``, ``calibrate_s``, ``frequencies_s`` and ``save_s``; on CUDA
+each phase ends with a synchronisation, so it is charged for its own kernels.
 
 Before any work, ``plan_resources`` sizes the run: activations and labels stay in host
 memory when they fit the host budget, else they are numpy memmaps in OUT/partial (the page
@@ -54,19 +62,19 @@ from ..runtime.predictors import (
     OperatingPoint,
     PredictorSet,
     config_hash,
-    layer_hash,
 )
 from ..runtime.selection import count
 from ..runtime.sparse import predictor_source
 from .collect_labels import Collected, calibration_windows, iter_texts, label_hooks
+from .layer_reader import LayerReader
 from .progress import Bar
 from .train_predictors import (
+    Clock,
     TrainConfig,
     _split,
     finish,
     fit_steps,
     init_layer,
-    init_mlp,
     layer_frequencies,
     layer_line,
     make_report,
@@ -95,6 +103,7 @@ class Plan:
     activation_bytes: int  # residual + next predictor input, two buffers each
     label_bytes: int  # one layer's neuron bits and head norms
     layer_bytes: int  # the largest one-layer span (embeddings or LM head included)
+    init_bytes: int  # computing an MLP predictor's starting point from a layer
     host_bytes: int
     disk_bytes: int
     device_bytes: int  # 0 on the CPU
@@ -102,10 +111,12 @@ class Plan:
     def describe(self) -> str:
         where = "memmaps in OUT/partial" if self.spill else "host memory"
         dev = f", device {size(self.device_bytes)}" if self.device_bytes else ""
+        labels = " (on the GPU while fitted)" if self.tables_on_device else ""
         return (f"plan: {self.tokens} tokens; activations {size(self.activation_bytes)} "
-                f"+ labels {size(self.label_bytes)} in {where}; one layer "
-                f"{size(self.layer_bytes)}; host {size(self.host_bytes)}, "
-                f"disk {size(self.disk_bytes)}{dev}")
+                f"+ labels {size(self.label_bytes)} in {where}{labels}; two layers of "
+                f"{size(self.layer_bytes)} (one running, the next being read) + "
+                f"{size(self.init_bytes)} for its predictor's start; host "
+                f"{size(self.host_bytes)}, disk {size(self.disk_bytes)}{dev}")
 
 
 def size(nbytes: float) -> str:
@@ -145,6 +156,10 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
     acts = 2 * n * cdim * (dsize + 2)
     labels = n * ((f + 7) // 8 + 2 * h + 2 * cdim)  # with the layer's own MLP input
     layer = layer_params(c) * dsize
+    # svd_weights: a float64 copy of fc1 and, hidden x hidden, its Gram matrix, the
+    # eigenvectors and the solver's work space.
+    init = (f * cdim + 3 * cdim * cdim) * 8 if cfg.mlp_init == "svd" else 0
+    ahead = 2 * layer + init  # the running layer, the next one and its predictor's start
     n_eval = math.ceil(n / 10) + window  # calibrate or report split (10% of documents)
     # Fitting: scores and labels of one evaluation split [n_eval, F] (float32 + bool), a
     # training batch, and the predictors with AdamW's two moments.
@@ -159,25 +174,28 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
 
     chunk, tables_on_device, device_bytes = CHUNK, False, 0
     if on_gpu:
-        while chunk > 1 and layer + forward(chunk) + fit > device_budget:
+        while chunk > 1 and ahead + forward(chunk) + fit > device_budget:
             chunk //= 2
-        device_bytes = layer + forward(chunk) + fit
+        device_bytes = ahead + forward(chunk) + fit
         if device_bytes > device_budget:
             raise ResourceError(
-                f"one layer needs {size(device_bytes)} on the GPU (weights "
-                f"{size(layer)}, a forward batch of one {window}-token window "
+                f"one layer needs {size(device_bytes)} on the GPU (weights of it and the "
+                f"next one read ahead 2 x {size(layer)}, the next one's predictor start "
+                f"{size(init)}, a forward batch of one {window}-token window "
                 f"{size(forward(1))}, fitting {size(fit)}), more than the budget of "
                 f"{size(device_budget)}; raise --gpu-memory-gib or train on the CPU")
         tables_on_device = device_bytes + tables <= device_budget
         device_bytes += tables if tables_on_device else 0
-        base = layer + fit  # a layer passes through the host; fitting gathers rows there
+        # A layer passes through the host tensor by tensor; fitting gathers rows there.
+        base = layer + fit
     else:
-        base = layer + forward(chunk) + fit
+        base = ahead + forward(chunk) + fit
     outputs = 2 * predictor_bytes(c, cfg)  # the layer files and the final file
     if base > host_budget:
         raise ResourceError(
             f"one layer needs {size(base)} of host memory (weights "
-            f"{size(layer)} in {str(dtype).removeprefix('torch.')}), more than the "
+            f"{size(layer)} in {str(dtype).removeprefix('torch.')}, twice on the CPU: "
+            "the next layer is read ahead), more than the "
             f"{size(host_budget)} available; free memory or raise --host-memory-gib")
     spill = base + acts + labels > host_budget
     disk = outputs + (acts + labels if spill else 0)
@@ -188,7 +206,7 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
         raise ResourceError(
             f"{why} needs {size(disk)} free in the output directory, which has "
             f"{size(disk_free)}; lower --tokens or put --out on a larger disk")
-    return Plan(n, chunk, spill, tables_on_device, acts, labels, layer,
+    return Plan(n, chunk, spill, tables_on_device, acts, labels, layer, init,
                 base + (0 if spill else acts + labels), disk, device_bytes)
 
 
@@ -210,19 +228,25 @@ class Buffers:
     """Per-token tables: residual and predictor input (two of each, by layer parity) and
     one layer's labels; torch tensors in memory (pinned with ``pin``, so a GPU's copies in
     and out run at the link's speed without a bounce through pageable memory), or views of
-    memmaps in ``work``."""
+    memmaps in ``work``. With ``labels`` a GPU, the layer's labels and MLP input live there
+    instead: the forward writes them where they are fitted (no round trip through the host)
+    and no later layer reads them."""
 
     def __init__(self, n: int, c: OPTConfig, dtype: torch.dtype, work: Path | None,
-                 pin: bool = False) -> None:
+                 pin: bool = False, labels: torch.device | None = None) -> None:
         self.work, self._maps, self.pin = work, [], pin and work is None
         self.resid = [self._table(f"resid-{p}", (n, c.hidden_size), dtype) for p in (0, 1)]
         self.source = [self._table(f"source-{p}", (n, c.hidden_size), torch.float16)
                        for p in (0, 1)]
-        self.mlp_in = self._table("mlp-in", (n, c.hidden_size), torch.float16)  # this layer's
-        self.bits = self._table("bits", (n, (c.ffn_dim + 7) // 8), torch.uint8)
-        self.norms = self._table("norms", (n, c.num_attention_heads), torch.float16)
+        on = labels if labels is not None and labels.type != "cpu" else None
+        self.mlp_in = self._table("mlp-in", (n, c.hidden_size), torch.float16, on)
+        self.bits = self._table("bits", (n, (c.ffn_dim + 7) // 8), torch.uint8, on)
+        self.norms = self._table("norms", (n, c.num_attention_heads), torch.float16, on)
 
-    def _table(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    def _table(self, name: str, shape: tuple[int, int], dtype: torch.dtype,
+               device: torch.device | None = None) -> Tensor:
+        if device is not None:
+            return torch.empty(shape, dtype=dtype, device=device)
         if self.work is None:
             if self.pin:
                 try:
@@ -393,13 +417,74 @@ class Phases:
             self.bar.update(self.done)
 
 
+# The phases of a layer's wall time on the caller's thread, in order, and the two that ran
+# on the reader's thread (overlapped with the layer before when reading ahead).
+PHASES = ("read_s", "forward_s", "tables_s", "mlp_fit_s", "head_fit_s", "calibrate_s",
+          "frequencies_s", "save_s")
+FIT_PHASES = ("tables_s", "mlp_fit_s", "head_fit_s", "calibrate_s", "frequencies_s")
+READER_PHASES = ("load_s", "init_s")
+
+
+def phase_line(row: dict) -> str:
+    names = {"read_s": "read", "forward_s": "forward", "tables_s": "tables",
+             "mlp_fit_s": "mlp fit", "head_fit_s": "head fit", "calibrate_s": "calibrate",
+             "frequencies_s": "freq", "save_s": "save"}
+    parts = ", ".join(f"{names[k]} {row[k]:.2f}" for k in PHASES)
+    return (f"{row['layer_s']:.2f} s: {parts} (reader: load {row['load_s']:.2f}, init "
+            f"{row['init_s']:.2f})")
+
+
+def _train_one(layer: int, reader: LayerReader, windows: Tensor, bufs: Buffers, plan: Plan,
+               c: OPTConfig, cfg: TrainConfig, split: dict[str, Tensor], preds: PredictorSet,
+               freq: Frequencies, dev: torch.device, tables: torch.device, head_k: int,
+               bar: Phases, work: Work, stall_in_layer: int | None) -> dict:
+    """One layer: take its weights, run it forward, fit, save; its report row with the
+    seconds of every phase (``PHASES``, ``READER_PHASES``, ``fit_s`` and ``layer_s``)."""
+    tag = f"layer {layer + 1}/{c.num_hidden_layers}"
+    clock = Clock(dev)
+    bar.start(f"{tag} read", 1, "layer")
+    got = reader.take(layer)
+    bar.advance()
+    preds.mlp[layer], preds.heads[layer] = init_layer(c, layer, cfg)
+    if got.mlp_start is not None:
+        preds.mlp[layer].load_state_dict(got.mlp_start)
+    clock.lap("read_s")
+    bar.start(f"{tag} forward", bufs.bits.shape[0], "tok")
+    forward_layer(got.span, layer, windows, bufs, plan.chunk, labels=True, bar=bar)
+    del got.span  # the weights are no longer needed: fitting reads only the tables
+    bufs.flush()
+    clock.lap("forward_s")
+    if stall_in_layer == layer:
+        time.sleep(3600)
+    collected = Collected({layer: bufs.source[layer % 2]}, {layer: bufs.bits},
+                          {layer: bufs.norms}, c.ffn_dim, bufs.bits.shape[0],
+                          {layer: bufs.mlp_in})
+    bar.start(f"{tag} fit", fit_steps(cfg, split["train"].numel()), "step")
+    row = train_layer(collected, layer, split, preds, cfg, dev, tables=tables,
+                      progress=bar.advance, clock=clock)
+    freq.mlp[layer], freq.heads[layer] = layer_frequencies(
+        bufs.bits, bufs.norms, c.ffn_dim, head_k, dev)
+    clock.lap("frequencies_s")
+    preds.fingerprint.layer_hashes[layer] = got.lhash
+    row.update(clock.seconds, **got.seconds)
+    row["fit_s"] = sum(row[k] for k in FIT_PHASES)
+    # The layer file keeps the row up to here: its own writing is timed after it.
+    work.save_layer(layer, preds, freq, row, got.lhash)
+    clock.lap("save_s")
+    row.update(clock.seconds, layer_s=sum(clock.seconds.values()))
+    return row
+
+
 def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
                     device: str = "cpu", dtype: str = "float32", log=print,
                     host_memory_gib: float | None = None, gpu_memory_gib: float | None = None,
-                    progress: Phases | None = None, stall_in_layer: int | None = None) -> Path:
+                    progress: Phases | None = None, stall_in_layer: int | None = None,
+                    read_ahead: bool = True) -> Path:
     """Train, write OUT/{predictors,frequencies}.safetensors and OUT/report.{json,md};
-    returns the predictors' path. ``stall_in_layer`` (tests only) blocks inside that layer,
-    after its forward pass and before its fit, for a test to kill the run there."""
+    returns the predictors' path. ``read_ahead``: read the next layer on a background
+    thread (``LayerReader``); the result is the same either way. ``stall_in_layer`` (tests
+    only) blocks inside that layer, after its forward pass and before its fit, for a test to
+    kill the run there."""
     from ..runtime.tokenizer import load_tokenizer
 
     t_start = time.perf_counter()
@@ -437,10 +522,10 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         rows.append(row)
     # Activations an interrupted run spilled are used as they are, whatever the plan says.
     spilled = start > 0 and (work.path / "resid-0.bin").is_file()
-    bufs = Buffers(n, c, dt, work.path if plan.spill or spilled else None,
-                   pin=dev.type == "cuda")
-    bar = progress if progress is not None else Phases()
     tables = dev if plan.tables_on_device else torch.device("cpu")
+    bufs = Buffers(n, c, dt, work.path if plan.spill or spilled else None,
+                   pin=dev.type == "cuda", labels=tables)
+    bar = progress if progress is not None else Phases()
     if start and not spilled:
         log(f"resuming after layer {start - 1}: running layers 0..{start - 1} forward again "
             "to rebuild the activations held in memory")
@@ -451,48 +536,25 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     elif start:
         log(f"resuming after layer {start - 1} from the activations in {work.path}")
 
-    for layer in range(start, n_layers):
-        tag = f"layer {layer + 1}/{n_layers}"
-        t0 = time.perf_counter()
-        bar.start(f"{tag} read", 1, "layer")
-        span = load_model(model_dir, layers=range(layer, layer + 1), dtype=dt, device=dev)
-        bar.advance()
-        lhash = layer_hash(span.layers()[0])
-        preds.mlp[layer], preds.heads[layer] = init_layer(c, layer, cfg)
-        init_mlp(preds.mlp[layer], span.layers()[0], cfg)
-        t1 = time.perf_counter()
-        bar.start(f"{tag} forward", n, "tok")
-        forward_layer(span, layer, windows, bufs, plan.chunk, labels=True, bar=bar)
-        del span  # the weights are no longer needed: fitting reads only the tables
-        if on_gpu:
-            torch.cuda.synchronize(dev)
-        t2 = time.perf_counter()
-        bufs.flush()
-        if stall_in_layer == layer:
-            time.sleep(3600)
-        collected = Collected({layer: bufs.source[layer % 2]}, {layer: bufs.bits},
-                              {layer: bufs.norms}, c.ffn_dim, n, {layer: bufs.mlp_in})
-        bar.start(f"{tag} fit", fit_steps(cfg, split["train"].numel()), "step")
-        row = train_layer(collected, layer, split, preds, cfg, dev, tables=tables,
-                          progress=bar.advance)
-        freq.mlp[layer], freq.heads[layer] = layer_frequencies(
-            bufs.bits, bufs.norms, c.ffn_dim, head_k, dev)
-        t3 = time.perf_counter()
-        row.update(read_s=t1 - t0, forward_s=t2 - t1, fit_s=t3 - t2)
-        rows.append(row)
-        preds.fingerprint.layer_hashes[layer] = lhash
-        work.save_layer(layer, preds, freq, row, lhash)
-        per_layer = (time.perf_counter() - t_start) / (layer + 1 - start)
-        eta = per_layer * (n_layers - layer - 1)
-        log(f"{layer_line(row)}; read {t1 - t0:.1f} s, forward {t2 - t1:.1f} s, fit "
-            f"{t3 - t2:.1f} s; {layer + 1}/{n_layers} layers, ETA {eta:.0f} s")
+    reader = LayerReader(model_dir, cfg, dtype=dt, device=dev, layers=n_layers,
+                         ahead=read_ahead)
+    try:
+        for layer in range(start, n_layers):
+            rows.append(_train_one(layer, reader, windows, bufs, plan, c, cfg, split, preds,
+                                   freq, dev, tables, head_k, bar, work, stall_in_layer))
+            per_layer = (time.perf_counter() - t_start) / (layer + 1 - start)
+            eta = per_layer * (n_layers - layer - 1)
+            log(f"{layer_line(rows[-1])}; {phase_line(rows[-1])}; {layer + 1}/{n_layers} "
+                f"layers, ETA {eta:.0f} s")
+    finally:
+        reader.close()
 
     report = make_report(cfg, split, docs, dev, rows)
     report.update(model=str(model_dir), data=str(data))
     report["layerwise"] = {
         **asdict(plan), "resumed_at_layer": start, "wall_s": time.perf_counter() - t_start,
-        **{k: sum(r.get(k, 0.0) for r in rows[start:]) for k in ("read_s", "forward_s",
-                                                                 "fit_s")},
+        "read_ahead": read_ahead,
+        **{k: sum(r.get(k, 0.0) for r in rows[start:]) for k in PHASES + ("fit_s", "layer_s")},
         # ru_maxrss is KiB on Linux; it counts the resident pages of mapped files too.
         "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_device_gib": torch.cuda.max_memory_allocated(dev) / GIB if on_gpu else 0.0,

@@ -156,11 +156,13 @@ def init_layer(config, layer: int, cfg: TrainConfig) -> tuple[LowRankClassifier,
 
 
 @torch.no_grad()
-def svd_init(clf: LowRankClassifier, layer) -> None:
-    """Set an MLP predictor to fc1's pre-activation truncated to its rank: with the layer
-    norm's scale g and shift b folded in, fc1(LN(x)) = (W diag(g)) z + (W b + bias) for the
-    normalised z that the classifier computes; A = W diag(g) = U S V^T, down = V_r^T, up =
-    U_r S_r = A V_r with bias W b + bias. At full rank it scores exactly the pre-activation.
+def svd_weights(layer, rank: int) -> dict[str, Tensor]:
+    """An MLP predictor's weights set to fc1's pre-activation truncated to ``rank``: with
+    the layer norm's scale g and shift b folded in, fc1(LN(x)) = (W diag(g)) z + (W b + bias)
+    for the normalised z that the classifier computes; A = W diag(g) = U S V^T, down =
+    V_r^T, up = U_r S_r = A V_r with bias W b + bias. At full rank it scores exactly the
+    pre-activation. Returns the classifier's state dict (float32, on the CPU); it reads
+    nothing but the layer, so a background reader can compute it ahead.
 
     V_r comes from the eigenvectors of the Gram matrix A^T A (hidden x hidden) rather than
     an SVD of the tall A (ffn x hidden): the same subspace (in float64 the squared condition
@@ -170,29 +172,46 @@ def svd_init(clf: LowRankClassifier, layer) -> None:
         raise ValueError("mlp_init='svd' needs a pre-LN model (fc1 reads LN(x)); this one "
                          "normalises after each block: use mlp_init='random'")
     fc1, ln = layer.fc1, layer.final_layer_norm
+    f, c = fc1.weight.shape
     # float64: LAPACK's float32 factorisations differ in the last bits with the number of
     # threads, and a resumed run (another process) must write the same predictors as an
-    # uninterrupted one.
-    w = fc1.weight.detach().double()
-    scale = ln.weight.double() if ln.weight is not None else torch.ones(w.shape[1]).double()
-    shift = ln.bias.double() if ln.bias is not None else torch.zeros(w.shape[1]).double()
-    bias = fc1.bias.double() if fc1.bias is not None else torch.zeros(w.shape[0]).double()
-    a = w * scale.to(w.device)
+    # uninterrupted one. One float64 copy of fc1 (the bias is taken from it before it is
+    # scaled in place): on OPT-13B that copy is 0.8 GiB, the Gram matrix 0.2 GiB.
+    a = fc1.weight.detach().double()
+    dev = a.device
+    shift = ln.bias.double() if ln.bias is not None else torch.zeros(c, device=dev).double()
+    bias = fc1.bias.double() if fc1.bias is not None else torch.zeros(f, device=dev).double()
+    up_bias = a @ shift.to(dev) + bias.to(dev)
+    if ln.weight is not None:
+        a.mul_(ln.weight.double().to(dev))
     _, vecs = torch.linalg.eigh(a.T @ a)  # ascending eigenvalues = squared singular values
     # a rank past fc1's own adds nothing: those rows stay 0
-    r = min(clf.down.weight.shape[0], *a.shape)
+    r = min(rank, f, c)
     v = vecs[:, -r:].flip(1)  # the r leading right singular vectors, largest first
-    clf.down.weight.zero_()
-    clf.up.weight.zero_()
-    clf.down.weight[:r].copy_(v.T)
-    clf.up.weight[:, :r].copy_(a @ v)
-    clf.up.bias.copy_(w @ shift.to(w.device) + bias.to(w.device))
+    down = torch.zeros(rank, c)
+    up = torch.zeros(f, rank)
+    down[:r] = v.T.float().cpu()
+    up[:, :r] = (a @ v).float().cpu()
+    return {"down.weight": down, "up.weight": up, "up.bias": up_bias.float().cpu()}
+
+
+@torch.no_grad()
+def svd_init(clf: LowRankClassifier, layer) -> None:
+    """Set an MLP predictor to ``svd_weights`` of ``layer`` at its rank."""
+    clf.load_state_dict(svd_weights(layer, clf.down.weight.shape[0]))
+
+
+def mlp_start(layer, cfg: TrainConfig) -> dict[str, Tensor] | None:
+    """The MLP predictor's starting weights computed from the layer (``mlp_init`` "svd"),
+    or None when it starts from ``init_layer``'s random weights."""
+    return svd_weights(layer, cfg.mlp_rank) if cfg.mlp_init == "svd" else None
 
 
 def init_mlp(clf: LowRankClassifier, layer, cfg: TrainConfig) -> None:
     """The MLP predictor's starting point from the layer's weights (``mlp_init``)."""
-    if cfg.mlp_init == "svd":
-        svd_init(clf, layer)
+    start = mlp_start(layer, cfg)
+    if start is not None:
+        clf.load_state_dict(start)
 
 
 def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig,
@@ -205,7 +224,10 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
     if epochs == 0:
         clf.eval()
         return None
-    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # Fused on CUDA: one kernel per step for every parameter instead of a few per tensor
+    # (the steps are small and launch-bound). The CPU keeps the reference implementation.
+    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=0.0,
+                            fused=device.type == "cuda")
     g = torch.Generator().manual_seed(cfg.seed)
     steps = epochs * math.ceil(idx.numel() / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
@@ -241,13 +263,17 @@ def _scores(clf: LowRankClassifier, x: Tensor, idx: Tensor, device: torch.device
 
 def hits_at_k(scores: Tensor, labels: Tensor, chunk: int = 2048) -> Tensor:
     """Summed over tokens, how many labelled entries the top-k contains, for every k:
-    [n + 1] with entry k for top-k. Row chunks bound the sort's memory (counts are whole
-    numbers: float64 sums of them are exact in any order)."""
-    total = torch.zeros(scores.shape[-1] + 1, dtype=torch.float64, device=scores.device)
+    [n + 1] float64 on the CPU, with entry k for top-k. Each row is sorted once; a labelled
+    entry at rank j counts for every k > j, so the labels are summed by rank over the rows
+    and one cumulative sum over the ranks ends it (whole numbers: exact in any order). Row
+    chunks bound the sort's memory."""
+    by_rank = torch.zeros(scores.shape[-1], dtype=torch.int64, device=scores.device)
     for s in range(0, scores.shape[0], chunk):
         order = scores[s:s + chunk].argsort(dim=-1, descending=True)
-        total[1:] += labels[s:s + chunk].gather(-1, order).double().cumsum(-1).sum(0)
-    return total.cpu()
+        by_rank += labels[s:s + chunk].gather(-1, order).sum(0)
+    total = torch.zeros(scores.shape[-1] + 1, dtype=torch.int64, device=scores.device)
+    total[1:] = by_rank.cumsum(0)
+    return total.double().cpu()
 
 
 def head_targets(norms: Tensor, k: int) -> Tensor:
@@ -265,35 +291,83 @@ def layer_frequencies(bits: Tensor, norms: Tensor, ffn_dim: int, head_k: int,
                       device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Per-neuron firing and per-head top-``head_k`` fractions over all tokens of one
     layer's labels (``Frequencies``): [F] and [H] float32 on the CPU. Counted on ``device``
-    in row chunks (unpacked, a layer's labels are tokens x F bytes)."""
-    mlp = torch.zeros(ffn_dim, dtype=torch.int64, device=device)
+    in row chunks, one bit plane at a time (neuron 8 j + b is bit b of byte j, high bit
+    first as ``pack_bits`` writes it), without unpacking the bits to tokens x F bytes."""
+    planes = torch.zeros(bits.shape[1], 8, dtype=torch.int64, device=device)
     heads = torch.zeros(norms.shape[1], dtype=torch.int64, device=device)
     n = bits.shape[0]
     for s in range(0, n, 8192):
-        mlp += unpack_bits(bits[s:s + 8192].to(device), ffn_dim).sum(0)
+        block = bits[s:s + 8192].to(device)
+        for b in range(8):
+            planes[:, b] += (block & (0x80 >> b)).ne(0).sum(0)
         heads += head_targets(norms[s:s + 8192].to(device), head_k).sum(0)
+    mlp = planes.reshape(-1)[:ffn_dim]
     return ((mlp.double() / max(n, 1)).float().cpu(),
             (heads.double() / max(n, 1)).float().cpu())
 
 
+def counts_above(scores: Tensor, labels: Tensor, thresholds: list[float], chunk: int = 2048
+                 ) -> tuple[list[int], list[int]]:
+    """For each threshold t: how many scores exceed t, and how many of those are labelled.
+    One pass over the scores for every threshold at once: each score's bucket is the number
+    of (sorted) thresholds below it, and a score exceeds sorted threshold j exactly when its
+    bucket is past j; the slow twin is ``(scores > t).sum()`` per threshold. Row chunks
+    bound the buckets' memory."""
+    edges, where = torch.tensor(thresholds, dtype=scores.dtype, device=scores.device).sort()
+    m = len(thresholds)
+    above = torch.zeros(m + 1, dtype=torch.int64, device=scores.device)
+    hits = torch.zeros(m + 1, dtype=torch.int64, device=scores.device)
+    for s in range(0, scores.shape[0], chunk):
+        # right=False: the number of edges strictly below each score
+        bucket = torch.bucketize(scores[s:s + chunk], edges, out_int32=True)
+        above += torch.bincount(bucket.reshape(-1), minlength=m + 1)
+        hits += torch.bincount(bucket[labels[s:s + chunk]], minlength=m + 1)
+    # sorted edge j is exceeded by the scores in buckets j + 1 and up; back to input order
+    back = where.argsort()
+    above = above.flip(0).cumsum(0).flip(0)[1:][back]
+    hits = hits.flip(0).cumsum(0).flip(0)[1:][back]
+    return above.tolist(), hits.tolist()
+
+
 def point_rows(scores: Tensor, labels: Tensor, thresholds: dict[str, float]) -> dict:
     """Density, recall and precision on held-out tokens at each calibrated threshold."""
-    out = {}
     active = max(float(labels.sum()), 1.0)
-    for key, t in thresholds.items():
-        chosen = scores > t
-        hit = float((chosen & labels).sum())
-        out[key] = {"mlp_density": float(chosen.double().mean()), "mlp_recall": hit / active,
-                    "mlp_precision": hit / max(float(chosen.sum()), 1.0)}
-    return out
+    above, hits = counts_above(scores, labels, list(thresholds.values()))
+    return {key: {"mlp_density": n / scores.numel(), "mlp_recall": hit / active,
+                  "mlp_precision": hit / max(float(n), 1.0)}
+            for key, n, hit in zip(thresholds, above, hits, strict=True)}
+
+
+class Clock:
+    """Seconds per phase on one device. ``lap(name)`` closes the phase that ran since the
+    last lap; on CUDA it first waits for the queued work, so a phase is charged for its own
+    kernels rather than the next phase's first host read (a few waits per layer; the loops
+    inside a phase still never wait)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        took, self.last = now - self.last, now
+        self.seconds[name] = self.seconds.get(name, 0.0) + took
+        return took
 
 
 def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: PredictorSet,
                 cfg: TrainConfig, device: torch.device, *, tables: torch.device | None = None,
-                progress=None) -> dict:
-    """Fit one layer's two predictors, set its operating point, return its report row.
+                progress=None, clock: Clock | None = None) -> dict:
+    """Fit one layer's two predictors, set its operating point, return its report row,
+    with the seconds of its phases: ``tables_s`` (moving the tables), ``mlp_fit_s``,
+    ``head_fit_s`` and ``calibrate_s`` (MLP operating point and report scoring).
     ``tables``: where the layer's inputs and labels sit while fitting (default ``device``:
-    on a GPU the whole table moves once and rows are gathered there)."""
+    on a GPU the whole table moves once and rows are gathered there). ``clock``: a running
+    ``Clock`` to lap (its earlier phases come into the row too)."""
+    clock = Clock(device) if clock is None else clock
     tables = device if tables is None else tables
     x, f = data.inputs[layer].to(tables), data.ffn_dim
     xm = data.mlp_source(layer, cfg.mlp_source).to(tables)
@@ -301,13 +375,18 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     split = {k: v.to(tables) for k, v in split.items()}
     h = norms_all.shape[1]
     head_k = count(cfg.head_density, h)
+    # Every token's head labels at once (a row's top-k does not depend on the other rows):
+    # tokens x H bools, gathered per step instead of a top-k per step.
+    head_labels = head_targets(norms_all, head_k)
     neurons = lambda rows: unpack_bits(bits[rows], f)  # noqa: E731
-    heads = lambda rows: head_targets(norms_all[rows], head_k)  # noqa: E731
-    t0 = time.perf_counter()
+    heads = lambda rows: head_labels[rows]  # noqa: E731
+    clock.lap("tables_s")
     mlp_loss = fit(preds.mlp[layer], xm, neurons, split["train"], cfg, device, progress,
                    epochs=cfg.mlp_fit_epochs)
+    clock.lap("mlp_fit_s")
     head_loss = fit(preds.heads[layer], x, heads, split["train"], cfg, device, progress)
-    seconds = time.perf_counter() - t0
+    clock.lap("head_fit_s")
+    seconds = clock.seconds["mlp_fit_s"] + clock.seconds["head_fit_s"]
 
     # Operating point on the calibration split.
     cal = split["calibrate"]
@@ -331,22 +410,26 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     rep = split["report"]
     labels = neurons(rep).to(device)
     rep_scores = _scores(preds.mlp[layer], xm, rep, device)
-    use_threshold = threshold is not None and cfg.mlp_select == "threshold"
-    chosen = rep_scores > threshold if use_threshold else topk_mask(rep_scores, mlp_k)
-    hit = float((chosen & labels).sum())
     active = float(labels.sum())
-    density = float(chosen.double().mean())
+    if threshold is not None and cfg.mlp_select == "threshold":
+        (n_chosen,), (hit,) = counts_above(rep_scores, labels, [threshold])
+    else:
+        chosen = topk_mask(rep_scores, mlp_k)
+        n_chosen, hit = int(chosen.sum()), int((chosen & labels).sum())
+    density = n_chosen / rep_scores.numel()
     norms = norms_all[rep].to(device).float()
     head_chosen = topk_mask(_scores(preds.heads[layer], x, rep, device), head_k)
-    head_hit = float((head_chosen & head_targets(norms, head_k)).sum())
+    head_hit = float((head_chosen & head_labels[rep].to(device)).sum())
     mass = float((norms * head_chosen).sum() / norms.sum().clamp_min(1e-12))
     point = OperatingPoint(mlp_k=mlp_k, head_k=count(cfg.head_point, h), mlp_threshold=threshold,
                            mlp_thresholds=table,
                            mlp_recall=hit / max(active, 1.0),
-                           mlp_precision=hit / max(float(chosen.sum()), 1.0),
+                           mlp_precision=hit / max(float(n_chosen), 1.0),
                            head_recall=head_hit / (head_k * rep.numel()),
                            mlp_source=cfg.mlp_source)
     preds.points[layer] = point
+    points = point_rows(rep_scores, labels, table) if table else {}
+    clock.lap("calibrate_s")
     return {
         "layer": layer, "firing": active / (rep.numel() * f), "mlp_k": mlp_k,
         "mlp_density": density, "mlp_recall": point.mlp_recall,
@@ -355,7 +438,7 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
         "head_recall": point.head_recall, "head_norm_mass": mass,
         "mlp_loss": mlp_loss, "head_loss": head_loss, "train_s": seconds,
         # Every stored recall point, measured on the report tokens (threshold selection).
-        "points": point_rows(rep_scores, labels, table) if table else {},
+        "points": points, **clock.seconds,
     }
 
 
