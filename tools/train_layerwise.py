@@ -387,7 +387,9 @@ def forward_layer(span, layer_id: int, windows: Tensor, bufs: Buffers, chunk: in
         for hook in hooks:
             hook.remove()
         if dev.type == "cuda":
-            torch.cuda.synchronize(dev)  # the tables' copies out have landed
+            # The tables' copies out have landed; this stream only, not the one that reads
+            # the next layer ahead.
+            torch.cuda.current_stream(dev).synchronize()
 
 
 def _store(table: Tensor, x: Tensor) -> None:
@@ -436,11 +438,12 @@ def phase_line(row: dict) -> str:
 
 def _train_one(layer: int, reader: LayerReader, windows: Tensor, bufs: Buffers, plan: Plan,
                c: OPTConfig, cfg: TrainConfig, split: dict[str, Tensor], preds: PredictorSet,
-               freq: Frequencies, dev: torch.device, tables: torch.device, head_k: int,
-               bar: Phases, work: Work, stall_in_layer: int | None) -> dict:
+               freq: Frequencies, dev: torch.device, bar: Phases, work: Work,
+               stall_in_layer: int | None) -> dict:
     """One layer: take its weights, run it forward, fit, save; its report row with the
     seconds of every phase (``PHASES``, ``READER_PHASES``, ``fit_s`` and ``layer_s``)."""
     tag = f"layer {layer + 1}/{c.num_hidden_layers}"
+    tables = dev if plan.tables_on_device else torch.device("cpu")
     clock = Clock(dev)
     bar.start(f"{tag} read", 1, "layer")
     got = reader.take(layer)
@@ -463,7 +466,7 @@ def _train_one(layer: int, reader: LayerReader, windows: Tensor, bufs: Buffers, 
     row = train_layer(collected, layer, split, preds, cfg, dev, tables=tables,
                       progress=bar.advance, clock=clock)
     freq.mlp[layer], freq.heads[layer] = layer_frequencies(
-        bufs.bits, bufs.norms, c.ffn_dim, head_k, dev)
+        bufs.bits, bufs.norms, c.ffn_dim, freq.head_k, dev)
     clock.lap("frequencies_s")
     preds.fingerprint.layer_hashes[layer] = got.lhash
     row.update(clock.seconds, **got.seconds)
@@ -541,7 +544,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     try:
         for layer in range(start, n_layers):
             rows.append(_train_one(layer, reader, windows, bufs, plan, c, cfg, split, preds,
-                                   freq, dev, tables, head_k, bar, work, stall_in_layer))
+                                   freq, dev, bar, work, stall_in_layer))
             per_layer = (time.perf_counter() - t_start) / (layer + 1 - start)
             eta = per_layer * (n_layers - layer - 1)
             log(f"{layer_line(rows[-1])}; {phase_line(rows[-1])}; {layer + 1}/{n_layers} "
