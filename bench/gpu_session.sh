@@ -134,9 +134,12 @@ train)
     rm -rf $tckpt
     ;;
 fused)
-    timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider -o addopts= \
+    timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -o addopts= \
         tests/test_fused_select.py tests/test_graphs.py tests/test_kernels_select.py \
-        tests/test_profile_step.py 2>&1 | tee "$out/pytest-fused.log" | tail -15
+        tests/test_profile_step.py tests/test_kernels_layer_norm.py tests/test_count_launches.py \
+        tests/test_kernels_attention.py::test_decode_attention_writes_this_steps_kv_as_the_cache_writes_would \
+        tests/test_kernels_mlp.py::test_chained_kernel_in_a_workspace_the_caller_zeroes \
+        2>&1 | tee "$out/pytest-fused.log" | tail -15
     timeout 60 python3 -m dejavu.bench.count_launches --layers 2,4 --batch 1,8 2>&1 \
         | tee "$out/count_launches.log" | tail -6
     for select in "" "--mlp-density 0.1 --select random" "--mlp-density 0.1 --select predictors"; do

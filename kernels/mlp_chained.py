@@ -24,7 +24,10 @@ programs one by one in order, so there every wait is already satisfied.
 The workspace holds the counters, ``pre`` and ``acc``, and must be zero on entry. Given one
 by the caller (``workspace=``), the kernel leaves it zero again on exit (each region is
 reset by its last user), so no memset is needed per call; such a workspace must not be
-used by two calls at once (one stream). What this module does not know: which neurons are
+used by two calls at once (one stream). The reset costs a round trip per fc2 tile (measured
+no faster than the memset it saves), so a caller that zeroes many calls' workspaces at
+once (a captured step: every layer's in one memset) passes ``clean=False``: the kernel
+then leaves the workspace as it is. What this module does not know: which neurons are
 selected or where rows live.
 """
 
@@ -249,8 +252,10 @@ def mlp_workspace(batch: int, hidden: int, capacity: int, device) -> Tensor:
 def launch_chained(x: Tensor, rows, locs: Tensor, host, bias2: Tensor | None,
                    residual: Tensor | None, count: Tensor | None, *, block_n: int,
                    split_c: int, block_n2: int, split_c2: int, num_warps: int,
-                   workspace: Tensor | None, dot_fp32: bool, prefetch: bool = True) -> Tensor:
-    """Launch the chained kernel on validated inputs (see sparse_mlp); returns [B, C]."""
+                   workspace: Tensor | None, dot_fp32: bool, prefetch: bool = True,
+                   clean: bool = True) -> Tensor:
+    """Launch the chained kernel on validated inputs (see sparse_mlp); returns [B, C].
+    ``clean``: leave a given workspace zero on exit (False: the caller zeroes it again)."""
     b, c = x.shape
     k = locs.numel()
     for name, v in (("block_n", block_n), ("split_c", split_c), ("block_n2", block_n2),
@@ -269,7 +274,7 @@ def launch_chained(x: Tensor, rows, locs: Tensor, host, bias2: Tensor | None,
                              f"{tuple(workspace.shape)}")
         if workspace.device != x.device:
             raise ValueError("workspace must be on x's device")
-        ws, clean = workspace, True
+        ws = workspace
     s = _sync_len(k, c)
     pre = ws[s: s + b * k].view(torch.float32)
     acc = ws[s + b * k: s + b * k + b * c].view(torch.float32)

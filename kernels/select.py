@@ -30,6 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+SCRATCH_HEAD = 32  # int32 slots of a lowrank scratch before the hidden sums: done, count, pad
+MAX_RANK = 256  # the largest predictor rank the low-rank kernels take
+
 
 @triton.jit
 def _threshold_compact_kernel(
@@ -216,8 +219,8 @@ def _check_lowrank(x: Tensor, p1: Tensor, p2: Tensor) -> None:
     if not x.dtype == p1.dtype == p2.dtype or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x, p1, p2: one dtype of float16/bfloat16, got {x.dtype}, "
                          f"{p1.dtype}, {p2.dtype}")
-    if r > 256:
-        raise ValueError(f"rank {r} > 256 is not supported")
+    if r > MAX_RANK:
+        raise ValueError(f"rank {r} > {MAX_RANK} is not supported")
 
 
 def _interpreting() -> bool:
@@ -246,15 +249,26 @@ def lowrank_topk(x: Tensor, p1: Tensor, p2: Tensor, k: int, *, split_c: int = 12
     return idx
 
 
+def scratch_numel(rows: int, rank: int) -> int:
+    """int32 elements of ``lowrank_threshold_select``'s scratch for B <= rows, R <= rank:
+    [done, count, pad..., hidden sums (B x R fp32)]."""
+    return SCRATCH_HEAD + rows * rank
+
+
 def lowrank_threshold_select(x: Tensor, p1: Tensor, p2: Tensor, threshold: float,
                              capacity: int, *, bias: Tensor | None = None,
-                             live: Tensor | None = None, split_c: int = 64,
-                             block_n: int = 128, num_warps: int = 4) -> tuple[Tensor, Tensor]:
+                             live: Tensor | None = None, scratch: Tensor | None = None,
+                             split_c: int = 64, block_n: int = 128,
+                             num_warps: int = 4) -> tuple[Tensor, Tensor]:
     """(ids [capacity] int32, count [1] int32) of the rows n with
     max_b ((x @ p1) @ p2)[b, n] + bias[n] above the threshold, the hidden x @ p1 rounded to
     x's dtype. x: [B, C] fp16/bf16, B <= 16; p1: [C, R]; p2: [R, N] (same dtype, rows
     contiguous, R <= 256); bias: [N] fp32 or None. ``live``: [1] int32 on the device, the
-    number of leading rows of x that count (the rest pad a captured batch), None for all."""
+    number of leading rows of x that count (the rest pad a captured batch), None for all.
+    ``scratch``: a zeroed int32 tensor of at least ``scratch_numel(B, R)`` elements the
+    kernel sums into (the count is ``scratch[1:2]``), so that a caller zeroing many at
+    once (a captured step, once for every layer) saves this call's memset; None: one is
+    made here."""
     _check_lowrank(x, p1, p2)
     if capacity < 1:
         raise ValueError(f"capacity must be positive, got {capacity}")
@@ -267,9 +281,15 @@ def lowrank_threshold_select(x: Tensor, p1: Tensor, p2: Tensor, threshold: float
                          f"{tuple(bias.shape)}")
     if live is not None and (live.shape != (1,) or live.dtype != torch.int32):
         raise ValueError(f"live: expected [1] int32, got {live.dtype} {tuple(live.shape)}")
-    # One memset: [done, count, pad..., h (B x R fp32)].
-    scratch = torch.zeros(32 + b * r, dtype=torch.int32, device=x.device)
-    h = scratch[32:].view(torch.float32)
+    need = scratch_numel(b, r)
+    if scratch is None:  # one memset: [done, count, pad..., h (B x R fp32)]
+        scratch = torch.zeros(need, dtype=torch.int32, device=x.device)
+    elif (scratch.dtype != torch.int32 or scratch.dim() != 1 or scratch.numel() < need
+          or scratch.device != x.device):
+        raise ValueError(f"scratch: expected a zeroed 1-D int32 tensor of >= {need} elements "
+                         f"on {x.device}, got {scratch.dtype} {tuple(scratch.shape)} on "
+                         f"{scratch.device}")
+    h = scratch[SCRATCH_HEAD: need].view(torch.float32)
     idx = torch.empty(capacity, dtype=torch.int32, device=x.device)
     ns1 = triton.cdiv(c, split_c)
     _lowrank_select_kernel[(ns1 + triton.cdiv(n, block_n),)](

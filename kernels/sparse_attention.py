@@ -178,13 +178,16 @@ def _decode_attention_kernel(
     slots_ptr, pos_ptr,  # [B] slot and position of each row (keys 0..pos are visible)
     m_ptr, l_ptr,  # [B, Hs, SPLITS] fp32 out: running max and denominator per split
     acc_ptr,  # [B, Hs, SPLITS, D] fp32 out: unnormalised weighted values per split
+    k_new_ptr, v_new_ptr,  # [B, Hs, D] this step's keys and values (WRITE_KV)
     Hs, D, SPLITS,
     scale,  # multiplies q as it is loaded (1.0 for queries scaled already)
     stride_qb, stride_qh,
+    stride_nb, stride_nh,  # k_new / v_new strides (alike)
     stride_cs, stride_ch, stride_cl,
     CHUNK: tl.constexpr,  # positions per split (a multiple of BLOCK_L)
     BLOCK_L: tl.constexpr,  # positions per step
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
+    WRITE_KV: tl.constexpr,  # write k_new / v_new into the cache at each row's position
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -192,13 +195,24 @@ def _decode_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     slot = tl.load(slots_ptr + pid_b).to(tl.int64)
-    length = tl.load(pos_ptr + pid_b).to(tl.int64) + 1
+    last = tl.load(pos_ptr + pid_b).to(tl.int64)
+    length = last + 1
     head = tl.load(heads_ptr + pid_h).to(tl.int64)
     q = tl.load(q_ptr + pid_b * stride_qb + pid_h * stride_qh + offs_d, mask=d_mask,
                 other=0.0).to(tl.float32) * scale
     base = slot * stride_cs + head * stride_ch
     start = (pid_s * CHUNK).to(tl.int64)
     end = tl.minimum(start + CHUNK, length)
+    if WRITE_KV:
+        # Position `last` is read by this split alone, which takes this step's key and
+        # value from the inputs (as the cache will hold them) and writes them there: no
+        # program of this launch reads that cache entry.
+        new = pid_b * stride_nb + pid_h * stride_nh + offs_d
+        k_new = tl.load(k_new_ptr + new, mask=d_mask, other=0.0).to(k_cache_ptr.dtype.element_ty)
+        v_new = tl.load(v_new_ptr + new, mask=d_mask, other=0.0).to(v_cache_ptr.dtype.element_ty)
+        if (last >= start) & (last < end):
+            tl.store(k_cache_ptr + base + last * stride_cl + offs_d, k_new, mask=d_mask)
+            tl.store(v_cache_ptr + base + last * stride_cl + offs_d, v_new, mask=d_mask)
     m_i = tl.full((), float("-inf"), tl.float32)
     l_i = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -209,13 +223,19 @@ def _decode_attention_kernel(
         l_mask = offs_l < end
         ptrs = base + offs_l[:, None] * stride_cl + offs_d[None, :]
         kv_mask = l_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + ptrs, mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_cache_ptr + ptrs, mask=kv_mask, other=0.0)
+        if WRITE_KV:  # the entry at `last` is stale: this step's key replaces it
+            k = tl.where((offs_l == last)[:, None], k_new[None, :], k)
+        k = k.to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1)
         s = tl.where(l_mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
-        v = tl.load(v_cache_ptr + ptrs, mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_cache_ptr + ptrs, mask=kv_mask, other=0.0)
+        if WRITE_KV:
+            v = tl.where((offs_l == last)[:, None], v_new[None, :], v)
+        v = v.to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
@@ -394,10 +414,17 @@ def qkv_projection(x: Tensor, rows: HeadRows, heads: Tensor, locs: Tensor, cache
 
 def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
                      slots: Tensor, positions: Tensor, *, chunk: int = 64,
-                     block_l: int = 32, num_warps: int = 4, scale: float = 1.0) -> Tensor:
+                     block_l: int = 32, num_warps: int = 4, scale: float = 1.0,
+                     new_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """softmax(scale * q . K[0..pos]) V[0..pos] per row and selected head: [B, Hs, D], q's
     dtype. ``scale`` 1.0 takes q scaled already; D ** -0.5 folds the scaling in (fp32, after
     the load), so a caller need not launch a multiply for it.
+
+    ``new_kv``: this step's keys and values [B, Hs, D] (strided alike, D contiguous), written
+    into the cache at each row's slot and position by this launch, as
+    ``cache_k[slots, heads, positions] = k`` (and v) before it would, without launches of
+    their own. Rows must not share a (slot, position) unless their keys and values are
+    equal (a captured bucket's padding rows repeat row 0).
 
     The number of splits follows the cache length L (not the rows' positions), so the
     grid is fixed for a given cache, as CUDA graphs need.
@@ -405,6 +432,12 @@ def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
     b, hs, d = q.shape
     if q.stride(2) != 1:
         raise ValueError("q: the head dim must be contiguous")
+    k_new, v_new = new_kv if new_kv is not None else (q, q)  # placeholders when unused
+    if new_kv is not None and (k_new.shape != q.shape or v_new.shape != q.shape
+                               or k_new.stride() != v_new.stride() or k_new.stride(2) != 1):
+        raise ValueError(f"new_kv: expected k and v [{b}, {hs}, {d}] strided alike with the "
+                         f"head dim contiguous, got {tuple(k_new.shape)} {k_new.stride()} and "
+                         f"{tuple(v_new.shape)} {v_new.stride()}")
     block_l = min(block_l, chunk)
     if chunk % block_l:
         raise ValueError(f"chunk {chunk} must be a multiple of block_l {block_l}")
@@ -418,9 +451,11 @@ def decode_attention(q: Tensor, heads: Tensor, cache_k: Tensor, cache_v: Tensor,
         return out
     block_d = triton.next_power_of_2(d)
     _decode_attention_kernel[(b, hs, splits)](
-        q, heads, cache_k, cache_v, slots, positions, m, lsum, acc, hs, d, splits, scale,
-        q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps,
+        q, heads, cache_k, cache_v, slots, positions, m, lsum, acc, k_new, v_new, hs, d,
+        splits, scale, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, WRITE_KV=new_kv is not None,
+        num_warps=num_warps,
     )
     _combine_kernel[(b * hs,)](m, lsum, acc, out, d, splits,
                                BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)

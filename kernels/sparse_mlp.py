@@ -273,14 +273,15 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
                num_stages: int = 3, split_c: int = 0, count: Tensor | None = None,
                chained: bool = False, block_n2: int | None = None,
                split_c2: int | None = None, workspace: Tensor | None = None,
-               prefetch: bool = True) -> Tensor:
+               prefetch: bool = True, clean: bool = True) -> Tensor:
     """``residual + bias2 + sum_n relu(x W1[n] + b1[n]) W2t[n]`` over the selected neurons.
 
     Three schedules of the same math:
       - chained=True (the fast one, mlp_chained.py): one launch; fc1 tiles of
         [block_n, split_c], fc2 tiles of [block_n2, split_c2] (defaults: the fc1 sizes)
         chained on them by device counters, the epilogue done by the last fc2 tile of each
-        column chunk. ``workspace`` (mlp_chained.mlp_workspace) saves the per-call memset;
+        column chunk. ``workspace`` (mlp_chained.mlp_workspace) saves the per-call memset
+        (zero on entry; ``clean`` False leaves it used, for a caller that zeroes it again);
         ``prefetch`` lets fc2 tiles load their rows before fc1 is done;
       - split_c > 0: fc1 and fc2 as two kernels of one [block_n, split_c] tile per program,
         then a finalize kernel (four launches with the memset);
@@ -327,7 +328,7 @@ def sparse_mlp(x: Tensor, rows: NeuronRows, locs: Tensor, *, host: NeuronRows | 
                               split_c=sc, block_n2=block_n2 or block_n,
                               split_c2=split_c2 or sc, num_warps=num_warps,
                               workspace=workspace, dot_fp32=interpreting(),
-                              prefetch=prefetch)
+                              prefetch=prefetch, clean=clean)
     # One zeroed buffer for the output sums and (split path) the pre-activations: one
     # memset, not two.
     scratch = torch.zeros(b * c + (b * k if split_c else 0), dtype=torch.float32,

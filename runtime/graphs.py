@@ -26,8 +26,8 @@ layer's own (``select_mlp``, after attention); for a "lookahead" layer, the prev
 layer's. Two things
 differ from the eager sparse path, both documented where they are: a union above
 ``dense_above`` is not switched to the dense MLP (that decision reads the device), and
-the per-layer predictor time is not measured. Densities are: the graph writes each
-layer's union density to an output buffer the stage folds into its statistics after the
+the per-layer predictor time is not measured. Densities are: the graph leaves each
+layer's union size in a device buffer the stage folds into its statistics after the
 replay. A selector that skips heads is not captured (lazy K/V recomputation reads the
 device); its steps stay eager. A random selector's draws advance in the graph (its
 generators are registered with it), but capture's warm-up draws too, so a captured
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -73,6 +74,7 @@ from .step import Step
 log = logging.getLogger("dejavu.graphs")
 
 DTYPES = (torch.float16, torch.bfloat16)
+COUNT = 1  # where a layer's union size sits in its scratch row (kernels/select.py's layout)
 
 
 def bucket(n: int) -> int:
@@ -82,25 +84,49 @@ def bucket(n: int) -> int:
 
 class CapturedSparse(SparseContext):
     """A ``SparseContext`` whose selections never read the device from the host: each
-    layer's union density goes to ``union[i]`` (a device buffer) instead of the stats."""
+    layer's union size goes to ``scratch[i, COUNT]`` (a device buffer) instead of the stats.
 
-    def __init__(self, selector: Selector, layer_ids: list[int], carry: Tensor | None,
+    ``scratch`` [layers, W] int32 is zeroed once per step, one memset for every layer's
+    kernels instead of two per layer: row i begins with layer i's fused selection scratch
+    (its sums and its count, kernels/select.py; for a selector without one, just the count
+    at the same place), then layer i's chained MLP workspace (kernels/mlp_chained.py). The
+    price is memory and bytes zeroed: for OPT-13B's shape about 0.1 MB per layer and row
+    of the bucket (at 16 rows, 66 MB over 40 layers)."""
+
+    def __init__(self, selector: Selector, model: OPTModel, carry: Tensor | None,
                  live: Tensor, live_rows: Tensor) -> None:
+        from ..kernels.mlp_chained import workspace_numel  # imports triton: on use
+        from ..kernels.select import MAX_RANK, scratch_numel
+
         super().__init__(selector, mode="gather", carry=carry)
-        self.index = {lid: i for i, lid in enumerate(layer_ids)}
-        self.union = torch.zeros(len(layer_ids), dtype=torch.float32, device=live.device)
+        self.index = {lid: i for i, lid in enumerate(model.layer_ids)}
+        self.widths = [layer.fc1.out_features for layer in model.layers()]
+        rows, device = live.shape[0], live.device
+        self._mlp_at = scratch_numel(rows, MAX_RANK)  # a multiple of 32: 128-byte aligned
+        c = model.config
+        width = self._mlp_at + workspace_numel(rows, c.hidden_size, c.ffn_dim)
+        self.scratch = torch.zeros((len(self.index), width), dtype=torch.int32, device=device)
         self.initial_carry = carry
         self.live = live  # [R, 1, 1] bool: the step's real rows (the rest pad the bucket)
         self.live_rows = live_rows  # [1] int32: how many they are (they come first)
         # Per layer: its predictor input as the previous MLP block's LayerNorm left it.
         self._normed: dict[int, tuple[Tensor, torch.nn.LayerNorm]] = {}
 
+    @property
+    def union(self) -> Tensor:
+        """[layers] float32: each layer's union density in the last step (reads the device:
+        outside a step only)."""
+        widths = torch.tensor(self.widths, dtype=torch.float32, device=self.scratch.device)
+        return self.scratch[:, COUNT].float() / widths
+
     def begin(self) -> None:
-        """Reset the wiring before a forward pass (warm-up runs it several times)."""
+        """Reset the wiring and zero the scratch before a forward pass (warm-up runs it
+        several times)."""
         self._sources.clear()
         self._normed.clear()
         self._carry = self.initial_carry
         self.carry_out = None
+        self.scratch.zero_()
 
     def lookahead(self, layer_id: int, h: Tensor,
                   normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> None:
@@ -130,25 +156,27 @@ class CapturedSparse(SparseContext):
     def _neurons(self, layer: OPTDecoderLayer, x: Tensor,
                  normed: tuple[Tensor, torch.nn.LayerNorm] | None,
                  masks: Callable[[], Selection]) -> Selection:
-        """The layer's neurons predicted from ``x`` [R, 1, C], its union density written to
-        the layer's slot of ``union``. A selector that compacts its own union on the device
+        """The layer's neurons predicted from ``x`` [R, 1, C], the size of their union in
+        the layer's row of ``scratch``. A selector that compacts its own union on the device
         (the predictors' fused kernel, reading ``normed`` where its LayerNorm folds in)
-        skips the masks and counts only the live rows; else ``masks()``, padding rows
-        masked out."""
+        skips the masks, counts only the live rows and writes its count there itself; else
+        ``masks()``, padding rows masked out."""
         lid = layer.layer_id
-        slot = self.union[self.index[lid]: self.index[lid] + 1]
+        row = self.scratch[self.index[lid]]
+        select, mlp = row[: self._mlp_at], row[self._mlp_at:]
         compact = getattr(self.selector, "compact", None)
-        sel = None if compact is None else compact(lid, x, self.live_rows, normed)
+        sel = None if compact is None else compact(lid, x, self.live_rows, normed,
+                                                   scratch=select)
         if sel is not None:
-            slot.copy_(sel.neuron_count / layer.fc1.out_features)
-            return sel
+            return replace(sel, mlp_workspace=mlp)
+        slot = select[COUNT: COUNT + 1]
         sel = _every_head(lid, masks())
         if sel.neurons is None:
-            slot.fill_(1.0)
+            slot.fill_(layer.fc1.out_features)
             return sel
         neurons = sel.neurons & self.live  # a padding row reads nothing
-        slot.copy_(neurons.reshape(-1, neurons.shape[-1]).any(0).float().mean())
-        return Selection(neurons=neurons)
+        slot.copy_(neurons.reshape(-1, neurons.shape[-1]).any(0).sum())
+        return Selection(neurons=neurons, mlp_workspace=mlp)
 
 
 def _every_head(lid: int, sel: Selection) -> Selection:
@@ -178,8 +206,7 @@ class _Captured:
         self.sparse = None
         if selector is not None:
             carry = None if model.is_first else self.carry
-            self.sparse = CapturedSparse(selector, model.layer_ids, carry, self.live,
-                                         self.live_rows)
+            self.sparse = CapturedSparse(selector, model, carry, self.live, self.live_rows)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
         self.carry_out: Tensor | None = None
@@ -339,10 +366,11 @@ class DecodeGraphs:
 
     def _fold_stats(self, sparse: CapturedSparse, tokens: int) -> None:
         """The replay's union densities into the stage's statistics (one small read)."""
-        for lid, density in zip(self.model.layer_ids, sparse.union.tolist(), strict=True):
+        counts = sparse.scratch[:, COUNT].tolist()
+        for lid, count, width in zip(self.model.layer_ids, counts, sparse.widths, strict=True):
             s = self.stats.layer(lid)
             s.tokens += tokens
-            s.mlp_computed += tokens * density
+            s.mlp_computed += tokens * count / width
             s.heads_computed += tokens  # captured steps keep every head
 
 

@@ -29,7 +29,7 @@ from .opt_config import POSITION_OFFSET, OPTConfig
 from .sparse import complete_kv, selected_attention, selected_mlp
 
 if TYPE_CHECKING:
-    from .sparse import SparseContext
+    from .sparse import Selection, SparseContext
 
 
 class KVCache:
@@ -216,8 +216,8 @@ class OPTAttention(nn.Module):
                     bqkv: Tensor | None) -> Tensor:
         """A captured decode step's attention (``Batch.fixed_shape``: one token per row,
         every head, a cache without stored inputs), doing only what it must: one product
-        for q, k and v (``stacked_qkv``), k and v written into the cache from it, the decode
-        kernel scaling q as it loads it. The same function as ``merge_heads(head_outputs)``
+        for q, k and v (``stacked_qkv``), the decode kernel writing k and v into the cache
+        and scaling q as it loads it. The same function as ``merge_heads(head_outputs)``
         (tests compare them). x [B, 1, C] (post-LN) -> [B, 1, C] after out_proj."""
         from ..kernels.sparse_attention import decode_attention  # imports triton: on use
 
@@ -225,13 +225,11 @@ class OPTAttention(nn.Module):
         b = x.shape[0]
         qkv = F.linear(x[:, 0], wqkv, bqkv).view(b, 3, self.num_heads, self.head_dim)
         cache_k, cache_v = batch.cache.layer(layer_id)  # [S, H, L, D]
-        pos = batch.positions[:, 0]
-        cache_k[batch.slots, :, pos] = qkv[:, 1].to(cache_k.dtype)
-        cache_v[batch.slots, :, pos] = qkv[:, 2].to(cache_v.dtype)
         if self._every_head is None or self._every_head.device != x.device:
             self._every_head = torch.arange(self.num_heads, device=x.device)
-        out = decode_attention(qkv[:, 0], self._every_head, cache_k, cache_v,
-                               batch.slots, pos, scale=self.scaling)  # [B, H, D]
+        out = decode_attention(qkv[:, 0], self._every_head, cache_k, cache_v, batch.slots,
+                               batch.positions[:, 0], scale=self.scaling,
+                               new_kv=(qkv[:, 1], qkv[:, 2]))  # [B, H, D]
         return self.out_proj(out.view(b, 1, -1))
 
     def head_outputs(self, x: Tensor, layer_id: int, batch: Batch) -> Tensor:
@@ -292,21 +290,41 @@ class OPTDecoderLayer(nn.Module):
         self._fc2_rows: tuple[tuple, Tensor] | None = None
 
     def attention_block(self, h: Tensor, batch: Batch, heads: Tensor | None = None) -> Tensor:
-        x = self.self_attn_layer_norm(h) if self.pre_ln else h
-        h = h + self.self_attn(x, self.layer_id, batch, heads)
-        return h if self.pre_ln else self.self_attn_layer_norm(h)
+        return self.attention_and_norm(h, batch, heads, norm=False)[0]
 
-    def mlp_block(self, h: Tensor, neurons: Tensor | None = None,
-                  gather: bool = False, index: Tensor | None = None,
-                  device_only: bool = False, count: Tensor | None = None,
-                  normed: Tensor | None = None) -> Tensor:
-        """``normed``: final_layer_norm(h) when the caller computed it already (pre-LN)."""
+    def attention_and_norm(self, h: Tensor, batch: Batch, heads: Tensor | None = None,
+                           norm: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The attention block's output and, for a pre-LN layer with ``norm``, that output
+        through final_layer_norm (what the MLP block and its predictors read; else None). A
+        captured step on the kernels adds the residual and normalizes in one launch
+        (kernels/layer_norm.py; its twin is the add and the norm below)."""
+        x = self.self_attn_layer_norm(h) if self.pre_ln else h
+        out = self.self_attn(x, self.layer_id, batch, heads)
+        if not self.pre_ln:
+            return self.self_attn_layer_norm(h + out), None
+        if not norm:
+            return h + out, None
+        ln = self.final_layer_norm
+        if batch.fixed_shape and sparse_backend.backend_of(self) == "triton":
+            from ..kernels.layer_norm import add_layer_norm  # imports triton: on use
+
+            return add_layer_norm(h, out, ln.weight, ln.bias, ln.eps)
+        h = h + out
+        return h, ln(h)
+
+    def mlp_block(self, h: Tensor, sel: Selection | None = None, gather: bool = False,
+                  device_only: bool = False, normed: Tensor | None = None) -> Tensor:
+        """``sel``: the layer's neurons (runtime/sparse.py), None or without neurons for the
+        dense block; ``normed``: final_layer_norm(h) when the caller computed it already
+        (pre-LN)."""
         x = normed if normed is not None else self.final_layer_norm(h) if self.pre_ln else h
-        if neurons is None and count is None:
+        if sel is None or (sel.neurons is None and sel.neuron_count is None):
             h = h + self.fc2(F.relu(self.fc1(x)))
-        else:  # [B, T, F] bool, or a union compacted on the device (runtime/sparse.py)
-            h = h + selected_mlp(self, x, neurons, gather, index, device_only=device_only,
-                                 count=count)
+        else:  # masks [B, T, F], or a union compacted on the device (runtime/sparse.py),
+            # which the kernel adds to the residual itself
+            h = selected_mlp(self, x, sel.neurons, gather, sel.neuron_index,
+                             device_only=device_only, count=sel.neuron_count, residual=h,
+                             workspace=sel.mlp_workspace)
         return h if self.pre_ln else self.final_layer_norm(h)
 
     def fc2_rows(self) -> Tensor:
@@ -322,10 +340,10 @@ class OPTDecoderLayer(nn.Module):
 
     def forward(self, h: Tensor, batch: Batch) -> Tensor:
         if batch.sparse is None:
-            return self.mlp_block(self.attention_block(h, batch))
+            h, x = self.attention_and_norm(h, batch)
+            return self.mlp_block(h, normed=x)
         sel = batch.sparse.select(self, h, batch)
-        h = self.attention_block(h, batch, sel.heads)
-        x = self.final_layer_norm(h) if self.pre_ln else None
+        h, x = self.attention_and_norm(h, batch, sel.heads)
         normed = None if x is None else (x, self.final_layer_norm)
         # h enters this MLP block: own-input MLP predictors read it first (an offloaded
         # layer's rows are then requested before the next layer's); it is also the next
@@ -334,8 +352,8 @@ class OPTDecoderLayer(nn.Module):
         sel = batch.sparse.select_mlp(self, h, batch, sel, normed)
         batch.sparse.lookahead(self.layer_id, h, normed)
         # A fixed-shape (CUDA-graph captured) step must not read the device from the host.
-        return self.mlp_block(h, sel.neurons, batch.sparse.gather(batch), sel.neuron_index,
-                              device_only=batch.fixed_shape, count=sel.neuron_count, normed=x)
+        return self.mlp_block(h, sel, batch.sparse.gather(batch), device_only=batch.fixed_shape,
+                              normed=x)
 
 
 class OPTModel(nn.Module):

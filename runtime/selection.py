@@ -157,7 +157,8 @@ class PredictorSelector:
 
     @torch.no_grad()
     def compact(self, layer_id: int, source: Tensor, live: Tensor,
-                normed: tuple[Tensor, torch.nn.LayerNorm] | None = None) -> Selection | None:
+                normed: tuple[Tensor, torch.nn.LayerNorm] | None = None,
+                scratch: Tensor | None = None) -> Selection | None:
         """The layer's union of neurons compacted on the device by one fused kernel
         (kernels/select.py: the predictor's two factors, its bias and the threshold in one
         launch), for a captured decode step: ``Selection(neuron_index=ids [F] int32,
@@ -169,7 +170,9 @@ class PredictorSelector:
 
         ``normed``: (that LayerNorm's output, the LayerNorm) where the model normalizes
         ``source`` anyway (the MLP block's input): the predictor reads it, its own
-        normalization folded into its factors (``fold_layer_norm``), and launches none."""
+        normalization folded into its factors (``fold_layer_norm``), and launches none.
+        ``scratch``: a zeroed int32 buffer the kernel may sum into (kernels/select.py's
+        ``scratch_numel``; the count then lives in it), None for one of its own."""
         c = self.predictors.config
         threshold = self.threshold(layer_id)
         b, t, hidden = source.shape
@@ -188,7 +191,7 @@ class PredictorSelector:
             p1, p2, bias = self._factors(layer_id, source.dtype)
             x = F.layer_norm(source.reshape(b * t, hidden), (hidden,))  # the classifier's own
         idx, count = lowrank_threshold_select(x, p1, p2, threshold, c.ffn_dim, bias=bias,
-                                              live=live)
+                                              live=live, scratch=scratch)
         return Selection(neuron_index=idx, neuron_count=count)
 
     def _factors(self, layer_id: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:

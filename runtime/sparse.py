@@ -97,6 +97,9 @@ class Selection:
     # A captured step's union compacted on the device by the selector itself (no masks):
     # the valid entries at the front of ``neuron_index`` (int32, any order), [1] int32.
     neuron_count: Tensor | None = None
+    # A zeroed workspace for this layer's chained MLP kernel alone: a captured step zeroes
+    # every layer's at once, so that no MLP launches a memset of its own.
+    mlp_workspace: Tensor | None = None
     head_index: Tensor | None = None  # the heads' union, as for neuron_index
     # An offloaded layer's decode step: the union padded to every id (``padded_union``),
     # its valid entries at the front, their count [1] int32 on the device.
@@ -490,22 +493,33 @@ class NotCapturable(SparsityError):
 
 def selected_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor | None, gather: bool,
                  index: Tensor | None = None, *, device_only: bool = False,
-                 count: Tensor | None = None) -> Tensor:
+                 count: Tensor | None = None, residual: Tensor | None = None,
+                 workspace: Tensor | None = None) -> Tensor:
     """fc2(relu(fc1(x))) over the selected neurons only. x [B, T, C], neurons [B, T, F];
     ``index``: their union's indices when already known (``Selection.neuron_index``).
     ``device_only`` (a step runtime/graphs.py captures): never read the device from the
     host; the union is compacted on the device and the kernel reads its count there.
-    ``count``: the union came compacted (``Selection.neuron_count``; no masks)."""
-    fc1, fc2 = layer.fc1, layer.fc2
-    if count is not None and sparse_backend.is_offloaded(layer):
-        return layer.offloaded.mlp(x, index, count)
-    if count is not None:
+    ``count``: the union came compacted (``Selection.neuron_count``; no masks).
+    ``residual`` [B, T, C]: returned plus it (the device-only kernel adds it in its
+    epilogue: one launch less); ``workspace``: ``Selection.mlp_workspace``."""
+    if count is not None and not sparse_backend.is_offloaded(layer):
         _check_kernel_applies(layer, x)
-        return sparse_backend.mlp_gather(layer, x, index, count)
+        return sparse_backend.mlp_gather(layer, x, index, count, residual=residual,
+                                         workspace=workspace)
+    if device_only and gather and count is None:
+        return _compacted_mlp(layer, x, neurons, residual, workspace)
+    out = _selected_mlp(layer, x, neurons, gather, index, count)
+    return out if residual is None else residual + out
+
+
+def _selected_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor | None, gather: bool,
+                  index: Tensor | None, count: Tensor | None) -> Tensor:
+    """``selected_mlp`` where no kernel adds the residual."""
+    fc1, fc2 = layer.fc1, layer.fc2
+    if count is not None:  # an offloaded layer
+        return layer.offloaded.mlp(x, index, count)
     if not gather:
         return fc2(F.relu(fc1(x)) * neurons.to(x.dtype))
-    if device_only:
-        return _compacted_mlp(layer, x, neurons)
     idx = index if index is not None else union_index(neurons)
     # Fast paths, each with gathered_mlp_reference as its twin: the Triton kernel (GPU) and
     # whole-row gathers of fc2 transposed (CPU: the reference's strided column gather cost
@@ -526,7 +540,8 @@ def gathered_mlp_reference(layer: OPTDecoderLayer, x: Tensor, idx: Tensor) -> Te
     return F.linear(F.relu(F.linear(x, w1, b1)), w2, fc2.bias)
 
 
-def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor) -> Tensor:
+def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor,
+                   residual: Tensor | None, workspace: Tensor | None) -> Tensor:
     """The union of the batch's neurons, written to the front of an index buffer on the
     device (kernels/select.py), through the kernel with the count on the device: the same
     set as ``union_index``, in an order that may vary (fp32 accumulation order only)."""
@@ -535,7 +550,8 @@ def _compacted_mlp(layer: OPTDecoderLayer, x: Tensor, neurons: Tensor) -> Tensor
 
     flags = neurons.reshape(-1, neurons.shape[-1]).to(x.dtype)  # 1.0 where selected
     idx, count = threshold_select(flags, 0.5, capacity=flags.shape[1])
-    return sparse_backend.mlp_gather(layer, x, idx, count)
+    return sparse_backend.mlp_gather(layer, x, idx, count, residual=residual,
+                                     workspace=workspace)
 
 
 def _check_kernel_applies(layer: OPTDecoderLayer, x: Tensor) -> None:

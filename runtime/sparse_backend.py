@@ -248,21 +248,30 @@ def mlp_kernel_applies(layer: OPTDecoderLayer, x: Tensor) -> bool:
 
 
 def mlp_gather(layer: OPTDecoderLayer, x: Tensor, idx: Tensor,
-               count: Tensor | None = None) -> Tensor:
+               count: Tensor | None = None, *, residual: Tensor | None = None,
+               workspace: Tensor | None = None) -> Tensor:
     """fc2(relu(fc1(x))) over neurons ``idx`` (the batch's union) through the kernel.
     x: [B, T, C] with B*T <= MAX_BATCH. ``count``: [1] int32 on the device, the valid
     entries at the front of ``idx`` (a union compacted on the device; resident layers only).
-    Returns [B, T, C], fc2's bias included."""
+    Returns [B, T, C], fc2's bias included, plus ``residual`` [B, T, C] if given (added in
+    the kernel's epilogue, rounded once). ``workspace``: a zeroed int32 workspace of the
+    chained kernel (kernels/mlp_chained.py) for this call alone, so that it launches no
+    memset; the kernel leaves it used (the caller zeroes it before any other use)."""
     offloaded = layer.offloaded
     if offloaded is not None:
         if count is not None:
             raise BackendError("an offloaded layer takes its selection as indices, not a count")
-        return offloaded.mlp(x, idx)
+        out = offloaded.mlp(x, idx)
+        return out if residual is None else residual + out
     from ..kernels.sparse_mlp import sparse_mlp as kernel
 
     b, t, c = x.shape
+    args = dict(MLP_ARGS)
+    if workspace is not None and args.get("chained"):
+        args.update(workspace=workspace, clean=False)
+    res = None if residual is None else residual.reshape(b * t, c).contiguous()
     out = kernel(x.reshape(b * t, c).contiguous(), mlp_rows(layer), idx,
-                 bias2=layer.fc2.bias, count=count, **MLP_ARGS)
+                 bias2=layer.fc2.bias, residual=res, count=count, **args)
     return out.view(b, t, c)
 
 

@@ -147,14 +147,14 @@ def test_captured_forward_with_fused_selection_equals_gathered_masks(real, own):
     chosen = {}
     compact = sel.compact
 
-    def spy(lid, source, live, normed=None):
+    def spy(lid, source, live, normed=None, scratch=None):
         if own:
             assert normed[1] is norms[lid] and torch.equal(normed[0], normed[1](source))
         elif lid > 0:
             assert normed[1] is norms[lid - 1] and torch.equal(normed[0], normed[1](source))
         else:
             assert normed is None
-        out = compact(lid, source, live, normed)
+        out = compact(lid, source, live, normed, scratch=scratch)
         ids = out.neuron_index[: int(out.neuron_count)].long()
         mask = torch.zeros(model.config.ffn_dim, dtype=torch.bool, device=DEVICE)
         chosen[lid] = mask.index_fill_(0, ids, True)

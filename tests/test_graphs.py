@@ -44,10 +44,13 @@ def test_bucket():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pre_ln", [True, False])
-def test_fixed_shape_forward_equals_eager(dtype, pre_ln):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_fixed_shape_forward_equals_eager(dtype, pre_ln, backend):
     """Rows at different positions (one a reused slot with stale entries beyond its own
-    length): the in-place decode attention equals the gathered, masked one."""
+    length): the in-place decode attention equals the gathered, masked one. On the kernels
+    (as on a GPU) the residual add and the MLP block's norm are one launch as well."""
     model = tiny(dtype, DEVICE, pre_ln=pre_ln)
+    use_backend(model, backend)
     config = model.config
     eager_cache = allocate_cache(model, 4, 32)
     g = torch.Generator().manual_seed(3)
@@ -120,6 +123,31 @@ def test_device_only_mlp_equals_union_gather(rows):
         dense_rows = layer.fc2(torch.relu(layer.fc1(x.float().to(torch.float16))))
     assert float((got.float() - want.float()).norm() / want.float().norm()) < 3e-3
     assert not torch.allclose(got.float(), dense_rows.float(), rtol=1e-2)  # really sparse
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_device_only_mlp_adds_the_residual_in_a_given_workspace(rows):
+    """A captured step's MLP: the residual added by the kernel (rounded once), each layer's
+    workspace a row of one buffer zeroed once (no memset of its own), the other rows left
+    alone."""
+    from dejavu.kernels.mlp_chained import workspace_numel
+
+    model = tiny(torch.float16, DEVICE)
+    use_backend(model, "triton")
+    c, f = model.config.hidden_size, model.config.ffn_dim
+    workspaces = torch.zeros((2, workspace_numel(rows, c, f)), dtype=torch.int32,
+                             device=DEVICE)
+    g = torch.Generator().manual_seed(6)
+    for i, layer in enumerate(model.layers()):
+        x = torch.randn(rows, 1, c, generator=g).to(DEVICE, torch.float16)
+        h = torch.randn(rows, 1, c, generator=g).to(DEVICE, torch.float16)
+        neurons = (torch.rand(rows, 1, f, generator=g) < 0.2).to(DEVICE)
+        with torch.inference_mode():
+            want = h + selected_mlp(layer, x, neurons, True)
+            got = selected_mlp(layer, x, neurons, True, device_only=True, residual=h,
+                               workspace=workspaces[i])
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 3e-3
+        assert workspaces[i].any() and not workspaces[i + 1:].any()
 
 
 def test_random_selector_says_whether_it_keeps_every_head():

@@ -90,6 +90,38 @@ def test_split_decode_attention_over_many_chunks(dtype):
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_writes_this_steps_kv_as_the_cache_writes_would(dtype):
+    """``new_kv``: the kernel writes this step's keys and values and attends over them, the
+    same as two cache writes before it (bit for bit: the same values in the same sums).
+    Rows at the first position, mid-chunk, at a chunk's edge and filling the cache; the
+    last row repeats the first (a captured bucket's padding row); a subset of the heads."""
+    b, h, d, length = 5, 4, 16, 48
+    _, _, _, ck, cv, _, _ = case(b, h, d, 4, length, dtype, seed=11)
+    slots = torch.tensor([2, 0, 3, 1, 2])
+    pos = torch.tensor([0, 21, 31, length - 1, 0])
+    heads = torch.tensor([3, 0, 2], dtype=torch.int32)
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(b, 3, d, generator=g).to(dtype) for _ in range(3))
+    k[-1], v[-1], q[-1] = k[0], v[0], q[0]
+    qkv = torch.stack([q, k, v], 1).to(DEVICE)  # [B, 3, Hs, D]: k, v strided as the step's
+    ck_want, cv_want = ck.clone().to(DEVICE), cv.clone().to(DEVICE)
+    rows, hd = slots.to(DEVICE)[:, None], heads.to(DEVICE).long()[None, :]
+    ck_want[rows, hd, pos.to(DEVICE)[:, None]] = k.to(DEVICE)
+    cv_want[rows, hd, pos.to(DEVICE)[:, None]] = v.to(DEVICE)
+    args = (heads.to(DEVICE), slots.to(DEVICE), pos.to(DEVICE))
+    want = decode_attention(qkv[:, 0], args[0], ck_want, cv_want, *args[1:], chunk=16,
+                            block_l=8, scale=d**-0.5)
+    ck_got, cv_got = ck.clone().to(DEVICE), cv.clone().to(DEVICE)
+    got = decode_attention(qkv[:, 0], args[0], ck_got, cv_got, *args[1:], chunk=16,
+                           block_l=8, scale=d**-0.5, new_kv=(qkv[:, 1], qkv[:, 2]))
+    assert torch.equal(ck_got, ck_want) and torch.equal(cv_got, cv_want)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="new_kv"):
+        decode_attention(qkv[:, 0], args[0], ck_got, cv_got, *args[1:],
+                         new_kv=(qkv[:, 1], qkv[:, 2].contiguous()))
+
+
 def test_reference_equals_model_cached_attention_with_all_heads():
     cfg = OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1,
                     vocab_size=64, max_position_embeddings=16, word_embed_proj_dim=32)

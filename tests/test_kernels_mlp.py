@@ -8,7 +8,7 @@ rows from mapped pinned host memory too.
 import pytest
 import torch
 
-from dejavu.kernels.mlp_chained import mlp_workspace  # noqa: E402
+from dejavu.kernels.mlp_chained import mlp_workspace, workspace_numel  # noqa: E402
 from dejavu.kernels.sparse_mlp import NeuronRows, sparse_mlp, sparse_mlp_reference  # noqa: E402
 from dejavu.runtime.weight_store import RecordLayout, neuron_rows, pack_neurons  # noqa: E402
 
@@ -102,6 +102,26 @@ def test_chained_kernel_matches_reference(dtype, b, c, f, k, n2, c2, pf):
                      block_n=16, split_c=32, block_n2=n2, split_c2=c2, prefetch=pf)
     assert out.shape == (b, c) and out.dtype == dtype
     assert rel_err(out, sparse_mlp_reference(x, w1, b1, w2t, idx, b2, res)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_chained_kernel_in_a_workspace_the_caller_zeroes(b):
+    # clean=False: the kernel skips the reset (a captured step zeroes every layer's
+    # workspace in one memset); the result is the clean kernel's, with a count on the device.
+    dtype = torch.float16
+    c, f = 72, 90
+    x, w1, b1, w2t, b2 = make(b, c, f, dtype, seed=3)
+    rows = NeuronRows(w1, w2t, b1)
+    res = torch.randn(b, c, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    idx = torch.randperm(f, generator=torch.Generator().manual_seed(5)).int().to(DEVICE)
+    count = torch.tensor([41], dtype=torch.int32, device=DEVICE)
+    kw = dict(bias2=b2, residual=res, count=count, chained=True, block_n=16, split_c=16,
+              block_n2=32, split_c2=16)
+    ws = torch.zeros((2, workspace_numel(b, c, f)), dtype=torch.int32, device=DEVICE)
+    out = sparse_mlp(x, rows, idx, workspace=ws[0], clean=False, **kw)
+    want = sparse_mlp_reference(x, w1, b1, w2t, idx[:41], b2, res)
+    assert rel_err(out, want) < TOL[dtype]
+    assert ws[0].any() and not ws[1].any()  # used as it was left, its neighbour untouched
 
 
 def test_chained_kernel_workspace_is_left_zero_and_reused():

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from dejavu.kernels.select import (  # noqa: E402
+    MAX_RANK,
     lowrank_scores_reference,
     lowrank_threshold_select,
     lowrank_topk,
+    scratch_numel,
     threshold_select,
     threshold_select_reference,
 )
@@ -125,3 +127,22 @@ def test_lowrank_select_with_bias_counts_only_live_rows(dtype, b, live):
         assert int((every > thr + margin).sum()) > len(got)
     with pytest.raises(ValueError, match="bias"):
         lowrank_threshold_select(x, p1, p2, thr, capacity=n, bias=bias.half())
+
+
+@pytest.mark.parametrize("b,r", [(1, 16), (3, 24)])
+def test_lowrank_select_in_a_callers_scratch(b, r):
+    """A zeroed scratch of the caller's (a captured step zeroes every layer's at once):
+    the same selection as the call's own, its count kept in the scratch."""
+    c, n = 72, 300
+    x, p1, p2 = _factors(b, c, r, n, torch.float16, seed=b)
+    thr = float(lowrank_scores_reference(x, p1, p2).max(0).values.quantile(0.8))
+    idx, count = lowrank_threshold_select(x, p1, p2, thr, capacity=n, split_c=16)
+    rows = torch.zeros((2, scratch_numel(b, MAX_RANK)), dtype=torch.int32, device=DEVICE)
+    idx2, count2 = lowrank_threshold_select(x, p1, p2, thr, capacity=n, split_c=16,
+                                            scratch=rows[1])
+    assert int(count2) == int(count) > 0 and count2.data_ptr() == rows[1, 1:2].data_ptr()
+    assert set(idx2[: int(count2)].tolist()) == set(idx[: int(count)].tolist())
+    assert not rows[0].any()  # nothing outside the row it was given
+    with pytest.raises(ValueError, match="scratch"):
+        lowrank_threshold_select(x, p1, p2, thr, capacity=n,
+                                 scratch=rows[0, : scratch_numel(b, r) - 1])
