@@ -26,12 +26,13 @@ import torch
 from .checkpoint import load_model, resolve_model_dir
 from .model import OPTModel
 from .offload import budget_report, fit_gib, host_bytes_read, offload_selector
-from .predictors import PredictorSet, find_predictors
+from .predictors import PredictorSet, find_predictors, stored_head_ks
 from .selection import (
     PredictorSelector,
     RandomSelector,
     SelectionConfig,
     SelectionError,
+    count,
     parse_layers,
 )
 from .settings import Settings
@@ -122,7 +123,8 @@ def build_model(settings: Settings, *, layers: range | None = None, device: str 
             offloaded, reserved = fit_gib(
                 model, budget, device=dev, slots=slots,
                 max_len=max_len or model.config.max_position_embeddings,
-                caches=settings.pipeline.offload_cache, model_dir=settings.model.path)
+                caches=settings.pipeline.offload_cache, model_dir=settings.model.path,
+                kv_inputs=steps_skip_heads(settings, model.config))
         except PlacementError as exc:
             raise BuildError(f"[pipeline] gpu_memory_gib = {budget:g}: {exc}") from None
     selector = _selector(settings, model, dev)
@@ -132,6 +134,26 @@ def build_model(settings: Settings, *, layers: range | None = None, device: str 
         report = budget_report(model, offloaded, selector, budget_bytes=gib(budget),
                                reserved_bytes=reserved)
     return Built(model, selector, offloaded, report)
+
+
+def steps_skip_heads(settings: Settings, config) -> bool:
+    """Whether the selector these (resolved) settings build may skip a head, from the
+    settings and the predictor file's operating points alone: the KV cache then keeps
+    attention inputs (``sparse.needs_kv_inputs`` of that selector says the same for a whole
+    model; a test holds them together), which a GPU budget must reserve. Read before any
+    weight, so that the launch's plan and every worker reserve the same bytes (a worker of
+    a span answers for the whole file, as the plan does)."""
+    sparsity, heads = settings.sparsity, config.num_attention_heads
+    if not sparsity.enabled:
+        return False
+    forced = None if sparsity.head_density is None else count(sparsity.head_density, heads)
+    if sparsity.selector == "random":
+        return forced is not None and forced < heads
+    if not sparsity.predictors:
+        return False
+    dense = parse_layers(sparsity.dense_layers)
+    return any((k if forced is None else forced) < heads
+               for layer, k in stored_head_ks(sparsity.predictors).items() if layer not in dense)
 
 
 def _selector(settings: Settings, model: OPTModel, device: torch.device) -> Selector | None:

@@ -684,10 +684,12 @@ def fit_budget(model: OPTModel, budget_bytes: int, *, device: torch.device | str
 
 def fit_gib(model: OPTModel, gpu_memory_gib: float, *, device: torch.device | str, slots: int,
             max_len: int, caches: bool = False,
-            model_dir: str | Path | None = None) -> tuple[list[int], int]:
+            model_dir: str | Path | None = None,
+            kv_inputs: bool = True) -> tuple[list[int], int]:
     """``fit_budget`` for a worker or engine of ``slots`` sequences of ``max_len`` positions
-    with a ``gpu_memory_gib`` budget, reserving the layer planner's figures (KV cache with
-    attention inputs, activation margin), so that what it offloads is what the plan said.
+    with a ``gpu_memory_gib`` budget, reserving the layer planner's figures (KV cache, with
+    attention inputs when steps may skip heads: ``kv_inputs``; activation margin), so that
+    what it offloads is what the plan said.
     ``model_dir``: where the checkpoint's firing statistics may be
     (placement_stats.find_frequencies); with them, the budget left after whole layers holds
     the offloaded layers' most frequently firing neurons (static hot rows). ``caches``:
@@ -695,7 +697,8 @@ def fit_gib(model: OPTModel, gpu_memory_gib: float, *, device: torch.device | st
     reads a missed row twice, so it gains only where selections repeat often enough).
     Returns (offloaded layer ids, reserved bytes)."""
     e = next(model.parameters()).element_size()
-    reserved = offload_reserved_bytes(model.config, len(model.layer_ids), slots, max_len, e)
+    reserved = offload_reserved_bytes(model.config, len(model.layer_ids), slots, max_len, e,
+                                      kv_inputs=kv_inputs)
     freqs = None
     path = find_frequencies(model_dir)
     if path is not None:  # read while the weights are all here (their hashes are checked)

@@ -290,6 +290,21 @@ class PredictorSet:
         return out.to(device)
 
 
+def stored_head_ks(path: str | Path) -> dict[int, int]:
+    """Heads kept per token at each layer's stored operating point, from the file's
+    metadata alone (no tensor read, no model needed): what a planner reads before any
+    weight is loaded. ``PredictorSet.load`` checks the file properly."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            points = json.loads((f.metadata() or {})["operating_points"])
+        return {int(layer): int(fields["head_k"]) for layer, fields in points.items()}
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
+        raise PredictorError(f"{path}: unreadable operating points ({exc})") from None
+
+
 def _point(path: Path, fmt: str, layer: int, fields: dict) -> OperatingPoint:
     """A stored operating point; version 1 files have no ``mlp_source`` (lookahead)."""
     if fmt == FORMATS[0] and "mlp_source" in fields:

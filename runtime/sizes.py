@@ -70,10 +70,13 @@ def activation_bytes(config: OPTConfig, slots: int, max_len: int, dtype_bytes: i
 
 
 def offload_reserved_bytes(config: OPTConfig, num_layers: int, slots: int, max_len: int,
-                           dtype_bytes: int) -> int:
+                           dtype_bytes: int, *, kv_inputs: bool = True) -> int:
     """What a worker with a GPU budget keeps on the GPU before any layer: the KV cache of
-    its ``num_layers`` layers with the attention inputs and K/V-valid bits that offloaded
-    (sparse) attention needs, and ``activation_bytes``."""
+    its ``num_layers`` layers, with the attention inputs and K/V-valid bits of lazy K/V
+    when steps may skip heads (``kv_inputs``; runtime/build.py ``steps_skip_heads``), and
+    ``activation_bytes``."""
     c, h = config.hidden_size, config.num_attention_heads
-    per_layer = 3 * slots * max_len * c * dtype_bytes + slots * h * max_len  # K, V, inputs; bits
+    per_layer = 2 * slots * max_len * c * dtype_bytes  # K, V
+    if kv_inputs:
+        per_layer += slots * max_len * c * dtype_bytes + slots * h * max_len  # inputs; bits
     return num_layers * per_layer + activation_bytes(config, slots, max_len, dtype_bytes)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from ..runtime.build import resolve
+from ..runtime.build import resolve, steps_skip_heads
 from ..runtime.checkpoint import CheckpointError, inspect_checkpoint
 from ..runtime.opt_config import ConfigError, OPTConfig
 from ..runtime.selection import SelectionError
@@ -87,7 +87,8 @@ def _build(config: PipelineConfig, run_dir: RunDir) -> tuple[PipelineServer, Pat
     budget = settings.pipeline.gpu_memory_gib
     plan = plan_layers(model_config, config.workers,
                        dtype_bytes=_DTYPE_BYTES[settings.model.dtype], slots=config.slots,
-                       max_len=max_len, gpu_budget=None if budget is None else gib(budget))
+                       max_len=max_len, gpu_budget=None if budget is None else gib(budget),
+                       kv_inputs=steps_skip_heads(settings, model_config))
     for line in plan.describe().splitlines():
         log.info("%s", line)
     if needs_own_keys(config, run_dir):

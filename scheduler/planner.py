@@ -10,7 +10,8 @@ budget, by dynamic programming over split points: exact, and instant for any rea
 With a GPU budget per worker (``gpu_budget``, [pipeline] gpu_memory_gib) nothing is
 refused: the layers are split by cost alone and each worker keeps on its GPU the
 embeddings / LM head it holds, the KV cache of all its layers (with the attention inputs
-that offloaded layers need) and an activation margin, then as many whole layers as fit; the
+of lazy K/V when steps may skip heads: ``kv_inputs``, runtime/build.py ``steps_skip_heads``)
+and an activation margin, then as many whole layers as fit; the
 rest are offloaded to pinned host memory (runtime/offload.py's ``plan_offload``, which the
 worker runs with ``offload_reserved_bytes`` below, so that the plan and the worker agree).
 Offloaded layers are slower than resident ones; the cost model does not know that yet.
@@ -79,14 +80,15 @@ class Plan:
 
 
 def offloaded_layers(config: OPTConfig, span: range, budget: int, *, dtype_bytes: int,
-                     slots: int, max_len: int) -> int:
+                     slots: int, max_len: int, kv_inputs: bool = True) -> int:
     """How many layers of ``span`` a worker with ``budget`` GPU bytes offloads
     (runtime/offload.py's ``plan_offload`` keeps the others, spread over the span). Raises
     PlanError when the budget does not even hold the embeddings / head, KV cache and
     activations."""
     n = config.num_hidden_layers
     first, last = span.start == 0, span.stop == n
-    fixed = offload_reserved_bytes(config, len(span), slots, max_len, dtype_bytes)
+    fixed = offload_reserved_bytes(config, len(span), slots, max_len, dtype_bytes,
+                                   kv_inputs=kv_inputs)
     if first:
         fixed += embed_bytes(config, dtype_bytes)
     if last:
@@ -114,7 +116,8 @@ def offloaded_layers(config: OPTConfig, span: range, budget: int, *, dtype_bytes
 
 def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots: int = 8,
                 max_len: int = 2048, budgets: list[int | None] | None = None,
-                resident_fraction: float = 1.0, gpu_budget: int | None = None) -> Plan:
+                resident_fraction: float = 1.0, gpu_budget: int | None = None,
+                kv_inputs: bool = True) -> Plan:
     """Split ``config.num_hidden_layers`` layers into ``workers`` non-empty contiguous spans.
 
     ``budgets[i]`` is worker i's memory in bytes (None: unlimited). ``gpu_budget``: every
@@ -129,11 +132,12 @@ def plan_layers(config: OPTConfig, workers: int, *, dtype_bytes: int = 4, slots:
         stages = []
         for s in plan.stages:
             off = offloaded_layers(config, s.layers, gpu_budget, dtype_bytes=dtype_bytes,
-                                   slots=slots, max_len=max_len)
+                                   slots=slots, max_len=max_len, kv_inputs=kv_inputs)
             host = off * layer_bytes(config, dtype_bytes)
-            gpu = s.memory_bytes - host + offload_reserved_bytes(
-                config, len(s.layers), slots, max_len, dtype_bytes) - len(s.layers) * \
-                kv_bytes_per_layer(config, slots, max_len, dtype_bytes)
+            reserved = offload_reserved_bytes(config, len(s.layers), slots, max_len,
+                                              dtype_bytes, kv_inputs=kv_inputs)
+            kv = len(s.layers) * kv_bytes_per_layer(config, slots, max_len, dtype_bytes)
+            gpu = s.memory_bytes - host + reserved - kv
             buffer = stream_buffer_bytes(config, dtype_bytes)
             if off and gpu + buffer <= gpu_budget:  # the prefill's double buffer fits
                 gpu += buffer

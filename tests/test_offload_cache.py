@@ -204,7 +204,9 @@ def test_budgeted_launch_with_caches_equals_the_engine_and_reports_them(tmp_path
     ref = Engine(load_model(path, dtype=torch.float16), max_batch=SLOTS,
                  max_len=MAX_LEN).run(LAUNCH_PROMPTS, LAUNCH_GREEDY)
     layer = pipeline_layer_bytes(TINY, 2)
-    fixed = offload_reserved_bytes(TINY, 2, SLOTS, MAX_LEN, 2) + embed_bytes(TINY, 2)
+    # A dense run: its cache keeps no attention inputs.
+    fixed = offload_reserved_bytes(TINY, 2, SLOTS, MAX_LEN, 2, kv_inputs=False) + \
+        embed_bytes(TINY, 2)
     total = fixed + layer + layer // 2
     with cluster(path, 2, dtype="float16", slots=SLOTS, max_len=MAX_LEN,
                  gpu_memory_gib=total / GIB, offload_cache=True) as c, \

@@ -63,10 +63,12 @@ def reference(tiny16):
     return engine.run(PROMPTS, GREEDY)
 
 
-def first_worker_budget(resident_layers: int) -> float:
+def first_worker_budget(resident_layers: int, kv_inputs: bool = False) -> float:
     """GiB that leave worker 0 of two (layers [0, 2)) exactly ``resident_layers`` layers
-    resident; worker 1 (smaller LM head than embeddings) keeps at most one more."""
-    fixed = offload_reserved_bytes(TINY, 2, SLOTS, MAX_LEN, 2) + embed_bytes(TINY, 2)
+    resident; worker 1 (smaller LM head than embeddings) keeps at most one more. A dense
+    run keeps no attention inputs (``kv_inputs``)."""
+    fixed = offload_reserved_bytes(TINY, 2, SLOTS, MAX_LEN, 2, kv_inputs=kv_inputs) + \
+        embed_bytes(TINY, 2)
     return (fixed + resident_layers * layer_bytes(TINY, 2) + 1) / GIB
 
 
@@ -75,7 +77,7 @@ def first_worker_budget(resident_layers: int) -> float:
 def test_budgeted_launch_equals_the_unbudgeted_engine(tiny16, reference, resident):
     budget = first_worker_budget(resident)
     plan = plan_layers(TINY, 2, dtype_bytes=2, slots=SLOTS, max_len=MAX_LEN,
-                       gpu_budget=int(budget * GIB))
+                       gpu_budget=int(budget * GIB), kv_inputs=False)
     planned = [s.offloaded for s in plan.stages]
     assert planned[0] == 2 - resident and planned[1] >= 1  # both workers offload
     with cluster(tiny16, 2, dtype="float16", slots=SLOTS, max_len=MAX_LEN,
@@ -119,20 +121,39 @@ def test_the_plan_offloads_the_last_layers_that_do_not_fit():
     assert "GPU budget 40.000 GiB" in roomy.describe()
 
 
-def test_the_worker_offloads_what_the_planner_predicts(tiny16):
+@pytest.mark.parametrize("kv_inputs", [True, False])
+def test_the_worker_offloads_what_the_planner_predicts(tiny16, kv_inputs):
     """The worker's fit (runtime/offload.py on the loaded span) and the plan agree, at
-    every budget from 'everything offloaded' to 'nothing offloaded'."""
+    every budget from 'everything offloaded' to 'nothing offloaded', whether steps may
+    skip heads (the cache keeps attention inputs) or not."""
     from dejavu.runtime.offload import fit_gib
 
     for resident in range(3):
-        budget = first_worker_budget(resident)
+        budget = first_worker_budget(resident, kv_inputs)
         plan = plan_layers(TINY, 2, dtype_bytes=2, slots=SLOTS, max_len=MAX_LEN,
-                           gpu_budget=int(budget * GIB))
+                           gpu_budget=int(budget * GIB), kv_inputs=kv_inputs)
         for stage in plan.stages:
             model = load_model(tiny16, layers=stage.layers, dtype=torch.float16)
-            offloaded, _ = fit_gib(model, budget, device="cpu", slots=SLOTS, max_len=MAX_LEN)
+            offloaded, _ = fit_gib(model, budget, device="cpu", slots=SLOTS, max_len=MAX_LEN,
+                                   kv_inputs=kv_inputs)
             assert len(offloaded) == stage.offloaded, (resident, stage)
             assert offloaded == list(stage.layers)[len(stage.layers) - stage.offloaded:]
+
+
+def test_a_run_that_keeps_every_head_reserves_no_attention_inputs():
+    """Lazy K/V stores each position's attention input beside its K and V (and a bit per
+    head): half the K/V cache again, reserved only where a step may skip heads. At the
+    OPT-13B shape with 8 slots of 512 positions (bench_e2e's) that is 1.57 GiB: two more
+    resident layers of a 14 GiB budget."""
+    opt13b = OPTConfig(hidden_size=5120, num_hidden_layers=40, ffn_dim=20480,
+                       num_attention_heads=40, word_embed_proj_dim=5120)
+    kept, lazy = (offload_reserved_bytes(opt13b, 40, 8, 512, 2, kv_inputs=k)
+                  for k in (False, True))
+    assert lazy - kept == 40 * (8 * 512 * 5120 * 2 + 8 * 40 * 512)
+    off = {k: plan_layers(opt13b, 1, dtype_bytes=2, slots=8, max_len=512,
+                          gpu_budget=14 * GIB, kv_inputs=k).stages[0].offloaded
+           for k in (False, True)}
+    assert (off[False], off[True]) == (26, 28)
 
 
 @CPU_KERNELS
@@ -144,7 +165,7 @@ def test_generate_with_a_budget_equals_generate_without(tiny16):
     plain = CliRunner().invoke(app, args)
     assert plain.exit_code == 0, plain.output
     # Room for the embeddings/head, the reserve and one layer of four.
-    fixed = offload_reserved_bytes(TINY, 4, 1, 10, 2) + embed_bytes(TINY, 2)
+    fixed = offload_reserved_bytes(TINY, 4, 1, 10, 2, kv_inputs=False) + embed_bytes(TINY, 2)
     budget = (fixed + layer_bytes(TINY, 2) + 1) / GIB
     offl = CliRunner().invoke(app, args + ["--gpu-memory-gib", repr(budget)])
     assert offl.exit_code == 0, offl.output

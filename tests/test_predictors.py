@@ -241,6 +241,39 @@ def test_the_builder_resolves_and_applies_sparsity_settings(tmp_path):
         resolve(settings(predictors=str(tmp_path / "nope")))
 
 
+def test_the_budget_knows_before_any_weight_whether_steps_skip_heads(tmp_path):
+    """runtime/build.py ``steps_skip_heads`` (settings and the file's operating points, read
+    by the launch's plan and each worker's budget) says what ``needs_kv_inputs`` of the
+    selector ``build_model`` makes says: whether the cache keeps attention inputs."""
+    from dataclasses import replace
+
+    from dejavu.runtime.build import build_model, resolve, steps_skip_heads
+    from dejavu.runtime.checkpoint import save_model
+    from dejavu.runtime.settings import make_settings
+    from dejavu.runtime.sparse import needs_kv_inputs
+
+    model = tiny_model()
+    save_model(model, tmp_path)
+    preds = PredictorSet.create(model, 4, 4)
+    preds.points[1] = replace(preds.points[1], head_k=2)  # layer 1 skips half its heads
+    preds.save(tmp_path / "predictors")
+
+    def both(**sparsity) -> tuple[bool, bool]:
+        settings = resolve(make_settings({"model.path": str(tmp_path)} |
+                                         {f"sparsity.{k}": v for k, v in sparsity.items()}))
+        built = build_model(settings)
+        return steps_skip_heads(settings, model.config), needs_kv_inputs(built.selector)
+
+    assert both() == (True, True)  # the file's layer 1
+    assert both(dense_layers="1") == (False, False)
+    assert both(head_density=1.0) == (False, False)
+    assert both(head_density=0.5, dense_layers="1") == (True, True)
+    assert both(enabled=False) == (False, False)
+    random = {"selector": "random", "mlp_density": 0.5}
+    assert both(**random, head_density=1.0) == (False, False)
+    assert both(**random, head_density=0.5) == (True, True)
+
+
 def test_threshold_selection_keeps_what_the_predictor_scores_above_it(tmp_path):
     model = tiny_model()
     preds = PredictorSet.create(model, 4, 4)
