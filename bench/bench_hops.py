@@ -252,7 +252,8 @@ def throughput_rows(out: Path, tokens: int, log=print) -> list[dict]:
         row = run_one(model, workers, 8, tokens, "float16", 32, devices=["cuda:0"] * workers,
                       data_plane="auto", micro_batches=micro)
         row = {k: row.get(k) for k in ("workers", "streams", "micro_batches", "tokens_per_s",
-                                       "stage_ms", "hop_ms", "queue_ms", "busy_fraction",
+                                       "stage_ms", "hop_ms", "queue_ms", "round_trip_ms",
+                                       "in_flight_peak", "busy_fraction",
                                        "error", "devices") if k in row}
         log(json.dumps(row))
         rows.append(row)
@@ -300,12 +301,14 @@ def markdown(meta: dict, rows: list[dict], throughput: list[dict], head: dict) -
                      f"{r['wait_us']} | {r['take_us']} | {r['sync_us']} |")
     if throughput:
         lines += ["", "| workers on one GPU | streams | micro-batches | tokens/s | stage ms | "
-                  "hop ms | hop queue ms | busy |", "|---|---|---|---|---|---|---|---|"]
+                  "hop ms | input wait ms | round trip ms | most in flight | busy |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in throughput:
             lines.append(f"| {r.get('workers')} | {r.get('streams')} | "
                          f"{r.get('micro_batches')} | "
                          f"{r.get('tokens_per_s', r.get('error'))} | {r.get('stage_ms')} | "
                          f"{r.get('hop_ms')} | {r.get('queue_ms')} | "
+                         f"{r.get('round_trip_ms')} | {r.get('in_flight_peak')} | "
                          f"{r.get('busy_fraction')} |")
     lines += ["", "Headline: " + ", ".join(f"`{k}` = {v}" for k, v in head.items()
                                              if "_socket_" not in k)]

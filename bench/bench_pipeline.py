@@ -275,6 +275,8 @@ def run_one(model: Path, workers: int, streams: int, tokens: int, dtype: str,
         "stage_ms": [round(s * 1000, 3) for s in health.stage_s],
         "hop_ms": [round(s * 1000, 3) for s in health.hop_s],
         "queue_ms": [round(s * 1000, 3) for s in health.queue_s],
+        "round_trip_ms": round(health.round_trip_s * 1000, 3),
+        "in_flight_peak": health.in_flight_peak,
         "busy_fraction": [round(w.stats.busy_fraction, 3) if w.stats else None
                           for w in health.workers],
         "ahead_used_wasted": [(w.stats.ahead_used, w.stats.ahead_wasted) if w.stats else None
@@ -385,7 +387,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"`{meta['command']}`", "",
              "| select | workers | streams | tokens/s | offloaded layers | paged MiB/token: "
              "with prefill, decode only (expected per worker, batch 1) | stage ms | hop ms | "
-             "hop queue ms | GPU util % |",
+             "input wait ms | GPU util % |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

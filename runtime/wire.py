@@ -121,8 +121,9 @@ class Ready(_Msg):
 class StepDone(_Msg):
     """The last stage's result for one step; ``stage_s`` is each stage's compute time,
     ``hop_s`` each worker-to-worker transfer (from the send, or from when the receiver was
-    free if later, to the receive) and ``queue_s`` each hop's wait for a receiver still busy
-    with earlier steps, in pipeline order."""
+    free if later, to the receive) and ``queue_s`` each stage's input's wait for a worker
+    still busy with earlier steps (stage 0's input is the scheduler's ``RunStep``), in
+    pipeline order."""
 
     epoch: int
     result: StepResult
@@ -227,6 +228,7 @@ class RunStep(_Msg):
 
     epoch: int
     step: Step
+    sent_at: float = 0.0  # time.time() of the scheduler: the step's wait for a busy worker 0
 
 
 class SetEpoch(_Msg):
@@ -278,7 +280,7 @@ class Activations(_Msg):
     errors: dict[str, str] = {}
     stage_s: list[float] = []
     hop_s: list[float] = []
-    queue_s: list[float] = []  # per hop so far: the wait for a receiver busy with other steps
+    queue_s: list[float] = []  # per stage so far: its input's wait for a worker still busy
     densities: list[tuple[float, float]] = []  # per stage so far: (MLP, heads) computed
     layer_densities: list[LayerDensity] = []  # per sparse layer of the stages so far
     paged_bytes: list[int] = []  # per stage so far: bytes read from host memory
@@ -363,7 +365,7 @@ class Health(_Msg):
     tokens_per_s: float  # generated tokens over the last ten seconds
     stage_s: list[float] = []  # mean compute seconds per stage over recent steps
     hop_s: list[float] = []  # mean transfer seconds per hop over recent steps
-    queue_s: list[float] = []  # mean seconds per hop waiting for a busy receiver
+    queue_s: list[float] = []  # mean seconds per stage its input waited for a busy worker
     model: str = ""
     max_len: int = 0
     vocab_size: int = 0
@@ -373,6 +375,7 @@ class Health(_Msg):
     paged_bytes: list[int] = []  # per stage: bytes read from host memory since the start
     detail: str = ""  # why the cluster stopped (state "stopped": sent to clients on exit)
     micro_batches: int = 0  # the scheduler's cores: at most this many steps in flight
+    round_trip_s: float = 0.0  # a step from RunStep to StepDone, less its waits for workers
     in_flight_peak: int = 0  # the most steps in flight at once since the start
 
 

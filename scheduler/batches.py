@@ -24,19 +24,23 @@ from ..runtime.step import Step, StepResult
 from .core import Detokenizer, Event, Phase, RequestError, Scheduler, SchedulerConfig
 
 
-def micro_batch_groups(stage_s: list[float], hop_s: list[float], *, most: int) -> int:
+def micro_batch_groups(stage_s: list[float], hop_s: list[float], *, most: int,
+                       round_trip_s: float = 0.0) -> int:
     """How many micro-batches keep every stage busy: a step spends sum(stages) + sum(hops)
-    going round, and the slowest stage frees up every max(stage) seconds, so that many steps
-    in flight leave no stage waiting: ceil((sum stage + sum hop) / max stage), within
-    [1, ``most``] (the cores there are: streams cannot be split further). No timings yet:
-    ``most``."""
+    going round (or ``round_trip_s``, the scheduler's measure from sending it to its result,
+    the way back and the scheduler's own work included, when longer), and the slowest stage
+    frees up every max(stage) seconds, so that many steps in flight leave no stage waiting:
+    ceil(round trip / max stage), within [1, ``most``] (the cores there are: streams cannot
+    be split further). No timings yet: ``most``."""
     if most < 1:
         raise ValueError(f"micro-batches: at most {most}; expected >= 1")
     if not stage_s or max(stage_s) <= 0:
         return most
-    if any(t < 0 or not math.isfinite(t) for t in [*stage_s, *hop_s]):
-        raise ValueError(f"stage and hop times must be finite and >= 0: {stage_s}, {hop_s}")
-    need = math.ceil((sum(stage_s) + sum(hop_s)) / max(stage_s) - 1e-9)
+    if any(t < 0 or not math.isfinite(t) for t in [*stage_s, *hop_s, round_trip_s]):
+        raise ValueError(f"stage, hop and round-trip times must be finite and >= 0: "
+                         f"{stage_s}, {hop_s}, {round_trip_s}")
+    trip = max(sum(stage_s) + sum(hop_s), round_trip_s)
+    need = math.ceil(trip / max(stage_s) - 1e-9)
     return max(1, min(most, need))
 
 

@@ -264,7 +264,7 @@ def format_stats(health, last: dict, session: ChatSession) -> str:
                                        or "-"),
              "hop latency (ms): " + (", ".join(f"{s * 1000:.2f}" for s in health.hop_s)
                                      or "-"),
-             "hop wait for a busy stage (ms): " + (", ".join(
+             "input wait for a busy stage (ms): " + (", ".join(
                  f"{s * 1000:.2f}" for s in health.queue_s) or "-"),
              "computed fraction per stage (MLP/heads): " + (", ".join(
                  f"{m:.2f}/{h:.2f}" for m, h in health.densities) or "dense"),

@@ -147,7 +147,9 @@ class PipelineServer:
         self.recent_tokens: deque[tuple[float, int]] = deque()
         self.stage_s: list[float] = []
         self.hop_s: list[float] = []
-        self.queue_s: list[float] = []  # per hop: waits for a receiver busy with other steps
+        self.queue_s: list[float] = []  # per stage: its input's wait for a busy worker
+        self.round_trip_s = 0.0  # RunStep sent -> StepDone, less the waits for busy workers
+        self.step_sent: dict[int, float] = {}  # steps in flight: when each was sent
         self.paged_bytes: list[int] = []  # per stage, since the start (offloaded layers)
         self.bad_frames = 0
         self._last_bad_log = 0.0
@@ -309,13 +311,16 @@ class PipelineServer:
                 self.state = "ready"
                 log.info("ready: clients connect to %s", self.client_address)
         elif isinstance(msg, wire.StepDone):
+            sent = self.step_sent.pop(msg.result.step_id, None)
             if msg.epoch == self.epoch:
-                self._record_timings(msg.stage_s, msg.hop_s, msg.queue_s)
+                trip = None if sent is None else time.monotonic() - sent - sum(msg.queue_s)
+                self._record_timings(msg.stage_s, msg.hop_s, msg.queue_s, trip)
                 self.densities = msg.densities or self.densities
                 self.layer_densities = msg.layer_densities or self.layer_densities
                 self._add_paged(msg.paged_bytes)
                 self._emit(self.batches.update(msg.result))
         elif isinstance(msg, wire.StepFailed):
+            self.step_sent.pop(msg.step_id, None)
             if msg.epoch == self.epoch:
                 self._emit(self.batches.fail_step(
                     msg.step_id, f"step failed on worker {msg.index}: {msg.message}"))
@@ -412,6 +417,7 @@ class PipelineServer:
         restart = self.config.restart == "on-failure" and w.restarts < self.config.max_restarts \
             and self.state not in ("draining", "stopping", "stopped")
         self.epoch += 1
+        self.step_sent.clear()  # the steps in flight fail with the epoch
         self._emit(self.batches.fail_running(message, waiting_too=not restart))
         if restart:
             w.restarts += 1
@@ -447,11 +453,14 @@ class PipelineServer:
     def _pump(self) -> None:
         first = b"w0"
         for step in self.batches.schedule():
-            if not self._send_worker(first, wire.RunStep(self.epoch, step)):
+            self.step_sent[step.step_id] = time.monotonic()
+            if not self._send_worker(first, wire.RunStep(self.epoch, step,
+                                                         sent_at=time.time())):
+                self.step_sent.pop(step.step_id, None)
                 self._emit(self.batches.fail_step(step.step_id, "worker 0 is unreachable"))
 
     def _record_timings(self, stage_s: list[float], hop_s: list[float],
-                        queue_s: list[float]) -> None:
+                        queue_s: list[float], round_trip_s: float | None = None) -> None:
         def ema(old: list[float], new: list[float]) -> list[float]:
             if len(old) != len(new):
                 return list(new)
@@ -459,10 +468,15 @@ class PipelineServer:
 
         self.stage_s, self.hop_s = ema(self.stage_s, stage_s), ema(self.hop_s, hop_s)
         self.queue_s = ema(self.queue_s, queue_s)
-        # Re-sized as the times move: enough steps in flight that no stage waits. The hops'
-        # queue is left out: it grows with the steps in flight themselves.
+        if round_trip_s is not None:
+            trip = max(0.0, round_trip_s)
+            self.round_trip_s = 0.9 * self.round_trip_s + 0.1 * trip if self.round_trip_s \
+                else trip
+        # Re-sized as the times move: enough steps in flight that no stage waits. The waits
+        # for busy workers are left out: they grow with the steps in flight themselves.
         self.batches.set_in_flight(micro_batch_groups(self.stage_s, self.hop_s,
-                                                      most=len(self.batches.cores)))
+                                                      most=len(self.batches.cores),
+                                                      round_trip_s=self.round_trip_s))
 
     def _add_paged(self, paged: list[int]) -> None:
         if len(self.paged_bytes) != len(paged):
@@ -549,6 +563,7 @@ class PipelineServer:
             self.config.model, self.max_len, self.model_config.vocab_size,
             self.has_tokenizer, list(self.densities), list(self.layer_densities),
             list(self.paged_bytes), micro_batches=len(self.batches.cores),
+            round_trip_s=self.round_trip_s,
             in_flight_peak=self.batches.peak)
 
     def _bad_frame(self, what: str) -> None:

@@ -216,6 +216,10 @@ def test_micro_batch_groups_cover_the_round_trip_over_the_slowest_stage():
     assert micro_batch_groups([1.0] * 4, [1.0] * 3, most=4) == 4  # bounded by the cores
     assert micro_batch_groups([2.0], [], most=4) == 1  # one stage: one step at a time
     assert micro_batch_groups([], [], most=3) == 3  # nothing measured yet: every core
+    # The scheduler's own round trip (the way back, its work) when longer than the stages'
+    # and hops: two equal stages with free hops still want a third step in flight.
+    assert micro_batch_groups([1.0, 1.0], [0.0], most=8, round_trip_s=2.5) == 3
+    assert micro_batch_groups([1.0, 1.0], [0.5], most=8, round_trip_s=1.0) == 3  # the sum
     with pytest.raises(ValueError, match="finite"):
         micro_batch_groups([1.0, float("nan")], [0.1], most=2)
 

@@ -233,6 +233,7 @@ class Worker:
     def _on_control(self) -> str | None:
         try:
             msg = wire.decode_scheduler(self.control.recv())
+            received = time.time()
         except wire.WireError as exc:
             self._bad_frame("control", exc)
             return None
@@ -247,8 +248,9 @@ class Worker:
             if self.data_in is not None:
                 self._bad_frame("control", wire.WireError("RunStep sent to a middle stage"))
             elif self._current(msg.epoch):
-                self._process(msg.step, None, None, wire.Activations(msg.epoch, msg.step, "",
-                                                                     (0, 0, 0)))
+                queue = split_hop(msg.sent_at, self.free_since, received)[1]
+                self._run(msg.step, None, None, wire.Activations(
+                    msg.epoch, msg.step, "", (0, 0, 0), queue_s=[queue]))
         return None
 
     def _on_data(self) -> None:
@@ -312,10 +314,13 @@ class Worker:
         if self._current(msg.epoch):
             hop, queue = split_hop(msg.sent_at, self.free_since, received)
             msg.hop_s, msg.queue_s = msg.hop_s + [hop], msg.queue_s + [queue]
-            try:
-                self._process(msg.step, hidden, carry, msg)
-            finally:
-                self.free_since = time.time()
+            self._run(msg.step, hidden, carry, msg)
+
+    def _run(self, step: Step, hidden, carry, upstream: wire.Activations) -> None:
+        try:
+            self._process(step, hidden, carry, upstream)
+        finally:
+            self.free_since = time.time()  # a later input waited for this worker until now
 
     def _check_token(self, msg: wire.Activations) -> None:
         if not hmac.compare_digest(msg.token, self.setup.token):
