@@ -303,13 +303,11 @@ class _Drawn:
 
 
 def count_span(layers: int, heads: float, device: torch.device, prompt: int = 12,
-               steps: int = 2, offload: bool = True, strict: bool = False) -> dict:
+               steps: int = 2, offload: bool = True) -> dict:
     """Syncs and launches of one decode step (the last of ``steps``) of a model whose
     layers 1.. are offloaded (layer 0 resident), after a prefill of ``prompt`` tokens.
     ``offload`` False: every layer resident on the kernels' path (Triton's interpreter on a
-    CPU under TRITON_INTERPRET=1), layers 1.. head-sparse the same way. ``strict`` (CUDA):
-    the counted step runs once more with CUDA's sync debug mode set to error, which fails
-    on any synchronisation torch makes, whether the counter knows its op or not."""
+    CPU under TRITON_INTERPRET=1), layers 1.. head-sparse the same way."""
     from ..runtime.model import Batch, KVCache, OPTModel
     from ..runtime.offload import OffloadSelector, move_resident, offload_layers
     from ..runtime.sparse import SparseContext, SparseStats
@@ -354,13 +352,6 @@ def count_span(layers: int, heads: float, device: torch.device, prompt: int = 12
         step = prompt + steps - 1
         mode = counting(lambda: run(tok, step))
         events = _count_cuda(lambda: run(tok, step)) if device.type == "cuda" else None
-        if strict and device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                run(tok, step)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
     return {"launches": mode.count, "syncs": mode.syncs, "sync_ops": mode.sync_ops,
             "device_events": events}
 
