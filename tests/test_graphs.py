@@ -103,7 +103,7 @@ def test_decode_step_equals_head_outputs(backend, dtype):
     assert float((got.float() - want.float()).norm() / want.float().norm()) < tol
     for i in range(2):  # keys, then values
         kv_got, kv_want = caches[0].layer(1)[i], caches[1].layer(1)[i]
-        assert not torch.equal(kv_got, history[i, 1])  # this step wrote them
+        assert not torch.equal(kv_got, history[i, 1].to(kv_got.device))  # this step wrote them
         assert torch.allclose(kv_got.float(), kv_want.float(), rtol=tol, atol=tol)
 
 
