@@ -34,7 +34,7 @@ import zmq
 from ..runtime import wire
 from ..runtime.opt_config import OPTConfig
 from .batches import MicroBatches, micro_batch_groups
-from .config import PipelineConfig
+from .config import PipelineConfig, default_micro_batches
 from .core import Event, RequestError, SchedulerConfig
 from .planner import Plan
 from .rundir import RunDir
@@ -97,19 +97,21 @@ class PipelineServer:
         self.max_len = config.max_len or model_config.max_position_embeddings
         self.has_tokenizer = tokenizer is not None
         eos = tokenizer.eos_id if tokenizer is not None else model_config.eos_token_id
+        # Workers started elsewhere pick their own device ("auto": their GPU, else CPU).
+        devices = config.devices or (default_devices(config.workers) if config.spawn
+                                     else ["auto"] * config.workers)
+        groups = config.micro_batches or default_micro_batches(config.workers, config.slots,
+                                                               devices)
         self.batches = MicroBatches(
             SchedulerConfig(max_slots=config.slots, max_len=self.max_len,
                             vocab_size=model_config.vocab_size, eos_id=eos,
                             prefill_chunk=config.prefill_chunk),
-            config.batches, tokenizer.detokenizer if tokenizer is not None else None)
+            groups, tokenizer.detokenizer if tokenizer is not None else None)
         self.control_address = config.control_address or run_dir.address("control")
         self.client_address = config.client_address or run_dir.address("client")
         data = config.data_addresses or [run_dir.address(f"data{i}")
                                          for i in range(1, config.workers)]
         check_addresses([self.control_address, self.client_address, *data], curve)
-        # Workers started elsewhere pick their own device ("auto": their GPU, else CPU).
-        devices = config.devices or (default_devices(config.workers) if config.spawn
-                                     else ["auto"] * config.workers)
         self.workers = [
             WorkerHandle(i, span, devices[i], data[i - 1] if i > 0 else None,
                          data[i] if i < config.workers - 1 else None)

@@ -239,6 +239,22 @@ def test_two_stages_on_one_gpu_get_a_third_step_in_flight():
     assert default_micro_batches(workers=4, slots=3) == 3  # never more cores than slots
 
 
+def test_workers_sharing_one_gpu_get_one_micro_batch():
+    """Their steps cannot run at once, and each micro-batch reads every weight again for
+    fewer rows: one H100, opt-1.3b, 8 streams, two workers on it against one worker: 0.975
+    with one micro-batch, 0.52 with two, 0.38 with three
+    (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-hops.md)."""
+    from dejavu.scheduler.config import default_micro_batches
+
+    assert default_micro_batches(2, 8, ["cuda:0", "cuda:0"]) == 1
+    assert default_micro_batches(3, 8, ["cuda", "cuda:0", "cuda:0"]) == 1  # "cuda" is GPU 0
+    assert default_micro_batches(2, 8, ["cuda:0", "cuda:1"]) == 3
+    assert default_micro_batches(4, 8, ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]) == 3
+    assert default_micro_batches(2, 8, ["cpu", "cpu"]) == 3  # processes on their own cores
+    assert default_micro_batches(2, 8, ["auto", "auto"]) == 3  # remote: not known here
+    assert default_micro_batches(2, 8) == 3
+
+
 def test_cores_of_uneven_sizes_own_every_slot_once():
     from dejavu.runtime.step import StepResult, TokenResult
     from dejavu.scheduler.batches import MicroBatches
