@@ -243,7 +243,7 @@ def test_workers_sharing_one_gpu_get_one_micro_batch():
     """Their steps cannot run at once, and each micro-batch reads every weight again for
     fewer rows: one H100, opt-1.3b, 8 streams, two workers on it against one worker: 0.975
     with one micro-batch, 0.52 with two, 0.38 with three
-    (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-hops.md)."""
+    (bench/results/2026-12-06-h100-80gb-hbm3-paired-microbatches.md)."""
     from dejavu.scheduler.config import default_micro_batches
 
     assert default_micro_batches(2, 8, ["cuda:0", "cuda:0"]) == 1
