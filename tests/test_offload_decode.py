@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 from test_row_stream import CFG4, _streams, decode_steps, offloaded_model, prefill  # noqa: E402
 from test_sparse_backend import DEVICE, TOL, rel_err, tiny_model  # noqa: E402
 
-from dejavu.runtime import offload, row_stream, sparse  # noqa: E402
+from dejavu.runtime import offload, row_stream, sparse, sparse_backend  # noqa: E402
 from dejavu.runtime.model import Batch  # noqa: E402
 from dejavu.runtime.offload import host_bytes_read  # noqa: E402
 from dejavu.runtime.sparse import Selection  # noqa: E402
@@ -116,9 +116,14 @@ def test_a_decode_step_never_reads_an_offloaded_union_on_the_host(monkeypatch):
     monkeypatch.setattr(offload, "union_index", counting)
     monkeypatch.setattr(sparse, "padded_union", counting_padded)
     decode_steps(model, CFG4, OFFLOADED, cache, 5, 2)
-    assert calls == [CFG4.ffn_dim] * 2  # layer 0, each step
+    # On a GPU resident layer 0 runs on the kernels and pads its neurons too
+    # (sparse_backend.pads_resident); on a CPU it finds its union, each step.
+    pads = sparse_backend.pads_resident(model.layers()[0], "neurons", torch.Size([1, 1]),
+                                        Batch(torch.zeros(1, 1, dtype=torch.long)))
+    assert pads == (DEVICE == "cuda")
+    assert calls == ([] if pads else [CFG4.ffn_dim] * 2)
     # Every head selected (known on the host); the neurons padded, once per layer and step.
-    assert padded == [CFG4.ffn_dim] * 2 * len(OFFLOADED)
+    assert padded == [CFG4.ffn_dim] * 2 * (len(OFFLOADED) + pads)
 
 
 @pytest.mark.parametrize("heads", [1.0, 0.5])
