@@ -26,7 +26,7 @@ import torch
 from .checkpoint import load_model, resolve_model_dir
 from .model import OPTModel
 from .offload import budget_report, fit_gib, host_bytes_read, offload_selector
-from .predictors import PredictorSet, find_predictors, stored_head_ks
+from .predictors import PredictorError, PredictorSet, find_predictors, stored_head_ks
 from .selection import (
     PredictorSelector,
     RandomSelector,
@@ -152,8 +152,12 @@ def steps_skip_heads(settings: Settings, config) -> bool:
     if not sparsity.predictors:
         return False
     dense = parse_layers(sparsity.dense_layers)
+    try:
+        stored = stored_head_ks(sparsity.predictors)
+    except PredictorError:
+        return True  # reserve for the worst; loading the file reports what is wrong with it
     return any((k if forced is None else forced) < heads
-               for layer, k in stored_head_ks(sparsity.predictors).items() if layer not in dense)
+               for layer, k in stored.items() if layer not in dense)
 
 
 def _selector(settings: Settings, model: OPTModel, device: torch.device) -> Selector | None:

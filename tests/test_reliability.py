@@ -317,6 +317,16 @@ def test_zz_workers_exit_within_5_s_when_the_scheduler_is_killed(phoenix):
 # --- the scheduler's own death and a clean stop ------------------------------------------------
 
 
+def test_sigterm_to_the_launch_process_group_drains_and_exits_0(tiny):
+    """systemd's default stop and `timeout` signal the whole process group: the workers
+    leave stopping to the scheduler, which drains and exits 0 (workers used to die at once
+    with exit code 255, and the launch with 3, "worker died")."""
+    with cluster(tiny, 2, drain_timeout_s=10) as c, PipelineConnection(c.address) as conn:
+        assert conn.run([PROMPTS[0]], GREEDY)[0].error is None
+        os.killpg(c.proc.pid, signal.SIGTERM)
+        assert c.proc.wait(timeout=30) == 0, c.proc.returncode
+
+
 def test_sigterm_while_streaming_drains_and_exits_0_leaving_nothing(tiny, greedy):
     with cluster(tiny, 2, drain_timeout_s=10) as c, PipelineConnection(c.address) as conn:
         run_dir = os.path.dirname(c.address[len("ipc://"):])

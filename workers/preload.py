@@ -6,7 +6,8 @@ scheduler's.
   lazily on first use (torch._dynamo, through the init functions): about 4 s of CPU that
   each forked worker then skips.
 - Linux ``PR_SET_PDEATHSIG``: the kernel kills the fork server when the scheduler dies (even
-  by kill -9), and its workers, which watch their parent pid, exit right after. (The fork
+  by kill -9), and its workers, which watch their parent pid, exit right after. SIGTERM is
+  ignored here: only the scheduler decides when workers stop. (The fork
   server's own exit on EOF is not enough: its interpreter teardown can block on the
   threads of libraries it imported.)
 """
@@ -24,6 +25,12 @@ import dejavu.workers.main  # noqa: F401
 import dejavu.workers.worker  # noqa: F401
 
 torch.empty(1, device="meta").normal_()
+
+# A SIGTERM to the launch's whole process group (systemd's default stop, `timeout`) must not
+# take this server, and with it every worker (they watch their parent), from under the
+# scheduler's drain: the scheduler stops the workers, and the kernel kills this server when
+# the scheduler dies. Forked workers inherit the disposition (run_worker sets it too).
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 _PR_SET_PDEATHSIG = 1
 if sys.platform == "linux":

@@ -502,8 +502,13 @@ def split_hop(sent_at: float, free_since: float, received: float) -> tuple[float
 def run_worker(index: int, control: str, *, parent_pid: int | None, curve: Curve | None,
                handshake_timeout_s: float) -> int:
     """The worker process's main: returns its exit code."""
-    # Ctrl-C reaches the whole process group; the scheduler decides how workers stop.
+    # Ctrl-C reaches the whole process group; the scheduler decides how workers stop. So
+    # does a SIGTERM sent to the group (systemd's default, `timeout`) to a worker the launch
+    # spawned: the scheduler drains, then stops it (and it dies with its parent anyway). A
+    # worker started by hand keeps SIGTERM's default.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker = Worker(index, control, parent_pid=parent_pid, curve=curve,
                     handshake_timeout_s=handshake_timeout_s)
     try:
