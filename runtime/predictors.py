@@ -263,10 +263,14 @@ class PredictorSet:
         theirs = {int(k): v for k, v in json.loads(meta["layer_hashes"]).items()}
         for i, h in mine.layer_hashes.items():
             if theirs.get(i) != h:
+                # The same checkpoint in bfloat16 hashes differently: its weights are rounded
+                # to another format than float16 (which float32 preserves).
+                hint = ("; this model is loaded in bfloat16: load it as float16 or float32, "
+                        "or run dense (--dense)") if _dtype_of(model) == torch.bfloat16 else ""
                 raise PredictorError(
                     f"{path}: predictors were made for another model (model hash "
                     f"{meta.get('model_hash', '?')[:12]}): layer {i}'s weights differ from "
-                    "this model's; train predictors for this model"
+                    f"this model's; train predictors for this model{hint}"
                 )
         out = cls(c, Fingerprint(mine.config_hash, theirs), int(meta["mlp_rank"]),
                   int(meta["head_rank"]))
@@ -303,6 +307,11 @@ def stored_head_ks(path: str | Path) -> dict[int, int]:
         return {int(layer): int(fields["head_k"]) for layer, fields in points.items()}
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
         raise PredictorError(f"{path}: unreadable operating points ({exc})") from None
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first weight that is not a meta tensor (None: none)."""
+    return next((p.dtype for p in model.parameters() if not p.is_meta), None)
 
 
 def _point(path: Path, fmt: str, layer: int, fields: dict) -> OperatingPoint:

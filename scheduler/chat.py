@@ -270,6 +270,9 @@ def format_stats(health, last: dict, session: ChatSession) -> str:
                  f"{m:.2f}/{h:.2f}" for m, h in health.densities) or "dense"),
              f"history: {len(session.turns)} turn(s) kept, {session.dropped} dropped to fit "
              f"{session.max_len} positions"]
+    if getattr(health, "micro_batches", 0) > 1:  # a pipeline's steps in flight
+        lines.append(f"micro-batches: {health.micro_batches} (most in flight so far "
+                     f"{health.in_flight_peak})")
     offloaded = [getattr(w, "offloaded_layers", 0) for w in health.workers]
     if any(offloaded):  # gpu_memory_gib: layers read row by row from host memory
         paged = sum(getattr(health, "paged_bytes", []) or [0])

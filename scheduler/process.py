@@ -107,6 +107,10 @@ class PipelineServer:
                             vocab_size=model_config.vocab_size, eos_id=eos,
                             prefill_chunk=config.prefill_chunk),
             groups, tokenizer.detokenizer if tokenizer is not None else None)
+        if config.workers > 1:
+            log.info("micro-batches: %d (steps in flight at most; %s)", groups,
+                     "[pipeline] micro_batches" if config.micro_batches else
+                     "one more than the devices the workers use, one if they share one GPU")
         self.control_address = config.control_address or run_dir.address("control")
         self.client_address = config.client_address or run_dir.address("client")
         data = config.data_addresses or [run_dir.address(f"data{i}")

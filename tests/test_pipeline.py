@@ -48,6 +48,14 @@ def test_pipeline_tokens_equal_the_in_process_engine(tiny, reference, workers):
         cores = 1 if workers == 1 else workers + 1
         assert after.micro_batches == cores and after.in_flight_peak == cores
         if workers == 2:
+            from types import SimpleNamespace
+
+            from dejavu.scheduler.chat import format_stats
+
+            text = format_stats(after, {"tokens": 1, "seconds": 1.0},
+                                SimpleNamespace(turns=[], dropped=0, max_len=128))
+            assert f"micro-batches: {cores} (most in flight so far {after.in_flight_peak})" \
+                in text and "input wait for a busy stage (ms): " in text
             check_streaming_abort_and_bad_requests(conn, greedy)
 
 

@@ -241,6 +241,18 @@ def test_the_builder_resolves_and_applies_sparsity_settings(tmp_path):
         resolve(settings(predictors=str(tmp_path / "nope")))
 
 
+def test_predictors_refused_for_a_bfloat16_load_say_what_to_do(tmp_path):
+    """A bfloat16 load of the model the predictors were made for hashes differently (its
+    weights round to another format): the refusal names the dtype and the ways out."""
+    model = tiny_model()
+    PredictorSet.create(model, 4, 4).save(tmp_path)
+    with pytest.raises(PredictorError, match="loaded in bfloat16.*float16 or float32.*--dense"):
+        PredictorSet.load(tmp_path, model.to(torch.bfloat16))
+    with pytest.raises(PredictorError) as info:  # another model: no dtype hint
+        PredictorSet.load(tmp_path, tiny_model(seed=1))
+    assert "bfloat16" not in str(info.value)
+
+
 def test_the_budget_knows_before_any_weight_whether_steps_skip_heads(tmp_path):
     """runtime/build.py ``steps_skip_heads`` (settings and the file's operating points, read
     by the launch's plan and each worker's budget) says what ``needs_kv_inputs`` of the

@@ -79,7 +79,7 @@ def task_file(eval_dir: str | Path, name: str) -> Path:
         if path.is_file():
             return path
     raise EvalDataError(f"{Path(eval_dir) / (stem + '.jsonl')}: no such file; --eval-dir "
-                        "names the folder that holds the task files (lambada.jsonl, "
+                        "names the folder that holds the task files (lambada_openai.jsonl, "
                         "piqa.jsonl, ...: its README lists them)")
 
 
