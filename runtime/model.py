@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import sparse_backend
 from .attention import decode_attention_in_place, gathered_attention, prefix_attention
 from .cpu_ops import GreedyHead, fuse_projections, greedy_screen_applies, is_fused, tensor_key
+from .lazy_kv import flag
 from .opt_config import POSITION_OFFSET, OPTConfig
 from .sparse import complete_kv, selected_attention, selected_mlp
 
@@ -85,8 +86,7 @@ class KVCache:
         assert batch.slots is not None
         rows = batch.slots[:, None].expand_as(batch.positions)
         xs[rows, batch.positions] = x.to(xs.dtype)
-        # A device scalar, not True: a host value would be a copy, which graph capture refuses.
-        valid[rows, :, batch.positions] = torch.ones((), dtype=torch.bool, device=valid.device)
+        valid[rows, :, batch.positions] = flag(True, valid)  # a device scalar (lazy_kv.flag)
 
     def nbytes(self) -> int:
         extra = 0 if self.inputs is None else self.inputs.numel() * self.inputs.element_size()

@@ -233,9 +233,7 @@ class PredictorSet:
         another model, naming what differs. ``extra_layers``: also these layers' predictors
         (a pipeline stage selects the next stage's first layer ahead); their weights are
         not here to check, the stage that holds them checks the same file."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / FILE_NAME
+        path = predictor_file(path)
         if not path.is_file():
             raise PredictorError(f"{path}: no such predictor file "
                                  "(train one with `dejavu-run train-predictors`)")
@@ -294,13 +292,17 @@ class PredictorSet:
         return out.to(device)
 
 
+def predictor_file(path: str | Path) -> Path:
+    """The predictor file ``path`` names: itself, or FILE_NAME in it if a directory."""
+    path = Path(path)
+    return path / FILE_NAME if path.is_dir() else path
+
+
 def stored_head_ks(path: str | Path) -> dict[int, int]:
     """Heads kept per token at each layer's stored operating point, from the file's
     metadata alone (no tensor read, no model needed): what a planner reads before any
     weight is loaded. ``PredictorSet.load`` checks the file properly."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILE_NAME
+    path = predictor_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             points = json.loads((f.metadata() or {})["operating_points"])

@@ -76,7 +76,7 @@ def offload_reserved_bytes(config: OPTConfig, num_layers: int, slots: int, max_l
     when steps may skip heads (``kv_inputs``; runtime/build.py ``steps_skip_heads``), and
     ``activation_bytes``."""
     c, h = config.hidden_size, config.num_attention_heads
-    per_layer = 2 * slots * max_len * c * dtype_bytes  # K, V
+    per_layer = kv_bytes_per_layer(config, slots, max_len, dtype_bytes)
     if kv_inputs:
         per_layer += slots * max_len * c * dtype_bytes + slots * h * max_len  # inputs; bits
     return num_layers * per_layer + activation_bytes(config, slots, max_len, dtype_bytes)
