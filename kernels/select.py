@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 SCRATCH_HEAD = 32  # int32 slots of a lowrank scratch before the hidden sums: done, count, pad
+SCRATCH_COUNT = 1  # where ``lowrank_threshold_select`` leaves its count in the scratch
 MAX_RANK = 256  # the largest predictor rank the low-rank kernels take
 
 
@@ -237,11 +238,11 @@ def lowrank_topk(x: Tensor, p1: Tensor, p2: Tensor, k: int, *, split_c: int = 12
     r, n = p2.shape
     if not 1 <= k <= n or n > 1024:
         raise ValueError(f"k={k} must be in [1, N={n}], N <= 1024")
-    scratch = torch.zeros(32 + b * r, dtype=torch.int32, device=x.device)
+    scratch = torch.zeros(scratch_numel(b, r), dtype=torch.int32, device=x.device)
     idx = torch.empty(k, dtype=torch.int32, device=x.device)
     ns1 = triton.cdiv(c, split_c)
     _lowrank_topk_kernel[(ns1 + 1,)](
-        x, p1, p2, scratch[32:].view(torch.float32), scratch[0:1], idx, b, c, r, n, k,
+        x, p1, p2, scratch[SCRATCH_HEAD:].view(torch.float32), scratch[0:1], idx, b, c, r, n, k,
         x.stride(0), p1.stride(0), p2.stride(0), ns1,
         BLOCK_B=16, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT_C=split_c,
         BLOCK_N=max(16, triton.next_power_of_2(n)), DOT_FP32=_interpreting(),
@@ -266,7 +267,7 @@ def lowrank_threshold_select(x: Tensor, p1: Tensor, p2: Tensor, threshold: float
     contiguous, R <= 256); bias: [N] fp32 or None. ``live``: [1] int32 on the device, the
     number of leading rows of x that count (the rest pad a captured batch), None for all.
     ``scratch``: a zeroed int32 tensor of at least ``scratch_numel(B, R)`` elements the
-    kernel sums into (the count is ``scratch[1:2]``), so that a caller zeroing many at
+    kernel sums into (the count is at ``SCRATCH_COUNT``), so that a caller zeroing many at
     once (a captured step, once for every layer) saves this call's memset; None: one is
     made here."""
     _check_lowrank(x, p1, p2)
@@ -290,16 +291,17 @@ def lowrank_threshold_select(x: Tensor, p1: Tensor, p2: Tensor, threshold: float
                          f"on {x.device}, got {scratch.dtype} {tuple(scratch.shape)} on "
                          f"{scratch.device}")
     h = scratch[SCRATCH_HEAD: need].view(torch.float32)
+    count = scratch[SCRATCH_COUNT: SCRATCH_COUNT + 1]
     idx = torch.empty(capacity, dtype=torch.int32, device=x.device)
     ns1 = triton.cdiv(c, split_c)
     _lowrank_select_kernel[(ns1 + triton.cdiv(n, block_n),)](
         x, p1, p2, h if bias is None else bias, scratch[2:3] if live is None else live, h,
-        scratch[0:1], idx, scratch[1:2], b, c, r, n, capacity,
+        scratch[0:1], idx, count, b, c, r, n, capacity,
         float(threshold), x.stride(0), p1.stride(0), p2.stride(0), ns1,
         BLOCK_B=16, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT_C=split_c,
         BLOCK_N=block_n, DOT_FP32=_interpreting(), HAS_BIAS=bias is not None,
         HAS_LIVE=live is not None, num_warps=num_warps)
-    return idx, scratch[1:2]
+    return idx, count
 
 
 def lowrank_scores_reference(x: Tensor, p1: Tensor, p2: Tensor,

@@ -74,7 +74,6 @@ from .step import Step
 log = logging.getLogger("dejavu.graphs")
 
 DTYPES = (torch.float16, torch.bfloat16)
-COUNT = 1  # where a layer's union size sits in its scratch row (kernels/select.py's layout)
 
 
 def bucket(n: int) -> int:
@@ -84,7 +83,8 @@ def bucket(n: int) -> int:
 
 class CapturedSparse(SparseContext):
     """A ``SparseContext`` whose selections never read the device from the host: each
-    layer's union size goes to ``scratch[i, COUNT]`` (a device buffer) instead of the stats.
+    layer's union size goes to its row of ``scratch`` (a device buffer, at the place
+    kernels/select.py's fused selection leaves its count) instead of the stats.
 
     ``scratch`` [layers, W] int32 is zeroed once per step, one memset for every layer's
     kernels instead of two per layer: row i begins with layer i's fused selection scratch
@@ -96,12 +96,14 @@ class CapturedSparse(SparseContext):
     def __init__(self, selector: Selector, model: OPTModel, carry: Tensor | None,
                  live: Tensor, live_rows: Tensor) -> None:
         from ..kernels.mlp_chained import workspace_numel  # imports triton: on use
-        from ..kernels.select import MAX_RANK, scratch_numel
+        from ..kernels.select import MAX_RANK, SCRATCH_COUNT, scratch_numel
 
         super().__init__(selector, mode="gather", carry=carry)
         self.index = {lid: i for i, lid in enumerate(model.layer_ids)}
-        self.widths = [layer.fc1.out_features for layer in model.layers()]
         rows, device = live.shape[0], live.device
+        self._count_at = SCRATCH_COUNT
+        self._widths = torch.tensor([layer.fc1.out_features for layer in model.layers()],
+                                    dtype=torch.float32, device=device)
         self._mlp_at = scratch_numel(rows, MAX_RANK)  # a multiple of 32: 128-byte aligned
         c = model.config
         width = self._mlp_at + workspace_numel(rows, c.hidden_size, c.ffn_dim)
@@ -114,10 +116,9 @@ class CapturedSparse(SparseContext):
 
     @property
     def union(self) -> Tensor:
-        """[layers] float32: each layer's union density in the last step (reads the device:
-        outside a step only)."""
-        widths = torch.tensor(self.widths, dtype=torch.float32, device=self.scratch.device)
-        return self.scratch[:, COUNT].float() / widths
+        """[layers] float32 on the device: each layer's union density in the last step
+        (outside a step only)."""
+        return self.scratch[:, self._count_at].float() / self._widths
 
     def begin(self) -> None:
         """Reset the wiring and zero the scratch before a forward pass (warm-up runs it
@@ -169,7 +170,7 @@ class CapturedSparse(SparseContext):
                                                    scratch=select)
         if sel is not None:
             return replace(sel, mlp_workspace=mlp)
-        slot = select[COUNT: COUNT + 1]
+        slot = select[self._count_at: self._count_at + 1]
         sel = _every_head(lid, masks())
         if sel.neurons is None:
             slot.fill_(layer.fc1.out_features)
@@ -366,11 +367,10 @@ class DecodeGraphs:
 
     def _fold_stats(self, sparse: CapturedSparse, tokens: int) -> None:
         """The replay's union densities into the stage's statistics (one small read)."""
-        counts = sparse.scratch[:, COUNT].tolist()
-        for lid, count, width in zip(self.model.layer_ids, counts, sparse.widths, strict=True):
+        for lid, density in zip(self.model.layer_ids, sparse.union.tolist(), strict=True):
             s = self.stats.layer(lid)
             s.tokens += tokens
-            s.mlp_computed += tokens * count / width
+            s.mlp_computed += tokens * density
             s.heads_computed += tokens  # captured steps keep every head
 
 
