@@ -31,8 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .env import interpreting
 from .rows import check_ids_on_cpu
-from .sparse_mlp import MAX_BATCH, SUPPORTED_DTYPES, finalize, interpreting
+from .sparse_mlp import MAX_BATCH, SUPPORTED_DTYPES, finalize
 
 
 class HeadRows(NamedTuple):

@@ -21,7 +21,6 @@ where rows are placed (``runtime.weight_store``).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -29,16 +28,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .env import interpreting
 from .mlp_chained import launch_chained
 from .rows import check_ids_on_cpu, rows_of
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_BATCH = 16
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU tests), where bf16 dots must be upcast."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class NeuronRows(NamedTuple):

@@ -17,13 +17,13 @@ What this module does not know: how the selection is executed (runtime/sparse.py
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.env import interpreting
 from .cpu_ops import store_for_gemv
 from .predictors import PredictorSet
 from .sparse import Selection
@@ -59,10 +59,6 @@ class SelectionConfig:
                     raise SelectionError(f"{name}[{layer}]={value}: expected a fraction "
                                          "in (0, 1]")
 
-
-def _interpreting() -> bool:
-    # Triton's CPU interpreter (tests): the fused kernel then runs on CPU tensors.
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
@@ -180,7 +176,7 @@ class PredictorSelector:
                 or layer_id not in self.predictors.mlp
                 or self.ks(layer_id)[1] < c.num_attention_heads
                 or source.dtype not in (torch.float16, torch.bfloat16) or b * t > 16
-                or not (source.is_cuda or _interpreting())):
+                or not (source.is_cuda or interpreting())):
             return None
         from ..kernels.select import lowrank_threshold_select  # imports triton: on use
 
