@@ -23,12 +23,12 @@ predictors is the sparsity engineer's).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .env import interpreting
 
 SCRATCH_HEAD = 32  # int32 slots of a lowrank scratch before the hidden sums: done, count, pad
 SCRATCH_COUNT = 1  # where ``lowrank_threshold_select`` leaves its count in the scratch
@@ -78,6 +78,58 @@ def threshold_select(scores: Tensor, threshold: float, capacity: int, *,
 def threshold_select_reference(scores: Tensor, threshold: float) -> Tensor:
     """Sorted ids selected by any row (plain PyTorch)."""
     return torch.nonzero((scores.float() > threshold).any(0)).flatten()
+
+
+@triton.jit
+def _padded_union_kernel(
+    mask_ptr,  # [M, N] uint8 view of a bool mask, contiguous rows
+    ids_ptr,  # [N] int64 out: the union's ids ascending, then the others ascending
+    count_ptr,  # [1] int32 out: the union's size
+    M, N,
+    BLOCK: tl.constexpr,
+):
+    # One program: a first pass counts the union (where the others start), a second writes
+    # every id at its place; each block's places come from a running offset and a cumsum.
+    offs = tl.arange(0, BLOCK)
+    total = 0
+    for start in range(0, N, BLOCK):
+        n = start + offs
+        hit = tl.zeros((BLOCK,), tl.int32)
+        for r in range(M):
+            hit = hit | tl.load(mask_ptr + r * N + n, mask=n < N, other=0).to(tl.int32)
+        total += tl.sum((hit != 0).to(tl.int32), axis=0)
+    tl.store(count_ptr, total)
+    lead, rest = 0, total
+    for start in range(0, N, BLOCK):
+        n = start + offs
+        inside = n < N
+        hit = tl.zeros((BLOCK,), tl.int32)
+        for r in range(M):
+            hit = hit | tl.load(mask_ptr + r * N + n, mask=inside, other=0).to(tl.int32)
+        sel = ((hit != 0) & inside).to(tl.int32)
+        other = (inside & (hit == 0)).to(tl.int32)
+        before_sel = tl.cumsum(sel, axis=0) - sel  # selected ids earlier in this block
+        before_other = tl.cumsum(other, axis=0) - other
+        place = tl.where(sel > 0, lead + before_sel, rest + before_other)
+        tl.store(ids_ptr + place, n.to(tl.int64), mask=inside)
+        lead += tl.sum(sel, axis=0)
+        rest += tl.sum(other, axis=0)
+
+
+def padded_union(mask: Tensor, *, block: int = 1024) -> tuple[Tensor, Tensor]:
+    """[..., N] bool -> (ids [N] int64: the ids any row selects, ascending, then every other
+    id ascending; count [1] int32: how many lead), in one launch and without reading the
+    device from the host (runtime/sparse.py's ``padded_union`` is the reference: an ``any``,
+    a stable argsort and a sum, several launches)."""
+    if mask.dtype != torch.bool or mask.dim() < 1:
+        raise ValueError(f"mask: expected bool [..., N], got {mask.dtype} {tuple(mask.shape)}")
+    n = mask.shape[-1]
+    rows = mask.reshape(-1, n).contiguous()
+    ids = torch.empty(n, dtype=torch.int64, device=mask.device)
+    count = torch.empty(1, dtype=torch.int32, device=mask.device)
+    _padded_union_kernel[(1,)](rows.view(torch.uint8), ids, count, rows.shape[0], n,
+                               BLOCK=min(block, triton.next_power_of_2(max(n, 16))))
+    return ids, count
 
 
 @triton.jit
@@ -224,9 +276,6 @@ def _check_lowrank(x: Tensor, p1: Tensor, p2: Tensor) -> None:
         raise ValueError(f"rank {r} > {MAX_RANK} is not supported")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def lowrank_topk(x: Tensor, p1: Tensor, p2: Tensor, k: int, *, split_c: int = 128,
                  num_warps: int = 4) -> Tensor:
@@ -245,7 +294,7 @@ def lowrank_topk(x: Tensor, p1: Tensor, p2: Tensor, k: int, *, split_c: int = 12
         x, p1, p2, scratch[SCRATCH_HEAD:].view(torch.float32), scratch[0:1], idx, b, c, r, n, k,
         x.stride(0), p1.stride(0), p2.stride(0), ns1,
         BLOCK_B=16, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT_C=split_c,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), DOT_FP32=_interpreting(),
+        BLOCK_N=max(16, triton.next_power_of_2(n)), DOT_FP32=interpreting(),
         num_warps=num_warps)
     return idx
 
@@ -299,7 +348,7 @@ def lowrank_threshold_select(x: Tensor, p1: Tensor, p2: Tensor, threshold: float
         scratch[0:1], idx, count, b, c, r, n, capacity,
         float(threshold), x.stride(0), p1.stride(0), p2.stride(0), ns1,
         BLOCK_B=16, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT_C=split_c,
-        BLOCK_N=block_n, DOT_FP32=_interpreting(), HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, DOT_FP32=interpreting(), HAS_BIAS=bias is not None,
         HAS_LIVE=live is not None, num_warps=num_warps)
     return idx, count
 

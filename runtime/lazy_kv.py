@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.env import interpreting
+
 if TYPE_CHECKING:
     from .model import OPTAttention
 
@@ -85,13 +87,33 @@ def fill_missing_kv_batched(attn: OPTAttention, cache_k: Tensor, cache_v: Tensor
     missing. Compute grows with the prefix instead of with the missing pairs. ``live`` [h]
     bool: which entries of ``idx`` are selected (a padded union's; the others are left as
     they are). Returns the (position, head) pairs filled, [1] on the device."""
-    missing = missing_pairs(valid, idx, slots, pos, length, live)
-    b, h = missing.shape[:2]
-    d = attn.head_dim
+    b, h, d = slots.numel(), idx.numel(), attn.head_dim
     xin = xs[slots, :length].to(attn.k_proj.weight.dtype)  # [B, L, C]
-    k = F.linear(xin, *head_rows(attn.k_proj, idx, d)).view(b, length, h, d).transpose(1, 2)
-    v = F.linear(xin, *head_rows(attn.v_proj, idx, d)).view(b, length, h, d).transpose(1, 2)
-    return keep_missing(cache_k, cache_v, valid, idx, slots, missing, k, v).reshape(1)
+    k = F.linear(xin, *head_rows(attn.k_proj, idx, d)).view(b, length, h, d)
+    v = F.linear(xin, *head_rows(attn.v_proj, idx, d)).view(b, length, h, d)
+    return keep_recomputed(cache_k, cache_v, valid, idx, slots, pos, k, v, live)
+
+
+# Where ``keep_recomputed`` runs: "auto" the one-launch kernel (kernels/kv_fill.py) on a GPU
+# or under Triton's interpreter, the torch reference elsewhere; "kernel" or "torch" force
+# one (tests compare the two).
+KEEP = "auto"
+
+
+def keep_recomputed(cache_k: Tensor, cache_v: Tensor, valid: Tensor, heads: Tensor,
+                    slots: Tensor, positions: Tensor, k: Tensor, v: Tensor,
+                    live: Tensor | None = None) -> Tensor:
+    """Keep ``k``/``v`` [B, L, h, D] (``heads`` at every prefix position 0..L-1 of rows
+    ``slots``) where the cache's K/V were missing up to each row's last position
+    (``positions`` [B, T]), and mark those valid; ``live`` [h] bool: only those heads.
+    Returns the pairs written, [1] on the device: nothing is read by the host."""
+    if KEEP == "kernel" or (KEEP == "auto" and (valid.is_cuda or interpreting())):
+        from ..kernels.kv_fill import keep_missing_kv  # imports triton: on use
+        return keep_missing_kv(cache_k, cache_v, valid, heads, slots, positions, k, v, live)
+    missing = missing_pairs(valid, heads, slots, positions, k.shape[1], live)
+    return keep_missing(cache_k, cache_v, valid, heads, slots, missing, k.transpose(1, 2),
+                        v.transpose(1, 2)).reshape(1)
+
 
 
 def missing_pairs(valid: Tensor, heads: Tensor, slots: Tensor, positions: Tensor, length: int,

@@ -398,7 +398,7 @@ class OffloadedLayer:
         else:
             if not ahead:
                 self._gather("heads", self.rows.host_heads, idx, count)
-            rows = torch.arange(idx.numel(), device=idx.device)
+            rows = sparse_backend.iota(idx.numel(), idx.device, torch.int32)
             table_rows = idx.numel()  # the buffer's first rows, in order: no index_select
         records = st.acquire(self.slot, "heads")
         table = head_rows(records, layout.hidden, layout.head_dim)
@@ -470,7 +470,7 @@ class OffloadedLayer:
             if not ahead:
                 self._gather("neurons", self.rows.host_neurons, idx, count)
             records = st.acquire(self.slot, "neurons")[:idx.numel()]
-            locs = torch.arange(idx.numel(), dtype=torch.int32, device=flat.device)
+            locs = sparse_backend.iota(idx.numel(), flat.device, torch.int32)
         table = neuron_rows(records, self.rows.layout.hidden)
         out = [sparse_mlp(flat[i:i + MAX_BATCH], table, locs, bias2=self.fc2_bias,
                           count=count, **sparse_backend.MLP_ARGS)

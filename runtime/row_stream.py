@@ -34,15 +34,15 @@ from (runtime/weight_store.py), or when a step is a prefill (runtime/offload.py 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.env import interpreting
 from .attention import masked_attention
-from .lazy_kv import flag, keep_missing, missing_pairs
+from .lazy_kv import flag, keep_recomputed
 from .weight_store import RecordLayout, head_rows, neuron_rows
 
 # Below this fraction of a block's rows a step gathers its union instead of copying the
@@ -132,7 +132,7 @@ class RowStream:
         """Rows ``ids`` (the first ``count``) into ``block`` on the current stream; its tags
         say so. Bytes (0 with a count)."""
         n = ids.numel()
-        if self.cuda or _interpreting():  # 16-byte reads per thread (kernels/gather_rows.py)
+        if self.cuda or interpreting():  # 16-byte reads per thread (kernels/gather_rows.py)
             from ..kernels.gather_rows import gather_rows
             gather_rows(host_view, ids, block.buffer, count=count)
         else:  # host memory on a CPU: the padding's rows are copied too (no link to spare)
@@ -185,9 +185,6 @@ class RowStream:
         block = self.slots[slot][kind]
         return block.owner is owner and block.whole
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --- the math over the buffers' tables ----------------------------------------------------
@@ -275,9 +272,7 @@ def complete_kv(table, rows: Tensor | int, heads: Tensor, cache_k: Tensor, cache
     given head is computed and kept where it was missing). ``live`` [h] bool: which entries
     of ``heads`` count (a padded union's; the others are left as they are). Returns the
     (position, head) pairs filled, a device scalar."""
-    missing = missing_pairs(valid, heads, slots, positions, length, live)  # [B, h, L]
-    b, h = missing.shape[:2]
+    b, h = slots.numel(), heads.numel()
     k, v = _kv(table, rows, xs[slots, :length].reshape(b * length, -1), cache_k.shape[-1])
-    k = k.view(b, length, h, -1).transpose(1, 2)  # [B, h, L, D]
-    v = v.view(b, length, h, -1).transpose(1, 2)
-    return keep_missing(cache_k, cache_v, valid, heads, slots, missing, k, v)
+    return keep_recomputed(cache_k, cache_v, valid, heads, slots, positions,
+                           k.view(b, length, h, -1), v.view(b, length, h, -1), live)

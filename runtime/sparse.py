@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.env import interpreting
 from . import cpu_ops, sparse_backend
 from .attention import masked_attention
 from .lazy_kv import complete_missing_kv, fill_missing_kv, flag, head_rows
@@ -479,6 +480,15 @@ def padded_union(mask: Tensor) -> tuple[Tensor, Tensor]:
     count [1] int32: how many lead). ``union_index`` without reading the device: the size
     stays on it, and ops over the ids take the count (entries past it are padding, real ids
     that must not count as selected)."""
+    if mask.is_cuda or interpreting():
+        from ..kernels.select import padded_union as one_launch  # imports triton: on use
+        return one_launch(mask)
+    return padded_union_reference(mask)
+
+
+def padded_union_reference(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``padded_union`` in torch ops (the CPU's; kernels/select.py's one launch is compared
+    with it)."""
     any_ = mask.reshape(-1, mask.shape[-1]).any(0)
     ids = torch.argsort(~any_, stable=True)
     return ids, any_.sum(dtype=torch.int32).reshape(1)

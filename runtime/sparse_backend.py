@@ -40,12 +40,12 @@ layer's rows live (runtime/offload.py, runtime/weight_store.py).
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
+from ..kernels.env import interpreting
 from . import lazy_kv
 from .lazy_kv import complete_missing_kv, fill_missing_kv_batched
 
@@ -97,10 +97,6 @@ def offloaded_ops(module: torch.nn.Module) -> Any:
     return module.offloaded
 
 
-def _interpreting() -> bool:
-    # Triton's CPU interpreter (tests): the kernels then run on CPU tensors.
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """"auto" | "torch" | "triton" -> the backend that runs ("torch" or "triton")."""
@@ -115,7 +111,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
         raise BackendError(f"[sparsity] backend = 'triton': the kernels support float16 and "
                            f"bfloat16, the model is {dtype}; set [model] dtype = \"float16\" "
                            "or use backend = \"auto\" / \"torch\"")
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not interpreting():
         raise BackendError(f"[sparsity] backend = 'triton': the model is on {device}; the "
                            "kernels need a CUDA device (or TRITON_INTERPRET=1 in tests); use "
                            "backend = \"auto\" or \"torch\"")
@@ -315,7 +311,21 @@ def pads_resident(layer: OPTDecoderLayer, kind: str, shape: torch.Size, batch: B
 def padding_live(idx: Tensor, count: Tensor) -> Tensor:
     """[n] bool: which entries of a padded union ``idx`` are selected (the first ``count``,
     a device value: no host read)."""
-    return torch.arange(idx.numel(), device=idx.device) < count
+    return iota(idx.numel(), idx.device) < count
+
+
+_IOTAS: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+
+def iota(n: int, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """``torch.arange(n)`` on ``device``, made once per size and dtype and kept (a decode
+    step asks for the same few every layer: one launch each saved). Read only: never write
+    into it."""
+    key = (n, torch.device(device), dtype)
+    got = _IOTAS.get(key)
+    if got is None:
+        got = _IOTAS[key] = torch.arange(n, dtype=dtype, device=device)
+    return got
 
 
 def zero_padding(out: Tensor, live: Tensor) -> Tensor:
