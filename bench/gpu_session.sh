@@ -15,6 +15,10 @@
 #                 10% of neurons and calibrated predictors at 10% (fused kernels), batch 1 and
 #                 8, with the measured density and each sparse step's top kernels, and the
 #                 launches per layer of a captured step (bench/count_launches.py; under 4 min)
+#   PHASE=lazy    the CUDA tests of the lazy K/V and padded-union kernels, the offloaded
+#                 decode, the graphs and the predictor fit (LAZY_TESTS adds files), then the
+#                 resident OPT-13B step, dense and predictors at 10%, with each step's top
+#                 kernels by device time (bench/profile_step.py --out)
 #   PHASE=hops    the CUDA IPC data plane's GPU tests, then bench/bench_hops.py: one hop
 #                 between two processes on one GPU, ring spun on / ring / socket (with the
 #                 send/wait/take/sync split), opt-1.3b..66b hidden sizes at batch 1 and 8, and
@@ -145,6 +149,16 @@ fused)
     for select in "" "--mlp-density 0.1 --select random" "--mlp-density 0.1 --select predictors"; do
         timeout 80 python3 -m dejavu.bench.profile_step --shape opt-13b --batch 1,8 --steps 20 \
             --out "$out/profiles" $select 2>&1 | tee -a "$out/profile_step.log" | tail -70
+    done
+    ;;
+lazy)
+    timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -o addopts= \
+        tests/test_lazy_kv.py tests/test_kernels_select.py tests/test_offload_decode.py \
+        tests/test_graphs.py tests/test_sparse_backend.py tests/test_row_stream.py \
+        ${LAZY_TESTS:-} 2>&1 | tee "$out/pytest-lazy.log" | tail -15
+    for select in "" "--mlp-density 0.1 --select predictors"; do
+        timeout 80 python3 -m dejavu.bench.profile_step --shape opt-13b --batch 1 --steps 20 \
+            --out "$out/profiles" $select 2>&1 | tee -a "$out/profile_step.log" | tail -40
     done
     ;;
 hops)
