@@ -33,7 +33,7 @@ import zmq
 
 from ..runtime import wire
 from ..runtime.opt_config import OPTConfig
-from .batches import MicroBatches, micro_batch_groups
+from .batches import MicroBatches, RecentTimes, micro_batch_groups
 from .config import PipelineConfig, default_micro_batches
 from .core import Event, RequestError, SchedulerConfig
 from .planner import Plan
@@ -155,6 +155,7 @@ class PipelineServer:
         self.hop_s: list[float] = []
         self.queue_s: list[float] = []  # per stage: its input's wait for a busy worker
         self.round_trip_s = 0.0  # RunStep sent -> StepDone, less the waits for busy workers
+        self._recent = {what: RecentTimes() for what in ("stage", "hop", "queue", "trip")}
         self.step_sent: dict[int, float] = {}  # steps in flight: when each was sent
         self.paged_bytes: list[int] = []  # per stage, since the start (offloaded layers)
         self.bad_frames = 0
@@ -467,17 +468,13 @@ class PipelineServer:
 
     def _record_timings(self, stage_s: list[float], hop_s: list[float],
                         queue_s: list[float], round_trip_s: float | None = None) -> None:
-        def ema(old: list[float], new: list[float]) -> list[float]:
-            if len(old) != len(new):
-                return list(new)
-            return [0.9 * a + 0.1 * b for a, b in zip(old, new, strict=True)]
-
-        self.stage_s, self.hop_s = ema(self.stage_s, stage_s), ema(self.hop_s, hop_s)
-        self.queue_s = ema(self.queue_s, queue_s)
+        # Medians of the recent steps (batches.RecentTimes: one-off costs of a first step,
+        # a kernel compiled on one worker, do not linger in them).
+        self.stage_s = self._recent["stage"].add(stage_s)
+        self.hop_s = self._recent["hop"].add(hop_s)
+        self.queue_s = self._recent["queue"].add(queue_s)
         if round_trip_s is not None:
-            trip = max(0.0, round_trip_s)
-            self.round_trip_s = 0.9 * self.round_trip_s + 0.1 * trip if self.round_trip_s \
-                else trip
+            self.round_trip_s = self._recent["trip"].add([max(0.0, round_trip_s)])[0]
         # Re-sized as the times move: enough steps in flight that no stage waits. The waits
         # for busy workers are left out: they grow with the steps in flight themselves.
         self.batches.set_in_flight(micro_batch_groups(self.stage_s, self.hop_s,

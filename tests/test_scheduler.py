@@ -294,3 +294,22 @@ def test_in_flight_limit_holds_and_every_core_still_gets_turns():
             mb.update(StepResult(step.step_id, [TokenResult(r.request_id, token=7)
                                                 for r in step.rows]))
     assert served == {"r0", "r1", "r2", "r3"}  # no core starved under the limit
+
+
+def test_recent_times_are_medians_a_first_compile_does_not_move():
+    """A worker's first step took seconds (a kernel compiled there): the reported stage time
+    is back at the steady value as soon as most of the window is steady (an average of
+    weight 0.9 would still carry 12% of the outlier after 20 steps); a change in the number
+    of stages starts over."""
+    from dejavu.scheduler.batches import RecentTimes
+
+    recent = RecentTimes(window=5)
+    assert recent.medians == []
+    assert recent.add([7.5, 0.3]) == [7.5, 0.3]
+    for _ in range(2):
+        got = recent.add([0.29, 0.30])
+    assert got == [0.29, 0.3]  # 3 samples: the outlier is not the median
+    for _ in range(10):
+        got = recent.add([0.31, 0.28])
+    assert got == [0.31, 0.28]  # the window keeps the last 5 only
+    assert recent.add([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]  # three stages now: start over
