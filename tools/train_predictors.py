@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from ..runtime.predictors import (
     fingerprint,
 )
 from ..runtime.selection import count, topk_mask
+from . import captured_fit
 from .collect_labels import (
     Collected,
     collect,
@@ -214,34 +216,56 @@ def init_mlp(clf: LowRankClassifier, layer, cfg: TrainConfig) -> None:
         clf.load_state_dict(start)
 
 
+def epoch_orders(idx: Tensor, epochs: int, seed: int) -> Iterator[Tensor]:
+    """Each epoch's order of the training tokens ``idx``: one permutation per epoch from one
+    CPU generator seeded with ``seed`` (the eager and the captured fit share it)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        yield idx[torch.randperm(idx.numel(), generator=g).to(idx.device)]
+
+
 def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig,
         device: torch.device, progress=None, epochs: int | None = None) -> float | None:
-    """Binary cross-entropy over ``idx`` tokens; ``target(rows)`` gives [n, out] bool.
-    Returns the last epoch's mean loss (None with no epoch). ``progress()`` is called after
-    every step."""
+    """Binary cross-entropy over ``idx`` tokens. ``target`` gives their labels: a [tokens,
+    out] bool table indexed by token id, or a function ``rows -> [n, out] bool``. Returns the
+    last epoch's mean loss (None with no epoch). ``progress()`` is called after every step.
+
+    On CUDA, with a table and ``x``, ``idx`` and the table on the device, every step is a
+    replay of one captured graph (tools/captured_fit.py: the same steps, to float32
+    rounding); otherwise (``captured_fit.unsupported`` says why) the steps run eagerly."""
     epochs = cfg.epochs if epochs is None else epochs
     clf.to(device).train()
     if epochs == 0:
         clf.eval()
         return None
+    steps = epochs * math.ceil(idx.numel() / cfg.batch_size)
+
+    def schedule(opt: torch.optim.Optimizer):
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
+                                                   pct_start=0.1)
+
+    orders = epoch_orders(idx, epochs, cfg.seed)
+    if captured_fit.unsupported(clf, x, target, idx) is None:
+        steps_on_device = captured_fit.PaddedSteps(clf, x, target, idx, lr=cfg.lr,
+                                                   batch_size=cfg.batch_size, schedule=schedule)
+        loss = steps_on_device.run(orders, progress, graphed=True)
+        clf.eval()
+        return loss
+    labels = target.__getitem__ if isinstance(target, Tensor) else target
     # Fused on CUDA: one kernel per step for every parameter instead of a few per tensor
     # (the steps are small and launch-bound). The CPU keeps the reference implementation.
     opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=0.0,
                             fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(cfg.seed)
-    steps = epochs * math.ceil(idx.numel() / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
-                                                pct_start=0.1)
+    sched = schedule(opt)
     # The loss is summed on the device: reading it every step would make the host wait for
     # the GPU step by step instead of queueing steps ahead.
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for epoch in range(epochs):
-        order = idx[torch.randperm(idx.numel(), generator=g).to(idx.device)]
+    for order in orders:
         loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, order.numel(), cfg.batch_size):
             rows = order[start:start + cfg.batch_size]
             xb = x[rows].to(device, torch.float32)
-            yb = target(rows).to(device, torch.float32)
+            yb = labels(rows).to(device, torch.float32)
             loss = F.binary_cross_entropy_with_logits(clf(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -250,7 +274,6 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
             loss_sum, n = loss_sum + loss.detach().double() * rows.numel(), n + rows.numel()
             if progress is not None:
                 progress()
-        del epoch
     clf.eval()
     return float(loss_sum) / max(n, 1)
 
@@ -377,15 +400,17 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     h = norms_all.shape[1]
     head_k = count(cfg.head_density, h)
     # Every token's head labels at once (a row's top-k does not depend on the other rows):
-    # tokens x H bools, gathered per step instead of a top-k per step.
+    # tokens x H bools, gathered per step instead of a top-k per step (a table: on the GPU
+    # the fit replays a captured graph).
     head_labels = head_targets(norms_all, head_k)
+    # A function, so the MLP fit steps eagerly: unpack_bits copies its bit weights from the
+    # host on every call, which a graph cannot hold.
     neurons = lambda rows: unpack_bits(bits[rows], f)  # noqa: E731
-    heads = lambda rows: head_labels[rows]  # noqa: E731
     clock.lap("tables_s")
     mlp_loss = fit(preds.mlp[layer], xm, neurons, split["train"], cfg, device, progress,
                    epochs=cfg.mlp_fit_epochs)
     clock.lap("mlp_fit_s")
-    head_loss = fit(preds.heads[layer], x, heads, split["train"], cfg, device, progress)
+    head_loss = fit(preds.heads[layer], x, head_labels, split["train"], cfg, device, progress)
     clock.lap("head_fit_s")
     seconds = clock.seconds["mlp_fit_s"] + clock.seconds["head_fit_s"]
 

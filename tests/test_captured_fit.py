@@ -1,0 +1,179 @@
+"""The captured fit (tools/captured_fit.py) against the eager fit (train_predictors.fit).
+
+On the CPU: the padded batch's loss, the schedule written into the tensors a graph reads,
+and the padded steps run uncaptured against the eager reference. On CUDA (marked gpu): the
+captured fit against the eager fit on the same data and seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dejavu.runtime.predictors import LowRankClassifier
+from dejavu.tools import captured_fit
+from dejavu.tools.captured_fit import PaddedSteps, batch_loss
+from dejavu.tools.train_predictors import TrainConfig, epoch_orders, fit
+
+HIDDEN, RANK, OUT = 48, 8, 12
+
+
+def classifier(seed: int = 0) -> LowRankClassifier:
+    torch.manual_seed(seed)
+    return LowRankClassifier(HIDDEN, RANK, OUT)
+
+
+def tables(tokens: int, seed: int = 1, device: str = "cpu"):
+    """float16 inputs and bool labels that depend on them (so the fit has something to
+    learn and its loss falls), with training token ids in a shuffled subset."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, HIDDEN, generator=g).half()
+    w = torch.randn(HIDDEN, OUT, generator=g)
+    labels = (x.float() @ w + 0.5 * torch.randn(tokens, OUT, generator=g)) > 0.3
+    idx = torch.randperm(tokens, generator=g)[: tokens - tokens // 5]
+    return x.to(device), labels.to(device), idx.to(device)
+
+
+def schedule_for(cfg: TrainConfig, n: int, epochs: int):
+    steps = epochs * math.ceil(n / cfg.batch_size)
+    return lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+
+
+def test_a_padded_batch_weighs_only_its_rows():
+    clf = classifier()
+    x, labels, _ = tables(40)
+    rows = torch.tensor([3, 17, 5, 30, 11])
+
+    def eager(ids):
+        clf.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(clf(x[ids].float()), labels[ids].float())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in clf.parameters()]
+
+    def padded(ids):
+        clf.zero_grad(set_to_none=True)
+        loss, n = batch_loss(clf, x, labels, ids)
+        loss.backward()
+        return loss.detach(), n, [p.grad.clone() for p in clf.parameters()]
+
+    # a full batch: exactly the plain mean (both factors are 1)
+    ref_loss, ref_grads = eager(rows)
+    loss, n, grads = padded(rows)
+    assert n.item() == 5 and torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    # the same rows padded to 8 (padding gathers token 0, which must weigh nothing)
+    loss, n, grads = padded(torch.cat([rows, torch.full((3,), -1)]))
+    assert n.item() == 5
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_schedule_is_written_into_the_tensors_a_graph_reads():
+    # Each step the scheduler must leave lr and beta1 in the optimizer's own tensors (a
+    # graph reads their memory), with the values it gives an optimizer of floats.
+    cfg = TrainConfig(batch_size=8, epochs=3)
+    x, labels, idx = tables(50)
+    schedule = schedule_for(cfg, idx.numel(), cfg.epochs)
+    steps = PaddedSteps(classifier(), x, labels, idx, batch_size=cfg.batch_size, lr=cfg.lr,
+                        schedule=schedule)
+    lr_ptr, beta1_ptr = steps.lr.data_ptr(), steps.beta1.data_ptr()
+    twin_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    twin = schedule(twin_opt)
+    seen = []
+
+    def check():
+        twin_opt.step()
+        twin.step()
+        group, want = steps.opt.param_groups[0], twin_opt.param_groups[0]
+        assert group["lr"] is steps.lr and steps.lr.data_ptr() == lr_ptr
+        assert group["betas"][0] is steps.beta1 and steps.beta1.data_ptr() == beta1_ptr
+        assert steps.lr.item() == pytest.approx(want["lr"], rel=1e-6)
+        assert steps.beta1.item() == pytest.approx(want["betas"][0], rel=1e-6)
+        seen.append(steps.beta1.item())
+
+    steps.run(epoch_orders(idx, cfg.epochs, cfg.seed), check, graphed=False)
+    assert len(seen) == cfg.epochs * math.ceil(idx.numel() / cfg.batch_size)
+    assert max(seen) - min(seen) > 0.05  # OneCycleLR cycles beta1 (0.85 .. 0.95)
+
+
+# Whole batches, a partial last batch, less than one batch (OneCycleLR needs > 10 steps).
+@pytest.mark.parametrize(("tokens", "epochs"), [(40, 3), (47, 3), (8, 12)])
+def test_padded_steps_uncaptured_match_the_eager_fit(tokens, epochs):
+    cfg = TrainConfig(batch_size=8, epochs=epochs)
+    x, labels, idx = tables(tokens)
+    ref = classifier()
+    ref_loss = fit(ref, x, labels, idx, cfg, torch.device("cpu"))
+    clf = classifier()
+    steps = PaddedSteps(clf, x, labels, idx, batch_size=cfg.batch_size, lr=cfg.lr,
+                        schedule=schedule_for(cfg, idx.numel(), cfg.epochs))
+    loss = steps.run(epoch_orders(idx, cfg.epochs, cfg.seed), graphed=False)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    moved = 0.0
+    for (name, a), b in zip(clf.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        moved = max(moved, float((b - classifier().state_dict()[name]).abs().max()))
+    assert moved > 1e-3  # the fit changed the weights: the comparison means something
+
+
+def test_epoch_orders_are_one_generators_permutations():
+    idx = torch.arange(100, 137)
+    g = torch.Generator().manual_seed(7)
+    want = [idx[torch.randperm(idx.numel(), generator=g)] for _ in range(3)]
+    got = list(epoch_orders(idx, 3, 7))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and len(got) == 3
+
+
+def test_the_cpu_fit_is_not_captured():
+    x, labels, idx = tables(20)
+    assert captured_fit.unsupported(classifier(), x, labels, idx) is not None
+
+
+# --- CUDA -------------------------------------------------------------------------------
+
+# Captured and eager steps differ in float32 rounding (the single-tensor capturable AdamW vs
+# the fused kernel; the padded last batch's sums over more rows), which Adam carries on.
+GPU_RTOL, GPU_ATOL = 1e-3, 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Whole batches, a partial last batch, less than one batch (OneCycleLR needs > 10 steps).
+@pytest.mark.parametrize(("tokens", "epochs"), [(400, 3), (437, 3), (29, 12)])
+def test_gpu_captured_fit_matches_the_eager_fit(tokens, epochs, monkeypatch):
+    dev = torch.device("cuda")
+    cfg = TrainConfig(batch_size=32, epochs=epochs)
+    x, labels, idx = tables(tokens, device="cuda")
+    ref = classifier()
+    # a function for the labels: the eager steps (the reference on CUDA)
+    ref_loss = fit(ref, x, lambda rows: labels[rows], idx, cfg, dev)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay",
+                        lambda self: (replays.append(1), replay(self))[1])
+    clf, calls = classifier(), []
+    assert captured_fit.unsupported(clf.to(dev), x, labels, idx) is None
+    loss = fit(clf, x, labels, idx, cfg, dev, progress=lambda: calls.append(1))
+    steps = cfg.epochs * math.ceil(idx.numel() / cfg.batch_size)
+    assert len(calls) == steps
+    assert len(replays) == max(steps - captured_fit.WARMUP_STEPS, 0)
+    assert loss == pytest.approx(ref_loss, rel=GPU_RTOL)
+    start = classifier().state_dict()
+    for (name, a), b in zip(clf.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=GPU_RTOL, atol=GPU_ATOL, msg=name)
+        assert float((b.cpu() - start[name]).abs().max()) > 1e-2  # the fit moved it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_capture_needs_a_table_on_the_device():
+    x, labels, idx = tables(50, device="cuda")
+    clf = classifier().cuda()
+    assert captured_fit.unsupported(clf, x, labels, idx) is None
+    assert "function" in captured_fit.unsupported(clf, x, lambda rows: labels[rows], idx)
+    assert "not all on" in captured_fit.unsupported(clf, x.cpu(), labels, idx)
+    assert "not all on" in captured_fit.unsupported(clf, x, labels.cpu(), idx)

@@ -1,0 +1,183 @@
+"""A predictor's fit (``train_predictors.fit``) on CUDA, each step a replay of one CUDA graph.
+
+A step is tiny (a low-rank classifier over one batch of a few hundred tokens): eagerly its
+launches and the optimizer's Python take far longer than its GPU work. Here the whole step
+- the batch's gather from the token tables, forward, binary cross-entropy, backward, the
+AdamW update and the epoch's loss sum - is captured once and replayed; between replays the
+host writes the next batch's token ids and lets the scheduler write the next learning rate
+and beta1 into the tensors the graph reads.
+
+It takes the eager loop's steps (the caller's per-epoch orders, its schedule):
+- lr and beta1 are device tensors. The scheduler writes a tensor lr in place (``fill_``, in
+  ``torch.optim.lr_scheduler._update_param_group_val``); OneCycleLR also cycles beta1, but
+  by putting a new float tuple in ``group["betas"]`` each step, so ``follow_beta1`` copies
+  it into the graph's tensor after every ``sched.step()``. The fused AdamW kernel takes
+  beta1 as a float argument, which a graph would freeze at its capture value; torch's
+  single-tensor AdamW with ``capturable=True`` reads lr and both betas from the device.
+- An epoch's last, shorter batch is padded to the full batch with token id -1: padded rows
+  gather token 0, weigh 0, and the mean is rescaled to the real rows (``batch_loss``), so
+  one graph of one shape serves every step.
+- The first ``WARMUP_STEPS`` steps run uncaptured on the capture's side stream, as torch's
+  CUDA graph notes ask (they create the optimizer state and cuBLAS's workspace outside the
+  capture); they are steps of the fit, the same code.
+``PaddedSteps.run(graphed=False)`` runs every step uncaptured: on the CPU, the tests' twin.
+
+What this module does not know: the learning-rate schedule (``schedule`` builds it), the
+order tokens are visited in (the caller's), or what the labels mean.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..runtime.predictors import LowRankClassifier
+
+# Uncaptured steps before the capture (torch's examples warm up with 3).
+WARMUP_STEPS = 3
+# AdamW's default betas, which the eager loop uses; OneCycleLR overwrites beta1 at once.
+BETAS = (0.9, 0.999)
+
+
+def unsupported(clf: LowRankClassifier, x: Tensor, target, idx: Tensor) -> str | None:
+    """Why the fit of ``clf`` on these inputs cannot be captured, or None when it can."""
+    device = next(clf.parameters()).device
+    if device.type != "cuda":
+        return "not on CUDA: the CPU steps eagerly (the reference)"
+    if not isinstance(target, Tensor):
+        # A function may work on the host (unpack_bits copies its bit weights from the
+        # host on every call), or read host state that a graph would freeze at capture.
+        return "the labels come from a function, not a table"
+    if {t.device for t in (x, target, idx)} != {device}:
+        # Each batch would be gathered on the host and copied over: host work.
+        return f"the tables are not all on {device}"
+    if idx.numel() == 0:
+        return "no training tokens"
+    return None
+
+
+def batch_loss(clf: LowRankClassifier, x: Tensor, labels: Tensor, rows: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """The mean binary cross-entropy over the real rows of a padded batch, and their count
+    (float32). ``rows`` [B] int64 token ids, -1 for padding; x [tokens, C], labels [tokens,
+    out] bool. Padded rows weigh 0 and the mean over all B rows is scaled by B / n: over a
+    full batch both factors are exactly 1, so it is the plain mean."""
+    real = rows >= 0
+    ids = rows.clamp(min=0)
+    n = real.sum(dtype=torch.float32)
+    scale = torch.full_like(n, rows.numel()) / n  # a true division: B / B is exactly 1
+    logits = clf(x[ids].float())
+    weight = real[:, None].float()
+    return F.binary_cross_entropy_with_logits(logits, labels[ids].float(), weight) * scale, n
+
+
+def follow_beta1(opt: torch.optim.Optimizer, beta1: Tensor) -> None:
+    """Copy the beta1 that the scheduler left in ``opt``'s (only) group into ``beta1``, the
+    tensor the graph reads, and put that tensor back in the group."""
+    group = opt.param_groups[0]
+    b1, b2 = group["betas"]
+    if b1 is not beta1:
+        beta1.fill_(b1)
+        group["betas"] = (beta1, b2)
+
+
+class PaddedSteps:
+    """The fit as fixed-shape steps: one optimizer (AdamW, lr and betas in tensors on the
+    tables' device) and one scheduler over padded batches of ``batch_size`` token ids."""
+
+    def __init__(self, clf: LowRankClassifier, x: Tensor, labels: Tensor, idx: Tensor, *,
+                 batch_size: int, lr: float,
+                 schedule: Callable[[torch.optim.Optimizer], object]) -> None:
+        dev = x.device
+        self.clf, self.x, self.labels, self.n = clf, x, labels, idx.numel()
+        self.lr = torch.tensor(float(lr), device=dev)
+        self.beta1 = torch.tensor(BETAS[0], device=dev)
+        # capturable=True needs CUDA; on the CPU the same formulas, uncaptured.
+        self.opt = torch.optim.AdamW(
+            clf.parameters(), lr=self.lr, betas=(self.beta1, torch.tensor(BETAS[1], device=dev)),
+            weight_decay=0.0, foreach=False, capturable=dev.type == "cuda")
+        self.sched = schedule(self.opt)
+        if self.opt.param_groups[0]["lr"] is not self.lr:
+            raise RuntimeError("the scheduler replaced the optimizer's lr tensor; the graph "
+                               "would not see its schedule")
+        follow_beta1(self.opt, self.beta1)
+        self.batch_size = batch_size
+        self.steps_per_epoch = math.ceil(self.n / batch_size)
+        # An epoch's token ids, padded with -1 to whole batches; the graph reads ``rows``.
+        self.padded = torch.full((self.steps_per_epoch * batch_size,), -1, dtype=torch.long,
+                                 device=dev)
+        self.rows = torch.full((batch_size,), -1, dtype=torch.long, device=dev)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def step(self) -> None:
+        """One optimizer step on the batch in ``rows``; grads are set to None beforehand
+        when run uncaptured, and refilled in place by a replay."""
+        loss, n = batch_loss(self.clf, self.x, self.labels, self.rows)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum.add_(loss.detach().double() * n)
+
+    def run(self, orders: Iterable[Tensor], progress=None, *, graphed: bool) -> float:
+        """Every epoch of ``orders`` (each a permutation of the training token ids); the last
+        epoch's mean loss. ``progress()`` after every step."""
+        side = torch.cuda.Stream(self.x.device) if graphed else None
+        graph, done = None, 0
+        for order in orders:
+            self.loss_sum.zero_()
+            self.padded[:self.n].copy_(order)
+            for start in range(0, self.n, self.batch_size):
+                self.rows.copy_(self.padded[start:start + self.batch_size])
+                if not graphed or done < WARMUP_STEPS:
+                    self._uncaptured(side)
+                else:
+                    if graph is None:
+                        graph = self._capture(side)
+                    graph.replay()
+                self.sched.step()
+                follow_beta1(self.opt, self.beta1)
+                done += 1
+                if progress is not None:
+                    progress()
+        loss = float(self.loss_sum) / self.n  # waits for the last replay
+        # The grads live in the graph's memory pool: let it go with the graph.
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def _uncaptured(self, side: torch.cuda.Stream | None) -> None:
+        if side is None:
+            self.opt.zero_grad(set_to_none=True)
+            self.step()
+            return
+        current = torch.cuda.current_stream(side.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # torch warns that a capturable optimizer steps uncaptured: these are the
+            # warm-up steps before its capture.
+            warnings.filterwarnings("ignore", message="This instance was constructed with "
+                                    "capturable=True")
+            self.opt.zero_grad(set_to_none=True)
+            self.step()
+        current.wait_stream(side)
+
+    def _capture(self, side: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+        """``step`` captured (not run). Grads are None first, so that backward allocates them
+        from the graph's pool and every replay writes the same ones."""
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        # capture_begin / capture_end rather than torch.cuda.graph, which synchronises the
+        # whole device and empties the allocator's cache first: that would wait for the
+        # layer that tools/layer_reader.py reads ahead on its own stream, and free memory
+        # that the next layer allocates again. "thread_local": that reader's thread may
+        # synchronise its own stream meanwhile, which the default "global" mode forbids.
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.step()
+            finally:
+                graph.capture_end()
+        return graph
