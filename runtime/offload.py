@@ -266,8 +266,8 @@ class OffloadedLayer:
             xs, valid, batch.slots, batch.positions, batch.attended_length(),
             self.out_proj_bias)
         self.stream.release(self.slot, "heads")
-        if batch.sparse is not None:
-            batch.sparse.stats.layer(layer_id).kv_recomputed += int(recomputed)
+        if batch.sparse is not None:  # kept on the device: reading it would wait for the layer
+            batch.sparse.stats.layer(layer_id).add_kv(recomputed.reshape(1))
         return out
 
     def _staged_decode(self, kind: str) -> bool:
