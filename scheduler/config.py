@@ -85,6 +85,14 @@ class PipelineConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def gpu_of(device: str) -> str | None:
+    """Which GPU a worker's device string names, as "cuda:N" ("cuda" alone is the process's
+    current device, cuda:0 for a worker); None for any other device."""
+    if not device.startswith("cuda"):
+        return None
+    return device if ":" in device else f"{device}:0"
+
+
 def default_micro_batches(workers: int, slots: int, devices: list[str] | None = None) -> int:
     """Cores (micro-batches) when none are configured: one worker runs one step at a time;
     a pipeline over N devices gets N + 1 (bounded by the slots). With one step per stage,
@@ -97,7 +105,7 @@ def default_micro_batches(workers: int, slots: int, devices: list[str] | None = 
     A CPU worker, or one whose device is not known here, counts as its own."""
     if workers == 1:
         return 1
-    cuda = [d if ":" in d else f"{d}:0" for d in devices or [] if d.startswith("cuda")]
+    cuda = [gpu for gpu in map(gpu_of, devices or []) if gpu is not None]
     units = len(set(cuda)) + workers - len(cuda)
     return 1 if units == 1 else max(1, min(slots, units + 1))
 

@@ -34,7 +34,7 @@ import zmq
 from ..runtime import wire
 from ..runtime.opt_config import OPTConfig
 from .batches import MicroBatches, RecentTimes, micro_batch_groups
-from .config import PipelineConfig, default_micro_batches
+from .config import PipelineConfig, default_micro_batches, gpu_of
 from .core import Event, RequestError, SchedulerConfig
 from .planner import Plan
 from .rundir import RunDir
@@ -605,7 +605,8 @@ def mps_hint(devices: list[str], environ: dict[str, str] | None = None) -> str |
     GPU is shared or a daemon's control pipe is there (``CUDA_MPS_PIPE_DIRECTORY``, by
     default /tmp/nvidia-mps)."""
     env = os.environ if environ is None else environ
-    shared = sorted({d for d in devices if d.startswith("cuda") and devices.count(d) > 1})
+    gpus = [gpu for gpu in map(gpu_of, devices) if gpu is not None]
+    shared = sorted({g for g in gpus if gpus.count(g) > 1})
     if not shared:
         return None
     pipe_dir = env.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps"

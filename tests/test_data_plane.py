@@ -514,6 +514,7 @@ def test_launch_suggests_mps_only_where_workers_share_a_gpu_without_it(tmp_path)
     """Workers on one GPU are separate CUDA contexts unless an MPS daemon runs: the launch
     log then says so, naming the shared device and the command; not for distinct GPUs,
     CPU workers, or with a daemon's control pipe present."""
+    from dejavu.scheduler.config import default_micro_batches
     from dejavu.scheduler.process import mps_hint
 
     none = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "absent")}
@@ -522,5 +523,10 @@ def test_launch_suggests_mps_only_where_workers_share_a_gpu_without_it(tmp_path)
     assert "nvidia-cuda-mps-control -d" in hint
     assert mps_hint(["cuda:0", "cuda:1"], none) is None
     assert mps_hint(["cpu", "cpu"], none) is None
+    # "cuda" is a worker's current device, cuda:0: the same GPU as "cuda:0", as the default
+    # micro-batch count (config.default_micro_batches) counts it
+    shared = mps_hint(["cuda", "cuda:0"], none)
+    assert shared is not None and "cuda:0" in shared
+    assert default_micro_batches(2, 8, ["cuda", "cuda:0"]) == 1
     (tmp_path / "control").touch()  # the daemon's pipe
     assert mps_hint(["cuda:0", "cuda:0"], {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}) is None
