@@ -109,6 +109,38 @@ def test_schedule_warmup_then_cosine_to_floor():
         TrainConfig(corpus="c", tokenizer="t", out="o", time_budget=10, warmup=5)
 
 
+def help_entries(text: str) -> dict[str, str]:
+    """argparse's option list as {"--flag": its description}, wrapped lines joined."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):  # "  --flag METAVAR   description" (or on the next line)
+            invocation, _, description = line.strip().partition("  ")
+            flag = invocation.split(",")[0].split()[0]
+            entries[flag] = description.strip()
+        elif flag and line.strip():
+            entries[flag] = f"{entries[flag]} {line.strip()}".strip()
+    return entries
+
+
+def test_help_describes_every_option(monkeypatch):
+    from typer.testing import CliRunner
+
+    from dejavu.tools.cli import app
+
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal's width
+    out = CliRunner().invoke(app, ["train-model", "--help"])
+    assert out.exit_code == 0, out.output
+    entries = help_entries(out.stdout)
+    for name in TrainConfig.__dataclass_fields__:
+        flag = "--" + name.replace("_", "-")
+        assert entries.get(flag), f"{flag} has no description in:\n{out.stdout}"
+    assert "gradients accumulate up to --batch-size [default: 64]" in entries["--micro-batch"]
+    assert "give this or --time-budget" in entries["--steps"]
+    assert entries["--compile"].endswith("[default: on]")
+    assert entries["--device"].startswith("cuda | cpu")
+
+
 def tiny_args(corpus, out, *extra: str) -> list[str]:
     return ["--corpus", str(corpus["train"]), "--tokenizer", str(corpus["tokenizer"]),
             "--out", str(out), "--layers", "2", "--hidden", "32", "--heads", "4",

@@ -108,6 +108,66 @@ class TrainConfig:
                              "so the step count chosen later does not change earlier steps")
 
 
+# `dejavu-run train-model --help`: one line per TrainConfig field (parse_args fails on a
+# field without one). The "[default: ...]" of a field with a value is appended there.
+HELP = {
+    "corpus": "training text: .txt (one document), .jsonl or .jsonl.xz (a document per "
+              'line, its "text" field)',
+    "tokenizer": "tokenizer.json of the tokenizers library; copied beside the checkpoint",
+    "out": "directory for the float16 checkpoint, tokenizer.json and metrics.json",
+    "layers": "decoder layers",
+    "hidden": "hidden size (also the embedding size)",
+    "heads": "attention heads per layer (--hidden must be a multiple)",
+    "ffn": "MLP inner size (OPT's ratio: 4 x --hidden)",
+    "positions": "learned positions: the model's longest sequence",
+    "seq-len": "tokens per training window (at most --positions)",
+    "batch-size": "sequences per optimiser step (a multiple of --micro-batch)",
+    "micro-batch": "sequences per forward and backward pass; gradients accumulate up to "
+                   "--batch-size",
+    "lr": "peak learning rate (AdamW)",
+    "min-lr-ratio": "the cosine decay ends at this x --lr",
+    "warmup": "steps of linear warmup (with --time-budget: more than --measure-to)",
+    "weight-decay": "AdamW weight decay of weight matrices and embeddings (not of biases "
+                    "or layer-norm gains)",
+    "beta2": "AdamW beta2 (beta1 is 0.9)",
+    "grad-clip": "clip the gradients' global norm to this",
+    "seed": "seeds the initial weights, the training windows, the documents unwrapped and "
+            "the head policy's draws",
+    "steps": "optimiser steps (give this or --time-budget)",
+    "time-budget": "seconds from the process start to the end of evaluation: the step time "
+                   "over steps --measure-from..--measure-to fixes the step count, printed "
+                   "for --steps to replay the run",
+    "reserve": "--time-budget: seconds kept for saving and evaluation",
+    "measure-from": "--time-budget: first step of the step-time measurement (after "
+                    "compilation)",
+    "measure-to": "--time-budget: the step at which the step count is fixed",
+    "compile": "torch.compile the forward pass and loss (a failed compilation falls back "
+               "to eager)",
+    "device": "cuda | cpu (cpu: tiny models, for tests); bfloat16 autocast on cuda",
+    "max-corpus-bytes": "stop reading the corpus once this many bytes of text were read "
+                        "(whole documents; a .txt file is read whole) [default: all]",
+    "unwrap-fraction": "share of documents whose hard-wrapped lines are joined into "
+                       "paragraphs on one line",
+    "log-every": "print a log line every N steps",
+    "val-every": "loss on a fixed --heldout batch at logged steps (--log-every) that are "
+                 "multiples of N, and at the last",
+    "heldout": "held-out text (.txt, .jsonl, .jsonl.xz): validation loss while training; "
+               "bits per byte, perplexity and MLP activation statistics after",
+    "wikitext": "WikiText-2 raw test file, scored after training",
+    "eval-window": "tokens per window when scoring text after training",
+    "eval-stride": "new tokens scored per window after training",
+    "eval-batch": "sequences per forward pass when evaluating",
+    "stats-tokens": "held-out tokens for the MLP activation statistics",
+    "eval-dir": "folder of the zero-shot task files; given, the tasks run after training",
+    "zero-shot-limit": "first N rows of each zero-shot task [default: all]",
+    "head-policy": "none | drop (random heads) | gate (learned, top-k): training that makes "
+                   "heads skippable; the saved model is plain OPT",
+    "head-fraction": "share of a chosen token's heads skipped by --head-policy",
+    "head-tokens": "share of tokens --head-policy applies to (the rest keep every head)",
+    "head-rescale": "--head-policy drop: scale the kept heads by heads / kept",
+}
+
+
 def model_config(cfg: TrainConfig, vocab_size: int) -> OPTConfig:
     return OPTConfig(vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
                      ffn_dim=cfg.ffn, num_attention_heads=cfg.heads,
@@ -414,15 +474,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                                 description=__doc__.splitlines()[0])
     defaults = TrainConfig.__dataclass_fields__
     for name, f in defaults.items():
-        flag = "--" + name.replace("_", "-")
+        option = name.replace("_", "-")
+        flag, help_text = "--" + option, HELP[option]
         if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f"{help_text} [default: {'on' if f.default else 'off'}]")
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(
             str(f.type), str)
         required = f.default is dataclasses.MISSING
+        if not required and f.default is not None:
+            help_text += f" [default: {f.default}]"
         p.add_argument(flag, type=kind, required=required,
-                       default=None if required else f.default)
+                       default=None if required else f.default, help=help_text)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
