@@ -217,6 +217,21 @@ def test_chat_workers_starts_its_own_cluster_and_dies_with_it(model):
     assert leftover == []
 
 
+def test_chat_device_sets_where_the_in_process_chat_runs(model, tmp_path):
+    # dejavu.toml asks for cuda; --device cpu on the command line wins, as for generate.
+    config = tmp_path / "dejavu.toml"
+    config.write_text('[model]\ndevice = "cuda"\n')
+    run_dir = short_dir()  # empty: no launch to join
+    try:
+        out = cli("chat", "--model", str(model), "--config", str(config), "--device", "cpu",
+                  "--run-dir", str(run_dir), "--max-new-tokens", "2", input="hello\n")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    assert f"chatting with {model} in this process (cpu)" in out.stderr
+    assert len(out.stdout.splitlines()) == 1
+
+
 # --- history and templates, no processes -------------------------------------------------------
 
 

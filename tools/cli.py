@@ -39,6 +39,11 @@ RUN_DIR = typer.Option(None, "--run-dir", help="run directory of the launch to j
                        "[default: [pipeline] run_dir, else $XDG_RUNTIME_DIR/dejavu-run or "
                        "/tmp/dejavu-run-<uid>]")
 
+# One definition of where a command's in-process engine runs (generate, chat); unset,
+# [model] device decides. A launch's workers keep their own devices.
+DEVICE = typer.Option(None, "--device", help="cpu | cuda: where the model runs in this "
+                      "process [default: cpu, or [model] device]")
+
 # One definition for the commands that take a GPU budget (generate, launch, chat, serve).
 GPU_MEMORY_GIB = typer.Option(None, "--gpu-memory-gib",
                               help="GPU memory per worker (GiB); layers beyond it are "
@@ -98,7 +103,7 @@ def generate(
     seed: int = SEED,
     stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable); the text "
                                    "and the tokens end before it"),
-    device: str = typer.Option(None, "--device", help="cpu | cuda"),
+    device: str = DEVICE,
     dtype: str = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
@@ -516,6 +521,7 @@ def chat(
     sparse: bool = typer.Option(None, "--sparse/--dense", help="in-process chat: contextual "
                                 "sparsity (default: when predictors exist)"),
     config: str = typer.Option(None, "--config", help="settings file (default ./dejavu.toml)"),
+    device: str = DEVICE,
     dtype: str = DTYPE,
     gpu_memory_gib: float = GPU_MEMORY_GIB,
     repetition_penalty: float = typer.Option(
@@ -536,7 +542,8 @@ def chat(
 
     try:
         settings = load_settings(config, {
-            "model.path": model, "model.dtype": dtype, "pipeline.workers": workers,
+            "model.path": model, "model.device": device, "model.dtype": dtype,
+            "pipeline.workers": workers,
             "pipeline.run_dir": run_dir, "generation.max_new_tokens": max_new_tokens,
             "generation.temperature": temperature, "generation.top_p": top_p,
             "generation.top_k": top_k, "generation.seed": seed,
