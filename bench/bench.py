@@ -109,6 +109,16 @@ def check_only(only: tuple[str, ...]) -> None:
 _COST = {"tune": 15, "kernels": 25, "resident": 45, "offload": 60, "accelerate": 60}
 
 
+def skip_reason(scenario: str, elapsed_s: float, opts: BenchOptions) -> str:
+    """Why ``scenario`` does not run ("" when it runs); recorded and printed."""
+    if scenario == "accelerate" and not cuda():  # a dry run on a CPU: nothing to compare
+        return "accelerate's CPU offload needs a GPU"
+    if elapsed_s + _COST[scenario] > opts.time_budget_s:
+        return (f"time budget: {elapsed_s:.0f} s used of {opts.time_budget_s:g} s; it needs "
+                f"about {_COST[scenario]} s")
+    return ""
+
+
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     from .bench_accelerate import accelerate_case
     from .bench_kernels import attn_case, mlp_case, tune_attention, tune_mlp
@@ -131,9 +141,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     for scenario, label, args in _plan(opts):
         elapsed = time.perf_counter() - start
         if opts.only and scenario not in opts.only:
-            continue
-        if elapsed + _COST[scenario] > opts.time_budget_s:
-            res["skipped"][label] = f"time budget: {elapsed:.0f} s used of {opts.time_budget_s}"
+            continue  # not asked for: no skip
+        if why := skip_reason(scenario, elapsed, opts):
+            res["skipped"][label] = why
+            print(f"[bench] {label} skipped: {why}", flush=True)
             continue
         t0 = time.perf_counter()
         print(f"[bench] {label} (at {elapsed:.0f} s)", flush=True)
@@ -168,9 +179,6 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                        for b, cfg in tuned.items()},
                                    budget_gib=None if opts.small else 24.0)
             elif scenario == "accelerate":
-                if not cuda():  # a dry run on a CPU: nothing to compare against
-                    res["skipped"][label] = "accelerate's CPU offload needs a GPU"
-                    continue
                 out = accelerate_case(shape, device, budget_gib=24.0)
             res["scenarios"][label] = out
         except Exception as exc:  # the others still run; the results name it

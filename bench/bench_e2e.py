@@ -581,7 +581,8 @@ def run_e2e(opts: E2EOptions, log=lambda m: print(m, file=sys.stderr, flush=True
     def attempt(name: str, fn) -> None:
         used = time.perf_counter() - start
         if used > opts.time_budget_s:
-            res["skipped"][name] = f"time budget: {used:.0f} s used of {opts.time_budget_s}"
+            res["skipped"][name] = f"time budget: {used:.0f} s used of {opts.time_budget_s:g} s"
+            log(f"{name} skipped: {res['skipped'][name]}")
             return
         try:
             out = fn()

@@ -3,10 +3,14 @@ the working tree), and a failure is one line and a non-zero exit, never a traceb
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
+import torch
 
 CLI = [sys.executable, "-c", "from dejavu.tools.cli import app; app()"]
 
@@ -25,6 +29,28 @@ def test_small_writes_to_a_temporary_directory_not_the_working_tree(tmp_path):
     assert wrote and os.path.isfile(wrote.group(1)), out.stdout
     assert not os.path.commonpath([wrote.group(1), str(tmp_path)]) == str(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_each_skipped_scenario_is_one_line_naming_it_and_why(tmp_path):
+    from dejavu.bench.bench import BenchOptions, _plan
+
+    out = bench("--out", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    labels = [label for _, label, _ in _plan(BenchOptions(small=True))]
+    assert list(saved["skipped"]) == labels
+    skipped = [ln for ln in out.stdout.splitlines() if " skipped: " in ln]
+    assert skipped == [f"[bench] {label} skipped: {saved['skipped'][label]}"
+                       for label in labels], out.stdout
+    assert "time budget: " in saved["skipped"]["tune tiny"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without a GPU")
+def test_accelerate_without_a_gpu_says_it_is_skipped(tmp_path):
+    out = bench("--only", "accelerate", "--out", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [ln for ln in out.stdout.splitlines() if ln.startswith("[bench]")] == [
+        "[bench] accelerate tiny skipped: accelerate's CPU offload needs a GPU"], out.stdout
 
 
 def test_a_failure_is_one_line_and_exit_1(tmp_path):
