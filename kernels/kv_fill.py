@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_POSITIONS = 32
-MAX_QUERY_TOKENS = 64  # positions [B, T]: T is a decode step's 1 or a short chunk
+MAX_QUERY_TOKENS = 64  # positions [B, T] the kernel reads whole; a longer T is reduced first
 
 
 @triton.jit
@@ -94,9 +94,8 @@ def keep_missing_kv(cache_k: Tensor, cache_v: Tensor, valid: Tensor, heads: Tens
         raise ValueError(f"{length} positions do not fit the cache's {cache_k.shape[2]}")
     if d & (d - 1):
         raise ValueError(f"head dim {d}: expected a power of two")
-    if positions.dim() != 2 or positions.shape[0] != bsz or positions.shape[1] > MAX_QUERY_TOKENS:
-        raise ValueError(f"positions must be [{bsz}, T <= {MAX_QUERY_TOKENS}], got "
-                         f"{tuple(positions.shape)}")
+    if positions.dim() != 2 or positions.shape[0] != bsz:
+        raise ValueError(f"positions must be [{bsz}, T], got {tuple(positions.shape)}")
     if heads.shape != (h,) or slots.shape != (bsz,) or (live is not None and live.shape != (h,)):
         raise ValueError(f"heads [{h}], slots [{bsz}] and live [{h}] expected, got "
                          f"{tuple(heads.shape)}, {tuple(slots.shape)}, "
@@ -110,6 +109,8 @@ def keep_missing_kv(cache_k: Tensor, cache_v: Tensor, valid: Tensor, heads: Tens
     if bsz == 0 or h == 0 or length == 0:
         return count
     pos = positions.to(torch.int64)
+    if pos.shape[1] > MAX_QUERY_TOKENS:  # a prefill chunk: each row's last, one launch more
+        pos = pos.amax(dim=1, keepdim=True)
     grid = (bsz, h, triton.cdiv(length, BLOCK_POSITIONS))
     _keep_missing_kernel[grid](
         k, v, cache_k, cache_v, valid.view(torch.uint8), heads.to(torch.int64),

@@ -158,7 +158,7 @@ def test_padded_union_in_one_launch_equals_the_torch_ops(rows, n, share):
     from dejavu.runtime.sparse import padded_union_reference
 
     g = torch.Generator().manual_seed(rows * n)
-    mask = torch.rand(rows, 1, n, generator=g) < share
+    mask = (torch.rand(rows, 1, n, generator=g) < share).to(DEVICE)
     ids, count = padded_union(mask)
     want_ids, want_count = padded_union_reference(mask)
     assert ids.dtype == want_ids.dtype and count.dtype == want_count.dtype

@@ -14,6 +14,9 @@ from dejavu.runtime.model import OPTModel
 from dejavu.runtime.opt_config import OPTConfig
 from dejavu.runtime.sparse import LayerStats, SparseStats
 
+# The kernel runs on the GPU where there is one, else under Triton's interpreter on the CPU.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 CFG = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
                 num_attention_heads=4, max_position_embeddings=32)
 
@@ -46,8 +49,11 @@ def test_batched_completion_equals_the_per_head_loop(seed, keep):
     idx = torch.tensor([3, 1])  # two of the four heads, out of order
     ref = [t.clone() for t in (k, v, valid)]
     n_ref = fill_missing_kv(attn, *ref[:2], xs, ref[2], idx, slots, pos)
-    got = [t.clone() for t in (k, v, valid)]
-    n = fill_missing_kv_batched(attn, *got[:2], xs, got[2], idx, slots, pos, length=10)
+    dev = KERNEL_DEVICE if keep == "kernel" else "cpu"
+    got = [t.clone().to(dev) for t in (k, v, valid)]
+    n = fill_missing_kv_batched(attn.to(dev), *got[:2], xs.to(dev), got[2], idx.to(dev),
+                                slots.to(dev), pos.to(dev), length=10)
+    got = [t.cpu() for t in got]
     assert n_ref > 0 and int(n) == n_ref
     for want, have in zip(ref, got, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12)
@@ -68,13 +74,15 @@ def test_kv_counted_on_the_device_is_folded_into_the_stats():
     assert layer.pending is None and isinstance(layer, LayerStats)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_keeping_is_the_same_by_kernel_and_by_torch(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, prefill", [(torch.float16, False), (torch.float32, False),
+                                            (torch.float16, True)])
+def test_keeping_is_the_same_by_kernel_and_by_torch(dtype, prefill, monkeypatch):
     """The rule of kernels/kv_fill.py on a padded union (``live``), rows at different
     positions, several query tokens per row, recomputed values in float32 kept in a
     half-precision cache: the kernel and the torch ops write the same cache, the same
     bits, and count the same pairs."""
     g = torch.Generator().manual_seed(7)
+    dev = KERNEL_DEVICE
     slots_n, heads_n, max_len, d = 4, 6, 40, 8
     cache_k = torch.randn(slots_n, heads_n, max_len, d, generator=g).to(dtype)
     cache_v = torch.randn(slots_n, heads_n, max_len, d, generator=g).to(dtype)
@@ -83,15 +91,17 @@ def test_keeping_is_the_same_by_kernel_and_by_torch(dtype, monkeypatch):
     live = torch.tensor([True, True, False, True])
     slots = torch.tensor([3, 1])
     positions = torch.tensor([[30, 31, 33], [5, 6, 7]])  # last: 33 and 7
+    if prefill:  # a prompt chunk longer than the kernel reads whole: the same lasts
+        positions = torch.cat([positions[:, :1].expand(2, 97), positions], 1)
     length = 34  # past 32: two position blocks
     k = torch.randn(2, length, 4, d, generator=g)
     v = torch.randn(2, length, 4, d, generator=g)
     out = {}
     for how in ("kernel", "torch"):
         monkeypatch.setattr(lazy_kv, "KEEP", how)
-        state = [t.clone() for t in (cache_k, cache_v, valid)]
-        n = keep_recomputed(*state, heads, slots, positions, k, v, live)
-        out[how] = (*state, int(n))
+        state = [t.clone().to(dev) for t in (cache_k, cache_v, valid)]
+        n = keep_recomputed(*state, *(t.to(dev) for t in (heads, slots, positions, k, v, live)))
+        out[how] = (*(t.cpu() for t in state), int(n))
     for want, have in zip(out["torch"], out["kernel"], strict=True):
         if isinstance(want, int):
             assert have == want > 0
