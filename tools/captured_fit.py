@@ -13,7 +13,8 @@ It takes the eager loop's steps (the caller's per-epoch orders, its schedule):
   by putting a new float tuple in ``group["betas"]`` each step, so ``follow_beta1`` copies
   it into the graph's tensor after every ``sched.step()``. The fused AdamW kernel takes
   beta1 as a float argument, which a graph would freeze at its capture value; torch's
-  single-tensor AdamW with ``capturable=True`` reads lr and both betas from the device.
+  single-tensor AdamW with ``capturable=True`` reads lr and beta1 from the device
+  (beta2, which the schedule never moves, stays a float: see ``PaddedSteps``).
 - An epoch's last, shorter batch is padded to the full batch with token id -1: padded rows
   gather token 0, weigh 0, and the mean is rescaled to the real rows (``batch_loss``), so
   one graph of one shape serves every step.
@@ -99,8 +100,13 @@ class PaddedSteps:
         self.beta1 = torch.tensor(BETAS[0], device=dev)
         # capturable=True needs CUDA; on the CPU the same formulas, uncaptured.
         self.opt = torch.optim.AdamW(
-            clf.parameters(), lr=self.lr, betas=(self.beta1, torch.tensor(BETAS[1], device=dev)),
+            clf.parameters(), lr=self.lr,
+            betas=(self.beta1, torch.tensor(BETAS[1], device=dev)),
             weight_decay=0.0, foreach=False, capturable=dev.type == "cuda")
+        # beta2 back to a float (the constructor takes both betas as floats or both as
+        # tensors): the step passes 1 - beta2 as addcmul's scalar, which from a tensor is a
+        # host read, refused under capture (seen on an H100). The schedule never moves it.
+        self.opt.param_groups[0]["betas"] = (self.beta1, BETAS[1])
         self.sched = schedule(self.opt)
         if self.opt.param_groups[0]["lr"] is not self.lr:
             raise RuntimeError("the scheduler replaced the optimizer's lr tensor; the graph "
