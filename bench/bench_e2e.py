@@ -178,6 +178,8 @@ def _first_token_s(engine, prompt: list[int]) -> float:
     _sync()
     t0 = time.perf_counter()
     for event in engine.stream(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True)):
+        if event.error is not None:  # the step failed: its reason, not a time
+            raise RuntimeError(f"the {len(prompt)}-token prompt failed: {event.error}")
         if event.token is not None:
             break
     _sync()
