@@ -128,9 +128,11 @@ def test_epoch_orders_are_one_generators_permutations():
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and len(got) == 3
 
 
-def test_the_cpu_fit_is_not_captured():
+def test_the_cpu_fit_is_not_captured(monkeypatch):
     x, labels, idx = tables(20)
-    assert captured_fit.unsupported(classifier(), x, labels, idx) is not None
+    assert "off" in captured_fit.unsupported(classifier(), x, labels, idx)  # the default
+    monkeypatch.setattr(captured_fit, "ENABLED", True)
+    assert "not on CUDA" in captured_fit.unsupported(classifier(), x, labels, idx)
 
 
 # --- CUDA -------------------------------------------------------------------------------
@@ -157,6 +159,7 @@ def float32_matmuls():
 # Whole batches, a partial last batch, less than one batch (OneCycleLR needs > 10 steps).
 @pytest.mark.parametrize(("tokens", "epochs"), [(400, 3), (437, 3), (29, 12)])
 def test_gpu_captured_fit_matches_the_eager_fit(tokens, epochs, monkeypatch, float32_matmuls):
+    monkeypatch.setattr(captured_fit, "ENABLED", True)
     dev = torch.device("cuda")
     cfg = TrainConfig(batch_size=32, epochs=epochs)
     x, labels, idx = tables(tokens, device="cuda")
@@ -182,7 +185,8 @@ def test_gpu_captured_fit_matches_the_eager_fit(tokens, epochs, monkeypatch, flo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_capture_needs_a_table_on_the_device():
+def test_gpu_capture_needs_a_table_on_the_device(monkeypatch):
+    monkeypatch.setattr(captured_fit, "ENABLED", True)
     x, labels, idx = tables(50, device="cuda")
     clf = classifier().cuda()
     assert captured_fit.unsupported(clf, x, labels, idx) is None

@@ -45,8 +45,17 @@ WARMUP_STEPS = 3
 BETAS = (0.9, 0.999)
 
 
+# Off by default. The GPU tests pass (captured against eager, an H100, 2026-12-06), but inside
+# `train-predictors` on an OPT-13B shape the capture ended with "capturing stream has
+# unjoined work" (the layer reader's thread runs beside it); not understood yet, so the
+# product fits eagerly until a run through train-predictors shows the captured path whole.
+ENABLED = False
+
+
 def unsupported(clf: LowRankClassifier, x: Tensor, target, idx: Tensor) -> str | None:
     """Why the fit of ``clf`` on these inputs cannot be captured, or None when it can."""
+    if not ENABLED:
+        return "captured fits are off (captured_fit.ENABLED)"
     device = next(clf.parameters()).device
     if device.type != "cuda":
         return "not on CUDA: the CPU steps eagerly (the reference)"

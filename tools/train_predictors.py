@@ -230,7 +230,8 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
     out] bool table indexed by token id, or a function ``rows -> [n, out] bool``. Returns the
     last epoch's mean loss (None with no epoch). ``progress()`` is called after every step.
 
-    On CUDA, with a table and ``x``, ``idx`` and the table on the device, every step is a
+    Where captured fits are on (``captured_fit.ENABLED``, off by default: see there), on
+    CUDA, with a table and ``x``, ``idx`` and the table on the device, every step is a
     replay of one captured graph (tools/captured_fit.py: the same steps, to float32
     rounding); otherwise (``captured_fit.unsupported`` says why) the steps run eagerly."""
     epochs = cfg.epochs if epochs is None else epochs
