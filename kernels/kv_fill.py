@@ -26,34 +26,33 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_POSITIONS = 32
-MAX_QUERY_TOKENS = 64  # positions [B, T] the kernel reads whole; a longer T is reduced first
 
 
-@triton.jit
+# ``L`` and the row stride grow with every decode step: specialized (Triton specializes
+# integers on divisibility by 16), each new residue would compile the kernel again inside a
+# step, a few hundred milliseconds.
+@triton.jit(do_not_specialize=["L", "s_kb"])
 def _keep_missing_kernel(
     k_ptr, v_ptr,  # [B, L, h, D] recomputed K and V (D contiguous; any other strides)
     ck_ptr, cv_ptr,  # [S, H, Lmax, D] the layer's cache (D contiguous)
     valid_ptr,  # [S, H, Lmax] uint8 view of the valid bits (Lmax contiguous)
     heads_ptr,  # [h] int64 head ids
     slots_ptr,  # [B] int64 cache slots
-    pos_ptr,  # [B, T] int64 positions of the step's tokens
+    last_ptr,  # [B] int64 each row's last position
     live_ptr,  # [h] uint8: which heads count (read when HAS_LIVE)
     count_ptr,  # [1] int64: pairs written, added to
-    L, T,
+    L,
     s_kb, s_kl, s_kh,
     s_cs, s_ch, s_cl,
     s_vs, s_vh,
-    s_pb,
     D: tl.constexpr,
     HAS_LIVE: tl.constexpr,
     BLOCK_L: tl.constexpr,
-    BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
     i = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    t = tl.arange(0, BLOCK_T)
-    last = tl.max(tl.load(pos_ptr + b * s_pb + t, mask=t < T, other=-1), axis=0)
+    last = tl.load(last_ptr + b)
     slot = tl.load(slots_ptr + b)
     head = tl.load(heads_ptr + i)
     need = (p < L) & (p <= last)
@@ -108,18 +107,16 @@ def keep_missing_kv(cache_k: Tensor, cache_v: Tensor, valid: Tensor, heads: Tens
     count = torch.zeros(1, dtype=torch.int64, device=k.device)
     if bsz == 0 or h == 0 or length == 0:
         return count
-    pos = positions.to(torch.int64)
-    if pos.shape[1] > MAX_QUERY_TOKENS:  # a prefill chunk: each row's last, one launch more
-        pos = pos.amax(dim=1, keepdim=True)
+    # each row's last position: a decode step's one (a view), a chunk's largest (one launch)
+    last = positions[:, 0] if positions.shape[1] == 1 else positions.amax(dim=1)
     grid = (bsz, h, triton.cdiv(length, BLOCK_POSITIONS))
     _keep_missing_kernel[grid](
         k, v, cache_k, cache_v, valid.view(torch.uint8), heads.to(torch.int64),
-        slots.to(torch.int64), pos, count if live is None else live.view(torch.uint8), count,
-        length, pos.shape[1],
+        slots.to(torch.int64), last.to(torch.int64).contiguous(),
+        count if live is None else live.view(torch.uint8), count,
+        length,
         k.stride(0), k.stride(1), k.stride(2),
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         valid.stride(0), valid.stride(1),
-        pos.stride(0),
-        D=d, HAS_LIVE=live is not None, BLOCK_L=BLOCK_POSITIONS,
-        BLOCK_T=triton.next_power_of_2(max(pos.shape[1], 1)), num_warps=4)
+        D=d, HAS_LIVE=live is not None, BLOCK_L=BLOCK_POSITIONS, num_warps=4)
     return count
