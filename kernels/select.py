@@ -276,7 +276,6 @@ def _check_lowrank(x: Tensor, p1: Tensor, p2: Tensor) -> None:
         raise ValueError(f"rank {r} > {MAX_RANK} is not supported")
 
 
-
 def lowrank_topk(x: Tensor, p1: Tensor, p2: Tensor, k: int, *, split_c: int = 128,
                  num_warps: int = 4) -> Tensor:
     """[k] int32: the k rows n of the largest max_b ((x @ p1) @ p2)[b, n], best first (ties:

@@ -115,7 +115,6 @@ def keep_recomputed(cache_k: Tensor, cache_v: Tensor, valid: Tensor, heads: Tens
                         v.transpose(1, 2)).reshape(1)
 
 
-
 def missing_pairs(valid: Tensor, heads: Tensor, slots: Tensor, positions: Tensor, length: int,
                   live: Tensor | None = None) -> Tensor:
     """[B, h, length] bool: the (row, head, position) triples up to each row's last position

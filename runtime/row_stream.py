@@ -186,7 +186,6 @@ class RowStream:
         return block.owner is owner and block.whole
 
 
-
 # --- the math over the buffers' tables ----------------------------------------------------
 
 

@@ -60,7 +60,6 @@ class SelectionConfig:
                                          "in (0, 1]")
 
 
-
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """[..., n] scores -> bool mask of each row's k best."""
     n = scores.shape[-1]

@@ -97,7 +97,6 @@ def offloaded_ops(module: torch.nn.Module) -> Any:
     return module.offloaded
 
 
-
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """"auto" | "torch" | "triton" -> the backend that runs ("torch" or "triton")."""
     if backend not in BACKENDS:
