@@ -363,9 +363,10 @@ class Health(_Msg):
     tokens_out: int
     uptime_s: float
     tokens_per_s: float  # generated tokens over the last ten seconds
-    stage_s: list[float] = []  # mean compute seconds per stage over recent steps
-    hop_s: list[float] = []  # mean transfer seconds per hop over recent steps
-    queue_s: list[float] = []  # mean seconds per stage its input waited for a busy worker
+    # Medians over the last 15 steps (scheduler/batches.py RecentTimes):
+    stage_s: list[float] = []  # compute seconds per stage
+    hop_s: list[float] = []  # transfer seconds per hop
+    queue_s: list[float] = []  # seconds per stage its input waited for a busy worker
     model: str = ""
     max_len: int = 0
     vocab_size: int = 0
@@ -375,7 +376,7 @@ class Health(_Msg):
     paged_bytes: list[int] = []  # per stage: bytes read from host memory since the start
     detail: str = ""  # why the cluster stopped (state "stopped": sent to clients on exit)
     micro_batches: int = 0  # the scheduler's cores: at most this many steps in flight
-    round_trip_s: float = 0.0  # a step from RunStep to StepDone, less its waits for workers
+    round_trip_s: float = 0.0  # RunStep to StepDone, less the waits for workers (median)
     in_flight_peak: int = 0  # the most steps in flight at once since the start
 
 

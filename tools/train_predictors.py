@@ -401,8 +401,8 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     h = norms_all.shape[1]
     head_k = count(cfg.head_density, h)
     # Every token's head labels at once (a row's top-k does not depend on the other rows):
-    # tokens x H bools, gathered per step instead of a top-k per step (a table: on the GPU
-    # the fit replays a captured graph).
+    # tokens x H bools, gathered per step instead of a top-k per step (a table, which a
+    # captured fit could replay: captured_fit.ENABLED).
     head_labels = head_targets(norms_all, head_k)
     # A function, so the MLP fit steps eagerly: unpack_bits copies its bit weights from the
     # host on every call, which a graph cannot hold.
