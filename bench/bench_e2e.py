@@ -14,7 +14,8 @@ host-to-device bandwidth measured in the same run) and the fraction of it reache
   selection: random 10% of neurons with every head, and with Deja Vu's 50% of heads; and
   once more with the decode MLP's rows read in place by the kernel instead of gathered to
   the device first (``OffloadedLayer.stage_neurons`` False). Decode is timed after a few
-  warm-up decode steps at each batch size (Triton compiles decode kernels on first use);
+  warm-up decode steps at each batch size (Triton compiles decode kernels on first use;
+  the kernels any timed span still compiled are listed with its row);
   the time to first token also against its bound (offloaded record bytes / bandwidth + the
   resident layers' own prefill time, timed per layer in the same prefill);
 - ``launch``: ``launch --workers 1`` with the same budget, through a client;
@@ -52,6 +53,7 @@ from typing import Any
 
 import torch
 
+from ..kernels.compiles import Compiles
 from .bench_common import h2d_bandwidth
 
 SELECTS = ("random:0.1", "random:0.1:0.5")
@@ -281,8 +283,10 @@ def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: tor
             for n in opts.prompts:
                 timer.times.clear()
                 timer.on = True
-                row[f"ttft{n}_s"] = _first_token_s(engine, _prompt(n, n))
+                with Compiles() as compiled:
+                    row[f"ttft{n}_s"] = _first_token_s(engine, _prompt(n, n))
                 timer.on = False
+                row[f"ttft{n}_compiles"] = compiled.names
                 times = timer.collect()
                 if n == max(opts.prompts):
                     resident_s = sum(t for lid, t in times.items() if lid not in offloaded)
@@ -293,9 +297,11 @@ def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: tor
             timer.remove()  # no hooks on the layers while decode is timed
             _warm_decode(engine, opts)
             for streams in (1, opts.streams):
-                d = _decode(engine, streams, opts.tokens, min(opts.prompts),
-                            lambda m=model: host_bytes_read(m))
-                row[_key(streams)] = _with_bound(d, streams, h2d)
+                with Compiles() as compiled:
+                    d = _decode(engine, streams, opts.tokens, min(opts.prompts),
+                                lambda m=model: host_bytes_read(m))
+                row[_key(streams)] = dict(_with_bound(d, streams, h2d),
+                                          compiles=compiled.names)
             rows.append(row)
             log(f"engine {select} {row['mlp_cold_rows']}: {json.dumps(_short(row))}")
         del engine, built, model, held
@@ -661,6 +667,13 @@ def _f(x: Any, digits: int = 3) -> str:
     return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
 
 
+def _timed_compiles(row: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(span, kernels compiled inside it) for an engine row's timed spans."""
+    spans = [(k[:-len("_compiles")], v) for k, v in row.items() if k.endswith("_compiles")]
+    return spans + [(k, row[k]["compiles"]) for k in ("b1", "batched")
+                    if isinstance(row.get(k), dict) and "compiles" in row[k]]
+
+
 def markdown(res: dict[str, Any]) -> str:
     env = res["environment"]
     h2d = res.get("h2d_pinned_bytes_per_s")
@@ -700,6 +713,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"{_f(b8.get('tokens_per_s'))} | {ttft} | {_f(mb / 1e6 if mb else None)} | "
             f"{_f(b1.get('link_bound_tokens_per_s'))} | {_f(b1.get('link_fraction'))} | "
             f"{_f(r.get('ttft_bound_s'))} |")
+    compiled = [f"{r['path']} {r.get('select', '')} {r.get('mlp_cold_rows', '')}: {k} "
+                f"{', '.join(v)}" for r in res["rows"] for k, v in _timed_compiles(r) if v]
+    lines += ["", "Triton compiles inside timed spans (after the warm-up): "
+              + ("; ".join(compiled) if compiled else "none")]
     if res["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items())]
     return "\n".join(lines) + "\n"

@@ -50,6 +50,8 @@
 #                 test_fused_select: fused selection reading each layer's own LayerNorm), then
 #                 the shipped predictors' held-out recall and the CPU sweep grid on 24 books
 #                 (HEADS_DATA/heldout.jsonl.xz, carried: ../shared does not travel)
+#   PHASE=tests   the test files TESTS names (default: the captured fit, the compile counter and
+#                 the offloaded decode), on the GPU
 # Usage on the device: PHASE=checks bash bench/gpu_session.sh (several: PHASE="fused hops")
 set -uo pipefail
 out=${OUT:-gpu_session_out}; mkdir -p "$out"
@@ -122,6 +124,11 @@ e2e)
         timeout 120 python3 -m pytest -q tests/test_offload_decode.py -k "sync" 2>&1 | tail -4
     fi
     [ -n "${KEEP_CKPT:-}" ] || rm -rf $ckpt
+    ;;
+tests)
+    timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -o addopts= \
+        ${TESTS:-tests/test_captured_fit.py tests/test_compiles.py tests/test_offload_decode.py} \
+        2>&1 | tee "$out/pytest-tests.log" | tail -15
     ;;
 profile)
     profile_steps

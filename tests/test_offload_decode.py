@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 from test_row_stream import CFG4, _streams, decode_steps, offloaded_model, prefill  # noqa: E402
 from test_sparse_backend import DEVICE, TOL, rel_err, tiny_model  # noqa: E402
 
+from dejavu.kernels.compiles import Compiles  # noqa: E402
 from dejavu.runtime import offload, row_stream, sparse, sparse_backend  # noqa: E402
 from dejavu.runtime.model import Batch  # noqa: E402
 from dejavu.runtime.offload import host_bytes_read  # noqa: E402
@@ -124,6 +125,23 @@ def test_a_decode_step_never_reads_an_offloaded_union_on_the_host(monkeypatch):
     assert calls == ([] if pads else [CFG4.ffn_dim] * 2)
     # Every head selected (known on the host); the neurons padded, once per layer and step.
     assert padded == [CFG4.ffn_dim] * 2 * (len(OFFLOADED) + pads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: nothing compiles under "
+                    "the interpreter")
+@pytest.mark.parametrize("heads", [1.0, 0.5])
+def test_gpu_warm_decode_compiles_nothing_at_later_positions(heads):
+    """Once two steps have run, decode compiles no kernel at any later position. A kernel
+    that let Triton specialize a position or a length compiled again when the position
+    reached a multiple of 16: seen as ~130 ms inside the first timed steps of the e2e
+    bench with half the heads (2026-12-06)."""
+    model = offloaded_model(torch.float16, OFFLOADED, CFG4)
+    _, cache = prefill(model, CFG4, 3, heads=0.5)
+    _decode(model, OFFLOADED, cache, 3, 2, heads)  # positions 3 and 4: compiles, captures
+    with Compiles() as compiled:
+        _decode(model, OFFLOADED, cache, 5, CFG4.max_position_embeddings - 5, heads)
+    assert compiled.names == []
 
 
 @pytest.mark.parametrize("heads", [1.0, 0.5])

@@ -230,10 +230,10 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
     out] bool table indexed by token id, or a function ``rows -> [n, out] bool``. Returns the
     last epoch's mean loss (None with no epoch). ``progress()`` is called after every step.
 
-    Where captured fits are on (``captured_fit.ENABLED``, off by default: see there), on
-    CUDA, with a table and ``x``, ``idx`` and the table on the device, every step is a
-    replay of one captured graph (tools/captured_fit.py: the same steps, to float32
-    rounding); otherwise (``captured_fit.unsupported`` says why) the steps run eagerly."""
+    On CUDA (where ``captured_fit.ENABLED``, the default), with a table and ``x``, ``idx``
+    and the table on the device, every epoch after the first is a replay of one captured
+    graph (tools/captured_fit.py: the same steps, to float32 rounding); otherwise
+    (``captured_fit.unsupported`` says why) the steps run eagerly."""
     epochs = cfg.epochs if epochs is None else epochs
     clf.to(device).train()
     if epochs == 0:
@@ -248,7 +248,8 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
     orders = epoch_orders(idx, epochs, cfg.seed)
     if captured_fit.unsupported(clf, x, target, idx) is None:
         steps_on_device = captured_fit.PaddedSteps(clf, x, target, idx, lr=cfg.lr,
-                                                   batch_size=cfg.batch_size, schedule=schedule)
+                                                   batch_size=cfg.batch_size, epochs=epochs,
+                                                   schedule=schedule)
         loss = steps_on_device.run(orders, progress, graphed=True)
         clf.eval()
         return loss
@@ -402,7 +403,7 @@ def train_layer(data: Collected, layer: int, split: dict[str, Tensor], preds: Pr
     head_k = count(cfg.head_density, h)
     # Every token's head labels at once (a row's top-k does not depend on the other rows):
     # tokens x H bools, gathered per step instead of a top-k per step (a table, which a
-    # captured fit could replay: captured_fit.ENABLED).
+    # captured fit replays: tools/captured_fit.py).
     head_labels = head_targets(norms_all, head_k)
     # A function, so the MLP fit steps eagerly: unpack_bits copies its bit weights from the
     # host on every call, which a graph cannot hold.
