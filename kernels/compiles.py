@@ -44,8 +44,9 @@ class Compiles:
         self._before = before = self._get()
 
         def hook(*args, **kwargs):
-            fn = kwargs.get("fn")
-            self.names.append(getattr(fn, "name", None) or str(kwargs.get("repr", "?")))
+            # fn.name is the kernel's qualified name; the function's own name is its last part.
+            name = getattr(kwargs.get("fn"), "name", None) or str(kwargs.get("repr", "?"))
+            self.names.append(name.rsplit(".", 1)[-1])
             return before(*args, **kwargs) if before is not None else None
 
         self._set(hook)

@@ -23,10 +23,10 @@ def test_records_each_compile_and_keeps_the_hook_before_it():
         with Compiles() as c:
             hook = get()
             assert hook is not earlier
-            assert hook(key=1, repr="r", fn=SimpleNamespace(name="_a_kernel")) is None
+            assert hook(key=1, repr="r", fn=SimpleNamespace(name="f.<locals>._a_kernel")) is None
             hook(key=2, repr="r", fn=SimpleNamespace(name="_b_kernel"))
         assert c.names == ["_a_kernel", "_b_kernel"] and len(c) == 2
-        assert seen == ["_a_kernel", "_b_kernel"]
+        assert seen == ["f.<locals>._a_kernel", "_b_kernel"]  # handed on as it came
         assert get() is earlier  # taken out on leaving
     finally:
         set_(saved)

@@ -1,27 +1,27 @@
-"""A predictor's fit (``train_predictors.fit``) on CUDA, each epoch a replay of one CUDA graph.
+"""A predictor's fit (``train_predictors.fit``) on CUDA, each step a replay of one CUDA graph.
 
-A step is tiny (a low-rank classifier over one batch of a few thousand tokens): eagerly its
-launches and the optimizer's Python take far longer than its GPU work, and so does a graph
-replayed once per step with the scheduler's Python between replays (0.29 s per layer's head
-fit at the OPT-13B shape, about 0.8 ms a step). Here one graph holds a whole epoch's steps
-- each one's learning rate and beta1 copied from tables, its batch's gather from the token
-tables, forward, binary cross-entropy, backward, the AdamW update and the epoch's loss sum -
-and the host does three copies and one replay per epoch.
+A step is tiny (a low-rank classifier over one batch of a few hundred tokens): eagerly its
+launches and the optimizer's Python take far longer than its GPU work. Here the whole step
+- the batch's gather from the token tables, forward, binary cross-entropy, backward, the
+AdamW update and the epoch's loss sum - is captured once and replayed; between replays the
+host writes the next batch's token ids and lets the scheduler write the next learning rate
+and beta1 into the tensors the graph reads.
 
 It takes the eager loop's steps (the caller's per-epoch orders, its schedule):
-- The schedule's lr and beta1 for every step are computed before the fit, by stepping the
-  same scheduler over a stand-in optimizer of floats (``schedule_values``): a schedule is a
-  function of the step count (OneCycleLR writes lr, and cycles beta1 through
-  ``group["betas"]``). Each step copies its values into the device tensors torch's
-  single-tensor AdamW reads with ``capturable=True`` (beta2, which the schedule never
-  moves, stays a float: see ``PaddedSteps``).
+- lr and beta1 are device tensors. The scheduler writes a tensor lr in place (``fill_``, in
+  ``torch.optim.lr_scheduler._update_param_group_val``); OneCycleLR also cycles beta1, but
+  by putting a new float tuple in ``group["betas"]`` each step, so ``follow_beta1`` copies
+  it into the graph's tensor after every ``sched.step()``. The fused AdamW kernel takes
+  beta1 as a float argument, which a graph would freeze at its capture value; torch's
+  single-tensor AdamW with ``capturable=True`` reads lr and beta1 from the device
+  (beta2, which the schedule never moves, stays a float: see ``PaddedSteps``).
 - An epoch's last, shorter batch is padded to the full batch with token id -1: padded rows
   gather token 0, weigh 0, and the mean is rescaled to the real rows (``batch_loss``), so
-  every epoch has the same steps of the same shapes.
-- The first epoch runs uncaptured on the capture's side stream, as torch's CUDA graph notes
-  ask (it creates the optimizer state and cuBLAS's workspace outside the capture); its steps
-  are steps of the fit, the same code.
-``PaddedSteps.run(graphed=False)`` runs every epoch uncaptured: on the CPU, the tests' twin.
+  one graph of one shape serves every step.
+- The first ``WARMUP_STEPS`` steps run uncaptured on the capture's side stream, as torch's
+  CUDA graph notes ask (they create the optimizer state and cuBLAS's workspace outside the
+  capture); they are steps of the fit, the same code.
+``PaddedSteps.run(graphed=False)`` runs every step uncaptured: on the CPU, the tests' twin.
 
 What this module does not know: the learning-rate schedule (``schedule`` builds it), the
 order tokens are visited in (the caller's), or what the labels mean.
@@ -30,7 +30,6 @@ order tokens are visited in (the caller's), or what the labels mean.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -40,6 +39,8 @@ from torch import Tensor
 
 from ..runtime.predictors import LowRankClassifier
 
+# Uncaptured steps before the capture (torch's examples warm up with 3).
+WARMUP_STEPS = 3
 # AdamW's default betas, which the eager loop uses; OneCycleLR overwrites beta1 at once.
 BETAS = (0.9, 0.999)
 
@@ -50,7 +51,7 @@ BETAS = (0.9, 0.999)
 # streams per priority in turn, so the 32nd fit's side stream was the layer reader's, and
 # the reader's copies, issued from its thread, joined the capture. The side stream is now
 # one per device from the high-priority pool (``capture_stream``), which nothing else here
-# draws from.
+# draws from; with it a whole OPT-13B run captured every layer's fit (an H100, 2026-12-06).
 ENABLED = True
 
 _capture_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -103,51 +104,27 @@ def batch_loss(clf: LowRankClassifier, x: Tensor, labels: Tensor, rows: Tensor
     return F.binary_cross_entropy_with_logits(logits, labels[ids].float(), weight) * scale, n
 
 
-def schedule_values(schedule: Callable[[torch.optim.Optimizer], object], lr: float,
-                    steps: int) -> tuple[list[float], list[float]]:
-    """The lr and beta1 each of ``steps`` steps runs with, as the eager loop's scheduler
-    sets them (``sched.step()`` after every step), from a stand-in AdamW of floats."""
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr, betas=BETAS,
-                            weight_decay=0.0)
-    sched = schedule(opt)
-    lrs, beta1s = [], []
-    with warnings.catch_warnings():
-        # The stand-in never steps: torch warns of a scheduler stepped before its optimizer.
-        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler"))
-        for i in range(steps):
-            group = opt.param_groups[0]
-            lrs.append(float(group["lr"]))
-            beta1s.append(float(group["betas"][0]))
-            if i + 1 < steps:
-                sched.step()
-    return lrs, beta1s
+def follow_beta1(opt: torch.optim.Optimizer, beta1: Tensor) -> None:
+    """Copy the beta1 that the scheduler left in ``opt``'s (only) group into ``beta1``, the
+    tensor the graph reads, and put that tensor back in the group."""
+    group = opt.param_groups[0]
+    b1, b2 = group["betas"]
+    if b1 is not beta1:
+        beta1.fill_(b1)
+        group["betas"] = (beta1, b2)
 
 
 class PaddedSteps:
-    """The fit as fixed-shape epochs: one optimizer (AdamW, lr and beta1 in tensors on the
-    tables' device, set from the schedule's tables each step) over padded batches of
-    ``batch_size`` token ids, ``epochs`` times."""
+    """The fit as fixed-shape steps: one optimizer (AdamW, lr and betas in tensors on the
+    tables' device) and one scheduler over padded batches of ``batch_size`` token ids."""
 
     def __init__(self, clf: LowRankClassifier, x: Tensor, labels: Tensor, idx: Tensor, *,
-                 batch_size: int, lr: float, epochs: int,
+                 batch_size: int, lr: float,
                  schedule: Callable[[torch.optim.Optimizer], object]) -> None:
         dev = x.device
         self.clf, self.x, self.labels, self.n = clf, x, labels, idx.numel()
-        self.batch_size, self.epochs = batch_size, epochs
-        self.steps_per_epoch = math.ceil(self.n / batch_size)
-        lrs, beta1s = schedule_values(schedule, lr, epochs * self.steps_per_epoch)
-        shape = (epochs, self.steps_per_epoch)
-        self.lrs = torch.tensor(lrs, dtype=torch.float32, device=dev).view(shape)
-        self.beta1s = torch.tensor(beta1s, dtype=torch.float32, device=dev).view(shape)
-        # What the graph reads: this epoch's schedule and padded token ids, the step's lr
-        # and beta1 (the optimizer's own tensors), the epoch's loss sum.
-        self.epoch_lrs = torch.empty(self.steps_per_epoch, dtype=torch.float32, device=dev)
-        self.epoch_beta1s = torch.empty_like(self.epoch_lrs)
-        self.padded = torch.full((self.steps_per_epoch * batch_size,), -1, dtype=torch.long,
-                                 device=dev)
-        self.lr = torch.tensor(lrs[0], device=dev)
-        self.beta1 = torch.tensor(beta1s[0], device=dev)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.lr = torch.tensor(float(lr), device=dev)
+        self.beta1 = torch.tensor(BETAS[0], device=dev)
         # capturable=True needs CUDA; on the CPU the same formulas, uncaptured.
         self.opt = torch.optim.AdamW(
             clf.parameters(), lr=self.lr,
@@ -157,80 +134,83 @@ class PaddedSteps:
         # tensors): the step passes 1 - beta2 as addcmul's scalar, which from a tensor is a
         # host read, refused under capture (seen on an H100). The schedule never moves it.
         self.opt.param_groups[0]["betas"] = (self.beta1, BETAS[1])
+        self.sched = schedule(self.opt)
+        if self.opt.param_groups[0]["lr"] is not self.lr:
+            raise RuntimeError("the scheduler replaced the optimizer's lr tensor; the graph "
+                               "would not see its schedule")
+        follow_beta1(self.opt, self.beta1)
+        self.batch_size = batch_size
+        self.steps_per_epoch = math.ceil(self.n / batch_size)
+        # An epoch's token ids, padded with -1 to whole batches; the graph reads ``rows``.
+        self.padded = torch.full((self.steps_per_epoch * batch_size,), -1, dtype=torch.long,
+                                 device=dev)
+        self.rows = torch.full((batch_size,), -1, dtype=torch.long, device=dev)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
 
-    def step(self, i: int) -> None:
-        """Step ``i`` of the epoch: its lr and beta1 into the optimizer's tensors, then one
-        optimizer step on its batch. Grads are set to None first, so that under capture
-        backward writes them afresh (from the graph's pool) instead of adding to them."""
-        self.lr.copy_(self.epoch_lrs[i])
-        self.beta1.copy_(self.epoch_beta1s[i])
-        rows = self.padded[i * self.batch_size:(i + 1) * self.batch_size]
-        self.opt.zero_grad(set_to_none=True)
-        loss, n = batch_loss(self.clf, self.x, self.labels, rows)
+    def step(self) -> None:
+        """One optimizer step on the batch in ``rows``; grads are set to None beforehand
+        when run uncaptured, and refilled in place by a replay."""
+        loss, n = batch_loss(self.clf, self.x, self.labels, self.rows)
         loss.backward()
         self.opt.step()
         self.loss_sum.add_(loss.detach().double() * n)
 
-    def epoch(self) -> None:
-        for i in range(self.steps_per_epoch):
-            self.step(i)
-
     def run(self, orders: Iterable[Tensor], progress=None, *, graphed: bool) -> float:
-        """Every epoch of ``orders`` (``epochs`` permutations of the training token ids); the
-        last epoch's mean loss. ``progress()`` once per step, after its epoch."""
+        """Every epoch of ``orders`` (each a permutation of the training token ids); the last
+        epoch's mean loss. ``progress()`` after every step."""
         side = capture_stream(self.x.device) if graphed else None
-        graph, epochs = None, 0
-        for e, order in enumerate(orders):
-            if e >= self.epochs:
-                raise ValueError(f"more orders than the {self.epochs} epochs scheduled")
+        graph, done = None, 0
+        for order in orders:
             self.loss_sum.zero_()
             self.padded[:self.n].copy_(order)
-            self.epoch_lrs.copy_(self.lrs[e])
-            self.epoch_beta1s.copy_(self.beta1s[e])
-            if not graphed:
-                self.epoch()
-            elif e == 0:
-                self._uncaptured(side)
-            else:
-                if graph is None:
-                    graph = self._capture(side)
-                graph.replay()
-            epochs += 1
-            if progress is not None:
-                for _ in range(self.steps_per_epoch):
+            for start in range(0, self.n, self.batch_size):
+                self.rows.copy_(self.padded[start:start + self.batch_size])
+                if not graphed or done < WARMUP_STEPS:
+                    self._uncaptured(side)
+                else:
+                    if graph is None:
+                        graph = self._capture(side)
+                    graph.replay()
+                self.sched.step()
+                follow_beta1(self.opt, self.beta1)
+                done += 1
+                if progress is not None:
                     progress()
-        if epochs != self.epochs:
-            raise ValueError(f"{epochs} orders for {self.epochs} scheduled epochs")
         loss = float(self.loss_sum) / self.n  # waits for the last replay
         # The grads live in the graph's memory pool: let it go with the graph.
         self.opt.zero_grad(set_to_none=True)
         return loss
 
-    def _uncaptured(self, side: torch.cuda.Stream) -> None:
+    def _uncaptured(self, side: torch.cuda.Stream | None) -> None:
+        if side is None:
+            self.opt.zero_grad(set_to_none=True)
+            self.step()
+            return
         current = torch.cuda.current_stream(side.device)
         side.wait_stream(current)
         with torch.cuda.stream(side), warnings.catch_warnings():
-            # torch warns that a capturable optimizer steps uncaptured: this is the warm-up
-            # epoch before its capture.
+            # torch warns that a capturable optimizer steps uncaptured: these are the
+            # warm-up steps before its capture.
             warnings.filterwarnings("ignore", message="This instance was constructed with "
                                     "capturable=True")
-            self.epoch()
+            self.opt.zero_grad(set_to_none=True)
+            self.step()
         current.wait_stream(side)
 
     def _capture(self, side: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
-        """``epoch`` captured (not run)."""
+        """``step`` captured (not run). Grads are None first, so that backward allocates them
+        from the graph's pool and every replay writes the same ones."""
+        self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         # capture_begin / capture_end rather than torch.cuda.graph, which synchronises the
         # whole device and empties the allocator's cache first: that would wait for the
         # layer that tools/layer_reader.py reads ahead on its own stream, and free memory
         # that the next layer allocates again. "thread_local": that reader's thread may
         # synchronise its own stream meanwhile, which the default "global" mode forbids.
-        # The host's copies for this epoch were queued on the current stream.
-        side.wait_stream(torch.cuda.current_stream(side.device))
         with torch.cuda.stream(side):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                self.epoch()
+                self.step()
             finally:
                 graph.capture_end()
         return graph

@@ -231,8 +231,8 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
     last epoch's mean loss (None with no epoch). ``progress()`` is called after every step.
 
     On CUDA (where ``captured_fit.ENABLED``, the default), with a table and ``x``, ``idx``
-    and the table on the device, every epoch after the first is a replay of one captured
-    graph (tools/captured_fit.py: the same steps, to float32 rounding); otherwise
+    and the table on the device, every step after a few warm-up steps is a replay of one
+    captured graph (tools/captured_fit.py: the same steps, to float32 rounding); otherwise
     (``captured_fit.unsupported`` says why) the steps run eagerly."""
     epochs = cfg.epochs if epochs is None else epochs
     clf.to(device).train()
@@ -248,8 +248,7 @@ def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig
     orders = epoch_orders(idx, epochs, cfg.seed)
     if captured_fit.unsupported(clf, x, target, idx) is None:
         steps_on_device = captured_fit.PaddedSteps(clf, x, target, idx, lr=cfg.lr,
-                                                   batch_size=cfg.batch_size, epochs=epochs,
-                                                   schedule=schedule)
+                                                   batch_size=cfg.batch_size, schedule=schedule)
         loss = steps_on_device.run(orders, progress, graphed=True)
         clf.eval()
         return loss
