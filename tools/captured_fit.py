@@ -51,7 +51,8 @@ BETAS = (0.9, 0.999)
 # streams per priority in turn, so the 32nd fit's side stream was the layer reader's, and
 # the reader's copies, issued from its thread, joined the capture. The side stream is now
 # one per device from the high-priority pool (``capture_stream``), which nothing else here
-# draws from; with it a whole OPT-13B run captured every layer's fit (an H100, 2026-12-06).
+# draws from; with it a whole OPT-13B run captured every layer's fit (an H100, 2026-12-06,
+# with one graph per epoch, since gone back to one per step: bench/NOTES.md, sixth session).
 ENABLED = True
 
 _capture_streams: dict[torch.device, torch.cuda.Stream] = {}
