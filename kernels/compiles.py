@@ -15,7 +15,8 @@ from __future__ import annotations
 
 
 def _hooks():
-    """(get, set) of Triton's pre-compile hook, wherever this Triton keeps it."""
+    """(get, set) of Triton's pre-compile hook, wherever this Triton keeps it; None without
+    Triton (not installed off Linux), where nothing compiles."""
     try:
         from triton import knobs
 
@@ -24,8 +25,10 @@ def _hooks():
                     lambda hook: setattr(knobs.runtime, "jit_cache_hook", hook))
     except ImportError:
         pass
-    from triton.runtime.jit import JITFunction
-
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return None
     return (lambda: JITFunction.cache_hook,
             lambda hook: setattr(JITFunction, "cache_hook", hook))
 
@@ -37,7 +40,7 @@ class Compiles:
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        self._get, self._set = _hooks()
+        self._get, self._set = _hooks() or (lambda: None, lambda hook: None)
         self._before = None
 
     def __enter__(self) -> Compiles:

@@ -1,6 +1,7 @@
 """kernels/compiles.py: the hook it puts in Triton's place records each compile, hands the
 call on to a hook installed before it, and is taken out again on leaving."""
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +43,17 @@ def test_an_earlier_hooks_skip_answer_is_kept():
         assert c.names == ["k"]
     finally:
         set_(saved)
+
+
+def test_without_triton_there_is_no_hook_and_nothing_to_record(monkeypatch):
+    # Triton is installed on Linux only: elsewhere the imports fail, and a bench that wraps
+    # its timed spans must still run.
+    for name in ("triton", "triton.knobs", "triton.runtime", "triton.runtime.jit"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert compiles._hooks() is None
+    with Compiles() as c:
+        pass
+    assert c.names == []
 
 
 @pytest.mark.gpu
