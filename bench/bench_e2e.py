@@ -300,8 +300,8 @@ def engine_rows(model_dir: Path, opts: E2EOptions, h2d: float | None, dtype: tor
                 with Compiles() as compiled:
                     d = _decode(engine, streams, opts.tokens, min(opts.prompts),
                                 lambda m=model: host_bytes_read(m))
-                row[_key(streams)] = dict(_with_bound(d, streams, h2d),
-                                          compiles=compiled.names)
+                row[_key(streams)] = _with_bound(d, streams, h2d)
+                row[f"{_key(streams)}_compiles"] = compiled.names
             rows.append(row)
             log(f"engine {select} {row['mlp_cold_rows']}: {json.dumps(_short(row))}")
         del engine, built, model, held
@@ -667,13 +667,6 @@ def _f(x: Any, digits: int = 3) -> str:
     return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
 
 
-def _timed_compiles(row: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    """(span, kernels compiled inside it) for an engine row's timed spans."""
-    spans = [(k[:-len("_compiles")], v) for k, v in row.items() if k.endswith("_compiles")]
-    return spans + [(k, row[k]["compiles"]) for k in ("b1", "batched")
-                    if isinstance(row.get(k), dict) and "compiles" in row[k]]
-
-
 def markdown(res: dict[str, Any]) -> str:
     env = res["environment"]
     h2d = res.get("h2d_pinned_bytes_per_s")
@@ -713,8 +706,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"{_f(b8.get('tokens_per_s'))} | {ttft} | {_f(mb / 1e6 if mb else None)} | "
             f"{_f(b1.get('link_bound_tokens_per_s'))} | {_f(b1.get('link_fraction'))} | "
             f"{_f(r.get('ttft_bound_s'))} |")
-    compiled = [f"{r['path']} {r.get('select', '')} {r.get('mlp_cold_rows', '')}: {k} "
-                f"{', '.join(v)}" for r in res["rows"] for k, v in _timed_compiles(r) if v]
+    # An engine row's timed spans (ttft32, ttft512, b1, batched) and what compiled in each.
+    compiled = [f"{r['path']} {r.get('select', '')} {r.get('mlp_cold_rows', '')}: "
+                f"{k.removesuffix('_compiles')} {', '.join(v)}"
+                for r in res["rows"] for k, v in r.items() if k.endswith("_compiles") and v]
     lines += ["", "Triton compiles inside timed spans (after the warm-up): "
               + ("; ".join(compiled) if compiled else "none")]
     if res["skipped"]:
