@@ -4,20 +4,20 @@ A step is small (a low-rank classifier over one batch of tokens), and eagerly it
 and the optimizer's Python cost more than its GPU work: on an H100 at the OPT-13B shape
 (2048-token batches) a head fit's step took 1.3 ms eagerly and 0.9 ms replayed, the replay
 then bound by its hundred-odd small kernels on a GPU shared with the layer reader
-(bench/NOTES.md, sixth session). Here the whole step
-- the batch's gather from the token tables, forward, binary cross-entropy, backward, the
-AdamW update and the epoch's loss sum - is captured once and replayed; between replays the
-host writes the next batch's token ids and lets the scheduler write the next learning rate
-and beta1 into the tensors the graph reads.
+(bench/NOTES.md, sixth session), a dozen of them per parameter from the single-tensor
+AdamW that a cycling beta1 forced, now one fused kernel. Here the whole step - the batch's
+gather from the token tables, forward, binary cross-entropy, backward, the AdamW update and
+the epoch's loss sum - is captured once and replayed; between replays the host writes the
+next batch's token ids and lets the scheduler write the next learning rate into the tensor
+the graph reads.
 
 It takes the eager loop's steps (the caller's per-epoch orders, its schedule):
-- lr and beta1 are device tensors. The scheduler writes a tensor lr in place (``fill_``, in
-  ``torch.optim.lr_scheduler._update_param_group_val``); OneCycleLR also cycles beta1, but
-  by putting a new float tuple in ``group["betas"]`` each step, so ``follow_beta1`` copies
-  it into the graph's tensor after every ``sched.step()``. The fused AdamW kernel takes
-  beta1 as a float argument, which a graph would freeze at its capture value; torch's
-  single-tensor AdamW with ``capturable=True`` reads lr and beta1 from the device
-  (beta2, which the schedule never moves, stays a float: see ``PaddedSteps``).
+- The learning rate is a device tensor, which the scheduler writes in place (``fill_``, in
+  ``torch.optim.lr_scheduler._update_param_group_val``) and the fused AdamW kernel reads
+  (``capturable=True``): one kernel updates every parameter. The betas are numbers, frozen
+  into the graph at its capture, so the schedule must not move them; the caller's does not
+  (``train_predictors.schedule`` fixes beta1). A schedule that wrote another beta1 into the
+  optimizer is refused at the next step, not followed silently.
 - An epoch's last, shorter batch is padded to the full batch with token id -1: padded rows
   gather token 0, weigh 0, and the mean is rescaled to the real rows (``batch_loss``), so
   one graph of one shape serves every step.
@@ -44,8 +44,6 @@ from ..runtime.predictors import LowRankClassifier
 
 # Uncaptured steps before the capture (torch's examples warm up with 3).
 WARMUP_STEPS = 3
-# AdamW's default betas, which the eager loop uses; OneCycleLR overwrites beta1 at once.
-BETAS = (0.9, 0.999)
 
 
 # On where CUDA is. It was off for a while: inside `train-predictors` on an OPT-13B shape the
@@ -108,41 +106,25 @@ def batch_loss(clf: LowRankClassifier, x: Tensor, labels: Tensor, rows: Tensor
     return F.binary_cross_entropy_with_logits(logits, labels[ids].float(), weight) * scale, n
 
 
-def follow_beta1(opt: torch.optim.Optimizer, beta1: Tensor) -> None:
-    """Copy the beta1 that the scheduler left in ``opt``'s (only) group into ``beta1``, the
-    tensor the graph reads, and put that tensor back in the group."""
-    group = opt.param_groups[0]
-    b1, b2 = group["betas"]
-    if b1 is not beta1:
-        beta1.fill_(b1)
-        group["betas"] = (beta1, b2)
-
-
 class PaddedSteps:
-    """The fit as fixed-shape steps: one optimizer (AdamW, lr and betas in tensors on the
-    tables' device) and one scheduler over padded batches of ``batch_size`` token ids."""
+    """The fit as fixed-shape steps: one optimizer (AdamW, its learning rate in a tensor on
+    the tables' device, ``betas`` fixed) and one scheduler over padded batches of
+    ``batch_size`` token ids."""
 
     def __init__(self, clf: LowRankClassifier, x: Tensor, labels: Tensor, idx: Tensor, *,
-                 batch_size: int, lr: float,
+                 batch_size: int, lr: float, betas: tuple[float, float],
                  schedule: Callable[[torch.optim.Optimizer], object]) -> None:
         dev = x.device
         self.clf, self.x, self.labels, self.n = clf, x, labels, idx.numel()
-        self.lr = torch.tensor(float(lr), device=dev)
-        self.beta1 = torch.tensor(BETAS[0], device=dev)
-        # capturable=True needs CUDA; on the CPU the same formulas, uncaptured.
-        self.opt = torch.optim.AdamW(
-            clf.parameters(), lr=self.lr,
-            betas=(self.beta1, torch.tensor(BETAS[1], device=dev)),
-            weight_decay=0.0, foreach=False, capturable=dev.type == "cuda")
-        # beta2 back to a float (the constructor takes both betas as floats or both as
-        # tensors): the step passes 1 - beta2 as addcmul's scalar, which from a tensor is a
-        # host read, refused under capture (seen on an H100). The schedule never moves it.
-        self.opt.param_groups[0]["betas"] = (self.beta1, BETAS[1])
+        self.lr, self.betas = torch.tensor(float(lr), device=dev), tuple(betas)
+        cuda = dev.type == "cuda"
+        # CUDA: the fused kernel, capturable (it reads lr and its step counts from the
+        # device). The CPU runs the reference formulas, one tensor at a time, uncaptured.
+        self.opt = torch.optim.AdamW(clf.parameters(), lr=self.lr, betas=self.betas,
+                                     weight_decay=0.0, fused=cuda or None,
+                                     foreach=None if cuda else False, capturable=cuda)
         self.sched = schedule(self.opt)
-        if self.opt.param_groups[0]["lr"] is not self.lr:
-            raise RuntimeError("the scheduler replaced the optimizer's lr tensor; the graph "
-                               "would not see its schedule")
-        follow_beta1(self.opt, self.beta1)
+        self._check_schedule()
         self.batch_size = batch_size
         self.steps_per_epoch = math.ceil(self.n / batch_size)
         # An epoch's token ids, padded with -1 to whole batches; the graph reads ``rows``.
@@ -176,7 +158,7 @@ class PaddedSteps:
                         graph = self._capture(side)
                     graph.replay()
                 self.sched.step()
-                follow_beta1(self.opt, self.beta1)
+                self._check_schedule()
                 done += 1
                 if progress is not None:
                     progress()
@@ -184,6 +166,18 @@ class PaddedSteps:
         # The grads live in the graph's memory pool: let it go with the graph.
         self.opt.zero_grad(set_to_none=True)
         return loss
+
+    def _check_schedule(self) -> None:
+        """The scheduler left the learning rate in the tensor a graph reads, and the betas
+        where the graph froze them."""
+        group = self.opt.param_groups[0]
+        if group["lr"] is not self.lr:
+            raise RuntimeError("the scheduler replaced the optimizer's lr tensor; the graph "
+                               "would not see its schedule")
+        if tuple(group["betas"]) != self.betas:
+            raise RuntimeError(f"the scheduler moved AdamW's betas to {group['betas']} (from "
+                               f"{self.betas}); a captured step keeps them as captured "
+                               "(cycle_momentum=False keeps OneCycleLR off them)")
 
     def _uncaptured(self, side: torch.cuda.Stream | None) -> None:
         if side is None:
