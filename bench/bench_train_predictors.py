@@ -39,6 +39,7 @@ import torch
 from safetensors import safe_open
 
 from ..runtime.checkpoint import inspect_checkpoint
+from ..tools.train_layerwise import ALL_PHASES, READER_PHASES
 from .bench_pipeline import SHAPES, random_checkpoint, shape_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per calibration window (default: the model's positions)")
     p.add_argument("--data", default=None, help="calibration text (default: synthetic)")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--fit", nargs="+", default=["default"], choices=sorted(FIT_FLAGS),
+                   help="how train-predictors fits: its default, --fit-behind or "
+                        "--fit-in-line; several run one after another on the same "
+                        "checkpoint and machine, each with its own results file")
     p.add_argument("--train-timeout-s", type=float, default=None,
                    help="stop train-predictors after this long (it resumes from its finished "
                         "layers when rerun) and still write the results, marked as cut")
@@ -151,59 +156,69 @@ def main(argv: list[str] | None = None) -> int:
     forward_s = forward_flops(args.shape, args.tokens, window) / (tflops * 1e12)
 
     out = model_dir / "predictors"
-    cmd = ["train-predictors", "--model", str(model_dir), "--data", str(data), "--out",
-           str(out), "--tokens", str(args.tokens), "--epochs", str(args.epochs),
-           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device",
-           device, "--dtype", dtype_name, "--select", "threshold", "--window", str(window),
-           *budget]
-    t0 = time.perf_counter()
-    train_rc = run_streamed(CLI + cmd, args.train_timeout_s)
-    wall_s = time.perf_counter() - t0
-    report = json.loads((out / "report.json").read_text()) if train_rc == 0 else {}
-    gen = subprocess.run(CLI + ["generate", "--model", str(model_dir), "--device", device,
-                                "--dtype", dtype_name, *budget, "--prompt-ids",
-                                "2,100,200,300", "--max-new-tokens", "8", "--json"],
-                         cwd=ROOT, capture_output=True, text=True)
-    lw = report.get("layerwise", {})
-    bound = read_s + forward_s
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "shape": args.shape,
-        "model_gib": model_bytes / 2**30,
-        "gpu_memory_gib": args.gpu_memory_gib if device == "cuda" else None,
-        "tokens": args.tokens, "epochs": args.epochs, "checkpoint_write_s": write_s,
-        "read_once_s": read_s, "matmul_tflops": tflops, "forward_bound_s": forward_s,
-        "train_wall_s": wall_s, "train_returncode": train_rc,
-        "ratio_to_read_plus_forward": wall_s / bound,
-        **{k: lw.get(k) for k in SPLIT + ("fit_s", "layer_s")},
-        "read_ahead": lw.get("read_ahead"),
-        "reader_s": {k: sum(r.get(k) or 0.0 for r in report.get("layers", []))
-                     for k in READER},
-        "peak_host_rss_gib": lw.get("peak_host_rss_gib"),
-        "peak_gpu_gib": lw.get("peak_device_gib"),
-        "per_layer": [{k: r.get(k) for k in ("layer", *SPLIT, *READER, "layer_s")}
-                      for r in report.get("layers", [])],
-        "generate_returncode": gen.returncode,
-        "generate": (gen.stdout.strip().splitlines() or [""])[-1][:500] or gen.stderr[-500:],
-        "command": "dejavu-run " + " ".join(cmd), "total_s": time.perf_counter() - started,
-    }
-    base = Path(args.out) / (f"{result['date'][:10]}-"
-                             f"{result['gpu'].lower().replace(' ', '-')}-train-predictors-"
-                             f"{args.shape}")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    base.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    base.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return 0 if train_rc == 0 and gen.returncode == 0 else 1
+    setup = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+             "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+             "shape": args.shape, "model_gib": model_bytes / 2**30,
+             "gpu_memory_gib": args.gpu_memory_gib if device == "cuda" else None,
+             "tokens": args.tokens, "epochs": args.epochs, "checkpoint_write_s": write_s,
+             "read_once_s": read_s, "matmul_tflops": tflops, "forward_bound_s": forward_s}
+    failed, gen = False, None
+    for mode in args.fit:
+        cmd = ["train-predictors", "--model", str(model_dir), "--data", str(data), "--out",
+               str(out), "--tokens", str(args.tokens), "--epochs", str(args.epochs),
+               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device",
+               device, "--dtype", dtype_name, "--select", "threshold", "--window",
+               str(window), *budget, *FIT_FLAGS[mode]]
+        t0 = time.perf_counter()
+        train_rc = run_streamed(CLI + cmd, args.train_timeout_s)
+        wall_s = time.perf_counter() - t0
+        report = json.loads((out / "report.json").read_text()) if train_rc == 0 else {}
+        if gen is None:  # the first run's predictors load into generate with the budget
+            gen = subprocess.run(CLI + ["generate", "--model", str(model_dir), "--device",
+                                        device, "--dtype", dtype_name, *budget,
+                                        "--prompt-ids", "2,100,200,300", "--max-new-tokens",
+                                        "8", "--json"],
+                                 cwd=ROOT, capture_output=True, text=True)
+        lw = report.get("layerwise", {})
+        result = {
+            **setup, "fit": mode, "fit_behind": lw.get("fit_behind"),
+            "forward_chunk": lw.get("chunk"),
+            "train_wall_s": wall_s, "train_returncode": train_rc,
+            "ratio_to_read_plus_forward": wall_s / (read_s + forward_s),
+            **{k: lw.get(k) for k in SPLIT + ("fit_s", "layer_s")},
+            "read_ahead": lw.get("read_ahead"),
+            "reader_s": {k: sum(r.get(k) or 0.0 for r in report.get("layers", []))
+                         for k in READER},
+            "peak_host_rss_gib": lw.get("peak_host_rss_gib"),
+            "peak_gpu_gib": lw.get("peak_device_gib"),
+            "per_layer": [{k: r.get(k) for k in ("layer", *SPLIT, *READER, "layer_s")}
+                          for r in report.get("layers", [])],
+            "generate_returncode": gen.returncode,
+            "generate": ((gen.stdout.strip().splitlines() or [""])[-1][:500]
+                         or gen.stderr[-500:]),
+            "command": "dejavu-run " + " ".join(cmd),
+            "total_s": time.perf_counter() - started,
+        }
+        suffix = f"-fit-{mode}" if args.fit != ["default"] else ""
+        base = Path(args.out) / (f"{result['date'][:10]}-"
+                                 f"{result['gpu'].lower().replace(' ', '-')}-train-predictors-"
+                                 f"{args.shape}{suffix}")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        base.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        failed |= train_rc != 0 or gen.returncode != 0
+    return 1 if failed else 0
 
 
-# The per-layer phases on the training thread (they add up to the layer's wall time) and
-# the two on the reader's thread, overlapped with the layer before (train_layerwise.PHASES).
-SPLIT = ("read_s", "forward_s", "tables_s", "mlp_fit_s", "head_fit_s", "calibrate_s",
-         "frequencies_s", "save_s")
-READER = ("load_s", "init_s")
-HEADS = {"read_s": "wait for weights", "forward_s": "forward", "tables_s": "tables",
+# The per-layer phases (train_layerwise.ALL_PHASES: fitted in line they add up to the
+# layer's wall time; fitted behind, those up to the copy do) and the two on the reader's
+# thread, overlapped with the layer before.
+SPLIT = ALL_PHASES
+READER = READER_PHASES
+FIT_FLAGS = {"default": [], "behind": ["--fit-behind"], "in-line": ["--fit-in-line"]}
+HEADS = {"read_s": "wait for weights", "forward_s": "forward", "fit_wait_s": "wait for fit",
+         "copy_s": "copy tables", "tables_s": "tables",
          "mlp_fit_s": "MLP fit", "head_fit_s": "head fit", "calibrate_s": "calibrate + report",
          "frequencies_s": "frequencies", "save_s": "save", "load_s": "load (reader)",
          "init_s": "hash + init (reader)", "layer_s": "layer"}
@@ -229,9 +244,13 @@ def markdown(r: dict) -> str:
         f"Checkpoint written in {f(r['checkpoint_write_s'])} s; generate with the predictors "
         f"and the budget: exit {r['generate_returncode']}. Next layer read ahead: "
         f"{r.get('read_ahead')}.", "",
-        "Seconds per phase, summed over the layers and per layer. The phases up to save add "
-        "up to the layer's wall time; load and hash + init ran on the reader's thread, "
-        "overlapped with the layer before (wait for weights is what they did not hide).", "",
+        f"Fit: {r.get('fit', 'default')} (behind the next layer: {r.get('fit_behind')}, "
+        f"{r.get('forward_chunk')} windows per forward batch).", "",
+        "Seconds per phase, summed over the layers and per layer. Fitted in line, the phases "
+        "up to save add up to the layer's wall time; fitted behind, those up to copy tables "
+        "do, and the fit's (tables to save) ran on the fit's thread beside the next layer's. "
+        "Load and hash + init ran on the reader's thread, overlapped with the layer before "
+        "(wait for weights is what they did not hide).", "",
         "| layer | " + " | ".join(f"{HEADS[k]} s" for k in cols) + " |",
         "|---|" + "---|" * len(cols),
         "| all | " + " | ".join(f(totals.get(k)) for k in cols) + " |",

@@ -10,7 +10,8 @@
 #                 profile_offload count: host syncs and launches per offloaded layer
 #   PHASE=profile e2e's decode-step profiles alone (profile_offload step, with --cprofile)
 #   PHASE=train   bench/bench_train_predictors.py at the OPT-13B shape under a 12 GiB budget
-#                 (TRAIN_SHAPE=opt-30b TRAIN_GIB=24 for the larger one)
+#                 (TRAIN_SHAPE=opt-30b TRAIN_GIB=24 for the larger one; TRAIN_FIT="behind
+#                 in-line" runs both fits, paired)
 #   PHASE=fused   the GPU tests of the captured sparse step (fused predictor selection, padded
 #                 buckets), then the engine's decode step at the OPT-13B shape: dense, random
 #                 10% of neurons and calibrated predictors at 10% (fused kernels), batch 1 and
@@ -142,7 +143,7 @@ train)
     timeout ${TRAIN_TIMEOUT:-560} python3 -m dejavu.bench.bench_train_predictors \
         --shape ${TRAIN_SHAPE:-opt-13b} --gpu-memory-gib ${TRAIN_GIB:-12} --tokens ${CAL_TOKENS:-100000} --batch-size 2048 --lr 0.02 \
         --train-timeout-s ${TRAIN_CUT:-$(( ${TRAIN_TIMEOUT:-560} - 120 ))} \
-        --checkpoint-dir $tckpt --out "$out" 2>&1 | tee "$out/train.log" | tail -60
+        --fit ${TRAIN_FIT:-default} --checkpoint-dir $tckpt --out "$out" 2>&1 | tee "$out/train.log" | tail -60
     rm -rf $tckpt
     ;;
 fused)

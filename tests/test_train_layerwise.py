@@ -23,6 +23,7 @@ from dejavu.runtime.tokenizer import load_tokenizer
 from dejavu.tools.collect_labels import calibration_windows, iter_texts
 from dejavu.tools.layer_reader import LayerReader
 from dejavu.tools.train_layerwise import (
+    BEHIND_PHASES,
     GIB,
     PHASES,
     ResourceError,
@@ -39,7 +40,8 @@ CFG = OPTConfig(vocab_size=400, hidden_size=32, num_hidden_layers=4, ffn_dim=72,
 TRAIN = TrainConfig(tokens=1500, window=24, mlp_rank=8, head_rank=4, epochs=4,
                     mlp_recall=0.9, mlp_select="threshold")
 TIMING = {"train_s", "read_s", "forward_s", "fit_s", "tables_s", "mlp_fit_s", "head_fit_s",
-          "calibrate_s", "frequencies_s", "save_s", "layer_s", "load_s", "init_s"}
+          "calibrate_s", "frequencies_s", "save_s", "layer_s", "load_s", "init_s",
+          "fit_wait_s", "copy_s"}
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +101,17 @@ def assert_same(out: Path, model_dir: Path, ref, *, atol: float = 0.0) -> None:
             assert a["mlp_recall"] == pytest.approx(b["mlp_recall"], abs=0.01)
 
 
-@pytest.mark.parametrize("read_ahead", [True, False])
-def test_layerwise_equals_whole_model_trainer(tiny, tmp_path, read_ahead):
+@pytest.mark.parametrize(("read_ahead", "fit_behind"), [(True, False), (False, False),
+                                                      (True, True)])
+def test_layerwise_equals_whole_model_trainer(tiny, tmp_path, read_ahead, fit_behind):
     model_dir, text = tiny
     ref = reference(model_dir, text, TRAIN)
     train_layerwise(str(model_dir), str(text), str(tmp_path / "p"), TRAIN,
-                    log=lambda *_: None, read_ahead=read_ahead)
+                    log=lambda *_: None, read_ahead=read_ahead, fit_behind=fit_behind)
     assert_same(tmp_path / "p", model_dir, ref)
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["layerwise"]["read_ahead"] == read_ahead
+    assert report["layerwise"]["fit_behind"] == fit_behind
     assert not report["layerwise"]["spill"] and not (tmp_path / "p" / "partial").exists()
     assert report["data"] == str(text)  # the calibration file, not the collected tensors
     # The report has every calibrated recall point per layer, and the markdown shows them.
@@ -165,6 +169,69 @@ def test_each_layer_reports_its_phases_summing_to_its_wall_time(tiny, tmp_path):
     lw = report["layerwise"]
     assert lw["layer_s"] == pytest.approx(sum(r["layer_s"] for r in rows))
     assert lw["layer_s"] <= lw["wall_s"]
+
+
+def test_fitting_behind_splits_each_layer_between_two_threads(tiny, tmp_path):
+    """Fitting behind, each layer's row holds the caller's phases (read, forward, the wait
+    for the layer before's fit, the tables' copy), which add up to its ``layer_s``, and the
+    fit's, which ran on the fit's thread while the next layer was read and run: so the
+    layers' fits together take longer than the time the caller waited for them."""
+    model_dir, text = tiny
+    seen = []
+    train_layerwise(str(model_dir), str(text), str(tmp_path / "p"), TRAIN, log=seen.append,
+                    fit_behind=True)
+    assert "fitted behind the next one's forward pass" in seen[0]
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    rows = report["layers"]
+    assert [r["layer"] for r in rows] == list(range(CFG.num_hidden_layers))
+    for row in rows:
+        assert row["layer_s"] == pytest.approx(sum(row[k] for k in BEHIND_PHASES))
+        assert row["fit_s"] == pytest.approx(sum(row[k] for k in (
+            "tables_s", "mlp_fit_s", "head_fit_s", "calibrate_s", "frequencies_s")))
+        assert all(row[k] >= 0 for k in BEHIND_PHASES + ("save_s",))
+    lines = [ln for ln in seen if ln.startswith("layer ")]
+    assert len(lines) == len(rows) and all("fit behind" in ln for ln in lines)
+    lw = report["layerwise"]
+    assert lw["fit_behind"] and lw["layer_s"] <= lw["wall_s"]
+    assert lw["fit_wait_s"] < sum(r["fit_s"] for r in rows[:-1])
+
+
+def test_the_plan_fits_behind_on_a_gpu_with_room_for_a_copy():
+    opt13 = OPTConfig(vocab_size=50272, hidden_size=5120, num_hidden_layers=40,
+                      ffn_dim=20480, num_attention_heads=40, max_position_embeddings=2048,
+                      word_embed_proj_dim=5120)
+
+    def plan(gib: float, **kw):
+        return plan_resources(opt13, TrainConfig(), tokens=100_352, window=2048,
+                              dtype=torch.float16, on_gpu=True, host_budget=100 * GIB,
+                              disk_free=10 * GIB, device_budget=int(gib * GIB), **kw)
+
+    # the second copy of a layer's inputs, MLP inputs, bits and norms
+    tables = 100_352 * (4 * 5120 + 20480 // 8 + 2 * 40)
+    roomy, inline = plan(16), plan(16, fit_behind=False)
+    assert roomy.fit_behind and roomy.tables_on_device and not inline.fit_behind
+    assert roomy.chunk == inline.chunk == 8
+    assert roomy.device_bytes == inline.device_bytes + tables
+    assert "fitted behind" in roomy.describe() and "behind" not in inline.describe()
+    # 12 GiB (the H100 benchmark's budget): room for the copy with 4 windows per batch
+    snug, inline = plan(12), plan(12, fit_behind=False)
+    assert snug.fit_behind and snug.chunk == 4 and inline.chunk == 8
+    assert snug.device_bytes <= 12 * GIB < inline.device_bytes + tables
+    # batches of 2 windows at the least; tables fitted from the host: in line
+    batch_bytes = 2048 * (6 * 5120 + 2 * 20480) * 4  # a forward batch's, per window
+    least = inline.device_bytes - 6 * batch_bytes + tables
+    assert plan(least / GIB).chunk == 2 and plan(least / GIB).fit_behind
+    tight = plan((least - 1) / GIB)
+    assert not tight.fit_behind and tight.chunk == 8
+    # on the CPU only when asked
+    cpu = dict(tokens=1512, window=24, dtype=torch.float32, on_gpu=False, host_budget=GIB,
+               disk_free=GIB)
+    assert not plan_resources(CFG, TRAIN, **cpu).fit_behind
+    assert plan_resources(CFG, TRAIN, **cpu, fit_behind=True).fit_behind
+    # never with spilled activations (a resumed run needs layer l's inputs intact)
+    spilled = plan_resources(CFG, TRAIN, **{**cpu, "host_budget": int(spill_budget() * GIB)},
+                             fit_behind=True)
+    assert spilled.spill and not spilled.fit_behind
 
 
 def spill_budget() -> float:
@@ -338,3 +405,24 @@ def test_buffers_fall_back_to_pageable_memory_when_pinning_is_refused(monkeypatc
     assert not bufs.pin
     assert bufs.resid[0].shape == (10, 8) and bufs.bits.shape == (10, 2)
     assert not bufs.resid[1].is_pinned()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fit_behind_equals_fit_in_line(tiny, tmp_path):
+    """On a GPU the fit behind runs on its own thread and stream, beside the next layer's
+    forward pass and the reader: its predictors must be the in-line fit's (float32, so up
+    to the kernels' rounding), its frequencies exactly."""
+    model_dir, text = tiny
+    for behind in (False, True):
+        train_layerwise(str(model_dir), str(text), str(tmp_path / str(behind)), TRAIN,
+                        device="cuda", log=lambda *_: None, fit_behind=behind)
+        report = json.loads((tmp_path / str(behind) / "report.json").read_text())
+        assert report["layerwise"]["fit_behind"] == behind
+    inline, behind = (tensors(tmp_path / str(b) / "predictors.safetensors")
+                      for b in (False, True))
+    assert inline.keys() == behind.keys()
+    for name, t in inline.items():
+        torch.testing.assert_close(behind[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    freq = [tensors(tmp_path / str(b) / "frequencies.safetensors") for b in (False, True)]
+    assert all(torch.equal(freq[1][k], t) for k, t in freq[0].items())

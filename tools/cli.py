@@ -364,6 +364,10 @@ def train_predictors(
     host_memory_gib: float = typer.Option(None, "--host-memory-gib",
                                           help="host memory for activations (GiB; default: "
                                           "what is available); beyond it they go to disk"),
+    fit_behind: bool = typer.Option(None, "--fit-behind/--fit-in-line",
+                                    help="fit each layer's predictors beside the next "
+                                    "layer's forward pass (default: on a GPU, where its "
+                                    "budget holds a copy of a layer's tables)"),
     debug_stall_in_layer: int = typer.Option(None, "--debug-stall-in-layer", hidden=True,
                                              help="tests only: block inside this layer"),
 ) -> None:
@@ -389,7 +393,8 @@ def train_predictors(
             gpu_memory_gib = settings.pipeline.gpu_memory_gib
         train_layerwise(settings.model_path(), data, out, cfg, device=settings.model.device,
                         dtype=dtype, gpu_memory_gib=gpu_memory_gib,
-                        host_memory_gib=host_memory_gib, stall_in_layer=debug_stall_in_layer)
+                        host_memory_gib=host_memory_gib, fit_behind=fit_behind,
+                        stall_in_layer=debug_stall_in_layer)
     except (SettingsError, CheckpointError, TokenizerError, CalibrationDataError,
             ValueError) as exc:
         raise _user_error(exc) from None

@@ -44,7 +44,9 @@ import os
 import resource
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,7 @@ from .train_predictors import (
 WORK = "partial"  # OUT/partial: finished layers and spilled activations until the end
 GIB = 2**30
 CHUNK = 8  # windows per forward batch (the whole-model collector's batch)
+BEHIND_CHUNK = 2  # the fewest windows per forward batch that fitting behind may leave
 
 
 class ResourceError(ValueError):
@@ -107,15 +110,18 @@ class Plan:
     host_bytes: int
     disk_bytes: int
     device_bytes: int  # 0 on the CPU
+    fit_behind: bool = False  # a layer's fit runs beside the next layer's read and forward
 
     def describe(self) -> str:
         where = "memmaps in OUT/partial" if self.spill else "host memory"
         dev = f", device {size(self.device_bytes)}" if self.device_bytes else ""
         labels = " (on the GPU while fitted)" if self.tables_on_device else ""
+        behind = ("; each layer fitted behind the next one's forward pass (a copy of its "
+                  "tables)" if self.fit_behind else "")
         return (f"plan: {self.tokens} tokens; activations {size(self.activation_bytes)} "
                 f"+ labels {size(self.label_bytes)} in {where}{labels}; two layers of "
                 f"{size(self.layer_bytes)} (one running, the next being read) + "
-                f"{size(self.init_bytes)} for its predictor's start; host "
+                f"{size(self.init_bytes)} for its predictor's start{behind}; host "
                 f"{size(self.host_bytes)}, disk {size(self.disk_bytes)}{dev}")
 
 
@@ -148,9 +154,12 @@ def predictor_bytes(c: OPTConfig, cfg: TrainConfig) -> int:
 
 def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
                    dtype: torch.dtype, on_gpu: bool, host_budget: int, disk_free: int,
-                   device_budget: int = 0) -> Plan:
+                   device_budget: int = 0, fit_behind: bool | None = None) -> Plan:
     """Where the run keeps what, and what it needs; ``ResourceError`` if it cannot run.
-    Budgets and free space are in bytes (the caller measures them)."""
+    Budgets and free space are in bytes (the caller measures them). ``fit_behind``: fit
+    each layer beside the next layer's forward pass, on a copy of its tables (True: where
+    the copy fits, else in line; None: so on a GPU, in line on the CPU, whose cores the two
+    would share)."""
     dsize = torch.empty((), dtype=dtype).element_size()
     n, cdim, f, h = tokens, c.hidden_size, c.ffn_dim, c.num_attention_heads
     acts = 2 * n * cdim * (dsize + 2)
@@ -206,8 +215,32 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
         raise ResourceError(
             f"{why} needs {size(disk)} free in the output directory, which has "
             f"{size(disk_free)}; lower --tokens or put --out on a larger disk")
+    host_bytes = base + (0 if spill else acts + labels)
+    # Fitting behind: the fit reads a copy of the layer's tables (the next forward pass
+    # overwrites them), where they are fitted; never with spilled activations, whose
+    # parity buffers a resumed run needs intact (the next layer's pass overwrites layer l's
+    # inputs before layer l's file is written).
+    # On a GPU the copy may take forward batches down to BEHIND_CHUNK windows (a forward
+    # batch of a few thousand tokens keeps the GPU as busy as a larger one).
+    if fit_behind is None:
+        fit_behind = on_gpu
+    if fit_behind and not spill and on_gpu:
+        def device_need(chunk: int) -> int:  # both copies of the tables on the device
+            return ahead + forward(chunk) + fit + 2 * tables
+
+        behind = chunk
+        while behind > BEHIND_CHUNK and device_need(behind) > device_budget:
+            behind //= 2
+        if device_need(behind) <= device_budget:
+            chunk, tables_on_device, device_bytes = behind, True, device_need(behind)
+        else:
+            fit_behind = False
+    elif fit_behind and not spill and not on_gpu and host_bytes + tables <= host_budget:
+        host_bytes += tables
+    else:
+        fit_behind = False
     return Plan(n, chunk, spill, tables_on_device, acts, labels, layer, init,
-                base + (0 if spill else acts + labels), disk, device_bytes)
+                host_bytes, disk, device_bytes, fit_behind)
 
 
 def host_available() -> int:
@@ -425,26 +458,32 @@ PHASES = ("read_s", "forward_s", "tables_s", "mlp_fit_s", "head_fit_s", "calibra
           "frequencies_s", "save_s")
 FIT_PHASES = ("tables_s", "mlp_fit_s", "head_fit_s", "calibrate_s", "frequencies_s")
 READER_PHASES = ("load_s", "init_s")
+# Fitting behind (``FitBehind``): the caller's thread reads, runs the layer forward, waits
+# for the layer before's fit and copies this layer's tables; the fit's phases, from
+# ``tables_s`` (now only the head labels) to ``save_s``, run on the fit's thread beside the
+# next layer's read and forward pass.
+BEHIND_PHASES = ("read_s", "forward_s", "fit_wait_s", "copy_s")
+ALL_PHASES = ("read_s", "forward_s", "fit_wait_s", "copy_s", *PHASES[2:])
 
 
 def phase_line(row: dict) -> str:
-    names = {"read_s": "read", "forward_s": "forward", "tables_s": "tables",
-             "mlp_fit_s": "mlp fit", "head_fit_s": "head fit", "calibrate_s": "calibrate",
-             "frequencies_s": "freq", "save_s": "save"}
-    parts = ", ".join(f"{names[k]} {row[k]:.2f}" for k in PHASES)
-    return (f"{row['layer_s']:.2f} s: {parts} (reader: load {row['load_s']:.2f}, init "
-            f"{row['init_s']:.2f})")
+    names = {"read_s": "read", "forward_s": "forward", "fit_wait_s": "wait for fit",
+             "copy_s": "copy", "tables_s": "tables", "mlp_fit_s": "mlp fit",
+             "head_fit_s": "head fit", "calibrate_s": "calibrate", "frequencies_s": "freq",
+             "save_s": "save"}
+    parts = ", ".join(f"{names[k]} {row[k]:.2f}" for k in ALL_PHASES if k in row)
+    behind = " (fit behind: read to copy on this thread)" if "copy_s" in row else ""
+    return (f"{row['layer_s']:.2f} s{behind}: {parts} (reader: load {row['load_s']:.2f}, "
+            f"init {row['init_s']:.2f})")
 
 
-def _train_one(layer: int, reader: LayerReader, windows: Tensor, bufs: Buffers, plan: Plan,
-               c: OPTConfig, cfg: TrainConfig, split: dict[str, Tensor], preds: PredictorSet,
-               freq: Frequencies, dev: torch.device, bar: Phases, work: Work,
-               stall_in_layer: int | None) -> dict:
-    """One layer: take its weights, run it forward, fit, save; its report row with the
-    seconds of every phase (``PHASES``, ``READER_PHASES``, ``fit_s`` and ``layer_s``)."""
+def _forward_one(layer: int, reader: LayerReader, windows: Tensor, bufs: Buffers, plan: Plan,
+                 c: OPTConfig, cfg: TrainConfig, preds: PredictorSet, dev: torch.device,
+                 bar: Phases, clock: Clock, stall_in_layer: int | None):
+    """Take layer ``layer``'s weights, start its predictors and run it forward over every
+    window (``read_s``, ``forward_s`` on ``clock``); returns what the reader handed over,
+    its weights already dropped."""
     tag = f"layer {layer + 1}/{c.num_hidden_layers}"
-    tables = dev if plan.tables_on_device else torch.device("cpu")
-    clock = Clock(dev)
     bar.start(f"{tag} read", 1, "layer")
     got = reader.take(layer)
     bar.advance()
@@ -459,33 +498,124 @@ def _train_one(layer: int, reader: LayerReader, windows: Tensor, bufs: Buffers, 
     clock.lap("forward_s")
     if stall_in_layer == layer:
         time.sleep(3600)
-    collected = Collected({layer: bufs.source[layer % 2]}, {layer: bufs.bits},
-                          {layer: bufs.norms}, c.ffn_dim, bufs.bits.shape[0],
-                          {layer: bufs.mlp_in})
-    bar.start(f"{tag} fit", fit_steps(cfg, split["train"].numel()), "step")
+    return got
+
+
+def _tables(bufs: Buffers, layer: int, c: OPTConfig, where: torch.device, *, copy: bool
+            ) -> Collected:
+    """Layer ``layer``'s tables for its fit: the buffers themselves, or (``copy``: the fit
+    runs behind the next layer's forward pass, which overwrites them) copies of them in
+    ``where``, queued on the current stream before anything that overwrites them."""
+    def own(t: Tensor) -> Tensor:
+        return t.to(where, non_blocking=t.is_pinned(), copy=True) if copy else t
+
+    return Collected({layer: own(bufs.source[layer % 2])}, {layer: own(bufs.bits)},
+                     {layer: own(bufs.norms)}, c.ffn_dim, bufs.bits.shape[0],
+                     {layer: own(bufs.mlp_in)})
+
+
+def _fit_one(layer: int, collected: Collected, got, c: OPTConfig, cfg: TrainConfig,
+             split: dict[str, Tensor], preds: PredictorSet, freq: Frequencies,
+             dev: torch.device, tables: torch.device, work: Work, clock: Clock,
+             progress, before: dict[str, float] | None = None) -> dict:
+    """Fit layer ``layer``'s predictors on ``collected``, count its frequencies, write its
+    file; its report row. ``before``: the phases the caller's thread spent on this layer
+    when fitting behind (its ``layer_s``), else ``clock`` holds them and they add up to
+    ``layer_s`` with the fit's."""
     row = train_layer(collected, layer, split, preds, cfg, dev, tables=tables,
-                      progress=bar.advance, clock=clock)
+                      progress=progress, clock=clock)
     freq.mlp[layer], freq.heads[layer] = layer_frequencies(
-        bufs.bits, bufs.norms, c.ffn_dim, freq.head_k, dev)
+        collected.neuron_bits[layer], collected.head_norms[layer], c.ffn_dim, freq.head_k,
+        dev)
     clock.lap("frequencies_s")
     preds.fingerprint.layer_hashes[layer] = got.lhash
-    row.update(clock.seconds, **got.seconds)
+    row.update(before or {}, **clock.seconds, **got.seconds)
     row["fit_s"] = sum(row[k] for k in FIT_PHASES)
     # The layer file keeps the row up to here: its own writing is timed after it.
     work.save_layer(layer, preds, freq, row, got.lhash)
     clock.lap("save_s")
-    row.update(clock.seconds, layer_s=sum(clock.seconds.values()))
+    row.update(clock.seconds)
+    if before is None:
+        row["layer_s"] = sum(clock.seconds.values())
     return row
+
+
+def _fit_one_behind(layer, collected, got, c, cfg, split, preds, freq, dev, tables, work,
+                    before, progress) -> dict:
+    """``_fit_one`` on the fit's thread, with a clock of its own (its stream's)."""
+    return _fit_one(layer, collected, got, c, cfg, split, preds, freq, dev, tables, work,
+                    Clock(dev), progress, before)
+
+
+class FitBehind:
+    """Fits a layer's predictors on a thread of their own (on CUDA, in a stream of their
+    own) while the caller reads and runs the next layer: one fit at a time. The fit's
+    kernels are small and many (tools/captured_fit.py), the forward pass's few and large,
+    so the GPU runs both at once better than one after the other. The fit's stream starts
+    where the caller's stood at ``submit`` (the tables' copies), and ends synchronised, so
+    its tensors free safely on its thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fit-behind")
+        # High priority: the fit's short kernels go ahead of the forward pass's long ones.
+        self.stream = (torch.cuda.Stream(device, priority=-1) if device.type == "cuda"
+                       else None)
+        self.pending: Future | None = None
+        self.layer, self.total, self.steps = -1, 0, 0
+
+    def submit(self, layer: int, total_steps: int, fit) -> None:
+        """Run ``fit(progress)`` behind; the layer before's must have been collected."""
+        assert self.pending is None
+        ready = None
+        if self.stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        self.layer, self.total, self.steps = layer, total_steps, 0
+
+        def step() -> None:
+            self.steps += 1
+
+        def run() -> dict:
+            if self.stream is None:
+                return fit(step)
+            self.stream.wait_event(ready)
+            with torch.cuda.stream(self.stream):
+                try:
+                    return fit(step)
+                finally:
+                    self.stream.synchronize()
+
+        self.pending = self.pool.submit(run)
+
+    def collect(self, bar: Phases, layers: int) -> dict | None:
+        """The running fit's report row once it has finished (None when none runs); while
+        waiting, its steps on ``bar``. A fit's exception is raised here."""
+        if self.pending is None:
+            return None
+        if not self.pending.done():
+            bar.start(f"layer {self.layer + 1}/{layers} fit", self.total, "step")
+            while not self.pending.done():
+                wait([self.pending], timeout=0.2)
+                bar.advance(self.steps - bar.done)
+        pending, self.pending = self.pending, None
+        return pending.result()
+
+    def close(self) -> None:
+        """Wait for a fit still running (an error elsewhere left it behind) and stop."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
                     device: str = "cpu", dtype: str = "float32", log=print,
                     host_memory_gib: float | None = None, gpu_memory_gib: float | None = None,
                     progress: Phases | None = None, stall_in_layer: int | None = None,
-                    read_ahead: bool = True) -> Path:
+                    read_ahead: bool = True, fit_behind: bool | None = None) -> Path:
     """Train, write OUT/{predictors,frequencies}.safetensors and OUT/report.{json,md};
     returns the predictors' path. ``read_ahead``: read the next layer on a background
-    thread (``LayerReader``); the result is the same either way. ``stall_in_layer`` (tests
+    thread (``LayerReader``); ``fit_behind``: fit each layer beside the next one's forward
+    pass (``FitBehind``; None: on a GPU where the plan has room, see ``plan_resources``);
+    the result is the same either way. ``stall_in_layer`` (tests
     only) blocks inside that layer, after its forward pass and before its fit, for a test to
     kill the run there."""
     from ..runtime.tokenizer import load_tokenizer
@@ -506,7 +636,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     plan = plan_resources(c, cfg, tokens=math.ceil(cfg.tokens / window) * window,
                           window=window, dtype=dt, on_gpu=on_gpu, host_budget=host_budget,
                           disk_free=shutil.disk_usage(out_dir).free,
-                          device_budget=device_budget)
+                          device_budget=device_budget, fit_behind=fit_behind)
     log(plan.describe())
 
     tok = load_tokenizer(model_dir)
@@ -541,23 +671,51 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
 
     reader = LayerReader(model_dir, cfg, dtype=dt, device=dev, layers=n_layers,
                          ahead=read_ahead)
+    behind = FitBehind(dev) if plan.fit_behind else None
+
+    def finished(row: dict | None) -> None:
+        if row is None:
+            return
+        rows.append(row)
+        per_layer = (time.perf_counter() - t_start) / (len(rows) - start)
+        eta = per_layer * (n_layers - len(rows))
+        log(f"{layer_line(row)}; {phase_line(row)}; {len(rows)}/{n_layers} layers, "
+            f"ETA {eta:.0f} s")
+
     try:
         for layer in range(start, n_layers):
-            rows.append(_train_one(layer, reader, windows, bufs, plan, c, cfg, split, preds,
-                                   freq, dev, bar, work, stall_in_layer))
-            per_layer = (time.perf_counter() - t_start) / (layer + 1 - start)
-            eta = per_layer * (n_layers - layer - 1)
-            log(f"{layer_line(rows[-1])}; {phase_line(rows[-1])}; {layer + 1}/{n_layers} "
-                f"layers, ETA {eta:.0f} s")
+            clock = Clock(dev)
+            got = _forward_one(layer, reader, windows, bufs, plan, c, cfg, preds, dev, bar,
+                               clock, stall_in_layer)
+            steps = fit_steps(cfg, split["train"].numel())
+            if behind is None:
+                collected = _tables(bufs, layer, c, tables, copy=False)
+                bar.start(f"layer {layer + 1}/{n_layers} fit", steps, "step")
+                finished(_fit_one(layer, collected, got, c, cfg, split, preds, freq, dev,
+                                  tables, work, clock, bar.advance))
+                continue
+            finished(behind.collect(bar, n_layers))
+            clock.lap("fit_wait_s")
+            collected = _tables(bufs, layer, c, tables, copy=True)
+            clock.lap("copy_s")
+            before = dict(clock.seconds, layer_s=sum(clock.seconds.values()))
+            behind.submit(layer, steps, partial(
+                _fit_one_behind, layer, collected, got, c, cfg, split, preds, freq, dev,
+                tables, work, before))
+        if behind is not None:
+            finished(behind.collect(bar, n_layers))
     finally:
         reader.close()
+        if behind is not None:
+            behind.close()
 
     report = make_report(cfg, split, docs, dev, rows)
     report.update(model=str(model_dir), data=str(data))
     report["layerwise"] = {
         **asdict(plan), "resumed_at_layer": start, "wall_s": time.perf_counter() - t_start,
         "read_ahead": read_ahead,
-        **{k: sum(r.get(k, 0.0) for r in rows[start:]) for k in PHASES + ("fit_s", "layer_s")},
+        **{k: sum(r.get(k, 0.0) for r in rows[start:])
+           for k in ALL_PHASES + ("fit_s", "layer_s")},
         # ru_maxrss is KiB on Linux; it counts the resident pages of mapped files too.
         "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_device_gib": torch.cuda.max_memory_allocated(dev) / GIB if on_gpu else 0.0,
