@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_to_read_plus_forward": wall_s / (read_s + forward_s),
             **{k: lw.get(k) for k in SPLIT + ("fit_s", "layer_s")},
             "read_ahead": lw.get("read_ahead"),
+            # seconds from train_layerwise's start to its report, and its parts outside
+            # the layers (the rest of train_wall_s: the interpreter, imports, outputs)
+            "report_wall_s": lw.get("wall_s"), "setup_s": lw.get("setup_s"),
             "reader_s": {k: sum(r.get(k) or 0.0 for r in report.get("layers", []))
                          for k in READER},
             "peak_host_rss_gib": lw.get("peak_host_rss_gib"),
@@ -246,6 +249,11 @@ def markdown(r: dict) -> str:
         f"{r.get('read_ahead')}.", "",
         f"Fit: {r.get('fit', 'default')} (behind the next layer: {r.get('fit_behind')}, "
         f"{r.get('forward_chunk')} windows per forward batch).", "",
+        f"The trainer's own wall time, from its start to its report: "
+        f"{f(r.get('report_wall_s'))} s; outside the layers in it: "
+        + ", ".join(f"{k.removesuffix('_s')} {f(v)} s"
+                    for k, v in (r.get("setup_s") or {}).items())
+        + ". The rest of the wall time is the interpreter, imports and the outputs.", "",
         "Seconds per phase, summed over the layers and per layer. Fitted in line, the phases "
         "up to save add up to the layer's wall time; fitted behind, those up to copy tables "
         "do, and the fit's (tables to save) ran on the fit's thread beside the next layer's. "

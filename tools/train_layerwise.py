@@ -621,6 +621,9 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     from ..runtime.tokenizer import load_tokenizer
 
     t_start = time.perf_counter()
+    # What the run spends outside its layers: CUDA's start and the plan, tokenizing, the
+    # tables' allocation (pinned on a GPU), rebuilding on resume, the last fit's tail.
+    setup = Clock("cpu")
     dev, dt = torch.device(device), parse_dtype(dtype)
     model_dir = resolve_model_dir(model_path)
     c = inspect_checkpoint(model_dir).config  # headers only: no tensor is read yet
@@ -638,11 +641,13 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
                           disk_free=shutil.disk_usage(out_dir).free,
                           device_budget=device_budget, fit_behind=fit_behind)
     log(plan.describe())
+    setup.lap("plan_s")
 
     tok = load_tokenizer(model_dir)
     windows, docs = calibration_windows(iter_texts(data), tok.encode, window=window,
                                         tokens=cfg.tokens, per_doc=cfg.per_doc)
     n, n_layers = windows.numel(), c.num_hidden_layers
+    setup.lap("tokenize_s")
     work = Work(out_dir / WORK, run_key(c, cfg, dt, windows, docs), log)
     split = _split(docs, window)
     head_k = count(cfg.head_density, c.num_attention_heads)
@@ -658,6 +663,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     tables = dev if plan.tables_on_device else torch.device("cpu")
     bufs = Buffers(n, c, dt, work.path if plan.spill or spilled else None,
                    pin=dev.type == "cuda", labels=tables)
+    setup.lap("buffers_s")
     bar = progress if progress is not None else Phases()
     if start and not spilled:
         log(f"resuming after layer {start - 1}: running layers 0..{start - 1} forward again "
@@ -668,6 +674,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
             del span
     elif start:
         log(f"resuming after layer {start - 1} from the activations in {work.path}")
+    setup.lap("resume_s")
 
     reader = LayerReader(model_dir, cfg, dtype=dt, device=dev, layers=n_layers,
                          ahead=read_ahead)
@@ -702,8 +709,10 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
             behind.submit(layer, steps, partial(
                 _fit_one_behind, layer, collected, got, c, cfg, split, preds, freq, dev,
                 tables, work, before))
+        setup.lap("layers_s")
         if behind is not None:
             finished(behind.collect(bar, n_layers))
+            setup.lap("last_fit_s")
     finally:
         reader.close()
         if behind is not None:
@@ -714,6 +723,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     report["layerwise"] = {
         **asdict(plan), "resumed_at_layer": start, "wall_s": time.perf_counter() - t_start,
         "read_ahead": read_ahead,
+        "setup_s": {k: v for k, v in setup.seconds.items() if k != "layers_s"},
         **{k: sum(r.get(k, 0.0) for r in rows[start:])
            for k in ALL_PHASES + ("fit_s", "layer_s")},
         # ru_maxrss is KiB on Linux; it counts the resident pages of mapped files too.
@@ -724,5 +734,8 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     del bufs
     path = write_outputs(out_dir, preds, freq, report, model_dir.name)
     shutil.rmtree(work.path)
-    log(f"wrote {path} ({report['layerwise']['wall_s']:.0f} s)")
+    outside = ", ".join(f"{k.removesuffix('_s')} {v:.1f}"
+                        for k, v in report["layerwise"]["setup_s"].items())
+    log(f"wrote {path} ({time.perf_counter() - t_start:.0f} s; outside the layers: "
+        f"{outside}, outputs {setup.lap('outputs_s'):.1f})")
     return path
