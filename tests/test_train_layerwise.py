@@ -426,3 +426,28 @@ def test_gpu_fit_behind_equals_fit_in_line(tiny, tmp_path):
         torch.testing.assert_close(behind[name], t, rtol=1e-4, atol=1e-5, msg=name)
     freq = [tensors(tmp_path / str(b) / "frequencies.safetensors") for b in (False, True)]
     assert all(torch.equal(freq[1][k], t) for k, t in freq[0].items())
+
+
+def test_a_fit_behind_that_fails_stops_the_run_with_its_error(tiny, tmp_path, monkeypatch):
+    """A fit that raises on the fit's thread ends the run with its own error at the next
+    layer, nothing hangs, and the layers finished before it stay for a rerun."""
+    import threading
+
+    from dejavu.tools import train_layerwise as lw
+
+    model_dir, text = tiny
+    real = lw.train_layer
+
+    def failing(data, layer, *args, **kwargs):
+        if layer == 1:
+            raise RuntimeError("fit of layer 1 broke")
+        return real(data, layer, *args, **kwargs)
+
+    monkeypatch.setattr(lw, "train_layer", failing)
+    out = tmp_path / "p"
+    with pytest.raises(RuntimeError, match="fit of layer 1 broke"):
+        train_layerwise(str(model_dir), str(text), str(out), TRAIN, log=lambda *_: None,
+                        fit_behind=True)
+    assert not any(t.name.startswith("fit-behind") for t in threading.enumerate())
+    assert sorted(p.name for p in (out / "partial").glob("layer-*")) == [
+        "layer-00000.safetensors"]
