@@ -12,11 +12,18 @@ to OUT/partial/layer-NNNNN.safetensors before the next layer starts. Peak memory
 layers (the one running and the next being read, with its MLP predictor's starting point)
 plus these activations and, where they fit the GPU budget, one layer's labels on the GPU.
 
+On a GPU whose budget holds a second copy of a layer's tables, the layer's fit runs behind:
+on a thread and stream of its own (``FitBehind``), on that copy, while the next layer is
+read and run forward; the fit's many small kernels and the forward pass's few large ones
+share the GPU instead of taking turns. The CPU fits in line (its cores would be shared).
+
 Each layer's log line and report row split its wall time: waiting for the weights
 (``read_s``; ``load_s`` and ``init_s`` say how long reading and layer_hash + the MLP
 predictor's start took on the reader's thread, overlapped), ``forward_s``, ``tables_s``,
-``mlp_fit_s``, ``head_fit_s``, ``calibrate_s``, ``frequencies_s`` and ``save_s``; on CUDA
-each phase ends with a synchronisation, so it is charged for its own kernels.
+``mlp_fit_s``, ``head_fit_s``, ``calibrate_s``, ``frequencies_s`` and ``save_s``; fitting
+behind, the caller's part is ``read_s``, ``forward_s``, ``fit_wait_s`` (for the layer
+before's fit) and ``copy_s``, and the rest ran on the fit's thread. On CUDA each phase
+ends with a synchronisation of its thread's stream, so it is charged for its own kernels.
 
 Before any work, ``plan_resources`` sizes the run: activations and labels stay in host
 memory when they fit the host budget, else they are numpy memmaps in OUT/partial (the page
