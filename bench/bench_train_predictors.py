@@ -251,7 +251,7 @@ def markdown(r: dict) -> str:
         f"{r.get('forward_chunk')} windows per forward batch).", "",
         f"The trainer's own wall time, from its start to its report: "
         f"{f(r.get('report_wall_s'))} s; outside the layers in it: "
-        + ", ".join(f"{k.removesuffix('_s')} {f(v)} s"
+        + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {f(v)} s"
                     for k, v in (r.get("setup_s") or {}).items())
         + ". The rest of the wall time is the interpreter, imports and the outputs.", "",
         "Seconds per phase, summed over the layers and per layer. Fitted in line, the phases "

@@ -95,7 +95,9 @@ class Built:
     stage: Stage | None = None
 
 
-def _device(settings: Settings, device: str | None) -> torch.device:
+def resolve_device(settings: Settings, device: str | None = None) -> torch.device:
+    """The device ``device`` or the settings name; ``BuildError`` naming where it was set when
+    it is CUDA on a machine without it."""
     name = device or settings.model.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         where = "--device" if settings.sources.get("model.device") == "command line" \
@@ -110,7 +112,7 @@ def build_model(settings: Settings, *, layers: range | None = None, device: str 
     """Load ``layers`` (None: all) of the resolved ``settings``' model on ``device`` (None:
     [model] device), fit it to the GPU budget for ``slots`` sequences of ``max_len``
     positions (None: the model's), and choose its selector."""
-    dev = _device(settings, device)
+    dev = resolve_device(settings, device)
     budget = settings.pipeline.gpu_memory_gib
     # With a budget the weights are read into host memory first, so that offloaded layers
     # never occupy the GPU; what fits then moves.

@@ -190,7 +190,8 @@ def test_fitting_behind_splits_each_layer_between_two_threads(tiny, tmp_path):
             "tables_s", "mlp_fit_s", "head_fit_s", "calibrate_s", "frequencies_s")))
         assert all(row[k] >= 0 for k in BEHIND_PHASES + ("save_s",))
     lines = [ln for ln in seen if ln.startswith("layer ")]
-    assert len(lines) == len(rows) and all("fit behind" in ln for ln in lines)
+    assert len(lines) == len(rows) and all("fitted behind the next layer in" in ln
+                                           for ln in lines)
     lw = report["layerwise"]
     assert lw["fit_behind"] and lw["layer_s"] <= lw["wall_s"]
     assert lw["fit_wait_s"] < sum(r["fit_s"] for r in rows[:-1])
@@ -232,6 +233,9 @@ def test_the_plan_fits_behind_on_a_gpu_with_room_for_a_copy():
     spilled = plan_resources(CFG, TRAIN, **{**cpu, "host_budget": int(spill_budget() * GIB)},
                              fit_behind=True)
     assert spilled.spill and not spilled.fit_behind
+    assert "fitted in line (the activations go to disk" in spilled.describe()
+    assert "in line (a second copy of a layer's tables needs" in tight.describe()
+    assert "fitted in line (as asked)" in inline.describe()
 
 
 def spill_budget() -> float:
@@ -451,3 +455,41 @@ def test_a_fit_behind_that_fails_stops_the_run_with_its_error(tiny, tmp_path, mo
     assert not any(t.name.startswith("fit-behind") for t in threading.enumerate())
     assert sorted(p.name for p in (out / "partial").glob("layer-*")) == [
         "layer-00000.safetensors"]
+
+
+def test_cli_errors_before_any_work_and_ctrl_c_says_how_to_resume(tiny, tmp_path):
+    """Found by a first-time user: a missing calibration file printed the plan first; Ctrl-C
+    ended the run without a word."""
+    model_dir, text = tiny
+    base = CLI + ["train-predictors", "--model", str(model_dir), "--window", "24", "--rank",
+                  "8", "--head-rank", "4", "--tokens", str(TRAIN.tokens), "--device", "cpu"]
+    missing = subprocess.run(base + ["--data", str(tmp_path / "nope.jsonl"), "--out",
+                                     str(tmp_path / "p")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "plan:" not in missing.stdout
+    assert missing.stderr.strip() == f"error: {tmp_path / 'nope.jsonl'}: no such file"
+    out = tmp_path / "q"
+    proc = subprocess.Popen(base + ["--data", str(text), "--out", str(out),
+                                    "--debug-stall-in-layer", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    layer1 = out / "partial" / "layer-00001.safetensors"
+    deadline = time.monotonic() + 120
+    while not layer1.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into layer 2 (it stalls there)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip() == (f"interrupted: 2 finished layer(s) kept in {out / 'partial'}; "
+                           "run the same command again to resume")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cli_device_cuda_without_cuda_is_one_line():
+    done = subprocess.run(CLI + ["train-predictors", "--model", str(SHIPPED), "--data",
+                                 "x.jsonl", "--out", "/tmp/unused", "--device", "cuda"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: --device cuda: CUDA is not available on this "
+                                   "machine; use cpu")

@@ -339,14 +339,16 @@ def train_predictors(
                                    "with --mlp-init svd, --epochs with random)"),
     head_rank: int = typer.Option(64, "--head-rank", help="rank of the head predictors"),
     mlp_recall: float = typer.Option(0.95, "--mlp-recall",
-                                     help="recall target that sets each layer's MLP top-k"),
+                                     help="recall of firing neurons that sets each layer's "
+                                     "MLP top-k, or its threshold with --select threshold"),
     mlp_density: float = typer.Option(None, "--mlp-density",
                                       help="fixed MLP density instead of --mlp-recall"),
     head_density: float = typer.Option(0.5, "--head-density",
                                        help="head labels: each token's top heads by norm"),
     head_point: float = typer.Option(1.0, "--head-point",
                                      help="heads kept per token at the default operating point"),
-    epochs: int = typer.Option(8, "--epochs"),
+    epochs: int = typer.Option(8, "--epochs", help="passes over the training tokens per "
+                               "predictor fit"),
     batch_size: int = typer.Option(256, "--batch-size", help="tokens per fitting step"),
     lr: float = typer.Option(5e-3, "--lr", help="peak learning rate of the fitting"),
     select: str = typer.Option("topk", "--select",
@@ -362,22 +364,30 @@ def train_predictors(
                                          help="GPU memory for one layer, its forward batches "
                                          "and fitting (GiB; default: what is free)"),
     host_memory_gib: float = typer.Option(None, "--host-memory-gib",
-                                          help="host memory for activations (GiB; default: "
-                                          "what is available); beyond it they go to disk"),
+                                          help="host memory for the run: a layer (two on "
+                                          "the CPU), fitting and every token's activations "
+                                          "(GiB; default: what is available); activations "
+                                          "beyond it go to disk"),
     fit_behind: bool = typer.Option(None, "--fit-behind/--fit-in-line",
-                                    help="fit each layer's predictors beside the next "
-                                    "layer's forward pass (default: on a GPU, where its "
-                                    "budget holds a copy of a layer's tables)"),
+                                    help="fit each layer's predictors while the next layer "
+                                    "runs forward, on a copy of the layer's inputs and "
+                                    "labels (tokens x (4 x hidden + ffn / 8 + 2 x heads) "
+                                    "bytes more, on the GPU when training there); default: "
+                                    "on a GPU whose budget holds the copy, in line on the "
+                                    "CPU; never when activations go to disk"),
     debug_stall_in_layer: int = typer.Option(None, "--debug-stall-in-layer", hidden=True,
                                              help="tests only: block inside this layer"),
 ) -> None:
     """Train per-layer DejaVu predictors (MLP neurons and heads) for a model, one layer in
     memory at a time; rerun the same command to resume after an interruption."""
+    from pathlib import Path
+
+    from ..runtime.build import resolve_device
     from ..runtime.checkpoint import CheckpointError
     from ..runtime.settings import SettingsError, load_settings
     from ..runtime.tokenizer import TokenizerError
     from .collect_labels import CalibrationDataError
-    from .train_layerwise import train_layerwise
+    from .train_layerwise import WORK, train_layerwise
     from .train_predictors import TrainConfig
 
     try:
@@ -391,13 +401,18 @@ def train_predictors(
                           head_density=head_density, head_point=head_point)
         if gpu_memory_gib is None:
             gpu_memory_gib = settings.pipeline.gpu_memory_gib
-        train_layerwise(settings.model_path(), data, out, cfg, device=settings.model.device,
-                        dtype=dtype, gpu_memory_gib=gpu_memory_gib,
-                        host_memory_gib=host_memory_gib, fit_behind=fit_behind,
-                        stall_in_layer=debug_stall_in_layer)
+        train_layerwise(settings.model_path(), data, out, cfg,
+                        device=str(resolve_device(settings)), dtype=dtype,
+                        gpu_memory_gib=gpu_memory_gib, host_memory_gib=host_memory_gib,
+                        fit_behind=fit_behind, stall_in_layer=debug_stall_in_layer)
     except (SettingsError, CheckpointError, TokenizerError, CalibrationDataError,
             ValueError) as exc:
         raise _user_error(exc) from None
+    except KeyboardInterrupt:
+        kept = len(list((Path(out) / WORK).glob("layer-*.safetensors")))
+        typer.echo(f"interrupted: {kept} finished layer(s) kept in {Path(out) / WORK}; run "
+                   "the same command again to resume", err=True)
+        raise typer.Exit(130) from None
 
 
 # --- kernels: bench ---------------------------------------------------------------------------

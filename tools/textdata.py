@@ -21,17 +21,23 @@ def open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
+def check_text_file(path: str | Path) -> Path:
+    """``path`` if it is a file ``iter_documents`` reads (.txt, .jsonl, .jsonl.xz), else
+    ``TextDataError``: a check that runs before any work, where reading comes later."""
+    path = Path(path)
+    if not path.is_file():
+        raise TextDataError(f"{path}: no such file")
+    if not path.name.removesuffix(".xz").endswith((".txt", ".jsonl")):
+        raise TextDataError(f"{path}: expected a .txt, .jsonl or .jsonl.xz file")
+    return path
+
+
 def iter_documents(path: str | Path, *, max_bytes: int | None = None) -> Iterator[str]:
     """Stream the documents of ``path``, stopping once ``max_bytes`` UTF-8 bytes of text have
     been yielded (None: all of it). The document that crosses the limit is yielded whole, so
     a sample is a prefix of whole documents."""
-    path = Path(path)
-    if not path.is_file():
-        raise TextDataError(f"{path}: no such file")
-    base = path.name.removesuffix(".xz")
-    if not base.endswith((".txt", ".jsonl")):
-        raise TextDataError(f"{path}: expected a .txt, .jsonl or .jsonl.xz file")
-    if base.endswith(".txt"):
+    path = check_text_file(path)
+    if path.name.removesuffix(".xz").endswith(".txt"):
         with open_text(path) as f:
             yield f.read()
         return

@@ -77,6 +77,7 @@ from ..runtime.sparse import predictor_source
 from .collect_labels import Collected, calibration_windows, iter_texts, label_hooks
 from .layer_reader import LayerReader
 from .progress import Bar
+from .textdata import check_text_file
 from .train_predictors import (
     Clock,
     TrainConfig,
@@ -118,13 +119,15 @@ class Plan:
     disk_bytes: int
     device_bytes: int  # 0 on the CPU
     fit_behind: bool = False  # a layer's fit runs beside the next layer's read and forward
+    in_line_why: str = ""  # why a fit asked for behind runs in line
 
     def describe(self) -> str:
         where = "memmaps in OUT/partial" if self.spill else "host memory"
         dev = f", device {size(self.device_bytes)}" if self.device_bytes else ""
         labels = " (on the GPU while fitted)" if self.tables_on_device else ""
-        behind = ("; each layer fitted behind the next one's forward pass (a copy of its "
-                  "tables)" if self.fit_behind else "")
+        behind = ("; each layer fitted behind the next one's forward pass, on a copy of its "
+                  "tables" if self.fit_behind else "; each layer fitted in line"
+                  + (f" ({self.in_line_why})" if self.in_line_why else ""))
         return (f"plan: {self.tokens} tokens; activations {size(self.activation_bytes)} "
                 f"+ labels {size(self.label_bytes)} in {where}{labels}; two layers of "
                 f"{size(self.layer_bytes)} (one running, the next being read) + "
@@ -208,10 +211,13 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
         base = ahead + forward(chunk) + fit
     outputs = 2 * predictor_bytes(c, cfg)  # the layer files and the final file
     if base > host_budget:
+        parts = (f"its weights {size(layer)} in {str(dtype).removeprefix('torch.')}"
+                 + ("" if on_gpu else
+                    f", twice (the next layer is read ahead), the next one's predictor start "
+                    f"{size(init)}, a forward batch of {chunk} {window}-token windows "
+                    f"{size(forward(chunk))}") + f", fitting {size(fit)}")
         raise ResourceError(
-            f"one layer needs {size(base)} of host memory (weights "
-            f"{size(layer)} in {str(dtype).removeprefix('torch.')}, twice on the CPU: "
-            "the next layer is read ahead), more than the "
+            f"one layer needs {size(base)} of host memory ({parts}), more than the "
             f"{size(host_budget)} available; free memory or raise --host-memory-gib")
     spill = base + acts + labels > host_budget
     disk = outputs + (acts + labels if spill else 0)
@@ -229,9 +235,13 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
     # inputs before layer l's file is written).
     # On a GPU the copy may take forward batches down to BEHIND_CHUNK windows (a forward
     # batch of a few thousand tokens keeps the GPU as busy as a larger one).
+    asked, why = fit_behind, ""
     if fit_behind is None:
         fit_behind = on_gpu
-    if fit_behind and not spill and on_gpu:
+    if fit_behind and spill:
+        fit_behind, why = False, ("the activations go to disk, and a resumed run needs a "
+                                  "layer's inputs there intact until its fit is written")
+    elif fit_behind and on_gpu:
         def device_need(chunk: int) -> int:  # both copies of the tables on the device
             return ahead + forward(chunk) + fit + 2 * tables
 
@@ -241,13 +251,20 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
         if device_need(behind) <= device_budget:
             chunk, tables_on_device, device_bytes = behind, True, device_need(behind)
         else:
-            fit_behind = False
-    elif fit_behind and not spill and not on_gpu and host_bytes + tables <= host_budget:
-        host_bytes += tables
-    else:
-        fit_behind = False
+            fit_behind, why = False, (
+                f"a second copy of a layer's tables needs {size(device_need(behind))} of "
+                f"GPU memory, more than the budget of {size(device_budget)}")
+    elif fit_behind:
+        if host_bytes + tables <= host_budget:
+            host_bytes += tables
+        else:
+            fit_behind, why = False, (
+                f"a second copy of a layer's tables needs {size(host_bytes + tables)} of "
+                f"host memory, more than the {size(host_budget)} available")
+    elif asked is False:
+        why = "as asked"
     return Plan(n, chunk, spill, tables_on_device, acts, labels, layer, init,
-                host_bytes, disk, device_bytes, fit_behind)
+                host_bytes, disk, device_bytes, fit_behind, "" if fit_behind else why)
 
 
 def host_available() -> int:
@@ -478,10 +495,16 @@ def phase_line(row: dict) -> str:
              "copy_s": "copy", "tables_s": "tables", "mlp_fit_s": "mlp fit",
              "head_fit_s": "head fit", "calibrate_s": "calibrate", "frequencies_s": "freq",
              "save_s": "save"}
-    parts = ", ".join(f"{names[k]} {row[k]:.2f}" for k in ALL_PHASES if k in row)
-    behind = " (fit behind: read to copy on this thread)" if "copy_s" in row else ""
-    return (f"{row['layer_s']:.2f} s{behind}: {parts} (reader: load {row['load_s']:.2f}, "
-            f"init {row['init_s']:.2f})")
+
+    def parts(keys) -> str:
+        return ", ".join(f"{names[k]} {row[k]:.2f}" for k in keys if k in row)
+
+    reader = f"reader: load {row['load_s']:.2f}, init {row['init_s']:.2f}"
+    if "copy_s" not in row:
+        return f"{row['layer_s']:.2f} s: {parts(PHASES)} ({reader})"
+    fit = PHASES[2:]
+    return (f"{row['layer_s']:.2f} s: {parts(BEHIND_PHASES)} ({reader}); fitted behind the "
+            f"next layer in {sum(row[k] for k in fit):.2f} s: {parts(fit)}")
 
 
 def _forward_one(layer: int, reader: LayerReader, windows: Tensor, bufs: Buffers, plan: Plan,
@@ -634,6 +657,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     dev, dt = torch.device(device), parse_dtype(dtype)
     model_dir = resolve_model_dir(model_path)
     c = inspect_checkpoint(model_dir).config  # headers only: no tensor is read yet
+    check_text_file(data)  # before the plan and any work, not when the text is first read
     window = min(cfg.window or c.max_position_embeddings, c.max_position_embeddings)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -648,6 +672,8 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
                           disk_free=shutil.disk_usage(out_dir).free,
                           device_budget=device_budget, fit_behind=fit_behind)
     log(plan.describe())
+    if fit_behind and not plan.fit_behind:
+        log(f"--fit-behind: fitting each layer in line instead: {plan.in_line_why}")
     setup.lap("plan_s")
 
     tok = load_tokenizer(model_dir)
@@ -693,8 +719,8 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         rows.append(row)
         per_layer = (time.perf_counter() - t_start) / (len(rows) - start)
         eta = per_layer * (n_layers - len(rows))
-        log(f"{layer_line(row)}; {phase_line(row)}; {len(rows)}/{n_layers} layers, "
-            f"ETA {eta:.0f} s")
+        log(f"{layer_line(row, seconds=False)}; {phase_line(row)}; {len(rows)}/{n_layers} "
+            f"layers, ETA {eta:.0f} s")
 
     try:
         for layer in range(start, n_layers):
@@ -741,7 +767,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
     del bufs
     path = write_outputs(out_dir, preds, freq, report, model_dir.name)
     shutil.rmtree(work.path)
-    outside = ", ".join(f"{k.removesuffix('_s')} {v:.1f}"
+    outside = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}"
                         for k, v in report["layerwise"]["setup_s"].items())
     log(f"wrote {path} ({time.perf_counter() - t_start:.0f} s; outside the layers: "
         f"{outside}, outputs {setup.lap('outputs_s'):.1f})")

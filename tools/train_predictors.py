@@ -515,10 +515,13 @@ def train_predictors(model, windows: Tensor, docs: Tensor, cfg: TrainConfig, *,
     return preds.to("cpu"), report, freq
 
 
-def layer_line(r: dict) -> str:
+def layer_line(r: dict, *, seconds: bool = True) -> str:
+    """One layer's report row in a line; ``seconds``: with its fitting time (the layerwise
+    trainer's line splits it into phases instead)."""
+    took = f" (fit {r['train_s']:.0f} s)" if seconds else ""
     return (f"layer {r['layer']}: mlp k={r['mlp_k']} recall={r['mlp_recall']:.3f} "
             f"precision={r['mlp_precision']:.3f} density={r['mlp_density']:.3f} | heads "
-            f"k={r['head_k']} recall={r['head_recall']:.3f} ({r['train_s']:.0f} s)")
+            f"k={r['head_k']} recall={r['head_recall']:.3f}{took}")
 
 
 def make_report(cfg: TrainConfig, split: dict[str, Tensor], docs: Tensor,
