@@ -368,13 +368,13 @@ def train_predictors(
                                           "the CPU), fitting and every token's activations "
                                           "(GiB; default: what is available); activations "
                                           "beyond it go to disk"),
-    fit_behind: bool = typer.Option(None, "--fit-behind/--fit-in-line",
+    fit_behind: bool = typer.Option(False, "--fit-behind/--fit-in-line",
                                     help="fit each layer's predictors while the next layer "
-                                    "runs forward, on a copy of the layer's inputs and "
-                                    "labels (tokens x (4 x hidden + ffn / 8 + 2 x heads) "
-                                    "bytes more, on the GPU when training there); default: "
-                                    "on a GPU whose budget holds the copy, in line on the "
-                                    "CPU; never when activations go to disk"),
+                                    "is read and runs forward, on a copy of the layer's "
+                                    "inputs and labels (tokens x (4 x hidden + ffn / 8 + 2 "
+                                    "x heads) bytes more, on the GPU when training there); "
+                                    "not when activations go to disk; measured no faster "
+                                    "yet (README)"),
     debug_stall_in_layer: int = typer.Option(None, "--debug-stall-in-layer", hidden=True,
                                              help="tests only: block inside this layer"),
 ) -> None:

@@ -12,10 +12,12 @@ to OUT/partial/layer-NNNNN.safetensors before the next layer starts. Peak memory
 layers (the one running and the next being read, with its MLP predictor's starting point)
 plus these activations and, where they fit the GPU budget, one layer's labels on the GPU.
 
-On a GPU whose budget holds a second copy of a layer's tables, the layer's fit runs behind:
-on a thread and stream of its own (``FitBehind``), on that copy, while the next layer is
-read and run forward; the fit's many small kernels and the forward pass's few large ones
-share the GPU instead of taking turns. The CPU fits in line (its cores would be shared).
+With ``fit_behind`` (where the budget holds a second copy of a layer's tables) a layer's
+fit runs on a thread and stream of its own (``FitBehind``), on that copy, while the next
+layer is read and run forward, so that the fit's many small kernels and the forward pass's
+few large ones share the GPU instead of taking turns. Off by default: on an H100 at the
+OPT-13B shape it was no faster (42.7 s against 41.2 s in line), the reader's MLP start then
+being the slowest of the three (bench/NOTES.md, seventh session).
 
 Each layer's log line and report row split its wall time: waiting for the weights
 (``read_s``; ``load_s`` and ``init_s`` say how long reading and layer_hash + the MLP
@@ -164,12 +166,11 @@ def predictor_bytes(c: OPTConfig, cfg: TrainConfig) -> int:
 
 def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
                    dtype: torch.dtype, on_gpu: bool, host_budget: int, disk_free: int,
-                   device_budget: int = 0, fit_behind: bool | None = None) -> Plan:
+                   device_budget: int = 0, fit_behind: bool = False) -> Plan:
     """Where the run keeps what, and what it needs; ``ResourceError`` if it cannot run.
     Budgets and free space are in bytes (the caller measures them). ``fit_behind``: fit
-    each layer beside the next layer's forward pass, on a copy of its tables (True: where
-    the copy fits, else in line; None: so on a GPU, in line on the CPU, whose cores the two
-    would share)."""
+    each layer beside the next layer's forward pass, on a copy of its tables, where the copy
+    fits (else in line, ``in_line_why`` says why)."""
     dsize = torch.empty((), dtype=dtype).element_size()
     n, cdim, f, h = tokens, c.hidden_size, c.ffn_dim, c.num_attention_heads
     acts = 2 * n * cdim * (dsize + 2)
@@ -235,9 +236,7 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
     # inputs before layer l's file is written).
     # On a GPU the copy may take forward batches down to BEHIND_CHUNK windows (a forward
     # batch of a few thousand tokens keeps the GPU as busy as a larger one).
-    asked, why = fit_behind, ""
-    if fit_behind is None:
-        fit_behind = on_gpu
+    why = ""
     if fit_behind and spill:
         fit_behind, why = False, ("the activations go to disk, and a resumed run needs a "
                                   "layer's inputs there intact until its fit is written")
@@ -261,8 +260,6 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
             fit_behind, why = False, (
                 f"a second copy of a layer's tables needs {size(host_bytes + tables)} of "
                 f"host memory, more than the {size(host_budget)} available")
-    elif asked is False:
-        why = "as asked"
     return Plan(n, chunk, spill, tables_on_device, acts, labels, layer, init,
                 host_bytes, disk, device_bytes, fit_behind, "" if fit_behind else why)
 
@@ -640,12 +637,12 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
                     device: str = "cpu", dtype: str = "float32", log=print,
                     host_memory_gib: float | None = None, gpu_memory_gib: float | None = None,
                     progress: Phases | None = None, stall_in_layer: int | None = None,
-                    read_ahead: bool = True, fit_behind: bool | None = None) -> Path:
+                    read_ahead: bool = True, fit_behind: bool = False) -> Path:
     """Train, write OUT/{predictors,frequencies}.safetensors and OUT/report.{json,md};
     returns the predictors' path. ``read_ahead``: read the next layer on a background
     thread (``LayerReader``); ``fit_behind``: fit each layer beside the next one's forward
-    pass (``FitBehind``; None: on a GPU where the plan has room, see ``plan_resources``);
-    the result is the same either way. ``stall_in_layer`` (tests
+    pass where the plan has room (``FitBehind``, ``plan_resources``); the result is the same
+    either way. ``stall_in_layer`` (tests
     only) blocks inside that layer, after its forward pass and before its fit, for a test to
     kill the run there."""
     from ..runtime.tokenizer import load_tokenizer
