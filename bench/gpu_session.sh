@@ -139,7 +139,7 @@ profile)
 train)
     # TRAIN_CKPT=$ckpt reuses e2e's checkpoint (same writer); run it after e2e: it leaves
     # predictors/ in the checkpoint, which a later e2e would load.
-    tckpt=${TRAIN_CKPT:-/dev/shm/opt-13b}
+    tckpt=${TRAIN_CKPT:-/dev/shm/${TRAIN_SHAPE:-opt-13b}}
     timeout ${TRAIN_TIMEOUT:-560} python3 -m dejavu.bench.bench_train_predictors \
         --shape ${TRAIN_SHAPE:-opt-13b} --gpu-memory-gib ${TRAIN_GIB:-12} --tokens ${CAL_TOKENS:-100000} --batch-size 2048 --lr 0.02 \
         --train-timeout-s ${TRAIN_CUT:-$(( ${TRAIN_TIMEOUT:-560} - 120 ))} \
