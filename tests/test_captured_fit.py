@@ -103,6 +103,20 @@ def test_the_schedule_is_written_into_the_tensor_a_graph_reads():
     assert max(seen) > 10 * min(seen)  # the one cycle moved the learning rate
 
 
+@pytest.mark.parametrize("steps", [1, 9, 10, 11, 20])
+def test_the_schedule_runs_any_number_of_steps(steps):
+    # OneCycleLR with a 10% warm-up divides by zero at exactly 10 steps (a fit of 5 batches
+    # for 2 epochs was a ZeroDivisionError from the scheduler).
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = schedule(opt, 0.02, steps)
+    lrs = []
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert all(0 < lr <= 0.02 for lr in lrs[:-1])
+
+
 def test_a_schedule_that_moves_beta1_is_refused():
     # OneCycleLR's default cycles beta1, which a captured step would keep at its capture
     # value: refused at once, not followed wrongly.

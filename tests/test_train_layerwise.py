@@ -494,3 +494,26 @@ def test_cli_device_cuda_without_cuda_is_one_line():
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: --device cuda: CUDA is not available on this "
                                    "machine; use cpu")
+
+
+def test_a_rerun_with_other_settings_names_what_changed(tiny, tmp_path):
+    """A first-time user's finding: "left by a run with other settings, model or data;
+    starting over" did not say which. The finished layers of a cut run stay when nothing
+    changed, and go, with the changes named, when something did."""
+    from dejavu.runtime.tokenizer import load_tokenizer
+    from dejavu.tools.train_layerwise import Work, run_parts
+
+    model_dir, text = tiny
+    tok = load_tokenizer(model_dir)
+    windows, docs = calibration_windows(iter_texts(str(text)), tok.encode, window=24,
+                                        tokens=TRAIN.tokens, per_doc=TRAIN.per_doc)
+    work, seen = tmp_path / "partial", []
+    Work(work, run_parts(CFG, TRAIN, torch.float32, windows, docs), seen.append)
+    (work / "layer-00000.safetensors").write_bytes(b"kept")
+    Work(work, run_parts(CFG, TRAIN, torch.float32, windows, docs), seen.append)
+    assert seen == [] and (work / "layer-00000.safetensors").exists()
+    other = TrainConfig(**{**TRAIN.__dict__, "epochs": 3, "mlp_rank": 4})
+    Work(work, run_parts(CFG, other, torch.float16, windows[:-1], docs[:-1]), seen.append)
+    assert seen == [f"{work}: left by a run with dtype float32 -> float16, other calibration "
+                    "data, --rank 8 -> 4, --epochs 4 -> 3; starting over"]
+    assert not (work / "layer-00000.safetensors").exists()

@@ -326,21 +326,23 @@ class Buffers:
 
 
 class Work:
-    """OUT/partial: the run's key (settings, model and data) and its finished layers."""
+    """OUT/partial: the run's key (settings, model and data: ``run_parts``) and its finished
+    layers. A directory left by another run is started over, naming what differs."""
 
-    def __init__(self, path: Path, key: str, log) -> None:
-        self.path, self.key = path, key
+    def __init__(self, path: Path, parts: dict, log) -> None:
+        self.path, self.key = path, run_key(parts)
         stamp = path / "run.json"
         if path.is_dir():
             try:
-                old = json.loads(stamp.read_text()).get("key")
+                old = json.loads(stamp.read_text())
             except (OSError, ValueError):
-                old = None
-            if old != key:
-                log(f"{path}: left by a run with other settings, model or data; starting over")
+                old = {}
+            if old.get("key") != self.key:
+                log(f"{path}: left by a run with {differences(old.get('parts'), parts)}; "
+                    "starting over")
                 shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"key": key}) + "\n")
+        stamp.write_text(json.dumps({"key": self.key, "parts": parts}) + "\n")
 
     def layer_file(self, layer: int) -> Path:
         return self.path / f"layer-{layer:05d}.safetensors"
@@ -379,14 +381,36 @@ class Work:
         return json.loads(meta["row"]), meta["layer_hash"]
 
 
-def run_key(c: OPTConfig, cfg: TrainConfig, dtype: torch.dtype, windows: Tensor,
-            docs: Tensor) -> str:
-    h = hashlib.sha256(config_hash(c).encode())
-    fields = {k: v for k, v in asdict(cfg).items() if k != "max_memory_gb"}
-    h.update(json.dumps([fields, str(dtype)], sort_keys=True).encode())
-    h.update(windows.to(torch.int64).numpy().tobytes())
-    h.update(docs.to(torch.int64).numpy().tobytes())
-    return h.hexdigest()
+def run_parts(c: OPTConfig, cfg: TrainConfig, dtype: torch.dtype, windows: Tensor,
+              docs: Tensor) -> dict:
+    """What a run's results depend on, part by part: the model's config, the dtype, the
+    settings (all but the memory cap) and the calibration windows."""
+    data = hashlib.sha256(windows.to(torch.int64).numpy().tobytes())
+    data.update(docs.to(torch.int64).numpy().tobytes())
+    return {"model": config_hash(c), "dtype": str(dtype).removeprefix("torch."),
+            "settings": {k: v for k, v in asdict(cfg).items() if k != "max_memory_gb"},
+            "data": data.hexdigest()}
+
+
+def run_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# TrainConfig fields whose train-predictors option is named otherwise.
+_FLAGS = {"mlp_rank": "--rank", "mlp_select": "--select", "seed": "seed"}
+
+
+def differences(old: dict | None, new: dict) -> str:
+    """What changed between two runs' ``run_parts``, in words."""
+    if not isinstance(old, dict):
+        return "other settings, model or data (written before runs named them)"
+    said = [f"{name} {old.get(name)} -> {new[name]}" if name == "dtype" else
+            {"model": "another model", "data": "other calibration data"}[name]
+            for name in ("model", "dtype", "data") if old.get(name) != new[name]]
+    before = old.get("settings") or {}
+    said += [f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {before.get(k)!r} -> {v!r}"
+             for k, v in new["settings"].items() if before.get(k) != v]
+    return ", ".join(said) or "other settings"
 
 
 # --- one layer ---------------------------------------------------------------------------------
@@ -678,7 +702,7 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
                                         tokens=cfg.tokens, per_doc=cfg.per_doc)
     n, n_layers = windows.numel(), c.num_hidden_layers
     setup.lap("tokenize_s")
-    work = Work(out_dir / WORK, run_key(c, cfg, dt, windows, docs), log)
+    work = Work(out_dir / WORK, run_parts(c, cfg, dt, windows, docs), log)
     split = _split(docs, window)
     head_k = count(cfg.head_density, c.num_attention_heads)
     preds = PredictorSet(c, Fingerprint(config_hash(c), {}), cfg.mlp_rank, cfg.head_rank)

@@ -269,9 +269,11 @@ BETAS = (0.9, 0.999)
 def schedule(opt: torch.optim.Optimizer, lr: float, steps: int
              ) -> torch.optim.lr_scheduler.OneCycleLR:
     """A predictor fit's learning rate over its ``steps``: one cycle up to ``lr`` in the first
-    tenth, then down; beta1 fixed (``BETAS``)."""
+    tenth, then down; beta1 fixed (``BETAS``). OneCycleLR divides by its warm-up's length
+    in steps less one, which is zero for exactly 10 steps: there the warm-up is 15%."""
+    pct = 0.15 if steps == 10 else 0.1
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
-                                               pct_start=0.1, cycle_momentum=False)
+                                               pct_start=pct, cycle_momentum=False)
 
 
 def fit(clf: LowRankClassifier, x: Tensor, target, idx: Tensor, cfg: TrainConfig,
