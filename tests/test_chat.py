@@ -223,8 +223,11 @@ def test_chat_device_sets_where_the_in_process_chat_runs(model, tmp_path):
     config.write_text('[model]\ndevice = "cuda"\n')
     run_dir = short_dir()  # empty: no launch to join
     try:
+        # Greedy: a sampled reply from the random model may hold a character that
+        # splitlines() breaks on (a CI run drew "\x0b\x0e").
         out = cli("chat", "--model", str(model), "--config", str(config), "--device", "cpu",
-                  "--run-dir", str(run_dir), "--max-new-tokens", "2", input="hello\n")
+                  "--run-dir", str(run_dir), "--max-new-tokens", "2", "--temperature", "0",
+                  "--repetition-penalty", "1", input="hello\n")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     assert out.returncode == 0, out.stderr
