@@ -185,16 +185,16 @@ def main(argv: list[str] | None = None) -> int:
             "forward_chunk": lw.get("chunk"),
             "train_wall_s": wall_s, "train_returncode": train_rc,
             "ratio_to_read_plus_forward": wall_s / (read_s + forward_s),
-            **{k: lw.get(k) for k in SPLIT + ("fit_s", "layer_s")},
+            **{k: lw.get(k) for k in ALL_PHASES + ("fit_s", "layer_s")},
             "read_ahead": lw.get("read_ahead"),
             # seconds from train_layerwise's start to its report, and its parts outside
             # the layers (the rest of train_wall_s: the interpreter, imports, outputs)
             "report_wall_s": lw.get("wall_s"), "setup_s": lw.get("setup_s"),
             "reader_s": {k: sum(r.get(k) or 0.0 for r in report.get("layers", []))
-                         for k in READER},
+                         for k in READER_PHASES},
             "peak_host_rss_gib": lw.get("peak_host_rss_gib"),
             "peak_gpu_gib": lw.get("peak_device_gib"),
-            "per_layer": [{k: r.get(k) for k in ("layer", *SPLIT, *READER, "layer_s")}
+            "per_layer": [{k: r.get(k) for k in ("layer", *ALL_PHASES, *READER_PHASES, "layer_s")}
                           for r in report.get("layers", [])],
             "generate_returncode": gen.returncode,
             "generate": ((gen.stdout.strip().splitlines() or [""])[-1][:500]
@@ -214,12 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-# The per-layer phases (train_layerwise.ALL_PHASES: fitted in line they add up to the
-# layer's wall time; fitted behind, those up to the copy do) and the two on the reader's
-# thread, overlapped with the layer before.
-SPLIT = ALL_PHASES
-READER = READER_PHASES
+# The train-predictors options of each --fit choice.
 FIT_FLAGS = {"default": [], "behind": ["--fit-behind"], "in-line": ["--fit-in-line"]}
+# Column names of the per-layer phases (train_layerwise.ALL_PHASES: fitted in line they add
+# up to the layer's wall time; fitted behind, those up to the copy do) and of the two on the
+# reader's thread (READER_PHASES), overlapped with the layer before.
 HEADS = {"read_s": "wait for weights", "forward_s": "forward", "fit_wait_s": "wait for fit",
          "copy_s": "copy tables", "tables_s": "tables",
          "mlp_fit_s": "MLP fit", "head_fit_s": "head fit", "calibrate_s": "calibrate + report",
@@ -231,8 +230,8 @@ def markdown(r: dict) -> str:
     def f(x, fmt=".1f"):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
-    cols = (*SPLIT, *READER, "layer_s")
-    totals = {**{k: r.get(k) for k in (*SPLIT, "layer_s")}, **(r.get("reader_s") or {})}
+    cols = (*ALL_PHASES, *READER_PHASES, "layer_s")
+    totals = {**{k: r.get(k) for k in (*ALL_PHASES, "layer_s")}, **(r.get("reader_s") or {})}
 
     lines = [
         f"# train-predictors, {r['shape']} random ({r['model_gib']:.1f} GiB) with a "

@@ -261,7 +261,7 @@ def plan_resources(c: OPTConfig, cfg: TrainConfig, *, tokens: int, window: int,
                 f"a second copy of a layer's tables needs {size(host_bytes + tables)} of "
                 f"host memory, more than the {size(host_budget)} available")
     return Plan(n, chunk, spill, tables_on_device, acts, labels, layer, init,
-                host_bytes, disk, device_bytes, fit_behind, "" if fit_behind else why)
+                host_bytes, disk, device_bytes, fit_behind, why)
 
 
 def host_available() -> int:
@@ -567,12 +567,13 @@ def _tables(bufs: Buffers, layer: int, c: OPTConfig, where: torch.device, *, cop
 
 def _fit_one(layer: int, collected: Collected, got, c: OPTConfig, cfg: TrainConfig,
              split: dict[str, Tensor], preds: PredictorSet, freq: Frequencies,
-             dev: torch.device, tables: torch.device, work: Work, clock: Clock,
+             dev: torch.device, tables: torch.device, work: Work, clock: Clock | None,
              progress, before: dict[str, float] | None = None) -> dict:
     """Fit layer ``layer``'s predictors on ``collected``, count its frequencies, write its
     file; its report row. ``before``: the phases the caller's thread spent on this layer
-    when fitting behind (its ``layer_s``), else ``clock`` holds them and they add up to
-    ``layer_s`` with the fit's."""
+    when fitting behind (its ``layer_s``; ``clock`` None: the fit's own starts here, on the
+    fit's thread), else ``clock`` holds them and they add up to ``layer_s`` with the fit's."""
+    clock = Clock(dev) if clock is None else clock
     row = train_layer(collected, layer, split, preds, cfg, dev, tables=tables,
                       progress=progress, clock=clock)
     freq.mlp[layer], freq.heads[layer] = layer_frequencies(
@@ -589,13 +590,6 @@ def _fit_one(layer: int, collected: Collected, got, c: OPTConfig, cfg: TrainConf
     if before is None:
         row["layer_s"] = sum(clock.seconds.values())
     return row
-
-
-def _fit_one_behind(layer, collected, got, c, cfg, split, preds, freq, dev, tables, work,
-                    before, progress) -> dict:
-    """``_fit_one`` on the fit's thread, with a clock of its own (its stream's)."""
-    return _fit_one(layer, collected, got, c, cfg, split, preds, freq, dev, tables, work,
-                    Clock(dev), progress, before)
 
 
 class FitBehind:
@@ -743,12 +737,12 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
         log(f"{layer_line(row, seconds=False)}; {phase_line(row)}; {len(rows)}/{n_layers} "
             f"layers, ETA {eta:.0f} s")
 
+    steps = fit_steps(cfg, split["train"].numel())
     try:
         for layer in range(start, n_layers):
             clock = Clock(dev)
             got = _forward_one(layer, reader, windows, bufs, plan, c, cfg, preds, dev, bar,
                                clock, stall_in_layer)
-            steps = fit_steps(cfg, split["train"].numel())
             if behind is None:
                 collected = _tables(bufs, layer, c, tables, copy=False)
                 bar.start(f"layer {layer + 1}/{n_layers} fit", steps, "step")
@@ -761,8 +755,8 @@ def train_layerwise(model_path: str, data: str, out: str, cfg: TrainConfig, *,
             clock.lap("copy_s")
             before = dict(clock.seconds, layer_s=sum(clock.seconds.values()))
             behind.submit(layer, steps, partial(
-                _fit_one_behind, layer, collected, got, c, cfg, split, preds, freq, dev,
-                tables, work, before))
+                _fit_one, layer, collected, got, c, cfg, split, preds, freq, dev, tables,
+                work, None, before=before))
         setup.lap("layers_s")
         if behind is not None:
             finished(behind.collect(bar, n_layers))
